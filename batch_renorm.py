@@ -1,0 +1,501 @@
+"""Batch Renormalization (Ioffe, 2017; arXiv:1702.03275) for Keras 3.
+
+`BatchRenormalization` is a drop-in replacement for
+`keras.layers.BatchNormalization` that implements Algorithm 1 of the paper
+exactly, with the paper's warm-up and linear relaxation of `r_max`/`d_max`.
+It is written with `keras.ops` only, so it runs unchanged on the TensorFlow,
+JAX and PyTorch backends, eagerly and compiled.
+
+`convert_to_renorm(model)` returns a copy of a Keras model in which every
+`BatchNormalization` layer is a `BatchRenormalization` layer with the same
+inference behaviour, for fine-tuning pretrained networks with small or
+non-i.i.d. minibatches.
+"""
+
+import math
+import numbers
+
+import keras
+from keras import constraints
+from keras import initializers
+from keras import ops
+from keras import regularizers
+
+__all__ = ["BatchRenormalization", "convert_to_renorm", "renorm_bounds"]
+__version__ = "0.1.0"
+
+
+def renorm_bounds(step, r_max, d_max, warmup_steps, r_max_steps, d_max_steps):
+    """The clipping bounds `(r_max(k), d_max(k))` used at training step `k`.
+
+    `t(k) = 0` for `k < warmup_steps`, else
+    `min(1, (k - warmup_steps) / (steps - warmup_steps))`, and `t = 1` where
+    `steps <= warmup_steps`; then `r_max(k) = 1 + (r_max - 1) * t_r(k)` and
+    `d_max(k) = d_max * t_d(k)`. `step` may be a Python number or a tensor;
+    with a tensor the bounds are float32 tensors.
+    """
+    step = ops.cast(step, "float32")
+
+    def ramp(ramp_end):
+        if ramp_end <= warmup_steps:
+            return ops.where(step < warmup_steps, 0.0, 1.0)
+        progress = (step - warmup_steps) / float(ramp_end - warmup_steps)
+        return ops.clip(progress, 0.0, 1.0)
+
+    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+
+
+def _check_number(name, value, ok, requirement):
+    """Returns `value` as a float, or raises a ValueError naming it."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not is_number or math.isnan(value) or not ok(value):
+        raise ValueError(
+            f"Argument `{name}` must be {requirement}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _check_steps(name, value):
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_int or value < 0:
+        raise ValueError(
+            f"Argument `{name}` must be a non-negative integer. "
+            f"Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="batch_renorm")
+class BatchRenormalization(keras.layers.Layer):
+    """Batch Renormalization layer (Ioffe, 2017), Algorithm 1 exactly.
+
+    Like batch normalization, it normalizes each channel with the statistics
+    of the minibatch during training, and with moving statistics during
+    inference. Unlike it, training-mode outputs are corrected towards what
+    inference would give, so that they depend less on the other examples of
+    the minibatch; this matters for small or non-i.i.d. minibatches.
+
+    **During training** (`training=True`), per channel, with `mu` and `sigma`
+    the moving mean and moving standard deviation:
+
+    - `mu_B = mean(x)`, `sigma_B = sqrt(var(x) + epsilon)` over the batch
+      (biased variance, all axes but `axis`);
+    - `r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))`;
+    - `d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))`;
+    - `y = gamma * ((x - mu_B) / sigma_B * r + d) + beta`;
+    - then `mu <- mu + (1 - momentum) * (mu_B - mu)` and
+      `sigma <- sigma + (1 - momentum) * (sigma_B - sigma)`, and the step
+      counter is incremented.
+
+    Since `r` and `d` are constants for the gradient,
+    `y = (gamma * r) * x_hat + (gamma * d + beta)`: batch normalization with
+    a per-channel adjusted scale and offset.
+
+    **During inference** (`training=False`, the default, or
+    `trainable=False`): `y = gamma * (x - mu) / sigma + beta`. The layer's
+    state is never changed.
+
+    **Schedule.** The call made while the step counter reads `k` clips with
+    `r_max(k) = 1 + (r_max - 1) * t_r(k)` and `d_max(k) = d_max * t_d(k)`,
+    where `t(k) = 0` for `k < warmup_steps`, then grows linearly to 1, reached
+    at step `r_max_steps` (for `t_r`) or `d_max_steps` (for `t_d`); `t = 1`
+    where those steps are `<= warmup_steps`. So the layer starts as plain
+    batch normalization (`r_max = 1`, `d_max = 0`), as in the paper, and
+    `warmup_steps = r_max_steps = d_max_steps = 0` gives fixed clipping from
+    the first step. The counter is a (non-trainable) variable of the layer,
+    so the schedule survives saving, loading and resuming.
+
+    **Mixed precision.** Statistics, `r` and `d` are computed in float32 and
+    the variables are float32; the output has the layer's compute dtype.
+
+    Args:
+        axis: Integer, the channel axis to normalize (`-1` for channels-last,
+            `1` after a channels-first convolution).
+        momentum: Momentum of the moving mean and moving standard deviation,
+            in `[0, 1)`, in Keras's convention (`0.99` keeps 99% of the old
+            value at each step).
+        epsilon: Small positive float added to the variance.
+        center: If `True`, add the learned offset `beta`.
+        scale: If `True`, multiply by the learned scale `gamma`.
+        beta_initializer: Initializer for `beta`.
+        gamma_initializer: Initializer for `gamma`.
+        moving_mean_initializer: Initializer for the moving mean `mu`.
+        moving_stddev_initializer: Initializer for the moving standard
+            deviation `sigma` (not a variance).
+        beta_regularizer: Optional regularizer for `beta`.
+        gamma_regularizer: Optional regularizer for `gamma`.
+        beta_constraint: Optional constraint for `beta`.
+        gamma_constraint: Optional constraint for `gamma`.
+        r_max: Final bound of `r`, `>= 1` (the paper uses 3).
+        d_max: Final bound of `d`, `>= 0` (the paper uses 5).
+        warmup_steps: Training steps of plain batch normalization
+            (`r_max = 1`, `d_max = 0`) before the bounds start to grow.
+        r_max_steps: Step at which `r_max` reaches its final value; `0` or a
+            value `>= warmup_steps`.
+        d_max_steps: Step at which `d_max` reaches its final value; `0` or a
+            value `>= warmup_steps`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of any rank.
+        training: Python boolean, whether to normalize with the batch
+            statistics (and update the state) or with the moving statistics.
+        mask: Optional boolean tensor with one dimension less than `inputs`;
+            masked positions are left out of the batch statistics.
+
+    Variables: `gamma`, `beta` (trainable, when enabled), `moving_mean`,
+    `moving_stddev` and the integer step counter `step` (non-trainable).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_stddev_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        r_max=3.0,
+        d_max=5.0,
+        warmup_steps=5000,
+        r_max_steps=40000,
+        d_max_steps=25000,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+            raise ValueError(
+                f"Argument `axis` must be an integer. Received: axis={axis!r}"
+            )
+        self.axis = int(axis)
+        self.momentum = float(
+            _check_number(
+                "momentum", momentum, lambda m: 0 <= m < 1, "in [0, 1)"
+            )
+        )
+        self.epsilon = float(
+            _check_number("epsilon", epsilon, lambda e: e > 0, "positive")
+        )
+        self.r_max = float(
+            _check_number("r_max", r_max, lambda r: 1 <= r < math.inf, ">= 1")
+        )
+        self.d_max = float(
+            _check_number("d_max", d_max, lambda d: 0 <= d < math.inf, ">= 0")
+        )
+        self.warmup_steps = _check_steps("warmup_steps", warmup_steps)
+        self.r_max_steps = _check_steps("r_max_steps", r_max_steps)
+        self.d_max_steps = _check_steps("d_max_steps", d_max_steps)
+        for name in ("r_max_steps", "d_max_steps"):
+            steps = getattr(self, name)
+            if steps != 0 and steps < self.warmup_steps:
+                raise ValueError(
+                    f"Argument `{name}` must be 0 or >= warmup_steps "
+                    f"({self.warmup_steps}). Received: {name}={steps}"
+                )
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_stddev_initializer = initializers.get(
+            moving_stddev_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_stddev = None
+        self.step = None
+        self._reduction_axes = None
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(
+                f"Argument `axis` is out of range for inputs of rank {ndim} "
+                f"(shape {tuple(input_shape)}). Received: axis={self.axis}"
+            )
+        channels = input_shape[self.axis]
+        if channels is None:
+            raise ValueError(
+                "The channel dimension of the inputs must be known. Received: "
+                f"input_shape={tuple(input_shape)}, axis={self.axis}"
+            )
+        shape = (channels,)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self.add_weight(
+            shape=shape,
+            name="moving_mean",
+            initializer=self.moving_mean_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        self.moving_stddev = self.add_weight(
+            shape=shape,
+            name="moving_stddev",
+            initializer=self.moving_stddev_initializer,
+            trainable=False,
+            autocast=False,
+        )
+        # "int" is int64 where the backend allows it and int32 on JAX, as for
+        # the optimizers' iteration counter.
+        self.step = self.add_weight(
+            shape=(),
+            name="step",
+            initializer="zeros",
+            dtype="int",
+            trainable=False,
+            autocast=False,
+        )
+        self.input_spec = keras.layers.InputSpec(
+            ndim=ndim, axes={self.axis: channels}
+        )
+        axis = self.axis % ndim
+        self._reduction_axes = [i for i in range(ndim) if i != axis]
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def bounds(self, step=None):
+        """The `(r_max, d_max)` tensors used by a training call at `step`.
+
+        `step` defaults to the layer's current step counter (0 before build).
+        """
+        if step is None:
+            step = 0 if self.step is None else self.step
+        return renorm_bounds(
+            step,
+            self.r_max,
+            self.d_max,
+            self.warmup_steps,
+            self.r_max_steps,
+            self.d_max_steps,
+        )
+
+    def current_r_max(self):
+        """The `r_max` that the next training call will clip with (a float)."""
+        return float(ops.convert_to_numpy(self.bounds()[0]))
+
+    def current_d_max(self):
+        """The `d_max` that the next training call will clip with (a float)."""
+        return float(ops.convert_to_numpy(self.bounds()[1]))
+
+    def call(self, inputs, training=None, mask=None):
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                "The mask must have one dimension less than the inputs. "
+                f"Received: mask.shape={mask.shape}, "
+                f"inputs.shape={inputs.shape}"
+            )
+        # Statistics in float32 at least, also under mixed precision.
+        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        x = ops.cast(inputs, dtype)
+        moving_mean = ops.cast(self.moving_mean, dtype)
+        moving_stddev = ops.cast(self.moving_stddev, dtype)
+        gamma = ops.cast(self.gamma, dtype) if self.scale else 1.0
+        beta = ops.cast(self.beta, dtype) if self.center else 0.0
+
+        if training and self.trainable:
+            batch_mean, batch_variance = self._moments(x, mask)
+            batch_stddev = ops.sqrt(batch_variance + self.epsilon)
+            r_max, d_max = self.bounds()
+            r_max = ops.cast(r_max, dtype)
+            d_max = ops.cast(d_max, dtype)
+            r = ops.minimum(
+                ops.maximum(batch_stddev / moving_stddev, 1.0 / r_max), r_max
+            )
+            d = ops.minimum(
+                ops.maximum((batch_mean - moving_mean) / moving_stddev, -d_max),
+                d_max,
+            )
+            r = ops.stop_gradient(r)
+            d = ops.stop_gradient(d)
+            # y = gamma * ((x - mu_B) / sigma_B * r + d) + beta = x * a + b.
+            a = gamma * r / batch_stddev
+            b = gamma * d + beta - batch_mean * a
+            self._update_state(batch_mean, batch_stddev)
+        else:
+            # y = gamma * (x - mu) / sigma + beta = x * a + b.
+            a = gamma / moving_stddev
+            b = beta - moving_mean * a
+        outputs = x * self._broadcast(a, x) + self._broadcast(b, x)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _update_state(self, batch_mean, batch_stddev):
+        decay = 1.0 - self.momentum
+        moving_mean = ops.cast(self.moving_mean, batch_mean.dtype)
+        moving_stddev = ops.cast(self.moving_stddev, batch_mean.dtype)
+        self.moving_mean.assign(moving_mean + decay * (batch_mean - moving_mean))
+        self.moving_stddev.assign(
+            moving_stddev + decay * (batch_stddev - moving_stddev)
+        )
+        self.step.assign(self.step + 1)
+
+    def _broadcast(self, per_channel, x):
+        """Reshapes a per-channel vector so that it broadcasts against `x`."""
+        shape = [1] * len(x.shape)
+        shape[self.axis] = -1
+        return ops.reshape(per_channel, shape)
+
+    def _moments(self, x, mask):
+        """Per-channel batch mean and biased variance of `x`.
+
+        Two passes (the mean, then the mean squared deviation from it), not
+        `ops.moments`: on PyTorch that computes `E[x^2] - E[x]^2`, which loses
+        the variance of channels with a large mean and a small spread, and
+        can make it negative (NaN outputs).
+        """
+        if mask is None:
+            mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
+            variance = ops.mean(
+                ops.square(x - mean), axis=self._reduction_axes
+            )
+            return ops.squeeze(mean, self._reduction_axes), variance
+        weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
+        weights = ops.broadcast_to(weights, ops.shape(x))
+        count = ops.sum(weights, self._reduction_axes, keepdims=True)
+        count = ops.maximum(count, 1.0)
+        mean = ops.sum(x * weights, self._reduction_axes, keepdims=True) / count
+        variance = (
+            ops.sum(ops.square(x - mean) * weights, self._reduction_axes, True)
+            / count
+        )
+        return (
+            ops.squeeze(mean, self._reduction_axes),
+            ops.squeeze(variance, self._reduction_axes),
+        )
+
+    def get_config(self):
+        base_config = super().get_config()
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_stddev_initializer": initializers.serialize(
+                self.moving_stddev_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "r_max": self.r_max,
+            "d_max": self.d_max,
+            "warmup_steps": self.warmup_steps,
+            "r_max_steps": self.r_max_steps,
+            "d_max_steps": self.d_max_steps,
+        }
+        return {**base_config, **config}
+
+
+# Arguments of BatchNormalization's config that carry over unchanged.
+_SHARED_CONFIG_KEYS = (
+    "name",
+    "trainable",
+    "dtype",
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+)
+
+
+def convert_to_renorm(model, **renorm_kwargs):
+    """Copies a model, replacing every BatchNormalization by BatchRenormalization.
+
+    Works on Sequential and Functional models (nested ones included). Each new
+    layer keeps the old one's `gamma`, `beta` and moving mean, and gets
+    `moving_stddev = sqrt(moving_variance + epsilon)`, so inference outputs
+    are the same before and after. Every other layer is cloned with its
+    weights. The original model is left untouched.
+
+    Args:
+        model: A Sequential or Functional Keras model.
+        **renorm_kwargs: `BatchRenormalization` arguments for the new layers
+            (e.g. `r_max`, `d_max`, `warmup_steps`, `r_max_steps`,
+            `d_max_steps`, `momentum`); they override the copied ones.
+
+    Returns:
+        A new model with its own weights.
+    """
+    if not isinstance(model, (keras.Sequential, keras.Model)):
+        raise ValueError(
+            f"convert_to_renorm expects a Keras model. Received: {model!r}"
+        )
+    pairs = []
+
+    def clone(layer):
+        if type(layer) is keras.layers.BatchNormalization:
+            config = layer.get_config()
+            kwargs = {k: config[k] for k in _SHARED_CONFIG_KEYS if k in config}
+            kwargs.update(renorm_kwargs)
+            new_layer = BatchRenormalization(**kwargs)
+        else:
+            new_layer = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new_layer))
+        return new_layer
+
+    new_model = keras.models.clone_model(
+        model, clone_function=clone, recursive=True
+    )
+    # Copies of the values (NumPy), not the variables: on JAX, assigning a
+    # variable shares its buffer, which a compiled step of the new model
+    # donates, deleting the original model's weights.
+    for old, new in pairs:
+        if isinstance(new, BatchRenormalization):
+            if new.scale:
+                new.gamma.assign(ops.convert_to_numpy(old.gamma))
+            if new.center:
+                new.beta.assign(ops.convert_to_numpy(old.beta))
+            new.moving_mean.assign(ops.convert_to_numpy(old.moving_mean))
+            new.moving_stddev.assign(
+                ops.sqrt(ops.convert_to_tensor(old.moving_variance) + old.epsilon)
+            )
+        else:
+            new.set_weights(old.get_weights())
+    return new_model

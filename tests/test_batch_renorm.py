@@ -1,0 +1,883 @@
+"""Tests of `BatchRenormalization` against the float64 reference.
+
+The reference (tests/reference.py) is an independent NumPy implementation of
+Algorithm 1 of Ioffe (2017) with its analytic backward pass; every expected
+number in this file comes from it or from another Keras layer.
+"""
+
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+
+from batch_renorm import BatchRenormalization
+from batch_renorm import renorm_bounds
+from reference import RenormReference
+from reference import numeric_gradients
+from reference import schedule_bounds
+
+BACKEND = keras.backend.backend()
+
+FIXED_CLIP = dict(
+    r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0
+)
+NO_CLIP = dict(
+    r_max=1e3, d_max=1e3, warmup_steps=0, r_max_steps=0, d_max_steps=0
+)
+
+
+def to_numpy(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def assert_close(actual, expected, rtol=1e-4, atol=1e-4, err_msg=""):
+    """`assert_allclose` with `atol` relative to the largest expected value."""
+    expected = np.asarray(to_numpy(expected), np.float64)
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    np.testing.assert_allclose(
+        np.asarray(to_numpy(actual), np.float64),
+        expected,
+        rtol=rtol,
+        atol=atol * scale,
+        err_msg=err_msg,
+    )
+
+
+def snapshot(layer):
+    return {v.path: to_numpy(v).copy() for v in layer.variables}
+
+
+def assert_unchanged(layer, before):
+    after = snapshot(layer)
+    assert after.keys() == before.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+
+
+def train_call_with_grads(layer, x, w, mask=None):
+    """One training call `y = layer(x, training=True)`, with gradients.
+
+    Returns `(y, dL/dx, {variable name: dL/dvariable})` as NumPy arrays for
+    the loss `L = sum(y * w)`, with the gradients taken with respect to the
+    layer's trainable variables. The layer's state is updated as by a normal
+    training call. The only backend-specific code of the tests.
+    """
+    trainable = list(layer.trainable_variables)
+    names = [v.name for v in trainable]
+    if mask is not None:
+        mask = ops.convert_to_tensor(mask)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        x_t = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x_t)
+            y = layer(x_t, training=True, mask=mask)
+            loss = tf.reduce_sum(tf.cast(y, "float32") * w)
+        grads = tape.gradient(loss, [x_t] + trainable)
+    elif BACKEND == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss_fn(x_, trainable_values):
+            y, new_non_trainable = layer.stateless_call(
+                trainable_values, non_trainable, x_, training=True, mask=mask
+            )
+            loss = jnp.sum(y.astype("float32") * w)
+            return loss, (y, new_non_trainable)
+
+        (_, (y, new_non_trainable)), (dx, dvars) = jax.value_and_grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(jnp.asarray(x), [v.value for v in trainable])
+        for variable, value in zip(
+            layer.non_trainable_variables, new_non_trainable
+        ):
+            variable.assign(value)
+        grads = [dx] + list(dvars)
+    elif BACKEND == "torch":
+        import torch
+
+        x_t = ops.convert_to_tensor(x).detach().requires_grad_(True)
+        y = layer(x_t, training=True, mask=mask)
+        loss = torch.sum(y.float() * ops.convert_to_tensor(w))
+        grads = torch.autograd.grad(loss, [x_t] + [v.value for v in trainable])
+    else:
+        pytest.skip(f"no gradient helper for backend {BACKEND}")
+    grads = [to_numpy(g) for g in grads]
+    return to_numpy(y), grads[0], dict(zip(names, grads[1:]))
+
+
+def init_layer(layer, shape, rng, moving=True):
+    """Builds `layer` and gives every float variable a random, nontrivial value.
+
+    Returns the values as a dict of keyword arguments of `RenormReference`.
+    """
+    if not layer.built:
+        layer.build(shape)
+    channels = shape[layer.axis]
+    values = {}
+    if layer.scale:
+        values["gamma"] = rng.uniform(0.5, 2.0, channels) * rng.choice(
+            [-1.0, 1.0], channels
+        )
+        layer.gamma.assign(values["gamma"].astype("float32"))
+    if layer.center:
+        values["beta"] = rng.normal(0.0, 1.0, channels)
+        layer.beta.assign(values["beta"].astype("float32"))
+    if moving:
+        values["moving_mean"] = rng.normal(0.0, 0.5, channels)
+        values["moving_stddev"] = rng.uniform(0.7, 1.5, channels)
+        layer.moving_mean.assign(values["moving_mean"].astype("float32"))
+        layer.moving_stddev.assign(values["moving_stddev"].astype("float32"))
+    # The reference must start from exactly the float32 values.
+    return {k: v.astype("float32").astype("float64") for k, v in values.items()}
+
+
+def reference_for(layer, values):
+    channels = layer.moving_mean.shape[0]
+    return RenormReference(
+        channels,
+        axis=layer.axis,
+        momentum=layer.momentum,
+        epsilon=layer.epsilon,
+        r_max=layer.r_max,
+        d_max=layer.d_max,
+        warmup_steps=layer.warmup_steps,
+        r_max_steps=layer.r_max_steps,
+        d_max_steps=layer.d_max_steps,
+        step=int(to_numpy(layer.step)),
+        **values,
+    )
+
+
+def random_batch(rng, shape, axis, means, scales):
+    """Random inputs with per-channel mean `means` and scale `scales`."""
+    per_channel = [1] * len(shape)
+    per_channel[axis] = -1
+    x = rng.normal(size=shape) * np.reshape(scales, per_channel)
+    return (x + np.reshape(means, per_channel)).astype("float32")
+
+
+# id, input shape, axis, layer kwargs, clipping expected ("some" / "none"),
+# per-channel input means and scales (relative to the moving statistics,
+# which start near 0 and 1).
+REFERENCE_CASES = [
+    (
+        "rank2-last-clipped",
+        (16, 5),
+        -1,
+        dict(momentum=0.9, **FIXED_CLIP),
+        "some",
+        [-4.0, -1.0, 0.2, 1.5, 4.0],
+        [0.2, 0.8, 1.0, 3.0, 6.0],
+    ),
+    (
+        "rank4-last-clipped",
+        (4, 3, 2, 4),
+        -1,
+        dict(momentum=0.8, epsilon=1e-2, **FIXED_CLIP),
+        "some",
+        [3.0, -0.1, 0.3, -5.0],
+        [4.0, 1.1, 0.25, 1.0],
+    ),
+    (
+        "rank4-first-clipped",
+        (4, 5, 3, 2),
+        1,
+        dict(**FIXED_CLIP),
+        "some",
+        [-3.0, 0.0, 0.4, 2.0, 6.0],
+        [0.1, 1.0, 5.0, 1.2, 2.0],
+    ),
+    (
+        "rank2-last-unclipped",
+        (12, 4),
+        -1,
+        dict(momentum=0.7, **NO_CLIP),
+        "none",
+        [-2.0, 0.5, 1.0, 3.0],
+        [0.3, 0.6, 2.0, 4.0],
+    ),
+    (
+        "rank4-first-unclipped",
+        (3, 4, 2, 5),
+        1,
+        dict(momentum=0.9, epsilon=1e-2, **NO_CLIP),
+        "none",
+        [1.0, -3.0, 0.5, 2.0],
+        [3.0, 0.5, 0.4, 2.0],
+    ),
+    (
+        "rank3-first-scheduled",
+        (6, 3, 4),
+        1,
+        dict(
+            momentum=0.9,
+            r_max=2.0,
+            d_max=1.0,
+            warmup_steps=2,
+            r_max_steps=4,
+            d_max_steps=5,
+        ),
+        "some",
+        [2.0, -1.0, 0.3],
+        [3.0, 0.3, 1.2],
+    ),
+    (
+        "rank2-jump-at-warmup",
+        (10, 3),
+        -1,
+        dict(
+            momentum=0.9,
+            r_max=2.0,
+            d_max=1.0,
+            warmup_steps=3,
+            r_max_steps=0,
+            d_max_steps=0,
+        ),
+        "some",
+        [2.0, -0.5, 0.1],
+        [4.0, 0.4, 1.0],
+    ),
+    (
+        "rank3-last-clipped-no-scale",
+        (5, 4, 3),
+        -1,
+        dict(scale=False, momentum=0.9, **FIXED_CLIP),
+        "some",
+        [3.0, -0.2, 1.0],
+        [0.2, 1.0, 4.0],
+    ),
+    (
+        "rank3-last-unclipped-no-center",
+        (5, 4, 3),
+        -1,
+        dict(center=False, momentum=0.9, **NO_CLIP),
+        "none",
+        [3.0, -0.4, 1.0],
+        [0.2, 1.0, 4.0],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "shape, axis, kwargs, clipping, means, scales",
+    [case[1:] for case in REFERENCE_CASES],
+    ids=[case[0] for case in REFERENCE_CASES],
+)
+def test_training_matches_reference(
+    shape, axis, kwargs, clipping, means, scales
+):
+    rng = np.random.default_rng(abs(hash((shape, axis))) % 2**32)
+    layer = BatchRenormalization(axis=axis, **kwargs)
+    ref = reference_for(layer, init_layer(layer, shape, rng))
+    r_clipped, d_clipped, r_dev, d_dev = [], [], [], []
+    for k in range(6):
+        # The statistics drift a little from step to step.
+        x = random_batch(
+            rng,
+            shape,
+            axis,
+            np.asarray(means) * (1 + 0.1 * k),
+            np.asarray(scales) * (1 + 0.05 * k),
+        )
+        w = rng.normal(size=shape).astype("float32")
+
+        r_max, d_max = (float(b) for b in to_numpy(layer.bounds()))
+        assert_close([r_max, d_max], ref.bounds(), rtol=1e-6, atol=1e-6)
+        assert_close(
+            [layer.current_r_max(), layer.current_d_max()],
+            ref.bounds(),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+
+        y, dx, dvars = train_call_with_grads(layer, x, w)
+        expected = ref.train(x, g_y=w)
+        msg = f"step {k}"
+        assert y.dtype == np.float32
+        assert_close(y, expected["y"], err_msg=msg)
+        assert_close(dx, expected["dx"], err_msg=msg)
+        if layer.scale:
+            assert_close(dvars["gamma"], expected["dgamma"], err_msg=msg)
+        else:
+            assert "gamma" not in dvars and layer.gamma is None
+        if layer.center:
+            assert_close(dvars["beta"], expected["dbeta"], err_msg=msg)
+        else:
+            assert "beta" not in dvars and layer.beta is None
+        assert_close(layer.moving_mean, ref.moving_mean, err_msg=msg)
+        assert_close(layer.moving_stddev, ref.moving_stddev, err_msg=msg)
+        assert int(to_numpy(layer.step)) == ref.step == k + 1
+
+        r_max, d_max = expected["r_max"], expected["d_max"]
+        r_clipped.append(
+            (expected["r_unclipped"] > r_max)
+            | (expected["r_unclipped"] < 1 / r_max)
+        )
+        d_clipped.append(np.abs(expected["d_unclipped"]) > d_max)
+        r_dev.append(np.abs(expected["r"] - 1))
+        d_dev.append(np.abs(expected["d"]))
+
+    # The test is not vacuous: r and d were (or were not) clipped as intended,
+    # and were far from the batch normalization values r = 1, d = 0.
+    r_clipped, d_clipped = np.array(r_clipped), np.array(d_clipped)
+    if clipping == "some":
+        assert r_clipped.any() and d_clipped.any()
+        assert (np.max(r_dev) > 0.1) and (np.max(d_dev) > 0.1)
+    else:
+        assert not r_clipped.any() and not d_clipped.any()
+        assert np.max(r_dev) > 0.5 and np.max(d_dev) > 0.5
+
+
+def test_statistics_of_channels_with_large_mean_and_small_spread():
+    """The batch variance is not lost to cancellation (it was on PyTorch)."""
+    rng = np.random.default_rng(9)
+    layer = BatchRenormalization(momentum=0.5, **FIXED_CLIP)
+    ref = reference_for(layer, init_layer(layer, (32, 3), rng, moving=False))
+    for k in range(3):
+        x = random_batch(rng, (32, 3), -1, [255.3, 500.0, 0.0], [1e-3, 1e-3, 1])
+        y = to_numpy(layer(x, training=True))
+        expected = ref.train(x)
+        assert np.all(np.isfinite(y))
+        assert_close(layer.moving_stddev, ref.moving_stddev, err_msg=f"{k}")
+        assert_close(y, expected["y"], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [((6, 3), -1), ((3, 2, 2, 2), 1)], ids=["rank2", "rank4"]
+)
+def test_reference_backward_matches_finite_differences(shape, axis):
+    """The reference's analytic gradient, checked numerically in float64."""
+    rng = np.random.default_rng(7)
+    channels = shape[axis]
+    ref = RenormReference(
+        channels,
+        axis=axis,
+        gamma=rng.uniform(0.5, 2.0, channels),
+        beta=rng.normal(size=channels),
+        moving_mean=rng.normal(size=channels),
+        moving_stddev=rng.uniform(0.5, 2.0, channels),
+        epsilon=1e-2,
+        **FIXED_CLIP,
+    )
+    x = random_batch(rng, shape, axis, [3.0] * channels, [2.0] * channels)
+    g_y = rng.normal(size=shape)
+    numeric = numeric_gradients(ref, x, g_y)
+    analytic = ref.copy().train(x, g_y=g_y)
+    assert (analytic["r"] != analytic["r_unclipped"]).any() or (
+        analytic["d"] != analytic["d_unclipped"]
+    ).any()
+    for key in ("dx", "dgamma", "dbeta"):
+        np.testing.assert_allclose(
+            analytic[key], numeric[key], rtol=1e-6, atol=1e-7, err_msg=key
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),  # the default schedule, in its warm-up
+        dict(
+            r_max=1.0, d_max=0.0, warmup_steps=0, r_max_steps=0, d_max_steps=0
+        ),
+    ],
+    ids=["default-warmup", "fixed-1-0"],
+)
+@pytest.mark.parametrize(
+    "shape, axis", [((8, 5), -1), ((4, 3, 2, 2), 1)], ids=["rank2", "rank4"]
+)
+def test_equals_batch_normalization_with_trivial_bounds(kwargs, shape, axis):
+    rng = np.random.default_rng(3)
+    brn = BatchRenormalization(axis=axis, momentum=0.9, epsilon=1e-2, **kwargs)
+    bn = keras.layers.BatchNormalization(axis=axis, momentum=0.9, epsilon=1e-2)
+    init_layer(brn, shape, rng)
+    bn.build(shape)
+    bn.gamma.assign(brn.gamma)
+    bn.beta.assign(brn.beta)
+    bn.moving_mean.assign(brn.moving_mean)
+    channels = shape[axis]
+    for k in range(4):
+        assert brn.current_r_max() == 1.0 and brn.current_d_max() == 0.0
+        x = random_batch(
+            rng, shape, axis, rng.normal(0, 3, channels), [3.0] * channels
+        )
+        w = rng.normal(size=shape).astype("float32")
+        y_brn, dx_brn, d_brn = train_call_with_grads(brn, x, w)
+        y_bn, dx_bn, d_bn = train_call_with_grads(bn, x, w)
+        assert_close(y_brn, y_bn, rtol=1e-5, atol=1e-5)
+        assert_close(dx_brn, dx_bn, rtol=1e-4, atol=1e-4)
+        assert_close(d_brn["gamma"], d_bn["gamma"], rtol=1e-4, atol=1e-4)
+        assert_close(d_brn["beta"], d_bn["beta"], rtol=1e-4, atol=1e-4)
+        assert_close(brn.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
+    # Not vacuous: without the clipping, r and d would have been far from 1, 0.
+    ref = reference_for(brn, {"moving_mean": to_numpy(brn.moving_mean)})
+    ref.moving_stddev = to_numpy(brn.moving_stddev).astype("float64")
+    stats = ref.train(x)
+    assert np.max(np.abs(stats["r_unclipped"] - 1)) > 0.5
+    assert np.max(np.abs(stats["d_unclipped"])) > 0.5
+
+
+SCHEDULES = [
+    dict(r_max=3.0, d_max=5.0, warmup_steps=10, r_max_steps=30, d_max_steps=20),
+    dict(r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0),
+    dict(r_max=2.0, d_max=1.0, warmup_steps=10, r_max_steps=0, d_max_steps=0),
+    dict(r_max=2.0, d_max=1.0, warmup_steps=10, r_max_steps=10, d_max_steps=25),
+    dict(r_max=4.0, d_max=2.0, warmup_steps=0, r_max_steps=8, d_max_steps=0),
+    dict(),  # the defaults
+]
+STEPS = [0, 1, 5, 9, 10, 11, 15, 19, 20, 21, 25, 29, 30, 31, 100, 4999, 5000]
+STEPS += [5001, 10000, 25000, 30000, 40000, 40001, 10**6]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=range(len(SCHEDULES)))
+def test_bounds_follow_schedule(schedule):
+    layer = BatchRenormalization(**schedule)
+    args = (
+        layer.r_max,
+        layer.d_max,
+        layer.warmup_steps,
+        layer.r_max_steps,
+        layer.d_max_steps,
+    )
+    # Before build, the next training call is the first one.
+    assert_close(
+        [layer.current_r_max(), layer.current_d_max()],
+        schedule_bounds(0, *args),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    layer.build((None, 2))
+    for k in STEPS:
+        expected = schedule_bounds(k, *args)
+        assert_close(to_numpy(layer.bounds(k)), expected, 1e-6, 1e-7)
+        assert_close(to_numpy(renorm_bounds(k, *args)), expected, 1e-6, 1e-7)
+        tensor_bounds = renorm_bounds(ops.convert_to_tensor(k), *args)
+        assert all(
+            keras.backend.standardize_dtype(b.dtype) == "float32"
+            for b in tensor_bounds
+        )
+        assert_close(to_numpy(tensor_bounds), expected, 1e-6, 1e-7)
+        layer.step.assign(k)
+        current = [layer.current_r_max(), layer.current_d_max()]
+        assert all(isinstance(b, float) for b in current)
+        assert_close(current, expected, 1e-6, 1e-7)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        FIXED_CLIP,
+        dict(
+            r_max=2.0, d_max=1.0, warmup_steps=3, r_max_steps=0, d_max_steps=0
+        ),
+        dict(
+            r_max=2.0, d_max=1.0, warmup_steps=2, r_max_steps=4, d_max_steps=6
+        ),
+    ],
+    ids=["fixed-from-0", "jump-at-warmup", "ramp"],
+)
+def test_training_calls_use_the_bounds_of_the_counter(schedule):
+    """The k-th training call clips with the bounds of step k, then k += 1."""
+    rng = np.random.default_rng(11)
+    layer = BatchRenormalization(momentum=0.9, **schedule)
+    ref = reference_for(layer, init_layer(layer, (8, 3), rng))
+    warmup = schedule["warmup_steps"]
+    for k in range(7):
+        expected_bounds = schedule_bounds(k, *[
+            schedule[n]
+            for n in ("r_max", "d_max", "warmup_steps", "r_max_steps",
+                      "d_max_steps")
+        ])
+        if k < warmup:
+            assert expected_bounds == (1.0, 0.0)
+        elif schedule["r_max_steps"] <= warmup:
+            # Fixed clipping from step 0, or a jump to full at warm-up.
+            assert expected_bounds[0] == schedule["r_max"]
+        assert int(to_numpy(layer.step)) == k
+        x = random_batch(rng, (8, 3), -1, [3.0, -2.0, 0.5], [4.0, 0.2, 1.0])
+        y = to_numpy(layer(x, training=True))
+        expected = ref.train(x)
+        assert (expected["r_max"], expected["d_max"]) == expected_bounds
+        assert_close(y, expected["y"], err_msg=f"step {k}")
+        assert_close(layer.moving_stddev, ref.moving_stddev)
+        # The clipping is active whenever the bounds allow it.
+        assert np.any(expected["r"] != expected["r_unclipped"])
+
+
+def test_counter_counts_training_calls_only():
+    rng = np.random.default_rng(0)
+    layer = BatchRenormalization()
+    x = rng.normal(size=(4, 3)).astype("float32")
+    layer(x)  # builds; inference by default
+    assert int(to_numpy(layer.step)) == 0
+    for k in range(1, 4):
+        layer(x, training=True)
+        assert int(to_numpy(layer.step)) == k
+        layer(x, training=False)
+        layer(x)
+        assert int(to_numpy(layer.step)) == k
+    layer.trainable = False
+    layer(x, training=True)
+    assert int(to_numpy(layer.step)) == 3
+
+
+def small_model(brn_kwargs, inputs=4, outputs=1):
+    return keras.Sequential(
+        [
+            keras.Input((inputs,)),
+            keras.layers.Dense(8),
+            BatchRenormalization(**brn_kwargs),
+            keras.layers.ReLU(),
+            keras.layers.Dense(outputs),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((6, 4), -1), ((3, 4, 2, 3), 1), ((3, 2, 2, 5), -1)],
+    ids=["rank2", "rank4-axis1", "rank4-last"],
+)
+def test_inference_uses_moving_statistics(shape, axis):
+    rng = np.random.default_rng(5)
+    layer = BatchRenormalization(axis=axis, **FIXED_CLIP)
+    ref = reference_for(layer, init_layer(layer, shape, rng))
+    channels = shape[axis]
+    x = random_batch(rng, shape, axis, [2.0] * channels, [3.0] * channels)
+    before = snapshot(layer)
+    expected = ref.infer(x)
+    for y in (layer(x), layer(x, training=False)):
+        assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    # Each example's output is independent of the rest of the batch.
+    other = random_batch(rng, shape, axis, [-5.0] * channels, [0.1] * channels)
+    mixed = np.concatenate([x[:1], other[1:]])
+    assert_close(layer(mixed)[:1], expected[:1], rtol=1e-5, atol=1e-5)
+    assert_close(layer(x[:1]), expected[:1], rtol=1e-5, atol=1e-5)
+    assert_unchanged(layer, before)
+    # Sanity: a training call would have given something else.
+    y_train = to_numpy(layer(x, training=True))
+    assert not np.allclose(y_train, expected, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    "mode", ["training-false", "default", "trainable-false", "fit-frozen"]
+)
+def test_frozen_or_inference_never_changes_variables(mode):
+    rng = np.random.default_rng(2)
+    keras.utils.set_random_seed(2)
+    model = small_model(dict(momentum=0.5, **FIXED_CLIP))
+    layer = model.layers[1]
+    ref = reference_for(layer, init_layer(layer, (None, 8), rng))
+    model.layers[0].trainable = False  # keeps the layer's inputs fixed
+    x = rng.normal(2.0, 3.0, size=(16, 4)).astype("float32")
+    hidden = to_numpy(model.layers[0](x))
+    before = snapshot(layer)
+    if mode == "fit-frozen":
+        layer.trainable = False
+        model.compile(keras.optimizers.SGD(0.5), "mse")
+        model.fit(x, x[:, :1], batch_size=4, epochs=2, verbose=0)
+        assert int(to_numpy(model.optimizer.iterations)) == 8
+        y = to_numpy(layer(hidden, training=True))
+    elif mode == "trainable-false":
+        layer.trainable = False
+        y = to_numpy(layer(hidden, training=True))
+        assert not layer.trainable_variables
+    elif mode == "training-false":
+        y = to_numpy(layer(hidden, training=False))
+    else:
+        y = to_numpy(layer(hidden))
+    assert_unchanged(layer, before)
+    assert_close(y, ref.infer(hidden), rtol=1e-5, atol=1e-5)
+    # Not vacuous: the same call in training mode changes the state.
+    if mode != "fit-frozen":
+        layer.trainable = True
+        layer(hidden, training=True)
+        assert int(to_numpy(layer.step)) == 1
+        assert not np.allclose(to_numpy(layer.moving_mean), before[
+            layer.moving_mean.path])
+
+
+@pytest.mark.parametrize("via", ["argument", "masking-layer"])
+def test_mask_gives_statistics_of_unmasked_subset(via):
+    rng = np.random.default_rng(4)
+    shape = (4, 6, 3)
+    kwargs = dict(momentum=0.8, **FIXED_CLIP)
+    masked = BatchRenormalization(**kwargs)
+    subset = BatchRenormalization(**kwargs)
+    values = init_layer(masked, shape, rng)
+    subset.build((None, 3))
+    for a, b in zip(masked.variables, subset.variables):
+        b.assign(a)
+    ref = reference_for(masked, values)
+    model = keras.Sequential(
+        [keras.Input(shape[1:]), keras.layers.Masking(0.0), masked]
+    )
+    for k in range(3):
+        x = random_batch(rng, shape, -1, [3.0, -1.0, 0.5], [0.3, 2.0, 4.0])
+        mask = rng.random(shape[:2]) < 0.6
+        mask[:, 0] = True
+        mask[0, :] = False
+        if via == "argument":
+            mask_t = ops.convert_to_tensor(mask)
+            y = to_numpy(masked(x, training=True, mask=mask_t))
+        else:
+            x = x * mask[..., None]  # Masking masks the all-zero timesteps
+            y = to_numpy(model(x, training=True))
+        y_subset = to_numpy(subset(x[mask], training=True))
+        expected = ref.train(x, mask=mask)
+        assert_close(y[mask], y_subset, rtol=1e-5, atol=1e-5)
+        assert_close(y, expected["y"])
+        assert_close(masked.moving_mean, subset.moving_mean, 1e-6, 1e-6)
+        assert_close(masked.moving_stddev, subset.moving_stddev, 1e-6, 1e-6)
+        assert_close(masked.moving_mean, ref.moving_mean)
+        assert_close(masked.moving_stddev, ref.moving_stddev)
+        assert int(to_numpy(masked.step)) == k + 1
+        # Not vacuous: the masked-out positions would change the statistics.
+        full = ref.copy().train(x)
+        assert np.max(np.abs(full["mean"] - expected["mean"])) > 0.05
+
+
+INVALID_ARGUMENTS = [
+    ("r_max", 0.5, {}),
+    ("r_max", 0.0, {}),
+    ("r_max", -2.0, {}),
+    ("r_max", "3", {}),
+    ("d_max", -1.0, {}),
+    ("d_max", -1e-3, {}),
+    ("momentum", 1.0, {}),
+    ("momentum", 1.5, {}),
+    ("momentum", -0.1, {}),
+    ("epsilon", 0.0, {}),
+    ("epsilon", -1e-3, {}),
+    ("warmup_steps", -1, {}),
+    ("r_max_steps", -5, {}),
+    ("d_max_steps", -2, {}),
+    ("warmup_steps", 2.5, {}),
+    ("r_max_steps", 5, dict(warmup_steps=10)),
+    ("d_max_steps", 3, dict(warmup_steps=10)),
+    ("r_max_steps", 9, dict(warmup_steps=10, d_max_steps=0)),
+    ("axis", 1.5, {}),
+]
+
+
+@pytest.mark.parametrize(
+    "name, value, other", INVALID_ARGUMENTS,
+    ids=[f"{n}={v!r}" for n, v, _ in INVALID_ARGUMENTS],
+)
+def test_invalid_arguments_raise(name, value, other):
+    with pytest.raises(ValueError) as info:
+        BatchRenormalization(**{name: value}, **other)
+    message = str(info.value)
+    assert name in message
+    assert f"{name}={value!r}" in message or f"{name}={value}" in message
+
+
+@pytest.mark.parametrize("name, value", [
+    ("r_max", 1.0), ("d_max", 0.0), ("momentum", 0.0), ("epsilon", 1e-9),
+    ("warmup_steps", 0), ("r_max_steps", 0), ("d_max_steps", 0),
+])
+def test_boundary_arguments_are_accepted(name, value):
+    layer = BatchRenormalization(**{name: value})
+    assert getattr(layer, name) == value
+
+
+@pytest.mark.parametrize("axis, shape", [(2, (None, 4)), (-3, (None, 4)),
+                                         (4, (None, 2, 2, 3))])
+def test_axis_out_of_range_raises(axis, shape):
+    layer = BatchRenormalization(axis=axis)
+    with pytest.raises(ValueError) as info:
+        layer.build(shape)
+    assert f"axis={axis}" in str(info.value)
+    with pytest.raises(ValueError, match="axis"):
+        BatchRenormalization(axis=axis)(np.zeros((2,) + shape[1:], "float32"))
+
+
+def test_unknown_channel_dimension_raises():
+    with pytest.raises(ValueError, match="channel"):
+        BatchRenormalization().build((None, None))
+    with pytest.raises(ValueError, match="channel"):
+        BatchRenormalization()(keras.Input(shape=(None,)))
+    with pytest.raises(ValueError, match="channel"):
+        BatchRenormalization(axis=1)(keras.Input(shape=(None, 3)))
+    # A known channel dimension with unknown other dimensions is fine.
+    outputs = BatchRenormalization(axis=1)(keras.Input(shape=(3, None)))
+    assert tuple(outputs.shape) == (None, 3, None)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("where", ["global", "layer"])
+def test_mixed_precision(policy, where, restore_dtype_policy):
+    rng = np.random.default_rng(8)
+    if where == "global":
+        keras.config.set_dtype_policy(policy)
+        layer = BatchRenormalization(momentum=0.9, **FIXED_CLIP)
+    else:
+        layer = BatchRenormalization(momentum=0.9, dtype=policy, **FIXED_CLIP)
+    compute = "float16" if policy == "mixed_float16" else "bfloat16"
+    assert layer.compute_dtype == compute
+    ref = reference_for(layer, init_layer(layer, (16, 4), rng))
+    assert "int" in layer.step.dtype
+    for v in layer.variables:
+        assert v.dtype == ("float32" if v.name != "step" else layer.step.dtype)
+    for k in range(3):
+        x = random_batch(rng, (16, 4), -1, [30.0, -1.0, 0.5, 100.0],
+                         [0.2, 3.0, 40.0, 1.0])
+        # Keras casts the inputs to the compute dtype before the call.
+        x_in = to_numpy(ops.cast(ops.cast(x, compute), "float32"))
+        y = layer(x, training=True)
+        assert keras.backend.standardize_dtype(y.dtype) == compute
+        y = to_numpy(ops.cast(y, "float32"))
+        assert np.all(np.isfinite(y))
+        expected = ref.train(x_in)
+        assert_close(y, expected["y"], rtol=1e-2, atol=1e-2)
+        # Statistics in float32: the moving ones match to float32 precision.
+        assert_close(layer.moving_mean, ref.moving_mean, 1e-5, 1e-5)
+        assert_close(layer.moving_stddev, ref.moving_stddev, 1e-5, 1e-5)
+    for v in layer.variables:
+        assert v.dtype == ("float32" if v.name != "step" else layer.step.dtype)
+    y = layer(x)
+    assert keras.backend.standardize_dtype(y.dtype) == compute
+    assert_close(to_numpy(ops.cast(y, "float32")), ref.infer(x_in), 1e-2, 1e-2)
+
+
+def test_mixed_precision_model_trains(restore_dtype_policy):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    model = small_model(dict(warmup_steps=1, r_max_steps=3, d_max_steps=2))
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    x = rng.normal(1.0, 2.0, size=(32, 4)).astype("float32")
+    y = x[:, :1] - x[:, 1:2]
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    layer = model.layers[1]
+    assert int(to_numpy(layer.step)) == 8
+    for v in layer.variables:
+        assert np.all(np.isfinite(to_numpy(v)))
+        assert v.dtype == ("float32" if v.name != "step" else layer.step.dtype)
+    out = model(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+
+
+def learnable_data(kind, rng):
+    if kind == "dense":
+        x = rng.normal(3.0, 2.0, size=(256, 6)).astype("float32")
+        w = rng.normal(size=(6, 3))
+        labels = np.argmax((x - 3.0) @ w, axis=1)
+    else:
+        x = rng.normal(1.0, 1.0, size=(192, 6, 6, 2)).astype("float32")
+        labels = (x[..., 0].mean(axis=(1, 2)) > x[..., 1].mean(axis=(1, 2)))
+        labels = labels.astype("int64")
+    return x, labels
+
+
+def learning_model(kind, brn_kwargs):
+    if kind == "dense":
+        layers = [
+            keras.Input((6,)),
+            keras.layers.Dense(16),
+            BatchRenormalization(**brn_kwargs),
+            keras.layers.ReLU(),
+            keras.layers.Dense(3),
+        ]
+    else:
+        layers = [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(6, 3, padding="same"),
+            BatchRenormalization(**brn_kwargs),
+            keras.layers.ReLU(),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    return keras.Sequential(layers)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_model_learns(kind):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, labels = learnable_data(kind, rng)
+    model = learning_model(
+        kind, dict(warmup_steps=4, r_max_steps=20, d_max_steps=12)
+    )
+    model.compile(
+        keras.optimizers.Adam(0.02),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    layer = model.layers[1]
+    initial = model.evaluate(x, labels, batch_size=64, verbose=0)
+    assert int(to_numpy(layer.step)) == 0
+    history = model.fit(x, labels, batch_size=32, epochs=6, verbose=0)
+    # One step of the counter per training step of `fit`.
+    steps = 6 * int(np.ceil(len(x) / 32))
+    assert int(to_numpy(layer.step)) == steps
+    assert int(to_numpy(model.optimizer.iterations)) == steps
+    ref = reference_for(layer, {})
+    assert_close(
+        [layer.current_r_max(), layer.current_d_max()], ref.bounds(), 1e-6, 1e-6
+    )
+    before = snapshot(layer)
+    final = model.evaluate(x, labels, batch_size=64, verbose=0)
+    model.predict(x[:8], verbose=0)
+    assert_unchanged(layer, before)
+    losses = history.history["loss"]
+    assert losses[-1] < 0.6 * losses[0]
+    assert final < 0.6 * initial
+
+
+def test_compiled_training_matches_eager_and_reference():
+    """`train_on_batch` compiled (XLA on TF and JAX) vs eager vs reference.
+
+    The model is the layer alone, trained with SGD on `mean(y ** 2)`, so the
+    float64 reference gives every number of each step.
+    """
+    rng = np.random.default_rng(6)
+    shape, axis, lr = (3, 2, 2), 1, 0.1
+    # A schedule that moves during the compiled steps, and clips.
+    kwargs = dict(r_max=1.5, d_max=0.3, momentum=0.8, warmup_steps=1,
+                  r_max_steps=3, d_max_steps=2)
+    eager = keras.Sequential(
+        [keras.Input(shape), BatchRenormalization(axis=axis, **kwargs)]
+    )
+    compiled = keras.Sequential(
+        [keras.Input(shape), BatchRenormalization(axis=axis, **kwargs)]
+    )
+    ref = reference_for(
+        eager.layers[0], init_layer(eager.layers[0], (None,) + shape, rng)
+    )
+    compiled.set_weights(eager.get_weights())
+    eager.compile(keras.optimizers.SGD(lr), "mse", run_eagerly=True)
+    compiled.compile(
+        keras.optimizers.SGD(lr), "mse", jit_compile=BACKEND != "torch"
+    )
+    zeros = np.zeros((8,) + shape, "float32")
+    clipped = []
+    for k in range(4):
+        x = random_batch(
+            rng, (8,) + shape, axis, [3.0, -1.0, 0.2], [0.3, 1.0, 4.0]
+        )
+        loss_eager = eager.train_on_batch(x, zeros)
+        loss_compiled = compiled.train_on_batch(x, zeros)
+        y = ref.copy().train(x)["y"]
+        expected = ref.train(x, g_y=2 * y / y.size)
+        ref.gamma = ref.gamma - lr * expected["dgamma"]
+        ref.beta = ref.beta - lr * expected["dbeta"]
+        clipped.append(np.any(expected["r"] != expected["r_unclipped"]))
+        assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-5)
+        assert_close(loss_compiled, np.mean(y**2), err_msg=f"step {k}")
+        for model in (eager, compiled):
+            layer = model.layers[0]
+            assert int(to_numpy(layer.step)) == k + 1
+            assert_close(layer.gamma, ref.gamma, err_msg=f"step {k}")
+            assert_close(layer.beta, ref.beta, err_msg=f"step {k}")
+            assert_close(layer.moving_mean, ref.moving_mean)
+            assert_close(layer.moving_stddev, ref.moving_stddev)
+    assert sum(clipped) >= 3  # the clipping is active after the warm-up
+    for a, b in zip(eager.weights, compiled.weights):
+        assert_close(to_numpy(b), to_numpy(a), 1e-5, 1e-5, err_msg=a.name)
+    assert compiled.layers[0].current_r_max() == eager.layers[0].current_r_max()
+    assert_close(compiled.predict(x, verbose=0), ref.infer(x), 1e-5, 1e-5)
