@@ -1,0 +1,84 @@
+"""The three normalizations the experiment compares, behind one factory."""
+
+import keras
+
+from batch_renorm import BatchRenormalization
+
+# name -> what it is (for --help and the docs).
+NORMS = {
+    "batchnorm": "keras.layers.BatchNormalization",
+    "renorm": "batch_renorm.BatchRenormalization (this repository), with the "
+    "paper's warm-up and r_max/d_max schedule",
+    "keras-renorm": "keras.layers.BatchNormalization(renorm=True), Keras 3's "
+    "own, clipped at the final r_max/d_max from the first step (it has no "
+    "schedule)",
+}
+
+# BatchRenormalization's schedule arguments, which the other two ignore.
+SCHEDULE_ARGS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
+
+
+def make_norm(
+    norm,
+    /,
+    *,
+    momentum=0.99,
+    epsilon=1e-3,
+    r_max=3.0,
+    d_max=5.0,
+    warmup_steps=5000,
+    r_max_steps=40000,
+    d_max_steps=25000,
+    **kwargs,
+):
+    """A new normalization layer of the kind `norm`, channels last.
+
+    Args:
+        norm: `"batchnorm"`, `"renorm"` or `"keras-renorm"`.
+        momentum: Momentum of the moving statistics (Keras's convention, the
+            fraction kept at each step), for all three. `keras-renorm` also
+            uses it as `renorm_momentum`.
+        epsilon: Added to the batch variance.
+        r_max, d_max: Final bounds of `r` and `d`. `renorm` reaches them
+            through its schedule; `keras-renorm` clips with
+            `rmin = 1 / r_max`, `rmax = r_max`, `dmax = d_max` from the first
+            step; `batchnorm` ignores them.
+        warmup_steps, r_max_steps, d_max_steps: The schedule of `renorm`
+            (see `BatchRenormalization`); the other two ignore them.
+        **kwargs: Other arguments of both layers (`gamma_regularizer`,
+            `beta_regularizer`, `name`, `dtype`, ...).
+
+    Returns:
+        A `keras.layers.Layer`.
+    """
+    if norm == "batchnorm":
+        return keras.layers.BatchNormalization(
+            momentum=momentum, epsilon=epsilon, **kwargs
+        )
+    if norm == "renorm":
+        return BatchRenormalization(
+            momentum=momentum,
+            epsilon=epsilon,
+            r_max=r_max,
+            d_max=d_max,
+            warmup_steps=warmup_steps,
+            r_max_steps=r_max_steps,
+            d_max_steps=d_max_steps,
+            **kwargs,
+        )
+    if norm == "keras-renorm":
+        return keras.layers.BatchNormalization(
+            momentum=momentum,
+            epsilon=epsilon,
+            renorm=True,
+            renorm_clipping={
+                "rmin": 1.0 / r_max,
+                "rmax": float(r_max),
+                "dmax": float(d_max),
+            },
+            renorm_momentum=momentum,
+            **kwargs,
+        )
+    raise ValueError(
+        f"Unknown normalization {norm!r}; expected one of {', '.join(NORMS)}"
+    )

@@ -1,0 +1,140 @@
+"""Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146).
+
+WRN-d-k for 32x32 images, as in the authors' code: a 3x3 convolution with 16
+filters, then three groups of N = (d - 4) / 6 pre-activation basic blocks with
+16k, 32k and 64k filters (strides 1, 2, 2), then norm-ReLU, global average
+pooling and a dense softmax layer. A block is
+
+    norm-ReLU -> 3x3 conv (stride s) -> norm-ReLU -> [dropout] -> 3x3 conv
+
+added to an identity shortcut, or, where the shape changes, to a 1x1
+convolution (stride s) of the block's pre-activated input, which the first
+norm-ReLU then serves too. Convolutions have no bias and `he_normal`
+kernels. Channels last.
+
+WRN-16-4 has 2,748,890 trainable parameters (2.75 M; 7,232 more for the
+moving statistics of batch normalization).
+"""
+
+import keras
+
+from models.norms import make_norm
+
+
+def wide_resnet(
+    depth=16,
+    width=4,
+    *,
+    norm="batchnorm",
+    norm_kwargs=None,
+    dropout=0.0,
+    weight_decay=0.0,
+    num_classes=10,
+    input_shape=(32, 32, 3),
+    name=None,
+):
+    """Builds WRN-`depth`-`width` as a functional `keras.Model`.
+
+    Args:
+        depth: Total depth `d = 6N + 4`, with `N >= 1` blocks per group.
+        width: Widening factor `k >= 1`: the groups have 16k, 32k, 64k filters.
+        norm: `"batchnorm"`, `"renorm"` or `"keras-renorm"` (see
+            `models.make_norm`).
+        norm_kwargs: Arguments for every normalization layer (`momentum`,
+            `epsilon`, `r_max`, `d_max`, `warmup_steps`, ...).
+        dropout: Dropout rate between the two convolutions of each block
+            (0 for none).
+        weight_decay: Weight decay `lambda` in the convention of the paper
+            and of SGD in Torch/PyTorch (each gradient gains `lambda * w`),
+            applied to every trainable weight (convolution and dense kernels,
+            dense bias, the normalizations' gamma and beta) as an L2 loss
+            `lambda / 2 * sum(w ** 2)`. 0 for none.
+        num_classes: Number of output classes.
+        input_shape: Shape of one input image, channels last.
+        name: Model name; default `"wrn-{depth}-{width}"`.
+
+    Returns:
+        A `keras.Model` from images to class probabilities (float32 softmax,
+        also under a mixed precision policy).
+    """
+    if (
+        isinstance(depth, bool)
+        or not isinstance(depth, int)
+        or depth < 10
+        or (depth - 4) % 6
+    ):
+        raise ValueError(
+            f"depth must be 6N + 4 with N >= 1 (10, 16, 22, 28, 40, ...); "
+            f"received depth={depth!r}"
+        )
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an integer >= 1; received {width!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1); received {dropout!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0; received {weight_decay!r}")
+    blocks = (depth - 4) // 6
+    norm_kwargs = dict(norm_kwargs or {})
+    regularizer = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+
+    def conv(filters, size, strides, layer_name):
+        return keras.layers.Conv2D(
+            filters,
+            size,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=regularizer,
+            name=layer_name,
+        )
+
+    def norm_relu(x, layer_name):
+        x = make_norm(
+            norm,
+            gamma_regularizer=regularizer,
+            beta_regularizer=regularizer,
+            name=f"{layer_name}_norm",
+            **norm_kwargs,
+        )(x)
+        return keras.layers.Activation("relu", name=f"{layer_name}_relu")(x)
+
+    def block(x, filters, strides, layer_name):
+        preactivated = norm_relu(x, f"{layer_name}_1")
+        if x.shape[-1] == filters and strides == 1:
+            shortcut = x
+        else:
+            shortcut = conv(filters, 1, strides, f"{layer_name}_shortcut")(
+                preactivated
+            )
+        y = conv(filters, 3, strides, f"{layer_name}_1_conv")(preactivated)
+        y = norm_relu(y, f"{layer_name}_2")
+        if dropout:
+            y = keras.layers.Dropout(dropout, name=f"{layer_name}_dropout")(y)
+        y = conv(filters, 3, 1, f"{layer_name}_2_conv")(y)
+        return keras.layers.Add(name=f"{layer_name}_add")([shortcut, y])
+
+    inputs = keras.Input(input_shape, name="images")
+    x = conv(16, 3, 1, "stem_conv")(inputs)
+    for group, (filters, strides) in enumerate(
+        zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1
+    ):
+        for index in range(1, blocks + 1):
+            x = block(
+                x,
+                filters,
+                strides if index == 1 else 1,
+                f"group{group}_block{index}",
+            )
+    x = norm_relu(x, "head")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dense(
+        num_classes,
+        kernel_regularizer=regularizer,
+        bias_regularizer=regularizer,
+        name="logits",
+    )(x)
+    outputs = keras.layers.Activation(
+        "softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")

@@ -1,0 +1,485 @@
+#!/usr/bin/env python3
+"""Plot and tabulate the training histories written by train.py.
+
+Each run is a pair `<run>.csv` (one row per epoch: epoch, seconds, loss,
+accuracy, val_loss, val_accuracy, ...) and `<run>.json` (its configuration).
+Runs are grouped by normalization, and by any other configuration field that
+differs between them (protocol, batch size, device, ...); runs that differ
+only in their seed are repeats of one group. Writes:
+
+  PLOTS/curves.png             train/val loss and accuracy against epoch
+  PLOTS/seconds_per_epoch.png  training time per epoch
+  PLOTS/timing.md              per group: median s/epoch, ratio to batchnorm,
+                               best and final val accuracy (also printed)
+
+With --readme FILE, the table also replaces what FILE holds between the
+lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`, so that the
+README's figures are the ones the histories give.
+
+A partial or malformed history is skipped with a warning naming it.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.ticker import (  # noqa: E402
+    LogLocator, MaxNLocator, StrMethodFormatter)
+
+PROG = "plot.py"
+COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
+BASELINE = "batchnorm"
+NORMS = ("batchnorm", "renorm", "keras-renorm")  # fixes their colours
+# Fields besides `norm` that split runs into groups where they differ, in the
+# order they appear in labels. The seed never does: seeds are repeats.
+GROUP_FIELDS = ("protocol", "batch_size", "classes_per_batch", "epochs", "lr",
+                "train_size", "depth", "width", "augment", "device",
+                "backend")
+LINESTYLES = ("-", "--", ":", "-.")
+README_BEGIN = "<!-- timing.md begins -->"
+README_END = "<!-- timing.md ends -->"
+
+
+class BadHistory(Exception):
+    """A history that cannot be used; the message says why."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    frame: pd.DataFrame  # the COLUMNS, numeric, one row per epoch
+
+    def value(self, field):
+        """`config[field]` in a hashable form (None when absent)."""
+        value = self.config.get(field)
+        if isinstance(value, (list, dict)):
+            return json.dumps(value, sort_keys=True)
+        return value
+
+
+@dataclass
+class Group:
+    norm: str
+    key: tuple  # ((field, value), ...) of the fields that split the runs
+    runs: list
+
+    @property
+    def label(self):
+        return ", ".join([self.norm] + [f"{f}={v}" for f, v in self.key])
+
+
+def warn(message):
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "runs", nargs="*", metavar="RUN",
+        help="runs to include: a name (file stem in --history-dir) or a path "
+             "to its .csv; default: every history in --history-dir")
+    parser.add_argument("--history-dir", type=Path, default=Path("history"),
+                        help="where the histories are (default: %(default)s)")
+    parser.add_argument("--plots-dir", type=Path, default=Path("plots"),
+                        help="where to write the figures and timing.md "
+                             "(default: %(default)s)")
+    parser.add_argument("--readme", type=Path, metavar="FILE",
+                        help="also put the table into FILE between the "
+                             f"lines {README_BEGIN} and {README_END}")
+    return parser.parse_args(argv)
+
+
+def history_paths(runs, history_dir):
+    """The .csv path of each named run, or of every run in `history_dir`."""
+    if runs:
+        paths = [Path(run).with_suffix(".csv")
+                 if Path(run).suffix in (".csv", ".json")
+                 else history_dir / f"{run}.csv" for run in runs]
+    elif history_dir.is_dir():
+        stems = {p.stem for p in history_dir.iterdir()
+                 if p.suffix in (".csv", ".json") and p.is_file()}
+        paths = [history_dir / f"{stem}.csv" for stem in sorted(stems)]
+    else:
+        paths = []
+    return list(dict.fromkeys(paths))
+
+
+def read_config(path):
+    if not path.is_file():
+        raise BadHistory(f"no configuration file {path.name}")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise BadHistory(f"unreadable {path.name} ({error})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("norm"), str):
+        raise BadHistory(f"{path.name} names no norm")
+    return config
+
+
+def read_csv_rows(path):
+    """The header and the non-blank rows of a CSV file, with the line number
+    each row ends on."""
+    if not path.is_file():
+        raise BadHistory("no CSV file")
+    try:
+        with open(path, newline="") as file:
+            reader = csv.reader(file)
+            rows = [(reader.line_num, row) for row in reader if row]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise BadHistory(f"unreadable CSV ({error})") from None
+    if not rows:
+        raise BadHistory("empty CSV")
+    return rows[0][1], rows[1:]
+
+
+def read_frame(path):
+    """The COLUMNS of a history CSV as numbers, one row per epoch. A bad last
+    row (a run still writing it) is dropped with a warning; other bad rows
+    (wrong number of fields, missing or non-numeric values) are fatal."""
+    header, rows = read_csv_rows(path)
+    missing = [column for column in COLUMNS if column not in header]
+    if missing:
+        raise BadHistory(f"missing column(s) {', '.join(missing)}")
+    if len(set(header)) < len(header):
+        raise BadHistory("repeated column names")
+    width = len(header)
+    text = pd.DataFrame([row[:width] + [""] * (width - len(row))
+                         for _, row in rows], columns=header, dtype=str)
+    text = text[list(COLUMNS)]
+    frame = text.apply(pd.to_numeric, errors="coerce").astype(float)
+    # "nan" is a legitimate metric of a diverged run; other non-numbers are not.
+    nan_text = text.apply(lambda col: col.str.strip().str.lower() == "nan")
+    wrong_width = pd.Series([len(r) != width for _, r in rows], dtype=bool)
+    bad = (wrong_width | (frame.isna() & ~nan_text).any(axis=1)
+           | ~np.isfinite(frame[["epoch", "seconds"]]).all(axis=1))
+    bad_lines = [line for (line, _), is_bad in zip(rows, bad) if is_bad]
+    last_line, last_row = rows[-1] if rows else (None, [])
+    if len(rows) > 1 and bad_lines == [last_line] and len(last_row) <= width:
+        warn(f"{path}: dropped incomplete last row (line {bad_lines[0]})")
+        frame = frame.iloc[:-1]
+    elif bad_lines:
+        lines = ", ".join(map(str, bad_lines[:5]))
+        raise BadHistory(f"wrong number of fields or non-numeric values on "
+                         f"line(s) {lines}")
+    if frame.empty:
+        raise BadHistory("no complete epoch")
+    # A resumed run may repeat epochs; its latest row for each counts.
+    frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return frame.reset_index(drop=True)
+
+
+def load_run(csv_path):
+    frame = read_frame(csv_path)
+    config = read_config(csv_path.with_suffix(".json"))
+    return Run(csv_path.stem, csv_path, config, frame)
+
+
+def load_runs(paths):
+    """The usable runs among `paths`; each unusable one is named on stderr."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except BadHistory as error:
+            warn(f"skipping {path}: {error}")
+    return runs
+
+
+def splitting_fields(runs):
+    """GROUP_FIELDS that differ between runs, each kept only if it splits the
+    runs further than the fields kept before it (so a batch size that always
+    goes with a protocol is not repeated in every label)."""
+    kept = []
+    for field in GROUP_FIELDS:
+        before = {tuple(run.value(f) for f in kept) for run in runs}
+        after = {tuple(run.value(f) for f in kept + [field]) for run in runs}
+        if len(after) > len(before):
+            kept.append(field)
+    return kept
+
+
+def sort_key(value):
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
+def norm_rank(norm):
+    return (NORMS.index(norm), "") if norm in NORMS else (len(NORMS), norm)
+
+
+def group_runs(runs):
+    """Groups of runs, batchnorm first, then by the splitting fields."""
+    fields = splitting_fields(runs)
+    groups = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        key = tuple((f, run.value(f)) for f in fields)
+        norm = run.config["norm"]
+        groups.setdefault((norm, key), Group(norm, key, [])).runs.append(run)
+    return sorted(groups.values(), key=lambda g: (
+        norm_rank(g.norm), [sort_key(v) for _, v in g.key]))
+
+
+def median_seconds(group):
+    """Median training seconds per epoch over all epochs of all its runs."""
+    return float(pd.concat([run.frame["seconds"] for run in group.runs])
+                 .median())
+
+
+def ratios_to_baseline(groups):
+    """Each group's median s/epoch over that of the batchnorm group with the
+    same other key fields; None where there is no such group."""
+    baseline = {g.key: median_seconds(g) for g in groups if g.norm == BASELINE}
+    return [median_seconds(g) / baseline[g.key] if g.key in baseline else None
+            for g in groups]
+
+
+def format_percent(values):
+    """Mean of accuracies in [0, 1] as a percentage, ± std over runs."""
+    values = pd.Series(values, dtype=float) * 100
+    if len(values) == 1 or values.isna().any():
+        return f"{values.mean():.2f}"
+    return f"{values.mean():.2f} ± {values.std():.2f}"
+
+
+def format_epochs(group):
+    done = sorted({len(run.frame) for run in group.runs})
+    text = str(done[0]) if len(done) == 1 else f"{done[0]}–{done[-1]}"
+    planned = {run.config.get("epochs") for run in group.runs}
+    if len(planned) == 1:
+        planned = planned.pop()
+        if isinstance(planned, int) and done[0] < planned:
+            text += f"/{planned}"
+    return text
+
+
+def common_value(group, field):
+    values = {str(run.config.get(field, "?")) for run in group.runs}
+    return ", ".join(sorted(values))
+
+
+def markdown_table(header, rows):
+    widths = [max(len(str(cell)) for cell in column)
+              for column in zip(header, *rows)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(w)
+                                 for c, w in zip(cells, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def timing_report(groups, runs, history_dirs):
+    header = ("group", "runs", "epochs", "median s/epoch",
+              "ratio to batchnorm", "best val acc (%)", "final val acc (%)",
+              "device", "backend")
+    rows = []
+    for group, ratio in zip(groups, ratios_to_baseline(groups)):
+        rows.append((
+            group.label, len(group.runs), format_epochs(group),
+            f"{median_seconds(group):.2f}",
+            "n/a" if ratio is None else f"{ratio:.2f}",
+            format_percent([r.frame["val_accuracy"].max()
+                            for r in group.runs]),
+            format_percent([r.frame["val_accuracy"].iloc[-1]
+                            for r in group.runs]),
+            common_value(group, "device"), common_value(group, "backend")))
+    source = ", ".join(f"`{d}`" for d in history_dirs)
+    return (
+        f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
+        f"group(s).\n\n{markdown_table(header, rows)}\n\n"
+        "Median s/epoch: median wall time of an epoch's training steps over "
+        "all epochs of the group's runs (evaluation excluded). Ratio: to the "
+        "batchnorm group with the same other settings. Accuracies: mean "
+        "(± std over runs) of each run's best and final validation "
+        "accuracy.\n")
+
+
+def styles(groups):
+    """A (colour, line style, marker) per group: colour by norm, line style
+    by the other key fields, dots on short runs."""
+    norms = sorted({g.norm for g in groups}, key=norm_rank)
+    palette = sns.color_palette("colorblind", len(NORMS) + len(norms))
+    rests = list(dict.fromkeys(g.key for g in groups))
+    short = max(len(run.frame) for g in groups for run in g.runs) <= 25
+    return [(palette[norm_rank(g.norm)[0] if g.norm in NORMS
+                     else len(NORMS) + norms.index(g.norm)],
+             LINESTYLES[rests.index(g.key) % len(LINESTYLES)],
+             "o" if short else None)
+            for g in groups]
+
+
+def plot_group(ax, group, column, style, scale=1.0):
+    """Mean of `column` over the group's runs against epoch, with a min–max
+    band where there are several runs."""
+    frame = pd.concat([run.frame[["epoch", column]] for run in group.runs])
+    stats = frame.groupby("epoch")[column].agg(["mean", "min", "max"]) * scale
+    color, linestyle, marker = style
+    label = group.label + (f" ({len(group.runs)} runs)"
+                           if len(group.runs) > 1 else "")
+    ax.plot(stats.index, stats["mean"], color=color, linestyle=linestyle,
+            marker=marker, markersize=4, label=label)
+    if len(group.runs) > 1:
+        ax.fill_between(stats.index, stats["min"], stats["max"], color=color,
+                        alpha=0.2, linewidth=0)
+
+
+def common_description(runs):
+    """The settings all runs share, for figure titles."""
+    parts = []
+    for field in ("protocol", "batch_size", "backend", "device"):
+        values = {run.value(field) for run in runs}
+        if len(values) == 1 and None not in values:
+            parts.append(f"{field}={values.pop()}")
+    return ", ".join(parts)
+
+
+def figure_title(text, groups, runs):
+    several = any(len(g.runs) > 1 for g in groups)
+    band = "; lines: mean over runs, bands: min–max" if several else ""
+    common = common_description(runs)
+    return f"{text}{band}" + (f"\n{common}" if common else "")
+
+
+def add_legend(fig, ax, groups):
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
+               ncol=min(len(groups), 3), frameon=False)
+
+
+def plot_curves(groups, runs):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True,
+                             sharey="row", layout="constrained")
+    panels = (("loss", "train loss", 1), ("val_loss", "validation loss", 1),
+              ("accuracy", "train accuracy (%)", 100),
+              ("val_accuracy", "validation accuracy (%)", 100))
+    for ax, (column, title, scale) in zip(axes.flat, panels):
+        for group, style in zip(groups, styles(groups)):
+            plot_group(ax, group, column, style, scale)
+        ax.set_title(title)
+        ax.set_ylabel(title.split(" ", 1)[1])
+    for ax in axes[0]:
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+        for formatter in (ax.yaxis.set_major_formatter,
+                          ax.yaxis.set_minor_formatter):
+            formatter(StrMethodFormatter("{x:g}"))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(figure_title("Training curves", groups, runs))
+    add_legend(fig, axes[0, 0], groups)
+    return fig
+
+
+def plot_seconds(groups, runs):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5),
+                                      layout="constrained")
+    for group, style in zip(groups, styles(groups)):
+        plot_group(left, group, "seconds", style)
+    left.set(title="per epoch", xlabel="epoch", ylabel="seconds")
+    left.set_ylim(bottom=0)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    frame = pd.concat([run.frame.assign(group=g.label)
+                       for g in groups for run in g.runs], ignore_index=True)
+    colors = {g.label: style[0] for g, style in zip(groups, styles(groups))}
+    sns.boxplot(frame, x="seconds", y="group", hue="group", palette=colors,
+                order=list(colors), showfliers=False, ax=right, legend=False,
+                boxprops={"alpha": 0.5})
+    sns.stripplot(frame, x="seconds", y="group", hue="group", palette=colors,
+                  order=list(colors), size=4, ax=right, legend=False)
+    right.set_yticks(range(len(groups)), [
+        f"{g.label}\nmedian {median_seconds(g):.2f} s"
+        + ("" if ratio is None else f", ×{ratio:.2f}")
+        for g, ratio in zip(groups, ratios_to_baseline(groups))])
+    right.set(title="all epochs (× = ratio to batchnorm)", ylabel="",
+              xlabel="seconds")
+    right.set_xlim(left=0)
+    fig.suptitle(figure_title("Training seconds per epoch", groups, runs))
+    add_legend(fig, left, groups)
+    return fig
+
+
+def write_atomically(path, write):
+    """Call `write(temporary_path)`, then move the result onto `path`."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_figure(fig, path):
+    write_atomically(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def update_readme(path, report):
+    """Replaces the text between README_BEGIN and README_END in `path` with
+    `report` (less its title)."""
+    text = path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} "
+                         "block to fill")
+    body = report.split("\n\n", 1)[1]
+    updated = (text[:begin + len(README_BEGIN)] + "\n" + body
+               + text[end:])
+    write_atomically(path, lambda p: p.write_text(updated))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = load_runs(history_paths(args.runs, args.history_dir))
+    if not runs:
+        where = ("among the named runs" if args.runs
+                 else f"in {args.history_dir}")
+        print(f"{PROG}: error: no usable history {where}", file=sys.stderr)
+        return 1
+    groups = group_runs(runs)
+    report = timing_report(groups, runs,
+                           sorted({str(run.path.parent) for run in runs}))
+    try:
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        sns.set_theme(style="whitegrid", context="notebook")
+        save_figure(plot_curves(groups, runs), args.plots_dir / "curves.png")
+        save_figure(plot_seconds(groups, runs),
+                    args.plots_dir / "seconds_per_epoch.png")
+        write_atomically(args.plots_dir / "timing.md",
+                         lambda p: p.write_text(report))
+    except OSError as error:
+        print(f"{PROG}: error: cannot write to {args.plots_dir}: {error}",
+              file=sys.stderr)
+        return 1
+    if args.readme:
+        try:
+            update_readme(args.readme, report)
+        except (OSError, ValueError) as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 1
+    print(report, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

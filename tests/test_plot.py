@@ -1,0 +1,295 @@
+"""Tests of plot.py on small fake histories (no Keras involved)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import plot
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HEADER = "epoch,seconds,eval_seconds,loss,accuracy,val_loss,val_accuracy,lr"
+
+
+def write_run(history, name, norm, seconds, val_accuracy, seed=0,
+              batch_size=128, **config):
+    """Writes history/<name>.csv and .json as train.py does; returns the
+    per-epoch seconds and validation accuracies written."""
+    history.mkdir(exist_ok=True)
+    config = {"norm": norm, "protocol": "seed", "batch_size": batch_size,
+              "epochs": len(seconds), "lr": 0.1, "seed": seed, "depth": 16,
+              "width": 4, "train_size": 50000, "augment": True,
+              "backend": "jax", "device": "cpu",
+              "versions": {"keras": "3.15.1"}, **config}
+    (history / f"{name}.json").write_text(json.dumps(config))
+    lines = [HEADER + (",r_max,d_max" if norm == "renorm" else "")]
+    for epoch, (sec, acc) in enumerate(zip(seconds, val_accuracy), start=1):
+        loss = 2.0 / epoch
+        line = (f"{epoch},{sec!r},0.5,{loss!r},{acc + 0.05!r},{loss + 0.1!r},"
+                f"{acc!r},0.1")
+        lines.append(line + (",1.5,0.5" if norm == "renorm" else ""))
+    (history / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return seconds, val_accuracy
+
+
+@pytest.fixture
+def two_norms(tmp_path):
+    """batchnorm with two seeds, renorm with one; returns the data."""
+    history = tmp_path / "history"
+    return history, {
+        "bn0": write_run(history, "bn0", "batchnorm",
+                         [9.0, 2.0, 2.2, 2.1], [0.30, 0.50, 0.62, 0.60]),
+        "bn1": write_run(history, "bn1", "batchnorm", [8.0, 2.4, 2.3, 2.5],
+                         [0.35, 0.55, 0.58, 0.61], seed=1),
+        "brn0": write_run(history, "brn0", "renorm", [10.0, 3.0, 3.3, 3.1],
+                          [0.32, 0.52, 0.64, 0.63]),
+    }
+
+
+def run_main(argv, capsys):
+    code = plot.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table(text):
+    """The rows of the Markdown table in timing.md, by group label."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ")]
+    header = rows[0]
+    return {row[0]: dict(zip(header, row)) for row in rows[1:]}
+
+
+def percent(values):
+    values = np.asarray(values) * 100
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_command_line_writes_figures_and_table(two_norms, tmp_path):
+    history, _ = two_norms
+    plots = tmp_path / "out" / "plots"
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "plot.py"),
+         "--history-dir", str(history), "--plots-dir", str(plots)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    imports = [line.split("|")[-1].strip()
+               for line in result.stderr.splitlines()
+               if line.startswith("import time:")]
+    assert "matplotlib" in imports
+    assert not [name for name in imports if name.startswith("keras")]
+    assert len(imports) == len(result.stderr.splitlines())  # no warnings
+    assert_png(plots / "curves.png")
+    assert_png(plots / "seconds_per_epoch.png")
+    timing = (plots / "timing.md").read_text()
+    assert result.stdout == timing
+    assert f"3 run(s) from `{history}`" in timing
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "curves.png", "seconds_per_epoch.png", "timing.md"]  # no temp files
+
+
+def test_timing_table_values(two_norms, tmp_path, capsys):
+    history, data = two_norms
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 0 and err == ""
+    rows = table((plots / "timing.md").read_text())
+    assert list(rows) == ["batchnorm", "renorm"]  # seed does not split
+    bn_median = np.median(data["bn0"][0] + data["bn1"][0])
+    brn_median = np.median(data["brn0"][0])
+    bn, brn = rows["batchnorm"], rows["renorm"]
+    assert (bn["runs"], brn["runs"]) == ("2", "1")
+    assert (bn["epochs"], brn["epochs"]) == ("4", "4")
+    assert bn["median s/epoch"] == f"{bn_median:.2f}"
+    assert brn["median s/epoch"] == f"{brn_median:.2f}"
+    assert bn["ratio to batchnorm"] == "1.00"
+    assert brn["ratio to batchnorm"] == f"{brn_median / bn_median:.2f}"
+    bn_acc = [data["bn0"][1], data["bn1"][1]]
+    assert bn["best val acc (%)"] == percent([max(a) for a in bn_acc])
+    assert bn["final val acc (%)"] == percent([a[-1] for a in bn_acc])
+    assert brn["best val acc (%)"] == percent([max(data["brn0"][1])])
+    assert brn["final val acc (%)"] == percent([data["brn0"][1][-1]])
+    assert (brn["device"], brn["backend"]) == ("cpu", "jax")
+
+
+def test_batch_sizes_split_groups_and_pair_ratios(tmp_path, capsys):
+    history = tmp_path / "history"
+    seconds = {("batchnorm", 32): [4.0, 4.0, 5.0],
+               ("batchnorm", 128): [1.0, 2.0, 2.0],
+               ("renorm", 32): [6.0, 7.0, 6.0],
+               ("renorm", 128): [3.0, 3.0, 3.0],
+               ("renorm", 64): [2.0, 2.0, 2.0]}
+    for (norm, batch_size), secs in seconds.items():
+        write_run(history, f"{norm}{batch_size}", norm, secs,
+                  [0.5, 0.6, 0.7], batch_size=batch_size)
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and err == ""
+    rows = table(out)
+    assert list(rows) == [
+        "batchnorm, batch_size=32", "batchnorm, batch_size=128",
+        "renorm, batch_size=32", "renorm, batch_size=64",
+        "renorm, batch_size=128"]
+    for batch_size in (32, 128):
+        ratio = (np.median(seconds[("renorm", batch_size)])
+                 / np.median(seconds[("batchnorm", batch_size)]))
+        row = rows[f"renorm, batch_size={batch_size}"]
+        assert row["ratio to batchnorm"] == f"{ratio:.2f}"
+    assert rows["renorm, batch_size=64"]["ratio to batchnorm"] == "n/a"
+    assert_png(tmp_path / "plots" / "curves.png")
+
+
+BAD_HISTORIES = {
+    "no_json": None,
+    "empty_csv": "",
+    "no_val_columns": "epoch,seconds,loss,accuracy\n1,2.0,1.0,0.5\n",
+    "non_numeric": f"{HEADER}\n1,2.0,0.5,1.0,0.5,1.1,0.4,0.1\n"
+                   f"2,fast,0.5,1.0,0.5,1.1,0.4,0.1\n"
+                   f"3,2.0,0.5,1.0,0.5,1.1,0.4,0.1\n",
+    "extra_field": f"{HEADER}\n1,2.0,0.5,1.0,0.5,1.1,0.4,0.1,9,9\n",
+    "header_only": f"{HEADER}\n",
+}
+
+
+def test_malformed_histories_are_skipped_and_named(two_norms, tmp_path,
+                                                   capsys):
+    history, _ = two_norms
+    for name, text in BAD_HISTORIES.items():
+        write_run(history, name, "renorm", [1.0], [0.5])
+        if text is None:
+            (history / f"{name}.json").unlink()
+        else:
+            (history / f"{name}.csv").write_text(text)
+    (history / "bad_json.csv").write_text((history / "bn0.csv").read_text())
+    (history / "bad_json.json").write_text("{not json")
+    (history / "only_json.json").write_text('{"norm": "renorm"}')
+    # A run still writing its last line: that row is dropped, the run kept.
+    write_run(history, "partial", "keras-renorm", [5.0, 6.0], [0.4, 0.5],
+              epochs=4)
+    with open(history / "partial.csv", "a") as csv:
+        csv.write("3,7.0,0.5")
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 0
+    warnings = err.splitlines()
+    skipped = [*BAD_HISTORIES, "bad_json", "only_json"]
+    assert len(warnings) == len(skipped) + 1
+    assert all(line.startswith("plot.py: warning: ") for line in warnings)
+    for name in skipped:
+        assert sum(f"{name}.csv" in line for line in warnings) == 1, name
+    assert any("partial.csv" in line and "last row" in line
+               for line in warnings)
+    assert "Traceback" not in err
+    rows = table((plots / "timing.md").read_text())
+    assert list(rows) == ["batchnorm", "renorm", "keras-renorm"]
+    assert rows["keras-renorm"]["epochs"] == "2/4"
+    assert rows["keras-renorm"]["median s/epoch"] == "5.50"
+    assert_png(plots / "curves.png")
+    assert_png(plots / "seconds_per_epoch.png")
+
+
+def test_diverged_run_with_nan_metrics_is_kept(two_norms, tmp_path, capsys):
+    history, _ = two_norms
+    write_run(history, "diverged", "keras-renorm", [3.0] * 4,
+              [0.2, 0.1, 0.1, 0.1])
+    text = (history / "diverged.csv").read_text().splitlines()
+    text[2] = "2,3.0,0.5,nan,0.1,nan,0.1,0.1"
+    (history / "diverged.csv").write_text("\n".join(text) + "\n")
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and err == ""
+    assert table(out)["keras-renorm"]["best val acc (%)"] == "20.00"
+
+
+@pytest.mark.parametrize("setup", ["empty", "missing", "all_bad"])
+def test_no_usable_history_is_one_error_line(tmp_path, capsys, setup):
+    history = tmp_path / "history"
+    if setup == "empty":
+        history.mkdir()
+    elif setup == "all_bad":
+        history.mkdir()
+        (history / "x.csv").write_text("")
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == (2 if setup == "all_bad" else 1)
+    assert lines[-1].startswith("plot.py: error: no usable history")
+    assert str(history) in lines[-1]
+    assert not (tmp_path / "plots").exists()
+
+
+def test_named_runs_select_only_those(two_norms, tmp_path, capsys):
+    history, data = two_norms
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["bn1", history / "brn0.csv", "--history-dir", history,
+         "--plots-dir", plots], capsys)
+    assert code == 0 and err == ""
+    rows = table(out)
+    assert "2 run(s)" in out
+    assert rows["batchnorm"]["runs"] == "1"
+    assert rows["batchnorm"]["median s/epoch"] == (
+        f"{np.median(data['bn1'][0]):.2f}")
+    code, out, err = run_main(
+        ["nosuchrun", "--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 1
+    assert "nosuchrun.csv" in err.splitlines()[0]
+
+
+def test_bad_arguments_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main(["--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "usage: plot.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--history-dir" in help_text and "timing.md" in help_text
+
+
+
+def test_readme_block_is_replaced_by_the_table(two_norms, tmp_path, capsys):
+    history, _ = two_norms
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n{plot.README_BEGIN}\nold table\n"
+                      f"{plot.README_END}\nafter\n")
+    code, out, err = run_main(["--history-dir", history, "--plots-dir",
+                               tmp_path / "plots", "--readme", readme], capsys)
+    assert code == 0, err
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("# Title\n\nbefore\n" + plot.README_BEGIN + "\n")
+    assert text.endswith(plot.README_END + "\nafter\n")
+    rows = table(text)
+    assert list(rows) == ["batchnorm", "renorm"]
+    timing = (tmp_path / "plots" / "timing.md").read_text()
+    assert timing.split("\n\n", 1)[1] in text
+
+
+def test_readme_without_the_block_is_an_error(two_norms, tmp_path, capsys):
+    history, _ = two_norms
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    code, out, err = run_main(["--history-dir", history, "--plots-dir",
+                               tmp_path / "plots", "--readme", readme], capsys)
+    assert code == 1
+    assert err.startswith("plot.py: error:") and "README.md" in err
+    assert len(err.strip().splitlines()) == 1
+    assert readme.read_text() == "# no markers here\n"

@@ -1,0 +1,369 @@
+"""train.py: flags, protocols, files, bad input, resume and repeatability,
+on tiny fake CIFAR-10 files and a tiny network (WRN-10-1)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cifar10
+import train
+from fake_cifar import write_fake_cifar
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["epoch", "seconds", "eval_seconds", "loss", "accuracy", "val_loss",
+           "val_accuracy", "lr"]
+TIMINGS = ("seconds", "eval_seconds")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
+                            test_per_class=4)
+
+
+def tiny_args(data_dir, out, *extra, norm="renorm"):
+    """Flags of a tiny run: WRN-10-1, 100 images in batches of 50."""
+    return ["--norm", norm, "--data-dir", str(data_dir),
+            "--history-dir", str(out / "history"),
+            "--weights-dir", str(out / "weights"),
+            "--depth", "10", "--width", "1", "--train-size", "100",
+            "--batch-size", "50", "--epochs", "1", *extra]
+
+
+def run_main(args):
+    """Runs train.py in this process (no second Keras import)."""
+    return train.main(args)
+
+
+def read_history(out, name):
+    with open(out / "history" / f"{name}.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    return rows
+
+
+def without_timings(rows):
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+def run_script(*args, **kwargs):
+    """Runs `python train.py ARGS` in a subprocess."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+        capture_output=True, text=True, timeout=600, **kwargs)
+
+
+# ------------------------------------------------------------ flags, protocols
+def test_protocols():
+    config, _, _ = train.parse_args(["--norm", "renorm"])
+    assert config["protocol"] == "seed"
+    assert (config["optimizer"], config["lr"], config["batch_size"],
+            config["epochs"], config["augment"]) == ("adam", 1e-3, 128, 100,
+                                                     False)
+    assert (config["depth"], config["width"]) == (16, 4)
+    assert config["name"] == "renorm-seed-b128-s0"
+
+    config, _, _ = train.parse_args(["--norm", "batchnorm", "--protocol", "wrn"])
+    assert (config["optimizer"], config["lr"], config["sgd_momentum"],
+            config["nesterov"], config["weight_decay"], config["batch_size"],
+            config["epochs"], config["augment"]) == (
+        "sgd", 0.1, 0.9, True, 5e-4, 128, 200, True)
+    assert config["lr_milestones"] == [60, 120, 160]
+    lrs = [train.lr_at(config, e) for e in (0, 59, 60, 119, 120, 160, 199)]
+    np.testing.assert_allclose(lrs, [0.1, 0.1, 0.02, 0.02, 0.004, 0.0008,
+                                     0.0008])
+
+
+def test_overrides():
+    config, options, explicit = train.parse_args([
+        "--norm", "keras-renorm", "--protocol", "wrn", "--epochs", "3",
+        "--batch-size", "32", "--lr", "0.05", "--no-augment", "--depth", "10",
+        "--width", "2", "--seed", "7", "--mixed-precision", "--r-max", "2",
+        "--d-max", "1", "--warmup-steps", "10", "--r-max-steps", "20",
+        "--d-max-steps", "30", "--lr-milestones", "1,2", "--dropout", "0.3",
+        "--weight-decay", "0", "--val-size", "1000", "--train-size", "5000",
+        "--jit-compile", "off", "--no-nesterov", "--history-dir", "h"])
+    assert config["name"] == "keras-renorm-wrn-b32-s7"
+    expected = dict(epochs=3, batch_size=32, lr=0.05, augment=False, depth=10,
+                    width=2, seed=7, mixed_precision=True, r_max=2.0,
+                    d_max=1.0, warmup_steps=10, r_max_steps=20,
+                    d_max_steps=30, lr_milestones=[1, 2], dropout=0.3,
+                    weight_decay=0.0, val_size=1000, train_size=5000,
+                    jit_compile="off", nesterov=False, optimizer="sgd")
+    assert {k: config[k] for k in expected} == expected
+    assert options.history_dir == Path("h")
+    assert options.weights_dir == Path("weights")
+    assert "lr" in explicit and "momentum" not in explicit
+    assert set(config) == set(train.CONFIG_KEYS)
+
+
+def test_help():
+    result = run_script("--help")
+    assert result.returncode == 0
+    for text in ("--norm", "--protocol", "--resume", "--train-size",
+                 "--val-size", "--r-max-steps", "--jit-compile",
+                 "keras-renorm", "seed", "wrn", "60,120,160", "NAME.csv"):
+        assert text in result.stdout
+
+
+# ------------------------------------------------------------------ bad input
+def one_error_line(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("train.py: error: ")
+    return lines[0]
+
+
+def test_unknown_norm():
+    result = run_script("--norm", "groupnorm")
+    assert result.returncode == 2
+    assert "groupnorm" in one_error_line(result)
+
+
+def test_missing_norm():
+    result = run_script("--epochs", "3")
+    assert result.returncode == 2
+    assert "--norm" in one_error_line(result)
+
+
+def test_negative_epochs():
+    result = run_script("--norm", "renorm", "--epochs", "-3")
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "--epochs" in line and "-3" in line
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--depth", "12"], ["--depth", "6N + 4"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--dropout", "1"], ["--dropout"]),
+    (["--lr-milestones", "60,30"], ["--lr-milestones"]),
+    (["--warmup-steps", "100", "--r-max-steps", "50"], ["--r-max-steps"]),
+    (["--name", "../x"], ["--name"]),
+    (["--resume", "--overwrite"], ["--resume"]),
+])
+def test_bad_flags(flags, words):
+    with pytest.raises(train.UsageError) as error:
+        train.parse_args(["--norm", "renorm", *flags])
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_missing_data_folder(tmp_path):
+    result = run_script(*tiny_args(tmp_path / "nowhere", tmp_path))
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "nowhere" in line and "--data-dir" in line
+
+
+def test_corrupt_batch_file(data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in data_dir.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    content = (broken / "data_batch_4").read_bytes()
+    (broken / "data_batch_4").write_bytes(content[:1000])
+    result = run_script(*tiny_args(broken, tmp_path))
+    assert result.returncode == 1
+    assert "data_batch_4" in one_error_line(result)
+
+
+def test_unwritable_output_folder(data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_script(*tiny_args(data_dir, tmp_path),
+                        "--weights-dir", str(blocker / "weights"))
+    assert result.returncode == 2
+    line = one_error_line(result)
+    assert "weights folder" in line and "a-file" in line
+
+
+def test_train_size_too_large(data_dir, tmp_path, capsys):
+    assert run_main(tiny_args(data_dir, tmp_path, "--train-size", "100000")) == 2
+    assert "--train-size 100000" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- a tiny run
+def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
+    import keras
+
+    args = tiny_args(data_dir, tmp_path, "--epochs", "2", "--val-size", "20",
+                     "--lr-milestones", "1", "--lr-gamma", "0.5",
+                     "--warmup-steps", "1", "--r-max-steps", "3",
+                     "--d-max-steps", "3")
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    name = "renorm-seed-b50-s0"
+    assert "test accuracy" in out and "all 40 test images" in out
+    assert str(tmp_path / "history" / f"{name}.csv") in out
+
+    rows = read_history(tmp_path, name)
+    assert list(rows[0]) == COLUMNS + ["r_max", "d_max"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert float(row["seconds"]) > 0 and float(row["eval_seconds"]) > 0
+        assert np.isfinite(float(row["loss"]))
+        assert 0 <= float(row["accuracy"]) <= 1
+        assert 0 <= float(row["val_accuracy"]) <= 1
+    assert [float(r["lr"]) for r in rows] == [1e-3, 5e-4]
+    # 2 steps per epoch; the bounds grow from step 1 to step 3.
+    assert [float(r["r_max"]) for r in rows] == pytest.approx([2.0, 3.0])
+    assert [float(r["d_max"]) for r in rows] == pytest.approx([2.5, 5.0])
+
+    record = json.loads((tmp_path / "history" / f"{name}.json").read_text())
+    for key in train.CONFIG_KEYS:
+        assert key in record
+    assert record["norm"] == "renorm" and record["batch_size"] == 50
+    assert record["epochs"] == 2 and record["train_size"] == 100
+    assert record["val_size"] == 20
+    assert record["backend"] == keras.backend.backend()
+    assert record["device"] and record["versions"]["keras"] == keras.__version__
+    assert record["result"]["test_images"] == 40
+
+    weights = tmp_path / "weights"
+    assert sorted(p.name for p in weights.iterdir()) == sorted([
+        f"{name}.weights.h5", f"{name}.best.weights.h5", f"{name}.state.npz"])
+    config, _, _ = train.parse_args(args)
+    model = train.build_model(keras, config)
+    step = [l for l in model.layers if hasattr(l, "current_r_max")][0].step
+    model.load_weights(weights / f"{name}.weights.h5")
+    assert int(keras.ops.convert_to_numpy(step)) == 4  # 2 epochs of 2 steps
+    best_epoch = max(rows, key=lambda r: float(r["val_accuracy"]))["epoch"]
+    model.load_weights(weights / f"{name}.best.weights.h5")
+    assert int(keras.ops.convert_to_numpy(step)) == 2 * int(best_epoch)
+    # The state restores the optimizer too, with the scheduled lr.
+    model.compile(optimizer=train.make_optimizer(keras, config),
+                  loss="sparse_categorical_crossentropy")
+    meta = train.load_state(model, weights / f"{name}.state.npz")
+    assert meta["epoch"] == 2 and meta["row"]["epoch"] == 2
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4
+    lr = keras.ops.convert_to_numpy(model.optimizer.learning_rate)
+    assert float(lr) == pytest.approx(5e-4)
+    assert int(keras.ops.convert_to_numpy(step)) == 4
+
+    # The run exists: starting it again needs --resume or --overwrite.
+    assert run_main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run_main(args + ["--overwrite", "--epochs", "1"]) == 0
+    assert len(read_history(tmp_path, name)) == 1
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "keras-renorm"])
+def test_other_norms_and_wrn_protocol(data_dir, tmp_path, norm):
+    args = tiny_args(data_dir, tmp_path, "--protocol", "wrn", "--dropout",
+                     "0.2", norm=norm)
+    assert run_main(args) == 0
+    rows = read_history(tmp_path, f"{norm}-wrn-b50-s0")
+    assert list(rows[0]) == COLUMNS
+    assert len(rows) == 1 and float(rows[0]["lr"]) == 0.1
+
+
+def test_same_seed_same_history(data_dir, tmp_path):
+    histories = []
+    for run in ("a", "b", "c"):
+        seed = "3" if run == "c" else "2"
+        args = tiny_args(data_dir, tmp_path, "--name", run, "--seed", seed,
+                         "--augment", "--dropout", "0.1", "--epochs", "2",
+                         "--val-size", "20")
+        assert run_main(args) == 0
+        histories.append(without_timings(read_history(tmp_path, run)))
+    assert histories[0] == histories[1]
+    assert histories[0] != histories[2]
+
+
+# -------------------------------------------------------------------- resume
+def interrupt_in_epoch(monkeypatch, epoch):
+    """Sends this process a SIGINT once training epoch `epoch` (1-based) has
+    taken its first batch."""
+    calls = []
+    original = cifar10.train_batches
+
+    def batches(*args, **kwargs):
+        calls.append(1)
+        for index, batch in enumerate(original(*args, **kwargs)):
+            yield batch
+            if len(calls) == epoch and index == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+
+    monkeypatch.setattr(cifar10, "train_batches", batches)
+
+
+def test_interrupt_and_resume(data_dir, tmp_path, monkeypatch, capsys):
+    args = tiny_args(data_dir, tmp_path, "--epochs", "3", "--name", "run")
+    interrupt_in_epoch(monkeypatch, 2)
+    assert run_main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT) in epoch 2 of 3" in err
+    assert "epochs 1-1 are saved" in err and "--resume" in err
+    assert [r["epoch"] for r in read_history(tmp_path, "run")] == ["1"]
+    monkeypatch.undo()
+
+    assert run_main(args + ["--resume"]) == 0
+    assert "resuming run run after epoch 1 of 3" in capsys.readouterr().out
+    rows = read_history(tmp_path, "run")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    record = json.loads((tmp_path / "history" / "run.json").read_text())
+    assert [s["first_epoch"] for s in record["sessions"]] == [1, 2]
+
+    # An uninterrupted run gives the same history (the shuffling and the
+    # augmentation of an epoch depend on the seed and the epoch only).
+    assert run_main(tiny_args(data_dir, tmp_path, "--epochs", "3")) == 0
+    whole = read_history(tmp_path, "renorm-seed-b50-s0")
+    assert without_timings(rows) == without_timings(whole)
+
+
+def test_resume_repairs_the_history(data_dir, tmp_path, capsys):
+    args = tiny_args(data_dir, tmp_path, "--epochs", "2", "--name", "run",
+                     "--val-size", "20")
+    assert run_main(args) == 0
+    path = tmp_path / "history" / "run.csv"
+    complete = path.read_text()
+    # Killed after the state was saved but before its row: the row comes back.
+    path.write_text("".join(complete.splitlines(keepends=True)[:-1]))
+    assert run_main(args + ["--resume"]) == 0
+    assert path.read_text() == complete
+    # A row beyond the saved state (killed before the state): dropped.
+    path.write_text(complete + "3,1,1,1,1,1,1,1,1,1\n")
+    assert run_main(args + ["--resume", "--epochs", "3"]) == 0
+    assert [r["epoch"] for r in read_history(tmp_path, "run")] == ["1", "2", "3"]
+    assert path.read_text().startswith(complete)
+    capsys.readouterr()
+    # The saved configuration holds; only --epochs and speed settings change.
+    assert run_main(args + ["--resume", "--lr", "0.5"]) == 2
+    assert "--lr 0.5 differs" in capsys.readouterr().err
+
+
+def test_sigint_in_a_subprocess(data_dir, tmp_path):
+    args = tiny_args(data_dir, tmp_path, "--epochs", "1000", "--name", "run",
+                     "--val-size", "20")
+    history = tmp_path / "history" / "run.csv"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            if history.is_file() and len(history.read_text().splitlines()) > 1:
+                break
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert "--resume" in err.strip().splitlines()[-1]
+    rows = read_history(tmp_path, "run")
+    with np.load(tmp_path / "weights" / "run.state.npz") as state:
+        saved = json.loads(str(state["meta"]))["epoch"]
+    assert [int(r["epoch"]) for r in rows] == list(range(1, saved + 1))
