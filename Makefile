@@ -17,7 +17,7 @@ ifeq ($(origin CIFAR10_DIR), undefined)
 endif
 
 # make run: WRN-16-2 on 1500 training images for 3 epochs of 12 steps, each
-# norm, validated on 500 test images (a few minutes on 2 CPU cores); the
+# norm, validated on 500 test images (5-10 minutes on 2 CPU cores); the
 # renorm schedule scaled to 36 steps (plain BN for the first epoch, then
 # r_max -> 3 and d_max -> 5), moving averages with momentum 0.9 so that they
 # settle within so few steps.
