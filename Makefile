@@ -4,6 +4,9 @@
 # and the reference runs behind README's results:
 #   make reference-cpu   WRN-16-2, 3200 training images, 10 epochs (CPU)
 #   make reference-gpu   WRN-16-4, all 50000 images, 100 epochs (GPU, JAX)
+#   make sweep-cpu       BN / BRN / Keras renorm over batch sizes and i.i.d. /
+#                        non-i.i.d. batches, reduced (sweep.py --preset cpu)
+#   make sweep-gpu       the same at full size (sweep.py --preset gpu, JAX)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -36,7 +39,7 @@ CPU_FLAGS ?= --depth 16 --width 2 --train-size 3200 --val-size 1000 \
 NORMS ?= batchnorm renorm
 export KERAS_BACKEND ?= tensorflow
 
-.PHONY: setup test run reference-cpu reference-gpu
+.PHONY: setup test run reference-cpu reference-gpu sweep-cpu sweep-gpu
 
 setup: $(VENV)/.installed
 
@@ -74,3 +77,9 @@ reference-gpu: setup
 	  KERAS_BACKEND=jax $(BIN)/python train.py --norm $$norm --overwrite; \
 	done
 	$(BIN)/python plot.py --readme README.md
+
+sweep-cpu: setup
+	$(BIN)/python sweep.py --preset cpu
+
+sweep-gpu: setup
+	KERAS_BACKEND=jax $(BIN)/python sweep.py --preset gpu

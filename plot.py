@@ -11,6 +11,15 @@ only in their seed are repeats of one group. Writes:
   PLOTS/seconds_per_epoch.png  training time per epoch
   PLOTS/timing.md              per group: median s/epoch, ratio to batchnorm,
                                best and final val accuracy (also printed)
+and, where the runs span several batch sizes or include non-i.i.d. ones
+(train.py --classes-per-batch; sweep.py):
+  PLOTS/accuracy_vs_batch_size.png  best and final val accuracy against batch
+                               size, a line per norm (solid: i.i.d. batches,
+                               dashed: K classes per batch)
+  PLOTS/non_iid.png            i.i.d. against non-i.i.d. batches per batch
+                               size and norm, and the accuracy lost
+  a table in timing.md         best / final val accuracy by norm, sampling
+                               and batch size
 
 With --readme FILE, the table also replaces what FILE holds between the
 lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`, so that the
@@ -36,7 +45,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
-    LogLocator, MaxNLocator, StrMethodFormatter)
+    LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
 PROG = "plot.py"
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -79,7 +88,18 @@ class Group:
 
     @property
     def label(self):
-        return ", ".join([self.norm] + [f"{f}={v}" for f, v in self.key])
+        return ", ".join([self.norm] + [field_text(f, v) for f, v in self.key])
+
+
+def sampling_text(classes):
+    """How a run's batches were drawn, from its classes_per_batch."""
+    return "i.i.d." if classes is None else f"{classes} classes/batch"
+
+
+def field_text(field, value):
+    if field == "classes_per_batch":
+        return sampling_text(value)
+    return f"{field}={value}"
 
 
 def warn(message):
@@ -419,6 +439,193 @@ def plot_seconds(groups, runs):
     return fig
 
 
+# ------------------------------------------- batch sizes and non-i.i.d. runs
+SWEEP_FIELDS = ("batch_size", "classes_per_batch")
+
+
+@dataclass
+class Point:
+    """The runs of one norm, sampling and batch size (seeds are repeats)."""
+
+    norm: str
+    classes: object  # classes_per_batch: None for i.i.d.
+    rest: tuple  # ((field, value), ...) of other fields that split runs
+    batch_size: object
+    runs: list
+
+    def values(self, which):
+        """Each run's best or final validation accuracy, in percent."""
+        column = [run.frame["val_accuracy"] for run in self.runs]
+        return np.array([c.max() if which == "best" else c.iloc[-1]
+                         for c in column]) * 100
+
+    @property
+    def line(self):
+        return (self.norm, self.classes, self.rest)
+
+
+def sweep_points(runs):
+    """The runs by norm, sampling, other splitting fields and batch size,
+    ordered by norm, sampling (i.i.d. first), those fields, batch size."""
+    rest_fields = [f for f in splitting_fields(runs) if f not in SWEEP_FIELDS]
+    points = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        rest = tuple((f, run.value(f)) for f in rest_fields)
+        key = (run.config["norm"], run.value("classes_per_batch"), rest,
+               run.value("batch_size"))
+        if key not in points:
+            points[key] = Point(*key, [])
+        points[key].runs.append(run)
+    return sorted(points.values(), key=lambda p: (
+        norm_rank(p.norm), sort_key(p.classes),
+        [sort_key(v) for _, v in p.rest], sort_key(p.batch_size)))
+
+
+def has_sweep(runs):
+    """Whether the runs span several batch sizes or include non-i.i.d. ones."""
+    return (len({run.value("batch_size") for run in runs}) > 1
+            or any(run.value("classes_per_batch") is not None
+                   for run in runs))
+
+
+def line_label(norm, classes, rest):
+    return ", ".join([norm, sampling_text(classes)]
+                     + [field_text(f, v) for f, v in rest])
+
+
+def norm_colors(norms):
+    palette = sns.color_palette("colorblind", len(NORMS) + len(norms))
+    extra = [n for n in norms if n not in NORMS]
+    return {n: palette[NORMS.index(n) if n in NORMS
+                       else len(NORMS) + extra.index(n)] for n in norms}
+
+
+def sampling_styles(points):
+    """Line style per sampling (solid for i.i.d.) and marker per rest."""
+    samplings = sorted({p.classes for p in points}, key=sort_key)
+    non_iid = [c for c in samplings if c is not None]
+    linestyles = {None: "-"}
+    linestyles.update({c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
+                       for i, c in enumerate(non_iid)})
+    rests = list(dict.fromkeys(p.rest for p in points))
+    markers = dict(zip(rests, "osD^v<>px*"))
+    return linestyles, markers
+
+
+def batch_size_axis(ax, sizes):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("batch size (log scale)")
+
+
+def plot_accuracy_vs_batch_size(points, runs):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True,
+                             layout="constrained")
+    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
+    linestyles, markers = sampling_styles(points)
+    sizes = sorted({p.batch_size for p in points}, key=sort_key)
+    lines = list(dict.fromkeys(p.line for p in points))
+    for ax, which in zip(axes, ("best", "final")):
+        for line in lines:
+            members = [p for p in points if p.line == line]
+            x = [p.batch_size for p in members]
+            values = [p.values(which) for p in members]
+            mean = np.array([v.mean() for v in values])
+            errors = np.array([[v.mean() - v.min() for v in values],
+                               [v.max() - v.mean() for v in values]])
+            norm, classes, rest = line
+            ax.errorbar(x, mean, yerr=errors if errors.any() else None,
+                        color=colors[norm], linestyle=linestyles[classes],
+                        marker=markers[rest], markersize=5, capsize=3,
+                        label=line_label(*line))
+        batch_size_axis(ax, sizes)
+        ax.set_title(f"{which} validation accuracy")
+    axes[0].set_ylabel("validation accuracy (%)")
+    several = any(len(p.runs) > 1 for p in points)
+    fig.suptitle(figure_title(
+        "Validation accuracy against batch size (solid: i.i.d. batches, "
+        "dashed: K classes per batch)"
+        + ("; bars: min–max over runs" if several else ""), [], runs))
+    fig.legend(*axes[0].get_legend_handles_labels(),
+               loc="outside lower center", ncol=min(len(lines), 3),
+               frameon=False)
+    return fig
+
+
+def plot_non_iid(points, runs):
+    """Bars of best val accuracy per batch size, norm and sampling, and the
+    accuracy each norm loses with non-i.i.d. batches."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5),
+                                      layout="constrained")
+    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
+    linestyles, markers = sampling_styles(points)
+    sizes = sorted({p.batch_size for p in points}, key=sort_key)
+    bars = list(dict.fromkeys(p.line for p in points))
+    width = 0.8 / len(bars)
+    for number, line in enumerate(bars):
+        norm, classes, rest = line
+        members = {p.batch_size: p for p in points if p.line == line}
+        x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
+        heights = [p.values("best").mean() for p in members.values()]
+        left.bar(x, heights, width, color=colors[norm],
+                 alpha=0.45 if classes is None else 0.9,
+                 hatch=None if classes is None else "//",
+                 edgecolor="white", label=line_label(*line))
+    left.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+    left.set(xlabel="batch size", ylabel="best validation accuracy (%)",
+             title="i.i.d. (light) and non-i.i.d. (hatched) batches")
+    drawn = False
+    for line in bars:
+        norm, classes, rest = line
+        if classes is None:
+            continue
+        iid = {p.batch_size: p for p in points
+               if p.line == (norm, None, rest)}
+        members = [p for p in points
+                   if p.line == line and p.batch_size in iid]
+        if not members:
+            continue
+        drops = [p.values("best").mean() - iid[p.batch_size]
+                 .values("best").mean() for p in members]
+        right.plot([p.batch_size for p in members], drops,
+                   color=colors[norm], linestyle=linestyles[classes],
+                   marker=markers[rest], label=line_label(*line))
+        drawn = True
+    right.axhline(0, color="grey", linewidth=1)
+    if drawn:
+        batch_size_axis(right, sizes)
+    right.set(ylabel="percentage points",
+              title="best val accuracy: non-i.i.d. minus i.i.d.")
+    fig.suptitle(figure_title("Non-i.i.d. minibatches", [], runs))
+    fig.legend(*left.get_legend_handles_labels(),
+               loc="outside lower center", ncol=min(len(bars), 3),
+               frameon=False)
+    return fig
+
+
+def sweep_table(points):
+    """Markdown: a row per norm, sampling (and other splitting fields), a
+    column per batch size; cells best / final val accuracy (%)."""
+    sizes = sorted({p.batch_size for p in points}, key=sort_key)
+    rest_fields = [f for f, _ in points[0].rest]
+    header = ("norm", "sampling", *rest_fields,
+              *[f"batch {s}" for s in sizes])
+    rows = []
+    for line in dict.fromkeys(p.line for p in points):
+        norm, classes, rest = line
+        cells = {p.batch_size: p for p in points if p.line == line}
+        rows.append((norm, sampling_text(classes), *[v for _, v in rest],
+                     *[f"{format_percent(cells[s].values('best') / 100)} / "
+                       f"{format_percent(cells[s].values('final') / 100)}"
+                       if s in cells else "–" for s in sizes]))
+    return (
+        "**Validation accuracy by batch size and sampling** (best / final, %; "
+        "mean ± std over runs where there are several; i.i.d.: random "
+        "batches, K classes/batch: every training batch from K classes, "
+        "`--classes-per-batch`):\n\n" + markdown_table(header, rows) + "\n")
+
+
 def write_atomically(path, write):
     """Call `write(temporary_path)`, then move the result onto `path`."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -430,7 +637,8 @@ def write_atomically(path, write):
 
 
 def save_figure(fig, path):
-    write_atomically(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    write_atomically(path, lambda p: fig.savefig(p, format="png", dpi=120,
+                                                 bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -459,12 +667,21 @@ def main(argv=None):
     groups = group_runs(runs)
     report = timing_report(groups, runs,
                            sorted({str(run.path.parent) for run in runs}))
+    points = sweep_points(runs) if has_sweep(runs) else []
+    if points:
+        report += "\n" + sweep_table(points)
     try:
         args.plots_dir.mkdir(parents=True, exist_ok=True)
         sns.set_theme(style="whitegrid", context="notebook")
         save_figure(plot_curves(groups, runs), args.plots_dir / "curves.png")
         save_figure(plot_seconds(groups, runs),
                     args.plots_dir / "seconds_per_epoch.png")
+        if len({p.batch_size for p in points}) > 1:
+            save_figure(plot_accuracy_vs_batch_size(points, runs),
+                        args.plots_dir / "accuracy_vs_batch_size.png")
+        if any(p.classes is not None for p in points):
+            save_figure(plot_non_iid(points, runs),
+                        args.plots_dir / "non_iid.png")
         write_atomically(args.plots_dir / "timing.md",
                          lambda p: p.write_text(report))
     except OSError as error:

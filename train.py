@@ -6,8 +6,15 @@ renormalization, and keep a per-epoch history that can be plotted and resumed.
   python train.py --norm batchnorm --protocol wrn    # the WRN paper's recipe
   python train.py --norm renorm --train-size 5000 --epochs 2   # a quick look
   python train.py --norm renorm --resume             # after an interruption
+  python train.py --norm renorm --batch-size 8 --classes-per-batch 4 \\
+      --renorm-schedule 0.04,0.19,0.31 --epochs 10   # pairs of images of a
+                              # class; the schedule scaled to the run's steps
 
-Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED):
+--lr is used as given for every --batch-size (no automatic scaling);
+sweep.py trains all batch sizes with the same Adam learning rate.
+
+Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, or
+NORM-PROTOCOL-bBATCH-kK-sSEED with --classes-per-batch K):
   HISTORY_DIR/NAME.csv                one row per epoch, written as it ends:
                                       epoch, seconds (training steps only,
                                       measured after the device finished),
@@ -15,7 +22,11 @@ Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED):
                                       val_accuracy, lr (and r_max, d_max of
                                       the first renorm layer after the epoch)
   HISTORY_DIR/NAME.json               the configuration (keys named as the
-                                      flags), backend, device, versions
+                                      flags; classes_per_batch null for
+                                      i.i.d. batches; the renorm steps as
+                                      used, also with --renorm-schedule),
+                                      steps_per_epoch, backend, device,
+                                      versions
   WEIGHTS_DIR/NAME.weights.h5         the last weights
   WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
   WEIGHTS_DIR/NAME.state.npz          weights, optimizer state and epoch: what
@@ -59,8 +70,9 @@ class Protocol:
 
     epochs: int
     batch_size: int
+    classes_per_batch: object  # None: i.i.d. batches; K: K classes per batch
     optimizer: str  # "adam" or "sgd"
-    lr: float
+    lr: float  # not scaled with batch_size: the same for every batch size
     lr_milestones: tuple  # epochs after which the lr is multiplied by lr_gamma
     lr_gamma: float
     sgd_momentum: float  # SGD only
@@ -77,6 +89,8 @@ class Protocol:
     warmup_steps: int
     r_max_steps: int
     d_max_steps: int
+    renorm_schedule: object  # None, or (W, D, R): the warmup_steps,
+    # d_max_steps, r_max_steps as fractions of the run's steps (all epochs)
 
 
 PROTOCOLS = {
@@ -87,6 +101,7 @@ PROTOCOLS = {
     "seed": Protocol(
         epochs=100,
         batch_size=128,
+        classes_per_batch=None,
         optimizer="adam",
         lr=1e-3,
         lr_milestones=(),
@@ -105,6 +120,7 @@ PROTOCOLS = {
         warmup_steps=5000,
         r_max_steps=40000,
         d_max_steps=25000,
+        renorm_schedule=None,
     ),
     # The Wide ResNet paper's CIFAR recipe (Zagoruyko & Komodakis 2016):
     # SGD, momentum 0.9, Nesterov, lr 0.1 times 0.2 after epochs 60, 120,
@@ -113,6 +129,7 @@ PROTOCOLS = {
     "wrn": Protocol(
         epochs=200,
         batch_size=128,
+        classes_per_batch=None,
         optimizer="sgd",
         lr=0.1,
         lr_milestones=(60, 120, 160),
@@ -131,6 +148,7 @@ PROTOCOLS = {
         warmup_steps=5000,
         r_max_steps=40000,
         d_max_steps=25000,
+        renorm_schedule=None,
     ),
 }
 PROTOCOL_KEYS = tuple(f.name for f in dataclasses.fields(Protocol))
@@ -147,6 +165,10 @@ RUN_KEYS = (
     "eval_batch_size",
 )
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
+# Keys that histories written before they existed lack, with the value that
+# those runs had (--resume fills them in).
+LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None}
+SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
 # What --resume may change in a run's saved configuration.
 RESUMABLE_CHANGES = ("epochs", "jit_compile", "eval_batch_size")
 
@@ -276,6 +298,21 @@ def milestones(text):
     return values
 
 
+def schedule_fractions(text):
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if (len(values) != 3
+            or not all(0 <= v < float("inf") for v in values)
+            or any(0 < v < values[0] for v in values[1:])):
+        raise argparse.ArgumentTypeError(
+            "must be three fractions W,D,R of the run's steps (end of the "
+            "warm-up, d_max reached, r_max reached), each >= 0, with D and R "
+            f"0 or >= W, like 0.04,0.19,0.31: {text!r}")
+    return values
+
+
 def wrn_depth(text):
     value = int(text)
     if value < 10 or (value - 4) % 6:
@@ -303,6 +340,8 @@ def protocols_table():
             value = getattr(protocol, key)
             if isinstance(value, tuple):
                 value = ",".join(map(str, value)) or "none"
+            elif value is None:
+                value = "none"
             elif isinstance(value, bool):
                 value = "on" if value else "off"
             values.append(str(value))
@@ -333,7 +372,8 @@ def build_parser():
                      help="hyperparameters (table below; default: seed)")
     run.add_argument("--name", type=run_name,
                      help="run name, for its files (default: "
-                     "NORM-PROTOCOL-bBATCH_SIZE-sSEED)")
+                     "NORM-PROTOCOL-bBATCH_SIZE-sSEED, with -kK before -sSEED "
+                     "for --classes-per-batch K)")
     run.add_argument("--seed", type=nonnegative_int, metavar="SEED",
                      help="seed of initialization, shuffling, augmentation, "
                      "dropout and the --train-size subset; the same seed "
@@ -358,6 +398,13 @@ def build_parser():
                       help="validate each epoch on a stratified subset of N "
                       "test images, the same for every run (default: all "
                       "10000)")
+    data.add_argument("--classes-per-batch", type=positive_int, metavar="K",
+                      help="non-i.i.d. training batches: each from exactly K "
+                      "classes, BATCH_SIZE / K images of each (the paper's "
+                      "pairs: K = BATCH_SIZE / 2); K must divide "
+                      "--batch-size; every training image is used once per "
+                      "epoch; validation is unchanged (default: i.i.d. "
+                      "batches, a random permutation each epoch)")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction,
                       help="4-pixel zero padding, random 32x32 crop and "
                       "horizontal flip")
@@ -377,10 +424,13 @@ def build_parser():
     optimization = parser.add_argument_group("optimization")
     optimization.add_argument("--epochs", type=positive_int, metavar="N",
                               help="epochs in all (with --resume: may grow)")
-    optimization.add_argument("--batch-size", type=positive_int, metavar="N")
+    optimization.add_argument("--batch-size", type=positive_int, metavar="N",
+                              help="training batch size (--lr is not scaled "
+                              "with it)")
     optimization.add_argument("--optimizer", choices=("adam", "sgd"))
     optimization.add_argument("--lr", type=positive_float,
-                              help="initial learning rate")
+                              help="initial learning rate, used as given for "
+                              "every --batch-size (no automatic scaling)")
     optimization.add_argument("--lr-milestones", type=milestones,
                               metavar="E1,E2,...",
                               help="epochs after which the learning rate is "
@@ -407,6 +457,15 @@ def build_parser():
                       help="renorm: step at which r_max is reached")
     norm.add_argument("--d-max-steps", type=nonnegative_int, metavar="STEPS",
                       help="renorm: step at which d_max is reached")
+    norm.add_argument("--renorm-schedule", type=schedule_fractions,
+                      metavar="W,D,R",
+                      help="renorm: --warmup-steps, --d-max-steps and "
+                      "--r-max-steps as fractions of the run's training steps "
+                      "(EPOCHS x steps per epoch), rounded to whole steps, "
+                      "e.g. 0.04,0.19,0.31 (the paper's 5k, 25k, 40k of "
+                      "130k steps); excludes those three flags; the history "
+                      "JSON records the steps used (with --resume they stay "
+                      "as first resolved, even if --epochs grows)")
 
     speed = parser.add_argument_group("speed")
     speed.add_argument("--mixed-precision",
@@ -445,11 +504,26 @@ def parse_args(argv):
     )
     config.update({k: v for k, v in explicit.items() if k in CONFIG_KEYS})
     config["lr_milestones"] = list(config["lr_milestones"])
+    if config["renorm_schedule"] is not None:
+        config["renorm_schedule"] = list(config["renorm_schedule"])
+    classes = config["classes_per_batch"]
     config["name"] = explicit.get("name") or (
         f"{config['norm']}-{config['protocol']}-b{config['batch_size']}"
-        f"-s{config['seed']}"
+        + (f"-k{classes}" if classes else "") + f"-s{config['seed']}"
     )
-    check_schedule(config)
+    if classes and config["batch_size"] % classes:
+        raise UsageError(
+            f"--classes-per-batch {classes} must divide --batch-size "
+            f"{config['batch_size']} (each class gives BATCH_SIZE / K images "
+            "to a batch)")
+    steps_flags = [key for key in SCHEDULE_STEPS if key in explicit]
+    if "renorm_schedule" in explicit and steps_flags:
+        raise UsageError(
+            "--renorm-schedule excludes "
+            + ", ".join("--" + key.replace("_", "-") for key in steps_flags)
+            + " (it sets them from fractions of the run's steps)")
+    if config["renorm_schedule"] is None:
+        check_schedule(config)
     options = argparse.Namespace(
         resume=explicit.get("resume", False),
         overwrite=explicit.get("overwrite", False),
@@ -460,6 +534,17 @@ def parse_args(argv):
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     return config, options, explicit
+
+
+def resolve_schedule(config, steps_per_epoch):
+    """With --renorm-schedule W,D,R: sets warmup_steps, d_max_steps and
+    r_max_steps to those fractions of the run's epochs * steps_per_epoch
+    training steps, rounded to the nearest step."""
+    if config["renorm_schedule"] is None:
+        return
+    total = config["epochs"] * steps_per_epoch
+    for key, share in zip(SCHEDULE_STEPS, config["renorm_schedule"]):
+        config[key] = int(share * total + 0.5)
 
 
 def check_schedule(config):
@@ -578,7 +663,8 @@ def load_state(model, path):
         meta = json.loads(str(arrays.pop("meta")))
     except Exception as error:
         raise RuntimeError(f"cannot read {path} ({error})") from None
-    model.optimizer.build(model.trainable_variables)
+    if not model.optimizer.built:  # build() twice adds variables
+        model.optimizer.build(model.trainable_variables)
     for prefix, variables in (("model", model.variables),
                               ("optimizer", model.optimizer.variables)):
         keys = sorted(k for k in arrays if k.startswith(prefix + "/"))
@@ -655,7 +741,15 @@ def train(config, options, explicit, argv):
         chosen = cifar10.stratified_subset(data.y_test, config["val_size"], 0)
     x_val = cifar10.normalize(data.x_test[chosen], mean, std)
     y_val = data.y_test[chosen]
-    steps = cifar10.num_batches(len(x_train), config["batch_size"])
+    classes = config["classes_per_batch"]
+    present = len(np.unique(y_train))
+    if classes and classes > present:
+        raise UsageError(
+            f"--classes-per-batch {classes} is more than the {present} "
+            f"classes among the {len(y_train)} training images")
+    steps = cifar10.steps_per_epoch(y_train, config["batch_size"], classes)
+    if not resuming:  # a resumed run keeps the steps it started with
+        resolve_schedule(config, steps)
 
     # 3. Model and optimizer (Keras is imported only now: bad input fails fast).
     import keras
@@ -668,6 +762,7 @@ def train(config, options, explicit, argv):
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
             jit_compile=jit_compile(config["jit_compile"], environment))
+        build_training_state(model, x_val[:1], y_val[:1])
         renorm = next((layer for layer in model.layers
                        if type(layer).__name__ == "BatchRenormalization"), None)
         header = columns(config)
@@ -716,7 +811,8 @@ def train(config, options, explicit, argv):
                 batches = cifar10.train_batches(
                     x_train, y_train, config["batch_size"], mean, std,
                     cifar10.epoch_rng(config["seed"], epoch),
-                    augmented=config["augment"])
+                    augmented=config["augment"],
+                    classes_per_batch=config["classes_per_batch"])
                 logs = model.fit(batches, steps_per_epoch=steps, epochs=1,
                                  shuffle=False, verbose=progress,
                                  callbacks=[clock]).history
@@ -809,6 +905,7 @@ def read_json(path):
 
 def resumed_config(config, saved, explicit):
     """The saved configuration, with the changes that --resume allows."""
+    saved = {**LEGACY_DEFAULTS, **saved}
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:
         raise RuntimeError(
@@ -849,6 +946,19 @@ def build_model(keras, config):
         dropout=config["dropout"],
         weight_decay=config["weight_decay"],
     )
+
+
+def build_training_state(model, x, y):
+    """Creates the optimizer's and the metrics' variables before the first
+    training step. Keras's TensorFlow trainer otherwise creates them while
+    it traces that step, and then traces it a second time (tf.function
+    retraces a function that created variables): about 2.5 s more per run
+    with a small network on a CPU. The same variables, only created earlier;
+    the other backends build them before the first step anyway."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    if hasattr(model, "_symbolic_build"):  # Keras 3's own pre-build
+        model._symbolic_build(data_batch=(x, y, None))
 
 
 def make_optimizer(keras, config):
@@ -928,17 +1038,30 @@ def describe_run(config, model, environment, source, steps):
     milestones = (f" x{config['lr_gamma']} after epochs "
                   f"{','.join(map(str, config['lr_milestones']))}"
                   if config["lr_milestones"] else "")
+    classes = config["classes_per_batch"]
+    sampling = (f" of {classes} classes ({config['batch_size'] // classes} "
+                "images each)" if classes else " (i.i.d.)")
+    schedule = ""
+    if config["norm"] == "renorm":
+        fractions = config["renorm_schedule"]
+        schedule = (
+            f"\n  renorm: r_max 1 -> {config['r_max']:g} and d_max 0 -> "
+            f"{config['d_max']:g} from step {config['warmup_steps']}, reached "
+            f"at steps {config['r_max_steps']} and {config['d_max_steps']}"
+            + (f" (--renorm-schedule {','.join(map(str, fractions))})"
+               if fractions else ""))
     return (
         f"run {config['name']}: WRN-{config['depth']}-{config['width']} "
         f"({model.count_params() / 1e6:.2f} M parameters) with "
         f"{config['norm']}, protocol {config['protocol']}\n"
-        f"  {optimizer}, lr {config['lr']:g}{milestones}, batch "
-        f"{config['batch_size']}, {config['epochs']} epochs of {steps} steps, "
+        f"  {optimizer}, lr {config['lr']:g}{milestones}, batches of "
+        f"{config['batch_size']}{sampling}, {config['epochs']} epochs of "
+        f"{steps} steps, "
         f"weight decay {config['weight_decay']:g}, dropout "
         f"{config['dropout']:g}, augmentation "
         f"{'on' if config['augment'] else 'off'}, seed {config['seed']}\n"
         f"  data {source}: {config['train_size']} training images, "
-        f"{config['val_size']} validation (test) images\n"
+        f"{config['val_size']} validation (test) images{schedule}\n"
         f"  Keras {environment['versions']['keras']}, backend "
         f"{environment['backend']}, {environment['device']}"
     )

@@ -58,9 +58,10 @@ def run_main(argv, capsys):
 
 
 def table(text):
-    """The rows of the Markdown table in timing.md, by group label."""
+    """The rows of the (first) Markdown table in timing.md, by group label."""
+    first = text.split("\n| ", 1)[1].split("\n\n", 1)[0]
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
-            for line in text.splitlines() if line.startswith("| ")]
+            for line in ("| " + first).splitlines() if line.startswith("| ")]
     header = rows[0]
     return {row[0]: dict(zip(header, row)) for row in rows[1:]}
 
@@ -293,3 +294,83 @@ def test_readme_without_the_block_is_an_error(two_norms, tmp_path, capsys):
     assert err.startswith("plot.py: error:") and "README.md" in err
     assert len(err.strip().splitlines()) == 1
     assert readme.read_text() == "# no markers here\n"
+
+
+# ------------------------------------------- batch sizes, non-i.i.d. runs
+def sweep_table(text):
+    """The batch-size table of timing.md: header, rows by (norm, sampling)."""
+    part = text.split("Validation accuracy by batch size and sampling", 1)[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in part.splitlines() if line.startswith("| ")]
+    return rows[0], {(row[0], row[1]): row[2:] for row in rows[1:]}
+
+
+def test_batch_size_and_non_iid_figures_and_table(tmp_path, capsys):
+    history = tmp_path / "history"
+    accuracy = {}
+    for norm in ("batchnorm", "renorm"):
+        for batch_size in (4, 32, 128):
+            for classes in (None, 2):
+                if norm == "renorm" and batch_size == 128 and classes:
+                    continue  # a missing cell
+                seeds = (0, 1) if batch_size == 32 else (0,)
+                for seed in seeds:
+                    acc = [0.3, 0.5 + 0.01 * seed, 0.45]
+                    if classes and norm == "batchnorm":
+                        acc = [a - 0.1 for a in acc]
+                    name = f"{norm}-{batch_size}-{classes}-{seed}"
+                    config = {"batch_size": batch_size, "seed": seed}
+                    if classes:  # i.i.d. runs: no key, as in old histories
+                        config["classes_per_batch"] = classes
+                    write_run(history, name, norm, [1.0, 1.0, 1.0], acc,
+                              **config)
+                    accuracy.setdefault((norm, batch_size, classes),
+                                        []).append(acc)
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 0 and err == ""
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "accuracy_vs_batch_size.png", "curves.png", "non_iid.png",
+        "seconds_per_epoch.png", "timing.md"]
+    for name in ("accuracy_vs_batch_size.png", "non_iid.png"):
+        assert_png(plots / name)
+    timing = (plots / "timing.md").read_text()
+    assert out == timing
+    groups = table(timing)
+    assert "batchnorm, batch_size=4, i.i.d." in groups
+    assert "renorm, batch_size=32, 2 classes/batch" in groups
+    header, rows = sweep_table(timing)
+    assert header == ["norm", "sampling", "batch 4", "batch 32", "batch 128"]
+    assert list(rows) == [("batchnorm", "i.i.d."),
+                          ("batchnorm", "2 classes/batch"),
+                          ("renorm", "i.i.d."), ("renorm", "2 classes/batch")]
+    for (norm, sampling), cells in rows.items():
+        classes = None if sampling == "i.i.d." else 2
+        for batch_size, cell in zip((4, 32, 128), cells):
+            runs = accuracy.get((norm, batch_size, classes))
+            if runs is None:
+                assert cell == "–"
+                continue
+            assert cell == (f"{percent([max(a) for a in runs])} / "
+                            f"{percent([a[-1] for a in runs])}")
+    assert rows[("batchnorm", "i.i.d.")][1] == "50.50 ± 0.71 / 45.00 ± 0.00"
+
+
+def test_one_batch_size_with_non_iid_runs(tmp_path, capsys):
+    history = tmp_path / "history"
+    for norm in ("batchnorm", "renorm"):
+        write_run(history, f"{norm}-iid", norm, [1.0, 1.0], [0.4, 0.5],
+                  batch_size=8, classes_per_batch=None)
+        write_run(history, f"{norm}-k4", norm, [1.0, 1.0], [0.3, 0.2],
+                  batch_size=8, classes_per_batch=4)
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 0 and err == ""
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "curves.png", "non_iid.png", "seconds_per_epoch.png", "timing.md"]
+    assert_png(plots / "non_iid.png")
+    header, rows = sweep_table(out)
+    assert header == ["norm", "sampling", "batch 8"]
+    assert rows[("renorm", "4 classes/batch")] == ["30.00 / 20.00"]

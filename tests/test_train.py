@@ -367,3 +367,124 @@ def test_sigint_in_a_subprocess(data_dir, tmp_path):
     with np.load(tmp_path / "weights" / "run.state.npz") as state:
         saved = json.loads(str(state["meta"]))["epoch"]
     assert [int(r["epoch"]) for r in rows] == list(range(1, saved + 1))
+
+
+# ------------------------------------------ non-i.i.d. batches, schedule
+def test_classes_per_batch_and_renorm_schedule_flags():
+    config, _, _ = train.parse_args(["--norm", "renorm"])
+    assert config["classes_per_batch"] is None
+    assert config["renorm_schedule"] is None
+    config, _, _ = train.parse_args([
+        "--norm", "renorm", "--batch-size", "32", "--classes-per-batch", "16",
+        "--renorm-schedule", "0.04,0.19,0.31"])
+    assert config["name"] == "renorm-seed-b32-k16-s0"
+    assert config["classes_per_batch"] == 16
+    assert config["renorm_schedule"] == [0.04, 0.19, 0.31]
+    assert "--classes-per-batch  none" in train.protocols_table()
+    assert "--renorm-schedule    none" in train.protocols_table()
+    resolved = dict(config)
+    train.resolve_schedule(resolved, 391)  # 100 epochs of 391 steps
+    assert (resolved["warmup_steps"], resolved["d_max_steps"],
+            resolved["r_max_steps"]) == (1564, 7429, 12121)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--classes-per-batch", "3"], ["--classes-per-batch 3", "divide",
+                                    "--batch-size 128"]),
+    (["--classes-per-batch", "0"], ["--classes-per-batch"]),
+    (["--renorm-schedule", "0.1,0.2"], ["--renorm-schedule", "W,D,R"]),
+    (["--renorm-schedule", "0.3,0.2,0.5"], ["--renorm-schedule"]),
+    (["--renorm-schedule", "0.1,x,0.5"], ["--renorm-schedule"]),
+    (["--renorm-schedule", "0.1,0.2,0.3", "--warmup-steps", "5"],
+     ["--renorm-schedule excludes --warmup-steps"]),
+    (["--renorm-schedule", "0.1,0.2,0.3", "--d-max-steps", "5",
+      "--r-max-steps", "6"],
+     ["excludes --d-max-steps, --r-max-steps"]),
+])
+def test_bad_sampling_and_schedule_flags(flags, words):
+    with pytest.raises(train.UsageError) as error:
+        train.parse_args(["--norm", "renorm", *flags])
+    for word in words:
+        assert word in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_too_many_classes_per_batch_for_the_data(data_dir, tmp_path, capsys):
+    args = tiny_args(data_dir, tmp_path, "--classes-per-batch", "25",
+                     "--batch-size", "50")
+    assert run_main(args) == 2
+    err = capsys.readouterr().err
+    assert "--classes-per-batch 25 is more than the 10 classes" in err
+
+
+def test_non_iid_run_records_sampling_and_scaled_schedule(
+        data_dir, tmp_path, monkeypatch, capsys):
+    seen = []
+    original = cifar10.train_batches
+
+    def spy(*args, **kwargs):
+        for x, y in original(*args, **kwargs):
+            seen.append(np.asarray(y))
+            yield x, y
+
+    monkeypatch.setattr(cifar10, "train_batches", spy)
+    args = tiny_args(data_dir, tmp_path, "--classes-per-batch", "5",
+                     "--renorm-schedule", "0.25,0.5,1", "--epochs", "2",
+                     "--val-size", "20")
+    assert run_main(args) == 0
+    name = "renorm-seed-b50-k5-s0"
+    assert f"run {name}" in capsys.readouterr().out
+    # 100 images, 10 of each class, in groups of 50 / 5 = 10: 2 batches an
+    # epoch, each of 5 classes, each image once per epoch.
+    assert len(seen) == 4
+    assert all(len(np.unique(y)) == 5 and len(y) == 50 for y in seen)
+    for epoch in (seen[:2], seen[2:]):
+        assert np.bincount(np.concatenate(epoch)).tolist() == [10] * 10
+    record = json.loads((tmp_path / "history" / f"{name}.json").read_text())
+    assert record["classes_per_batch"] == 5 and record["batch_size"] == 50
+    assert record["renorm_schedule"] == [0.25, 0.5, 1.0]
+    assert record["steps_per_epoch"] == 2
+    # The fractions of 2 epochs x 2 steps: warm-up 1, d_max at 2, r_max at 4.
+    assert (record["warmup_steps"], record["d_max_steps"],
+            record["r_max_steps"]) == (1, 2, 4)
+    rows = read_history(tmp_path, name)
+    assert [float(r["r_max"]) for r in rows] == pytest.approx([5 / 3, 3.0],
+                                                              rel=1e-5)
+    assert [float(r["d_max"]) for r in rows] == pytest.approx([5.0, 5.0])
+
+    # Resumed with more epochs, the run keeps the steps it started with.
+    assert run_main(args + ["--resume", "--epochs", "3"]) == 0
+    record = json.loads((tmp_path / "history" / f"{name}.json").read_text())
+    assert (record["warmup_steps"], record["d_max_steps"],
+            record["r_max_steps"], record["epochs"]) == (1, 2, 4, 3)
+    assert len(read_history(tmp_path, name)) == 3
+    assert len(seen) == 6
+    capsys.readouterr()
+    # (A different K is a different run name: a new run.)
+    assert run_main(args + ["--resume", "--renorm-schedule", "0,0,0"]) == 2
+    assert "--renorm-schedule [0.0, 0.0, 0.0] differs" in (
+        capsys.readouterr().err)
+
+
+def test_resume_a_history_from_before_the_sampling_keys():
+    """Histories written before --classes-per-batch and --renorm-schedule
+    existed lack their keys: they resume as i.i.d. runs with step flags."""
+    config, _, explicit = train.parse_args(
+        ["--norm", "renorm", "--epochs", "5", "--name", "old"])
+    saved = {key: value for key, value in config.items()
+             if key not in ("classes_per_batch", "renorm_schedule")}
+    saved["epochs"] = 3
+    resumed = train.resumed_config(config, saved, explicit)
+    assert resumed["classes_per_batch"] is None
+    assert resumed["renorm_schedule"] is None
+    assert resumed["epochs"] == 5
+    del saved["warmup_steps"]
+    with pytest.raises(RuntimeError, match="lacks warmup_steps"):
+        train.resumed_config(config, saved, explicit)
+    config, _, explicit = train.parse_args(
+        ["--norm", "renorm", "--name", "old", "--batch-size", "8",
+         "--classes-per-batch", "2"])
+    saved.update(warmup_steps=5000, batch_size=8)
+    with pytest.raises(train.UsageError,
+                       match="--classes-per-batch 2 differs"):
+        train.resumed_config(config, saved, explicit)

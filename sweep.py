@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""Where batch renormalization matters: small and non-i.i.d. minibatches.
+
+Trains every combination of normalization (--norms), batch size
+(--batch-sizes) and sampling (--sampling) with train.py, one run each, named
+sweep-NORM-bBATCH-SAMPLING (iid, or kK for K classes per batch; -sSEED added
+for seeds other than 0), in --history-dir; then draws them all with plot.py
+into --plots-dir (accuracy against batch size, the non-i.i.d. comparison,
+timing.md with the results table).
+
+  python sweep.py                  # the reduced version, for a CPU (defaults)
+  python sweep.py --preset gpu     # the full version, for a GPU
+  python sweep.py --dry-run        # the runs and their train.py commands
+  python sweep.py --batch-sizes 4 32 --norms batchnorm renorm -- --augment
+
+Sampling: `iid` is train.py's usual batches (a random permutation each
+epoch); `kN` builds every batch from N classes (train.py --classes-per-batch
+N); `pairs` from pairs of images of one class, as in the paper (K = batch
+size / 2). A combination that cannot be made (K does not divide the batch
+size, or K is more than CIFAR-10's 10 classes) is skipped with a note.
+
+Every run uses the same optimizer and learning rate (the `seed` protocol's
+Adam, lr 1e-3, unless --lr, or --protocol after `--`, says otherwise): the
+learning rate is not scaled with the batch size. The renorm schedule is given as
+fractions of each run's own steps (--renorm-schedule, default the paper's
+5k/25k/40k of 130k steps), so every batch size gets the same shape of
+schedule. The moving statistics average over the same number of images at
+every batch size: norm momentum = 1 - BATCH / --momentum-images (or a fixed
+--norm-momentum). Each run's history JSON records what it used.
+
+Resumable: a run whose history has all its epochs is skipped, any other is
+started or continued (train.py --resume); rerun the same command after an
+interruption. Flags after `--` go to every train.py run.
+"""
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import train
+
+PROG = "sweep.py"
+NUM_CLASSES = 10  # CIFAR-10
+PAPER_SCHEDULE = "0.04,0.19,0.31"  # 5k, 25k, 40k of the paper's 130k steps
+PRESETS = {
+    # A reduced version that 2 CPU cores finish in well under an hour (24
+    # runs in about 25 minutes on TensorFlow): WRN-10-1, 1280 images (128 of
+    # each class, so that every batch of every default size, i.i.d. or 2
+    # classes per batch, is full), 3 epochs. Moving statistics over about 320
+    # images (0.6 at batch 128, 0.9875 at batch 4), and the renorm warm-up
+    # over the first quarter of the steps, about 3 time constants of those
+    # averages: the paper's 4% would end before they settle in so short a
+    # run, and r, d would then correct towards stale statistics.
+    "cpu": dict(depth=10, width=1, train_size=1280, val_size=1000, epochs=3,
+                momentum_images=320, renorm_schedule="0.25,0.5,0.75"),
+    # The full version: WRN-16-4 (the reference network), all 50,000
+    # training images, validation on all 10,000 test images; the moving
+    # averages of Keras's default momentum 0.99 at batch 128, and the
+    # paper's schedule as fractions of each run's steps.
+    "gpu": dict(depth=16, width=4, train_size=None, val_size=None, epochs=30,
+                momentum_images=12800, renorm_schedule=PAPER_SCHEDULE),
+}
+NORMS = train.NORMS
+BATCH_SIZES = (4, 8, 32, 128)
+SAMPLINGS = ("iid", "k2")
+# train.py flags that the sweep sets itself and `--` may not override.
+OWN_FLAGS = ("--norm", "--name", "--batch-size", "--classes-per-batch",
+             "--history-dir", "--weights-dir", "--resume", "--overwrite",
+             "--seed", "--epochs", "--depth", "--width", "--train-size",
+             "--val-size", "--norm-momentum", "--renorm-schedule", "--lr",
+             "--data-dir")
+
+
+class UsageError(Exception):
+    """Bad flags: one line on stderr, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def sampling(text):
+    if text in ("iid", "pairs") or re.fullmatch(r"k[1-9][0-9]*", text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"must be iid, pairs or kN (N classes per batch, like k2): {text!r}")
+
+
+def build_parser():
+    parser = Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    preset = parser.add_argument_group(
+        "what to sweep (defaults: the preset's)")
+    preset.add_argument(
+        "--preset", choices=tuple(PRESETS), default="cpu",
+        help="cpu: WRN-%(cpu_depth)s-%(cpu_width)s, %(cpu_train)s training "
+        "images, %(cpu_val)s validation images, %(cpu_epochs)s epochs; gpu: "
+        "WRN-%(gpu_depth)s-%(gpu_width)s, all 50000 training and 10000 test "
+        "images, %(gpu_epochs)s epochs (default: cpu)" % dict(
+            cpu_depth=PRESETS["cpu"]["depth"],
+            cpu_width=PRESETS["cpu"]["width"],
+            cpu_train=PRESETS["cpu"]["train_size"],
+            cpu_val=PRESETS["cpu"]["val_size"],
+            cpu_epochs=PRESETS["cpu"]["epochs"],
+            gpu_depth=PRESETS["gpu"]["depth"],
+            gpu_width=PRESETS["gpu"]["width"],
+            gpu_epochs=PRESETS["gpu"]["epochs"]))
+    preset.add_argument("--norms", nargs="+", choices=NORMS,
+                        default=list(NORMS), metavar="NORM",
+                        help="normalizations: " + ", ".join(NORMS)
+                        + " (default: all three)")
+    preset.add_argument("--batch-sizes", nargs="+", type=train.positive_int,
+                        default=list(BATCH_SIZES), metavar="N",
+                        help="default: " + " ".join(map(str, BATCH_SIZES)))
+    preset.add_argument("--sampling", nargs="+", type=sampling,
+                        default=list(SAMPLINGS), metavar="S",
+                        help="iid, kN (N classes per batch) or pairs (K = "
+                        "batch size / 2); default: " + " ".join(SAMPLINGS))
+    preset.add_argument("--seeds", nargs="+", type=train.nonnegative_int,
+                        default=[0], metavar="SEED",
+                        help="repeats of each run (default: 0)")
+    run = parser.add_argument_group("each run (train.py flags)")
+    run.add_argument("--depth", type=train.wrn_depth, metavar="D")
+    run.add_argument("--width", type=train.positive_int, metavar="K")
+    run.add_argument("--train-size", type=train.positive_int, metavar="N",
+                     help="stratified training subset (gpu preset: all)")
+    run.add_argument("--val-size", type=train.positive_int, metavar="N",
+                     help="stratified validation subset of the test set "
+                     "(gpu preset: all)")
+    run.add_argument("--epochs", type=train.positive_int, metavar="N")
+    run.add_argument("--lr", type=train.positive_float,
+                     help="the learning rate of every run, whatever its batch "
+                     "size (default: the seed protocol's, 1e-3)")
+    run.add_argument("--renorm-schedule", type=train.schedule_fractions,
+                     metavar="W,D,R",
+                     help="renorm's warm-up end, d_max and r_max steps as "
+                     "fractions of each run's steps (cpu preset: "
+                     f"{PRESETS['cpu']['renorm_schedule']}; gpu: "
+                     f"{PAPER_SCHEDULE}, the paper's 5k, 25k, 40k of 130k)")
+    momentum = run.add_mutually_exclusive_group()
+    momentum.add_argument("--momentum-images", type=train.positive_int,
+                          metavar="IMAGES",
+                          help="norm momentum 1 - BATCH / IMAGES, so that the "
+                          "moving statistics average over about the same "
+                          "number of images at every batch size (cpu preset: "
+                          f"{PRESETS['cpu']['momentum_images']}, i.e. 0.6 at "
+                          f"batch 128; gpu: "
+                          f"{PRESETS['gpu']['momentum_images']}, i.e. 0.99)")
+    momentum.add_argument("--norm-momentum", type=train.fraction,
+                          metavar="M", help="one norm momentum for all runs")
+    run.add_argument("--data-dir", type=Path, metavar="DIR",
+                     help="CIFAR-10 folder (default: $CIFAR10_DIR)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--history-dir", type=Path,
+                        default=Path("history/sweep"), metavar="DIR",
+                        help="default: %(default)s")
+    output.add_argument("--weights-dir", type=Path,
+                        default=Path("weights/sweep"), metavar="DIR",
+                        help="default: %(default)s")
+    output.add_argument("--plots-dir", type=Path,
+                        default=Path("plots/sweep"), metavar="DIR",
+                        help="default: %(default)s")
+    output.add_argument("--dry-run", action="store_true",
+                        help="list the runs and their train.py commands; "
+                        "train nothing")
+    return parser
+
+
+def parse_args(argv):
+    """The options, with the preset's values filled in, and the train.py
+    flags given after `--`."""
+    argv = list(argv)
+    extra = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, extra = argv[:split], argv[split + 1:]
+    args = build_parser().parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if isinstance(args.renorm_schedule, str):
+        args.renorm_schedule = train.schedule_fractions(args.renorm_schedule)
+    if args.norm_momentum is not None:
+        args.momentum_images = None
+    elif args.momentum_images <= max(args.batch_sizes):
+        raise UsageError(
+            f"--momentum-images {args.momentum_images} must be more than the "
+            f"largest batch size, {max(args.batch_sizes)}")
+    for flag in extra:
+        if flag.split("=", 1)[0] in OWN_FLAGS:
+            raise UsageError(
+                f"{flag.split('=', 1)[0]} after -- is set by {PROG} itself; "
+                f"use {PROG}'s own flag (see {PROG} --help)")
+    args.extra = extra
+    return args
+
+
+def classes_per_batch(spec, batch_size):
+    """K for a sampling spec at a batch size (None for iid), and why the
+    combination is impossible (None if it is possible)."""
+    if spec == "iid":
+        return None, None
+    if spec == "pairs":
+        if batch_size % 2:
+            return None, f"pairs need an even batch size, not {batch_size}"
+        classes = batch_size // 2
+    else:
+        classes = int(spec[1:])
+    if batch_size % classes:
+        return classes, (f"{classes} classes per batch do not divide batch "
+                         f"size {batch_size}")
+    if classes > NUM_CLASSES:
+        return classes, (f"{classes} classes per batch are more than "
+                         f"CIFAR-10's {NUM_CLASSES}")
+    return classes, None
+
+
+def run_name(norm, batch_size, classes, seed):
+    return (f"sweep-{norm}-b{batch_size}-"
+            + ("iid" if classes is None else f"k{classes}")
+            + (f"-s{seed}" if seed else ""))
+
+
+def momentum_for(args, batch_size):
+    if args.norm_momentum is not None:
+        return args.norm_momentum
+    return round(1 - batch_size / args.momentum_images, 10)
+
+
+def plan(args):
+    """The runs as (name, train.py argv), and the skipped combinations."""
+    runs, skipped, seen = [], [], set()
+    for batch_size in args.batch_sizes:
+        for spec in args.sampling:
+            classes, why = classes_per_batch(spec, batch_size)
+            if why:
+                skipped.append(f"batch {batch_size}, {spec}: {why}")
+                continue
+            for norm in args.norms:
+                for seed in args.seeds:
+                    name = run_name(norm, batch_size, classes, seed)
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    runs.append((name, train_argv(args, name, norm,
+                                                  batch_size, classes, seed)))
+    return runs, skipped
+
+
+def train_argv(args, name, norm, batch_size, classes, seed):
+    argv = ["--norm", norm, "--name", name, "--batch-size", str(batch_size)]
+    if classes is not None:
+        argv += ["--classes-per-batch", str(classes)]
+    argv += ["--epochs", str(args.epochs), "--depth", str(args.depth),
+             "--width", str(args.width), "--seed", str(seed)]
+    if args.train_size:
+        argv += ["--train-size", str(args.train_size)]
+    if args.val_size:
+        argv += ["--val-size", str(args.val_size)]
+    if args.lr:
+        argv += ["--lr", f"{args.lr:g}"]
+    argv += ["--norm-momentum", f"{momentum_for(args, batch_size):.10g}",
+             "--renorm-schedule",
+             ",".join(f"{f:g}" for f in args.renorm_schedule)]
+    if args.data_dir:
+        argv += ["--data-dir", str(args.data_dir)]
+    argv += ["--history-dir", str(args.history_dir),
+             "--weights-dir", str(args.weights_dir), "--resume", *args.extra]
+    return argv
+
+
+def finished(args, name):
+    """Whether the run has all its epochs and its final result."""
+    path = args.history_dir / f"{name}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    rows = train.read_rows(args.history_dir / f"{name}.csv")
+    return (isinstance(record, dict) and "result" in record
+            and len(rows) >= args.epochs)
+
+
+def fail(message, code):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as error:
+        return fail(error, 2)
+    runs, skipped = plan(args)
+    for note in skipped:
+        print(f"{PROG}: skipping {note}")
+    if not runs:
+        return fail("no run is possible with these --batch-sizes and "
+                    "--sampling", 2)
+    done = [name for name, _ in runs if finished(args, name)]
+    print(f"{PROG}: {len(runs)} runs ({len(done)} finished, "
+          f"{len(runs) - len(done)} to train) in {args.history_dir}")
+    if args.dry_run:
+        for name, run_argv in runs:
+            state = "finished" if name in done else "to train"
+            command = shlex.join(["python", "train.py", *run_argv])
+            print(f"{name} ({state}): {command}")
+        return 0
+    try:
+        for number, (name, run_argv) in enumerate(runs, start=1):
+            if name in done:
+                print(f"{PROG}: [{number}/{len(runs)}] {name}: finished, "
+                      "skipped")
+                continue
+            print(f"{PROG}: [{number}/{len(runs)}] {name}: "
+                  f"{shlex.join(['python', 'train.py', *run_argv])}",
+                  flush=True)
+            code = train.main(run_argv)
+            if code >= 128:
+                print(f"{PROG}: interrupted in run {name}; rerun the same "
+                      "command to continue", file=sys.stderr)
+                return code
+            if code:
+                return fail(f"run {name} failed (train.py exit {code}, see "
+                            "above); rerun the same command to continue "
+                            "once fixed (runs of other settings need "
+                            "another --history-dir)", code)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    import plot
+
+    print(f"{PROG}: all {len(runs)} runs finished; plotting every history "
+          f"in {args.history_dir}", flush=True)
+    return plot.main(["--history-dir", str(args.history_dir),
+                      "--plots-dir", str(args.plots_dir)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

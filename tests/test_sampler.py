@@ -1,0 +1,202 @@
+"""The non-i.i.d. sampler of cifar10.py: every training batch from exactly K
+classes, every training image once per epoch (NumPy only, no Keras)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+import cifar10
+
+
+def labels_with(counts, seed=0):
+    """Shuffled labels with `counts[c]` examples of class c."""
+    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+    return np.random.default_rng(seed).permutation(labels)
+
+
+def check_epoch(labels, batch_size, classes, batches):
+    """Exactly `classes` classes per batch; each example exactly once."""
+    assert all(len(np.unique(labels[batch])) == classes for batch in batches)
+    used = np.concatenate(batches)
+    assert len(used) == len(labels)
+    assert np.array_equal(np.sort(used), np.arange(len(labels)))
+    assert len(batches) == cifar10.num_class_batches(labels, batch_size,
+                                                     classes)
+
+
+BALANCED = [
+    (10 * [50], 4, 2),      # the paper's pairs at batch 4
+    (10 * [48], 8, 4),      # pairs at batch 8
+    (10 * [64], 32, 2),
+    (10 * [50], 10, 5),
+    (10 * [500], 20, 10),   # every class in every batch
+    (10 * [48], 6, 1),      # one class per batch
+    (10 * [10], 5, 5),      # one image per class
+]
+
+
+@pytest.mark.parametrize("counts, batch_size, classes", BALANCED)
+def test_balanced_classes_give_full_batches(counts, batch_size, classes):
+    labels = labels_with(counts)
+    for seed in range(3):
+        batches = cifar10.class_batches(labels, batch_size, classes,
+                                        np.random.default_rng(seed))
+        check_epoch(labels, batch_size, classes, batches)
+        # Each class count is a multiple of B / K, and K divides the number
+        # of groups: every batch has exactly B examples, B / K per class.
+        assert {len(b) for b in batches} == {batch_size}
+        for batch in batches:
+            assert set(np.bincount(labels[batch])) <= {0,
+                                                       batch_size // classes}
+
+
+@pytest.mark.parametrize("counts, batch_size, classes", [
+    (10 * [50], 128, 2),    # 50 = 64 * 0 + 50: one short group per class
+    (10 * [400], 128, 2),   # 400 = 6 * 64 + 16
+    (10 * [5], 8, 4),       # groups of 2; 30 groups, K = 4: 2 left over
+    (10 * [51], 4, 2),      # 51 = 25 * 2 + 1
+    ([13, 7, 20, 1, 9, 30, 5, 5, 5, 2], 6, 3),     # unbalanced
+    ([100, 3, 3, 3], 4, 2),                         # one class dominates
+    ([20, 20, 2], 4, 2),    # the small class is in a batch all the same
+    ([40, 40, 40], 9, 3),
+    (10 * [1], 2, 2),
+])
+def test_uneven_classes_still_k_classes_and_every_image_once(
+        counts, batch_size, classes):
+    labels = labels_with(counts, seed=1)
+    for seed in range(3):
+        batches = cifar10.class_batches(labels, batch_size, classes,
+                                        np.random.default_rng(seed))
+        check_epoch(labels, batch_size, classes, batches)
+
+
+def test_random_cases():
+    """Many random class counts, batch sizes and K."""
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        num_classes = int(rng.integers(1, 11))
+        counts = rng.integers(1, 40, num_classes)
+        classes = int(rng.integers(1, num_classes + 1))
+        batch_size = classes * int(rng.integers(1, 9))
+        labels = labels_with(counts, seed=int(rng.integers(1000)))
+        batches = cifar10.class_batches(labels, batch_size, classes, rng)
+        check_epoch(labels, batch_size, classes, batches)
+
+
+def test_nearly_all_batches_are_full_on_a_cifar_sized_subset():
+    labels = labels_with(10 * [500])  # a stratified 5000-image subset
+    for batch_size in (4, 8, 32, 128):
+        batches = cifar10.class_batches(labels, batch_size, 2,
+                                        np.random.default_rng(0))
+        check_epoch(labels, batch_size, 2, batches)
+        sizes = np.array([len(b) for b in batches])
+        # Only the batches of the classes' last, shorter groups differ
+        # (500 = 7 * 64 + 52 at batch 128: 5 batches of 104).
+        assert (sizes <= batch_size).all()
+        assert (sizes < batch_size).sum() <= 5
+
+
+def test_reproducible_from_the_rng():
+    labels = labels_with(10 * [30])
+
+    def epoch(seed, number):
+        return cifar10.class_batches(labels, 6, 3,
+                                     cifar10.epoch_rng(seed, number))
+
+    first = epoch(0, 0)
+    again = epoch(0, 0)
+    assert len(first) == len(again)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    for other in (epoch(0, 1), epoch(1, 0)):
+        assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_classes_are_mixed_at_random():
+    """With pairs of classes, an epoch pairs each class with many others, and
+    the batches are not in class order."""
+    labels = labels_with(10 * [40])
+    batches = cifar10.class_batches(labels, 4, 2, np.random.default_rng(0))
+    pairs = {tuple(np.unique(labels[b])) for b in batches}
+    assert len(pairs) > 30  # of the 45 pairs of 10 classes
+    counts = np.array([np.bincount(labels[b], minlength=10) for b in batches])
+    assert (counts.max(axis=0) == 2).all()  # a class gives a pair
+    first_batch = [np.flatnonzero(c)[0] for c in counts]
+    assert first_batch != sorted(first_batch)
+
+
+def test_number_of_batches_does_not_depend_on_the_rng():
+    for counts in ([13, 7, 20, 1, 9, 30, 5, 5, 5, 2], 10 * [33], [8, 1, 1]):
+        labels = labels_with(counts)
+        lengths = {len(cifar10.class_batches(labels, 4, 2,
+                                             np.random.default_rng(seed)))
+                   for seed in range(5)}
+        assert lengths == {cifar10.num_class_batches(labels, 4, 2)}
+
+
+@pytest.mark.parametrize("batch_size, classes, words", [
+    (32, 3, ["3", "divide", "32"]),
+    (32, 16, ["16", "more than the 10 classes"]),
+    (8, 0, ["positive integer"]),
+    (8, 2.0, ["positive integer"]),
+])
+def test_bad_classes_per_batch(batch_size, classes, words):
+    labels = labels_with(10 * [20])
+    for call in (lambda: cifar10.class_batches(
+                     labels, batch_size, classes, np.random.default_rng(0)),
+                 lambda: cifar10.num_class_batches(labels, batch_size,
+                                                   classes)):
+        with pytest.raises(ValueError) as error:
+            call()
+        for word in words:
+            assert word in str(error.value)
+
+
+def tiny_images(labels):
+    """Images whose pixels all hold their index, to follow them."""
+    index = np.arange(len(labels), dtype=np.uint8)
+    return index[:, None, None, None] * np.ones((1, 32, 32, 3), np.uint8)
+
+
+def test_train_batches_with_classes_per_batch():
+    labels = labels_with(10 * [12])
+    images = tiny_images(labels)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
+
+    def epoch(number, augmented=False):
+        return list(cifar10.train_batches(
+            images, labels, 6, mean, std, cifar10.epoch_rng(0, number),
+            augmented=augmented, classes_per_batch=3))
+
+    batches = epoch(0)
+    assert len(batches) == cifar10.steps_per_epoch(labels, 6, 3) == 20
+    seen = []
+    for x, y in batches:
+        assert x.dtype == np.float32 and x.shape == (6, 32, 32, 3)
+        assert len(np.unique(y)) == 3
+        index = x[:, 0, 0, 0].astype(int)
+        assert np.array_equal(labels[index], y)  # images follow their labels
+        seen.extend(index)
+    assert sorted(seen) == list(range(len(labels)))
+    assert [y.tolist() for _, y in batches] == [y.tolist()
+                                               for _, y in epoch(0)]
+    assert [y.tolist() for _, y in batches] != [y.tolist()
+                                               for _, y in epoch(1)]
+    augmented = epoch(0, augmented=True)
+    assert all(len(np.unique(y)) == 3 for _, y in augmented)
+
+
+def test_iid_batches_are_unchanged():
+    """Without classes_per_batch, the batches are those of a permutation from
+    the epoch's rng, as before the sampler existed (so that runs repeat)."""
+    labels = labels_with(10 * [7])
+    images = tiny_images(labels)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
+    batches = list(cifar10.train_batches(images, labels, 8, mean, std,
+                                         cifar10.epoch_rng(3, 2)))
+    order = cifar10.epoch_rng(3, 2).permutation(len(labels))
+    expected = [order[i:i + 8] for i in range(0, len(order), 8)]
+    assert len(batches) == cifar10.steps_per_epoch(labels, 8) == 9
+    for (x, y), index in itertools.zip_longest(batches, expected):
+        assert np.array_equal(x[:, 0, 0, 0].astype(int), index)
+        assert np.array_equal(y, labels[index])

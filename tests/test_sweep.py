@@ -1,0 +1,209 @@
+"""sweep.py: a tiny sweep end to end (fake CIFAR-10, WRN-10-1, 1 epoch),
+resuming it, its plan and its bad input."""
+
+import csv
+import json
+
+import pytest
+
+import sweep
+import train
+from fake_cifar import write_fake_cifar
+
+NORMS = ("batchnorm", "renorm")
+BATCH_SIZES = (10, 20)
+SCHEDULE = (0.25, 0.5, 0.75)  # the cpu preset's
+MOMENTUM_IMAGES = 320  # the cpu preset's
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
+                            test_per_class=4)
+
+
+def sweep_args(data_dir, out, *extra):
+    """A tiny sweep: 2 norms x 2 batch sizes x (i.i.d., 2 classes/batch)."""
+    return ["--data-dir", str(data_dir), "--history-dir", str(out / "history"),
+            "--weights-dir", str(out / "weights"),
+            "--plots-dir", str(out / "plots"), "--depth", "10", "--width", "1",
+            "--train-size", "100", "--val-size", "20", "--epochs", "1",
+            "--norms", *NORMS,
+            "--batch-sizes", *map(str, BATCH_SIZES), "--sampling", "iid", "k2",
+            *extra]
+
+
+def names():
+    return [f"sweep-{norm}-b{batch}-{sampling}" for batch in BATCH_SIZES
+            for sampling in ("iid", "k2") for norm in NORMS]
+
+
+def table_rows(text):
+    """The rows of the batch-size table in timing.md, by (norm, sampling)."""
+    part = text.split("Validation accuracy by batch size and sampling", 1)[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in part.splitlines() if line.startswith("| ")]
+    header = rows[0]
+    return header, {(row[0], row[1]): dict(zip(header, row))
+                    for row in rows[1:]}
+
+
+def test_tiny_sweep_end_to_end(data_dir, tmp_path, capsys):
+    assert sweep.main(sweep_args(data_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "8 runs (0 finished, 8 to train)" in out
+    history = tmp_path / "history"
+    assert sorted(p.name for p in history.iterdir()) == sorted(
+        [f"{n}.csv" for n in names()] + [f"{n}.json" for n in names()])
+    for name in names():
+        with open(history / f"{name}.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        assert [row["epoch"] for row in rows] == ["1"]
+        assert 0 <= float(rows[0]["val_accuracy"]) <= 1
+        record = json.loads((history / f"{name}.json").read_text())
+        for key in train.CONFIG_KEYS:
+            assert key in record, key
+        norm, batch, sampling = name.split("-")[1:]
+        batch_size = int(batch[1:])
+        assert record["norm"] == norm and record["batch_size"] == batch_size
+        assert record["classes_per_batch"] == (None if sampling == "iid"
+                                               else 2)
+        assert (record["depth"], record["width"]) == (10, 1)
+        assert (record["train_size"], record["val_size"]) == (100, 20)
+        assert record["lr"] == 1e-3 and record["optimizer"] == "adam"
+        # The moving statistics average over 320 images at every batch size.
+        assert record["norm_momentum"] == pytest.approx(
+            1 - batch_size / MOMENTUM_IMAGES)
+        # The schedule: fractions of this run's steps, resolved and recorded.
+        steps = record["steps_per_epoch"]
+        assert steps == 100 // batch_size
+        assert record["renorm_schedule"] == list(SCHEDULE)
+        assert [record["warmup_steps"], record["d_max_steps"],
+                record["r_max_steps"]] == [int(f * steps + 0.5)
+                                           for f in SCHEDULE]
+        assert "result" in record
+    plots = tmp_path / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "accuracy_vs_batch_size.png", "curves.png", "non_iid.png",
+        "seconds_per_epoch.png", "timing.md"]
+    for path in plots.glob("*.png"):
+        assert path.stat().st_size > 10000
+    timing = (plots / "timing.md").read_text()
+    assert "8 run(s)" in timing
+    header, rows = table_rows(timing)
+    assert header == ["norm", "sampling", "batch 10", "batch 20"]
+    assert list(rows) == [(norm, sampling) for norm in NORMS
+                          for sampling in ("i.i.d.", "2 classes/batch")]
+    for row in rows.values():
+        for batch in BATCH_SIZES:
+            best, final = row[f"batch {batch}"].split(" / ")
+            assert 0 <= float(final) <= float(best) <= 100
+    assert timing in out  # plot.py printed it
+
+    # Run again: every run is finished, so nothing would train.
+    before = {n: (history / f"{n}.csv").read_text() for n in names()}
+    assert sweep.main(sweep_args(data_dir, tmp_path, "--dry-run")) == 0
+    out = capsys.readouterr().out
+    assert "8 runs (8 finished, 0 to train)" in out
+    assert out.count("(finished): python train.py") == 8
+
+    # A run cut short after its last epoch (no final result yet) is resumed,
+    # not started again; the finished ones are skipped.
+    name = "sweep-renorm-b20-k2"
+    path = history / f"{name}.json"
+    record = json.loads(path.read_text())
+    del record["result"]
+    path.write_text(json.dumps(record))
+    (plots / "non_iid.png").unlink()
+    assert sweep.main(sweep_args(data_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "8 runs (7 finished, 1 to train)" in out
+    assert out.count("finished, skipped") == 7
+    assert f"resuming run {name} after epoch 1 of 1" in out
+    assert out.count("test accuracy") == 1
+    assert "result" in json.loads(path.read_text())
+    assert before == {n: (history / f"{n}.csv").read_text() for n in names()}
+    assert (plots / "non_iid.png").is_file()  # plotted again
+
+
+def test_plan_pairs_skips_and_names(tmp_path, capsys):
+    args = ["--history-dir", str(tmp_path / "h"), "--dry-run",
+            "--batch-sizes", "4", "8", "32", "--sampling", "iid", "pairs",
+            "k2", "k3", "--norms", "renorm", "--seeds", "0", "1"]
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipping batch 4, k3: 3 classes per batch do not divide" in out
+    assert "skipping batch 32, pairs: 16 classes per batch are more than" in out
+    runs = [line.split(" ", 1)[0] for line in out.splitlines()
+            if line.startswith("sweep-")]
+    assert runs == [
+        "sweep-renorm-b4-iid", "sweep-renorm-b4-iid-s1",
+        "sweep-renorm-b4-k2", "sweep-renorm-b4-k2-s1",  # pairs = k2 at 4
+        "sweep-renorm-b8-iid", "sweep-renorm-b8-iid-s1",
+        "sweep-renorm-b8-k4", "sweep-renorm-b8-k4-s1",
+        "sweep-renorm-b8-k2", "sweep-renorm-b8-k2-s1",
+        "sweep-renorm-b32-iid", "sweep-renorm-b32-iid-s1",
+        "sweep-renorm-b32-k2", "sweep-renorm-b32-k2-s1"]
+    assert not (tmp_path / "h").exists()  # a dry run writes nothing
+    line = next(text for text in out.splitlines()
+                if text.startswith("sweep-renorm-b8-k4-s1 "))
+    for flag in ("--batch-size 8", "--classes-per-batch 4", "--seed 1",
+                 "--norm-momentum 0.975", "--renorm-schedule 0.25,0.5,0.75",
+                 f"--depth {sweep.PRESETS['cpu']['depth']}",
+                 f"--width {sweep.PRESETS['cpu']['width']}", "--resume"):
+        assert flag in line, flag
+
+
+def test_presets_and_momentum():
+    args = sweep.parse_args(["--preset", "gpu"])
+    assert (args.depth, args.width, args.train_size, args.val_size) == (
+        16, 4, None, None)
+    assert sweep.momentum_for(args, 128) == pytest.approx(0.99)
+    assert args.renorm_schedule == (0.04, 0.19, 0.31)
+    args = sweep.parse_args([])
+    assert (args.depth, args.width, args.train_size, args.epochs) == (
+        10, 1, 1280, 3)
+    assert sweep.momentum_for(args, 128) == pytest.approx(0.6)
+    assert args.renorm_schedule == SCHEDULE
+    args = sweep.parse_args(["--norm-momentum", "0.9", "--width", "3"])
+    assert (args.depth, args.width) == (sweep.PRESETS["cpu"]["depth"], 3)
+    assert sweep.momentum_for(args, 4) == sweep.momentum_for(args, 128) == 0.9
+    runs, _ = sweep.plan(sweep.parse_args(["--", "--augment"]))
+    assert len(runs) == 24
+    assert all(argv[-1] == "--augment" for _, argv in runs)
+    for _, argv in runs:  # every run's flags parse
+        train.parse_args(argv)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--batch-sizes", "0"], ["--batch-sizes"]),
+    (["--sampling", "k0"], ["--sampling", "k0"]),
+    (["--norms", "groupnorm"], ["--norms", "groupnorm"]),
+    (["--sampling", "k3", "--batch-sizes", "4"], ["no run is possible"]),
+    (["--momentum-images", "64"], ["--momentum-images 64", "128"]),
+    (["--momentum-images", "2000", "--norm-momentum", "0.9"],
+     ["--norm-momentum"]),
+    (["--renorm-schedule", "0.5,0.1,0.2"], ["--renorm-schedule"]),
+    (["--", "--batch-size", "3"], ["--batch-size after --"]),
+])
+def test_bad_input_is_one_error_line(args, words, tmp_path, capsys):
+    assert sweep.main(["--history-dir", str(tmp_path / "h"), *args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: ")
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "h").exists()
+
+
+def test_failed_run_stops_the_sweep(tmp_path, capsys):
+    args = ["--data-dir", str(tmp_path / "nowhere"),
+            "--history-dir", str(tmp_path / "h"),
+            "--weights-dir", str(tmp_path / "w"),
+            "--plots-dir", str(tmp_path / "p"), "--norms", "renorm",
+            "--batch-sizes", "8"]
+    assert sweep.main(args) == 1
+    err = capsys.readouterr().err
+    assert "nowhere" in err
+    assert "sweep.py: error: run sweep-renorm-b8-iid failed" in err
+    assert not (tmp_path / "p").exists()
