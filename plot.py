@@ -459,6 +459,18 @@ class Point:
         return np.array([c.max() if which == "best" else c.iloc[-1]
                          for c in column]) * 100
 
+    def test_values(self):
+        """Each run's test accuracy (last weights), in percent; None when a
+        run has no test result (unfinished, or an older history)."""
+        results = [run.config.get("result") for run in self.runs]
+        if not all(isinstance(r, dict) and "test_accuracy" in r
+                   for r in results):
+            return None
+        return np.array([r["test_accuracy"] for r in results]) * 100
+
+    def test_images(self):
+        return {run.config["result"].get("test_images") for run in self.runs}
+
     @property
     def line(self):
         return (self.norm, self.classes, self.rest)
@@ -626,6 +638,31 @@ def sweep_table(points):
         "`--classes-per-batch`):\n\n" + markdown_table(header, rows) + "\n")
 
 
+def test_table(points):
+    """Markdown: test accuracy (last weights) by norm, sampling and batch
+    size, like sweep_table; "" unless every run has its test result."""
+    if any(p.test_values() is None for p in points):
+        return ""
+    sizes = sorted({p.batch_size for p in points}, key=sort_key)
+    rest_fields = [f for f, _ in points[0].rest]
+    header = ("norm", "sampling", *rest_fields,
+              *[f"batch {s}" for s in sizes])
+    rows = []
+    for line in dict.fromkeys(p.line for p in points):
+        norm, classes, rest = line
+        cells = {p.batch_size: p for p in points if p.line == line}
+        rows.append((norm, sampling_text(classes), *[v for _, v in rest],
+                     *[format_percent(cells[s].test_values() / 100)
+                       if s in cells else "–" for s in sizes]))
+    images = set().union(*(p.test_images() for p in points))
+    counted = (f"all {images.pop()} test images" if len(images) == 1
+               else "the test set")
+    return (
+        f"**Test accuracy by batch size and sampling** (%, the last "
+        f"weights on {counted}; mean ± std over runs where there are "
+        "several):\n\n" + markdown_table(header, rows) + "\n")
+
+
 def write_atomically(path, write):
     """Call `write(temporary_path)`, then move the result onto `path`."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -669,7 +706,8 @@ def main(argv=None):
                            sorted({str(run.path.parent) for run in runs}))
     points = sweep_points(runs) if has_sweep(runs) else []
     if points:
-        report += "\n" + sweep_table(points)
+        tests = test_table(points)
+        report += ("\n" + tests if tests else "") + "\n" + sweep_table(points)
     try:
         args.plots_dir.mkdir(parents=True, exist_ok=True)
         sns.set_theme(style="whitegrid", context="notebook")

@@ -355,6 +355,37 @@ def test_batch_size_and_non_iid_figures_and_table(tmp_path, capsys):
             assert cell == (f"{percent([max(a) for a in runs])} / "
                             f"{percent([a[-1] for a in runs])}")
     assert rows[("batchnorm", "i.i.d.")][1] == "50.50 ± 0.71 / 45.00 ± 0.00"
+    # No run has a test result: no test accuracy table.
+    assert "Test accuracy by batch size" not in timing
+
+
+def test_table_of_test_accuracy(tmp_path, capsys):
+    history = tmp_path / "history"
+    tests = {("batchnorm", 4): [0.25, 0.35], ("batchnorm", 32): [0.5],
+             ("renorm", 4): [0.4], ("renorm", 32): [0.45]}
+    for (norm, batch_size), values in tests.items():
+        for seed, value in enumerate(values):
+            write_run(history, f"{norm}-{batch_size}-{seed}", norm,
+                      [1.0, 1.0], [0.3, 0.2], batch_size=batch_size,
+                      seed=seed, result={"test_accuracy": value,
+                                         "test_images": 10000})
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"],
+        capsys)
+    assert code == 0 and err == ""
+    part = out.split("Test accuracy by batch size and sampling", 1)[1]
+    assert part.split(")", 1)[0].endswith("all 10000 test images; mean ± std "
+                                          "over runs where there are several")
+    part = part.split("Validation accuracy by batch size", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in part.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["norm", "sampling", "batch 4", "batch 32"]
+    assert rows[1:] == [["batchnorm", "i.i.d.", percent([0.25, 0.35]),
+                         "50.00"], ["renorm", "i.i.d.", "40.00", "45.00"]]
+    assert rows[1][2] == "30.00 ± 7.07"
+    # The validation table is still there, after it.
+    header, by_line = sweep_table(out)
+    assert by_line[("renorm", "i.i.d.")] == ["30.00 / 20.00"] * 2
 
 
 def test_one_batch_size_with_non_iid_runs(tmp_path, capsys):
