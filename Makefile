@@ -7,6 +7,8 @@
 #   make sweep-cpu       BN / BRN / Keras renorm over batch sizes and i.i.d. /
 #                        non-i.i.d. batches, reduced (sweep.py --preset cpu)
 #   make sweep-gpu       the same at full size (sweep.py --preset gpu, JAX)
+# and the benchmarks behind README's speed table:
+#   make bench           benchmarks/bench.py on each backend in BACKENDS
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -39,7 +41,7 @@ CPU_FLAGS ?= --depth 16 --width 2 --train-size 3200 --val-size 1000 \
 NORMS ?= batchnorm renorm
 export KERAS_BACKEND ?= tensorflow
 
-.PHONY: setup test run reference-cpu reference-gpu sweep-cpu sweep-gpu
+.PHONY: setup test run reference-cpu reference-gpu sweep-cpu sweep-gpu bench
 
 setup: $(VENV)/.installed
 
@@ -48,6 +50,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	# tf.keras (Keras 2), the benchmarks' outside anchor; --no-deps, or pip
+	# would add the full tensorflow package beside tensorflow-cpu.
+	$(BIN)/python -m pip install --quiet --no-deps tf-keras==2.21.0
 	touch $@
 
 test: setup
@@ -83,3 +88,13 @@ sweep-cpu: setup
 
 sweep-gpu: setup
 	KERAS_BACKEND=jax $(BIN)/python sweep.py --preset gpu
+
+# make bench: layer and model level, then the input pipeline and jit_compile
+# on/off, for each backend, then README's speed table (benchmarks/results).
+BENCH_ARGS ?=
+bench: setup
+	@set -e; for backend in $(BACKENDS); do \
+	  $(BIN)/python benchmarks/bench.py --backend $$backend \
+	    --level layer model input jit $(BENCH_ARGS); \
+	done
+	$(BIN)/python benchmarks/bench.py --summary --readme README.md

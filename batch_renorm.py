@@ -21,7 +21,12 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
-__all__ = ["BatchRenormalization", "convert_to_renorm", "renorm_bounds"]
+__all__ = [
+    "BatchRenormalization",
+    "convert_to_renorm",
+    "has_fast_path",
+    "renorm_bounds",
+]
 __version__ = "0.1.0"
 
 
@@ -43,6 +48,25 @@ def renorm_bounds(step, r_max, d_max, warmup_steps, r_max_steps, d_max_steps):
         return ops.clip(progress, 0.0, 1.0)
 
     return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+
+
+# Backends with a fused batch norm kernel that the layer uses in training.
+_FAST_PATH_BACKENDS = ("tensorflow", "torch")
+
+
+def has_fast_path():
+    """Whether the current Keras backend has a fused kernel that
+    `BatchRenormalization` uses in training: TensorFlow's fused batch norm,
+    PyTorch's batch_norm.
+
+    On JAX the layer's `keras.ops` path is the fast one: XLA fuses it (see
+    `benchmarks/NOTES.md`)."""
+    return keras.backend.backend() in _FAST_PATH_BACKENDS
+
+
+# The smallest epsilon that TensorFlow's fused kernel accepts (it silently
+# raises smaller ones to this, as cuDNN requires).
+_FUSED_MIN_EPSILON = 1.001e-5
 
 
 def _check_number(name, value, ok, requirement):
@@ -134,6 +158,12 @@ class BatchRenormalization(keras.layers.Layer):
             value `>= warmup_steps`.
         d_max_steps: Step at which `d_max` reaches its final value; `0` or a
             value `>= warmup_steps`.
+        fused: `None` (default) to normalize with the backend's fused kernel
+            in training where it applies (TensorFlow or PyTorch, rank-4
+            channels-last inputs, no mask; on TensorFlow also
+            `epsilon >= 1.001e-5`), `False` never to, `True` to require it
+            (an error where it does not apply). The same Algorithm 1 either
+            way, up to float rounding.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -167,9 +197,23 @@ class BatchRenormalization(keras.layers.Layer):
         warmup_steps=5000,
         r_max_steps=40000,
         d_max_steps=25000,
+        fused=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(
+                "Argument `fused` must be None, True or False. "
+                f"Received: fused={fused!r}"
+            )
+        if fused and not has_fast_path():
+            raise ValueError(
+                "Argument `fused=True` needs a backend with a fused kernel "
+                f"({', '.join(_FAST_PATH_BACKENDS)}); the backend is "
+                f"{keras.backend.backend()}. "
+                "Received: fused=True"
+            )
+        self.fused = fused
         if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
             raise ValueError(
                 f"Argument `axis` must be an integer. Received: axis={axis!r}"
@@ -219,6 +263,7 @@ class BatchRenormalization(keras.layers.Layer):
         self.moving_stddev = None
         self.step = None
         self._reduction_axes = None
+        self._fast_path = False
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -283,6 +328,34 @@ class BatchRenormalization(keras.layers.Layer):
         )
         axis = self.axis % ndim
         self._reduction_axes = [i for i in range(ndim) if i != axis]
+        self._fast_path = self._fast_path_applies(ndim, axis)
+
+    def _fast_path_applies(self, ndim, axis):
+        """Whether training calls take the fused kernel (see `fused`)."""
+        if self.fused is False or not has_fast_path():
+            return False
+        reasons = []
+        if (ndim, axis) != (4, 3):
+            reasons.append(f"inputs of rank 4 with axis=-1 (rank {ndim}, "
+                           f"axis={self.axis})")
+        if (
+            keras.backend.backend() == "tensorflow"
+            and self.epsilon < _FUSED_MIN_EPSILON
+        ):
+            reasons.append(f"epsilon >= {_FUSED_MIN_EPSILON} "
+                           f"(epsilon={self.epsilon})")
+        if reasons and self.fused:
+            raise ValueError(
+                "Argument `fused=True`: the fused kernel needs "
+                + " and ".join(reasons) + ". Received: fused=True"
+            )
+        return not reasons
+
+    @property
+    def uses_fast_path(self):
+        """Whether training calls (without a mask) take the backend's fused
+        kernel; known once the layer is built."""
+        return self._fast_path
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -326,21 +399,13 @@ class BatchRenormalization(keras.layers.Layer):
         gamma = ops.cast(self.gamma, dtype) if self.scale else 1.0
         beta = ops.cast(self.beta, dtype) if self.center else 0.0
 
+        if training and self.trainable and self._fast_path and mask is None:
+            outputs = _fused_training_call(self, x, gamma, beta, dtype)
+            return ops.cast(outputs, self.compute_dtype)
         if training and self.trainable:
             batch_mean, batch_variance = self._moments(x, mask)
             batch_stddev = ops.sqrt(batch_variance + self.epsilon)
-            r_max, d_max = self.bounds()
-            r_max = ops.cast(r_max, dtype)
-            d_max = ops.cast(d_max, dtype)
-            r = ops.minimum(
-                ops.maximum(batch_stddev / moving_stddev, 1.0 / r_max), r_max
-            )
-            d = ops.minimum(
-                ops.maximum((batch_mean - moving_mean) / moving_stddev, -d_max),
-                d_max,
-            )
-            r = ops.stop_gradient(r)
-            d = ops.stop_gradient(d)
+            r, d = self._corrections(batch_mean, batch_stddev, dtype)
             # y = gamma * ((x - mu_B) / sigma_B * r + d) + beta = x * a + b.
             a = gamma * r / batch_stddev
             b = gamma * d + beta - batch_mean * a
@@ -351,6 +416,23 @@ class BatchRenormalization(keras.layers.Layer):
             b = beta - moving_mean * a
         outputs = x * self._broadcast(a, x) + self._broadcast(b, x)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _corrections(self, batch_mean, batch_stddev, dtype):
+        """`r` and `d` of Algorithm 1 at the current step, as constants for
+        the gradient."""
+        moving_mean = ops.cast(self.moving_mean, dtype)
+        moving_stddev = ops.cast(self.moving_stddev, dtype)
+        r_max, d_max = self.bounds()
+        r_max = ops.cast(r_max, dtype)
+        d_max = ops.cast(d_max, dtype)
+        r = ops.minimum(
+            ops.maximum(batch_stddev / moving_stddev, 1.0 / r_max), r_max
+        )
+        d = ops.minimum(
+            ops.maximum((batch_mean - moving_mean) / moving_stddev, -d_max),
+            d_max,
+        )
+        return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_state(self, batch_mean, batch_stddev):
         decay = 1.0 - self.momentum
@@ -371,17 +453,25 @@ class BatchRenormalization(keras.layers.Layer):
     def _moments(self, x, mask):
         """Per-channel batch mean and biased variance of `x`.
 
-        Two passes (the mean, then the mean squared deviation from it), not
-        `ops.moments`: on PyTorch that computes `E[x^2] - E[x]^2`, which loses
-        the variance of channels with a large mean and a small spread, and
-        can make it negative (NaN outputs).
+        Without a mask, in one read of `x` (XLA fuses the two reductions):
+        `E[x - s]` and `E[(x - s)^2]` around a shift `s` taken from the
+        batch itself (its first element of each channel, a constant for the
+        gradient), so that `var = E[(x - s)^2] - E[x - s]^2` loses nothing
+        to cancellation even for channels with a large mean and a small
+        spread (unlike `ops.moments` on PyTorch, `E[x^2] - E[x]^2`). Its
+        gradient is the variance's exact gradient (the variance does not
+        depend on `s`).
         """
         if mask is None:
-            mean = ops.mean(x, axis=self._reduction_axes, keepdims=True)
-            variance = ops.mean(
-                ops.square(x - mean), axis=self._reduction_axes
-            )
-            return ops.squeeze(mean, self._reduction_axes), variance
+            shift = x
+            for axis in self._reduction_axes:
+                shift = ops.take(shift, [0], axis=axis)
+            shift = ops.stop_gradient(shift)
+            shifted = x - shift
+            mean = ops.mean(shifted, axis=self._reduction_axes)
+            variance = ops.mean(ops.square(shifted), axis=self._reduction_axes)
+            variance = ops.maximum(variance - ops.square(mean), 0.0)
+            return mean + ops.reshape(shift, (-1,)), variance
         weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
         weights = ops.broadcast_to(weights, ops.shape(x))
         count = ops.sum(weights, self._reduction_axes, keepdims=True)
@@ -421,8 +511,77 @@ class BatchRenormalization(keras.layers.Layer):
             "warmup_steps": self.warmup_steps,
             "r_max_steps": self.r_max_steps,
             "d_max_steps": self.d_max_steps,
+            "fused": self.fused,
         }
         return {**base_config, **config}
+
+
+# --------------------------------- fast path: TensorFlow's and PyTorch's kernels
+def _fused_training_call(layer, x, gamma, beta, dtype):
+    """Algorithm 1's training call on NHWC `x` with the backend's fused batch
+    norm kernel; the same numbers as the portable path, up to rounding.
+
+    The kernels normalize with the batch statistics and differentiate through
+    them in one fused forward and one fused backward, in place of the
+    portable path's several reductions and elementwise ops and their
+    gradients. `r` and `d` are constants for the gradient, so they enter as
+    the kernel's scale and offset, or as an affine map of its output.
+    """
+    if keras.backend.backend() == "torch":
+        return _torch_training_call(layer, x, gamma, beta, dtype)
+    return _tf_training_call(layer, x, gamma, beta, dtype)
+
+
+def _tf_training_call(layer, x, gamma, beta, dtype):
+    """TensorFlow: `x_hat` and the statistics from one FusedBatchNormV3, then
+    `y = x_hat * (gamma * r) + (gamma * d + beta)`."""
+    import tensorflow as tf
+
+    channels = x.shape[-1]
+    x_hat, batch_mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        x,
+        scale=tf.ones([channels], x.dtype),
+        offset=tf.zeros([channels], x.dtype),
+        epsilon=layer.epsilon,
+        is_training=True,
+        data_format="NHWC",
+    )
+    # In training the kernel returns the variance with Bessel's correction,
+    # n / (n - 1), for running averages; Algorithm 1 wants the biased one.
+    n = tf.cast(tf.size(x, out_type=tf.int64) // channels, x.dtype)
+    variance = tf.where(n > 1, variance * (n - 1) / tf.maximum(n, 1), 0.0)
+    batch_mean = tf.stop_gradient(batch_mean)
+    batch_stddev = tf.sqrt(tf.stop_gradient(variance) + layer.epsilon)
+    r, d = layer._corrections(batch_mean, batch_stddev, dtype)
+    layer._update_state(batch_mean, batch_stddev)
+    return x_hat * (gamma * r) + (gamma * d + beta)
+
+
+def _torch_training_call(layer, x, gamma, beta, dtype):
+    """PyTorch: the statistics from one `var_mean` pass (no gradient), then
+    `batch_norm` in training mode with scale `gamma * r` and offset
+    `gamma * d + beta`, on the channels-last tensor seen as NCHW (no copy)."""
+    import torch
+
+    with torch.no_grad():
+        variance, batch_mean = torch.var_mean(x, dim=(0, 1, 2), correction=0)
+        batch_stddev = torch.sqrt(variance + layer.epsilon)
+    r, d = layer._corrections(batch_mean, batch_stddev, dtype)
+    layer._update_state(batch_mean, batch_stddev)
+    # torch.batch_norm, not functional.batch_norm: that one refuses batches
+    # with a single value per channel, which Algorithm 1 allows.
+    outputs = torch.batch_norm(
+        x.permute(0, 3, 1, 2),
+        gamma * r,
+        gamma * d + beta,
+        None,
+        None,
+        True,
+        0.0,
+        layer.epsilon,
+        torch.backends.cudnn.enabled,
+    )
+    return outputs.permute(0, 2, 3, 1)
 
 
 # Arguments of BatchNormalization's config that carry over unchanged.

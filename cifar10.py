@@ -272,11 +272,25 @@ def augment(images, rng, pad=4):
     (black) padding by `pad` pixels, a random HxW crop, and a horizontal flip
     with probability 1/2, drawn independently per image from `rng`. One
     gather, so cheap next to a training step."""
-    n, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    return crop(images, *crop_offsets(len(images), rng, pad), pad=pad)
+
+
+def crop_offsets(n, rng, pad=4):
+    """What `augment` draws from `rng` for `n` images, in this order: the top
+    and left offsets of each crop in the padded image (0..2 * pad) and whether
+    it is flipped. Drawn apart from the pixels so that device_data.py can make
+    the same crops on the accelerator."""
     top = rng.integers(0, 2 * pad + 1, n)
     left = rng.integers(0, 2 * pad + 1, n)
     flip = rng.random(n) < 0.5
+    return top, left, flip
+
+
+def crop(images, top, left, flip, pad=4):
+    """The crops of `crop_offsets` from uint8 images `(N, H, W, C)` padded
+    with `pad` zeros on each side, mirrored where `flip`."""
+    n, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     rows = top[:, None] + np.arange(height)
     cols = left[:, None] + np.arange(width)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
@@ -312,17 +326,28 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
     `rng`, cut into batches of `batch_size` (the last one smaller where the
     size does not divide). Non-i.i.d. (`classes_per_batch` K): the batches of
     `class_batches`, each from exactly K classes."""
+    for index, offsets in batch_plan(labels, batch_size, rng, augmented,
+                                     classes_per_batch):
+        x = images[index]
+        if offsets is not None:
+            x = crop(x, *offsets)
+        yield normalize(x, mean, std), labels[index]
+
+
+def batch_plan(labels, batch_size, rng, augmented=False,
+               classes_per_batch=None):
+    """Everything random in an epoch of `train_batches`, drawn from `rng` in
+    the same order: for each batch, the indices of its examples and, if
+    `augmented`, their `crop_offsets` (else None). Both the host batches and
+    the device batches (device_data.py) are made from it, so they agree."""
     if classes_per_batch:
         batches = class_batches(labels, batch_size, classes_per_batch, rng)
     else:
-        order = rng.permutation(len(images))
+        order = rng.permutation(len(labels))
         batches = (order[start : start + batch_size]
                    for start in range(0, len(order), batch_size))
     for index in batches:
-        x = images[index]
-        if augmented:
-            x = augment(x, rng)
-        yield normalize(x, mean, std), labels[index]
+        yield index, crop_offsets(len(index), rng) if augmented else None
 
 
 # ------------------------------------------------------ non-i.i.d. batches

@@ -25,8 +25,9 @@ NORM-PROTOCOL-bBATCH-kK-sSEED with --classes-per-batch K):
                                       flags; classes_per_batch null for
                                       i.i.d. batches; the renorm steps as
                                       used, also with --renorm-schedule),
-                                      steps_per_epoch, backend, device,
-                                      versions
+                                      --input and --steps-per-execution as
+                                      resolved, steps_per_epoch, backend,
+                                      device, versions
   WEIGHTS_DIR/NAME.weights.h5         the last weights
   WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
   WEIGHTS_DIR/NAME.state.npz          weights, optimizer state and epoch: what
@@ -60,6 +61,10 @@ import cifar10
 
 PROG = "train.py"
 NORMS = ("batchnorm", "renorm", "keras-renorm")
+INPUTS = ("auto", "host", "device")
+# --steps-per-execution auto on an accelerator: at most this many steps per
+# call from Keras's Python loop into the backend.
+AUTO_STEPS_PER_EXECUTION = 64
 
 
 # ------------------------------------------------------------------ protocols
@@ -163,14 +168,19 @@ RUN_KEYS = (
     "mixed_precision",
     "jit_compile",
     "eval_batch_size",
+    "input",
+    "steps_per_execution",
 )
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
 # Keys that histories written before they existed lack, with the value that
 # those runs had (--resume fills them in).
-LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None}
+LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
+                   "input": "host", "steps_per_execution": 1}
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
-# What --resume may change in a run's saved configuration.
-RESUMABLE_CHANGES = ("epochs", "jit_compile", "eval_batch_size")
+# What --resume may change in a run's saved configuration (the speed
+# settings: they do not change the math).
+RESUMABLE_CHANGES = ("epochs", "jit_compile", "eval_batch_size", "input",
+                     "steps_per_execution")
 
 
 def lr_at(config, epoch):
@@ -266,6 +276,19 @@ def nonnegative_float(text):
     value = float(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number >= 0: {text}")
+    return value
+
+
+def steps_or_auto(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or auto: {text}")
     return value
 
 
@@ -380,9 +403,9 @@ def build_parser():
                      "repeats a CPU run (default: 0)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run from its last finished epoch, "
-                     "with its saved configuration (only --epochs, "
-                     "--jit-compile, --eval-batch-size may change); starts "
-                     "it if nothing is saved")
+                     "with its saved configuration (only --epochs and the "
+                     "speed flags may change); starts it if nothing is "
+                     "saved")
     run.add_argument("--overwrite", action="store_true",
                      help="start the run again, replacing its files")
 
@@ -477,6 +500,24 @@ def build_parser():
                        "auto)")
     speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
                        help="batch size of evaluation (default: 500)")
+    speed.add_argument("--input", choices=INPUTS,
+                       help="where the training batches are made. host: "
+                       "with NumPy, each copied to the device; device: the "
+                       "training images are kept on the device (3 kB of "
+                       "its memory per image, 4.8 kB with --augment), which "
+                       "gathers, augments and normalizes each batch (the "
+                       "same batches: their randomness is drawn on the host "
+                       "from the same seeds); auto: device on a GPU or TPU "
+                       "with jax or torch, else host (default: auto)")
+    speed.add_argument("--steps-per-execution", type=steps_or_auto,
+                       metavar="N",
+                       help="training steps per call from Keras's Python "
+                       "loop into the backend (compile(steps_per_execution)):"
+                       " the same steps, fewer round trips; the progress bar "
+                       "moves N steps at a time; N > 1 needs the tensorflow "
+                       "or jax backend. auto: 1 on a CPU and with torch, "
+                       f"else min({AUTO_STEPS_PER_EXECUTION}, steps per "
+                       "epoch) (default: auto)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--history-dir", type=Path, metavar="DIR",
@@ -501,6 +542,8 @@ def parse_args(argv):
         mixed_precision=False,
         jit_compile="auto",
         eval_batch_size=500,
+        input="auto",
+        steps_per_execution="auto",
     )
     config.update({k: v for k, v in explicit.items() if k in CONFIG_KEYS})
     config["lr_milestones"] = list(config["lr_milestones"])
@@ -757,14 +800,24 @@ def train(config, options, explicit, argv):
     with keras_settings(keras, config):
         model = build_model(keras, config)
         environment = describe_environment(keras)
+        config["input"] = resolve_input(config["input"], environment)
+        config["steps_per_execution"] = resolve_steps_per_execution(
+            config["steps_per_execution"], environment, steps)
         model.compile(
             optimizer=make_optimizer(keras, config),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
-            jit_compile=jit_compile(config["jit_compile"], environment))
+            jit_compile=jit_compile(config["jit_compile"], environment),
+            steps_per_execution=config["steps_per_execution"])
         build_training_state(model, x_val[:1], y_val[:1])
         renorm = next((layer for layer in model.layers
                        if type(layer).__name__ == "BatchRenormalization"), None)
+        resident = None  # with --input device: the training set on the device
+        if config["input"] == "device":
+            import device_data
+
+            resident = device_data.DeviceTrainSet(
+                x_train, y_train, mean, std, augmented=config["augment"])
         header = columns(config)
         session = dict(started=now(), command=command_line(argv),
                        **environment)
@@ -808,11 +861,16 @@ def train(config, options, explicit, argv):
             for epoch in range(start, config["epochs"]):
                 lr = lr_at(config, epoch)
                 model.optimizer.learning_rate = lr
-                batches = cifar10.train_batches(
-                    x_train, y_train, config["batch_size"], mean, std,
-                    cifar10.epoch_rng(config["seed"], epoch),
-                    augmented=config["augment"],
-                    classes_per_batch=config["classes_per_batch"])
+                rng = cifar10.epoch_rng(config["seed"], epoch)
+                if resident is None:
+                    batches = cifar10.train_batches(
+                        x_train, y_train, config["batch_size"], mean, std,
+                        rng, augmented=config["augment"],
+                        classes_per_batch=config["classes_per_batch"])
+                else:  # the same batches, made on the device
+                    batches = resident.train_batches(
+                        config["batch_size"], rng,
+                        classes_per_batch=config["classes_per_batch"])
                 logs = model.fit(batches, steps_per_epoch=steps, epochs=1,
                                  shuffle=False, verbose=progress,
                                  callbacks=[clock]).history
@@ -980,6 +1038,40 @@ def jit_compile(choice, environment):
     return "auto"
 
 
+def resolve_input(choice, environment):
+    """--input: `auto` is `device` on an accelerator (GPU, TPU), where it
+    spares the host loop the pixel work and the copies, and `host` on a CPU,
+    where the device is the host and NumPy is as fast, and with TensorFlow,
+    whose Keras trainer feeds a generator through tf.data.from_generator:
+    that copies every device batch back to the host (measured slower on a
+    CPU; benchmarks/NOTES.md)."""
+    if choice != "auto":
+        return choice
+    if (environment["device_type"] == "cpu"
+            or environment["backend"] == "tensorflow"):
+        return "host"
+    return "device"
+
+
+def resolve_steps_per_execution(choice, environment, steps):
+    """--steps-per-execution: `auto` is 1 on a CPU (a step takes long next
+    to the Python loop) and with torch (whose Keras trainer runs one step per
+    call), else enough steps per call to amortize the loop, at most an
+    epoch's. Keras trains the same `steps` steps whatever the value: the
+    last call of an epoch runs the steps left."""
+    if choice == "auto":
+        if environment["device_type"] == "cpu" or (
+                environment["backend"] == "torch"):
+            return 1
+        return min(steps, AUTO_STEPS_PER_EXECUTION)
+    if choice > 1 and environment["backend"] == "torch":
+        raise UsageError(
+            f"--steps-per-execution {choice} needs the tensorflow or jax "
+            "backend (Keras's torch trainer runs one step per call); use 1 "
+            "or auto")
+    return choice
+
+
 def epoch_clock(keras):
     """A Keras callback that times an epoch's training steps, stopping the
     clock once the device is done (defined here so Keras is imported late)."""
@@ -1063,7 +1155,11 @@ def describe_run(config, model, environment, source, steps):
         f"  data {source}: {config['train_size']} training images, "
         f"{config['val_size']} validation (test) images{schedule}\n"
         f"  Keras {environment['versions']['keras']}, backend "
-        f"{environment['backend']}, {environment['device']}"
+        f"{environment['backend']}, {environment['device']}\n"
+        f"  batches made on the {config['input']} (--input), "
+        f"{config['steps_per_execution']} training step"
+        f"{'s' if config['steps_per_execution'] > 1 else ''} per execution "
+        "(--steps-per-execution)"
     )
 
 

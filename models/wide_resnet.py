@@ -32,6 +32,7 @@ def wide_resnet(
     num_classes=10,
     input_shape=(32, 32, 3),
     name=None,
+    keras_api=keras,
 ):
     """Builds WRN-`depth`-`width` as a functional `keras.Model`.
 
@@ -39,7 +40,9 @@ def wide_resnet(
         depth: Total depth `d = 6N + 4`, with `N >= 1` blocks per group.
         width: Widening factor `k >= 1`: the groups have 16k, 32k, 64k filters.
         norm: `"batchnorm"`, `"renorm"` or `"keras-renorm"` (see
-            `models.make_norm`).
+            `models.make_norm`), or a function that returns a new
+            normalization layer given the layer arguments (`name`,
+            `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`).
         norm_kwargs: Arguments for every normalization layer (`momentum`,
             `epsilon`, `r_max`, `d_max`, `warmup_steps`, ...).
         dropout: Dropout rate between the two convolutions of each block
@@ -52,6 +55,9 @@ def wide_resnet(
         num_classes: Number of output classes.
         input_shape: Shape of one input image, channels last.
         name: Model name; default `"wrn-{depth}-{width}"`.
+        keras_api: The Keras module to build with: `keras` (Keras 3), or
+            `tf_keras` for the benchmarks' outside anchors (with `norm` a
+            function that makes tf_keras layers).
 
     Returns:
         A `keras.Model` from images to class probabilities (float32 softmax,
@@ -75,10 +81,12 @@ def wide_resnet(
         raise ValueError(f"weight_decay must be >= 0; received {weight_decay!r}")
     blocks = (depth - 4) // 6
     norm_kwargs = dict(norm_kwargs or {})
-    regularizer = keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+    regularizer = keras_api.regularizers.L2(weight_decay / 2) if weight_decay else None
+    make = norm if callable(norm) else (
+        lambda **kwargs: make_norm(norm, **kwargs))
 
     def conv(filters, size, strides, layer_name):
-        return keras.layers.Conv2D(
+        return keras_api.layers.Conv2D(
             filters,
             size,
             strides=strides,
@@ -90,14 +98,13 @@ def wide_resnet(
         )
 
     def norm_relu(x, layer_name):
-        x = make_norm(
-            norm,
+        x = make(
             gamma_regularizer=regularizer,
             beta_regularizer=regularizer,
             name=f"{layer_name}_norm",
             **norm_kwargs,
         )(x)
-        return keras.layers.Activation("relu", name=f"{layer_name}_relu")(x)
+        return keras_api.layers.Activation("relu", name=f"{layer_name}_relu")(x)
 
     def block(x, filters, strides, layer_name):
         preactivated = norm_relu(x, f"{layer_name}_1")
@@ -110,11 +117,11 @@ def wide_resnet(
         y = conv(filters, 3, strides, f"{layer_name}_1_conv")(preactivated)
         y = norm_relu(y, f"{layer_name}_2")
         if dropout:
-            y = keras.layers.Dropout(dropout, name=f"{layer_name}_dropout")(y)
+            y = keras_api.layers.Dropout(dropout, name=f"{layer_name}_dropout")(y)
         y = conv(filters, 3, 1, f"{layer_name}_2_conv")(y)
-        return keras.layers.Add(name=f"{layer_name}_add")([shortcut, y])
+        return keras_api.layers.Add(name=f"{layer_name}_add")([shortcut, y])
 
-    inputs = keras.Input(input_shape, name="images")
+    inputs = keras_api.Input(input_shape, name="images")
     x = conv(16, 3, 1, "stem_conv")(inputs)
     for group, (filters, strides) in enumerate(
         zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1
@@ -127,14 +134,14 @@ def wide_resnet(
                 f"group{group}_block{index}",
             )
     x = norm_relu(x, "head")
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dense(
+    x = keras_api.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras_api.layers.Dense(
         num_classes,
         kernel_regularizer=regularizer,
         bias_regularizer=regularizer,
         name="logits",
     )(x)
-    outputs = keras.layers.Activation(
+    outputs = keras_api.layers.Activation(
         "softmax", dtype="float32", name="probabilities"
     )(x)
-    return keras.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")
+    return keras_api.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")

@@ -12,12 +12,25 @@ import keras
 from keras import ops
 
 from batch_renorm import BatchRenormalization
+from batch_renorm import has_fast_path
 from batch_renorm import renorm_bounds
 from reference import RenormReference
 from reference import numeric_gradients
 from reference import schedule_bounds
 
 BACKEND = keras.backend.backend()
+# The layer's paths for training calls: `None` takes the backend's fused
+# kernel where it applies (TensorFlow), `False` the portable keras.ops path.
+# Where no backend kernel exists both are the portable path: tested once.
+PATHS = [None] + ([False] if has_fast_path() else [])
+PATH_IDS = ["default"] + (["portable"] if has_fast_path() else [])
+
+
+def fast_path_expected(layer, shape, axis):
+    """Whether a training call of `layer` on `shape` should be fused."""
+    return (has_fast_path() and layer.fused is not False and len(shape) == 4
+            and axis % 4 == 3
+            and (BACKEND != "tensorflow" or layer.epsilon >= 1.001e-5))
 
 FIXED_CLIP = dict(
     r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0
@@ -263,17 +276,19 @@ REFERENCE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize(
     "shape, axis, kwargs, clipping, means, scales",
     [case[1:] for case in REFERENCE_CASES],
     ids=[case[0] for case in REFERENCE_CASES],
 )
 def test_training_matches_reference(
-    shape, axis, kwargs, clipping, means, scales
+    shape, axis, kwargs, clipping, means, scales, fused
 ):
     rng = np.random.default_rng(abs(hash((shape, axis))) % 2**32)
-    layer = BatchRenormalization(axis=axis, **kwargs)
+    layer = BatchRenormalization(axis=axis, fused=fused, **kwargs)
     ref = reference_for(layer, init_layer(layer, shape, rng))
+    assert layer.uses_fast_path == fast_path_expected(layer, shape, axis)
     r_clipped, d_clipped, r_dev, d_dev = [], [], [], []
     for k in range(6):
         # The statistics drift a little from step to step.
@@ -829,14 +844,22 @@ def test_model_learns(kind):
     assert final < 0.6 * initial
 
 
-def test_compiled_training_matches_eager_and_reference():
-    """`train_on_batch` compiled (XLA on TF and JAX) vs eager vs reference.
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["jit", "no-jit"])
+@pytest.mark.parametrize("shape, axis", [((3, 2, 2), 1), ((2, 2, 3), -1)],
+                         ids=["channels-first", "channels-last"])
+def test_compiled_training_matches_eager_and_reference(shape, axis,
+                                                       jit_compile):
+    """`train_on_batch` compiled (XLA on TF and JAX where `jit_compile`) vs
+    eager vs reference; channels-last rank-4 inputs take the fused kernel
+    where the backend has one.
 
     The model is the layer alone, trained with SGD on `mean(y ** 2)`, so the
     float64 reference gives every number of each step.
     """
+    if BACKEND == "jax" and not jit_compile:
+        pytest.skip("JAX's trainer always compiles")
     rng = np.random.default_rng(6)
-    shape, axis, lr = (3, 2, 2), 1, 0.1
+    lr = 0.1
     # A schedule that moves during the compiled steps, and clips.
     kwargs = dict(r_max=1.5, d_max=0.3, momentum=0.8, warmup_steps=1,
                   r_max_steps=3, d_max_steps=2)
@@ -852,8 +875,12 @@ def test_compiled_training_matches_eager_and_reference():
     compiled.set_weights(eager.get_weights())
     eager.compile(keras.optimizers.SGD(lr), "mse", run_eagerly=True)
     compiled.compile(
-        keras.optimizers.SGD(lr), "mse", jit_compile=BACKEND != "torch"
+        keras.optimizers.SGD(lr), "mse",
+        jit_compile=jit_compile and BACKEND != "torch"
     )
+    for model in (eager, compiled):
+        assert model.layers[0].uses_fast_path == fast_path_expected(
+            model.layers[0], (None,) + shape, axis)
     zeros = np.zeros((8,) + shape, "float32")
     clipped = []
     for k in range(4):
@@ -881,3 +908,68 @@ def test_compiled_training_matches_eager_and_reference():
         assert_close(to_numpy(b), to_numpy(a), 1e-5, 1e-5, err_msg=a.name)
     assert compiled.layers[0].current_r_max() == eager.layers[0].current_r_max()
     assert_close(compiled.predict(x, verbose=0), ref.infer(x), 1e-5, 1e-5)
+
+
+# ------------------------------------------------------------ the fast path
+def test_fused_argument_is_validated():
+    with pytest.raises(ValueError, match="fused='yes'"):
+        BatchRenormalization(fused="yes")
+    with pytest.raises(ValueError, match="fused=1"):
+        BatchRenormalization(fused=1)
+    assert BatchRenormalization(fused=False).get_config()["fused"] is False
+    if not has_fast_path():
+        with pytest.raises(ValueError, match=f"backend is {BACKEND}"):
+            BatchRenormalization(fused=True)
+        return
+    BatchRenormalization(fused=True).build((None, 4, 4, 3))
+    unfit = [((None, 4), {}, "rank 4 with axis=-1"),
+             ((None, 3, 4, 4), dict(axis=1), "axis=1")]
+    if BACKEND == "tensorflow":  # its kernel's smallest epsilon is 1.001e-5
+        unfit.append(((None, 4, 4, 3), dict(epsilon=1e-6), "epsilon=1e-06"))
+    else:
+        layer = BatchRenormalization(fused=True, epsilon=1e-6)
+        layer.build((None, 4, 4, 3))
+        assert layer.uses_fast_path
+    for shape, kwargs, words in unfit:
+        with pytest.raises(ValueError, match=words):
+            BatchRenormalization(fused=True, **kwargs).build(shape)
+        # fused=None falls back to the portable path instead.
+        layer = BatchRenormalization(**kwargs)
+        layer.build(shape)
+        assert not layer.uses_fast_path
+
+
+@pytest.mark.skipif(not has_fast_path(), reason="no fused kernel here")
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 1, 1, 3), (4, 5, 3, 2)])
+def test_fast_path_matches_portable_path(shape):
+    """Same outputs, gradients and state on both paths, also for a batch of
+    a single value per channel (variance 0) and masked calls (portable)."""
+    rng = np.random.default_rng(11)
+    fused = BatchRenormalization(momentum=0.7, **FIXED_CLIP)
+    portable = BatchRenormalization(momentum=0.7, fused=False, **FIXED_CLIP)
+    ref = reference_for(fused, init_layer(fused, shape, rng))
+    init_layer(portable, shape, rng)
+    portable.set_weights(fused.get_weights())
+    assert fused.uses_fast_path and not portable.uses_fast_path
+    for k in range(3):
+        x = random_batch(rng, shape, -1, [2.0, -1.0, 0.5][: shape[-1]],
+                         [0.5, 2.0, 1.0][: shape[-1]])
+        w = rng.normal(size=shape).astype("float32")
+        results = [train_call_with_grads(layer, x, w)
+                   for layer in (fused, portable)]
+        expected = ref.train(x, g_y=w)
+        for y, dx, dvars in results:
+            assert np.all(np.isfinite(y))
+            assert_close(y, expected["y"], err_msg=f"step {k}")
+            assert_close(dx, expected["dx"], err_msg=f"step {k}")
+            assert_close(dvars["gamma"], expected["dgamma"])
+            assert_close(dvars["beta"], expected["dbeta"])
+        for a, b in zip(fused.weights, portable.weights):
+            assert_close(to_numpy(a), to_numpy(b), 1e-5, 1e-5, err_msg=a.name)
+        assert_close(fused.moving_stddev, ref.moving_stddev)
+    # A mask leaves the fused kernel for the portable path: same result.
+    mask = np.ones(shape[:-1], bool)
+    mask.flat[0] = shape[0] * shape[1] * shape[2] == 1
+    outputs = [to_numpy(layer(x, training=True, mask=mask))
+               for layer in (fused, portable)]
+    assert_close(outputs[0], outputs[1], 1e-5, 1e-5)

@@ -1,0 +1,609 @@
+#!/usr/bin/env python3
+"""Speed of BatchRenormalization against BatchNormalization, side by side.
+
+  python benchmarks/bench.py                       # layer + model level, this backend
+  python benchmarks/bench.py --backend jax         # another Keras backend
+  python benchmarks/bench.py --level input         # the input pipeline's share
+  python benchmarks/bench.py --level jit           # jit_compile on / off
+  python benchmarks/bench.py --summary --readme README.md   # tables only
+
+Levels (`--level`, several allowed; default `layer model`):
+  layer  forward + backward of one normalization layer on (B, 32, 32, C) for
+         each --channels C, training mode, compiled as model.fit compiles it
+         (train_on_batch of a model: a trainable scalar times the input, so
+         that the layer's backward computes its input gradient, then the
+         layer; MSE loss, SGD).
+  model  WRN-DEPTH-WIDTH (default 16-4) training steps on (B, 32, 32, 3).
+  input  WRN training steps of batchnorm fed by train.py's input pipeline
+         (`host`: cifar10.train_batches; `device`: device_data, where it
+         exists) against the same steps on batches already in memory
+         (`resident`): the share of an epoch spent waiting for data.
+  jit    WRN training steps of batchnorm with jit_compile on and off.
+
+Every variant of a level is built and warmed up (compilation included)
+first; then the repeats run interleaved (A B C A B C ...), each timing
+--steps steps that end with the device done. Reported: median ms per step
+over the repeats, the spread (min-max), images/s, and the ratio of medians
+to Keras's batchnorm. Variants: `batchnorm` (keras.layers.BatchNormalization),
+`renorm` (batch_renorm.BatchRenormalization, on its fast path where the
+backend has one), `renorm-portable` (the same layer on its keras.ops path,
+only where a fast path exists), `keras-renorm` (Keras 3's renorm=True), and,
+on TensorFlow with tf_keras installed, `tf.keras-batchnorm` (tf.keras's fused
+BatchNormalization) and `tf.keras-renorm` (tf.keras's renorm=True, not
+fused) as outside anchors.
+
+Each run writes benchmarks/results/BACKEND-DEVICE.csv and .json (the rows,
+with backend, device, versions and thread count; a rerun on the same backend
+and device replaces them), then rewrites benchmarks/results/summary.md from
+every results file, and with --readme the block of README.md between
+`<!-- bench.md begins -->` and `<!-- bench.md ends -->`.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train import positive_int, steps_or_auto  # noqa: E402 (after the path)
+
+PROG = "bench.py"
+LEVELS = ("layer", "model", "input", "jit")
+NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "keras-renorm",
+                 "tf.keras-batchnorm", "tf.keras-renorm")
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+README_BEGIN = "<!-- bench.md begins -->"
+README_END = "<!-- bench.md ends -->"
+COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
+           "images_per_s", "ratio", "repeats", "steps")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise UsageError(message)
+
+
+def build_parser():
+    parser = Parser(
+        prog=PROG, description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
+                        help="Keras backend (default: KERAS_BACKEND, or "
+                        "Keras's default)")
+    parser.add_argument("--level", nargs="+", choices=LEVELS,
+                        default=["layer", "model"], metavar="LEVEL",
+                        help=f"{', '.join(LEVELS)} (default: layer model)")
+    parser.add_argument("--variants", nargs="+", choices=NORM_VARIANTS,
+                        metavar="VARIANT",
+                        help="normalizations to compare (default: all that "
+                        "this backend has)")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--channels", type=positive_int, nargs="+",
+                        default=[64, 128, 256], help="layer level: C of "
+                        "(B, 32, 32, C) (default: 64 128 256)")
+    parser.add_argument("--depth", type=positive_int, default=16,
+                        help="model level: WRN depth (default 16)")
+    parser.add_argument("--width", type=positive_int, default=4,
+                        help="model level: WRN width (default 4)")
+    parser.add_argument("--steps", type=positive_int,
+                        help="training steps per timed repeat (default on a "
+                        "CPU: 3 for a layer, 2 for a model; on a GPU: 50)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed repeats of each variant (default 5)")
+    parser.add_argument("--warmup", type=positive_int, default=2,
+                        help="untimed steps per variant first (default 2)")
+    parser.add_argument("--steps-per-execution", type=steps_or_auto,
+                        default="auto", metavar="N", help="input level: as "
+                        "train.py's (default auto: 1 on a CPU)")
+    parser.add_argument("--dtype-policy", default="float32",
+                        choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                        help="Keras dtype policy of every model (default "
+                        "float32)")
+    parser.add_argument("--jit-compile", choices=("auto", "on", "off"),
+                        default="auto", help="as train.py's (default auto: "
+                        "off for TensorFlow on a CPU, Keras's choice "
+                        "elsewhere)")
+    parser.add_argument("--data-dir", type=Path, help="CIFAR-10 for the "
+                        "input level (default: CIFAR10_DIR, ../shared/data, "
+                        "else random images of the same shape)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--summary", action="store_true",
+                        help="only rewrite summary.md (and --readme) from "
+                        "the results files")
+    parser.add_argument("--readme", type=Path,
+                        help="also replace README's bench.md block")
+    return parser
+
+
+# ---------------------------------------------------------------- timing
+def time_interleaved(steppers, steps, repeats, warmup):
+    """`steppers`: name -> function(n) that runs n training steps and returns
+    once the device is done. Warms each up, then times `repeats` rounds of
+    every stepper in turn; returns name -> list of seconds per step."""
+    for name, run in steppers.items():
+        started = time.perf_counter()
+        run(warmup)
+        print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s",
+              flush=True)
+    times = {name: [] for name in steppers}
+    for repeat in range(repeats):
+        for name, run in steppers.items():
+            started = time.perf_counter()
+            run(steps)
+            times[name].append((time.perf_counter() - started) / steps)
+        print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(
+            f"{n} {1000 * t[-1]:.1f} ms" for n, t in times.items()),
+            flush=True)
+    return times
+
+
+def rows_of(level, shape, times, batch_size, steps, baseline):
+    """A row per variant: median and spread of its seconds per step, and its
+    ratio to `baseline`: the median over the rounds of the two times of the
+    same round (measured next to each other, so that the machine's drift and
+    other load cancel out)."""
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratio = None
+        if baseline in times:
+            ratio = round(statistics.median(
+                [v / b for v, b in zip(values, times[baseline])]), 4)
+        rows.append({
+            "level": level, "shape": shape, "variant": name,
+            "ms_per_step": round(1000 * median, 3),
+            "ms_min": round(1000 * min(values), 3),
+            "ms_max": round(1000 * max(values), 3),
+            "images_per_s": round(batch_size / median, 2),
+            "ratio": ratio, "repeats": len(values), "steps": steps,
+            "ms_repeats": [round(1000 * v, 3) for v in values]})
+    return rows
+
+
+# ---------------------------------------------------------------- variants
+def available_variants(keras, requested):
+    import batch_renorm
+
+    names = ["batchnorm", "renorm"]
+    if batch_renorm.has_fast_path():
+        names.append("renorm-portable")
+    names.append("keras-renorm")
+    if keras.backend.backend() == "tensorflow" and tf_keras() is not None:
+        names += ["tf.keras-batchnorm", "tf.keras-renorm"]
+    if requested:
+        missing = [v for v in requested if v not in names]
+        if missing:
+            raise UsageError(f"variant(s) {', '.join(missing)} not available "
+                             f"on this backend (available: {', '.join(names)})")
+        names = [v for v in names if v in requested]
+    return names
+
+
+def tf_keras():
+    try:
+        import tf_keras as module
+    except ImportError:
+        return None
+    return module
+
+
+def norm_factory(keras, variant):
+    """A function(**layer kwargs) -> normalization layer, and the Keras API
+    (keras, or tf_keras for the anchors) that builds the model around it."""
+    from models.norms import make_norm
+
+    if variant.startswith("tf.keras-"):
+        api = tf_keras()
+        renorm = variant == "tf.keras-renorm"
+
+        def make(**kwargs):
+            extra = dict(renorm=True, renorm_momentum=0.99, renorm_clipping={
+                "rmin": 1 / 3, "rmax": 3.0, "dmax": 5.0}) if renorm else {}
+            # fused=None: tf.keras fuses where it can (not with renorm).
+            return api.layers.BatchNormalization(momentum=0.99, epsilon=1e-3,
+                                                 **extra, **kwargs)
+        return make, api
+    if variant == "renorm-portable":
+        return (lambda **kwargs: make_norm("renorm", fused=False, **kwargs),
+                keras)
+    return (lambda **kwargs: make_norm(variant, **kwargs)), keras
+
+
+def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
+    model.compile(optimizer=api.optimizers.SGD(learning_rate=1e-3),
+                  loss=loss, jit_compile=jit)
+
+
+def stepper(model, api, x, y):
+    """A function(n) that runs n training steps of `model` on the batch
+    (x, y) with the model's compiled train step, and waits for the device."""
+    if api is tf_keras():
+        # tf.keras's train_on_batch builds a tf.data pipeline at each call;
+        # fit's own path is its train_function on an iterator.
+        import tensorflow as tf
+
+        iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+        model.make_train_function()
+
+        def run_tf_keras(steps):
+            for _ in range(steps):
+                logs = model.train_function(iterator)
+            float(logs["loss"])
+        return run_tf_keras
+
+    def run(steps):
+        for _ in range(steps):
+            loss = model.train_on_batch(x, y)
+        float(loss if not isinstance(loss, list) else loss[0])
+    return run
+
+
+def layer_model(keras, variant, shape):
+    """The normalization layer after a trainable scalar scale, so that its
+    backward pass computes the gradient with respect to its input, as in a
+    network (the gradients of a model's own inputs are not computed)."""
+    make, api = norm_factory(keras, variant)
+
+    class Scale(api.layers.Layer):
+        def build(self, input_shape):
+            self.scale = self.add_weight(shape=(), initializer="ones",
+                                         name="scale")
+
+        def call(self, x):
+            return x * self.scale
+
+    inputs = api.Input(shape[1:])
+    outputs = make(name="norm")(Scale(name="scale")(inputs))
+    return api.Model(inputs, outputs), api
+
+
+def wrn_model(keras, variant, depth, width):
+    from models import wide_resnet
+
+    make, api = norm_factory(keras, variant)
+    return wide_resnet(depth, width, norm=make, keras_api=api), api
+
+
+def to_tensor(api, array):
+    if api is tf_keras():
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(array)
+    return api.ops.convert_to_tensor(array)
+
+
+def bench_layer(keras, args, variants, jit, rng, environment):
+    rows = []
+    steps = args.steps or (3 if environment["device_type"] == "cpu" else 50)
+    for channels in args.channels:
+        shape = (args.batch_size, 32, 32, channels)
+        print(f"layer level, {shape}:", flush=True)
+        x = (rng.standard_normal(shape, dtype="float32") * 2 + 0.5)
+        y = rng.standard_normal(shape, dtype="float32")
+        steppers = {}
+        for variant in variants:
+            model, api = layer_model(keras, variant, shape)
+            compile_model(model, api, jit, loss="mse")
+            steppers[variant] = stepper(model, api, to_tensor(api, x),
+                                        to_tensor(api, y))
+        times = time_interleaved(steppers, steps, args.repeats, args.warmup)
+        rows += rows_of("layer", "x".join(map(str, shape)), times,
+                        args.batch_size, steps, "batchnorm")
+    return rows
+
+
+def model_steps(args, environment):
+    if args.steps:
+        return args.steps
+    return 2 if environment["device_type"] == "cpu" else 50
+
+
+def wrn_batch(args, rng):
+    x = rng.standard_normal((args.batch_size, 32, 32, 3), dtype="float32")
+    y = rng.integers(0, 10, args.batch_size).astype("int32")
+    return x, y
+
+
+def bench_model(keras, args, variants, jit, rng, environment):
+    steps = model_steps(args, environment)
+    name = f"WRN-{args.depth}-{args.width}"
+    print(f"model level, {name}, batch {args.batch_size}:", flush=True)
+    x, y = wrn_batch(args, rng)
+    steppers = {}
+    for variant in variants:
+        model, api = wrn_model(keras, variant, args.depth, args.width)
+        compile_model(model, api, jit)
+        steppers[variant] = stepper(model, api, to_tensor(api, x),
+                                    to_tensor(api, y))
+    times = time_interleaved(steppers, steps, args.repeats, args.warmup)
+    return rows_of("model", f"{name}, {args.batch_size}x32x32x3", times,
+                   args.batch_size, steps, "batchnorm")
+
+
+def bench_jit(keras, args, rng, environment):
+    steps = model_steps(args, environment)
+    name = f"WRN-{args.depth}-{args.width}"
+    print(f"jit_compile, {name} with batchnorm:", flush=True)
+    x, y = wrn_batch(args, rng)
+    steppers = {}
+    for setting in ("off", "on"):
+        model, api = wrn_model(keras, "batchnorm", args.depth, args.width)
+        compile_model(model, api, setting == "on")
+        steppers[f"jit_compile={setting}"] = stepper(
+            model, api, to_tensor(api, x), to_tensor(api, y))
+    times = time_interleaved(steppers, steps, args.repeats, args.warmup)
+    return rows_of("jit", f"{name}, {args.batch_size}x32x32x3", times,
+                   args.batch_size, steps, "jit_compile=off")
+
+
+def bench_input(keras, args, jit, rng, environment):
+    """train.py's training loop (model.fit on an epoch's generator, with its
+    --steps-per-execution) for batchnorm and renorm, fed by each of its
+    input pipelines (`host`: cifar10.train_batches, NumPy; `device`:
+    device_data.DeviceTrainSet, keras.ops on the device; both augmented) and
+    by batches made beforehand (`resident`: no input work at all)."""
+    import numpy as np
+
+    import cifar10
+    import device_data
+    import train
+
+    data_dir = args.data_dir
+    beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
+    if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
+            beside / "data_batch_1").is_file():
+        data_dir = beside
+    try:
+        data = cifar10.load(data_dir)
+        images, labels, source = data.x_train, data.y_train, data.source
+    except cifar10.DataError:
+        images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, 50000).astype(np.int32)
+        source = "random uint8 images (CIFAR-10 not found)"
+    mean, std = cifar10.channel_stats(images)
+    steps = model_steps(args, environment)
+    per_execution = train.resolve_steps_per_execution(
+        args.steps_per_execution, environment, steps)
+    name = f"WRN-{args.depth}-{args.width}"
+    print(f"input level, {name}, {steps} steps per repeat, "
+          f"steps_per_execution={per_execution}, data: {source}", flush=True)
+    on_device = device_data.DeviceTrainSet(images, labels, mean, std,
+                                           augmented=True)
+    resident_batches = [tuple(map(keras.ops.convert_to_tensor, b)) for b in
+                cifar10.train_batches(images[:args.batch_size * 2],
+                                      labels[:args.batch_size * 2],
+                                      args.batch_size, mean, std, rng)]
+    epoch = [0]
+    pipelines = {
+        "resident": lambda: cycle(resident_batches),
+        "host": lambda: cifar10.train_batches(
+            images, labels, args.batch_size, mean, std,
+            cifar10.epoch_rng(0, epoch[0]), augmented=True),
+        "device": lambda: on_device.train_batches(
+            args.batch_size, cifar10.epoch_rng(0, epoch[0])),
+    }
+
+    def fit_on(model, make_batches):
+        def run(n):
+            epoch[0] += 1
+            model.fit(make_batches(), steps_per_epoch=n, epochs=1,
+                      verbose=0, shuffle=False)
+            keras.ops.convert_to_numpy(model.optimizer.iterations)
+        return run
+
+    steppers = {}
+    for norm in ("batchnorm", "renorm"):
+        model, api = wrn_model(keras, norm, args.depth, args.width)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3),
+                      loss="sparse_categorical_crossentropy",
+                      jit_compile=jit, steps_per_execution=per_execution)
+        for pipeline, make in pipelines.items():
+            steppers[f"{norm}, {pipeline}"] = fit_on(model, make)
+    times = time_interleaved(steppers, steps, args.repeats, args.warmup)
+    shape = f"{name}, {args.batch_size}x32x32x3"
+    rows = rows_of("input", shape, times, args.batch_size, steps,
+                   "batchnorm, resident")
+    steps_per_epoch = -(-len(images) // args.batch_size)
+    for row in rows:
+        norm, pipeline = row["variant"].split(", ")
+        resident_times = times[f"{norm}, resident"]
+        # The share of a step spent waiting for data, against the same
+        # norm's steps on resident batches of the same round.
+        row["wait_share"] = round(1 - statistics.median(
+            [r / v for r, v in zip(resident_times, times[row["variant"]])]), 4)
+        row["epoch_s"] = round(row["ms_per_step"] * steps_per_epoch / 1000, 3)
+        row["steps_per_execution"] = per_execution
+    return rows
+
+
+def cycle(batches):
+    while True:
+        yield from batches
+
+
+# ---------------------------------------------------------------- files
+def describe(keras, jit, args):
+    import train
+
+    environment = train.describe_environment(keras)
+    threads = {"cpu_count": os.cpu_count()}
+    backend = environment["backend"]
+    if backend == "torch":
+        import torch
+
+        threads["torch_threads"] = torch.get_num_threads()
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        threads["tf_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
+        threads["tf_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+    if tf_keras() is not None and backend == "tensorflow":
+        environment["versions"]["tf_keras"] = tf_keras().__version__
+    return dict(environment, threads=threads, jit_compile=jit,
+                batch_size=args.batch_size, dtype_policy=args.dtype_policy,
+                date=datetime.datetime.now(datetime.timezone.utc)
+                .isoformat(timespec="seconds"),
+                command=" ".join(["python", "benchmarks/bench.py"]
+                                 + sys.argv[1:]))
+
+
+def write_results(results_dir, environment, rows):
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{environment['backend']}-{environment['device_type']}"
+    record = dict(environment, rows=rows)
+    json_path = results_dir / f"{stem}.json"
+    if json_path.is_file():  # keep the levels this run did not measure
+        old = json.loads(json_path.read_text())
+        levels = {row["level"] for row in rows}
+        record["rows"] = [r for r in old.get("rows", [])
+                          if r["level"] not in levels] + rows
+        record["earlier"] = {k: old[k] for k in ("date", "command")
+                             if k in old}
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    keys = list(COLUMNS) + ["wait_share", "epoch_s", "steps_per_execution"]
+    with open(results_dir / f"{stem}.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, keys + ["backend", "device"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        for row in record["rows"]:
+            writer.writerow(dict(row, backend=environment["backend"],
+                                 device=environment["device"]))
+    return json_path
+
+
+def summary(results_dir):
+    """Markdown tables of every results file."""
+    parts = []
+    for path in sorted(results_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        versions = record.get("versions", {})
+        framework = {"tensorflow": "tensorflow", "jax": "jax",
+                     "torch": "torch"}[record["backend"]]
+        parts.append(
+            f"**{record['backend']}** on {record['device']} (Keras "
+            f"{versions.get('keras')}, {framework} "
+            f"{versions.get(framework)}, jit_compile={record['jit_compile']}, "
+            f"{record.get('dtype_policy', 'float32')}, "
+            f"threads {record['threads']}; {record['date']})\n")
+        header = ("level", "shape", "variant", "ms/step (median)",
+                  "min-max", "images/s", "ratio")
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" for _ in header) + "|"]
+        for row in record["rows"]:
+            ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+            if row["level"] == "input" and "resident" not in row["variant"]:
+                ratio += (f" (waiting {100 * row['wait_share']:.1f}%; "
+                          f"{row['epoch_s']:.1f} s per epoch)")
+            lines.append("| " + " | ".join([
+                row["level"], row["shape"], row["variant"],
+                f"{row['ms_per_step']:.1f}",
+                f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
+                f"{row['images_per_s']:.1f}", ratio]) + " |")
+        parts.append("\n".join(lines) + "\n")
+    note = ("Ratio: the median over the repeats of the time per step over that "
+            "of the same repeat's `batchnorm` (layer and model levels), "
+            "`batchnorm, resident` (input level; waiting: "
+            "the share of a step spent on input, against the same norm on "
+            "resident batches; s per epoch: ms per step times the steps of "
+            "an epoch of 50,000 images), of `jit_compile=off` (jit level); "
+            "all measured in one process, interleaved. Written by "
+            "`benchmarks/bench.py` from `benchmarks/results/*.json`.\n")
+    return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + note
+
+
+def update_readme(path, text):
+    content = path.read_text()
+    if README_BEGIN not in content or README_END not in content:
+        raise UsageError(f"{path} has no {README_BEGIN} ... {README_END} "
+                         "block")
+    head, rest = content.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    body = text.split("\n", 2)[2]  # without the "# Benchmarks" title
+    path.write_text(f"{head}{README_BEGIN}\n{body}{README_END}{tail}")
+
+
+def print_rows(rows):
+    print(f"{'level':6} {'shape':26} {'variant':19} {'ms/step':>9} "
+          f"{'min-max':>15} {'images/s':>9} {'ratio':>6}")
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        print(f"{row['level']:6} {row['shape']:26} {row['variant']:19} "
+              f"{row['ms_per_step']:9.1f} "
+              f"{row['ms_min']:7.1f}-{row['ms_max']:<7.1f} "
+              f"{row['images_per_s']:9.1f} {ratio:>6}")
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        if args.summary:
+            text = summary(args.results_dir)
+            (args.results_dir / "summary.md").write_text(text)
+            if args.readme:
+                update_readme(args.readme, text)
+            print(text, end="")
+            return 0
+        if args.backend:
+            os.environ["KERAS_BACKEND"] = args.backend
+        import numpy as np
+        import keras
+
+        import train
+
+        if args.backend and keras.backend.backend() != args.backend:
+            raise UsageError(f"--backend {args.backend}: Keras is already "
+                             f"running on {keras.backend.backend()}")
+        environment = train.describe_environment(keras)
+        jit = train.jit_compile(args.jit_compile, environment)
+        variants = available_variants(keras, args.variants)
+        policy = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(args.dtype_policy)
+        rng = np.random.default_rng(0)
+        print(f"{PROG}: backend {environment['backend']}, "
+              f"{environment['device']}, jit_compile={jit}", flush=True)
+        rows = []
+        try:
+            if "layer" in args.level:
+                rows += bench_layer(keras, args, variants, jit, rng,
+                                    environment)
+            if "model" in args.level:
+                rows += bench_model(keras, args, variants, jit, rng,
+                                    environment)
+            if "input" in args.level:
+                rows += bench_input(keras, args, jit, rng, environment)
+            if "jit" in args.level:
+                rows += bench_jit(keras, args, rng, environment)
+        finally:
+            keras.config.set_dtype_policy(policy)
+        path = write_results(args.results_dir, describe(keras, jit, args),
+                             rows)
+        print_rows(rows)
+        text = summary(args.results_dir)
+        (args.results_dir / "summary.md").write_text(text)
+        if args.readme:
+            update_readme(args.readme, text)
+        print(f"results: {path}, {path.with_suffix('.csv')}, "
+              f"{args.results_dir / 'summary.md'}")
+        return 0
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""benchmarks/bench.py runs end to end and writes what it says (no timing is
+asserted: speed is measured by the benchmark, not by tests)."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import keras
+import pytest
+
+from batch_renorm import has_fast_path
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND = keras.backend.backend()
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench", ROOT / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+TINY = ["--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup",
+        "1", "--depth", "10", "--width", "1", "--channels", "3", "5"]
+
+
+def expected_variants():
+    variants = ["batchnorm", "renorm"]
+    if has_fast_path():
+        variants.append("renorm-portable")
+    variants.append("keras-renorm")
+    if BACKEND == "tensorflow" and bench.tf_keras() is not None:
+        variants += ["tf.keras-batchnorm", "tf.keras-renorm"]
+    return variants
+
+
+def test_layer_and_model_levels_write_results(tmp_path, capsys):
+    results = tmp_path / "results"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{bench.README_BEGIN}\nold\n{bench.README_END}"
+                      "\nrest\n")
+    code = bench.main(TINY + ["--results-dir", str(results),
+                              "--readme", str(readme)])
+    out = capsys.readouterr().out
+    assert code == 0
+    variants = expected_variants()
+    record = json.loads((results / f"{BACKEND}-cpu.json").read_text())
+    assert record["backend"] == BACKEND and record["device_type"] == "cpu"
+    assert record["versions"]["keras"] == keras.__version__
+    assert record["threads"]["cpu_count"] >= 1
+    rows = record["rows"]
+    shapes = {"layer": ["4x32x32x3", "4x32x32x5"],
+              "model": ["WRN-10-1, 4x32x32x3"]}
+    assert [(r["level"], r["shape"], r["variant"]) for r in rows] == [
+        (level, shape, variant) for level in ("layer", "model")
+        for shape in shapes[level] for variant in variants]
+    for row in rows:
+        assert row["repeats"] == 2 and row["steps"] == 1
+        assert 0 < row["ms_min"] <= row["ms_per_step"] <= row["ms_max"]
+        assert row["images_per_s"] == pytest.approx(
+            4000 / row["ms_per_step"], rel=1e-2)
+        if row["variant"] == "batchnorm":
+            assert row["ratio"] == 1.0
+        else:
+            assert row["ratio"] > 0
+    with open(results / f"{BACKEND}-cpu.csv", newline="") as file:
+        assert len(list(csv.DictReader(file))) == len(rows)
+    summary = (results / "summary.md").read_text()
+    assert f"**{BACKEND}**" in summary
+    assert summary.count("| layer |") == 2 * len(variants)
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{bench.README_BEGIN}\n")
+    assert text.endswith(f"{bench.README_END}\nrest\n")
+    assert "old" not in text and "| model | WRN-10-1" in text
+    assert "renorm" in out and "results:" in out
+
+    # A second run of one level keeps the other level's rows.
+    assert bench.main(TINY + ["--level", "layer", "--variants", "batchnorm",
+                              "renorm", "--results-dir", str(results)]) == 0
+    rows = json.loads((results / f"{BACKEND}-cpu.json").read_text())["rows"]
+    assert [r["level"] for r in rows].count("model") == len(variants)
+    assert [r["level"] for r in rows].count("layer") == 4
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--level", "nope"], "invalid choice"),
+    (["--steps", "0"], "positive integer"),
+    (["--variants", "batchnorm", "--backend", "nope"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line(argv, words, tmp_path, capsys):
+    assert bench.main(argv + ["--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err
+
+
+def test_readme_without_the_block_is_an_error(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("no block\n")
+    assert bench.main(["--summary", "--results-dir", str(results),
+                       "--readme", str(readme)]) == 2
+    assert "bench.md begins" in capsys.readouterr().err
+    assert readme.read_text() == "no block\n"
