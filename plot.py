@@ -616,9 +616,9 @@ def plot_non_iid(points, runs):
     return fig
 
 
-def sweep_table(points):
+def batch_table(points, cell):
     """Markdown: a row per norm, sampling (and other splitting fields), a
-    column per batch size; cells best / final val accuracy (%)."""
+    column per batch size; `cell(point)` is the text of a cell."""
     sizes = sorted({p.batch_size for p in points}, key=sort_key)
     rest_fields = [f for f, _ in points[0].rest]
     header = ("norm", "sampling", *rest_fields,
@@ -628,39 +628,38 @@ def sweep_table(points):
         norm, classes, rest = line
         cells = {p.batch_size: p for p in points if p.line == line}
         rows.append((norm, sampling_text(classes), *[v for _, v in rest],
-                     *[f"{format_percent(cells[s].values('best') / 100)} / "
-                       f"{format_percent(cells[s].values('final') / 100)}"
-                       if s in cells else "–" for s in sizes]))
+                     *[cell(cells[s]) if s in cells else "–" for s in sizes]))
+    return markdown_table(header, rows)
+
+
+def sweep_table(points):
+    """Markdown: best / final val accuracy (%) by norm, sampling and batch
+    size."""
+    def cell(point):
+        return (f"{format_percent(point.values('best') / 100)} / "
+                f"{format_percent(point.values('final') / 100)}")
+
     return (
         "**Validation accuracy by batch size and sampling** (best / final, %; "
         "mean ± std over runs where there are several; i.i.d.: random "
         "batches, K classes/batch: every training batch from K classes, "
-        "`--classes-per-batch`):\n\n" + markdown_table(header, rows) + "\n")
+        "`--classes-per-batch`):\n\n" + batch_table(points, cell) + "\n")
 
 
 def test_table(points):
     """Markdown: test accuracy (last weights) by norm, sampling and batch
-    size, like sweep_table; "" unless every run has its test result."""
+    size; "" unless every run has its test result."""
     if any(p.test_values() is None for p in points):
         return ""
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
-    rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields,
-              *[f"batch {s}" for s in sizes])
-    rows = []
-    for line in dict.fromkeys(p.line for p in points):
-        norm, classes, rest = line
-        cells = {p.batch_size: p for p in points if p.line == line}
-        rows.append((norm, sampling_text(classes), *[v for _, v in rest],
-                     *[format_percent(cells[s].test_values() / 100)
-                       if s in cells else "–" for s in sizes]))
     images = set().union(*(p.test_images() for p in points))
     counted = (f"all {images.pop()} test images" if len(images) == 1
                else "the test set")
+    table = batch_table(points,
+                        lambda point: format_percent(point.test_values() / 100))
     return (
         f"**Test accuracy by batch size and sampling** (%, the last "
         f"weights on {counted}; mean ± std over runs where there are "
-        "several):\n\n" + markdown_table(header, rows) + "\n")
+        "several):\n\n" + table + "\n")
 
 
 def write_atomically(path, write):
