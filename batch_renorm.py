@@ -394,8 +394,6 @@ class BatchRenormalization(keras.layers.Layer):
         # Statistics in float32 at least, also under mixed precision.
         dtype = keras.backend.result_type(inputs.dtype, "float32")
         x = ops.cast(inputs, dtype)
-        moving_mean = ops.cast(self.moving_mean, dtype)
-        moving_stddev = ops.cast(self.moving_stddev, dtype)
         gamma = ops.cast(self.gamma, dtype) if self.scale else 1.0
         beta = ops.cast(self.beta, dtype) if self.center else 0.0
 
@@ -412,8 +410,8 @@ class BatchRenormalization(keras.layers.Layer):
             self._update_state(batch_mean, batch_stddev)
         else:
             # y = gamma * (x - mu) / sigma + beta = x * a + b.
-            a = gamma / moving_stddev
-            b = beta - moving_mean * a
+            a = gamma / ops.cast(self.moving_stddev, dtype)
+            b = beta - ops.cast(self.moving_mean, dtype) * a
         outputs = x * self._broadcast(a, x) + self._broadcast(b, x)
         return ops.cast(outputs, self.compute_dtype)
 
