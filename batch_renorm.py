@@ -64,6 +64,10 @@ def has_fast_path():
     return keras.backend.backend() in _FAST_PATH_BACKENDS
 
 
+# One-read variances lose at most log10 of this of float32's digits; beyond,
+# the variance is computed again around the mean (`_moments`).
+_CANCELLATION_LIMIT = 1e3
+
 # The smallest epsilon that TensorFlow's fused kernel accepts (it silently
 # raises smaller ones to this, as cuDNN requires).
 _FUSED_MIN_EPSILON = 1.001e-5
@@ -161,8 +165,9 @@ class BatchRenormalization(keras.layers.Layer):
         fused: `None` (default) to normalize with the backend's fused kernel
             in training where it applies (TensorFlow or PyTorch, rank-4
             channels-last inputs, no mask; on TensorFlow also
-            `epsilon >= 1.001e-5`), `False` never to, `True` to require it
-            (an error where it does not apply). The same Algorithm 1 either
+            `epsilon >= 1.001e-5`, and not under XLA, `jit_compile=True`,
+            where the portable path is the faster one), `False` never to,
+            `True` to require it (an error where it does not apply). The same Algorithm 1 either
             way, up to float rounding.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
@@ -353,8 +358,9 @@ class BatchRenormalization(keras.layers.Layer):
 
     @property
     def uses_fast_path(self):
-        """Whether training calls (without a mask) take the backend's fused
-        kernel; known once the layer is built."""
+        """Whether training calls (without a mask, and on TensorFlow not
+        under XLA) take the backend's fused kernel; known once the layer is
+        built."""
         return self._fast_path
 
     def compute_output_shape(self, input_shape):
@@ -397,7 +403,13 @@ class BatchRenormalization(keras.layers.Layer):
         gamma = ops.cast(self.gamma, dtype) if self.scale else 1.0
         beta = ops.cast(self.beta, dtype) if self.center else 0.0
 
-        if training and self.trainable and self._fast_path and mask is None:
+        if (
+            training
+            and self.trainable
+            and self._fast_path
+            and mask is None
+            and not _tensorflow_under_xla()
+        ):
             outputs = _fused_training_call(self, x, gamma, beta, dtype)
             return ops.cast(outputs, self.compute_dtype)
         if training and self.trainable:
@@ -451,25 +463,33 @@ class BatchRenormalization(keras.layers.Layer):
     def _moments(self, x, mask):
         """Per-channel batch mean and biased variance of `x`.
 
-        Without a mask, in one read of `x` (XLA fuses the two reductions):
-        `E[x - s]` and `E[(x - s)^2]` around a shift `s` taken from the
-        batch itself (its first element of each channel, a constant for the
-        gradient), so that `var = E[(x - s)^2] - E[x - s]^2` loses nothing
-        to cancellation even for channels with a large mean and a small
-        spread (unlike `ops.moments` on PyTorch, `E[x^2] - E[x]^2`). Its
-        gradient is the variance's exact gradient (the variance does not
-        depend on `s`).
+        Without a mask, in one read of `x` (the two reductions fuse with what
+        produced `x`): `var = E[x^2] - E[x]^2`. That difference loses
+        `log10(E[x^2] / var)` of float32's 7 significant digits to
+        cancellation; where a channel would keep fewer than 4 (a large mean
+        and a small spread, such as a nearly constant channel), the variance
+        is computed again around the mean, `E[(x - mu_B)^2]`, in a second
+        read (`ops.cond`: only one of the two runs). The gradient is the
+        variance's, `2 (x - mu_B) / n`, taken through the one-read formula.
         """
+        axes = self._reduction_axes
         if mask is None:
-            shift = x
-            for axis in self._reduction_axes:
-                shift = ops.take(shift, [0], axis=axis)
-            shift = ops.stop_gradient(shift)
-            shifted = x - shift
-            mean = ops.mean(shifted, axis=self._reduction_axes)
-            variance = ops.mean(ops.square(shifted), axis=self._reduction_axes)
-            variance = ops.maximum(variance - ops.square(mean), 0.0)
-            return mean + ops.reshape(shift, (-1,)), variance
+            mean = ops.mean(x, axis=axes)
+            mean_square = ops.mean(ops.square(x), axis=axes)
+            variance = ops.maximum(mean_square - ops.square(mean), 0.0)
+            lossy = ops.any(mean_square > _CANCELLATION_LIMIT * variance)
+            # The value only: a differentiated `cond` would carry a tensor of
+            # the size of `x` from the forward to the backward pass.
+            exact = ops.stop_gradient(
+                ops.cond(
+                    lossy,
+                    lambda: ops.mean(
+                        ops.square(x - self._broadcast(mean, x)), axis=axes
+                    ),
+                    lambda: variance,
+                )
+            )
+            return mean, variance + ops.stop_gradient(exact - variance)
         weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
         weights = ops.broadcast_to(weights, ops.shape(x))
         count = ops.sum(weights, self._reduction_axes, keepdims=True)
@@ -530,19 +550,37 @@ def _fused_training_call(layer, x, gamma, beta, dtype):
     return _tf_training_call(layer, x, gamma, beta, dtype)
 
 
+def _tensorflow_under_xla():
+    """Whether TensorFlow is tracing for XLA (`jit_compile=True`). XLA lowers
+    the fused kernels into its own ops, and there the portable path, which
+    it fuses, measured faster (benchmarks/NOTES.md, attempt 8)."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:
+        return False
+    graph = tf.compat.v1.get_default_graph()
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
+
+
 def _tf_training_call(layer, x, gamma, beta, dtype):
     """TensorFlow: `x_hat` and the statistics from one FusedBatchNormV3, then
-    `y = x_hat * (gamma * r) + (gamma * d + beta)`."""
+    `y = x_hat * (gamma * r) + (gamma * d + beta)`, whose gradient is one
+    FusedBatchNormGradV3 with scale `gamma * r` (see `_tf_affine_of_fused`)."""
     import tensorflow as tf
 
     channels = x.shape[-1]
-    x_hat, batch_mean, variance = tf.compat.v1.nn.fused_batch_norm(
-        x,
+    x_hat, batch_mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
+        x=x,
         scale=tf.ones([channels], x.dtype),
         offset=tf.zeros([channels], x.dtype),
+        mean=tf.constant([], x.dtype),
+        variance=tf.constant([], x.dtype),
         epsilon=layer.epsilon,
-        is_training=True,
         data_format="NHWC",
+        is_training=True,
     )
     # In training the kernel returns the variance with Bessel's correction,
     # n / (n - 1), for running averages; Algorithm 1 wants the biased one.
@@ -552,7 +590,40 @@ def _tf_training_call(layer, x, gamma, beta, dtype):
     batch_stddev = tf.sqrt(tf.stop_gradient(variance) + layer.epsilon)
     r, d = layer._corrections(batch_mean, batch_stddev, dtype)
     layer._update_state(batch_mean, batch_stddev)
-    return x_hat * (gamma * r) + (gamma * d + beta)
+    return _tf_affine_of_fused(
+        x, tf.stop_gradient(x_hat), gamma * r, gamma * d + beta,
+        *[tf.stop_gradient(t) for t in reserve], epsilon=layer.epsilon)
+
+
+def _tf_affine_of_fused(x, x_hat, scale, offset, *reserve, epsilon):
+    """`x_hat * scale + offset` for the `x_hat` that FusedBatchNormV3 made of
+    `x` (its reserve spaces given), differentiated as one fused batch norm
+    with this scale and offset: one FusedBatchNormGradV3 gives the gradients
+    for `x`, `scale` and `offset`, where automatic differentiation of the
+    kernel and then of the affine map takes three more passes over the
+    tensor. `scale` and `offset` hold `r` and `d`, constants for the
+    gradient, so this is Algorithm 1's gradient exactly."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def affine(x, scale, offset):
+        def gradient(dy):
+            dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy,
+                x=x,
+                scale=scale,
+                reserve_space_1=reserve[0],
+                reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2],
+                epsilon=epsilon,
+                data_format="NHWC",
+                is_training=True,
+            )
+            return dx, dscale, doffset
+
+        return x_hat * scale + offset, gradient
+
+    return affine(x, scale, offset)
 
 
 def _torch_training_call(layer, x, gamma, beta, dtype):

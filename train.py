@@ -495,9 +495,10 @@ def build_parser():
                        action=argparse.BooleanOptionalAction,
                        help="mixed_float16 policy (default: off)")
     speed.add_argument("--jit-compile", choices=("auto", "on", "off"),
-                       help="XLA/JIT compilation; auto: off for TensorFlow on "
-                       "CPU (slower there), else Keras's choice (default: "
-                       "auto)")
+                       help="XLA/JIT compilation; auto: for TensorFlow on a "
+                       "CPU, on where the CPU lacks AVX-512 (measured faster "
+                       "there, slower with it), else Keras's choice "
+                       "(default: auto)")
     speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
                        help="batch size of evaluation (default: 500)")
     speed.add_argument("--input", choices=INPUTS,
@@ -1030,12 +1031,31 @@ def make_optimizer(keras, config):
 
 
 def jit_compile(choice, environment):
+    """--jit-compile: `auto` is Keras's choice, except for TensorFlow on a
+    CPU (where Keras turns XLA off): XLA there where the CPU lacks AVX-512,
+    TensorFlow's own (oneDNN) kernels where it has it. Measured with
+    `bench.py --level jit` (benchmarks/NOTES.md): XLA took 0.87 (BN) and
+    0.93 (BRN) of the time per step on an AVX2-only EPYC, and 1.6 times it on
+    an AVX-512 Zen 4."""
     if choice in ("on", "off"):
         return choice == "on"
     if (environment["backend"], environment["device_type"]) == (
             "tensorflow", "cpu"):
-        return False  # XLA on CPU measured 1.6x slower than TF's own kernels
+        return not cpu_has_avx512()
     return "auto"
+
+
+def cpu_has_avx512(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU reports AVX-512 (Linux's /proc/cpuinfo; True where
+    that cannot be read, which keeps XLA off)."""
+    try:
+        with open(cpuinfo) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return True
 
 
 def resolve_input(choice, environment):

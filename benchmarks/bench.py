@@ -18,13 +18,15 @@ Levels (`--level`, several allowed; default `layer model`):
          (`host`: cifar10.train_batches; `device`: device_data, where it
          exists) against the same steps on batches already in memory
          (`resident`): the share of an epoch spent waiting for data.
-  jit    WRN training steps of batchnorm with jit_compile on and off.
+  jit    WRN training steps of batchnorm and of renorm with jit_compile off
+         and on (ratios to the same norm with jit_compile off).
 
 Every variant of a level is built and warmed up (compilation included)
 first; then the repeats run interleaved (A B C A B C ...), each timing
 --steps steps that end with the device done. Reported: median ms per step
-over the repeats, the spread (min-max), images/s, and the ratio of medians
-to Keras's batchnorm. Variants: `batchnorm` (keras.layers.BatchNormalization),
+over the repeats, the spread (min-max), images/s, and the ratio to Keras's
+batchnorm: the median over the repeats of the two times of the same repeat.
+Variants: `batchnorm` (keras.layers.BatchNormalization),
 `renorm` (batch_renorm.BatchRenormalization, on its fast path where the
 backend has one), `renorm-portable` (the same layer on its keras.ops path,
 only where a fast path exists), `keras-renorm` (Keras 3's renorm=True), and,
@@ -32,11 +34,12 @@ on TensorFlow with tf_keras installed, `tf.keras-batchnorm` (tf.keras's fused
 BatchNormalization) and `tf.keras-renorm` (tf.keras's renorm=True, not
 fused) as outside anchors.
 
-Each run writes benchmarks/results/BACKEND-DEVICE.csv and .json (the rows,
-with backend, device, versions and thread count; a rerun on the same backend
-and device replaces them), then rewrites benchmarks/results/summary.md from
-every results file, and with --readme the block of README.md between
-`<!-- bench.md begins -->` and `<!-- bench.md ends -->`.
+Each run writes benchmarks/results/BACKEND-DEVICE.csv and .json (-xla
+added for TensorFlow with jit_compile on) with the rows, backend, device,
+versions and thread count (a rerun of a level replaces its rows), then
+rewrites benchmarks/results/summary.md from every results file, and with
+--readme the block of README.md between `<!-- bench.md begins -->` and
+`<!-- bench.md ends -->`.
 """
 
 import argparse
@@ -333,19 +336,24 @@ def bench_model(keras, args, variants, jit, rng, environment):
 
 
 def bench_jit(keras, args, rng, environment):
+    """WRN steps of batchnorm and renorm with jit_compile off and on; each
+    ratio is to the same norm's jit_compile=off."""
     steps = model_steps(args, environment)
     name = f"WRN-{args.depth}-{args.width}"
-    print(f"jit_compile, {name} with batchnorm:", flush=True)
     x, y = wrn_batch(args, rng)
-    steppers = {}
-    for setting in ("off", "on"):
-        model, api = wrn_model(keras, "batchnorm", args.depth, args.width)
-        compile_model(model, api, setting == "on")
-        steppers[f"jit_compile={setting}"] = stepper(
-            model, api, to_tensor(api, x), to_tensor(api, y))
-    times = time_interleaved(steppers, steps, args.repeats, args.warmup)
-    return rows_of("jit", f"{name}, {args.batch_size}x32x32x3", times,
-                   args.batch_size, steps, "jit_compile=off")
+    rows = []
+    for norm in ("batchnorm", "renorm"):
+        print(f"jit_compile, {name} with {norm}:", flush=True)
+        steppers = {}
+        for setting in ("off", "on"):
+            model, api = wrn_model(keras, norm, args.depth, args.width)
+            compile_model(model, api, setting == "on")
+            steppers[f"{norm}, jit_compile={setting}"] = stepper(
+                model, api, to_tensor(api, x), to_tensor(api, y))
+        times = time_interleaved(steppers, steps, args.repeats, args.warmup)
+        rows += rows_of("jit", f"{name}, {args.batch_size}x32x32x3", times,
+                        args.batch_size, steps, f"{norm}, jit_compile=off")
+    return rows
 
 
 def bench_input(keras, args, jit, rng, environment):
@@ -462,6 +470,8 @@ def describe(keras, jit, args):
 def write_results(results_dir, environment, rows):
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{environment['backend']}-{environment['device_type']}"
+    if environment["backend"] == "tensorflow" and environment["jit_compile"]:
+        stem += "-xla"  # TensorFlow with and without XLA side by side
     record = dict(environment, rows=rows)
     json_path = results_dir / f"{stem}.json"
     if json_path.is_file():  # keep the levels this run did not measure
@@ -517,9 +527,10 @@ def summary(results_dir):
             "`batchnorm, resident` (input level; waiting: "
             "the share of a step spent on input, against the same norm on "
             "resident batches; s per epoch: ms per step times the steps of "
-            "an epoch of 50,000 images), of `jit_compile=off` (jit level); "
-            "all measured in one process, interleaved. Written by "
-            "`benchmarks/bench.py` from `benchmarks/results/*.json`.\n")
+            "an epoch of 50,000 images), the same norm with "
+            "`jit_compile=off` (jit level); all measured in one process, "
+            "interleaved. Written by `benchmarks/bench.py` from "
+            "`benchmarks/results/*.json`.\n")
     return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + note
 
 
@@ -535,11 +546,12 @@ def update_readme(path, text):
 
 
 def print_rows(rows):
-    print(f"{'level':6} {'shape':26} {'variant':19} {'ms/step':>9} "
+    width = max([len("variant")] + [len(row["variant"]) for row in rows])
+    print(f"{'level':6} {'shape':26} {'variant':{width}} {'ms/step':>9} "
           f"{'min-max':>15} {'images/s':>9} {'ratio':>6}")
     for row in rows:
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
-        print(f"{row['level']:6} {row['shape']:26} {row['variant']:19} "
+        print(f"{row['level']:6} {row['shape']:26} {row['variant']:{width}} "
               f"{row['ms_per_step']:9.1f} "
               f"{row['ms_min']:7.1f}-{row['ms_max']:<7.1f} "
               f"{row['images_per_s']:9.1f} {ratio:>6}")

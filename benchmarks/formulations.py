@@ -15,7 +15,11 @@ TensorFlow (tf.function, no XLA):
   fused-bn      tf.compat.v1.nn.fused_batch_norm with gamma, beta (plain BN,
                 the lower bound)
   fused-affine  the fused kernel for x_hat and the statistics, then
-                y = x_hat * (gamma r) + (gamma d + beta)   (the fast path)
+                y = x_hat * (gamma r) + (gamma d + beta), differentiated
+                automatically (the first fast path)
+  fused-grad    the same forward, with a custom gradient: one
+                FusedBatchNormGradV3 with scale gamma r gives the gradients
+                of x, gamma r and gamma d + beta (the fast path)
   moments-fused tf.nn.moments first (no gradient) for r and d, then the fused
                 kernel with scale gamma r and offset gamma d + beta
 PyTorch:
@@ -34,7 +38,11 @@ JAX (jax.jit, XLA):
   portable      as above
   one-pass      the statistics in one read of x: E[x - s] and E[(x - s)^2]
                 with a shift s taken from the batch (no gradient), so no
-                cancellation, then as portable
+                cancellation, then as portable (the first portable path)
+  one-read      E[x] and E[x^2] straight from x, var = E[x^2] - E[x]^2,
+                recomputed around the mean only where that cancels (a
+                lax.cond, outside differentiation), then as portable (the
+                portable path)
 
 Prints the median ms per step of each, interleaved, and the largest
 difference of each formulation's gradients from the portable path's.
@@ -93,6 +101,31 @@ def tensorflow_steps(shape):
         r, d = corrections(tf.stop_gradient(mean), stddev)
         return x_hat * (gamma * r) + (gamma * d + beta)
 
+    def fused_grad(x):
+        x_hat, mean, var, *reserve = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=tf.ones([channels]), offset=tf.zeros([channels]),
+            mean=tf.constant([], tf.float32),
+            variance=tf.constant([], tf.float32), epsilon=EPS,
+            is_training=True)
+        n = float(np.prod(shape[:-1]))
+        stddev = tf.sqrt(tf.stop_gradient(var) * (n - 1) / n + EPS)
+        r, d = corrections(tf.stop_gradient(mean), stddev)
+        x_hat = tf.stop_gradient(x_hat)
+        reserve = [tf.stop_gradient(t) for t in reserve]
+
+        @tf.custom_gradient
+        def affine(x, scale, offset):
+            def gradient(dy):
+                dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=dy, x=x, scale=scale,
+                    reserve_space_1=reserve[0], reserve_space_2=reserve[1],
+                    reserve_space_3=reserve[2], epsilon=EPS,
+                    is_training=True)
+                return dx, dscale, doffset
+            return x_hat * scale + offset, gradient
+
+        return affine(x, gamma * r, gamma * d + beta)
+
     def moments_fused(x):
         mean, var = tf.nn.moments(tf.stop_gradient(x), axes)
         r, d = corrections(mean, tf.sqrt(var + EPS))
@@ -112,6 +145,7 @@ def tensorflow_steps(shape):
     return {"keras-bn": step_of(keras_bn), "portable": step_of(portable),
             "fused-bn": step_of(fused_bn),
             "fused-affine": step_of(fused_affine),
+            "fused-grad": step_of(fused_grad),
             "moments-fused": step_of(moments_fused)}
 
 
@@ -224,6 +258,16 @@ def jax_steps(shape):
                           - jnp.square(mean_s), 0.0)
         return renorm(x, gamma, beta, mean_s + shift.reshape(-1), var)
 
+    def one_read(x, gamma, beta):
+        mean = jnp.mean(x, axes)
+        mean_square = jnp.mean(jnp.square(x), axes)
+        var = jnp.maximum(mean_square - jnp.square(mean), 0.0)
+        exact = jax.lax.stop_gradient(jax.lax.cond(
+            jnp.any(mean_square > 1e3 * var),
+            lambda: jnp.mean(jnp.square(x - mean), axes), lambda: var))
+        var = var + jax.lax.stop_gradient(exact - var)
+        return renorm(x, gamma, beta, mean, var)
+
     def step_of(formula):
         grad = jax.jit(jax.grad(
             lambda x, p: jnp.sum(formula(x, *p) * dy), argnums=(0, 1)))
@@ -235,7 +279,7 @@ def jax_steps(shape):
         return step
 
     return {"keras-bn": step_of(keras_bn), "portable": step_of(portable),
-            "one-pass": step_of(one_pass)}
+            "one-pass": step_of(one_pass), "one-read": step_of(one_read)}
 
 
 def main():

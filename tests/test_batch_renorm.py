@@ -362,6 +362,49 @@ def test_statistics_of_channels_with_large_mean_and_small_spread():
         assert_close(y, expected["y"], rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [(256, 4), (8, 4, 8, 4)], ids=["rank2", "rank4"])
+def test_batch_variance_is_exact_where_one_read_would_cancel(shape, fused):
+    """`E[x^2] - E[x]^2` in float32 would lose the variance of channels whose
+    mean is 100 to 10,000 times their spread; the layer's batch variance
+    (read through `moving_stddev` with momentum 0 and a tiny epsilon) is the
+    float64 one to 1e-3, and as exact on an ordinary channel."""
+    rng = np.random.default_rng(12)
+    x = random_batch(rng, shape, -1, [255.3, 500.0, 1e4, 0.1],
+                     [1.0, 0.5, 1.0, 2.0])
+    layer = BatchRenormalization(momentum=0.0, epsilon=1e-9, fused=fused,
+                                 **FIXED_CLIP)
+    layer(x, training=True)
+    expected = np.sqrt(np.var(x.astype("float64").reshape(-1, shape[-1]),
+                             axis=0) + 1e-9)
+    np.testing.assert_allclose(to_numpy(layer.moving_stddev), expected,
+                               rtol=1e-3)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+def test_recomputed_variance_keeps_algorithm_1_and_its_gradient(fused):
+    """Channels with a mean 50 times their spread take the second read of
+    the batch variance (E[x^2] would be 2500 times it); outputs, gradients
+    and state still follow the float64 reference."""
+    rng = np.random.default_rng(13)
+    shape = (8, 4, 4, 3)
+    layer = BatchRenormalization(momentum=0.7, fused=fused, **FIXED_CLIP)
+    values = init_layer(layer, shape, rng)
+    values["moving_mean"] = np.array([50.0, -40.0, 0.0])
+    layer.moving_mean.assign(values["moving_mean"].astype("float32"))
+    ref = reference_for(layer, values)
+    for k in range(2):
+        x = random_batch(rng, shape, -1, [50.5, -40.2, 0.1], [1.0, 0.8, 1.5])
+        w = rng.normal(size=shape).astype("float32")
+        y, dx, dvars = train_call_with_grads(layer, x, w)
+        expected = ref.train(x, g_y=w)
+        assert_close(y, expected["y"], 1e-3, 1e-3, err_msg=f"step {k}")
+        assert_close(dx, expected["dx"], 1e-3, 1e-3, err_msg=f"step {k}")
+        assert_close(dvars["gamma"], expected["dgamma"], 1e-3, 1e-3)
+        assert_close(dvars["beta"], expected["dbeta"], 1e-3, 1e-3)
+        assert_close(layer.moving_stddev, ref.moving_stddev, 1e-4, 1e-4)
+
+
 @pytest.mark.parametrize(
     "shape, axis", [((6, 3), -1), ((3, 2, 2, 2), 1)], ids=["rank2", "rank4"]
 )
@@ -937,6 +980,34 @@ def test_fused_argument_is_validated():
         layer = BatchRenormalization(**kwargs)
         layer.build(shape)
         assert not layer.uses_fast_path
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's XLA")
+def test_tensorflow_takes_the_portable_path_under_xla():
+    """Under `jit_compile=True` XLA lowers the fused kernels into its own
+    ops, where the portable path measured faster: no FusedBatchNorm op is
+    traced there, and one forward and one backward are traced without XLA."""
+    import tensorflow as tf
+
+    layer = BatchRenormalization(**FIXED_CLIP)
+    layer.build((4, 3, 3, 2))
+
+    def op_types(jit_compile):
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.square(layer(x, training=True)))
+            return tape.gradient(loss, x)
+
+        function = tf.function(step, jit_compile=jit_compile)
+        graph = function.get_concrete_function(
+            tf.TensorSpec((4, 3, 3, 2))).graph
+        return [op.type for op in graph.get_operations()]
+
+    assert layer.uses_fast_path
+    assert op_types(False).count("FusedBatchNormV3") == 1
+    assert op_types(False).count("FusedBatchNormGradV3") == 1
+    assert not any("FusedBatchNorm" in t for t in op_types(True))
 
 
 @pytest.mark.skipif(not has_fast_path(), reason="no fused kernel here")

@@ -26,6 +26,10 @@ def load_bench():
 bench = load_bench()
 TINY = ["--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup",
         "1", "--depth", "10", "--width", "1", "--channels", "3", "5"]
+if BACKEND == "tensorflow":
+    # Results go to tensorflow-cpu.json (with XLA: tensorflow-cpu-xla.json,
+    # which `auto` picks on a CPU without AVX-512).
+    TINY += ["--jit-compile", "off"]
 
 
 def expected_variants():
@@ -106,3 +110,50 @@ def test_readme_without_the_block_is_an_error(tmp_path, capsys):
                        "--readme", str(readme)]) == 2
     assert "bench.md begins" in capsys.readouterr().err
     assert readme.read_text() == "no block\n"
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="torch.compile takes minutes "
+                    "on a CPU; measured by the benchmark, not the tests")
+def test_jit_level_times_each_norm_with_and_without_xla(tmp_path):
+    results = tmp_path / "results"
+    assert bench.main(TINY + ["--level", "jit",
+                              "--results-dir", str(results)]) == 0
+    rows = json.loads((results / f"{BACKEND}-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        f"{norm}, jit_compile={setting}" for norm in ("batchnorm", "renorm")
+        for setting in ("off", "on")]
+    for row in rows:
+        assert row["level"] == "jit" and row["ms_per_step"] > 0
+        assert (row["ratio"] == 1.0) == row["variant"].endswith("off")
+    assert "jit_compile=on" in (results / "summary.md").read_text()
+
+
+def test_input_level_measures_the_wait_for_data(tmp_path):
+    from fake_cifar import write_fake_cifar
+
+    data = write_fake_cifar(tmp_path / "cifar", per_class=2, test_per_class=1)
+    results = tmp_path / "results"
+    assert bench.main(TINY + ["--level", "input", "--data-dir", str(data),
+                              "--results-dir", str(results)]) == 0
+    rows = json.loads((results / f"{BACKEND}-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        f"{norm}, {pipeline}" for norm in ("batchnorm", "renorm")
+        for pipeline in ("resident", "host", "device")]
+    for row in rows:
+        assert row["level"] == "input" and row["wait_share"] < 1
+        # 100 training images in batches of 4: 25 steps per epoch.
+        assert row["epoch_s"] == pytest.approx(
+            row["ms_per_step"] * 25 / 1000, rel=1e-2)
+        assert row["steps_per_execution"] == 1
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow with XLA")
+def test_tensorflow_with_xla_has_its_own_results_file(tmp_path):
+    results = tmp_path / "results"
+    assert bench.main(TINY + ["--level", "layer", "--variants", "batchnorm",
+                              "renorm", "--jit-compile", "on",
+                              "--results-dir", str(results)]) == 0
+    record = json.loads((results / "tensorflow-cpu-xla.json").read_text())
+    assert record["jit_compile"] is True
+    assert not (results / "tensorflow-cpu.json").exists()
+    assert "jit_compile=True" in (results / "summary.md").read_text()

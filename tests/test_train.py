@@ -488,3 +488,29 @@ def test_resume_a_history_from_before_the_sampling_keys():
     with pytest.raises(train.UsageError,
                        match="--classes-per-batch 2 differs"):
         train.resumed_config(config, saved, explicit)
+
+
+def test_jit_compile_resolution(tmp_path, monkeypatch):
+    """--jit-compile auto: XLA for TensorFlow on a CPU without AVX-512, not
+    with it (measured, benchmarks/NOTES.md), Keras's choice elsewhere."""
+    def environment(backend, device_type):
+        return {"backend": backend, "device_type": device_type}
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert not train.cpu_has_avx512(avx2)
+    assert train.cpu_has_avx512(avx512)
+    assert train.cpu_has_avx512(tmp_path / "missing")  # unknown: XLA off
+    for has_avx512 in (True, False):
+        monkeypatch.setattr(train, "cpu_has_avx512", lambda: has_avx512)
+        tf_cpu = environment("tensorflow", "cpu")
+        assert train.jit_compile("auto", tf_cpu) is (not has_avx512)
+        assert train.jit_compile("on", tf_cpu) is True
+        assert train.jit_compile("off", tf_cpu) is False
+    for backend, device in [("tensorflow", "gpu"), ("jax", "cpu"),
+                            ("torch", "cpu")]:
+        assert train.jit_compile("auto", environment(backend, device)) == (
+            "auto")
+    assert train.jit_compile("off", environment("jax", "cpu")) is False
