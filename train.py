@@ -821,7 +821,7 @@ def train(config, options, explicit, argv):
                 x_train, y_train, mean, std, augmented=config["augment"])
         header = columns(config)
         session = dict(started=now(), command=command_line(argv),
-                       **environment)
+                       jit_compile=bool(model.jit_compile), **environment)
 
         # 4. Restore the last finished epoch, or start from scratch.
         if resuming:

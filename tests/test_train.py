@@ -314,6 +314,8 @@ def test_interrupt_and_resume(data_dir, tmp_path, monkeypatch, capsys):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     record = json.loads((tmp_path / "history" / "run.json").read_text())
     assert [s["first_epoch"] for s in record["sessions"]] == [1, 2]
+    # The XLA setting the run resolved (`--jit-compile auto`) is recorded.
+    assert all(isinstance(s["jit_compile"], bool) for s in record["sessions"])
 
     # An uninterrupted run gives the same history (the shuffling and the
     # augmentation of an epoch depend on the seed and the epoch only).
