@@ -167,8 +167,8 @@ class BatchRenormalization(keras.layers.Layer):
             channels-last inputs, no mask; on TensorFlow also
             `epsilon >= 1.001e-5`, and not under XLA, `jit_compile=True`,
             where the portable path is the faster one), `False` never to,
-            `True` to require it (an error where it does not apply). The same Algorithm 1 either
-            way, up to float rounding.
+            `True` to require it (an error where it does not apply). The
+            same Algorithm 1 either way, up to float rounding.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -492,17 +492,10 @@ class BatchRenormalization(keras.layers.Layer):
             return mean, variance + ops.stop_gradient(exact - variance)
         weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
         weights = ops.broadcast_to(weights, ops.shape(x))
-        count = ops.sum(weights, self._reduction_axes, keepdims=True)
-        count = ops.maximum(count, 1.0)
-        mean = ops.sum(x * weights, self._reduction_axes, keepdims=True) / count
-        variance = (
-            ops.sum(ops.square(x - mean) * weights, self._reduction_axes, True)
-            / count
-        )
-        return (
-            ops.squeeze(mean, self._reduction_axes),
-            ops.squeeze(variance, self._reduction_axes),
-        )
+        count = ops.maximum(ops.sum(weights, axes, keepdims=True), 1.0)
+        mean = ops.sum(x * weights, axes, keepdims=True) / count
+        variance = ops.sum(ops.square(x - mean) * weights, axes, True) / count
+        return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
 
     def get_config(self):
         base_config = super().get_config()
