@@ -116,8 +116,8 @@ def build_parser():
                         "float32)")
     parser.add_argument("--jit-compile", choices=("auto", "on", "off"),
                         default="auto", help="as train.py's (default auto: "
-                        "off for TensorFlow on a CPU, Keras's choice "
-                        "elsewhere)")
+                        "for TensorFlow on a CPU, on where the CPU lacks "
+                        "AVX-512; Keras's choice elsewhere)")
     parser.add_argument("--data-dir", type=Path, help="CIFAR-10 for the "
                         "input level (default: CIFAR10_DIR, ../shared/data, "
                         "else random images of the same shape)")
@@ -442,10 +442,8 @@ def cycle(batches):
 
 
 # ---------------------------------------------------------------- files
-def describe(keras, jit, args):
-    import train
-
-    environment = train.describe_environment(keras)
+def describe(environment, jit, args):
+    """The run's record: train.py's `environment`, threads, settings."""
     threads = {"cpu_count": os.cpu_count()}
     backend = environment["backend"]
     if backend == "torch":
@@ -470,7 +468,8 @@ def describe(keras, jit, args):
 def write_results(results_dir, environment, rows):
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{environment['backend']}-{environment['device_type']}"
-    if environment["backend"] == "tensorflow" and environment["jit_compile"]:
+    if (environment["backend"], environment["jit_compile"]) == (
+            "tensorflow", True):
         stem += "-xla"  # TensorFlow with and without XLA side by side
     record = dict(environment, rows=rows)
     json_path = results_dir / f"{stem}.json"
@@ -599,8 +598,8 @@ def main(argv=None):
                 rows += bench_jit(keras, args, rng, environment)
         finally:
             keras.config.set_dtype_policy(policy)
-        path = write_results(args.results_dir, describe(keras, jit, args),
-                             rows)
+        record = describe(environment, jit, args)
+        path = write_results(args.results_dir, record, rows)
         print_rows(rows)
         text = summary(args.results_dir)
         (args.results_dir / "summary.md").write_text(text)
