@@ -31,7 +31,6 @@ A partial or malformed history is skipped with a warning naming it.
 import argparse
 import csv
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,12 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
+from experiment import runfiles  # noqa: E402
+from experiment.protocols import NORMS  # noqa: E402 (fixes their colours)
+
 PROG = "plot.py"
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
 BASELINE = "batchnorm"
-NORMS = ("batchnorm", "renorm", "keras-renorm")  # fixes their colours
 # Fields besides `norm` that split runs into groups where they differ, in the
 # order they appear in labels. The seed never does: seeds are repeats.
 GROUP_FIELDS = ("protocol", "batch_size", "classes_per_batch", "epochs", "lr",
@@ -146,9 +147,9 @@ def read_config(path):
     if not path.is_file():
         raise BadHistory(f"no configuration file {path.name}")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise BadHistory(f"unreadable {path.name} ({error})") from None
+        config = runfiles.read_json(path)
+    except (OSError, RuntimeError) as error:
+        raise BadHistory(str(error)) from None
     if not isinstance(config, dict) or not isinstance(config.get("norm"), str):
         raise BadHistory(f"{path.name} names no norm")
     return config
@@ -160,14 +161,12 @@ def read_csv_rows(path):
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
-        with open(path, newline="") as file:
-            reader = csv.reader(file)
-            rows = [(reader.line_num, row) for row in reader if row]
+        header, rows = runfiles.read_csv(path)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise BadHistory(f"unreadable CSV ({error})") from None
-    if not rows:
+    if not header:
         raise BadHistory("empty CSV")
-    return rows[0][1], rows[1:]
+    return header, rows
 
 
 def read_frame(path):
@@ -338,12 +337,10 @@ def timing_report(groups, runs, history_dirs):
 def styles(groups):
     """A (colour, line style, marker) per group: colour by norm, line style
     by the other key fields, dots on short runs."""
-    norms = sorted({g.norm for g in groups}, key=norm_rank)
-    palette = sns.color_palette("colorblind", len(NORMS) + len(norms))
+    colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
     rests = list(dict.fromkeys(g.key for g in groups))
     short = max(len(run.frame) for g in groups for run in g.runs) <= 25
-    return [(palette[norm_rank(g.norm)[0] if g.norm in NORMS
-                     else len(NORMS) + norms.index(g.norm)],
+    return [(colors[g.norm],
              LINESTYLES[rests.index(g.key) % len(LINESTYLES)],
              "o" if short else None)
             for g in groups]
@@ -662,34 +659,17 @@ def test_table(points):
         "several):\n\n" + table + "\n")
 
 
-def write_atomically(path, write):
-    """Call `write(temporary_path)`, then move the result onto `path`."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def save_figure(fig, path):
-    write_atomically(path, lambda p: fig.savefig(p, format="png", dpi=120,
-                                                 bbox_inches="tight"))
+    with runfiles.atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def update_readme(path, report):
     """Replaces the text between README_BEGIN and README_END in `path` with
     `report` (less its title)."""
-    text = path.read_text()
-    begin, end = text.find(README_BEGIN), text.find(README_END)
-    if begin < 0 or end < begin:
-        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} "
-                         "block to fill")
-    body = report.split("\n\n", 1)[1]
-    updated = (text[:begin + len(README_BEGIN)] + "\n" + body
-               + text[end:])
-    write_atomically(path, lambda p: p.write_text(updated))
+    runfiles.replace_block(path, README_BEGIN, README_END,
+                           report.split("\n\n", 1)[1])
 
 
 def main(argv=None):
@@ -719,8 +699,8 @@ def main(argv=None):
         if any(p.classes is not None for p in points):
             save_figure(plot_non_iid(points, runs),
                         args.plots_dir / "non_iid.png")
-        write_atomically(args.plots_dir / "timing.md",
-                         lambda p: p.write_text(report))
+        with runfiles.atomic_path(args.plots_dir / "timing.md") as temporary:
+            temporary.write_text(report)
     except OSError as error:
         print(f"{PROG}: error: cannot write to {args.plots_dir}: {error}",
               file=sys.stderr)

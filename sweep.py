@@ -34,15 +34,29 @@ interruption. Flags after `--` go to every train.py run.
 """
 
 import argparse
-import json
 import re
 import shlex
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
-import train
+from experiment import runfiles
+from experiment.cli import Parser
+from experiment.cli import UsageError
+from experiment.cli import fail
+from experiment.cli import fraction
+from experiment.cli import nonnegative_int
+from experiment.cli import positive_float
+from experiment.cli import positive_int
+from experiment.cli import schedule_fractions
+from experiment.cli import wrn_depth
+from experiment.protocols import NORMS
 
 PROG = "sweep.py"
+TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported
+PLOT = TRAIN.with_name("plot.py")
 NUM_CLASSES = 10  # CIFAR-10
 PAPER_SCHEDULE = "0.04,0.19,0.31"  # 5k, 25k, 40k of the paper's 130k steps
 PRESETS = {
@@ -63,7 +77,6 @@ PRESETS = {
     "gpu": dict(depth=16, width=4, train_size=None, val_size=None, epochs=30,
                 momentum_images=12800, renorm_schedule=PAPER_SCHEDULE),
 }
-NORMS = train.NORMS
 BATCH_SIZES = (4, 8, 32, 128)
 SAMPLINGS = ("iid", "k2")
 # train.py flags that the sweep sets itself and `--` may not override.
@@ -72,15 +85,6 @@ OWN_FLAGS = ("--norm", "--name", "--batch-size", "--classes-per-batch",
              "--seed", "--epochs", "--depth", "--width", "--train-size",
              "--val-size", "--norm-momentum", "--renorm-schedule", "--lr",
              "--data-dir")
-
-
-class UsageError(Exception):
-    """Bad flags: one line on stderr, exit 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        raise UsageError(f"{message} (see {PROG} --help)")
 
 
 def sampling(text):
@@ -116,36 +120,36 @@ def build_parser():
                         default=list(NORMS), metavar="NORM",
                         help="normalizations: " + ", ".join(NORMS)
                         + " (default: all three)")
-    preset.add_argument("--batch-sizes", nargs="+", type=train.positive_int,
+    preset.add_argument("--batch-sizes", nargs="+", type=positive_int,
                         default=list(BATCH_SIZES), metavar="N",
                         help="default: " + " ".join(map(str, BATCH_SIZES)))
     preset.add_argument("--sampling", nargs="+", type=sampling,
                         default=list(SAMPLINGS), metavar="S",
                         help="iid, kN (N classes per batch) or pairs (K = "
                         "batch size / 2); default: " + " ".join(SAMPLINGS))
-    preset.add_argument("--seeds", nargs="+", type=train.nonnegative_int,
+    preset.add_argument("--seeds", nargs="+", type=nonnegative_int,
                         default=[0], metavar="SEED",
                         help="repeats of each run (default: 0)")
     run = parser.add_argument_group("each run (train.py flags)")
-    run.add_argument("--depth", type=train.wrn_depth, metavar="D")
-    run.add_argument("--width", type=train.positive_int, metavar="K")
-    run.add_argument("--train-size", type=train.positive_int, metavar="N",
+    run.add_argument("--depth", type=wrn_depth, metavar="D")
+    run.add_argument("--width", type=positive_int, metavar="K")
+    run.add_argument("--train-size", type=positive_int, metavar="N",
                      help="stratified training subset (gpu preset: all)")
-    run.add_argument("--val-size", type=train.positive_int, metavar="N",
+    run.add_argument("--val-size", type=positive_int, metavar="N",
                      help="stratified validation subset of the test set "
                      "(gpu preset: all)")
-    run.add_argument("--epochs", type=train.positive_int, metavar="N")
-    run.add_argument("--lr", type=train.positive_float,
+    run.add_argument("--epochs", type=positive_int, metavar="N")
+    run.add_argument("--lr", type=positive_float,
                      help="the learning rate of every run, whatever its batch "
                      "size (default: the seed protocol's, 1e-3)")
-    run.add_argument("--renorm-schedule", type=train.schedule_fractions,
+    run.add_argument("--renorm-schedule", type=schedule_fractions,
                      metavar="W,D,R",
                      help="renorm's warm-up end, d_max and r_max steps as "
                      "fractions of each run's steps (cpu preset: "
                      f"{PRESETS['cpu']['renorm_schedule']}; gpu: "
                      f"{PAPER_SCHEDULE}, the paper's 5k, 25k, 40k of 130k)")
     momentum = run.add_mutually_exclusive_group()
-    momentum.add_argument("--momentum-images", type=train.positive_int,
+    momentum.add_argument("--momentum-images", type=positive_int,
                           metavar="IMAGES",
                           help="norm momentum 1 - BATCH / IMAGES, so that the "
                           "moving statistics average over about the same "
@@ -153,7 +157,7 @@ def build_parser():
                           f"{PRESETS['cpu']['momentum_images']}, i.e. 0.6 at "
                           f"batch 128; gpu: "
                           f"{PRESETS['gpu']['momentum_images']}, i.e. 0.99)")
-    momentum.add_argument("--norm-momentum", type=train.fraction,
+    momentum.add_argument("--norm-momentum", type=fraction,
                           metavar="M", help="one norm momentum for all runs")
     run.add_argument("--data-dir", type=Path, metavar="DIR",
                      help="CIFAR-10 folder (default: $CIFAR10_DIR)")
@@ -186,7 +190,7 @@ def parse_args(argv):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if isinstance(args.renorm_schedule, str):
-        args.renorm_schedule = train.schedule_fractions(args.renorm_schedule)
+        args.renorm_schedule = schedule_fractions(args.renorm_schedule)
     if args.norm_momentum is not None:
         args.momentum_images = None
     elif args.momentum_images <= max(args.batch_sizes):
@@ -278,19 +282,51 @@ def train_argv(args, name, norm, batch_size, classes, seed):
 
 def finished(args, name):
     """Whether the run has all its epochs and its final result."""
-    path = args.history_dir / f"{name}.json"
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = runfiles.read_json(args.history_dir / f"{name}.json")
+    except (OSError, RuntimeError):
         return False
-    rows = train.read_rows(args.history_dir / f"{name}.csv")
+    rows = runfiles.read_rows(args.history_dir / f"{name}.csv")
     return (isinstance(record, dict) and "result" in record
             and len(rows) >= args.epochs)
 
 
-def fail(message, code):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code
+def run_script(script, argv):
+    """Runs `python SCRIPT ARGV` (train.py, plot.py) in its own process (a
+    fresh Keras session for each run) and returns its exit code. On a
+    terminal it writes there itself, progress bar included; else its output goes line by line through
+    this process's sys.stdout and sys.stderr. A Ctrl-C reaches it from the
+    terminal and a SIGTERM is passed on to it: it saves its last epoch,
+    exits 128 + the signal, and so does the sweep."""
+    piped = not sys.stdout.isatty()
+    pipe = subprocess.PIPE if piped else None
+    process = subprocess.Popen([sys.executable, str(script), *argv],
+                               stdout=pipe, stderr=pipe, text=True)
+    handlers = {signal.SIGINT: lambda signum, frame: None,
+                signal.SIGTERM: lambda signum, frame: process.send_signal(
+                    signum)}
+    previous = ({s: signal.signal(s, h) for s, h in handlers.items()}
+                if threading.current_thread() is threading.main_thread()
+                else {})
+    try:
+        forwards = [threading.Thread(target=forward, args=(source, target))
+                    for source, target in ((process.stdout, sys.stdout),
+                                           (process.stderr, sys.stderr))
+                    if piped]
+        for thread in forwards:
+            thread.start()
+        for thread in forwards:
+            thread.join()
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def forward(source, target):
+    for line in source:
+        target.write(line)
+        target.flush()
 
 
 def main(argv=None):
@@ -298,12 +334,12 @@ def main(argv=None):
     try:
         args = parse_args(argv)
     except UsageError as error:
-        return fail(error, 2)
+        return fail(PROG, error, 2)
     runs, skipped = plan(args)
     for note in skipped:
         print(f"{PROG}: skipping {note}")
     if not runs:
-        return fail("no run is possible with these --batch-sizes and "
+        return fail(PROG, "no run is possible with these --batch-sizes and "
                     "--sampling", 2)
     done = [name for name, _ in runs if finished(args, name)]
     print(f"{PROG}: {len(runs)} runs ({len(done)} finished, "
@@ -323,26 +359,24 @@ def main(argv=None):
             print(f"{PROG}: [{number}/{len(runs)}] {name}: "
                   f"{shlex.join(['python', 'train.py', *run_argv])}",
                   flush=True)
-            code = train.main(run_argv)
+            code = run_script(TRAIN, run_argv)
             if code >= 128:
                 print(f"{PROG}: interrupted in run {name}; rerun the same "
                       "command to continue", file=sys.stderr)
                 return code
             if code:
-                return fail(f"run {name} failed (train.py exit {code}, see "
-                            "above); rerun the same command to continue "
-                            "once fixed (runs of other settings need "
-                            "another --history-dir)", code)
+                return fail(PROG, f"run {name} failed (train.py exit "
+                            f"{code}, see above); rerun the same command to "
+                            "continue once fixed (runs of other settings "
+                            "need another --history-dir)", code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to continue",
               file=sys.stderr)
         return 130
-    import plot
-
     print(f"{PROG}: all {len(runs)} runs finished; plotting every history "
           f"in {args.history_dir}", flush=True)
-    return plot.main(["--history-dir", str(args.history_dir),
-                      "--plots-dir", str(args.plots_dir)])
+    return run_script(PLOT, ["--history-dir", str(args.history_dir),
+                             "--plots-dir", str(args.plots_dir)])
 
 
 if __name__ == "__main__":

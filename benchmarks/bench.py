@@ -15,7 +15,7 @@ Levels (`--level`, several allowed; default `layer model`):
          layer; MSE loss, SGD).
   model  WRN-DEPTH-WIDTH (default 16-4) training steps on (B, 32, 32, 3).
   input  WRN training steps of batchnorm fed by train.py's input pipeline
-         (`host`: cifar10.train_batches; `device`: device_data, where it
+         (`host`: sampling.train_batches; `device`: device_data, where it
          exists) against the same steps on batches already in memory
          (`resident`): the share of an epoch spent waiting for data.
   jit    WRN training steps of batchnorm and of renorm with jit_compile off
@@ -55,7 +55,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train import positive_int, steps_or_auto  # noqa: E402 (after the path)
+from experiment import runfiles  # noqa: E402 (after the path)
+from experiment import runtime  # noqa: E402
+from experiment.cli import Parser  # noqa: E402
+from experiment.cli import UsageError  # noqa: E402
+from experiment.cli import positive_int  # noqa: E402
+from experiment.cli import steps_or_auto  # noqa: E402
 
 PROG = "bench.py"
 LEVELS = ("layer", "model", "input", "jit")
@@ -66,15 +71,6 @@ README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
            "images_per_s", "ratio", "repeats", "steps")
-
-
-class UsageError(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        raise UsageError(message)
 
 
 def build_parser():
@@ -359,14 +355,15 @@ def bench_jit(keras, args, rng, environment):
 def bench_input(keras, args, jit, rng, environment):
     """train.py's training loop (model.fit on an epoch's generator, with its
     --steps-per-execution) for batchnorm and renorm, fed by each of its
-    input pipelines (`host`: cifar10.train_batches, NumPy; `device`:
+    input pipelines (`host`: sampling.train_batches, NumPy; `device`:
     device_data.DeviceTrainSet, keras.ops on the device; both augmented) and
     by batches made beforehand (`resident`: no input work at all)."""
     import numpy as np
 
-    import cifar10
-    import device_data
-    import train
+    from experiment import cifar10
+    from experiment import device_data
+    from experiment import sampling
+    from experiment.preprocessing import channel_stats
 
     data_dir = args.data_dir
     beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
@@ -380,9 +377,9 @@ def bench_input(keras, args, jit, rng, environment):
         images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, 50000).astype(np.int32)
         source = "random uint8 images (CIFAR-10 not found)"
-    mean, std = cifar10.channel_stats(images)
+    mean, std = channel_stats(images)
     steps = model_steps(args, environment)
-    per_execution = train.resolve_steps_per_execution(
+    per_execution = runtime.resolve_steps_per_execution(
         args.steps_per_execution, environment, steps)
     name = f"WRN-{args.depth}-{args.width}"
     print(f"input level, {name}, {steps} steps per repeat, "
@@ -390,17 +387,17 @@ def bench_input(keras, args, jit, rng, environment):
     on_device = device_data.DeviceTrainSet(images, labels, mean, std,
                                            augmented=True)
     resident_batches = [tuple(map(keras.ops.convert_to_tensor, b)) for b in
-                cifar10.train_batches(images[:args.batch_size * 2],
+                sampling.train_batches(images[:args.batch_size * 2],
                                       labels[:args.batch_size * 2],
                                       args.batch_size, mean, std, rng)]
     epoch = [0]
     pipelines = {
         "resident": lambda: cycle(resident_batches),
-        "host": lambda: cifar10.train_batches(
+        "host": lambda: sampling.train_batches(
             images, labels, args.batch_size, mean, std,
-            cifar10.epoch_rng(0, epoch[0]), augmented=True),
+            sampling.epoch_rng(0, epoch[0]), augmented=True),
         "device": lambda: on_device.train_batches(
-            args.batch_size, cifar10.epoch_rng(0, epoch[0])),
+            args.batch_size, sampling.epoch_rng(0, epoch[0])),
     }
 
     def fit_on(model, make_batches):
@@ -480,15 +477,17 @@ def write_results(results_dir, environment, rows):
                           if r["level"] not in levels] + rows
         record["earlier"] = {k: old[k] for k in ("date", "command")
                              if k in old}
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    with runfiles.atomic_path(json_path) as temporary:
+        temporary.write_text(json.dumps(record, indent=1) + "\n")
     keys = list(COLUMNS) + ["wait_share", "epoch_s", "steps_per_execution"]
-    with open(results_dir / f"{stem}.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, keys + ["backend", "device"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        for row in record["rows"]:
-            writer.writerow(dict(row, backend=environment["backend"],
-                                 device=environment["device"]))
+    with runfiles.atomic_path(results_dir / f"{stem}.csv") as temporary:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.DictWriter(file, keys + ["backend", "device"],
+                                    extrasaction="ignore")
+            writer.writeheader()
+            for row in record["rows"]:
+                writer.writerow(dict(row, backend=environment["backend"],
+                                     device=environment["device"]))
     return json_path
 
 
@@ -534,14 +533,22 @@ def summary(results_dir):
 
 
 def update_readme(path, text):
-    content = path.read_text()
-    if README_BEGIN not in content or README_END not in content:
-        raise UsageError(f"{path} has no {README_BEGIN} ... {README_END} "
-                         "block")
-    head, rest = content.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    body = text.split("\n", 2)[2]  # without the "# Benchmarks" title
-    path.write_text(f"{head}{README_BEGIN}\n{body}{README_END}{tail}")
+    try:
+        runfiles.replace_block(path, README_BEGIN, README_END,
+                               text.split("\n", 2)[2])  # less the title
+    except ValueError as error:
+        raise UsageError(error) from None
+
+
+def write_summary(args):
+    """summary.md from every results file (and README's block with
+    --readme); returns its text."""
+    text = summary(args.results_dir)
+    with runfiles.atomic_path(args.results_dir / "summary.md") as temporary:
+        temporary.write_text(text)
+    if args.readme:
+        update_readme(args.readme, text)
+    return text
 
 
 def print_rows(rows):
@@ -560,24 +567,18 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         if args.summary:
-            text = summary(args.results_dir)
-            (args.results_dir / "summary.md").write_text(text)
-            if args.readme:
-                update_readme(args.readme, text)
-            print(text, end="")
+            print(write_summary(args), end="")
             return 0
         if args.backend:
             os.environ["KERAS_BACKEND"] = args.backend
         import numpy as np
         import keras
 
-        import train
-
         if args.backend and keras.backend.backend() != args.backend:
             raise UsageError(f"--backend {args.backend}: Keras is already "
                              f"running on {keras.backend.backend()}")
-        environment = train.describe_environment(keras)
-        jit = train.jit_compile(args.jit_compile, environment)
+        environment = runtime.describe_environment(keras)
+        jit = runtime.jit_compile(args.jit_compile, environment)
         variants = available_variants(keras, args.variants)
         policy = keras.config.dtype_policy()
         keras.config.set_dtype_policy(args.dtype_policy)
@@ -601,10 +602,7 @@ def main(argv=None):
         record = describe(environment, jit, args)
         path = write_results(args.results_dir, record, rows)
         print_rows(rows)
-        text = summary(args.results_dir)
-        (args.results_dir / "summary.md").write_text(text)
-        if args.readme:
-            update_readme(args.readme, text)
+        write_summary(args)
         print(f"results: {path}, {path.with_suffix('.csv')}, "
               f"{args.results_dir / 'summary.md'}")
         return 0

@@ -1,5 +1,7 @@
 """The three normalizations the experiment compares, behind one factory."""
 
+import inspect
+
 import keras
 
 from batch_renorm import BatchRenormalization
@@ -14,8 +16,12 @@ NORMS = {
     "schedule)",
 }
 
-# BatchRenormalization's schedule arguments, which the other two ignore.
+# BatchRenormalization's schedule arguments, which the other two ignore,
+# with the layer's defaults (the paper's).
 SCHEDULE_ARGS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
+_LAYER_DEFAULTS = inspect.signature(BatchRenormalization).parameters
+SCHEDULE_DEFAULTS = {name: _LAYER_DEFAULTS[name].default
+                     for name in SCHEDULE_ARGS}
 
 
 def make_norm(
@@ -24,11 +30,11 @@ def make_norm(
     *,
     momentum=0.99,
     epsilon=1e-3,
-    r_max=3.0,
-    d_max=5.0,
-    warmup_steps=5000,
-    r_max_steps=40000,
-    d_max_steps=25000,
+    r_max=SCHEDULE_DEFAULTS["r_max"],
+    d_max=SCHEDULE_DEFAULTS["d_max"],
+    warmup_steps=SCHEDULE_DEFAULTS["warmup_steps"],
+    r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
+    d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
     **kwargs,
 ):
     """A new normalization layer of the kind `norm`, channels last.

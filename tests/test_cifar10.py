@@ -1,12 +1,16 @@
-"""Loading, checks, subsets, normalization and augmentation of cifar10.py,
-on tiny files written in the official python layout."""
+"""Loading and checks (experiment/cifar10.py), subsets, normalization and
+augmentation (experiment/preprocessing.py), on tiny files written in the
+official python layout."""
 
 import pickle
 
 import numpy as np
 import pytest
 
-import cifar10
+from experiment import preprocessing
+from experiment import sampling
+
+from experiment import cifar10
 from fake_cifar import write_fake_cifar
 
 
@@ -127,26 +131,26 @@ def test_offline_without_a_copy(monkeypatch):
 def test_stratified_subset():
     labels = np.repeat(np.arange(10), 50)
     np.random.default_rng(0).shuffle(labels)
-    index = cifar10.stratified_subset(labels, 123, seed=1)
+    index = preprocessing.stratified_subset(labels, 123, seed=1)
     assert len(index) == 123 and len(set(index)) == 123
     assert np.all(np.diff(index) > 0)
     counts = np.bincount(labels[index], minlength=10)
     assert counts.min() == 12 and counts.max() == 13
     assert counts.sum() == 123
-    again = cifar10.stratified_subset(labels, 123, seed=1)
+    again = preprocessing.stratified_subset(labels, 123, seed=1)
     assert np.array_equal(index, again)
-    assert not np.array_equal(index, cifar10.stratified_subset(labels, 123, 2))
+    assert not np.array_equal(index, preprocessing.stratified_subset(labels, 123, 2))
     with pytest.raises(cifar10.DataError, match="only 50"):
-        cifar10.stratified_subset(labels, 600)
+        preprocessing.stratified_subset(labels, 600)
 
 
 def test_normalization(folder):
     data = cifar10.load(folder)
-    mean, std = cifar10.channel_stats(data.x_train)
+    mean, std = preprocessing.channel_stats(data.x_train)
     pixels = data.x_train.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-5)
     np.testing.assert_allclose(std, pixels.std(0), rtol=1e-4)
-    x = cifar10.normalize(data.x_train, mean, std)
+    x = preprocessing.normalize(data.x_train, mean, std)
     assert x.dtype == np.float32 and x.shape == data.x_train.shape
     np.testing.assert_allclose(x.reshape(-1, 3).mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(x.reshape(-1, 3).std(0), 1, atol=1e-3)
@@ -155,9 +159,9 @@ def test_normalization(folder):
 def test_augment_is_a_padded_crop_or_its_mirror():
     rng = np.random.default_rng(0)
     images = rng.integers(1, 256, size=(64, 32, 32, 3)).astype(np.uint8)
-    out = cifar10.augment(images, np.random.default_rng(5))
+    out = preprocessing.augment(images, np.random.default_rng(5))
     assert out.shape == images.shape and out.dtype == np.uint8
-    again = cifar10.augment(images, np.random.default_rng(5))
+    again = preprocessing.augment(images, np.random.default_rng(5))
     assert np.array_equal(out, again)
     flips = 0
     for image, result in zip(images, out):
@@ -178,8 +182,8 @@ def test_train_batches():
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
 
     def epoch(seed, number, augmented=False):
-        return list(cifar10.train_batches(
-            images, labels, 4, mean, std, cifar10.epoch_rng(seed, number),
+        return list(sampling.train_batches(
+            images, labels, 4, mean, std, sampling.epoch_rng(seed, number),
             augmented=augmented))
 
     batches = epoch(0, 0)

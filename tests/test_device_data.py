@@ -1,7 +1,7 @@
-"""device_data.py and train.py's --input and --steps-per-execution: the
-batches made on the device are those made on the host, and a run trained on
-them, several steps per execution, is the run trained on host batches one
-step at a time (tiny fake CIFAR-10 files and WRN-10-1, on this backend)."""
+"""experiment/device_data.py and train.py's --input and
+--steps-per-execution: the batches made on the device are those made on the
+host, and a run trained on them, several steps per execution, is the run
+trained on host batches one step at a time (tiny fake CIFAR-10 files and WRN-10-1, on this backend)."""
 
 import json
 
@@ -9,8 +9,16 @@ import keras
 import numpy as np
 import pytest
 
-import cifar10
-import device_data
+from experiment import cli
+from experiment import preprocessing
+from experiment import network
+from experiment import protocols
+from experiment import runfiles
+from experiment import runtime
+from experiment import sampling
+
+from experiment import cifar10
+from experiment import device_data
 import train
 from fake_cifar import write_fake_cifar
 from test_train import (one_error_line, read_history, run_main, run_script,
@@ -34,17 +42,17 @@ def test_device_batches_are_the_host_batches(data_dir, augmented,
                                              classes_per_batch):
     data = cifar10.load(data_dir)
     images, labels = data.x_train[:230], data.y_train[:230]
-    mean, std = cifar10.channel_stats(data.x_train)
+    mean, std = preprocessing.channel_stats(data.x_train)
     resident = device_data.DeviceTrainSet(images, labels, mean, std,
                                           augmented=augmented)
     for epoch in (0, 1):
-        host = list(cifar10.train_batches(
-            images, labels, 30, mean, std, cifar10.epoch_rng(4, epoch),
+        host = list(sampling.train_batches(
+            images, labels, 30, mean, std, sampling.epoch_rng(4, epoch),
             augmented=augmented, classes_per_batch=classes_per_batch))
         device = list(resident.train_batches(
-            30, cifar10.epoch_rng(4, epoch),
+            30, sampling.epoch_rng(4, epoch),
             classes_per_batch=classes_per_batch))
-        assert len(device) == len(host) == cifar10.steps_per_epoch(
+        assert len(device) == len(host) == sampling.steps_per_epoch(
             labels, 30, classes_per_batch)
         # Batches of every size: the last i.i.d. one is smaller, class
         # batches made of classes' last groups differ from 30.
@@ -70,10 +78,10 @@ def test_augmented_device_batches_are_crops_and_flips():
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
     resident = device_data.DeviceTrainSet(images, labels, mean, std,
                                           augmented=True)
-    rng = cifar10.epoch_rng(0, 0)
+    rng = sampling.epoch_rng(0, 0)
     order = rng.permutation(count)
-    top, left, flip = cifar10.crop_offsets(count, rng)
-    (x, y), = resident.train_batches(count, cifar10.epoch_rng(0, 0))
+    top, left, flip = preprocessing.crop_offsets(count, rng)
+    (x, y), = resident.train_batches(count, sampling.epoch_rng(0, 0))
     x = keras.ops.convert_to_numpy(x).astype(int)
     assert np.array_equal(keras.ops.convert_to_numpy(y), labels[order])
     assert 0 < flip.sum() < count and len(set(top)) > 1
@@ -102,22 +110,22 @@ def test_flags_and_their_resolution():
     def environment(backend, device_type):
         return {"backend": backend, "device_type": device_type}
 
-    assert train.resolve_input("auto", environment("jax", "cpu")) == "host"
-    assert train.resolve_input("auto", environment("jax", "gpu")) == "device"
-    assert train.resolve_input("auto", environment("jax", "tpu")) == "device"
-    assert train.resolve_input("host", environment("jax", "gpu")) == "host"
-    assert train.resolve_input("auto", environment("torch", "gpu")) == "device"
+    assert runtime.resolve_input("auto", environment("jax", "cpu")) == "host"
+    assert runtime.resolve_input("auto", environment("jax", "gpu")) == "device"
+    assert runtime.resolve_input("auto", environment("jax", "tpu")) == "device"
+    assert runtime.resolve_input("host", environment("jax", "gpu")) == "host"
+    assert runtime.resolve_input("auto", environment("torch", "gpu")) == "device"
     # Keras's TensorFlow trainer copies generator batches through the host.
-    assert train.resolve_input("auto", environment("tensorflow", "gpu")) == (
+    assert runtime.resolve_input("auto", environment("tensorflow", "gpu")) == (
         "host")
-    resolve = train.resolve_steps_per_execution
+    resolve = runtime.resolve_steps_per_execution
     assert resolve("auto", environment("jax", "cpu"), 391) == 1
     assert resolve("auto", environment("tensorflow", "gpu"), 391) == 64
     assert resolve("auto", environment("jax", "gpu"), 7) == 7
     assert resolve("auto", environment("torch", "gpu"), 391) == 1
     assert resolve(5, environment("jax", "cpu"), 391) == 5
     assert resolve(1, environment("torch", "gpu"), 391) == 1
-    with pytest.raises(train.UsageError, match="--steps-per-execution 3 "
+    with pytest.raises(cli.UsageError, match="--steps-per-execution 3 "
                        "needs the tensorflow or jax backend"):
         resolve(3, environment("torch", "cpu"), 391)
 
@@ -143,13 +151,13 @@ def test_speed_flags_may_change_on_resume():
         ["--norm", "renorm", "--name", "old", "--input", "device",
          "--steps-per-execution", "4"])
     saved = dict(config, input="host", steps_per_execution=1)
-    resumed = train.resumed_config(config, saved, explicit)
+    resumed = protocols.resumed_config(config, saved, explicit)
     assert (resumed["input"], resumed["steps_per_execution"]) == ("device", 4)
     legacy = {k: v for k, v in saved.items()
               if k not in ("input", "steps_per_execution")}
-    assert train.LEGACY_DEFAULTS["input"] == "host"
-    assert train.LEGACY_DEFAULTS["steps_per_execution"] == 1
-    assert train.resumed_config(config, legacy, explicit)["input"] == "device"
+    assert protocols.LEGACY_DEFAULTS["input"] == "host"
+    assert protocols.LEGACY_DEFAULTS["steps_per_execution"] == 1
+    assert protocols.resumed_config(config, legacy, explicit)["input"] == "device"
 
 
 # ---------------------------------------------------------------- tiny runs
@@ -171,10 +179,10 @@ def saved_state(out, name):
 def iterations(out, name):
     """The optimizer's step counter and the renorm layers' in the state."""
     config, _, _ = train.parse_args(run_args("data", out, name))
-    model = train.build_model(keras, config)
-    model.compile(optimizer=train.make_optimizer(keras, config),
+    model = network.build_model(keras, config)
+    model.compile(optimizer=network.make_optimizer(keras, config),
                   loss="sparse_categorical_crossentropy")
-    train.load_state(model, out / "weights" / f"{name}.state.npz")
+    runfiles.load_state(model, out / "weights" / f"{name}.state.npz")
     steps = {int(keras.ops.convert_to_numpy(layer.step))
              for layer in model.layers if hasattr(layer, "current_r_max")}
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations)), steps

@@ -1,12 +1,14 @@
-"""The non-i.i.d. sampler of cifar10.py: every training batch from exactly K
-classes, every training image once per epoch (NumPy only, no Keras)."""
+"""The non-i.i.d. sampler of experiment/sampling.py: every training batch
+from exactly K classes, every training image once per epoch (NumPy only, no
+Keras)."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-import cifar10
+from experiment import sampling
+
 
 
 def labels_with(counts, seed=0):
@@ -21,7 +23,7 @@ def check_epoch(labels, batch_size, classes, batches):
     used = np.concatenate(batches)
     assert len(used) == len(labels)
     assert np.array_equal(np.sort(used), np.arange(len(labels)))
-    assert len(batches) == cifar10.num_class_batches(labels, batch_size,
+    assert len(batches) == sampling.num_class_batches(labels, batch_size,
                                                      classes)
 
 
@@ -40,7 +42,7 @@ BALANCED = [
 def test_balanced_classes_give_full_batches(counts, batch_size, classes):
     labels = labels_with(counts)
     for seed in range(3):
-        batches = cifar10.class_batches(labels, batch_size, classes,
+        batches = sampling.class_batches(labels, batch_size, classes,
                                         np.random.default_rng(seed))
         check_epoch(labels, batch_size, classes, batches)
         # Each class count is a multiple of B / K, and K divides the number
@@ -66,7 +68,7 @@ def test_uneven_classes_still_k_classes_and_every_image_once(
         counts, batch_size, classes):
     labels = labels_with(counts, seed=1)
     for seed in range(3):
-        batches = cifar10.class_batches(labels, batch_size, classes,
+        batches = sampling.class_batches(labels, batch_size, classes,
                                         np.random.default_rng(seed))
         check_epoch(labels, batch_size, classes, batches)
 
@@ -80,14 +82,14 @@ def test_random_cases():
         classes = int(rng.integers(1, num_classes + 1))
         batch_size = classes * int(rng.integers(1, 9))
         labels = labels_with(counts, seed=int(rng.integers(1000)))
-        batches = cifar10.class_batches(labels, batch_size, classes, rng)
+        batches = sampling.class_batches(labels, batch_size, classes, rng)
         check_epoch(labels, batch_size, classes, batches)
 
 
 def test_nearly_all_batches_are_full_on_a_cifar_sized_subset():
     labels = labels_with(10 * [500])  # a stratified 5000-image subset
     for batch_size in (4, 8, 32, 128):
-        batches = cifar10.class_batches(labels, batch_size, 2,
+        batches = sampling.class_batches(labels, batch_size, 2,
                                         np.random.default_rng(0))
         check_epoch(labels, batch_size, 2, batches)
         sizes = np.array([len(b) for b in batches])
@@ -101,8 +103,8 @@ def test_reproducible_from_the_rng():
     labels = labels_with(10 * [30])
 
     def epoch(seed, number):
-        return cifar10.class_batches(labels, 6, 3,
-                                     cifar10.epoch_rng(seed, number))
+        return sampling.class_batches(labels, 6, 3,
+                                     sampling.epoch_rng(seed, number))
 
     first = epoch(0, 0)
     again = epoch(0, 0)
@@ -116,7 +118,7 @@ def test_classes_are_mixed_at_random():
     """With pairs of classes, an epoch pairs each class with many others, and
     the batches are not in class order."""
     labels = labels_with(10 * [40])
-    batches = cifar10.class_batches(labels, 4, 2, np.random.default_rng(0))
+    batches = sampling.class_batches(labels, 4, 2, np.random.default_rng(0))
     pairs = {tuple(np.unique(labels[b])) for b in batches}
     assert len(pairs) > 30  # of the 45 pairs of 10 classes
     counts = np.array([np.bincount(labels[b], minlength=10) for b in batches])
@@ -128,10 +130,10 @@ def test_classes_are_mixed_at_random():
 def test_number_of_batches_does_not_depend_on_the_rng():
     for counts in ([13, 7, 20, 1, 9, 30, 5, 5, 5, 2], 10 * [33], [8, 1, 1]):
         labels = labels_with(counts)
-        lengths = {len(cifar10.class_batches(labels, 4, 2,
+        lengths = {len(sampling.class_batches(labels, 4, 2,
                                              np.random.default_rng(seed)))
                    for seed in range(5)}
-        assert lengths == {cifar10.num_class_batches(labels, 4, 2)}
+        assert lengths == {sampling.num_class_batches(labels, 4, 2)}
 
 
 @pytest.mark.parametrize("batch_size, classes, words", [
@@ -142,9 +144,9 @@ def test_number_of_batches_does_not_depend_on_the_rng():
 ])
 def test_bad_classes_per_batch(batch_size, classes, words):
     labels = labels_with(10 * [20])
-    for call in (lambda: cifar10.class_batches(
+    for call in (lambda: sampling.class_batches(
                      labels, batch_size, classes, np.random.default_rng(0)),
-                 lambda: cifar10.num_class_batches(labels, batch_size,
+                 lambda: sampling.num_class_batches(labels, batch_size,
                                                    classes)):
         with pytest.raises(ValueError) as error:
             call()
@@ -164,12 +166,12 @@ def test_train_batches_with_classes_per_batch():
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
 
     def epoch(number, augmented=False):
-        return list(cifar10.train_batches(
-            images, labels, 6, mean, std, cifar10.epoch_rng(0, number),
+        return list(sampling.train_batches(
+            images, labels, 6, mean, std, sampling.epoch_rng(0, number),
             augmented=augmented, classes_per_batch=3))
 
     batches = epoch(0)
-    assert len(batches) == cifar10.steps_per_epoch(labels, 6, 3) == 20
+    assert len(batches) == sampling.steps_per_epoch(labels, 6, 3) == 20
     seen = []
     for x, y in batches:
         assert x.dtype == np.float32 and x.shape == (6, 32, 32, 3)
@@ -192,11 +194,11 @@ def test_iid_batches_are_unchanged():
     labels = labels_with(10 * [7])
     images = tiny_images(labels)
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
-    batches = list(cifar10.train_batches(images, labels, 8, mean, std,
-                                         cifar10.epoch_rng(3, 2)))
-    order = cifar10.epoch_rng(3, 2).permutation(len(labels))
+    batches = list(sampling.train_batches(images, labels, 8, mean, std,
+                                         sampling.epoch_rng(3, 2)))
+    order = sampling.epoch_rng(3, 2).permutation(len(labels))
     expected = [order[i:i + 8] for i in range(0, len(order), 8)]
-    assert len(batches) == cifar10.steps_per_epoch(labels, 8) == 9
+    assert len(batches) == sampling.steps_per_epoch(labels, 8) == 9
     for (x, y), index in itertools.zip_longest(batches, expected):
         assert np.array_equal(x[:, 0, 0, 0].astype(int), index)
         assert np.array_equal(y, labels[index])

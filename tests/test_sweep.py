@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from experiment import protocols
+
 import sweep
 import train
 from fake_cifar import write_fake_cifar
@@ -61,7 +63,7 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, capsys):
         assert [row["epoch"] for row in rows] == ["1"]
         assert 0 <= float(rows[0]["val_accuracy"]) <= 1
         record = json.loads((history / f"{name}.json").read_text())
-        for key in train.CONFIG_KEYS:
+        for key in protocols.CONFIG_KEYS:
             assert key in record, key
         norm, batch, sampling = name.split("-")[1:]
         batch_size = int(batch[1:])

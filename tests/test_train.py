@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import cifar10
+from experiment import cli
+from experiment import network
+from experiment import protocols
+from experiment import runfiles
+from experiment import runtime
+from experiment import sampling
+
 import train
 from fake_cifar import write_fake_cifar
 
@@ -76,7 +82,7 @@ def test_protocols():
             config["epochs"], config["augment"]) == (
         "sgd", 0.1, 0.9, True, 5e-4, 128, 200, True)
     assert config["lr_milestones"] == [60, 120, 160]
-    lrs = [train.lr_at(config, e) for e in (0, 59, 60, 119, 120, 160, 199)]
+    lrs = [protocols.lr_at(config, e) for e in (0, 59, 60, 119, 120, 160, 199)]
     np.testing.assert_allclose(lrs, [0.1, 0.1, 0.02, 0.02, 0.004, 0.0008,
                                      0.0008])
 
@@ -101,7 +107,7 @@ def test_overrides():
     assert options.history_dir == Path("h")
     assert options.weights_dir == Path("weights")
     assert "lr" in explicit and "momentum" not in explicit
-    assert set(config) == set(train.CONFIG_KEYS)
+    assert set(config) == set(protocols.CONFIG_KEYS)
 
 
 def test_help():
@@ -152,7 +158,7 @@ def test_negative_epochs():
     (["--resume", "--overwrite"], ["--resume"]),
 ])
 def test_bad_flags(flags, words):
-    with pytest.raises(train.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         train.parse_args(["--norm", "renorm", *flags])
     for word in words:
         assert word in str(error.value)
@@ -220,7 +226,7 @@ def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
     assert [float(r["d_max"]) for r in rows] == pytest.approx([2.5, 5.0])
 
     record = json.loads((tmp_path / "history" / f"{name}.json").read_text())
-    for key in train.CONFIG_KEYS:
+    for key in protocols.CONFIG_KEYS:
         assert key in record
     assert record["norm"] == "renorm" and record["batch_size"] == 50
     assert record["epochs"] == 2 and record["train_size"] == 100
@@ -233,7 +239,7 @@ def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
     assert sorted(p.name for p in weights.iterdir()) == sorted([
         f"{name}.weights.h5", f"{name}.best.weights.h5", f"{name}.state.npz"])
     config, _, _ = train.parse_args(args)
-    model = train.build_model(keras, config)
+    model = network.build_model(keras, config)
     step = [l for l in model.layers if hasattr(l, "current_r_max")][0].step
     model.load_weights(weights / f"{name}.weights.h5")
     assert int(keras.ops.convert_to_numpy(step)) == 4  # 2 epochs of 2 steps
@@ -241,9 +247,9 @@ def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
     model.load_weights(weights / f"{name}.best.weights.h5")
     assert int(keras.ops.convert_to_numpy(step)) == 2 * int(best_epoch)
     # The state restores the optimizer too, with the scheduled lr.
-    model.compile(optimizer=train.make_optimizer(keras, config),
+    model.compile(optimizer=network.make_optimizer(keras, config),
                   loss="sparse_categorical_crossentropy")
-    meta = train.load_state(model, weights / f"{name}.state.npz")
+    meta = runfiles.load_state(model, weights / f"{name}.state.npz")
     assert meta["epoch"] == 2 and meta["row"]["epoch"] == 2
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 4
     lr = keras.ops.convert_to_numpy(model.optimizer.learning_rate)
@@ -285,7 +291,7 @@ def interrupt_in_epoch(monkeypatch, epoch):
     """Sends this process a SIGINT once training epoch `epoch` (1-based) has
     taken its first batch."""
     calls = []
-    original = cifar10.train_batches
+    original = sampling.train_batches
 
     def batches(*args, **kwargs):
         calls.append(1)
@@ -295,7 +301,7 @@ def interrupt_in_epoch(monkeypatch, epoch):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)
 
-    monkeypatch.setattr(cifar10, "train_batches", batches)
+    monkeypatch.setattr(sampling, "train_batches", batches)
 
 
 def test_interrupt_and_resume(data_dir, tmp_path, monkeypatch, capsys):
@@ -382,10 +388,10 @@ def test_classes_per_batch_and_renorm_schedule_flags():
     assert config["name"] == "renorm-seed-b32-k16-s0"
     assert config["classes_per_batch"] == 16
     assert config["renorm_schedule"] == [0.04, 0.19, 0.31]
-    assert "--classes-per-batch  none" in train.protocols_table()
-    assert "--renorm-schedule    none" in train.protocols_table()
+    assert "--classes-per-batch  none" in protocols.protocols_table()
+    assert "--renorm-schedule    none" in protocols.protocols_table()
     resolved = dict(config)
-    train.resolve_schedule(resolved, 391)  # 100 epochs of 391 steps
+    protocols.resolve_schedule(resolved, 391)  # 100 epochs of 391 steps
     assert (resolved["warmup_steps"], resolved["d_max_steps"],
             resolved["r_max_steps"]) == (1564, 7429, 12121)
 
@@ -404,7 +410,7 @@ def test_classes_per_batch_and_renorm_schedule_flags():
      ["excludes --d-max-steps, --r-max-steps"]),
 ])
 def test_bad_sampling_and_schedule_flags(flags, words):
-    with pytest.raises(train.UsageError) as error:
+    with pytest.raises(cli.UsageError) as error:
         train.parse_args(["--norm", "renorm", *flags])
     for word in words:
         assert word in str(error.value)
@@ -422,14 +428,14 @@ def test_too_many_classes_per_batch_for_the_data(data_dir, tmp_path, capsys):
 def test_non_iid_run_records_sampling_and_scaled_schedule(
         data_dir, tmp_path, monkeypatch, capsys):
     seen = []
-    original = cifar10.train_batches
+    original = sampling.train_batches
 
     def spy(*args, **kwargs):
         for x, y in original(*args, **kwargs):
             seen.append(np.asarray(y))
             yield x, y
 
-    monkeypatch.setattr(cifar10, "train_batches", spy)
+    monkeypatch.setattr(sampling, "train_batches", spy)
     args = tiny_args(data_dir, tmp_path, "--classes-per-batch", "5",
                      "--renorm-schedule", "0.25,0.5,1", "--epochs", "2",
                      "--val-size", "20")
@@ -476,20 +482,20 @@ def test_resume_a_history_from_before_the_sampling_keys():
     saved = {key: value for key, value in config.items()
              if key not in ("classes_per_batch", "renorm_schedule")}
     saved["epochs"] = 3
-    resumed = train.resumed_config(config, saved, explicit)
+    resumed = protocols.resumed_config(config, saved, explicit)
     assert resumed["classes_per_batch"] is None
     assert resumed["renorm_schedule"] is None
     assert resumed["epochs"] == 5
     del saved["warmup_steps"]
     with pytest.raises(RuntimeError, match="lacks warmup_steps"):
-        train.resumed_config(config, saved, explicit)
+        protocols.resumed_config(config, saved, explicit)
     config, _, explicit = train.parse_args(
         ["--norm", "renorm", "--name", "old", "--batch-size", "8",
          "--classes-per-batch", "2"])
     saved.update(warmup_steps=5000, batch_size=8)
-    with pytest.raises(train.UsageError,
+    with pytest.raises(cli.UsageError,
                        match="--classes-per-batch 2 differs"):
-        train.resumed_config(config, saved, explicit)
+        protocols.resumed_config(config, saved, explicit)
 
 
 def test_jit_compile_resolution(tmp_path, monkeypatch):
@@ -502,17 +508,17 @@ def test_jit_compile_resolution(tmp_path, monkeypatch):
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
     avx512 = tmp_path / "avx512"
     avx512.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
-    assert not train.cpu_has_avx512(avx2)
-    assert train.cpu_has_avx512(avx512)
-    assert train.cpu_has_avx512(tmp_path / "missing")  # unknown: XLA off
+    assert not runtime.cpu_has_avx512(avx2)
+    assert runtime.cpu_has_avx512(avx512)
+    assert runtime.cpu_has_avx512(tmp_path / "missing")  # unknown: XLA off
     for has_avx512 in (True, False):
-        monkeypatch.setattr(train, "cpu_has_avx512", lambda: has_avx512)
+        monkeypatch.setattr(runtime, "cpu_has_avx512", lambda: has_avx512)
         tf_cpu = environment("tensorflow", "cpu")
-        assert train.jit_compile("auto", tf_cpu) is (not has_avx512)
-        assert train.jit_compile("on", tf_cpu) is True
-        assert train.jit_compile("off", tf_cpu) is False
+        assert runtime.jit_compile("auto", tf_cpu) is (not has_avx512)
+        assert runtime.jit_compile("on", tf_cpu) is True
+        assert runtime.jit_compile("off", tf_cpu) is False
     for backend, device in [("tensorflow", "gpu"), ("jax", "cpu"),
                             ("torch", "cpu")]:
-        assert train.jit_compile("auto", environment(backend, device)) == (
+        assert runtime.jit_compile("auto", environment(backend, device)) == (
             "auto")
-    assert train.jit_compile("off", environment("jax", "cpu")) is False
+    assert runtime.jit_compile("off", environment("jax", "cpu")) is False

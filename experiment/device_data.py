@@ -2,9 +2,9 @@
 `--input device`.
 
 The uint8 images and the labels go to the device once. Each epoch, the host
-draws what `cifar10.train_batches` draws from the epoch's rng (the order or
+draws what `sampling.train_batches` draws from the epoch's rng (the order or
 the class batches, and the crop offsets and flips), with the same function
-(`cifar10.batch_plan`), and sends those few integers to the device in one
+(`sampling.batch_plan`), and sends those few integers to the device in one
 copy; the device gathers, crops, flips and normalizes each batch. So a batch
 costs no host work on the pixels and no host-to-device copy of them, and the
 batches are those of the host path (`--input host`), up to float rounding.
@@ -13,14 +13,16 @@ batches are those of the host path (`--input host`), up to float rounding.
 
 import numpy as np
 
-import cifar10
+from experiment import sampling
 
-PAD = 4  # the zero padding of cifar10.augment, whose offsets batch_plan draws
+PAD = 4  # the zero padding of preprocessing.augment (batch_plan draws
+# its offsets)
 
 
 class DeviceTrainSet:
     """Training images `(N, H, W, C)` uint8 and labels on the device, with
-    the normalization `cifar10.normalize` applies (`mean`, `std` per channel).
+    the normalization `preprocessing.normalize` applies (`mean`, `std` per
+    channel).
 
     With `augmented`, the images are kept padded by `PAD` zero pixels on each
     side (for 50000 CIFAR-10 images, 240 MB instead of 154 MB), so that a
@@ -41,7 +43,7 @@ class DeviceTrainSet:
         self.images = ops.convert_to_tensor(images)
         self.host_labels = np.asarray(labels, np.int32)  # to draw batches
         self.labels = ops.convert_to_tensor(self.host_labels)
-        # The float32 constants of cifar10.normalize, so the values agree.
+        # preprocessing.normalize's float32 constants, so the values agree.
         scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
         offset = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
         self.scale = ops.convert_to_tensor(scale)
@@ -51,11 +53,11 @@ class DeviceTrainSet:
 
     def train_batches(self, batch_size, rng, classes_per_batch=None):
         """One epoch of normalized batches `(x float32, y int32)` on the
-        device: those of `cifar10.train_batches` with the same arguments and
+        device: those of `sampling.train_batches` with the same arguments and
         `rng` (augmented if this set is)."""
         from keras import ops
 
-        plan = list(cifar10.batch_plan(self.host_labels, batch_size, rng,
+        plan = list(sampling.batch_plan(self.host_labels, batch_size, rng,
                                        self.augmented, classes_per_batch))
         # The whole epoch's indices and offsets in one host-to-device copy.
         parts = [np.concatenate([index for index, _ in plan])]
@@ -90,7 +92,8 @@ class DeviceTrainSet:
         return self.normalize(ops.take(self.images, pixels, axis=0)), labels
 
     def normalize(self, images):
-        """uint8 -> float32 `(x / 255 - mean) / std`, as cifar10.normalize."""
+        """uint8 -> float32 `(x / 255 - mean) / std`, as
+        preprocessing.normalize."""
         from keras import ops
 
         return ops.cast(images, "float32") * self.scale + self.offset

@@ -1,0 +1,94 @@
+"""What train.py prints: the run's description, the per-epoch table, and
+the command lines that repeat or resume it."""
+
+import shlex
+import sys
+
+PROG = "train.py"
+
+
+class Table:
+    """The per-epoch table on stdout."""
+
+    FORMATS = {"epoch": ("epoch", 5), "seconds": ("train_s", 8),
+               "eval_seconds": ("eval_s", 7), "loss": ("loss", 7),
+               "accuracy": ("acc", 6), "val_loss": ("val_loss", 8),
+               "val_accuracy": ("val_acc", 7), "lr": ("lr", 8),
+               "r_max": ("r_max", 5), "d_max": ("d_max", 5)}
+
+    def __init__(self, header):
+        self.header = header
+        print("  ".join(self.FORMATS[c][0].rjust(self.FORMATS[c][1])
+                        for c in header), flush=True)
+
+    def print_row(self, row):
+        cells = []
+        for column in self.header:
+            value = row[column]
+            if column in ("seconds", "eval_seconds"):
+                value = f"{float(value):.1f}"
+            elif column == "lr":
+                value = f"{float(value):.2e}"
+            elif column in ("r_max", "d_max"):
+                value = f"{float(value):.2f}"
+            elif column != "epoch":
+                value = f"{float(value):.4f}"
+            cells.append(str(value).rjust(self.FORMATS[column][1]))
+        print("  ".join(cells), flush=True)
+
+
+def describe_run(config, model, environment, source, steps):
+    optimizer = config["optimizer"] + (
+        f" (momentum {config['sgd_momentum']}"
+        f"{', nesterov' if config['nesterov'] else ''})"
+        if config["optimizer"] == "sgd" else "")
+    milestones = (f" x{config['lr_gamma']} after epochs "
+                  f"{','.join(map(str, config['lr_milestones']))}"
+                  if config["lr_milestones"] else "")
+    classes = config["classes_per_batch"]
+    sampling = (f" of {classes} classes ({config['batch_size'] // classes} "
+                "images each)" if classes else " (i.i.d.)")
+    schedule = ""
+    if config["norm"] == "renorm":
+        fractions = config["renorm_schedule"]
+        schedule = (
+            f"\n  renorm: r_max 1 -> {config['r_max']:g} and d_max 0 -> "
+            f"{config['d_max']:g} from step {config['warmup_steps']}, reached "
+            f"at steps {config['r_max_steps']} and {config['d_max_steps']}"
+            + (f" (--renorm-schedule {','.join(map(str, fractions))})"
+               if fractions else ""))
+    return (
+        f"run {config['name']}: WRN-{config['depth']}-{config['width']} "
+        f"({model.count_params() / 1e6:.2f} M parameters) with "
+        f"{config['norm']}, protocol {config['protocol']}\n"
+        f"  {optimizer}, lr {config['lr']:g}{milestones}, batches of "
+        f"{config['batch_size']}{sampling}, {config['epochs']} epochs of "
+        f"{steps} steps, "
+        f"weight decay {config['weight_decay']:g}, dropout "
+        f"{config['dropout']:g}, augmentation "
+        f"{'on' if config['augment'] else 'off'}, seed {config['seed']}\n"
+        f"  data {source}: {config['train_size']} training images, "
+        f"{config['val_size']} validation (test) images{schedule}\n"
+        f"  Keras {environment['versions']['keras']}, backend "
+        f"{environment['backend']}, {environment['device']}\n"
+        f"  batches made on the {config['input']} (--input), "
+        f"{config['steps_per_execution']} training step"
+        f"{'s' if config['steps_per_execution'] > 1 else ''} per execution "
+        "(--steps-per-execution)"
+    )
+
+
+def newline():
+    """Ends a progress bar's line on a terminal."""
+    return "\n" if sys.stdout.isatty() else ""
+
+
+def command_line(argv):
+    return shlex.join(["python", PROG, *argv])
+
+
+def resume_command(argv):
+    argv = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return command_line(argv)

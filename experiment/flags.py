@@ -1,0 +1,243 @@
+"""train.py's command line: its flags, in groups, and the run's
+configuration they give (a dict of CONFIG_KEYS, the protocol's values
+overridden by the flags given)."""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from experiment import protocols
+from experiment.cli import Parser
+from experiment.cli import UsageError
+from experiment.cli import at_least_one
+from experiment.cli import fraction
+from experiment.cli import milestones
+from experiment.cli import nonnegative_float
+from experiment.cli import nonnegative_int
+from experiment.cli import positive_float
+from experiment.cli import positive_int
+from experiment.cli import run_name
+from experiment.cli import schedule_fractions
+from experiment.cli import steps_or_auto
+from experiment.cli import wrn_depth
+from experiment.protocols import CONFIG_KEYS
+from experiment.protocols import NORMS
+from experiment.protocols import PROTOCOLS
+from experiment.protocols import SCHEDULE_STEPS
+from experiment.runtime import AUTO_STEPS_PER_EXECUTION
+from experiment.runtime import INPUTS
+
+PROG = "train.py"
+
+
+def build_parser(doc):
+    """train.py's parser; `doc` (train.py's docstring) gives the description
+    and, from its "Files of a run" on, the end of the epilog."""
+    description, files = doc.split("\n\nFiles of a run", 1)
+    parser = Parser(
+        prog=PROG,
+        description=description,
+        epilog="protocols (--protocol; every value can be overridden by its "
+        f"flag):\n{protocols.protocols_table()}\n\nFiles of a run{files}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # to tell explicit flags apart
+    )
+    for add_flags in (add_run_flags, add_data_flags, add_model_flags,
+                      add_optimization_flags, add_norm_flags,
+                      add_speed_flags, add_output_flags):
+        add_flags(parser)
+    return parser
+
+
+def add_run_flags(parser):
+    run = parser.add_argument_group("run")
+    run.add_argument("--norm", required=True, choices=NORMS,
+                     help="normalization layer: keras.layers."
+                     "BatchNormalization, BatchRenormalization (ours), or "
+                     "BatchNormalization(renorm=True) (Keras's own)")
+    run.add_argument("--protocol", choices=tuple(PROTOCOLS),
+                     help="hyperparameters (table below; default: seed)")
+    run.add_argument("--name", type=run_name,
+                     help="run name, for its files (default: "
+                     "NORM-PROTOCOL-bBATCH_SIZE-sSEED, with -kK before -sSEED "
+                     "for --classes-per-batch K)")
+    run.add_argument("--seed", type=nonnegative_int, metavar="SEED",
+                     help="seed of initialization, shuffling, augmentation, "
+                     "dropout and the --train-size subset; the same seed "
+                     "repeats a CPU run (default: 0)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run from its last finished epoch, "
+                     "with its saved configuration (only --epochs and the "
+                     "speed flags may change); starts it if nothing is "
+                     "saved")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start the run again, replacing its files")
+
+
+def add_data_flags(parser):
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", type=Path, metavar="DIR",
+                      help="CIFAR-10 in the official python layout "
+                      "(cifar-10-batches-py); default: $CIFAR10_DIR, "
+                      "else Keras's downloader")
+    data.add_argument("--train-size", type=positive_int, metavar="N",
+                      help="train on a stratified subset of N images "
+                      "(default: all 50000)")
+    data.add_argument("--val-size", type=positive_int, metavar="N",
+                      help="validate each epoch on a stratified subset of N "
+                      "test images, the same for every run (default: all "
+                      "10000)")
+    data.add_argument("--classes-per-batch", type=positive_int, metavar="K",
+                      help="non-i.i.d. training batches: each from exactly K "
+                      "classes, BATCH_SIZE / K images of each (the paper's "
+                      "pairs: K = BATCH_SIZE / 2); K must divide "
+                      "--batch-size; every training image is used once per "
+                      "epoch; validation is unchanged (default: i.i.d. "
+                      "batches, a random permutation each epoch)")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                      help="4-pixel zero padding, random 32x32 crop and "
+                      "horizontal flip")
+
+
+def add_model_flags(parser):
+    model = parser.add_argument_group("model")
+    model.add_argument("--depth", type=wrn_depth, metavar="D",
+                       help="WRN depth, 6N + 4 (WRN-D-K)")
+    model.add_argument("--width", type=positive_int, metavar="K",
+                       help="WRN widening factor")
+    model.add_argument("--dropout", type=fraction, metavar="RATE",
+                       help="dropout rate inside each block")
+    model.add_argument("--weight-decay", type=nonnegative_float,
+                       metavar="LAMBDA",
+                       help="lambda of L2 weight decay (each gradient gains "
+                       "lambda * w), on all trainable weights")
+
+
+def add_optimization_flags(parser):
+    optimization = parser.add_argument_group("optimization")
+    optimization.add_argument("--epochs", type=positive_int, metavar="N",
+                              help="epochs in all (with --resume: may grow)")
+    optimization.add_argument("--batch-size", type=positive_int, metavar="N",
+                              help="training batch size (--lr is not scaled "
+                              "with it)")
+    optimization.add_argument("--optimizer", choices=("adam", "sgd"))
+    optimization.add_argument("--lr", type=positive_float,
+                              help="initial learning rate, used as given for "
+                              "every --batch-size (no automatic scaling)")
+    optimization.add_argument("--lr-milestones", type=milestones,
+                              metavar="E1,E2,...",
+                              help="epochs after which the learning rate is "
+                              "multiplied by --lr-gamma")
+    optimization.add_argument("--lr-gamma", type=positive_float,
+                              metavar="GAMMA")
+    optimization.add_argument("--sgd-momentum", type=fraction, metavar="M")
+    optimization.add_argument("--nesterov",
+                              action=argparse.BooleanOptionalAction)
+
+
+def add_norm_flags(parser):
+    norm = parser.add_argument_group("normalization")
+    norm.add_argument("--norm-momentum", type=fraction, metavar="M",
+                      help="momentum of the moving statistics (fraction kept "
+                      "per step)")
+    norm.add_argument("--norm-epsilon", type=positive_float, metavar="EPS",
+                      help="added to the batch variance")
+    norm.add_argument("--r-max", type=at_least_one, metavar="R",
+                      help="final bound of r (renorm, keras-renorm)")
+    norm.add_argument("--d-max", type=nonnegative_float, metavar="D",
+                      help="final bound of d (renorm, keras-renorm)")
+    norm.add_argument("--warmup-steps", type=nonnegative_int, metavar="STEPS",
+                      help="renorm: steps of plain BN (r_max=1, d_max=0)")
+    norm.add_argument("--r-max-steps", type=nonnegative_int, metavar="STEPS",
+                      help="renorm: step at which r_max is reached")
+    norm.add_argument("--d-max-steps", type=nonnegative_int, metavar="STEPS",
+                      help="renorm: step at which d_max is reached")
+    norm.add_argument("--renorm-schedule", type=schedule_fractions,
+                      metavar="W,D,R",
+                      help="renorm: --warmup-steps, --d-max-steps and "
+                      "--r-max-steps as fractions of the run's training steps "
+                      "(EPOCHS x steps per epoch), rounded to whole steps, "
+                      "e.g. 0.04,0.19,0.31 (the paper's 5k, 25k, 40k of "
+                      "130k steps); excludes those three flags; the history "
+                      "JSON records the steps used (with --resume they stay "
+                      "as first resolved, even if --epochs grows)")
+
+
+def add_speed_flags(parser):
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--mixed-precision",
+                       action=argparse.BooleanOptionalAction,
+                       help="mixed_float16 policy (default: off)")
+    speed.add_argument("--jit-compile", choices=("auto", "on", "off"),
+                       help="XLA/JIT compilation; auto: for TensorFlow on a "
+                       "CPU, on where the CPU lacks AVX-512 (measured faster "
+                       "there, slower with it), else Keras's choice "
+                       "(default: auto)")
+    speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
+                       help="batch size of evaluation (default: 500)")
+    speed.add_argument("--input", choices=INPUTS,
+                       help="where the training batches are made. host: "
+                       "with NumPy, each copied to the device; device: the "
+                       "training images are kept on the device (3 kB of "
+                       "its memory per image, 4.8 kB with --augment), which "
+                       "gathers, augments and normalizes each batch (the "
+                       "same batches: their randomness is drawn on the host "
+                       "from the same seeds); auto: device on a GPU or TPU "
+                       "with jax or torch, else host (default: auto)")
+    speed.add_argument("--steps-per-execution", type=steps_or_auto,
+                       metavar="N",
+                       help="training steps per call from Keras's Python "
+                       "loop into the backend (compile(steps_per_execution)):"
+                       " the same steps, fewer round trips; the progress bar "
+                       "moves N steps at a time; N > 1 needs the tensorflow "
+                       "or jax backend. auto: 1 on a CPU and with torch, "
+                       f"else min({AUTO_STEPS_PER_EXECUTION}, steps per "
+                       "epoch) (default: auto)")
+
+
+def add_output_flags(parser):
+    output = parser.add_argument_group("output")
+    output.add_argument("--history-dir", type=Path, metavar="DIR",
+                        help="where the CSV and JSON go (default: history)")
+    output.add_argument("--weights-dir", type=Path, metavar="DIR",
+                        help="where the weights go (default: weights)")
+
+
+def parse_args(argv, doc):
+    """The run's configuration (a dict of CONFIG_KEYS), the options, and the
+    flags given explicitly."""
+    explicit = vars(build_parser(doc).parse_args(argv))
+    protocol = PROTOCOLS[explicit.get("protocol", "seed")]
+    config = dataclasses.asdict(protocol)
+    config.update(norm=explicit["norm"],
+                  protocol=explicit.get("protocol", "seed"),
+                  **protocols.RUN_DEFAULTS)
+    config.update({k: v for k, v in explicit.items() if k in CONFIG_KEYS})
+    config["lr_milestones"] = list(config["lr_milestones"])
+    if config["renorm_schedule"] is not None:
+        config["renorm_schedule"] = list(config["renorm_schedule"])
+    classes = config["classes_per_batch"]
+    config["name"] = explicit.get("name") or protocols.default_name(config)
+    if classes and config["batch_size"] % classes:
+        raise UsageError(
+            f"--classes-per-batch {classes} must divide --batch-size "
+            f"{config['batch_size']} (each class gives BATCH_SIZE / K images "
+            "to a batch)")
+    steps_flags = [key for key in SCHEDULE_STEPS if key in explicit]
+    if "renorm_schedule" in explicit and steps_flags:
+        raise UsageError(
+            "--renorm-schedule excludes "
+            + ", ".join(map(protocols.flag, steps_flags))
+            + " (it sets them from fractions of the run's steps)")
+    if config["renorm_schedule"] is None:
+        protocols.check_schedule(config)
+    options = argparse.Namespace(
+        resume=explicit.get("resume", False),
+        overwrite=explicit.get("overwrite", False),
+        data_dir=explicit.get("data_dir"),
+        history_dir=explicit.get("history_dir", Path("history")),
+        weights_dir=explicit.get("weights_dir", Path("weights")),
+    )
+    if options.resume and options.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    return config, options, explicit

@@ -1,0 +1,157 @@
+"""What a run makes of CIFAR-10 before training: the subsets it trains and
+validates on, the channel statistics and normalization, the augmentation, and
+`prepare`, which gives the run's arrays (uint8 images, int32 labels) from its
+configuration. NumPy only."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from experiment import cifar10
+from experiment.cli import UsageError
+from experiment.cifar10 import DataError
+
+
+# --------------------------------------------------------------------- subsets
+
+def stratified_subset(labels, size, seed=0):
+    """Indices (sorted) of `size` examples with the classes as balanced as
+    possible: `size // 10` of each class, one more for `size % 10` classes
+    chosen at random; the examples of each class are drawn at random.
+
+    Raises:
+        DataError: if a class has too few examples.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    per_class = np.full(len(classes), size // len(classes))
+    per_class[rng.permutation(len(classes))[: size % len(classes)]] += 1
+    chosen = []
+    for label, count in zip(classes, per_class):
+        members = np.flatnonzero(labels == label)
+        if count > len(members):
+            raise DataError(
+                f"cannot take {size} examples stratified: class {label} has "
+                f"only {len(members)} (need {count})"
+            )
+        chosen.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(chosen))
+
+# ---------------------------------------------------------------- normalization
+
+
+def channel_stats(images):
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]
+    (exact, from each channel's histogram)."""
+    values = np.arange(256) / 255.0
+    pixels = images.reshape(-1, images.shape[-1])
+    mean, std = [], []
+    for channel in range(pixels.shape[1]):
+        counts = np.bincount(pixels[:, channel], minlength=256) / len(pixels)
+        mean.append(counts @ values)
+        std.append(np.sqrt(max(counts @ values**2 - mean[-1] ** 2, 0.0)))
+    return (
+        np.asarray(mean, np.float32),
+        np.maximum(np.asarray(std, np.float32), 1e-3),
+    )
+
+
+def normalize(images, mean, std):
+    """uint8 images -> float32, scaled to [0, 1], then `(x - mean) / std` per
+    channel."""
+    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
+    offset = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
+    return images.astype(np.float32) * scale + offset
+
+# ----------------------------------------------------------------- augmentation
+
+
+def augment(images, rng, pad=4):
+    """The standard CIFAR augmentation of uint8 images `(N, H, W, C)`: zero
+    (black) padding by `pad` pixels, a random HxW crop, and a horizontal flip
+    with probability 1/2, drawn independently per image from `rng`. One
+    gather, so cheap next to a training step."""
+    return crop(images, *crop_offsets(len(images), rng, pad), pad=pad)
+
+
+def crop_offsets(n, rng, pad=4):
+    """What `augment` draws from `rng` for `n` images, in this order: the top
+    and left offsets of each crop in the padded image (0..2 * pad) and whether
+    it is flipped. Drawn apart from the pixels so that device_data.py can make
+    the same crops on the accelerator."""
+    top = rng.integers(0, 2 * pad + 1, n)
+    left = rng.integers(0, 2 * pad + 1, n)
+    flip = rng.random(n) < 0.5
+    return top, left, flip
+
+
+def crop(images, top, left, flip, pad=4):
+    """The crops of `crop_offsets` from uint8 images `(N, H, W, C)` padded
+    with `pad` zeros on each side, mirrored where `flip`."""
+    n, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = top[:, None] + np.arange(height)
+    cols = left[:, None] + np.arange(width)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+# ------------------------------------------------------------- a run's arrays
+
+
+@dataclass
+class RunData:
+    """The arrays of a run: its training subset (uint8), its validation
+    images (normalized float32), the whole test set (uint8) and the
+    normalization, computed on all training images."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    source: str
+
+
+def prepare(config, data_dir):
+    """Loads CIFAR-10 and cuts the run's arrays: `train_size` training images
+    (a stratified subset drawn with the run's seed) and `val_size` test
+    images for validation (a stratified subset, the same for every run).
+    Fills in `config`'s sizes where they are None (all images).
+
+    Raises:
+        DataError: the data cannot be read.
+        UsageError: a size or `classes_per_batch` the data cannot give.
+    """
+    data = cifar10.load(data_dir)
+    for key, images in (("train_size", data.x_train),
+                        ("val_size", data.x_test)):
+        config[key] = config[key] or len(images)
+        if config[key] > len(images):
+            raise UsageError(
+                f"--{key.replace('_', '-')} {config[key]} is more than the "
+                f"{len(images)} images in {data.source}")
+    mean, std = channel_stats(data.x_train)
+    chosen = np.arange(len(data.x_train))
+    if config["train_size"] < len(data.x_train):
+        chosen = stratified_subset(data.y_train, config["train_size"],
+                                   seed=config["seed"])
+    x_train, y_train = data.x_train[chosen], data.y_train[chosen]
+    chosen = np.arange(len(data.x_test))
+    if config["val_size"] < len(data.x_test):  # the same for every run
+        chosen = stratified_subset(data.y_test, config["val_size"], 0)
+    classes = config["classes_per_batch"]
+    present = len(np.unique(y_train))
+    if classes and classes > present:
+        raise UsageError(
+            f"--classes-per-batch {classes} is more than the {present} "
+            f"classes among the {len(y_train)} training images")
+    return RunData(
+        x_train=x_train, y_train=y_train,
+        x_val=normalize(data.x_test[chosen], mean, std),
+        y_val=data.y_test[chosen], x_test=data.x_test, y_test=data.y_test,
+        mean=mean, std=std, source=data.source)

@@ -1,0 +1,206 @@
+"""The experiment's configuration: the training protocols (every
+hyperparameter in one place), the normalizations compared, the other
+settings of a run, and the rules that derive or check them (the learning
+rate schedule, the renorm schedule from fractions, what --resume may change).
+A run's configuration is a dict of CONFIG_KEYS, as its history JSON stores it.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from experiment.cli import UsageError
+
+# The layers the experiment compares (models.make_norm builds them).
+NORMS = ("batchnorm", "renorm", "keras-renorm")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every hyperparameter of a training protocol; each has its flag
+    (`--batch-size` for `batch_size`, ...), which overrides it."""
+
+    epochs: int
+    batch_size: int
+    classes_per_batch: object  # None: i.i.d. batches; K: K classes per batch
+    optimizer: str  # "adam" or "sgd"
+    lr: float  # not scaled with batch_size: the same for every batch size
+    lr_milestones: tuple  # epochs after which the lr is multiplied by lr_gamma
+    lr_gamma: float
+    sgd_momentum: float  # SGD only
+    nesterov: bool  # SGD only
+    weight_decay: float  # lambda: each gradient gains lambda * w (L2 loss)
+    augment: bool  # 4-pixel pad, random 32x32 crop, horizontal flip
+    depth: int  # WRN-depth-width
+    width: int
+    dropout: float
+    norm_momentum: float  # of the moving statistics, Keras's convention
+    norm_epsilon: float
+    r_max: float  # renorm: final bounds and schedule (in steps) ...
+    d_max: float  # ... keras-renorm: fixed clipping at r_max, d_max
+    warmup_steps: int
+    r_max_steps: int
+    d_max_steps: int
+    renorm_schedule: object  # None, or (W, D, R): the warmup_steps,
+    # d_max_steps, r_max_steps as fractions of the run's steps (all epochs)
+
+
+# The 2017 reference run (titu1994/BatchRenormalization, Keras 1): WRN-16-4,
+# Adam with Keras's defaults, batch 128, 100 epochs, no augmentation, no
+# dropout, no weight decay, Keras's BN momentum and epsilon; BRN's schedule
+# as in the paper (the run has 391 * 100 = 39,100 steps), which is also
+# BatchRenormalization's default (a test checks that they agree).
+SEED = Protocol(
+    epochs=100,
+    batch_size=128,
+    classes_per_batch=None,
+    optimizer="adam",
+    lr=1e-3,
+    lr_milestones=(),
+    lr_gamma=1.0,
+    sgd_momentum=0.0,
+    nesterov=False,
+    weight_decay=0.0,
+    augment=False,
+    depth=16,
+    width=4,
+    dropout=0.0,
+    norm_momentum=0.99,
+    norm_epsilon=1e-3,
+    r_max=3.0,
+    d_max=5.0,
+    warmup_steps=5000,
+    r_max_steps=40000,
+    d_max_steps=25000,
+    renorm_schedule=None,
+)
+PROTOCOLS = {
+    "seed": SEED,
+    # The Wide ResNet paper's CIFAR recipe (Zagoruyko & Komodakis 2016):
+    # SGD, momentum 0.9, Nesterov, lr 0.1 times 0.2 after epochs 60, 120,
+    # 160, weight decay 5e-4, batch 128, 200 epochs, pad-crop-flip
+    # augmentation; Torch's BN momentum (0.1, i.e. 0.9 here) and epsilon.
+    # The rest (network, renorm schedule) as the seed.
+    "wrn": dataclasses.replace(
+        SEED,
+        epochs=200,
+        optimizer="sgd",
+        lr=0.1,
+        lr_milestones=(60, 120, 160),
+        lr_gamma=0.2,
+        sgd_momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,
+        augment=True,
+        norm_momentum=0.9,
+        norm_epsilon=1e-5,
+    ),
+}
+PROTOCOL_KEYS = tuple(f.name for f in dataclasses.fields(Protocol))
+# Settings of a run besides its protocol's: --norm (required), --protocol
+# (default seed), --name (default default_name()) and these defaults.
+RUN_DEFAULTS = {
+    "seed": 0,
+    "train_size": None,  # all 50,000
+    "val_size": None,  # all 10,000
+    "mixed_precision": False,
+    "jit_compile": "auto",
+    "eval_batch_size": 500,
+    "input": "auto",
+    "steps_per_execution": "auto",
+}
+RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
+CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
+# Keys that histories written before they existed lack, with the value that
+# those runs had (--resume fills them in).
+LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
+                   "input": "host", "steps_per_execution": 1}
+SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
+# What --resume may change in a run's saved configuration (the speed
+# settings: they do not change the math).
+RESUMABLE_CHANGES = ("epochs", "jit_compile", "eval_batch_size", "input",
+                     "steps_per_execution")
+
+
+def flag(key):
+    """The command-line flag of a configuration key."""
+    return "--" + key.replace("_", "-")
+
+
+def default_name(config):
+    """NORM-PROTOCOL-bBATCH-sSEED, with -kK before -sSEED for K classes per
+    batch."""
+    classes = config["classes_per_batch"]
+    return (f"{config['norm']}-{config['protocol']}-b{config['batch_size']}"
+            + (f"-k{classes}" if classes else "") + f"-s{config['seed']}")
+
+
+def lr_at(config, epoch):
+    """The learning rate of 0-based `epoch`: a step schedule."""
+    drops = sum(epoch >= milestone for milestone in config["lr_milestones"])
+    return config["lr"] * config["lr_gamma"] ** drops
+
+
+def resolve_schedule(config, steps_per_epoch):
+    """With --renorm-schedule W,D,R: sets warmup_steps, d_max_steps and
+    r_max_steps to those fractions of the run's epochs * steps_per_epoch
+    training steps, rounded to the nearest step."""
+    if config["renorm_schedule"] is None:
+        return
+    total = config["epochs"] * steps_per_epoch
+    for key, share in zip(SCHEDULE_STEPS, config["renorm_schedule"]):
+        config[key] = int(share * total + 0.5)
+
+
+def check_schedule(config):
+    """The ramps end at 0 (no ramp) or after the warm-up."""
+    for key in ("r_max_steps", "d_max_steps"):
+        if 0 < config[key] < config["warmup_steps"]:
+            raise UsageError(
+                f"{flag(key)} {config[key]} must be 0 or >= "
+                f"--warmup-steps {config['warmup_steps']}"
+            )
+
+
+def resumed_config(config, saved, explicit):
+    """The saved configuration, with the changes that --resume allows."""
+    saved = {**LEGACY_DEFAULTS, **saved}
+    missing = [key for key in CONFIG_KEYS if key not in saved]
+    if missing:
+        raise RuntimeError(
+            f"cannot resume: the saved configuration lacks {', '.join(missing)}"
+        )
+    resumed = {key: saved[key] for key in CONFIG_KEYS}
+    for key, value in explicit.items():
+        if key not in CONFIG_KEYS or key in RESUMABLE_CHANGES:
+            continue
+        value = list(value) if isinstance(value, tuple) else value
+        if value != resumed[key]:
+            raise UsageError(
+                f"{flag(key)} {value} differs from the saved configuration "
+                f"of run {config['name']!r} ({resumed[key]}); leave it out to "
+                "resume, or start a new run with another --name")
+    for key in RESUMABLE_CHANGES:
+        resumed[key] = config[key]
+    return resumed
+
+
+def protocols_table():
+    """The protocols side by side, a row per flag (for --help)."""
+    rows = [("flag", *PROTOCOLS)]
+    for key in PROTOCOL_KEYS:
+        values = []
+        for protocol in PROTOCOLS.values():
+            value = getattr(protocol, key)
+            if isinstance(value, tuple):
+                value = ",".join(map(str, value)) or "none"
+            elif value is None:
+                value = "none"
+            elif isinstance(value, bool):
+                value = "on" if value else "off"
+            values.append(str(value))
+        rows.append((flag(key), *values))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+        for row in rows
+    )

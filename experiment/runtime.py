@@ -1,0 +1,178 @@
+"""Where and how a run computes: the backend, device and versions, the
+speed settings resolved for them (jit_compile, --input,
+--steps-per-execution), the Keras session of a run, and the clock of its
+epochs."""
+
+import datetime
+import os
+import platform
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from experiment.cli import UsageError
+
+INPUTS = ("auto", "host", "device")
+# --steps-per-execution auto on an accelerator: at most this many steps per
+# call from Keras's Python loop into the backend.
+AUTO_STEPS_PER_EXECUTION = 64
+
+
+def describe_environment(keras):
+    """Backend, device and versions: the one framework-specific fast path."""
+    backend = keras.backend.backend()
+    versions = {"python": platform.python_version(), "keras": keras.__version__,
+                "numpy": np.__version__}
+    try:
+        import batch_renorm
+
+        versions["batch_renorm"] = batch_renorm.__version__
+    except (ImportError, AttributeError):
+        pass
+    device_type, device = "cpu", None
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        versions["tensorflow"] = tf.__version__
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            details = tf.config.experimental.get_device_details(gpus[0])
+            device_type = "gpu"
+            device = details.get("device_name", gpus[0].name)
+    elif backend == "jax":
+        import jax
+        import jaxlib
+
+        versions["jax"] = jax.__version__
+        versions["jaxlib"] = jaxlib.__version__
+        first = jax.devices()[0]
+        if first.platform != "cpu":
+            device_type, device = first.platform, first.device_kind
+    elif backend == "torch":
+        import torch
+
+        versions["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            device_type, device = "gpu", torch.cuda.get_device_name(0)
+    if device is None:
+        cores = (len(os.sched_getaffinity(0))
+                 if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        device = f"CPU: {cpu_name()}, {cores} cores"
+    else:
+        device = f"{device_type.upper()}: {device}"
+    return {"backend": backend, "device": device, "device_type": device_type,
+            "versions": versions}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def jit_compile(choice, environment):
+    """--jit-compile: `auto` is Keras's choice, except for TensorFlow on a
+    CPU (where Keras turns XLA off): XLA there where the CPU lacks AVX-512,
+    TensorFlow's own (oneDNN) kernels where it has it. Measured with
+    `bench.py --level jit` (benchmarks/NOTES.md): XLA took 0.87 (BN) and
+    0.93 (BRN) of the time per step on an AVX2-only EPYC, and 1.6 times it on
+    an AVX-512 Zen 4."""
+    if choice in ("on", "off"):
+        return choice == "on"
+    if (environment["backend"], environment["device_type"]) == (
+            "tensorflow", "cpu"):
+        return not cpu_has_avx512()
+    return "auto"
+
+
+def cpu_has_avx512(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU reports AVX-512 (Linux's /proc/cpuinfo; True where
+    that cannot be read, which keeps XLA off)."""
+    try:
+        with open(cpuinfo) as file:
+            for line in file:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return True
+
+
+def resolve_input(choice, environment):
+    """--input: `auto` is `device` on an accelerator (GPU, TPU), where it
+    spares the host loop the pixel work and the copies, and `host` on a CPU,
+    where the device is the host and NumPy is as fast, and with TensorFlow,
+    whose Keras trainer feeds a generator through tf.data.from_generator:
+    that copies every device batch back to the host (measured slower on a
+    CPU; benchmarks/NOTES.md)."""
+    if choice != "auto":
+        return choice
+    if (environment["device_type"] == "cpu"
+            or environment["backend"] == "tensorflow"):
+        return "host"
+    return "device"
+
+
+def resolve_steps_per_execution(choice, environment, steps):
+    """--steps-per-execution: `auto` is 1 on a CPU (a step takes long next
+    to the Python loop) and with torch (whose Keras trainer runs one step per
+    call), else enough steps per call to amortize the loop, at most an
+    epoch's. Keras trains the same `steps` steps whatever the value: the
+    last call of an epoch runs the steps left."""
+    if choice == "auto":
+        if environment["device_type"] == "cpu" or (
+                environment["backend"] == "torch"):
+            return 1
+        return min(steps, AUTO_STEPS_PER_EXECUTION)
+    if choice > 1 and environment["backend"] == "torch":
+        raise UsageError(
+            f"--steps-per-execution {choice} needs the tensorflow or jax "
+            "backend (Keras's torch trainer runs one step per call); use 1 "
+            "or auto")
+    return choice
+
+
+@contextmanager
+def keras_settings(keras, config):
+    """A fresh Keras session with the run's seed and dtype policy; the policy
+    is restored afterwards (for callers in the same process, like tests)."""
+    policy = keras.config.dtype_policy()
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(config["seed"])
+    if config["mixed_precision"]:
+        keras.config.set_dtype_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+
+def epoch_clock(keras):
+    """A Keras callback that times an epoch's training steps, stopping the
+    clock once the device is done (defined here so Keras is imported late)."""
+
+    class EpochClock(keras.callbacks.Callback):
+        seconds = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            # Reading values that the last step wrote waits for the device.
+            keras.ops.convert_to_numpy(self.model.optimizer.iterations)
+            for value in (logs or {}).values():
+                float(value)
+            self.seconds = time.perf_counter() - self.start
+
+    return EpochClock()
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
