@@ -100,6 +100,13 @@ def build_parser():
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_flags(parser)
+    add_run_flags(parser)
+    add_output_flags(parser)
+    return parser
+
+
+def add_sweep_flags(parser):
     preset = parser.add_argument_group(
         "what to sweep (defaults: the preset's)")
     preset.add_argument(
@@ -130,6 +137,9 @@ def build_parser():
     preset.add_argument("--seeds", nargs="+", type=nonnegative_int,
                         default=[0], metavar="SEED",
                         help="repeats of each run (default: 0)")
+
+
+def add_run_flags(parser):
     run = parser.add_argument_group("each run (train.py flags)")
     run.add_argument("--depth", type=wrn_depth, metavar="D")
     run.add_argument("--width", type=positive_int, metavar="K")
@@ -161,6 +171,9 @@ def build_parser():
                           metavar="M", help="one norm momentum for all runs")
     run.add_argument("--data-dir", type=Path, metavar="DIR",
                      help="CIFAR-10 folder (default: $CIFAR10_DIR)")
+
+
+def add_output_flags(parser):
     output = parser.add_argument_group("output")
     output.add_argument("--history-dir", type=Path,
                         default=Path("history/sweep"), metavar="DIR",
@@ -174,7 +187,6 @@ def build_parser():
     output.add_argument("--dry-run", action="store_true",
                         help="list the runs and their train.py commands; "
                         "train nothing")
-    return parser
 
 
 def parse_args(argv):

@@ -358,25 +358,11 @@ def bench_input(keras, args, jit, rng, environment):
     input pipelines (`host`: sampling.train_batches, NumPy; `device`:
     device_data.DeviceTrainSet, keras.ops on the device; both augmented) and
     by batches made beforehand (`resident`: no input work at all)."""
-    import numpy as np
-
-    from experiment import cifar10
     from experiment import device_data
     from experiment import sampling
     from experiment.preprocessing import channel_stats
 
-    data_dir = args.data_dir
-    beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
-    if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
-            beside / "data_batch_1").is_file():
-        data_dir = beside
-    try:
-        data = cifar10.load(data_dir)
-        images, labels, source = data.x_train, data.y_train, data.source
-    except cifar10.DataError:
-        images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, 50000).astype(np.int32)
-        source = "random uint8 images (CIFAR-10 not found)"
+    images, labels, source = training_images(args, rng)
     mean, std = channel_stats(images)
     steps = model_steps(args, environment)
     per_execution = runtime.resolve_steps_per_execution(
@@ -431,6 +417,28 @@ def bench_input(keras, args, jit, rng, environment):
         row["epoch_s"] = round(row["ms_per_step"] * steps_per_epoch / 1000, 3)
         row["steps_per_execution"] = per_execution
     return rows
+
+
+def training_images(args, rng):
+    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR or the
+    copy in ../shared/data), else random ones of the same shape, and where
+    they came from."""
+    import numpy as np
+
+    from experiment import cifar10
+
+    data_dir = args.data_dir
+    beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
+    if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
+            beside / "data_batch_1").is_file():
+        data_dir = beside
+    try:
+        data = cifar10.load(data_dir)
+        return data.x_train, data.y_train, data.source
+    except cifar10.DataError:
+        images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, 50000).astype(np.int32)
+        return images, labels, "random uint8 images (CIFAR-10 not found)"
 
 
 def cycle(batches):
