@@ -30,6 +30,7 @@ A partial or malformed history is skipped with a warning naming it.
 
 import argparse
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -660,9 +661,10 @@ def test_table(points):
 
 
 def save_figure(fig, path):
-    with runfiles.atomic_path(path) as temporary:
-        fig.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    runfiles.write_file(path, image.getvalue())
 
 
 def update_readme(path, report):
@@ -699,16 +701,15 @@ def main(argv=None):
         if any(p.classes is not None for p in points):
             save_figure(plot_non_iid(points, runs),
                         args.plots_dir / "non_iid.png")
-        with runfiles.atomic_path(args.plots_dir / "timing.md") as temporary:
-            temporary.write_text(report)
-    except OSError as error:
+        runfiles.write_file(args.plots_dir / "timing.md", report.encode())
+    except (OSError, runfiles.WriteError) as error:
         print(f"{PROG}: error: cannot write to {args.plots_dir}: {error}",
               file=sys.stderr)
         return 1
     if args.readme:
         try:
             update_readme(args.readme, report)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, runfiles.WriteError) as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             return 1
     print(report, end="")

@@ -30,8 +30,14 @@ NORM-PROTOCOL-bBATCH-kK-sSEED with --classes-per-batch K):
                                       device, versions
   WEIGHTS_DIR/NAME.weights.h5         the last weights
   WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
-  WEIGHTS_DIR/NAME.state.npz          weights, optimizer state and epoch: what
-                                      --resume continues from
+  WEIGHTS_DIR/NAME.state.npz          weights, optimizer state, epoch and
+                                      every finished epoch's row: what
+                                      --resume continues from (it rewrites
+                                      the CSV from it, saying what it
+                                      repaired)
+  HISTORY_DIR/NAME.lock               while a process writes the run: its
+                                      pid and host (a second writer of the
+                                      run is refused)
 At the end of each epoch the state and weights files are replaced atomically
 and the CSV row is appended and flushed, so Ctrl-C or a kill loses at most the
 epoch in progress; --resume continues after the last finished epoch. A Keras
@@ -50,12 +56,14 @@ from experiment import flags
 from experiment import network
 from experiment import protocols
 from experiment import runfiles
+from experiment import runlock
 from experiment import runtime
 from experiment import sampling
 from experiment.cifar10 import DataError
 from experiment.cli import UsageError
 from experiment.cli import fail
 from experiment.signals import Interrupted
+from experiment.signals import ignore_interrupts
 from experiment.signals import interrupts_as_exceptions
 from experiment.signals import interrupts_deferred
 
@@ -87,9 +95,24 @@ def parse_args(argv):
 
 
 def train(config, options, explicit, argv):
+    """The run, with its lock held: one process writes a run at a time."""
+    runfiles.writable_dir(options.history_dir, "history folder")
+    runfiles.writable_dir(options.weights_dir, "weights folder")
+    paths = runfiles.Paths.of(config["name"], options.history_dir,
+                              options.weights_dir)
+    with runlock.run_lock(paths.lock, config["name"],
+                          console.command_line(argv), say=note):
+        return run(config, options, explicit, argv, paths)
+
+
+def note(message):
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def run(config, options, explicit, argv, paths):
     # 1. The run's files: start it, or resume it with its saved configuration.
-    paths, config, saved_config, resuming = open_run(config, options,
-                                                     explicit)
+    config, saved_config, resuming = open_run(config, options, explicit,
+                                              paths)
 
     # 2. Data: uint8 images in memory, normalized batch by batch.
     arrays = preprocessing.prepare(config, options.data_dir)
@@ -110,10 +133,10 @@ def train(config, options, explicit, argv):
         # 4. Restore the last finished epoch, or start from scratch.
         header = runfiles.columns(config)
         if resuming:
-            start, best = restore(model, config, paths, header, saved_config,
-                                  session)
+            start, best, rows = restore(model, config, paths, header,
+                                        saved_config, session)
         else:
-            start, best = 0, {"val_accuracy": -1.0, "epoch": 0}
+            start, best, rows = 0, {"val_accuracy": -1.0, "epoch": 0}, []
             start_files(model, config, paths, header, arrays, environment,
                         steps, session)
         print(console.describe_run(config, model, environment, arrays.source,
@@ -121,23 +144,28 @@ def train(config, options, explicit, argv):
 
         # 5. Each epoch: training steps, validation, then a commit to disk.
         best, interrupted = train_epochs(keras, model, config, arrays, steps,
-                                         paths, header, start, best, argv)
+                                         paths, header, start, best, rows,
+                                         argv)
         if interrupted:
             return interrupted  # the exit code, 128 + the signal
 
         # 6. The end: test accuracy of the last weights, and the files.
-        test = test_accuracy(model, config, arrays, paths)
+        try:
+            test = test_accuracy(model, config, arrays, paths)
+        except (KeyboardInterrupt, Interrupted) as interruption:
+            return interrupted_after_training(interruption, config, argv)
     finish(paths, test, best, len(arrays.x_test))
     return 0
 
 
-def open_run(config, options, explicit):
-    """The run's paths and configuration (the saved one with --resume),
-    the saved JSON record, and whether there is a saved state to resume."""
-    runfiles.writable_dir(options.history_dir, "history folder")
-    runfiles.writable_dir(options.weights_dir, "weights folder")
-    paths = runfiles.Paths.of(config["name"], options.history_dir,
-                              options.weights_dir)
+def open_run(config, options, explicit, paths):
+    """The run's configuration (the saved one with --resume), the saved JSON
+    record, and whether there is a saved state to resume. Removes what a
+    killed writer of the run left behind."""
+    removed = runfiles.remove_temporaries(paths.all())
+    if removed:
+        note(f"removed {len(removed)} temporary file(s) that a killed run "
+             f"left: {', '.join(p.name for p in removed)}")
     resuming = options.resume and paths.state.is_file()
     saved_config = {}
     if options.resume and paths.json.is_file():
@@ -151,7 +179,7 @@ def open_run(config, options, explicit):
             f"run {config['name']!r} exists ({paths.csv}, {paths.state}); "
             "pass --resume to continue it, --overwrite to start it again, or "
             "another --name")
-    return paths, config, saved_config, resuming
+    return config, saved_config, resuming
 
 
 def compile_model(keras, config, arrays, steps):
@@ -173,16 +201,14 @@ def compile_model(keras, config, arrays, steps):
 
 
 def restore(model, config, paths, header, saved_config, session):
-    """Loads the last finished epoch's state, repairs the CSV and the
-    weights to match it, and records the new session; returns the epoch to
-    start from and the best so far."""
+    """Loads the last finished epoch's state, makes the CSV and the weights
+    match it (saying what it repaired), and records the new session; returns
+    the epoch to start from, the best so far and the finished epochs' rows."""
     meta = runfiles.load_state(model, paths.state)
     start, best = meta["epoch"], meta["best"]
-    rows = [r for r in runfiles.read_rows(paths.csv)
-            if int(r["epoch"]) <= start]
-    if not rows or int(rows[-1]["epoch"]) != start:
-        rows.append(meta["row"])  # killed between state and row
-    runfiles.write_rows(paths.csv, header, rows)
+    rows, repaired = runfiles.resumed_rows(paths.csv, header, meta)
+    if repaired:
+        note(repaired)
     if best["epoch"] == start:
         runfiles.save_weights(model, paths.best)
     runfiles.save_weights(model, paths.last)
@@ -192,7 +218,7 @@ def restore(model, config, paths, header, saved_config, session):
     runfiles.write_json(paths.json, record)
     print(f"resuming run {config['name']} after epoch {start} of "
           f"{config['epochs']}")
-    return start, best
+    return start, best, rows
 
 
 def start_files(model, config, paths, header, arrays, environment, steps,
@@ -210,10 +236,10 @@ def start_files(model, config, paths, header, arrays, environment, steps,
 
 
 def train_epochs(keras, model, config, arrays, steps, paths, header, start,
-                 best, argv):
-    """Epochs start+1 .. epochs, each committed to disk as it ends; returns
-    the best validation epoch and, if a signal interrupted them, the exit
-    code (else None)."""
+                 best, rows, argv):
+    """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
+    the finished epochs' rows, which grow); returns the best validation
+    epoch and, if a signal interrupted them, the exit code (else None)."""
     batches_of = epoch_batches(config, arrays)
     renorm = next((layer for layer in model.layers
                    if type(layer).__name__ == "BatchRenormalization"), None)
@@ -243,11 +269,12 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
                 best = {"val_accuracy": val_logs["accuracy"],
                         "epoch": epoch + 1}
             with interrupts_deferred():
-                commit_epoch(model, paths, header, row, best, improved)
+                rows.append(row)
+                commit_epoch(model, paths, header, rows, best, improved)
             table.print_row(row)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
-        done = len(runfiles.read_rows(paths.csv))
+        done = len(rows)
         print(f"{console.newline()}{PROG}: interrupted "
               f"({signal.Signals(signum).name}) in epoch {epoch + 1} of "
               f"{config['epochs']}; "
@@ -297,11 +324,13 @@ def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
     return row
 
 
-def commit_epoch(model, paths, header, row, best, improved):
-    """The state first (what --resume trusts), then the row and weights."""
+def commit_epoch(model, paths, header, rows, best, improved):
+    """The state first (what --resume trusts: it holds every finished
+    epoch's row), then the row and the weights."""
     runfiles.save_state(model, paths.state,
-                        {"epoch": row["epoch"], "best": best, "row": row})
-    runfiles.append_row(paths.csv, header, row)
+                        {"epoch": rows[-1]["epoch"], "best": best,
+                         "rows": rows})
+    runfiles.append_row(paths.csv, header, rows[-1])
     if improved:
         runfiles.save_weights(model, paths.best)
     runfiles.save_weights(model, paths.last)
@@ -319,6 +348,15 @@ def test_accuracy(model, config, arrays, paths):
     return test["accuracy"]
 
 
+def interrupted_after_training(interruption, config, argv):
+    signum = getattr(interruption, "signum", signal.SIGINT)
+    print(f"{console.newline()}{PROG}: interrupted "
+          f"({signal.Signals(signum).name}) during the test evaluation, "
+          f"after the last epoch; all {config['epochs']} epochs are saved; "
+          f"finish with: {console.resume_command(argv)}", file=sys.stderr)
+    return 128 + signum
+
+
 def finish(paths, test, best, test_images):
     """Records the result in the run's JSON and says where the files are."""
     record = runfiles.read_json(paths.json)
@@ -334,4 +372,7 @@ def finish(paths, test, best, test_images):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code >= 128:  # interrupted and saved: a second Ctrl-C waits for the exit
+        ignore_interrupts()
+    sys.exit(code)

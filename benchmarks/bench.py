@@ -43,7 +43,6 @@ rewrites benchmarks/results/summary.md from every results file, and with
 """
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -485,17 +484,13 @@ def write_results(results_dir, environment, rows):
                           if r["level"] not in levels] + rows
         record["earlier"] = {k: old[k] for k in ("date", "command")
                              if k in old}
-    with runfiles.atomic_path(json_path) as temporary:
-        temporary.write_text(json.dumps(record, indent=1) + "\n")
+    runfiles.write_file(json_path,
+                        (json.dumps(record, indent=1) + "\n").encode())
     keys = list(COLUMNS) + ["wait_share", "epoch_s", "steps_per_execution"]
-    with runfiles.atomic_path(results_dir / f"{stem}.csv") as temporary:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.DictWriter(file, keys + ["backend", "device"],
-                                    extrasaction="ignore")
-            writer.writeheader()
-            for row in record["rows"]:
-                writer.writerow(dict(row, backend=environment["backend"],
-                                     device=environment["device"]))
+    rows = [dict(row, backend=environment["backend"],
+                 device=environment["device"]) for row in record["rows"]]
+    runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
+        keys + ["backend", "device"], rows).encode())
     return json_path
 
 
@@ -552,8 +547,7 @@ def write_summary(args):
     """summary.md from every results file (and README's block with
     --readme); returns its text."""
     text = summary(args.results_dir)
-    with runfiles.atomic_path(args.results_dir / "summary.md") as temporary:
-        temporary.write_text(text)
+    runfiles.write_file(args.results_dir / "summary.md", text.encode())
     if args.readme:
         update_readme(args.readme, text)
     return text
@@ -617,6 +611,9 @@ def main(argv=None):
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except runfiles.WriteError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130

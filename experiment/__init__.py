@@ -1,19 +1,21 @@
 """The CIFAR-10 experiment behind train.py, sweep.py, plot.py and
 benchmarks/: each concern in one module (ARCHITECTURE.md has the map).
 
-  cli          usage errors, the parser that raises them, flag types
-  protocols    the protocols, norms and run settings; schedule and resume rules
-  flags        train.py's flags -> a run's configuration
-  cifar10      reading and checking the official CIFAR-10 files
-  preprocessing subsets, channel statistics, normalization, augmentation, and
-               the arrays of a run
-  sampling     batch plans (i.i.d., K classes per batch) and host batches
-  device_data  the same batches made on the device (--input device)
-  network      the run's model and optimizer
-  runtime      backend, device, versions; jit / input / steps-per-execution
-               resolution; Keras session; the epoch clock
-  runfiles     a run's files: paths, atomic writes, CSV, JSON, state, README
-               blocks
-  signals      SIGINT / SIGTERM during a run
-  console      what train.py prints
+  cli            usage errors, the parser that raises them, flag types
+  protocols      the protocols, norms and run settings; schedule and resume
+                 rules
+  flags          train.py's flags -> a run's configuration
+  cifar10        reading and checking the official CIFAR-10 files
+  preprocessing  subsets, channel statistics, normalization, augmentation,
+                 and the arrays of a run
+  sampling       batch plans (i.i.d., K classes per batch) and host batches
+  device_data    the same batches made on the device (--input device)
+  network        the run's model and optimizer
+  runtime        backend, device, versions; jit / input /
+                 steps-per-execution resolution; Keras session; epoch clock
+  runfiles       a run's files: paths, the one atomic writer, CSV, JSON,
+                 state, the repair on resume, README blocks
+  runlock        one writer per run (a lock file)
+  signals        SIGINT / SIGTERM during a run
+  console        what train.py prints
 """

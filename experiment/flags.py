@@ -67,9 +67,9 @@ def add_run_flags(parser):
                      "repeats a CPU run (default: 0)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run from its last finished epoch, "
-                     "with its saved configuration (only --epochs and the "
-                     "speed flags may change); starts it if nothing is "
-                     "saved")
+                     "with its saved configuration (only the speed flags "
+                     "may change, and --epochs may grow); starts it if "
+                     "nothing is saved")
     run.add_argument("--overwrite", action="store_true",
                      help="start the run again, replacing its files")
 

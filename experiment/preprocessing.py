@@ -144,6 +144,11 @@ def prepare(config, data_dir):
     chosen = np.arange(len(data.x_test))
     if config["val_size"] < len(data.x_test):  # the same for every run
         chosen = stratified_subset(data.y_test, config["val_size"], 0)
+    if config["batch_size"] > config["train_size"]:
+        raise UsageError(
+            f"--batch-size {config['batch_size']} is more than the "
+            f"{config['train_size']} training images (--train-size); a batch "
+            "holds at most all of them")
     classes = config["classes_per_batch"]
     present = len(np.unique(y_train))
     if classes and classes > present:

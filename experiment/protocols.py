@@ -162,7 +162,8 @@ def check_schedule(config):
 
 
 def resumed_config(config, saved, explicit):
-    """The saved configuration, with the changes that --resume allows."""
+    """The saved configuration, with the changes that --resume allows: the
+    speed settings, and more --epochs (the saved number without the flag)."""
     saved = {**LEGACY_DEFAULTS, **saved}
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:
@@ -180,7 +181,13 @@ def resumed_config(config, saved, explicit):
                 f"of run {config['name']!r} ({resumed[key]}); leave it out to "
                 "resume, or start a new run with another --name")
     for key in RESUMABLE_CHANGES:
-        resumed[key] = config[key]
+        if key in explicit or key != "epochs":  # speed: resolved anew
+            resumed[key] = config[key]
+    if resumed["epochs"] < saved["epochs"]:
+        raise UsageError(
+            f"--epochs {resumed['epochs']} is fewer than the "
+            f"{saved['epochs']} epochs of run {config['name']!r}; with "
+            "--resume, --epochs may only grow")
     return resumed
 
 

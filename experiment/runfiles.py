@@ -4,15 +4,18 @@ A run NAME has HISTORY_DIR/NAME.csv (a row per finished epoch, `columns`),
 HISTORY_DIR/NAME.json (its configuration, environment and result),
 WEIGHTS_DIR/NAME.weights.h5 and NAME.best.weights.h5 (the last and the best
 weights) and WEIGHTS_DIR/NAME.state.npz (what --resume continues from).
-Every file is replaced atomically (`atomic_path`), but for the CSV, to which
-a row is appended and flushed to disk as an epoch ends. `replace_block`
+Every file is replaced atomically (`write_file`), but for the CSV, to which
+a row is appended and flushed to disk as an epoch ends; a write that fails
+raises a one-line WriteError naming the file. `replace_block`
 fills a generated block of a text file such as README.md.
 """
 
 import csv
+import errno
+import io
 import json
 import os
-from contextlib import contextmanager
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,11 @@ class Paths:
             state=weights_dir / f"{name}.state.npz",
         )
 
+    @property
+    def lock(self):
+        """Held while a process writes the run (experiment.runlock)."""
+        return self.csv.with_suffix(".lock")
+
     def all(self):
         return (self.csv, self.json, self.last, self.best, self.state)
 
@@ -59,24 +67,66 @@ def writable_dir(path, what):
         ) from None
 
 
-@contextmanager
-def atomic_path(path):
-    """A temporary path beside `path` (same suffixes) that replaces `path`
-    when the block ends without error, after being flushed to disk."""
-    suffixes = "".join(path.suffixes)  # Keras wants .weights.h5
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffixes}")
+class WriteError(RuntimeError):
+    """A run's file could not be written; the message names it (and, for a
+    full disk, the space it needs). The file written before is intact."""
+
+
+def temporary_path(path, pid=None):
+    """Where `path` is written before it replaces `path` (same suffixes)."""
+    suffixes = "".join(path.suffixes)
+    pid = os.getpid() if pid is None else pid
+    return path.with_name(f".{path.name}.{pid}.tmp{suffixes}")
+
+
+def remove_temporaries(paths):
+    """Removes what writers of these paths left behind when killed
+    (`temporary_path` of any process); returns the paths removed."""
+    removed = []
+    for path in paths:
+        for temporary in path.parent.glob(f".{path.name}.*.tmp*"):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
+
+
+def write_file(path, data):
+    """Replaces `path` with the bytes `data`, atomically: written beside it,
+    flushed to disk, then renamed over it. Raises WriteError, `path`
+    untouched, where that fails (first checking that the disk has room)."""
+    free = shutil.disk_usage(path.parent).free
+    if free < len(data):
+        raise WriteError(no_room(path, len(data), free))
+    temporary = temporary_path(path)
     try:
-        yield temporary
-        with open(temporary, "rb+") as file:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        raise WriteError(cannot_write(path, error, len(data))) from None
     finally:
         temporary.unlink(missing_ok=True)
 
 
+def no_room(path, size, free):
+    return (f"cannot write {path}: not enough free space ({megabytes(size)} "
+            f"needed, {megabytes(free)} free in {path.parent})")
+
+
+def cannot_write(path, error, size):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return no_room(path, size, shutil.disk_usage(path.parent).free)
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def megabytes(size):
+    return f"{size / 1e6:.2f} MB"
+
+
 def write_json(path, data):
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
+    write_file(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def columns(config):
@@ -85,20 +135,32 @@ def columns(config):
     return names + (["r_max", "d_max"] if config["norm"] == "renorm" else [])
 
 
+def csv_text(header, rows, with_header=True):
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, header, extrasaction="ignore")
+    if with_header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def write_rows(path, header, rows):
     """Replaces the CSV with `rows`, atomically."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.DictWriter(file, header, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+    write_file(path, csv_text(header, rows).encode())
 
 
 def append_row(path, header, row):
-    with open(path, "a", newline="") as file:
-        csv.DictWriter(file, header, extrasaction="ignore").writerow(row)
-        file.flush()
-        os.fsync(file.fileno())
+    """Appends a row to the CSV and flushes it to disk. Raises WriteError
+    where that fails (the state file, written first, has the row: --resume
+    rewrites the CSV from it)."""
+    data = csv_text(header, [row], with_header=False).encode()
+    try:
+        with open(path, "ab") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise WriteError(cannot_write(path, error, len(data))) from None
 
 
 def read_csv(path):
@@ -132,6 +194,69 @@ def read_rows(path):
     return found
 
 
+def resumed_rows(path, header, meta):
+    """The rows of the finished epochs, for --resume: the saved state's
+    (`meta["rows"]`, every finished epoch's row; in a state from before it
+    kept them, the CSV's rows up to its epoch and its last row), written to
+    the CSV `path` again. Returns them and a one-line note of what the CSV
+    held where it differed (None where it did not): a cut or repeated row, a
+    row past the state, a missing CSV. An unreadable CSV (not UTF-8, not
+    CSV) is moved aside first, never parsed into an error."""
+    note = None
+    try:
+        found = read_rows(path) if path.exists() else None
+    except (UnicodeDecodeError, csv.Error) as error:
+        aside = set_aside(path)
+        found, note = [], f"moved the unreadable {path} ({error}) to {aside}"
+    if "rows" in meta:
+        rows = meta["rows"]
+    else:  # a state written before the rows were kept in it
+        rows = [r for r in found or [] if epoch_of(r) is not None
+                and epoch_of(r) <= meta["epoch"]]
+        if not rows or epoch_of(rows[-1]) != meta["epoch"]:
+            rows.append(meta["row"])  # killed between state and row
+    if note is None and (found is None or as_text(found, header)
+                         != as_text(rows, header)):
+        held = ("was missing" if found is None else "held epochs "
+                + (",".join(str(r.get("epoch")) for r in found) or "none")
+                + incomplete_rows(found, header))
+        note = f"repaired {path} from the saved state: it {held}"
+    write_rows(path, header, rows)
+    if note:
+        note += f"; it now holds epochs 1-{meta['epoch']}"
+    return rows, note
+
+
+def epoch_of(row):
+    try:
+        return int(row["epoch"])
+    except (TypeError, ValueError):
+        return None
+
+
+def as_text(rows, header):
+    """Rows as the CSV holds them, to compare (extra fields included)."""
+    return [tuple("" if row.get(c) is None else str(row[c]) for c in header)
+            + tuple(row.get(None, ())) for row in rows]
+
+
+def incomplete_rows(rows, header):
+    count = sum(any(row.get(c) in (None, "") for c in header) or None in row
+                for row in rows)
+    return f" ({count} of its rows incomplete)" if count else ""
+
+
+def set_aside(path):
+    """Renames `path` to PATH.unreadable (or .unreadable.N, never over an
+    earlier one); returns the new path."""
+    aside, number = path.with_name(path.name + ".unreadable"), 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.unreadable.{number}")
+        number += 1
+    os.replace(path, aside)
+    return aside
+
+
 def save_state(model, path, meta):
     """Model variables, optimizer variables and `meta`, in one .npz."""
     arrays = {"meta": np.array(json.dumps(meta))}
@@ -139,9 +264,9 @@ def save_state(model, path, meta):
                               ("optimizer", model.optimizer.variables)):
         for i, variable in enumerate(variables):
             arrays[f"{prefix}/{i:04d}"] = np.asarray(variable.numpy())
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as file:
-            np.savez(file, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_file(path, buffer.getvalue())
 
 
 def load_state(model, path):
@@ -169,8 +294,24 @@ def load_state(model, path):
 
 
 def save_weights(model, path):
-    with atomic_path(path) as temporary:
-        model.save_weights(temporary)
+    """The model's weights as Keras's `model.save_weights` writes them (a
+    .weights.h5 file that `model.load_weights` reads), made in memory and
+    then written by `write_file`: h5py never writes to the disk itself, so
+    a full disk is a clean WriteError, not h5py's tracebacks and a crash."""
+    write_file(path, weights_bytes(model))
+
+
+def weights_bytes(model):
+    # Keras's own writer (saving_lib.save_weights_only, pinned Keras) into
+    # a BytesIO, which its H5IOStore accepts.
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    store = saving_lib.H5IOStore(buffer, mode="w")
+    saving_lib._save_state(model, weights_store=store, assets_store=None,
+                           inner_path="", visited_saveables=set())
+    store.close()
+    return buffer.getvalue()
 
 
 def read_json(path):
@@ -194,5 +335,4 @@ def replace_block(path, begin, end, body):
     if start < 0 or stop < start:
         raise ValueError(f"{path} has no {begin} ... {end} block to fill")
     updated = text[:start + len(begin)] + "\n" + body + text[stop:]
-    with atomic_path(path) as temporary:
-        temporary.write_text(updated)
+    write_file(path, updated.encode())

@@ -1,9 +1,15 @@
-"""SIGINT and SIGTERM during a run: as an exception while it trains, held
-back while an epoch is written to disk."""
+"""SIGINT and SIGTERM during a run: the first raises an exception while it
+trains (held back while an epoch is written to disk); any later one is
+ignored, so that the shutdown that the first began (saving, the message,
+the exit code) finishes."""
 
 import signal
 import threading
 from contextlib import contextmanager
+
+# The signals that arrived inside interrupts_as_exceptions (the first one
+# raised; the others are ignored).
+_arrived = []
 
 
 class Interrupted(BaseException):
@@ -16,11 +22,15 @@ class Interrupted(BaseException):
 
 @contextmanager
 def interrupts_as_exceptions():
-    """SIGINT and SIGTERM raise `Interrupted` (restored on exit)."""
+    """The first SIGINT or SIGTERM raises `Interrupted`; later ones are
+    ignored. The previous handlers are restored on exit."""
 
     def handler(signum, frame):
-        raise Interrupted(signum)
+        _arrived.append(signum)
+        if len(_arrived) == 1:
+            raise Interrupted(signum)
 
+    _arrived.clear()
     previous = {s: signal.signal(s, handler) for s in _signals()}
     try:
         yield
@@ -31,7 +41,8 @@ def interrupts_as_exceptions():
 
 @contextmanager
 def interrupts_deferred():
-    """SIGINT and SIGTERM wait until the block (an epoch's commit) is done."""
+    """SIGINT and SIGTERM wait until the block (an epoch's commit) is done;
+    then the first of them raises `Interrupted` (if none came before)."""
     pending = []
     previous = {s: signal.signal(s, lambda n, f: pending.append(n))
                 for s in _signals()}
@@ -40,8 +51,16 @@ def interrupts_deferred():
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-    if pending:
+    if pending and not _arrived:
+        _arrived.extend(pending)
         raise Interrupted(pending[0])
+
+
+def ignore_interrupts():
+    """From now on SIGINT and SIGTERM are ignored (an interrupted run
+    finishing its exit)."""
+    for signum in _signals():
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _signals():
