@@ -42,8 +42,10 @@ At the end of each epoch the state and weights files are replaced atomically
 and the CSV row is appended and flushed, so Ctrl-C or a kill loses at most the
 epoch in progress; --resume continues after the last finished epoch. A Keras
 progress bar shows on a terminal. `loss` includes the L2 penalty of
---weight-decay. Validation uses --val-size test images (stratified, the same
-for every run); the final test accuracy is on the whole test set.
+--weight-decay. Validation uses --val-size images held out of the training
+set (--val-from train, the default; never trained on) or taken from the test
+set (--val-from test, as the 2017 code did); at the end, the last weights and
+the best validation epoch's weights are each tested on the whole test set.
 """
 
 import signal
@@ -128,7 +130,8 @@ def run(config, options, explicit, argv, paths):
         model, environment = compile_model(keras, config, arrays, steps)
         session = dict(started=runtime.now(),
                        command=console.command_line(argv),
-                       jit_compile=bool(model.jit_compile), **environment)
+                       jit_compile=bool(model.jit_compile), **environment,
+                       provenance=runtime.provenance(environment))
 
         # 4. Restore the last finished epoch, or start from scratch.
         header = runfiles.columns(config)
@@ -141,6 +144,8 @@ def run(config, options, explicit, argv, paths):
                         steps, session)
         print(console.describe_run(config, model, environment, arrays.source,
                                    steps))
+        for warning in protocols.schedule_warnings(config, steps):
+            note(f"warning: {warning}")
 
         # 5. Each epoch: training steps, validation, then a commit to disk.
         best, interrupted = train_epochs(keras, model, config, arrays, steps,
@@ -151,7 +156,7 @@ def run(config, options, explicit, argv, paths):
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
-            test = test_accuracy(model, config, arrays, paths)
+            test = test_accuracy(model, config, arrays, paths, best)
         except (KeyboardInterrupt, Interrupted) as interruption:
             return interrupted_after_training(interruption, config, argv)
     finish(paths, test, best, len(arrays.x_test))
@@ -228,7 +233,8 @@ def start_files(model, config, paths, header, arrays, environment, steps,
         path.unlink(missing_ok=True)
     runfiles.write_rows(paths.csv, header, [])
     runfiles.write_json(paths.json, dict(
-        config, **environment, data=arrays.source,
+        config, **environment, provenance=session["provenance"],
+        data=arrays.source,
         normalization={"mean": arrays.mean.tolist(),
                        "std": arrays.std.tolist()},
         params=model.count_params(), steps_per_epoch=steps,
@@ -336,16 +342,24 @@ def commit_epoch(model, paths, header, rows, best, improved):
     runfiles.save_weights(model, paths.last)
 
 
-def test_accuracy(model, config, arrays, paths):
-    """The last weights' accuracy on the whole test set (the last epoch's
-    validation accuracy where validation was the whole test set)."""
-    if config["val_size"] == len(arrays.x_test):
-        return float(runfiles.read_rows(paths.csv)[-1]["val_accuracy"])
-    test = model.evaluate(
-        preprocessing.normalize(arrays.x_test, arrays.mean, arrays.std),
-        arrays.y_test, batch_size=config["eval_batch_size"], verbose=0,
-        return_dict=True)
-    return test["accuracy"]
+def test_accuracy(model, config, arrays, paths, best):
+    """The accuracy on the whole test set of the last weights and of the
+    best validation epoch's weights (left in `model`). Where validation was
+    the whole test set, those are the epochs' own val_accuracy."""
+    if config["val_from"] == "test" and config["val_size"] == len(
+            arrays.x_test):
+        last = float(runfiles.read_rows(paths.csv)[-1]["val_accuracy"])
+        return {"last": last, "best": best["val_accuracy"]}
+    x_test = preprocessing.normalize(arrays.x_test, arrays.mean, arrays.std)
+
+    def accuracy():
+        return model.evaluate(x_test, arrays.y_test,
+                              batch_size=config["eval_batch_size"], verbose=0,
+                              return_dict=True)["accuracy"]
+
+    last = accuracy()
+    model.load_weights(paths.best)
+    return {"last": last, "best": accuracy()}
 
 
 def interrupted_after_training(interruption, config, argv):
@@ -360,14 +374,16 @@ def interrupted_after_training(interruption, config, argv):
 def finish(paths, test, best, test_images):
     """Records the result in the run's JSON and says where the files are."""
     record = runfiles.read_json(paths.json)
-    record["result"] = {"test_accuracy": test,
+    record["result"] = {"test_accuracy": test["last"],
+                        "best_test_accuracy": test["best"],
                         "test_images": test_images,
                         "best_val_accuracy": best["val_accuracy"],
                         "best_epoch": best["epoch"]}
     runfiles.write_json(paths.json, record)
-    print(f"test accuracy {test:.4f} (last weights, all {test_images} test "
-          f"images); best val_accuracy {best['val_accuracy']:.4f} at epoch "
-          f"{best['epoch']}")
+    print(f"test accuracy {test['last']:.4f} (last weights), "
+          f"{test['best']:.4f} (weights of epoch {best['epoch']}, the best "
+          f"val_accuracy {best['val_accuracy']:.4f}), on all {test_images} "
+          "test images")
     print("files: " + ", ".join(str(p) for p in paths.all()))
 
 

@@ -22,8 +22,10 @@ from experiment.cli import steps_or_auto
 from experiment.cli import wrn_depth
 from experiment.protocols import CONFIG_KEYS
 from experiment.protocols import NORMS
+from experiment.protocols import PRECISIONS
 from experiment.protocols import PROTOCOLS
 from experiment.protocols import SCHEDULE_STEPS
+from experiment.protocols import VAL_FROM
 from experiment.runtime import AUTO_STEPS_PER_EXECUTION
 from experiment.runtime import INPUTS
 
@@ -81,12 +83,23 @@ def add_data_flags(parser):
                       "(cifar-10-batches-py); default: $CIFAR10_DIR, "
                       "else Keras's downloader")
     data.add_argument("--train-size", type=positive_int, metavar="N",
-                      help="train on a stratified subset of N images "
-                      "(default: all 50000)")
+                      help="train on a stratified subset of N of the "
+                      "training images not held out for validation, drawn "
+                      "with --seed (default: all of them, 45000)")
+    data.add_argument("--val-from", choices=VAL_FROM,
+                      help="where the validation images (each epoch's "
+                      "val_* columns and the best weights' choice) come "
+                      "from. train: a stratified split held out of the "
+                      "training set, drawn with --seed (the same for every "
+                      "run of a seed) and never trained on; test: a "
+                      "stratified subset of the test set, the same for "
+                      "every run, as the 2017 code did (then 'best' is "
+                      "chosen on test images) (default: train)")
     data.add_argument("--val-size", type=positive_int, metavar="N",
-                      help="validate each epoch on a stratified subset of N "
-                      "test images, the same for every run (default: all "
-                      "10000)")
+                      help="validation images (default: 5000, a tenth of "
+                      "the training set, with --val-from train; all 10000 "
+                      "with --val-from test); the test accuracy is always "
+                      "on all the test images")
     data.add_argument("--classes-per-batch", type=positive_int, metavar="K",
                       help="non-i.i.d. training batches: each from exactly K "
                       "classes, BATCH_SIZE / K images of each (the paper's "
@@ -165,9 +178,16 @@ def add_norm_flags(parser):
 
 def add_speed_flags(parser):
     speed = parser.add_argument_group("speed")
+    speed.add_argument("--precision", choices=PRECISIONS,
+                       help="Keras dtype policy: float32, or mixed (float16 "
+                       "or bfloat16 computations, float32 variables; the "
+                       "normalization's statistics are float32 either way); "
+                       "mixed_float16 trains with a dynamic loss scale "
+                       "(Keras's LossScaleOptimizer) (default: float32)")
     speed.add_argument("--mixed-precision",
                        action=argparse.BooleanOptionalAction,
-                       help="mixed_float16 policy (default: off)")
+                       help="the same as --precision mixed_float16 "
+                       "(--no-mixed-precision: float32)")
     speed.add_argument("--jit-compile", choices=("auto", "on", "off"),
                        help="XLA/JIT compilation; auto: for TensorFlow on a "
                        "CPU, on where the CPU lacks AVX-512 (measured faster "
@@ -213,6 +233,7 @@ def parse_args(argv, doc):
                   protocol=explicit.get("protocol", "seed"),
                   **protocols.RUN_DEFAULTS)
     config.update({k: v for k, v in explicit.items() if k in CONFIG_KEYS})
+    config["precision"] = precision(explicit, config["precision"])
     config["lr_milestones"] = list(config["lr_milestones"])
     if config["renorm_schedule"] is not None:
         config["renorm_schedule"] = list(config["renorm_schedule"])
@@ -241,3 +262,17 @@ def parse_args(argv, doc):
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     return config, options, explicit
+
+
+def precision(explicit, default):
+    """--precision, or its older spelling --mixed-precision (explicit then
+    too, for --resume's check)."""
+    if "mixed_precision" not in explicit:
+        return explicit.get("precision", default)
+    alias = "mixed_float16" if explicit.pop("mixed_precision") else "float32"
+    if explicit.setdefault("precision", alias) != alias:
+        raise UsageError(
+            f"--precision {explicit['precision']} contradicts "
+            f"--{'' if alias != 'float32' else 'no-'}mixed-precision "
+            f"({alias}); give one of them")
+    return alias

@@ -104,7 +104,8 @@ def crop(images, top, left, flip, pad=4):
 class RunData:
     """The arrays of a run: its training subset (uint8), its validation
     images (normalized float32), the whole test set (uint8) and the
-    normalization, computed on all training images."""
+    normalization, computed on the images it may train on (the training
+    set less the held-out validation images)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -117,46 +118,82 @@ class RunData:
     source: str
 
 
+# --val-from train without --val-size: this share of the training set.
+DEFAULT_VAL_SHARE = 10  # 1 in 10: 5,000 of CIFAR-10's 50,000
+
+
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays: `train_size` training images
-    (a stratified subset drawn with the run's seed) and `val_size` test
-    images for validation (a stratified subset, the same for every run).
-    Fills in `config`'s sizes where they are None (all images).
+    """Loads CIFAR-10 and cuts the run's arrays. Validation: with
+    `val_from` "train", `val_size` images held out of the training set (a
+    stratified split drawn with the run's seed: the same for every run of a
+    seed, never trained on); with "test", a stratified subset of the test
+    set, the same for every run (the 2017 code's choice). Training: a
+    stratified subset of `train_size` of the other training images, drawn
+    with the seed. Fills in `config`'s sizes where they are None (default:
+    a tenth of the training set held out; all test images; all the
+    training images left).
 
     Raises:
         DataError: the data cannot be read.
         UsageError: a size or `classes_per_batch` the data cannot give.
     """
     data = cifar10.load(data_dir)
-    for key, images in (("train_size", data.x_train),
-                        ("val_size", data.x_test)):
-        config[key] = config[key] or len(images)
-        if config[key] > len(images):
-            raise UsageError(
-                f"--{key.replace('_', '-')} {config[key]} is more than the "
-                f"{len(images)} images in {data.source}")
-    mean, std = channel_stats(data.x_train)
-    chosen = np.arange(len(data.x_train))
-    if config["train_size"] < len(data.x_train):
-        chosen = stratified_subset(data.y_train, config["train_size"],
+    x_pool, y_pool, x_val, y_val = validation_split(config, data)
+    config["train_size"] = config["train_size"] or len(x_pool)
+    if config["train_size"] > len(x_pool):
+        raise UsageError(
+            f"--train-size {config['train_size']} is more than the "
+            f"{len(x_pool)} training images in {data.source}"
+            + (f" less the {config['val_size']} held out for validation"
+               if config["val_from"] == "train" else ""))
+    mean, std = channel_stats(x_pool)
+    chosen = np.arange(len(x_pool))
+    if config["train_size"] < len(x_pool):
+        chosen = stratified_subset(y_pool, config["train_size"],
                                    seed=config["seed"])
-    x_train, y_train = data.x_train[chosen], data.y_train[chosen]
-    chosen = np.arange(len(data.x_test))
-    if config["val_size"] < len(data.x_test):  # the same for every run
-        chosen = stratified_subset(data.y_test, config["val_size"], 0)
-    if config["batch_size"] > config["train_size"]:
+    x_train, y_train = x_pool[chosen], y_pool[chosen]
+    check_batches(config, y_train)
+    return RunData(
+        x_train=x_train, y_train=y_train, x_val=normalize(x_val, mean, std),
+        y_val=y_val, x_test=data.x_test, y_test=data.y_test, mean=mean,
+        std=std, source=data.source)
+
+
+def validation_split(config, data):
+    """The images a run may train on and its validation images (uint8),
+    as `val_from` and `val_size` say (see `prepare`)."""
+    train_from = config["val_from"] == "train"
+    images, labels = ((data.x_train, data.y_train) if train_from
+                      else (data.x_test, data.y_test))
+    config["val_size"] = config["val_size"] or (
+        len(images) // DEFAULT_VAL_SHARE if train_from else len(images))
+    limit = len(images) - 1 if train_from else len(images)
+    if config["val_size"] > limit:
+        raise UsageError(
+            f"--val-size {config['val_size']} is more than the {limit} "
+            f"{'training' if train_from else 'test'} images in {data.source}"
+            + (" that can be held out (some must be left to train on)"
+               if train_from else ""))
+    chosen = np.arange(len(images))
+    if config["val_size"] < len(images):
+        chosen = stratified_subset(labels, config["val_size"],
+                                   seed=config["seed"] if train_from else 0)
+    if not train_from:
+        return data.x_train, data.y_train, images[chosen], labels[chosen]
+    rest = np.setdiff1d(np.arange(len(images)), chosen)
+    return images[rest], labels[rest], images[chosen], labels[chosen]
+
+
+def check_batches(config, labels):
+    """Whether batches of the run can be drawn from its training labels."""
+    if config["batch_size"] > len(labels):
         raise UsageError(
             f"--batch-size {config['batch_size']} is more than the "
-            f"{config['train_size']} training images (--train-size); a batch "
+            f"{len(labels)} training images (--train-size); a batch "
             "holds at most all of them")
     classes = config["classes_per_batch"]
-    present = len(np.unique(y_train))
+    present = len(np.unique(labels))
     if classes and classes > present:
         raise UsageError(
             f"--classes-per-batch {classes} is more than the {present} "
-            f"classes among the {len(y_train)} training images")
-    return RunData(
-        x_train=x_train, y_train=y_train,
-        x_val=normalize(data.x_test[chosen], mean, std),
-        y_val=data.y_test[chosen], x_test=data.x_test, y_test=data.y_test,
-        mean=mean, std=std, source=data.source)
+            f"classes among the {len(labels)} training images")

@@ -100,9 +100,10 @@ PROTOCOL_KEYS = tuple(f.name for f in dataclasses.fields(Protocol))
 # (default seed), --name (default default_name()) and these defaults.
 RUN_DEFAULTS = {
     "seed": 0,
-    "train_size": None,  # all 50,000
-    "val_size": None,  # all 10,000
-    "mixed_precision": False,
+    "train_size": None,  # all the training images not held out
+    "val_from": "train",  # a held-out split; "test": test images, as in 2017
+    "val_size": None,  # from train: 5,000 (a tenth); from test: all 10,000
+    "precision": "float32",  # or a Keras mixed policy
     "jit_compile": "auto",
     "eval_batch_size": 500,
     "input": "auto",
@@ -110,10 +111,14 @@ RUN_DEFAULTS = {
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+VAL_FROM = ("train", "test")
 # Keys that histories written before they existed lack, with the value that
-# those runs had (--resume fills them in).
+# those runs had (--resume fills them in; `precision` is derived from the
+# old `mixed_precision`, see `with_legacy_keys`).
 LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
-                   "input": "host", "steps_per_execution": 1}
+                   "input": "host", "steps_per_execution": 1,
+                   "val_from": "test"}
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
 # What --resume may change in a run's saved configuration (the speed
 # settings: they do not change the math).
@@ -164,7 +169,7 @@ def check_schedule(config):
 def resumed_config(config, saved, explicit):
     """The saved configuration, with the changes that --resume allows: the
     speed settings, and more --epochs (the saved number without the flag)."""
-    saved = {**LEGACY_DEFAULTS, **saved}
+    saved = with_legacy_keys(saved)
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:
         raise RuntimeError(
@@ -189,6 +194,62 @@ def resumed_config(config, saved, explicit):
             f"{saved['epochs']} epochs of run {config['name']!r}; with "
             "--resume, --epochs may only grow")
     return resumed
+
+
+def with_legacy_keys(record):
+    """A saved configuration with the keys that older histories lack, at
+    the values those runs had."""
+    record = {**LEGACY_DEFAULTS, **record}
+    if "precision" not in record:
+        record["precision"] = ("mixed_float16" if record.get("mixed_precision")
+                               else "float32")
+    return record
+
+
+def schedule_warnings(config, steps_per_epoch):
+    """Where the renorm schedule does not fit the run, one line each: a run
+    that ends before the warm-up does (plain BN throughout) or before the
+    bounds are half way to their final values, and a warm-up shorter than three time constants of
+    the moving averages (1 / (1 - momentum) steps), after which r and d
+    would correct towards statistics that have not settled."""
+    if config["norm"] != "renorm":
+        return []
+    total = config["epochs"] * steps_per_epoch
+    fix = ("; fit it to the run with --renorm-schedule 0.04,0.19,0.31 (the "
+           "paper's fractions of its steps)")
+    warnings = []
+    if total <= config["warmup_steps"]:
+        warnings.append(
+            f"the run's {total} steps end before the renorm warm-up "
+            f"({config['warmup_steps']} steps): r_max stays 1 and d_max 0, "
+            f"plain batch normalization throughout{fix}")
+    elif min(ramp_progress(config, "r_max_steps", total),
+             ramp_progress(config, "d_max_steps", total)) < 0.5:
+        r_end = 1 + (config["r_max"] - 1) * ramp_progress(
+            config, "r_max_steps", total)
+        d_end = config["d_max"] * ramp_progress(config, "d_max_steps", total)
+        warnings.append(
+            f"the run's {total} steps end early in the renorm schedule: by "
+            f"its end r_max reaches only {r_end:.2f} of {config['r_max']:g} "
+            f"and d_max {d_end:.2f} of {config['d_max']:g}{fix}")
+    settle = 3 / (1 - config["norm_momentum"])
+    if 0 < total and config["warmup_steps"] < min(settle, total):
+        warnings.append(
+            f"the renorm warm-up ({config['warmup_steps']} steps) is shorter "
+            f"than 3 time constants of the moving averages ({settle:.0f} "
+            f"steps at --norm-momentum {config['norm_momentum']:g}): r and d "
+            "would correct towards statistics that have not settled; "
+            "lengthen the warm-up or lower --norm-momentum")
+    return warnings
+
+
+def ramp_progress(config, ramp, total):
+    """How far (0 to 1) a bound's linear ramp (`ramp`: r_max_steps or
+    d_max_steps) has gone after `total` steps (BatchRenormalization's rule)."""
+    start, end = config["warmup_steps"], config[ramp]
+    if total < start:
+        return 0.0
+    return 1.0 if end <= start else min(1.0, (total - start) / (end - start))
 
 
 def protocols_table():

@@ -6,14 +6,21 @@ epochs."""
 import datetime
 import os
 import platform
+import subprocess
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
 from experiment.cli import UsageError
 
 INPUTS = ("auto", "host", "device")
+ROOT = Path(__file__).resolve().parents[1]
+# What counts as the code for `provenance`'s "dirty" (not the histories and
+# plots that runs rewrite).
+CODE_FILES = (":(glob)**/*.py", "requirements.txt", "pyproject.toml",
+              "Makefile")
 # --steps-per-execution auto on an accelerator: at most this many steps per
 # call from Keras's Python loop into the backend.
 AUTO_STEPS_PER_EXECUTION = 64
@@ -145,8 +152,7 @@ def keras_settings(keras, config):
     policy = keras.config.dtype_policy()
     keras.backend.clear_session()
     keras.utils.set_random_seed(config["seed"])
-    if config["mixed_precision"]:
-        keras.config.set_dtype_policy("mixed_float16")
+    keras.config.set_dtype_policy(config["precision"])
     try:
         yield
     finally:
@@ -176,3 +182,24 @@ def epoch_clock(keras):
 def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds")
+
+
+def provenance(environment):
+    """Which code made a run: the git commit of this checkout (None outside
+    git), whether the code differed from it (`dirty`: uncommitted changes to
+    CODE_FILES), and the package version."""
+    commit = git("rev-parse", "HEAD")
+    changes = git("status", "--porcelain", "--untracked-files=no", "--",
+                  *CODE_FILES)
+    return {"commit": commit, "dirty": None if commit is None else bool(
+        changes), "version": environment["versions"].get("batch_renorm")}
+
+
+def git(*args):
+    """git's output in this checkout, stripped; None where git fails."""
+    try:
+        result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None

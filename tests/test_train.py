@@ -98,7 +98,7 @@ def test_overrides():
         "--jit-compile", "off", "--no-nesterov", "--history-dir", "h"])
     assert config["name"] == "keras-renorm-wrn-b32-s7"
     expected = dict(epochs=3, batch_size=32, lr=0.05, augment=False, depth=10,
-                    width=2, seed=7, mixed_precision=True, r_max=2.0,
+                    width=2, seed=7, precision="mixed_float16", r_max=2.0,
                     d_max=1.0, warmup_steps=10, r_max_steps=20,
                     d_max_steps=30, lr_milestones=[1, 2], dropout=0.3,
                     weight_decay=0.0, val_size=1000, train_size=5000,
