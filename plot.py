@@ -3,9 +3,12 @@
 
 Each run is a pair `<run>.csv` (one row per epoch: epoch, seconds, loss,
 accuracy, val_loss, val_accuracy, ...) and `<run>.json` (its configuration).
-Runs are grouped by normalization, and by any other configuration field that
-differs between them (protocol, batch size, device, ...); runs that differ
-only in their seed are repeats of one group. Writes:
+Runs are grouped by normalization and by every other setting (each
+configuration key, the backend and device, the precision, where validation
+images come from, ...; a key an older history lacks counts as its legacy
+value); runs that differ only in their seed (and name, timings, provenance)
+are repeats of one group. Labels name the settings that tell groups apart.
+Writes:
 
   PLOTS/curves.png             train/val loss and accuracy against epoch
   PLOTS/seconds_per_epoch.png  training time per epoch
@@ -30,6 +33,7 @@ A partial or malformed history is skipped with a warning naming it.
 
 import argparse
 import csv
+import functools
 import io
 import json
 import sys
@@ -48,16 +52,31 @@ from matplotlib.ticker import (  # noqa: E402
     LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
 from experiment import runfiles  # noqa: E402
-from experiment.protocols import NORMS  # noqa: E402 (fixes their colours)
+from experiment.protocols import (  # noqa: E402 (NORMS fixes their colours)
+    CONFIG_KEYS, LEGACY_DEFAULTS, NORMS)
 
 PROG = "plot.py"
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
 BASELINE = "batchnorm"
-# Fields besides `norm` that split runs into groups where they differ, in the
-# order they appear in labels. The seed never does: seeds are repeats.
-GROUP_FIELDS = ("protocol", "batch_size", "classes_per_batch", "epochs", "lr",
-                "train_size", "depth", "width", "augment", "device",
-                "backend")
+# Keys that newer histories record besides CONFIG_KEYS, and the environment's
+# keys that split runs too.
+NEW_KEYS = ("precision", "val_from", "val_size", "virtual_batch_size",
+            "devices")
+ENVIRONMENT_KEYS = ("device", "backend")
+# The value that a history without one of NEW_KEYS had (beyond
+# LEGACY_DEFAULTS; `precision` comes from `mixed_precision`): validation on a
+# subset of the test set as in 2017, no virtual batches, one device.
+PLOT_LEGACY = {"val_from": "test", "virtual_batch_size": None, "devices": 1}
+# Labels name these first, in this order; the other keys follow.
+LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch", "epochs", "lr",
+               "train_size", "depth", "width", "augment")
+# Never split groups: the norm is a group's own; seeds are repeats; a name
+# is a name; `mixed_precision` is contained in `precision` (derived from it).
+NOT_GROUPED = ("norm", "seed", "name", "mixed_precision")
+# Every key that splits runs into groups where they differ, in label order.
+GROUP_FIELDS = tuple(key for key in dict.fromkeys(
+    LABEL_ORDER + CONFIG_KEYS + NEW_KEYS + ENVIRONMENT_KEYS)
+    if key not in NOT_GROUPED)
 LINESTYLES = ("-", "--", ":", "-.")
 README_BEGIN = "<!-- timing.md begins -->"
 README_END = "<!-- timing.md ends -->"
@@ -74,12 +93,28 @@ class Run:
     config: dict
     frame: pd.DataFrame  # the COLUMNS, numeric, one row per epoch
 
+    @functools.cached_property
+    def settings(self):
+        """`config` with the legacy value of each key an older history lacks."""
+        return settings(self.config)
+
     def value(self, field):
-        """`config[field]` in a hashable form (None when absent)."""
-        value = self.config.get(field)
-        if isinstance(value, (list, dict)):
+        """The run's setting `field` in a hashable form (None when absent)."""
+        value = self.settings.get(field)
+        if isinstance(value, (list, tuple, dict)):
             return json.dumps(value, sort_keys=True)
         return value
+
+
+def settings(config):
+    """A history's configuration, each key it lacks at its legacy value:
+    `LEGACY_DEFAULTS`, `PLOT_LEGACY`, and `precision` from the older
+    `mixed_precision` flag."""
+    filled = {**PLOT_LEGACY, **LEGACY_DEFAULTS, **config}
+    if "precision" not in config:
+        filled["precision"] = ("mixed_float16" if config.get("mixed_precision")
+                               else "float32")
+    return filled
 
 
 @dataclass
@@ -249,13 +284,16 @@ def norm_rank(norm):
 
 
 def group_runs(runs):
-    """Groups of runs, batchnorm first, then by the splitting fields."""
+    """Groups of runs equal in every GROUP_FIELDS key (runs that differ only
+    in their seed are repeats), batchnorm first, then by the splitting
+    fields; a group's key holds only those, which tell the groups apart."""
     fields = splitting_fields(runs)
     groups = {}
     for run in sorted(runs, key=lambda r: r.name):
-        key = tuple((f, run.value(f)) for f in fields)
         norm = run.config["norm"]
-        groups.setdefault((norm, key), Group(norm, key, [])).runs.append(run)
+        every = (norm, tuple(run.value(f) for f in GROUP_FIELDS))
+        key = tuple((f, run.value(f)) for f in fields)
+        groups.setdefault(every, Group(norm, key, [])).runs.append(run)
     return sorted(groups.values(), key=lambda g: (
         norm_rank(g.norm), [sort_key(v) for _, v in g.key]))
 
