@@ -347,30 +347,164 @@ def markdown_table(header, rows):
     return "\n".join([line(header), rule] + [line(row) for row in rows])
 
 
-def timing_report(groups, runs, history_dirs):
-    header = ("group", "runs", "epochs", "median s/epoch",
-              "ratio to batchnorm", "best val acc (%)", "final val acc (%)",
-              "device", "backend")
-    rows = []
-    for group, ratio in zip(groups, ratios_to_baseline(groups)):
-        rows.append((
-            group.label, len(group.runs), format_epochs(group),
+# ------------------------------------------------------------- provenance
+def provenances(group):
+    """Each run's `provenance` record, None where it has none (older code)
+    or where it is not a record."""
+    return [record if isinstance(record := run.config.get("provenance"), dict)
+            else None for run in group.runs]
+
+
+# What a warning says of the groups with each kind of provenance problem.
+PROVENANCE_WARNINGS = {
+    "none": "runs with no provenance (older code)",
+    "unknown": "runs of an unknown commit (not run from a git checkout)",
+    "commits": "runs from different commits",
+    "dirty": "runs from a dirty tree (uncommitted changes)",
+}
+
+
+def provenance_problems(group):
+    """Why a group's runs may not be the same code, as (kind, text) with the
+    kinds of PROVENANCE_WARNINGS: none recorded, no commit known, several
+    commits, a dirty tree. Empty for runs of one clean commit."""
+    records = provenances(group)
+    known = [r for r in records if r is not None]
+    problems = []
+    if len(known) < len(records):
+        problems.append(("none", "no provenance" if not known else
+                         f"{len(records) - len(known)} of {len(records)} "
+                         "runs without provenance"))
+    commits = {r.get("commit") for r in known}
+    if None in commits:
+        problems.append(("unknown", "commit unknown"))
+    if len(commits - {None}) > 1:
+        problems.append(("commits", f"{len(commits - {None})} commits"))
+    if any(r.get("dirty") is not False for r in known):
+        problems.append(("dirty", "dirty tree"))
+    return problems
+
+
+def provenance_cell(group):
+    """timing.md's note beside a group: its commit(s), and its problems."""
+    commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
+                      if r is not None and r.get("commit")})
+    problems = [text for _, text in provenance_problems(group)]
+    text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
+    if problems:
+        text = "⚠ " + "; ".join(problems) + (f" ({text})" if text else "")
+    return text
+
+
+def warn_provenance(groups):
+    """One warning per kind of problem, naming the groups that have it (one
+    line, not one per group: old histories would flood stderr)."""
+    flagged = {}
+    for group in groups:
+        for kind, text in provenance_problems(group):
+            flagged.setdefault(kind, []).append(f"{group.label} ({text})")
+    for kind, labels in flagged.items():
+        warn(f"{len(labels)} group(s) of {PROVENANCE_WARNINGS[kind]}; see "
+             f"the code column of timing.md: {' | '.join(labels)}")
+
+
+def result_values(group, key):
+    """Each run's `result[key]` (accuracies in [0, 1]), None for a run
+    without it (unfinished, or a history older than the key)."""
+    values = []
+    for run in group.runs:
+        result = run.config.get("result")
+        value = result.get(key) if isinstance(result, dict) else None
+        values.append(value if isinstance(value, (int, float)) else None)
+    return values
+
+
+def format_results(values):
+    """format_percent of the runs that have the value, "(k of n runs)" when
+    some lack it, "–" when none has it."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "–"
+    text = format_percent(known)
+    if len(known) < len(values):
+        text += f" ({len(known)} of {len(values)} runs)"
+    return text
+
+
+def test_images_text(groups):
+    """How many test images the test accuracies count."""
+    images = {run.config["result"].get("test_images") for g in groups
+              for run in g.runs if isinstance(run.config.get("result"), dict)}
+    images.discard(None)
+    return (f"all {images.pop()} test images" if len(images) == 1
+            else "the whole test set")
+
+
+def validation_text(groups):
+    """Where the groups' validation images come from (`val_from`, and how
+    many: `val_size`)."""
+    pairs = sorted({(str(run.settings.get("val_from")),
+                     run.settings.get("val_size"))
+                    for group in groups for run in group.runs},
+                   key=lambda pair: (pair[0], sort_key(pair[1])))
+    return "; ".join(validation_source(*pair) for pair in pairs)
+
+
+def validation_source(source, size):
+    if source == "train":
+        count = "images" if size is None else f"{size} images"
+        return (f"{count} held out of the training set (`val_from` train; "
+                "never trained on)")
+    if source == "test":
+        where = ("the whole test set" if size is None
+                 else f"a subset of {size} test images")
+        return (f"{where} (`val_from` test, as in 2017: validation and test "
+                "accuracies are not independent)")
+    return f"{'all' if size is None else size} images from {source}"
+
+
+def group_row(group, ratio, best_weights):
+    """The cells of a group's row in timing.md's main table."""
+    frames = [r.frame["val_accuracy"] for r in group.runs]
+    tests = [format_results(result_values(group, "test_accuracy"))]
+    if best_weights:
+        tests.append(format_results(result_values(group,
+                                                  "best_test_accuracy")))
+    return (group.label, len(group.runs), format_epochs(group), *tests,
+            format_percent([f.max() for f in frames]),
+            format_percent([f.iloc[-1] for f in frames]),
             f"{median_seconds(group):.2f}",
             "n/a" if ratio is None else f"{ratio:.2f}",
-            format_percent([r.frame["val_accuracy"].max()
-                            for r in group.runs]),
-            format_percent([r.frame["val_accuracy"].iloc[-1]
-                            for r in group.runs]),
-            common_value(group, "device"), common_value(group, "backend")))
+            provenance_cell(group), common_value(group, "device"),
+            common_value(group, "backend"))
+
+
+def timing_report(groups, runs, history_dirs):
+    """timing.md: a row per group, test accuracy first, then validation
+    accuracy, then speed, with a note of what each column counts."""
+    best_weights = any(v is not None for g in groups
+                       for v in result_values(g, "best_test_accuracy"))
+    header = ("group", "runs", "epochs", "test acc, last weights (%)",
+              *(["test acc, best-val weights (%)"] if best_weights else []),
+              "best val acc (%)", "final val acc (%)", "median s/epoch",
+              "ratio to batchnorm", "code", "device", "backend")
+    rows = [group_row(group, ratio, best_weights)
+            for group, ratio in zip(groups, ratios_to_baseline(groups))]
     source = ", ".join(f"`{d}`" for d in history_dirs)
+    best_note = (" Best-val weights: the weights of the epoch with the best "
+                 "validation accuracy, on the same test images."
+                 if best_weights else "")
     return (
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
         f"group(s).\n\n{markdown_table(header, rows)}\n\n"
-        "Median s/epoch: median wall time of an epoch's training steps over "
-        "all epochs of the group's runs (evaluation excluded). Ratio: to the "
-        "batchnorm group with the same other settings. Accuracies: mean "
-        "(± std over runs) of each run's best and final validation "
-        "accuracy.\n")
+        f"Test accuracy: mean (± std over runs) of each run's last weights on "
+        f"{test_images_text(groups)}.{best_note} Validation accuracy: mean "
+        "(± std over runs) of each run's best and final epoch; validation "
+        f"images: {validation_text(groups)}. Median s/epoch: median wall time "
+        "of an epoch's training steps over all epochs of the group's runs "
+        "(evaluation excluded). Ratio: to the batchnorm group with the same "
+        "other settings. Code: the commit the runs ran (⚠: mixed commits, a "
+        "dirty tree, or no provenance recorded).\n")
 
 
 def styles(groups):
@@ -721,6 +855,7 @@ def main(argv=None):
         print(f"{PROG}: error: no usable history {where}", file=sys.stderr)
         return 1
     groups = group_runs(runs)
+    warn_provenance(groups)
     report = timing_report(groups, runs,
                            sorted({str(run.path.parent) for run in runs}))
     points = sweep_points(runs) if has_sweep(runs) else []

@@ -14,6 +14,8 @@ import plot
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "epoch,seconds,eval_seconds,loss,accuracy,val_loss,val_accuracy,lr"
+# What train.py records of the code a run ran (clean: no warning).
+PROVENANCE = {"commit": "ab" * 20, "dirty": False, "version": "0.1.0"}
 
 
 def write_run(history, name, norm, seconds, val_accuracy, seed=0,
@@ -25,7 +27,8 @@ def write_run(history, name, norm, seconds, val_accuracy, seed=0,
               "epochs": len(seconds), "lr": 0.1, "seed": seed, "depth": 16,
               "width": 4, "train_size": 50000, "augment": True,
               "backend": "jax", "device": "cpu",
-              "versions": {"keras": "3.15.1"}, **config}
+              "versions": {"keras": "3.15.1"}, "provenance": PROVENANCE,
+              **config}
     (history / f"{name}.json").write_text(json.dumps(config))
     lines = [HEADER + (",r_max,d_max" if norm == "renorm" else "")]
     for epoch, (sec, acc) in enumerate(zip(seconds, val_accuracy), start=1):
@@ -294,6 +297,100 @@ def test_readme_without_the_block_is_an_error(two_norms, tmp_path, capsys):
     assert err.startswith("plot.py: error:") and "README.md" in err
     assert len(err.strip().splitlines()) == 1
     assert readme.read_text() == "# no markers here\n"
+
+
+def header_of(text):
+    """The header cells of the first Markdown table in `text`."""
+    line = next(line for line in text.splitlines() if line.startswith("| "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_leads_with_test_accuracy(tmp_path, capsys):
+    """Test accuracy (last, then best-val weights), then validation, then
+    seconds; the note says where validation images come from. The old
+    order (seconds first, no test columns) is gone."""
+    history = tmp_path / "history"
+    for seed, (last, best) in enumerate([(0.40, 0.42), (0.50, 0.48)]):
+        write_run(history, f"bn{seed}", "batchnorm", [1.0, 1.0], [0.3, 0.4],
+                  seed=seed, val_from="train", val_size=5000,
+                  result={"test_accuracy": last, "best_test_accuracy": best,
+                          "best_val_accuracy": 0.4, "best_epoch": 2,
+                          "test_images": 10000})
+    # An older history: no best_test_accuracy; another: no result at all.
+    write_run(history, "brn0", "renorm", [2.0, 2.0], [0.3, 0.35],
+              val_from="train", val_size=5000,
+              result={"test_accuracy": 0.3, "test_images": 10000})
+    write_run(history, "brn1", "renorm", [2.0, 2.0], [0.3, 0.35], seed=1,
+              val_from="train", val_size=5000)
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and err == ""
+    assert header_of(out) == [
+        "group", "runs", "epochs", "test acc, last weights (%)",
+        "test acc, best-val weights (%)", "best val acc (%)",
+        "final val acc (%)", "median s/epoch", "ratio to batchnorm", "code",
+        "device", "backend"]
+    rows = table(out)
+    assert rows["batchnorm"]["test acc, last weights (%)"] == percent(
+        [0.40, 0.50])
+    assert rows["batchnorm"]["test acc, best-val weights (%)"] == percent(
+        [0.42, 0.48])
+    assert rows["renorm"]["test acc, last weights (%)"] == (
+        "30.00 (1 of 2 runs)")
+    assert rows["renorm"]["test acc, best-val weights (%)"] == "–"
+    assert rows["renorm"]["median s/epoch"] == "2.00"
+    assert "all 10000 test images" in out
+    assert "5000 images held out of the training set" in out
+
+
+def test_no_best_val_column_without_it(two_norms, tmp_path, capsys):
+    history, _ = two_norms
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert header_of(out)[3:5] == ["test acc, last weights (%)",
+                                   "best val acc (%)"]
+    assert table(out)["renorm"]["test acc, last weights (%)"] == "–"
+    assert "validation images: the whole test set (`val_from` test, as in 2017" in out
+
+
+def test_provenance_is_flagged_not_grouped(tmp_path, capsys):
+    """Runs of other commits, a dirty tree or none recorded stay repeats of
+    one group, but the group is flagged on stderr and in timing.md."""
+    history = tmp_path / "history"
+    other = dict(PROVENANCE, commit="cd" * 20)
+    write_run(history, "bn0", "batchnorm", [1.0], [0.5])
+    write_run(history, "bn1", "batchnorm", [1.0], [0.5], seed=1)
+    write_run(history, "brn0", "renorm", [1.0], [0.5])
+    write_run(history, "brn1", "renorm", [1.0], [0.5], seed=1,
+              provenance=other)
+    write_run(history, "k0", "keras-renorm", [1.0], [0.5],
+              provenance=dict(PROVENANCE, dirty=True))
+    write_run(history, "k1", "keras-renorm", [1.0], [0.5], seed=1,
+              provenance=None)
+    write_run(history, "x0", "other", [1.0], [0.5],
+              provenance=dict(PROVENANCE, commit=None))
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and "Traceback" not in err
+    rows = table(out)
+    assert list(rows) == ["batchnorm", "renorm", "keras-renorm", "other"]
+    assert [rows[g]["runs"] for g in rows] == ["2", "2", "2", "1"]
+    assert rows["batchnorm"]["code"] == ("ab" * 20)[:7]
+    assert rows["renorm"]["code"] == (
+        f"⚠ 2 commits ({('ab' * 20)[:7]}, {('cd' * 20)[:7]})")
+    assert rows["keras-renorm"]["code"].startswith(
+        "⚠ 1 of 2 runs without provenance; dirty tree")
+    assert rows["other"]["code"] == "⚠ commit unknown"
+    warnings = err.splitlines()
+    assert len(warnings) == 4
+    assert all(line.startswith("plot.py: warning: 1 group(s) of runs ")
+               for line in warnings)
+    assert any("different commits" in w and "renorm (2 commits)" in w
+               for w in warnings)
+    assert any("dirty tree" in w and "keras-renorm" in w for w in warnings)
+    assert any("no provenance" in w and "keras-renorm" in w for w in warnings)
+    assert any("unknown commit" in w and "other" in w for w in warnings)
+    assert not any(w.count("batchnorm") for w in warnings)
 
 
 # ------------------------------------------- batch sizes, non-i.i.d. runs
