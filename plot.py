@@ -37,6 +37,7 @@ import functools
 import io
 import json
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +54,8 @@ from matplotlib.ticker import (  # noqa: E402
 
 from experiment import runfiles  # noqa: E402
 from experiment.protocols import (  # noqa: E402 (NORMS fixes their colours)
-    CONFIG_KEYS, LEGACY_DEFAULTS, NORMS)
+    CONFIG_KEYS, LEGACY_DEFAULTS, NORMS, PROTOCOL_KEYS, PROTOCOLS,
+    SCHEDULE_STEPS)
 
 PROG = "plot.py"
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
@@ -534,21 +536,144 @@ def plot_group(ax, group, column, style, scale=1.0):
                         alpha=0.2, linewidth=0)
 
 
-def common_description(runs):
-    """The settings all runs share, for figure titles."""
-    parts = []
-    for field in ("protocol", "batch_size", "backend", "device"):
-        values = {run.value(field) for run in runs}
-        if len(values) == 1 and None not in values:
-            parts.append(f"{field}={values.pop()}")
-    return ", ".join(parts)
+# ------------------------------------------------- what a figure's runs are
+TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
+# How a title names a protocol key's value where a run departs from it.
+DEPARTURE_TEXT = {
+    "epochs": "{} epochs", "batch_size": "batch {}",
+    "classes_per_batch": "{} classes/batch", "optimizer": "optimizer {}",
+    "lr": "lr {}", "lr_milestones": "lr milestones {}",
+    "lr_gamma": "lr gamma {}", "sgd_momentum": "SGD momentum {}",
+    "nesterov": "Nesterov {}", "weight_decay": "weight decay {}",
+    "augment": "augmentation {}", "dropout": "dropout {}",
+    "norm_momentum": "norm momentum {}", "norm_epsilon": "norm epsilon {}",
+    "r_max": "r_max {}", "d_max": "d_max {}",
+    "warmup_steps": "warm-up {} steps", "r_max_steps": "r_max ramp {} steps",
+    "d_max_steps": "d_max ramp {} steps",
+    "renorm_schedule": "renorm schedule {} of the steps",
+}
+TITLE_WIDTH = 110  # characters per line of a figure's title
+
+
+def value_text(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(value_text, value)) or "none"
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def same(value, reference):
+    """Equal as a history stores them (JSON lists for tuples)."""
+    as_list = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    return as_list(value) == as_list(reference)
+
+
+def protocol_departures(config):
+    """(key, text) of each protocol key in which a run departs from the
+    protocol it names; the network as one (WRN-d-k); the schedule's steps
+    not where --renorm-schedule set them."""
+    name = config.get("protocol")
+    if name not in PROTOCOLS:
+        return [("protocol", f"protocol {name!r} unknown: not compared")]
+    protocol, found = PROTOCOLS[name], []
+    if not all(same(config.get(k, getattr(protocol, k)), getattr(protocol, k))
+               for k in ("depth", "width")):
+        found.append(("network", f"WRN-{config.get('depth', '?')}-"
+                                 f"{config.get('width', '?')}"))
+    skip = {"depth", "width"} | (set(SCHEDULE_STEPS)
+                                 if config.get("renorm_schedule") else set())
+    for key in PROTOCOL_KEYS:
+        if key in skip or key not in config:
+            continue
+        if not same(config[key], getattr(protocol, key)):
+            found.append((key, DEPARTURE_TEXT.get(key, key + " {}").format(
+                value_text(config[key]))))
+    return found
+
+
+def run_departures(config):
+    """(key, text) of each setting of a run that departs from its protocol
+    run on the full data set: the network, the data's sizes and where the
+    validation images come from, the other protocol keys, the precision,
+    the devices."""
+    found = protocol_departures(config)
+    train, val = config.get("train_size"), config.get("val_size")
+    data = []
+    if train not in (None, TRAIN_IMAGES):
+        data.append(("train_size", f"{train} training images"))
+    if config.get("val_from") == "train":
+        data.append(("val_size", "validation on " + (
+            "" if val is None else f"{val} ") + "held-out training images"))
+    elif val not in (None, TEST_IMAGES):
+        data.append(("val_size", f"{val} validation images"))
+    at = 1 if found and found[0][0] == "network" else 0
+    found[at:at] = data
+    if config.get("precision") not in (None, "float32"):
+        found.append(("precision", f"precision {config['precision']}"))
+    if config.get("virtual_batch_size") is not None:
+        found.append(("virtual_batch_size",
+                      f"virtual batch {config['virtual_batch_size']}"))
+    if config.get("devices") not in (None, 1):
+        found.append(("devices", f"{config['devices']} devices"))
+    return found
+
+
+def values_text(values):
+    """A few values, or their range."""
+    values = sorted(set(values), key=sort_key)
+    if len(values) > 4 and all(sort_key(v)[0] == 1 for v in values):
+        return f"{value_text(values[0])}–{value_text(values[-1])}"
+    return ", ".join(map(value_text, values))
+
+
+def setting_text(key, runs):
+    """What `key` is in each of `runs`, for a title's "by group" line."""
+    if key == "network":
+        return "network " + ", ".join(sorted({
+            f"WRN-{r.value('depth')}-{r.value('width')}" for r in runs}))
+    if key == "classes_per_batch":
+        return "sampling " + ", ".join(sampling_text(c) for c in sorted(
+            {r.value(key) for r in runs}, key=sort_key))
+    return f"{key.replace('_', ' ')} {values_text(r.value(key) for r in runs)}"
+
+
+def describe_runs(runs):
+    """Lines for a figure's title: the protocol(s) and every departure from
+    them that all runs share; those that differ between runs; the device."""
+    found = [dict(run_departures(run.settings)) for run in runs]
+    keys = list(dict.fromkeys(k for f in found for k in f))
+    common = [k for k in keys if all(f.get(k) == found[0].get(k)
+                                     for f in found)]
+    protocols = "/".join(sorted({str(r.settings.get("protocol"))
+                                 for r in runs}))
+    lines = [f"protocol {protocols}" + (
+        ", except: " + ", ".join(found[0][k] for k in common) if common
+        else " as specified, on the full data set")]
+    varying = sorted((k for k in keys if k not in common),
+                     key=lambda k: keys.index(k) if k not in PROTOCOL_KEYS
+                     else PROTOCOL_KEYS.index(k))
+    if varying:
+        lines.append("by group: " + "; ".join(setting_text(k, runs)
+                                               for k in varying))
+    lines.append(device_text(runs))
+    return [textwrap.fill(line, TITLE_WIDTH, break_on_hyphens=False)
+            for line in lines]
+
+
+def device_text(runs):
+    devices = sorted({f"{r.value('device')} ({r.value('backend')})"
+                      for r in runs})
+    return ("on " + devices[0] if len(devices) == 1
+            else f"on {len(devices)} devices/backends, by group")
 
 
 def figure_title(text, groups, runs):
     several = any(len(g.runs) > 1 for g in groups)
     band = "; lines: mean over runs, bands: min–max" if several else ""
-    common = common_description(runs)
-    return f"{text}{band}" + (f"\n{common}" if common else "")
+    return "\n".join([f"{text}{band}", *describe_runs(runs)])
 
 
 def add_legend(fig, ax, groups):

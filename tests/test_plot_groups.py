@@ -1,5 +1,6 @@
 """plot.py's grouping: runs are repeats only where every setting but the
-seed (and name, timings, provenance) is equal (no Keras involved)."""
+seed (and name, timings, provenance) is equal; and its figure titles, which
+state every setting that departs from the protocol (no Keras involved)."""
 
 import dataclasses
 from pathlib import Path
@@ -107,3 +108,77 @@ def test_the_reported_merge_is_split():
     # The first key that splits them is named; the others go with it.
     assert sorted(labels) == ["renorm, jit_compile=True",
                               "renorm, jit_compile=auto"]
+
+
+# ------------------------------------------------------------------ titles
+def test_title_of_the_full_protocol_says_so():
+    lines = plot.describe_runs([run("a"), run("b", seed=1)])
+    assert lines == ["protocol seed as specified, on the full data set",
+                     "on CPU (tensorflow)"]
+
+
+def test_title_states_each_departure_of_a_cpu_run():
+    cpu = run("cpu", depth=16, width=2, train_size=3200, val_size=1000,
+              epochs=10, device="CPU: AMD EPYC, 2 cores",
+              mixed_precision=True)
+    title = plot.figure_title("Training curves", [], [cpu])
+    assert title.replace("\n", " ") == (
+        "Training curves "
+        "protocol seed, except: WRN-16-2, 3200 training images, 1000 "
+        "validation images, 10 epochs, precision mixed_float16 "
+        "on CPU: AMD EPYC, 2 cores (tensorflow)")
+    assert max(map(len, title.split("\n"))) <= plot.TITLE_WIDTH
+
+
+@pytest.mark.parametrize("changes, text", [
+    ({"optimizer": "sgd"}, "optimizer sgd"),
+    ({"lr_milestones": [5]}, "lr milestones 5"),
+    ({"nesterov": True}, "Nesterov on"),
+    ({"augment": True}, "augmentation on"),
+    ({"norm_momentum": 0.9}, "norm momentum 0.9"),
+    ({"warmup_steps": 0}, "warm-up 0 steps"),
+    ({"classes_per_batch": 2}, "2 classes/batch"),
+    ({"train_size": 50000, "val_size": 10000}, None),  # the full data
+    ({"val_from": "train", "val_size": 5000},
+     "validation on 5000 held-out training images"),
+    ({"virtual_batch_size": 32}, "virtual batch 32"),
+    ({"devices": 2}, "2 devices"),
+])
+def test_title_names_a_departure(changes, text):
+    line = plot.describe_runs([run("a", **changes)])[0]
+    if text is None:
+        assert line == "protocol seed as specified, on the full data set"
+    else:
+        assert line == f"protocol seed, except: {text}"
+
+
+def test_title_compares_with_the_named_protocol():
+    wrn = {**dataclasses.asdict(PROTOCOLS["wrn"]), "protocol": "wrn"}
+    wrn["lr_milestones"] = list(wrn["lr_milestones"])
+    assert plot.describe_runs([run("a", **wrn)])[0] == (
+        "protocol wrn as specified, on the full data set")
+    assert plot.describe_runs([run("a", **dict(wrn, epochs=2))])[0] == (
+        "protocol wrn, except: 2 epochs")
+    assert "'nope' unknown" in plot.describe_runs([run("a",
+                                                       protocol="nope")])[0]
+
+
+def test_title_of_a_schedule_in_fractions_omits_its_steps():
+    line = plot.describe_runs([run("a", renorm_schedule=[0.25, 0.5, 0.75],
+                                   warmup_steps=8, r_max_steps=23,
+                                   d_max_steps=15)])[0]
+    assert line == ("protocol seed, except: renorm schedule 0.25,0.5,0.75 "
+                    "of the steps")
+
+
+def test_title_says_what_differs_between_groups():
+    runs = [run("a", batch_size=4, norm_momentum=0.9, epochs=3),
+            run("b", batch_size=128, norm_momentum=0.6, epochs=3,
+                device="GPU"),
+            run("c", batch_size=128, norm_momentum=0.6, epochs=3,
+                classes_per_batch=2)]
+    lines = plot.describe_runs(runs)
+    assert lines[0] == "protocol seed, except: 3 epochs"
+    assert lines[1] == ("by group: batch size 4, 128; sampling i.i.d., 2 "
+                        "classes/batch; norm momentum 0.6, 0.9")
+    assert lines[2] == "on 2 devices/backends, by group"
