@@ -49,6 +49,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
@@ -509,33 +511,6 @@ def timing_report(groups, runs, history_dirs):
         "dirty tree, or no provenance recorded).\n")
 
 
-def styles(groups):
-    """A (colour, line style, marker) per group: colour by norm, line style
-    by the other key fields, dots on short runs."""
-    colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
-    rests = list(dict.fromkeys(g.key for g in groups))
-    short = max(len(run.frame) for g in groups for run in g.runs) <= 25
-    return [(colors[g.norm],
-             LINESTYLES[rests.index(g.key) % len(LINESTYLES)],
-             "o" if short else None)
-            for g in groups]
-
-
-def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` over the group's runs against epoch, with a min–max
-    band where there are several runs."""
-    frame = pd.concat([run.frame[["epoch", column]] for run in group.runs])
-    stats = frame.groupby("epoch")[column].agg(["mean", "min", "max"]) * scale
-    color, linestyle, marker = style
-    label = group.label + (f" ({len(group.runs)} runs)"
-                           if len(group.runs) > 1 else "")
-    ax.plot(stats.index, stats["mean"], color=color, linestyle=linestyle,
-            marker=marker, markersize=4, label=label)
-    if len(group.runs) > 1:
-        ax.fill_between(stats.index, stats["min"], stats["max"], color=color,
-                        alpha=0.2, linewidth=0)
-
-
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
 # How a title names a protocol key's value where a run departs from it.
@@ -676,62 +651,245 @@ def figure_title(text, groups, runs):
     return "\n".join([f"{text}{band}", *describe_runs(runs)])
 
 
-def add_legend(fig, ax, groups):
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center",
-               ncol=min(len(groups), 3), frameon=False)
+# ----------------------------------------------------------- the curves
+# The panels of a row of curves: (column, title, scale).
+PANELS = (("loss", "train loss", 1), ("val_loss", "validation loss", 1),
+          ("accuracy", "train accuracy (%)", 100),
+          ("val_accuracy", "validation accuracy (%)", 100))
+MAX_LINES = 8  # lines in one panel; more groups get a row of panels each
+WARMUP_STYLE = (0, (1, 2))  # the line that marks the end of the warm-up
+
+
+def key_value(group, field):
+    return dict(group.key).get(field)
+
+
+def crowded(groups, facets):
+    """Whether a panel per value of `facets` would hold more than MAX_LINES
+    lines, or more combinations of the other fields than line styles."""
+    rest = [f for f, _ in groups[0].key if f not in facets]
+    panels = {}
+    for group in groups:
+        panels.setdefault(tuple(key_value(group, f) for f in facets),
+                          []).append(tuple(key_value(group, f) for f in rest))
+    return any(len(lines) > MAX_LINES or len(set(lines)) > len(LINESTYLES)
+               for lines in panels.values())
+
+
+def facet_fields(groups):
+    """The key fields that get a row of panels per value (those with the
+    most values first) until every panel is legible (not `crowded`)."""
+    fields, facets = [f for f, _ in groups[0].key], []
+    while crowded(groups, facets) and len(facets) < len(fields):
+        rest = [f for f in fields if f not in facets]
+        facets.append(max(rest, key=lambda f: len(
+            {key_value(g, f) for g in groups})))
+    return [f for f in fields if f in facets]  # in label order
+
+
+def facet_rows(groups, facets):
+    """[(facet key, groups)] in the order of the facet fields' values."""
+    rows = {}
+    for group in groups:
+        facet = tuple((f, key_value(group, f)) for f in facets)
+        rows.setdefault(facet, []).append(group)
+    return sorted(rows.items(),
+                  key=lambda row: [sort_key(v) for _, v in row[0]])
+
+
+def curve_styles(groups, facets):
+    """Per group label: (colour by norm, line style by the key fields that
+    are not facets, marker on short runs, legend label less the facets)."""
+    colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
+    rests = list(dict.fromkeys(
+        tuple((f, v) for f, v in g.key if f not in facets) for g in groups))
+    short = max(len(run.frame) for g in groups for run in g.runs) <= 25
+    styles = {}
+    for group in groups:
+        rest = tuple((f, v) for f, v in group.key if f not in facets)
+        styles[group.label] = (
+            colors[group.norm],
+            LINESTYLES[rests.index(rest) % len(LINESTYLES)],
+            "o" if short else None,
+            ", ".join([group.norm] + [field_text(f, v) for f, v in rest]))
+    return styles
+
+
+def plot_group(ax, group, column, style, scale=1.0):
+    """Mean of `column` over the group's runs against epoch, with a min–max
+    band where there are several runs."""
+    frame = pd.concat([run.frame[["epoch", column]] for run in group.runs])
+    stats = frame.groupby("epoch")[column].agg(["mean", "min", "max"]) * scale
+    color, linestyle, marker, _ = style
+    ax.plot(stats.index, stats["mean"], color=color, linestyle=linestyle,
+            marker=marker, markersize=4)
+    if len(group.runs) > 1:
+        ax.fill_between(stats.index, stats["min"], stats["max"], color=color,
+                        alpha=0.2, linewidth=0)
+
+
+def warmup_epochs(group):
+    """Where a renorm group's bounds start to relax, in epochs: its
+    warmup_steps over its steps_per_epoch (within the epochs drawn)."""
+    if group.norm != "renorm":
+        return set()
+    last = max(len(run.frame) for run in group.runs)
+    found = set()
+    for run in group.runs:
+        steps, per_epoch = (run.settings.get("warmup_steps"),
+                            run.settings.get("steps_per_epoch"))
+        if (isinstance(steps, (int, float)) and isinstance(per_epoch, int)
+                and per_epoch > 0 and 0 < steps / per_epoch <= last):
+            found.add(steps / per_epoch)
+    return found
+
+
+def mark_warmups(ax, groups, styles):
+    """A vertical line where each renorm group's warm-up ends; whether any."""
+    drawn = False
+    for group in groups:
+        for epoch in warmup_epochs(group):
+            ax.axvline(epoch, color=styles[group.label][0],
+                       linestyle=WARMUP_STYLE, linewidth=1.3, alpha=0.8)
+            drawn = True
+    return drawn
+
+
+def curve_legend(fig, groups, styles, warmup):
+    """One entry per line style and colour (the facets are in the rows),
+    and the warm-up's mark where drawn."""
+    entries = {style[3]: style for style in
+               (styles[g.label] for g in groups)}
+    handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
+                      label=label) for label, (c, ls, m, _) in entries.items()]
+    norms = list(dict.fromkeys(g.norm for g in groups))
+    per_norm = len(handles) // len(norms)
+    # A column per norm where each has as many entries (the legend fills
+    # columns first), the warm-up's mark in a column of its own.
+    columns = (len(norms) if per_norm * len(norms) == len(handles)
+               and per_norm <= 4 else 3)
+    if warmup:
+        rows = -(-len(handles) // columns)
+        handles.append(Line2D([], [], color="grey", linestyle=WARMUP_STYLE,
+                              label="renorm: warm-up over, the bounds start "
+                                    "to relax"))
+        handles += [Line2D([], [], visible=False, label=" ")] * (rows - 1)
+        columns += 1
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=min(len(handles), columns), frameon=False)
+
+
+def curve_axes(rows):
+    """The figure and a list of 4 axes (PANELS' order) per row: 2 x 2 for
+    one row, else a row of 4 panels per facet (shared y per column)."""
+    if len(rows) == 1:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True,
+                                 sharey="row", layout="constrained")
+        return fig, [list(axes.flat)]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(17, 1.8 + 2.6 * len(rows)),
+                             sharex=True, sharey="col", squeeze=False,
+                             layout="constrained")
+    return fig, [list(row) for row in axes]
+
+
+def format_curve_axes(grid, rows):
+    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
+        for ax, (column, title, _) in zip(panels, PANELS):
+            if len(rows) == 1 or number == 0:
+                ax.set_title(title)
+            if column.endswith("loss"):
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+                ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+                ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        unit = ("loss", "accuracy (%)")
+        if len(rows) == 1:
+            for ax, label in zip((panels[0], panels[2]), unit):
+                ax.set_ylabel(label)
+        else:
+            facet_label = ", ".join(field_text(f, v) for f, v in facet)
+            panels[0].set_ylabel(f"{facet_label}\nloss")
+            panels[2].set_ylabel("accuracy (%)")
+    for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
+        ax.set_xlabel("epoch")
 
 
 def plot_curves(groups, runs):
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True,
-                             sharey="row", layout="constrained")
-    panels = (("loss", "train loss", 1), ("val_loss", "validation loss", 1),
-              ("accuracy", "train accuracy (%)", 100),
-              ("val_accuracy", "validation accuracy (%)", 100))
-    for ax, (column, title, scale) in zip(axes.flat, panels):
-        for group, style in zip(groups, styles(groups)):
-            plot_group(ax, group, column, style, scale)
-        ax.set_title(title)
-        ax.set_ylabel(title.split(" ", 1)[1])
-    for ax in axes[0]:
-        ax.set_yscale("log")
-        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-        for formatter in (ax.yaxis.set_major_formatter,
-                          ax.yaxis.set_minor_formatter):
-            formatter(StrMethodFormatter("{x:g}"))
-    for ax in axes[1]:
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(figure_title("Training curves", groups, runs))
-    add_legend(fig, axes[0, 0], groups)
+    """Train and validation loss and accuracy against epoch: a colour per
+    norm; with many groups, a row of panels per value of the fields that
+    split them most (facets), so that no panel holds more than MAX_LINES
+    lines; renorm's warm-up end marked."""
+    facets = facet_fields(groups)
+    rows = facet_rows(groups, facets)
+    styles = curve_styles(groups, facets)
+    fig, grid = curve_axes(rows)
+    warmup = False
+    for panels, (_, members) in zip(grid, rows):
+        for ax, (column, _, scale) in zip(panels, PANELS):
+            for group in members:
+                plot_group(ax, group, column, styles[group.label], scale)
+            warmup = mark_warmups(ax, members, styles) or warmup
+    format_curve_axes(grid, rows)
+    fig.suptitle(figure_title("Training curves" + (
+        " (a row per " + ", ".join(facets) + ")" if len(rows) > 1 else ""),
+        groups, runs))
+    curve_legend(fig, groups, styles, warmup)
     return fig
 
 
+# ---------------------------------------------------------------- seconds
 def plot_seconds(groups, runs):
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5),
-                                      layout="constrained")
-    for group, style in zip(groups, styles(groups)):
-        plot_group(left, group, "seconds", style)
-    left.set(title="per epoch", xlabel="epoch", ylabel="seconds")
-    left.set_ylim(bottom=0)
-    left.xaxis.set_major_locator(MaxNLocator(integer=True))
-    frame = pd.concat([run.frame.assign(group=g.label)
-                       for g in groups for run in g.runs], ignore_index=True)
-    colors = {g.label: style[0] for g, style in zip(groups, styles(groups))}
-    sns.boxplot(frame, x="seconds", y="group", hue="group", palette=colors,
-                order=list(colors), showfliers=False, ax=right, legend=False,
-                boxprops={"alpha": 0.5})
-    sns.stripplot(frame, x="seconds", y="group", hue="group", palette=colors,
-                  order=list(colors), size=4, ax=right, legend=False)
-    right.set_yticks(range(len(groups)), [
-        f"{g.label}\nmedian {median_seconds(g):.2f} s"
-        + ("" if ratio is None else f", ×{ratio:.2f}")
-        for g, ratio in zip(groups, ratios_to_baseline(groups))])
-    right.set(title="all epochs (× = ratio to batchnorm)", ylabel="",
-              xlabel="seconds")
-    right.set_xlim(left=0)
-    fig.suptitle(figure_title("Training seconds per epoch", groups, runs))
-    add_legend(fig, left, groups)
+    """Median training seconds per epoch, a horizontal bar per group (the
+    groups of one setting side by side, a colour per norm), each epoch a
+    dot (the first, which compiles, hollow), the median and its ratio to
+    batchnorm written beside it: one line per group, none overprinted."""
+    ordered = sorted(groups, key=lambda g: (
+        [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
+    ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
+    colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
+    fig, ax = plt.subplots(figsize=(11, max(4, 2.6 + 0.36 * len(ordered))),
+                           layout="constrained")
+    longest = max(run.frame["seconds"].max() for run in runs)
+    for y, group in enumerate(ordered):
+        seconds_row(ax, y, group, colors[group.norm], ratios[group.label],
+                    longest)
+        if y and ordered[y - 1].key != group.key:  # a new setting
+            ax.axhline(y - 0.5, color="0.8", linewidth=0.8)
+    ax.set_yticks(range(len(ordered)), [g.label for g in ordered],
+                  fontsize=9)
+    ax.set_ylim(len(ordered) - 0.5, -0.5)  # the first group on top
+    ax.set_xlim(0, longest * 1.25)
+    ax.set_xlabel("training seconds per epoch (evaluation excluded)")
+    ax.grid(axis="y", visible=False)
+    handles = [Patch(color=colors[n], alpha=0.55, label=f"{n}: median")
+               for n in colors] + [
+        Line2D([], [], color="grey", marker="o", linestyle="", markersize=4,
+               label="an epoch"),
+        Line2D([], [], color="grey", marker="o", linestyle="",
+               markerfacecolor="none", markersize=6,
+               label="first epoch (compiles)")]
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=len(handles), frameon=False)
+    fig.suptitle(figure_title("Training seconds per epoch (× = ratio to "
+                              "batchnorm)", [], runs))
     return fig
+
+
+def seconds_row(ax, y, group, color, ratio, longest):
+    """A group's bar (the median), its epochs as dots, and its numbers."""
+    median = median_seconds(group)
+    ax.barh(y, median, height=0.7, color=color, alpha=0.55)
+    later = [s for run in group.runs for s in run.frame["seconds"].iloc[1:]]
+    firsts = [run.frame["seconds"].iloc[0] for run in group.runs]
+    # A fixed jitter: the same figure from the same histories.
+    jitter = np.random.default_rng(y).uniform(-0.2, 0.2, len(later))
+    ax.scatter(later, y + jitter, s=10, color=color, zorder=3)
+    ax.scatter(firsts, [y] * len(firsts), s=30, facecolors="none",
+               edgecolors=color, zorder=3)
+    right = max([median, *later, *firsts])
+    ax.text(right + longest * 0.015, y, f"{median:.2f} s" + (
+        "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
 
 
 # ------------------------------------------- batch sizes and non-i.i.d. runs

@@ -502,3 +502,76 @@ def test_one_batch_size_with_non_iid_runs(tmp_path, capsys):
     header, rows = sweep_table(out)
     assert header == ["norm", "sampling", "batch 8"]
     assert rows[("renorm", "4 classes/batch")] == ["30.00 / 20.00"]
+
+
+# ------------------------------------------------------- legible figures
+def sweep_groups(history):
+    """24 groups as sweep.py makes them: 3 norms x 4 batch sizes x 2
+    samplings, renorm's warm-up 8 of 10 steps per epoch."""
+    for norm in ("batchnorm", "renorm", "keras-renorm"):
+        for batch_size in (4, 8, 32, 128):
+            for classes in (None, 2):
+                write_run(history, f"{norm}-{batch_size}-{classes}", norm,
+                          [3.0, 2.0, 2.0], [0.2, 0.3, 0.35],
+                          batch_size=batch_size, classes_per_batch=classes,
+                          warmup_steps=15, steps_per_epoch=10,
+                          norm_momentum=1 - batch_size / 1000)
+    return plot.group_runs(plot.load_runs(plot.history_paths([], history)))
+
+
+def overlaps(artists, renderer):
+    """Pairs of the artists' drawn boxes that overlap."""
+    boxes = [a.get_window_extent(renderer) for a in artists
+             if a.get_visible() and a.get_text()]
+    return [(i, j) for i in range(len(boxes)) for j in range(i)
+            if boxes[i].overlaps(boxes[j])]
+
+
+def test_curves_of_many_groups_are_faceted(tmp_path):
+    groups = sweep_groups(tmp_path / "history")
+    assert len(groups) == 24
+    assert plot.facet_fields(groups) == ["batch_size"]
+    fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
+    axes = fig.axes
+    assert len(axes) == 4 * 4  # a row per batch size, a column per metric
+    for ax in axes:
+        curves = [line for line in ax.get_lines()
+                  if len(set(line.get_xdata())) > 1]
+        assert len(curves) == 6  # 3 norms x 2 samplings
+        assert len({(line.get_color(), line.get_linestyle())
+                    for line in curves}) == 6
+        # renorm's warm-up ends at 15 / 10 = 1.5 epochs: one mark per
+        # renorm group in the panel, none for the others
+        marks = [line for line in ax.get_lines()
+                 if len(set(line.get_xdata())) == 1]
+        assert [line.get_xdata()[0] for line in marks] == [1.5, 1.5]
+    assert "norm momentum" in fig._suptitle.get_text()
+    plot.plt.close(fig)
+
+
+def test_curves_of_two_groups_keep_one_row(two_norms):
+    history, _ = two_norms
+    groups = plot.group_runs(plot.load_runs(plot.history_paths([], history)))
+    assert plot.facet_fields(groups) == []
+    fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
+    assert len(fig.axes) == 4
+    # No steps_per_epoch in these histories: no warm-up mark.
+    assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
+    plot.plt.close(fig)
+
+
+def test_seconds_of_many_groups_are_not_overprinted(tmp_path):
+    groups = sweep_groups(tmp_path / "history")
+    fig = plot.plot_seconds(groups, [r for g in groups for r in g.runs])
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(labels) == sorted(g.label for g in groups)
+    assert labels[:3] == ["batchnorm, batch_size=4, i.i.d.",
+                          "renorm, batch_size=4, i.i.d.",
+                          "keras-renorm, batch_size=4, i.i.d."]
+    assert not overlaps(ax.get_yticklabels(), renderer)
+    assert not overlaps(ax.texts, renderer)
+    assert len(ax.texts) == 24 and ax.texts[1].get_text() == "2.00 s  ×1.00"
+    plot.plt.close(fig)
