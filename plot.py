@@ -984,48 +984,78 @@ def batch_size_axis(ax, sizes):
     ax.set_xlabel("batch size (log scale)")
 
 
+def accuracy_panels(points):
+    """(title, each run's accuracy in percent) of each panel: test accuracy
+    first where every run has it, then best and final validation."""
+    panels = []
+    if all(p.test_values() is not None for p in points):
+        panels.append(("test accuracy (last weights)", Point.test_values))
+    return panels + [("best validation accuracy",
+                      lambda p: p.values("best")),
+                     ("final validation accuracy",
+                      lambda p: p.values("final"))]
+
+
+def rest_rows(points):
+    """[(rest, points)]: one row for all where a panel holds no more than
+    MAX_LINES lines, else a row per value of the other splitting fields."""
+    if len({p.line for p in points}) <= MAX_LINES:
+        return [((), points)]
+    rests = list(dict.fromkeys(p.rest for p in points))
+    return [(rest, [p for p in points if p.rest == rest]) for rest in rests]
+
+
+def accuracy_lines(ax, points, accuracy, styles):
+    """A line per norm and sampling (and rest) against batch size, with
+    min–max bars where there are several runs."""
+    colors, linestyles, markers = styles
+    for line in dict.fromkeys(p.line for p in points):
+        members = [p for p in points if p.line == line]
+        values = [accuracy(p) for p in members]
+        mean = np.array([v.mean() for v in values])
+        errors = np.array([[v.mean() - v.min() for v in values],
+                           [v.max() - v.mean() for v in values]])
+        norm, classes, rest = line
+        ax.errorbar([p.batch_size for p in members], mean,
+                    yerr=errors if errors.any() else None,
+                    color=colors[norm], linestyle=linestyles[classes],
+                    marker=markers[rest], markersize=5, capsize=3,
+                    label=line_label(*line))
+
+
 def plot_accuracy_vs_batch_size(points, runs):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True,
-                             layout="constrained")
-    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
-    linestyles, markers = sampling_styles(points)
+    """Accuracy against batch size, a panel per measure (test accuracy
+    first where there), a row per other setting where lines would crowd."""
+    panels, rows = accuracy_panels(points), rest_rows(points)
+    fig, axes = plt.subplots(len(rows), len(panels), squeeze=False,
+                             figsize=(5.5 * len(panels), 1.5 + 3.8 * len(rows)),
+                             sharey=True, layout="constrained")
+    styles = (norm_colors(list(dict.fromkeys(p.norm for p in points))),
+              *sampling_styles(points))
     sizes = sorted({p.batch_size for p in points}, key=sort_key)
-    lines = list(dict.fromkeys(p.line for p in points))
-    for ax, which in zip(axes, ("best", "final")):
-        for line in lines:
-            members = [p for p in points if p.line == line]
-            x = [p.batch_size for p in members]
-            values = [p.values(which) for p in members]
-            mean = np.array([v.mean() for v in values])
-            errors = np.array([[v.mean() - v.min() for v in values],
-                               [v.max() - v.mean() for v in values]])
-            norm, classes, rest = line
-            ax.errorbar(x, mean, yerr=errors if errors.any() else None,
-                        color=colors[norm], linestyle=linestyles[classes],
-                        marker=markers[rest], markersize=5, capsize=3,
-                        label=line_label(*line))
-        batch_size_axis(ax, sizes)
-        ax.set_title(f"{which} validation accuracy")
-    axes[0].set_ylabel("validation accuracy (%)")
+    for number, (rest, members) in enumerate(rows):
+        for ax, (title, accuracy) in zip(axes[number], panels):
+            accuracy_lines(ax, members, accuracy, styles)
+            batch_size_axis(ax, sizes)
+            ax.set_title(", ".join([title] + [field_text(f, v)
+                                              for f, v in rest]))
+        axes[number, 0].set_ylabel("accuracy (%)")
     several = any(len(p.runs) > 1 for p in points)
     fig.suptitle(figure_title(
-        "Validation accuracy against batch size (solid: i.i.d. batches, "
-        "dashed: K classes per batch)"
-        + ("; bars: min–max over runs" if several else ""), [], runs))
-    fig.legend(*axes[0].get_legend_handles_labels(),
-               loc="outside lower center", ncol=min(len(lines), 3),
+        "Accuracy against batch size (solid: i.i.d. batches, dashed: K "
+        "classes per batch)" + ("; bars: min–max over runs" if several
+                                else ""), [], runs))
+    handles = {}
+    for ax in axes.flat:  # every line once, from whichever row has it
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles),
+               loc="outside lower center", ncol=min(len(handles), 3),
                frameon=False)
     return fig
 
 
-def plot_non_iid(points, runs):
-    """Bars of best val accuracy per batch size, norm and sampling, and the
-    accuracy each norm loses with non-i.i.d. batches."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5),
-                                      layout="constrained")
-    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
-    linestyles, markers = sampling_styles(points)
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
+def non_iid_bars(ax, points, colors, sizes):
+    """Bars of best val accuracy per batch size, norm and sampling."""
     bars = list(dict.fromkeys(p.line for p in points))
     width = 0.8 / len(bars)
     for number, line in enumerate(bars):
@@ -1033,15 +1063,20 @@ def plot_non_iid(points, runs):
         members = {p.batch_size: p for p in points if p.line == line}
         x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
         heights = [p.values("best").mean() for p in members.values()]
-        left.bar(x, heights, width, color=colors[norm],
-                 alpha=0.45 if classes is None else 0.9,
-                 hatch=None if classes is None else "//",
-                 edgecolor="white", label=line_label(*line))
-    left.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-    left.set(xlabel="batch size", ylabel="best validation accuracy (%)",
-             title="i.i.d. (light) and non-i.i.d. (hatched) batches")
+        ax.bar(x, heights, width, color=colors[norm],
+               alpha=0.45 if classes is None else 0.9,
+               hatch=None if classes is None else "//",
+               edgecolor="white", label=line_label(*line))
+    ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+    ax.set(xlabel="batch size", ylabel="best validation accuracy (%)")
+
+
+def non_iid_drops(ax, points, colors, styles, sizes):
+    """Per norm and K: best val accuracy with K classes per batch minus
+    i.i.d., against batch size."""
+    linestyles, markers = styles
     drawn = False
-    for line in bars:
+    for line in dict.fromkeys(p.line for p in points):
         norm, classes, rest = line
         if classes is None:
             continue
@@ -1053,18 +1088,39 @@ def plot_non_iid(points, runs):
             continue
         drops = [p.values("best").mean() - iid[p.batch_size]
                  .values("best").mean() for p in members]
-        right.plot([p.batch_size for p in members], drops,
-                   color=colors[norm], linestyle=linestyles[classes],
-                   marker=markers[rest], label=line_label(*line))
+        ax.plot([p.batch_size for p in members], drops,
+                color=colors[norm], linestyle=linestyles[classes],
+                marker=markers[rest], label=line_label(*line))
         drawn = True
-    right.axhline(0, color="grey", linewidth=1)
+    ax.axhline(0, color="grey", linewidth=1)
     if drawn:
-        batch_size_axis(right, sizes)
-    right.set(ylabel="percentage points",
-              title="best val accuracy: non-i.i.d. minus i.i.d.")
+        batch_size_axis(ax, sizes)
+    ax.set(ylabel="percentage points")
+
+
+def plot_non_iid(points, runs):
+    """Bars of best val accuracy per batch size, norm and sampling, and the
+    accuracy each norm loses with non-i.i.d. batches; a row per other
+    setting where bars would crowd."""
+    rows = rest_rows(points)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.5 + 3.8 * len(rows)),
+                             squeeze=False, layout="constrained")
+    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
+    styles = sampling_styles(points)
+    sizes = sorted({p.batch_size for p in points}, key=sort_key)
+    for (rest, members), (left, right) in zip(rows, axes):
+        where = "".join(", " + field_text(f, v) for f, v in rest)
+        non_iid_bars(left, members, colors, sizes)
+        left.set_title("i.i.d. (light) and non-i.i.d. (hatched) batches"
+                       + where)
+        non_iid_drops(right, members, colors, styles, sizes)
+        right.set_title("best val accuracy: non-i.i.d. minus i.i.d." + where)
     fig.suptitle(figure_title("Non-i.i.d. minibatches", [], runs))
-    fig.legend(*left.get_legend_handles_labels(),
-               loc="outside lower center", ncol=min(len(bars), 3),
+    handles = {}
+    for ax in axes[:, 0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles),
+               loc="outside lower center", ncol=min(len(handles), 3),
                frameon=False)
     return fig
 

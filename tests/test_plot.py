@@ -575,3 +575,35 @@ def test_seconds_of_many_groups_are_not_overprinted(tmp_path):
     assert not overlaps(ax.texts, renderer)
     assert len(ax.texts) == 24 and ax.texts[1].get_text() == "2.00 s  ×1.00"
     plot.plt.close(fig)
+
+
+def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
+    """3 norms x 2 samplings x 2 learning rates: 12 lines, more than a
+    panel holds; a row of panels per learning rate, 6 lines each."""
+    history = tmp_path / "history"
+    for norm in ("batchnorm", "renorm", "keras-renorm"):
+        for batch_size in (4, 32):
+            for classes in (None, 2):
+                for lr in (0.1, 0.01):
+                    write_run(history, f"{norm}-{batch_size}-{classes}-{lr}",
+                              norm, [1.0, 1.0], [0.3, 0.4 + lr],
+                              batch_size=batch_size, lr=lr,
+                              classes_per_batch=classes,
+                              result={"test_accuracy": 0.3 + lr,
+                                      "test_images": 10000})
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 0 and err == ""
+    runs = plot.load_runs(plot.history_paths([], history))
+    points = plot.sweep_points(runs)
+    fig = plot.plot_accuracy_vs_batch_size(points, runs)
+    assert len(fig.axes) == 2 * 3  # a row per lr; test, best, final
+    assert fig.axes[0].get_title() == "test accuracy (last weights), lr=0.01"
+    assert all(len(ax.containers) == 6 for ax in fig.axes)  # errorbars
+    plot.plt.close(fig)
+    fig = plot.plot_non_iid(points, runs)
+    assert len(fig.axes) == 2 * 2
+    plot.plt.close(fig)
+    for name in ("accuracy_vs_batch_size.png", "non_iid.png", "curves.png"):
+        assert_png(plots / name)
