@@ -10,19 +10,33 @@ value); runs that differ only in their seed (and name, timings, provenance)
 are repeats of one group. Labels name the settings that tell groups apart.
 Writes:
 
-  PLOTS/curves.png             train/val loss and accuracy against epoch
-  PLOTS/seconds_per_epoch.png  training time per epoch
-  PLOTS/timing.md              per group: median s/epoch, ratio to batchnorm,
-                               best and final val accuracy (also printed)
+  PLOTS/curves.png             train/val loss and accuracy against epoch, a
+                               colour per norm; with many groups a row of
+                               panels per batch size (or whichever setting
+                               splits them most); a dotted line where
+                               renorm's warm-up ends
+  PLOTS/seconds_per_epoch.png  a bar per group: median training s/epoch,
+                               every epoch a dot, the ratio to batchnorm
+  PLOTS/timing.md              per group: test accuracy (last weights, and
+                               best-val weights where recorded), best and
+                               final val accuracy, median s/epoch, ratio to
+                               batchnorm, the code the runs ran (also
+                               printed)
 and, where the runs span several batch sizes or include non-i.i.d. ones
 (train.py --classes-per-batch; sweep.py):
-  PLOTS/accuracy_vs_batch_size.png  best and final val accuracy against batch
-                               size, a line per norm (solid: i.i.d. batches,
-                               dashed: K classes per batch)
+  PLOTS/accuracy_vs_batch_size.png  test (where recorded), best and final
+                               val accuracy against batch size, a line per
+                               norm (solid: i.i.d. batches, dashed: K
+                               classes per batch)
   PLOTS/non_iid.png            i.i.d. against non-i.i.d. batches per batch
                                size and norm, and the accuracy lost
-  a table in timing.md         best / final val accuracy by norm, sampling
-                               and batch size
+  tables in timing.md          test accuracy, then best / final val
+                               accuracy, by norm, sampling and batch size
+
+Figure titles state every setting that departs from the protocol the runs
+name (and the full data set), and the device. A group whose runs come from
+different commits, a dirty tree or code that recorded no provenance is
+flagged on stderr and in timing.md.
 
 With --readme FILE, the table also replaces what FILE holds between the
 lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`, so that the
@@ -99,7 +113,7 @@ class Run:
 
     @functools.cached_property
     def settings(self):
-        """`config` with the legacy value of each key an older history lacks."""
+        """`config`, each key an older history lacks at its legacy value."""
         return settings(self.config)
 
     def value(self, field):
@@ -455,6 +469,7 @@ def validation_text(groups):
 
 
 def validation_source(source, size):
+    """What `size` validation images from `source` are, in words."""
     if source == "train":
         count = "images" if size is None else f"{size} images"
         return (f"{count} held out of the training set (`val_from` train; "
@@ -501,7 +516,7 @@ def timing_report(groups, runs, history_dirs):
     return (
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
         f"group(s).\n\n{markdown_table(header, rows)}\n\n"
-        f"Test accuracy: mean (± std over runs) of each run's last weights on "
+        "Test accuracy: mean (± std over runs) of each run's last weights on "
         f"{test_images_text(groups)}.{best_note} Validation accuracy: mean "
         "(± std over runs) of each run's best and final epoch; validation "
         f"images: {validation_text(groups)}. Median s/epoch: median wall time "
@@ -531,6 +546,7 @@ TITLE_WIDTH = 110  # characters per line of a figure's title
 
 
 def value_text(value):
+    """A setting's value as a title writes it (on/off, a,b,c, none)."""
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, (list, tuple)):
@@ -639,6 +655,7 @@ def describe_runs(runs):
 
 
 def device_text(runs):
+    """The device and backend the runs ran on, for a title."""
     devices = sorted({f"{r.value('device')} ({r.value('backend')})"
                       for r in runs})
     return ("on " + devices[0] if len(devices) == 1
@@ -646,6 +663,7 @@ def device_text(runs):
 
 
 def figure_title(text, groups, runs):
+    """`text`, what the bands are, then `describe_runs`' lines."""
     several = any(len(g.runs) > 1 for g in groups)
     band = "; lines: mean over runs, bands: min–max" if several else ""
     return "\n".join([f"{text}{band}", *describe_runs(runs)])
@@ -661,6 +679,7 @@ WARMUP_STYLE = (0, (1, 2))  # the line that marks the end of the warm-up
 
 
 def key_value(group, field):
+    """The value of a splitting field in a group's key."""
     return dict(group.key).get(field)
 
 
@@ -793,6 +812,8 @@ def curve_axes(rows):
 
 
 def format_curve_axes(grid, rows):
+    """Titles, log-scaled losses, integer epochs; each row's facet named
+    beside its first panel."""
     for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
         for ax, (column, title, _) in zip(panels, PANELS):
             if len(rows) == 1 or number == 0:
@@ -912,14 +933,15 @@ class Point:
         return np.array([c.max() if which == "best" else c.iloc[-1]
                          for c in column]) * 100
 
-    def test_values(self):
-        """Each run's test accuracy (last weights), in percent; None when a
-        run has no test result (unfinished, or an older history)."""
+    def test_values(self, key="test_accuracy"):
+        """Each run's test accuracy (`key`: test_accuracy, the last weights;
+        best_test_accuracy, the best-val weights), in percent; None when a
+        run has no such result (unfinished, or an older history)."""
         results = [run.config.get("result") for run in self.runs]
-        if not all(isinstance(r, dict) and "test_accuracy" in r
+        if not all(isinstance(r, dict) and isinstance(r.get(key), (int, float))
                    for r in results):
             return None
-        return np.array([r["test_accuracy"] for r in results]) * 100
+        return np.array([r[key] for r in results]) * 100
 
     def test_images(self):
         return {run.config["result"].get("test_images") for run in self.runs}
@@ -1027,9 +1049,10 @@ def plot_accuracy_vs_batch_size(points, runs):
     """Accuracy against batch size, a panel per measure (test accuracy
     first where there), a row per other setting where lines would crowd."""
     panels, rows = accuracy_panels(points), rest_rows(points)
-    fig, axes = plt.subplots(len(rows), len(panels), squeeze=False,
-                             figsize=(5.5 * len(panels), 1.5 + 3.8 * len(rows)),
-                             sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        len(rows), len(panels), squeeze=False, sharey=True,
+        figsize=(5.5 * len(panels), 1.5 + 3.8 * len(rows)),
+        layout="constrained")
     styles = (norm_colors(list(dict.fromkeys(p.norm for p in points))),
               *sampling_styles(points))
     sizes = sorted({p.batch_size for p in points}, key=sort_key)
@@ -1156,19 +1179,30 @@ def sweep_table(points):
 
 
 def test_table(points):
-    """Markdown: test accuracy (last weights) by norm, sampling and batch
-    size; "" unless every run has its test result."""
+    """Markdown: test accuracy by norm, sampling and batch size, the last
+    weights' (and the best-val weights' where every run has it, as "last /
+    best-val"); "" unless every run has its test result."""
     if any(p.test_values() is None for p in points):
         return ""
     images = set().union(*(p.test_images() for p in points))
     counted = (f"all {images.pop()} test images" if len(images) == 1
                else "the test set")
-    table = batch_table(points,
-                        lambda point: format_percent(point.test_values() / 100))
+    best = all(p.test_values("best_test_accuracy") is not None
+               for p in points)
+
+    def cell(point):
+        text = format_percent(point.test_values() / 100)
+        if best:
+            text += " / " + format_percent(
+                point.test_values("best_test_accuracy") / 100)
+        return text
+
+    weights = ("the last / the best-val weights" if best
+               else "the last weights")
     return (
-        f"**Test accuracy by batch size and sampling** (%, the last "
-        f"weights on {counted}; mean ± std over runs where there are "
-        "several):\n\n" + table + "\n")
+        f"**Test accuracy by batch size and sampling** (%, {weights} on "
+        f"{counted}; mean ± std over runs where there are several):\n\n"
+        + batch_table(points, cell) + "\n")
 
 
 def save_figure(fig, path):

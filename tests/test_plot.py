@@ -350,7 +350,8 @@ def test_no_best_val_column_without_it(two_norms, tmp_path, capsys):
     assert header_of(out)[3:5] == ["test acc, last weights (%)",
                                    "best val acc (%)"]
     assert table(out)["renorm"]["test acc, last weights (%)"] == "–"
-    assert "validation images: the whole test set (`val_from` test, as in 2017" in out
+    assert ("validation images: the whole test set (`val_from` test, as in "
+            "2017") in out
 
 
 def test_provenance_is_flagged_not_grouped(tmp_path, capsys):
@@ -607,3 +608,22 @@ def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
     plot.plt.close(fig)
     for name in ("accuracy_vs_batch_size.png", "non_iid.png", "curves.png"):
         assert_png(plots / name)
+
+
+def test_table_of_test_accuracy_with_best_val_weights(tmp_path, capsys):
+    history = tmp_path / "history"
+    for batch_size in (4, 32):
+        write_run(history, f"bn-{batch_size}", "batchnorm", [1.0], [0.3],
+                  batch_size=batch_size,
+                  result={"test_accuracy": 0.25, "best_test_accuracy": 0.5,
+                          "test_images": 10000})
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"],
+        capsys)
+    assert code == 0 and err == ""
+    part = out.split("**Test accuracy by batch size and sampling** (", 1)[1]
+    assert part.startswith("%, the last / the best-val weights on all 10000")
+    assert "| batchnorm | i.i.d.   | 25.00 / 50.00 | 25.00 / 50.00 |" in part
+    # The test table comes before the validation table.
+    assert part.index("Validation accuracy by batch size") > part.index(
+        "25.00 / 50.00")
