@@ -461,8 +461,7 @@ def test_images_text(groups):
 def validation_text(groups):
     """Where the groups' validation images come from (`val_from`, and how
     many: `val_size`)."""
-    pairs = sorted({(str(run.settings.get("val_from")),
-                     run.settings.get("val_size"))
+    pairs = sorted({(str(run.value("val_from")), run.value("val_size"))
                     for group in groups for run in group.runs},
                    key=lambda pair: (pair[0], sort_key(pair[1])))
     return "; ".join(validation_source(*pair) for pair in pairs)
@@ -567,7 +566,7 @@ def protocol_departures(config):
     protocol it names; the network as one (WRN-d-k); the schedule's steps
     not where --renorm-schedule set them."""
     name = config.get("protocol")
-    if name not in PROTOCOLS:
+    if not isinstance(name, str) or name not in PROTOCOLS:
         return [("protocol", f"protocol {name!r} unknown: not compared")]
     protocol, found = PROTOCOLS[name], []
     if not all(same(config.get(k, getattr(protocol, k)), getattr(protocol, k))

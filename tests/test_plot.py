@@ -627,3 +627,19 @@ def test_table_of_test_accuracy_with_best_val_weights(tmp_path, capsys):
     # The test table comes before the validation table.
     assert part.index("Validation accuracy by batch size") > part.index(
         "25.00 / 50.00")
+
+
+def test_odd_values_in_a_history_are_no_traceback(two_norms, tmp_path,
+                                                  capsys):
+    """Values of unexpected types (a hand-edited or future history) are
+    grouped, described and flagged, never a traceback."""
+    history, _ = two_norms
+    write_run(history, "odd", "renorm", [1.0, 1.0], [0.2, 0.3],
+              protocol=["seed"], provenance="abc", result=[0.5],
+              warmup_steps="x", steps_per_epoch=0, devices=[0, 1],
+              precision={"policy": "mixed"}, val_size=[1], depth=None)
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert len(table(out)) == 3
+    assert err.count("\n") == 1 and "no provenance" in err
