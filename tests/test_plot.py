@@ -14,6 +14,8 @@ import plot
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEADER = "epoch,seconds,eval_seconds,loss,accuracy,val_loss,val_accuracy,lr"
+# What train.py records of the code a run ran (clean: no warning).
+PROVENANCE = {"commit": "ab" * 20, "dirty": False, "version": "0.1.0"}
 
 
 def write_run(history, name, norm, seconds, val_accuracy, seed=0,
@@ -25,7 +27,8 @@ def write_run(history, name, norm, seconds, val_accuracy, seed=0,
               "epochs": len(seconds), "lr": 0.1, "seed": seed, "depth": 16,
               "width": 4, "train_size": 50000, "augment": True,
               "backend": "jax", "device": "cpu",
-              "versions": {"keras": "3.15.1"}, **config}
+              "versions": {"keras": "3.15.1"}, "provenance": PROVENANCE,
+              **config}
     (history / f"{name}.json").write_text(json.dumps(config))
     lines = [HEADER + (",r_max,d_max" if norm == "renorm" else "")]
     for epoch, (sec, acc) in enumerate(zip(seconds, val_accuracy), start=1):
@@ -296,6 +299,101 @@ def test_readme_without_the_block_is_an_error(two_norms, tmp_path, capsys):
     assert readme.read_text() == "# no markers here\n"
 
 
+def header_of(text):
+    """The header cells of the first Markdown table in `text`."""
+    line = next(line for line in text.splitlines() if line.startswith("| "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_leads_with_test_accuracy(tmp_path, capsys):
+    """Test accuracy (last, then best-val weights), then validation, then
+    seconds; the note says where validation images come from. The old
+    order (seconds first, no test columns) is gone."""
+    history = tmp_path / "history"
+    for seed, (last, best) in enumerate([(0.40, 0.42), (0.50, 0.48)]):
+        write_run(history, f"bn{seed}", "batchnorm", [1.0, 1.0], [0.3, 0.4],
+                  seed=seed, val_from="train", val_size=5000,
+                  result={"test_accuracy": last, "best_test_accuracy": best,
+                          "best_val_accuracy": 0.4, "best_epoch": 2,
+                          "test_images": 10000})
+    # An older history: no best_test_accuracy; another: no result at all.
+    write_run(history, "brn0", "renorm", [2.0, 2.0], [0.3, 0.35],
+              val_from="train", val_size=5000,
+              result={"test_accuracy": 0.3, "test_images": 10000})
+    write_run(history, "brn1", "renorm", [2.0, 2.0], [0.3, 0.35], seed=1,
+              val_from="train", val_size=5000)
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and err == ""
+    assert header_of(out) == [
+        "group", "runs", "epochs", "test acc, last weights (%)",
+        "test acc, best-val weights (%)", "best val acc (%)",
+        "final val acc (%)", "median s/epoch", "ratio to batchnorm", "code",
+        "device", "backend"]
+    rows = table(out)
+    assert rows["batchnorm"]["test acc, last weights (%)"] == percent(
+        [0.40, 0.50])
+    assert rows["batchnorm"]["test acc, best-val weights (%)"] == percent(
+        [0.42, 0.48])
+    assert rows["renorm"]["test acc, last weights (%)"] == (
+        "30.00 (1 of 2 runs)")
+    assert rows["renorm"]["test acc, best-val weights (%)"] == "–"
+    assert rows["renorm"]["median s/epoch"] == "2.00"
+    assert "all 10000 test images" in out
+    assert "5000 images held out of the training set" in out
+
+
+def test_no_best_val_column_without_it(two_norms, tmp_path, capsys):
+    history, _ = two_norms
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert header_of(out)[3:5] == ["test acc, last weights (%)",
+                                   "best val acc (%)"]
+    assert table(out)["renorm"]["test acc, last weights (%)"] == "–"
+    assert ("validation images: the whole test set (`val_from` test, as in "
+            "2017") in out
+
+
+def test_provenance_is_flagged_not_grouped(tmp_path, capsys):
+    """Runs of other commits, a dirty tree or none recorded stay repeats of
+    one group, but the group is flagged on stderr and in timing.md."""
+    history = tmp_path / "history"
+    other = dict(PROVENANCE, commit="cd" * 20)
+    write_run(history, "bn0", "batchnorm", [1.0], [0.5])
+    write_run(history, "bn1", "batchnorm", [1.0], [0.5], seed=1)
+    write_run(history, "brn0", "renorm", [1.0], [0.5])
+    write_run(history, "brn1", "renorm", [1.0], [0.5], seed=1,
+              provenance=other)
+    write_run(history, "k0", "keras-renorm", [1.0], [0.5],
+              provenance=dict(PROVENANCE, dirty=True))
+    write_run(history, "k1", "keras-renorm", [1.0], [0.5], seed=1,
+              provenance=None)
+    write_run(history, "x0", "other", [1.0], [0.5],
+              provenance=dict(PROVENANCE, commit=None))
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and "Traceback" not in err
+    rows = table(out)
+    assert list(rows) == ["batchnorm", "renorm", "keras-renorm", "other"]
+    assert [rows[g]["runs"] for g in rows] == ["2", "2", "2", "1"]
+    assert rows["batchnorm"]["code"] == ("ab" * 20)[:7]
+    assert rows["renorm"]["code"] == (
+        f"⚠ 2 commits ({('ab' * 20)[:7]}, {('cd' * 20)[:7]})")
+    assert rows["keras-renorm"]["code"].startswith(
+        "⚠ 1 of 2 runs without provenance; dirty tree")
+    assert rows["other"]["code"] == "⚠ commit unknown"
+    warnings = err.splitlines()
+    assert len(warnings) == 4
+    assert all(line.startswith("plot.py: warning: 1 group(s) of runs ")
+               for line in warnings)
+    assert any("different commits" in w and "renorm (2 commits)" in w
+               for w in warnings)
+    assert any("dirty tree" in w and "keras-renorm" in w for w in warnings)
+    assert any("no provenance" in w and "keras-renorm" in w for w in warnings)
+    assert any("unknown commit" in w and "other" in w for w in warnings)
+    assert not any(w.count("batchnorm") for w in warnings)
+
+
 # ------------------------------------------- batch sizes, non-i.i.d. runs
 def sweep_table(text):
     """The batch-size table of timing.md: header, rows by (norm, sampling)."""
@@ -405,3 +503,143 @@ def test_one_batch_size_with_non_iid_runs(tmp_path, capsys):
     header, rows = sweep_table(out)
     assert header == ["norm", "sampling", "batch 8"]
     assert rows[("renorm", "4 classes/batch")] == ["30.00 / 20.00"]
+
+
+# ------------------------------------------------------- legible figures
+def sweep_groups(history):
+    """24 groups as sweep.py makes them: 3 norms x 4 batch sizes x 2
+    samplings, renorm's warm-up 8 of 10 steps per epoch."""
+    for norm in ("batchnorm", "renorm", "keras-renorm"):
+        for batch_size in (4, 8, 32, 128):
+            for classes in (None, 2):
+                write_run(history, f"{norm}-{batch_size}-{classes}", norm,
+                          [3.0, 2.0, 2.0], [0.2, 0.3, 0.35],
+                          batch_size=batch_size, classes_per_batch=classes,
+                          warmup_steps=15, steps_per_epoch=10,
+                          norm_momentum=1 - batch_size / 1000)
+    return plot.group_runs(plot.load_runs(plot.history_paths([], history)))
+
+
+def overlaps(artists, renderer):
+    """Pairs of the artists' drawn boxes that overlap."""
+    boxes = [a.get_window_extent(renderer) for a in artists
+             if a.get_visible() and a.get_text()]
+    return [(i, j) for i in range(len(boxes)) for j in range(i)
+            if boxes[i].overlaps(boxes[j])]
+
+
+def test_curves_of_many_groups_are_faceted(tmp_path):
+    groups = sweep_groups(tmp_path / "history")
+    assert len(groups) == 24
+    assert plot.facet_fields(groups) == ["batch_size"]
+    fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
+    axes = fig.axes
+    assert len(axes) == 4 * 4  # a row per batch size, a column per metric
+    for ax in axes:
+        curves = [line for line in ax.get_lines()
+                  if len(set(line.get_xdata())) > 1]
+        assert len(curves) == 6  # 3 norms x 2 samplings
+        assert len({(line.get_color(), line.get_linestyle())
+                    for line in curves}) == 6
+        # renorm's warm-up ends at 15 / 10 = 1.5 epochs: one mark per
+        # renorm group in the panel, none for the others
+        marks = [line for line in ax.get_lines()
+                 if len(set(line.get_xdata())) == 1]
+        assert [line.get_xdata()[0] for line in marks] == [1.5, 1.5]
+    assert "norm momentum" in fig._suptitle.get_text()
+    plot.plt.close(fig)
+
+
+def test_curves_of_two_groups_keep_one_row(two_norms):
+    history, _ = two_norms
+    groups = plot.group_runs(plot.load_runs(plot.history_paths([], history)))
+    assert plot.facet_fields(groups) == []
+    fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
+    assert len(fig.axes) == 4
+    # No steps_per_epoch in these histories: no warm-up mark.
+    assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
+    plot.plt.close(fig)
+
+
+def test_seconds_of_many_groups_are_not_overprinted(tmp_path):
+    groups = sweep_groups(tmp_path / "history")
+    fig = plot.plot_seconds(groups, [r for g in groups for r in g.runs])
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert sorted(labels) == sorted(g.label for g in groups)
+    assert labels[:3] == ["batchnorm, batch_size=4, i.i.d.",
+                          "renorm, batch_size=4, i.i.d.",
+                          "keras-renorm, batch_size=4, i.i.d."]
+    assert not overlaps(ax.get_yticklabels(), renderer)
+    assert not overlaps(ax.texts, renderer)
+    assert len(ax.texts) == 24 and ax.texts[1].get_text() == "2.00 s  ×1.00"
+    plot.plt.close(fig)
+
+
+def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
+    """3 norms x 2 samplings x 2 learning rates: 12 lines, more than a
+    panel holds; a row of panels per learning rate, 6 lines each."""
+    history = tmp_path / "history"
+    for norm in ("batchnorm", "renorm", "keras-renorm"):
+        for batch_size in (4, 32):
+            for classes in (None, 2):
+                for lr in (0.1, 0.01):
+                    write_run(history, f"{norm}-{batch_size}-{classes}-{lr}",
+                              norm, [1.0, 1.0], [0.3, 0.4 + lr],
+                              batch_size=batch_size, lr=lr,
+                              classes_per_batch=classes,
+                              result={"test_accuracy": 0.3 + lr,
+                                      "test_images": 10000})
+    plots = tmp_path / "plots"
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", plots], capsys)
+    assert code == 0 and err == ""
+    runs = plot.load_runs(plot.history_paths([], history))
+    points = plot.sweep_points(runs)
+    fig = plot.plot_accuracy_vs_batch_size(points, runs)
+    assert len(fig.axes) == 2 * 3  # a row per lr; test, best, final
+    assert fig.axes[0].get_title() == "test accuracy (last weights), lr=0.01"
+    assert all(len(ax.containers) == 6 for ax in fig.axes)  # errorbars
+    plot.plt.close(fig)
+    fig = plot.plot_non_iid(points, runs)
+    assert len(fig.axes) == 2 * 2
+    plot.plt.close(fig)
+    for name in ("accuracy_vs_batch_size.png", "non_iid.png", "curves.png"):
+        assert_png(plots / name)
+
+
+def test_table_of_test_accuracy_with_best_val_weights(tmp_path, capsys):
+    history = tmp_path / "history"
+    for batch_size in (4, 32):
+        write_run(history, f"bn-{batch_size}", "batchnorm", [1.0], [0.3],
+                  batch_size=batch_size,
+                  result={"test_accuracy": 0.25, "best_test_accuracy": 0.5,
+                          "test_images": 10000})
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"],
+        capsys)
+    assert code == 0 and err == ""
+    part = out.split("**Test accuracy by batch size and sampling** (", 1)[1]
+    assert part.startswith("%, the last / the best-val weights on all 10000")
+    assert "| batchnorm | i.i.d.   | 25.00 / 50.00 | 25.00 / 50.00 |" in part
+    # The test table comes before the validation table.
+    assert part.index("Validation accuracy by batch size") > part.index(
+        "25.00 / 50.00")
+
+
+def test_odd_values_in_a_history_are_no_traceback(two_norms, tmp_path,
+                                                  capsys):
+    """Values of unexpected types (a hand-edited or future history) are
+    grouped, described and flagged, never a traceback."""
+    history, _ = two_norms
+    write_run(history, "odd", "renorm", [1.0, 1.0], [0.2, 0.3],
+              protocol=["seed"], provenance="abc", result=[0.5],
+              warmup_steps="x", steps_per_epoch=0, devices=[0, 1],
+              precision={"policy": "mixed"}, val_size=[1], depth=None)
+    code, out, err = run_main(
+        ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert len(table(out)) == 3
+    assert err.count("\n") == 1 and "no provenance" in err

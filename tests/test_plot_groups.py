@@ -1,0 +1,184 @@
+"""plot.py's grouping: runs are repeats only where every setting but the
+seed (and name, timings, provenance) is equal; and its figure titles, which
+state every setting that departs from the protocol (no Keras involved)."""
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import plot
+from experiment.protocols import CONFIG_KEYS, PROTOCOLS, RUN_DEFAULTS
+
+FRAME = pd.DataFrame({"epoch": [1.0, 2.0], "seconds": [1.0, 1.0],
+                      "loss": [2.0, 1.0], "accuracy": [0.2, 0.3],
+                      "val_loss": [2.1, 1.1], "val_accuracy": [0.2, 0.3]})
+# Every key that must split groups: the configuration's, less the seed and
+# the name, the environment's, and the newer histories' own.
+SPLITTING = ([k for k in CONFIG_KEYS if k not in ("seed", "name")]
+             + ["backend", "device", "precision", "val_from",
+                "virtual_batch_size", "devices"])
+
+
+def full_config(**changes):
+    """A complete configuration as train.py writes it (protocol seed)."""
+    config = {**dataclasses.asdict(PROTOCOLS["seed"]), **RUN_DEFAULTS,
+              "norm": "renorm", "protocol": "seed", "name": "a",
+              "backend": "tensorflow", "device": "CPU", "steps_per_epoch": 10,
+              "sessions": [], "result": {"test_accuracy": 0.5},
+              "provenance": {"commit": "0" * 40, "dirty": False,
+                             "version": "0.1.0"}}
+    config["lr_milestones"] = list(config["lr_milestones"])
+    return {**config, **changes}
+
+
+def run(name, **changes):
+    return plot.Run(name, Path(f"{name}.csv"), full_config(name=name,
+                                                           **changes), FRAME)
+
+
+def another(value):
+    """A value of the same kind as `value` that differs from it."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, (list, tuple)):
+        return [*value, 7]
+    return 2  # None: e.g. classes_per_batch, renorm_schedule
+
+
+@pytest.mark.parametrize("key", SPLITTING)
+def test_runs_that_differ_in_any_one_key_are_two_groups(key):
+    base = run("base")
+    value = base.settings.get(key)
+    if key == "precision":
+        value = "float32"  # derived from mixed_precision False
+    other = run("other", seed=1, **{key: another(value)})
+    groups = plot.group_runs([base, other])
+    assert len(groups) == 2, key
+    assert all(len(g.runs) == 1 for g in groups)
+    if key != "norm":
+        # The label says what differs.
+        assert len({g.label for g in groups}) == 2
+
+
+def test_runs_that_differ_only_in_seed_name_timing_provenance_are_repeats():
+    base = run("base")
+    other = run("other", seed=3, steps_per_epoch=10,
+                sessions=[{"started": "x"}], result={"test_accuracy": 0.1},
+                provenance={"commit": "1" * 40, "dirty": True,
+                            "version": "0.1.0"})
+    other = dataclasses.replace(other, frame=FRAME.assign(seconds=9.0))
+    groups = plot.group_runs([base, other])
+    assert [len(g.runs) for g in groups] == [2]
+    assert groups[0].label == "renorm"
+
+
+def test_legacy_histories_equal_their_explicit_values():
+    """A key a history lacks counts as its legacy value: no split."""
+    old = full_config(name="old")
+    for key in ("classes_per_batch", "renorm_schedule", "input",
+                "steps_per_execution"):
+        del old[key]
+    new = full_config(name="new", seed=1, input="host", steps_per_execution=1,
+                      precision="float32", val_from="test", devices=1,
+                      virtual_batch_size=None)
+    del new["mixed_precision"]
+    runs = [plot.Run(c["name"], Path("x.csv"), c, FRAME) for c in (old, new)]
+    assert [len(g.runs) for g in plot.group_runs(runs)] == [2]
+    mixed = run("mixed", mixed_precision=True)
+    assert mixed.settings["precision"] == "mixed_float16"
+    named = run("named", precision="mixed_float16")
+    del named.config["mixed_precision"]
+    assert [len(g.runs) for g in plot.group_runs([mixed, named])] == [2]
+
+
+def test_the_reported_merge_is_split():
+    """The copy of a run with mixed precision, XLA, no warm-up, momentum 0.9
+    and halved seconds is its own group, labelled by what differs."""
+    base = run("base")
+    copy = run("copy", mixed_precision=True, jit_compile=True,
+               warmup_steps=0, norm_momentum=0.9)
+    copy = dataclasses.replace(copy, frame=FRAME.assign(seconds=0.5))
+    labels = [g.label for g in plot.group_runs([base, copy])]
+    # The first key that splits them is named; the others go with it.
+    assert sorted(labels) == ["renorm, jit_compile=True",
+                              "renorm, jit_compile=auto"]
+
+
+# ------------------------------------------------------------------ titles
+def test_title_of_the_full_protocol_says_so():
+    lines = plot.describe_runs([run("a"), run("b", seed=1)])
+    assert lines == ["protocol seed as specified, on the full data set",
+                     "on CPU (tensorflow)"]
+
+
+def test_title_states_each_departure_of_a_cpu_run():
+    cpu = run("cpu", depth=16, width=2, train_size=3200, val_size=1000,
+              epochs=10, device="CPU: AMD EPYC, 2 cores",
+              mixed_precision=True)
+    title = plot.figure_title("Training curves", [], [cpu])
+    assert title.replace("\n", " ") == (
+        "Training curves "
+        "protocol seed, except: WRN-16-2, 3200 training images, 1000 "
+        "validation images, 10 epochs, precision mixed_float16 "
+        "on CPU: AMD EPYC, 2 cores (tensorflow)")
+    assert max(map(len, title.split("\n"))) <= plot.TITLE_WIDTH
+
+
+@pytest.mark.parametrize("changes, text", [
+    ({"optimizer": "sgd"}, "optimizer sgd"),
+    ({"lr_milestones": [5]}, "lr milestones 5"),
+    ({"nesterov": True}, "Nesterov on"),
+    ({"augment": True}, "augmentation on"),
+    ({"norm_momentum": 0.9}, "norm momentum 0.9"),
+    ({"warmup_steps": 0}, "warm-up 0 steps"),
+    ({"classes_per_batch": 2}, "2 classes/batch"),
+    ({"train_size": 50000, "val_size": 10000}, None),  # the full data
+    ({"val_from": "train", "val_size": 5000},
+     "validation on 5000 held-out training images"),
+    ({"virtual_batch_size": 32}, "virtual batch 32"),
+    ({"devices": 2}, "2 devices"),
+])
+def test_title_names_a_departure(changes, text):
+    line = plot.describe_runs([run("a", **changes)])[0]
+    if text is None:
+        assert line == "protocol seed as specified, on the full data set"
+    else:
+        assert line == f"protocol seed, except: {text}"
+
+
+def test_title_compares_with_the_named_protocol():
+    wrn = {**dataclasses.asdict(PROTOCOLS["wrn"]), "protocol": "wrn"}
+    wrn["lr_milestones"] = list(wrn["lr_milestones"])
+    assert plot.describe_runs([run("a", **wrn)])[0] == (
+        "protocol wrn as specified, on the full data set")
+    assert plot.describe_runs([run("a", **dict(wrn, epochs=2))])[0] == (
+        "protocol wrn, except: 2 epochs")
+    assert "'nope' unknown" in plot.describe_runs([run("a",
+                                                       protocol="nope")])[0]
+
+
+def test_title_of_a_schedule_in_fractions_omits_its_steps():
+    line = plot.describe_runs([run("a", renorm_schedule=[0.25, 0.5, 0.75],
+                                   warmup_steps=8, r_max_steps=23,
+                                   d_max_steps=15)])[0]
+    assert line == ("protocol seed, except: renorm schedule 0.25,0.5,0.75 "
+                    "of the steps")
+
+
+def test_title_says_what_differs_between_groups():
+    runs = [run("a", batch_size=4, norm_momentum=0.9, epochs=3),
+            run("b", batch_size=128, norm_momentum=0.6, epochs=3,
+                device="GPU"),
+            run("c", batch_size=128, norm_momentum=0.6, epochs=3,
+                classes_per_batch=2)]
+    lines = plot.describe_runs(runs)
+    assert lines[0] == "protocol seed, except: 3 epochs"
+    assert lines[1] == ("by group: batch size 4, 128; sampling i.i.d., 2 "
+                        "classes/batch; norm momentum 0.6, 0.9")
+    assert lines[2] == "on 2 devices/backends, by group"
