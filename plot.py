@@ -527,6 +527,7 @@ def timing_report(groups, runs, history_dirs):
 
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
+HELD_OUT = TRAIN_IMAGES // 10  # train.py's default --val-size (val_from train)
 # How a title names a protocol key's value where a run departs from it.
 DEPARTURE_TEXT = {
     "epochs": "{} epochs", "batch_size": "batch {}",
@@ -592,13 +593,18 @@ def run_departures(config):
     found = protocol_departures(config)
     train, val = config.get("train_size"), config.get("val_size")
     data = []
-    if train not in (None, TRAIN_IMAGES):
+    # The protocol's data: a tenth of the training set held out for
+    # validation (train.py's default), the rest trained on.
+    held_out = config.get("val_from") == "train"
+    if train not in (None, TRAIN_IMAGES - HELD_OUT if held_out
+                     else TRAIN_IMAGES):
         data.append(("train_size", f"{train} training images"))
-    if config.get("val_from") == "train":
+    if held_out and val not in (None, HELD_OUT):
+        data.append(("val_size", f"{val} held-out validation images"))
+    elif not held_out:
         data.append(("val_size", "validation on " + (
-            "" if val is None else f"{val} ") + "held-out training images"))
-    elif val not in (None, TEST_IMAGES):
-        data.append(("val_size", f"{val} validation images"))
+            "all" if val in (None, TEST_IMAGES) else str(val))
+            + " test images (as in 2017)"))
     at = 1 if found and found[0][0] == "network" else 0
     found[at:at] = data
     if config.get("precision") not in (None, "float32"):

@@ -80,20 +80,20 @@ def test_runs_that_differ_only_in_seed_name_timing_provenance_are_repeats():
 
 def test_legacy_histories_equal_their_explicit_values():
     """A key a history lacks counts as its legacy value: no split."""
-    old = full_config(name="old")
+    old = full_config(name="old", mixed_precision=False)
     for key in ("classes_per_batch", "renorm_schedule", "input",
-                "steps_per_execution"):
+                "steps_per_execution", "precision", "val_from"):
         del old[key]
     new = full_config(name="new", seed=1, input="host", steps_per_execution=1,
                       precision="float32", val_from="test", devices=1,
                       virtual_batch_size=None)
-    del new["mixed_precision"]
     runs = [plot.Run(c["name"], Path("x.csv"), c, FRAME) for c in (old, new)]
     assert [len(g.runs) for g in plot.group_runs(runs)] == [2]
-    mixed = run("mixed", mixed_precision=True)
+    old_mixed = full_config(name="mixed", mixed_precision=True)
+    del old_mixed["precision"]
+    mixed = plot.Run("mixed", Path("mixed.csv"), old_mixed, FRAME)
     assert mixed.settings["precision"] == "mixed_float16"
     named = run("named", precision="mixed_float16")
-    del named.config["mixed_precision"]
     assert [len(g.runs) for g in plot.group_runs([mixed, named])] == [2]
 
 
@@ -120,13 +120,16 @@ def test_title_of_the_full_protocol_says_so():
 def test_title_states_each_departure_of_a_cpu_run():
     cpu = run("cpu", depth=16, width=2, train_size=3200, val_size=1000,
               epochs=10, device="CPU: AMD EPYC, 2 cores",
-              mixed_precision=True)
+              precision="mixed_float16")
     title = plot.figure_title("Training curves", [], [cpu])
     assert title.replace("\n", " ") == (
         "Training curves "
         "protocol seed, except: WRN-16-2, 3200 training images, 1000 "
-        "validation images, 10 epochs, precision mixed_float16 "
+        "held-out validation images, 10 epochs, precision mixed_float16 "
         "on CPU: AMD EPYC, 2 cores (tensorflow)")
+    old = run("old", val_from="test", val_size=1000)
+    assert plot.describe_runs([old])[0] == (
+        "protocol seed, except: validation on 1000 test images (as in 2017)")
     assert max(map(len, title.split("\n"))) <= plot.TITLE_WIDTH
 
 
@@ -138,9 +141,11 @@ def test_title_states_each_departure_of_a_cpu_run():
     ({"norm_momentum": 0.9}, "norm momentum 0.9"),
     ({"warmup_steps": 0}, "warm-up 0 steps"),
     ({"classes_per_batch": 2}, "2 classes/batch"),
-    ({"train_size": 50000, "val_size": 10000}, None),  # the full data
-    ({"val_from": "train", "val_size": 5000},
-     "validation on 5000 held-out training images"),
+    ({"train_size": 45000, "val_size": 5000}, None),  # the full data
+    ({"val_from": "train", "val_size": 1000},
+     "1000 held-out validation images"),
+    ({"val_from": "test", "train_size": 50000, "val_size": 10000},
+     "validation on all test images (as in 2017)"),
     ({"virtual_batch_size": 32}, "virtual batch 32"),
     ({"devices": 2}, "2 devices"),
 ])
