@@ -3,7 +3,8 @@
 #   make test   set up .venv, run the tests on every Keras backend
 # and the reference runs behind README's results:
 #   make reference-cpu   WRN-16-2, 3200 training images, 10 epochs (CPU)
-#   make reference-gpu   WRN-16-4, all 50000 images, 100 epochs (GPU, JAX)
+#   make reference-gpu   WRN-16-4, all 50000 images, 100 epochs (GPU, JAX:
+#                        benchmarks/reference_gpu.py)
 #   make sweep-cpu       BN / BRN / Keras renorm over batch sizes and i.i.d. /
 #                        non-i.i.d. batches, reduced (sweep.py --preset cpu)
 #   make sweep-gpu       the same at full size (sweep.py --preset gpu, JAX)
@@ -82,11 +83,14 @@ reference-cpu: setup
 	done
 	$(BIN)/python plot.py --readme README.md
 
-reference-gpu: setup
-	@set -e; for norm in $(NORMS); do \
-	  KERAS_BACKEND=jax $(BIN)/python train.py --norm $$norm --overwrite; \
-	done
-	$(BIN)/python plot.py --readme README.md
+# make reference-gpu: benchmarks/reference_gpu.py with the Python that has a
+# CUDA build of JAX and Keras (GPU_PYTHON; not .venv, whose requirements pin
+# the CPU build): both norms, 100 epochs, then plot.py and bench.py, into
+# history/, plots/ and benchmarks/results/ below gpu-<GPU name>.
+GPU_PYTHON ?= python3
+GPU_ARGS ?=
+reference-gpu:
+	KERAS_BACKEND=jax $(GPU_PYTHON) benchmarks/reference_gpu.py $(GPU_ARGS)
 
 sweep-cpu: setup
 	$(BIN)/python sweep.py --preset cpu
