@@ -114,3 +114,18 @@ def test_read_rows_reads_as_dict_reader(tmp_path):
         expected = [r for r in csv.DictReader(file) if r.get("epoch")]
     assert runfiles.read_rows(path) == expected
     assert runfiles.read_rows(tmp_path / "missing.csv") == []
+
+
+def test_the_package_description_stands_alone():
+    """The package's long description (pyproject's readme) has no relative
+    links or images, which a package index cannot resolve; the licence is
+    there."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    text = (ROOT / project["readme"]).read_text()
+    targets = re.findall(r"\]\(([^)]+)\)", text)
+    assert targets and all(t.startswith("https://") for t in targets)
