@@ -1,5 +1,7 @@
 """The CIFAR-10 experiment behind train.py, sweep.py, plot.py and
 benchmarks/: each concern in one module (ARCHITECTURE.md has the map).
+Nothing here imports Keras at import time but `network` and `device_data`
+(the flags are checked before Keras starts).
 
   cli            usage errors, the parser that raises them, flag types
   protocols      the protocols, norms and run settings; schedule and resume
@@ -18,4 +20,7 @@ benchmarks/: each concern in one module (ARCHITECTURE.md has the map).
   runlock        one writer per run (a lock file)
   signals        SIGINT / SIGTERM during a run
   console        what train.py prints
+  histories      the histories read for analysis: runs, groups, provenance
+                 checks, sweep points (plot.py)
+  report         timing.md's tables and the figure titles (plot.py)
 """

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import plot
+from experiment import histories
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -517,7 +518,7 @@ def sweep_groups(history):
                           batch_size=batch_size, classes_per_batch=classes,
                           warmup_steps=15, steps_per_epoch=10,
                           norm_momentum=1 - batch_size / 1000)
-    return plot.group_runs(plot.load_runs(plot.history_paths([], history)))
+    return histories.group_runs(histories.load_runs(histories.history_paths([], history)))
 
 
 def overlaps(artists, renderer):
@@ -552,7 +553,7 @@ def test_curves_of_many_groups_are_faceted(tmp_path):
 
 def test_curves_of_two_groups_keep_one_row(two_norms):
     history, _ = two_norms
-    groups = plot.group_runs(plot.load_runs(plot.history_paths([], history)))
+    groups = histories.group_runs(histories.load_runs(histories.history_paths([], history)))
     assert plot.facet_fields(groups) == []
     fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
     assert len(fig.axes) == 4
@@ -596,8 +597,8 @@ def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
     code, out, err = run_main(
         ["--history-dir", history, "--plots-dir", plots], capsys)
     assert code == 0 and err == ""
-    runs = plot.load_runs(plot.history_paths([], history))
-    points = plot.sweep_points(runs)
+    runs = histories.load_runs(histories.history_paths([], history))
+    points = histories.sweep_points(runs)
     fig = plot.plot_accuracy_vs_batch_size(points, runs)
     assert len(fig.axes) == 2 * 3  # a row per lr; test, best, final
     assert fig.axes[0].get_title() == "test accuracy (last weights), lr=0.01"

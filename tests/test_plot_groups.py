@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import plot
+from experiment import histories
+from experiment import report
 from experiment.protocols import CONFIG_KEYS, PROTOCOLS, RUN_DEFAULTS
 
 FRAME = pd.DataFrame({"epoch": [1.0, 2.0], "seconds": [1.0, 1.0],
@@ -34,7 +35,7 @@ def full_config(**changes):
 
 
 def run(name, **changes):
-    return plot.Run(name, Path(f"{name}.csv"), full_config(name=name,
+    return histories.Run(name, Path(f"{name}.csv"), full_config(name=name,
                                                            **changes), FRAME)
 
 
@@ -58,7 +59,7 @@ def test_runs_that_differ_in_any_one_key_are_two_groups(key):
     if key == "precision":
         value = "float32"  # derived from mixed_precision False
     other = run("other", seed=1, **{key: another(value)})
-    groups = plot.group_runs([base, other])
+    groups = histories.group_runs([base, other])
     assert len(groups) == 2, key
     assert all(len(g.runs) == 1 for g in groups)
     if key != "norm":
@@ -73,7 +74,7 @@ def test_runs_that_differ_only_in_seed_name_timing_provenance_are_repeats():
                 provenance={"commit": "1" * 40, "dirty": True,
                             "version": "0.1.0"})
     other = dataclasses.replace(other, frame=FRAME.assign(seconds=9.0))
-    groups = plot.group_runs([base, other])
+    groups = histories.group_runs([base, other])
     assert [len(g.runs) for g in groups] == [2]
     assert groups[0].label == "renorm"
 
@@ -87,14 +88,14 @@ def test_legacy_histories_equal_their_explicit_values():
     new = full_config(name="new", seed=1, input="host", steps_per_execution=1,
                       precision="float32", val_from="test", devices=1,
                       virtual_batch_size=None)
-    runs = [plot.Run(c["name"], Path("x.csv"), c, FRAME) for c in (old, new)]
-    assert [len(g.runs) for g in plot.group_runs(runs)] == [2]
+    runs = [histories.Run(c["name"], Path("x.csv"), c, FRAME) for c in (old, new)]
+    assert [len(g.runs) for g in histories.group_runs(runs)] == [2]
     old_mixed = full_config(name="mixed", mixed_precision=True)
     del old_mixed["precision"]
-    mixed = plot.Run("mixed", Path("mixed.csv"), old_mixed, FRAME)
+    mixed = histories.Run("mixed", Path("mixed.csv"), old_mixed, FRAME)
     assert mixed.settings["precision"] == "mixed_float16"
     named = run("named", precision="mixed_float16")
-    assert [len(g.runs) for g in plot.group_runs([mixed, named])] == [2]
+    assert [len(g.runs) for g in histories.group_runs([mixed, named])] == [2]
 
 
 def test_the_reported_merge_is_split():
@@ -104,7 +105,7 @@ def test_the_reported_merge_is_split():
     copy = run("copy", mixed_precision=True, jit_compile=True,
                warmup_steps=0, norm_momentum=0.9)
     copy = dataclasses.replace(copy, frame=FRAME.assign(seconds=0.5))
-    labels = [g.label for g in plot.group_runs([base, copy])]
+    labels = [g.label for g in histories.group_runs([base, copy])]
     # The first key that splits them is named; the others go with it.
     assert sorted(labels) == ["renorm, jit_compile=True",
                               "renorm, jit_compile=auto"]
@@ -112,7 +113,7 @@ def test_the_reported_merge_is_split():
 
 # ------------------------------------------------------------------ titles
 def test_title_of_the_full_protocol_says_so():
-    lines = plot.describe_runs([run("a"), run("b", seed=1)])
+    lines = report.describe_runs([run("a"), run("b", seed=1)])
     assert lines == ["protocol seed as specified, on the full data set",
                      "on CPU (tensorflow)"]
 
@@ -121,16 +122,16 @@ def test_title_states_each_departure_of_a_cpu_run():
     cpu = run("cpu", depth=16, width=2, train_size=3200, val_size=1000,
               epochs=10, device="CPU: AMD EPYC, 2 cores",
               precision="mixed_float16")
-    title = plot.figure_title("Training curves", [], [cpu])
+    title = report.figure_title("Training curves", [], [cpu])
     assert title.replace("\n", " ") == (
         "Training curves "
         "protocol seed, except: WRN-16-2, 3200 training images, 1000 "
         "held-out validation images, 10 epochs, precision mixed_float16 "
         "on CPU: AMD EPYC, 2 cores (tensorflow)")
     old = run("old", val_from="test", val_size=1000)
-    assert plot.describe_runs([old])[0] == (
+    assert report.describe_runs([old])[0] == (
         "protocol seed, except: validation on 1000 test images (as in 2017)")
-    assert max(map(len, title.split("\n"))) <= plot.TITLE_WIDTH
+    assert max(map(len, title.split("\n"))) <= report.TITLE_WIDTH
 
 
 @pytest.mark.parametrize("changes, text", [
@@ -150,7 +151,7 @@ def test_title_states_each_departure_of_a_cpu_run():
     ({"devices": 2}, "2 devices"),
 ])
 def test_title_names_a_departure(changes, text):
-    line = plot.describe_runs([run("a", **changes)])[0]
+    line = report.describe_runs([run("a", **changes)])[0]
     if text is None:
         assert line == "protocol seed as specified, on the full data set"
     else:
@@ -160,16 +161,16 @@ def test_title_names_a_departure(changes, text):
 def test_title_compares_with_the_named_protocol():
     wrn = {**dataclasses.asdict(PROTOCOLS["wrn"]), "protocol": "wrn"}
     wrn["lr_milestones"] = list(wrn["lr_milestones"])
-    assert plot.describe_runs([run("a", **wrn)])[0] == (
+    assert report.describe_runs([run("a", **wrn)])[0] == (
         "protocol wrn as specified, on the full data set")
-    assert plot.describe_runs([run("a", **dict(wrn, epochs=2))])[0] == (
+    assert report.describe_runs([run("a", **dict(wrn, epochs=2))])[0] == (
         "protocol wrn, except: 2 epochs")
-    assert "'nope' unknown" in plot.describe_runs([run("a",
+    assert "'nope' unknown" in report.describe_runs([run("a",
                                                        protocol="nope")])[0]
 
 
 def test_title_of_a_schedule_in_fractions_omits_its_steps():
-    line = plot.describe_runs([run("a", renorm_schedule=[0.25, 0.5, 0.75],
+    line = report.describe_runs([run("a", renorm_schedule=[0.25, 0.5, 0.75],
                                    warmup_steps=8, r_max_steps=23,
                                    d_max_steps=15)])[0]
     assert line == ("protocol seed, except: renorm schedule 0.25,0.5,0.75 "
@@ -182,7 +183,7 @@ def test_title_says_what_differs_between_groups():
                 device="GPU"),
             run("c", batch_size=128, norm_momentum=0.6, epochs=3,
                 classes_per_batch=2)]
-    lines = plot.describe_runs(runs)
+    lines = report.describe_runs(runs)
     assert lines[0] == "protocol seed, except: 3 epochs"
     assert lines[1] == ("by group: batch size 4, 128; sampling i.i.d., 2 "
                         "classes/batch; norm momentum 0.6, 0.9")

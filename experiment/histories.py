@@ -1,0 +1,337 @@
+"""The training histories that train.py writes, read for analysis: each
+run (its CSV as numbers, its JSON configuration with the keys older
+histories lack at their legacy values), the groups of runs that differ only
+in their seed (and name, timings, provenance), the provenance checks of a
+group, and the points of a sweep (batch size x sampling). plot.py draws
+them; experiment.report writes their tables."""
+
+import csv
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from experiment import runfiles
+from experiment.protocols import CONFIG_KEYS
+from experiment.protocols import with_legacy_keys
+from experiment.protocols import NORMS
+
+PROG = "plot.py"  # the reader whose warnings these are
+
+
+COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+# Keys that newer histories record besides CONFIG_KEYS, and the environment's
+# keys that split runs too.
+NEW_KEYS = ("precision", "val_from", "val_size", "virtual_batch_size",
+            "devices")
+ENVIRONMENT_KEYS = ("device", "backend")
+# The value that a history without one of NEW_KEYS had, beyond what
+# protocols.with_legacy_keys fills in: no virtual batches, one device.
+PLOT_LEGACY = {"virtual_batch_size": None, "devices": 1}
+# Labels name these first, in this order; the other keys follow.
+LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch", "epochs", "lr",
+               "train_size", "depth", "width", "augment")
+# Never split groups: the norm is a group's own; seeds are repeats; a name
+# is a name; `mixed_precision` is contained in `precision` (derived from it).
+NOT_GROUPED = ("norm", "seed", "name", "mixed_precision")
+# Every key that splits runs into groups where they differ, in label order.
+GROUP_FIELDS = tuple(key for key in dict.fromkeys(
+    LABEL_ORDER + CONFIG_KEYS + NEW_KEYS + ENVIRONMENT_KEYS)
+    if key not in NOT_GROUPED)
+
+
+class BadHistory(Exception):
+    """A history that cannot be used; the message says why."""
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    frame: pd.DataFrame  # the COLUMNS, numeric, one row per epoch
+
+    @functools.cached_property
+    def settings(self):
+        """`config`, each key an older history lacks at its legacy value."""
+        return settings(self.config)
+
+    def value(self, field):
+        """The run's setting `field` in a hashable form (None when absent)."""
+        value = self.settings.get(field)
+        if isinstance(value, (list, tuple, dict)):
+            return json.dumps(value, sort_keys=True)
+        return value
+
+
+def settings(config):
+    """A history's configuration, each key it lacks at its legacy value
+    (`protocols.with_legacy_keys`: what --resume fills in; and
+    `PLOT_LEGACY`)."""
+    return {**PLOT_LEGACY, **with_legacy_keys(config)}
+
+
+@dataclass
+class Group:
+    norm: str
+    key: tuple  # ((field, value), ...) of the fields that split the runs
+    runs: list
+
+    @property
+    def label(self):
+        return ", ".join([self.norm] + [field_text(f, v) for f, v in self.key])
+
+
+def sampling_text(classes):
+    """How a run's batches were drawn, from its classes_per_batch."""
+    return "i.i.d." if classes is None else f"{classes} classes/batch"
+
+
+def field_text(field, value):
+    if field == "classes_per_batch":
+        return sampling_text(value)
+    return f"{field}={value}"
+
+
+def warn(message):
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def history_paths(runs, history_dir):
+    """The .csv path of each named run, or of every run in `history_dir`."""
+    if runs:
+        paths = [Path(run).with_suffix(".csv")
+                 if Path(run).suffix in (".csv", ".json")
+                 else history_dir / f"{run}.csv" for run in runs]
+    elif history_dir.is_dir():
+        stems = {p.stem for p in history_dir.iterdir()
+                 if p.suffix in (".csv", ".json") and p.is_file()}
+        paths = [history_dir / f"{stem}.csv" for stem in sorted(stems)]
+    else:
+        paths = []
+    return list(dict.fromkeys(paths))
+
+
+def read_config(path):
+    if not path.is_file():
+        raise BadHistory(f"no configuration file {path.name}")
+    try:
+        config = runfiles.read_json(path)
+    except (OSError, RuntimeError) as error:
+        raise BadHistory(str(error)) from None
+    if not isinstance(config, dict) or not isinstance(config.get("norm"), str):
+        raise BadHistory(f"{path.name} names no norm")
+    return config
+
+
+def read_csv_rows(path):
+    """The header and the non-blank rows of a CSV file, with the line number
+    each row ends on."""
+    if not path.is_file():
+        raise BadHistory("no CSV file")
+    try:
+        header, rows = runfiles.read_csv(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise BadHistory(f"unreadable CSV ({error})") from None
+    if not header:
+        raise BadHistory("empty CSV")
+    return header, rows
+
+
+def read_frame(path):
+    """The COLUMNS of a history CSV as numbers, one row per epoch. A bad last
+    row (a run still writing it) is dropped with a warning; other bad rows
+    (wrong number of fields, missing or non-numeric values) are fatal."""
+    header, rows = read_csv_rows(path)
+    missing = [column for column in COLUMNS if column not in header]
+    if missing:
+        raise BadHistory(f"missing column(s) {', '.join(missing)}")
+    if len(set(header)) < len(header):
+        raise BadHistory("repeated column names")
+    width = len(header)
+    text = pd.DataFrame([row[:width] + [""] * (width - len(row))
+                         for _, row in rows], columns=header, dtype=str)
+    text = text[list(COLUMNS)]
+    frame = text.apply(pd.to_numeric, errors="coerce").astype(float)
+    # "nan" is a legitimate metric of a diverged run; other non-numbers are not.
+    nan_text = text.apply(lambda col: col.str.strip().str.lower() == "nan")
+    wrong_width = pd.Series([len(r) != width for _, r in rows], dtype=bool)
+    bad = (wrong_width | (frame.isna() & ~nan_text).any(axis=1)
+           | ~np.isfinite(frame[["epoch", "seconds"]]).all(axis=1))
+    bad_lines = [line for (line, _), is_bad in zip(rows, bad) if is_bad]
+    last_line, last_row = rows[-1] if rows else (None, [])
+    if len(rows) > 1 and bad_lines == [last_line] and len(last_row) <= width:
+        warn(f"{path}: dropped incomplete last row (line {bad_lines[0]})")
+        frame = frame.iloc[:-1]
+    elif bad_lines:
+        lines = ", ".join(map(str, bad_lines[:5]))
+        raise BadHistory(f"wrong number of fields or non-numeric values on "
+                         f"line(s) {lines}")
+    if frame.empty:
+        raise BadHistory("no complete epoch")
+    # A resumed run may repeat epochs; its latest row for each counts.
+    frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
+    return frame.reset_index(drop=True)
+
+
+def load_run(csv_path):
+    frame = read_frame(csv_path)
+    config = read_config(csv_path.with_suffix(".json"))
+    return Run(csv_path.stem, csv_path, config, frame)
+
+
+def load_runs(paths):
+    """The usable runs among `paths`; each unusable one is named on stderr."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except BadHistory as error:
+            warn(f"skipping {path}: {error}")
+    return runs
+
+
+def splitting_fields(runs):
+    """GROUP_FIELDS that differ between runs, each kept only if it splits the
+    runs further than the fields kept before it (so a batch size that always
+    goes with a protocol is not repeated in every label)."""
+    kept = []
+    for field in GROUP_FIELDS:
+        before = {tuple(run.value(f) for f in kept) for run in runs}
+        after = {tuple(run.value(f) for f in kept + [field]) for run in runs}
+        if len(after) > len(before):
+            kept.append(field)
+    return kept
+
+
+def sort_key(value):
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
+def norm_rank(norm):
+    return (NORMS.index(norm), "") if norm in NORMS else (len(NORMS), norm)
+
+
+def group_runs(runs):
+    """Groups of runs equal in every GROUP_FIELDS key (runs that differ only
+    in their seed are repeats), batchnorm first, then by the splitting
+    fields; a group's key holds only those, which tell the groups apart."""
+    fields = splitting_fields(runs)
+    groups = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        norm = run.config["norm"]
+        every = (norm, tuple(run.value(f) for f in GROUP_FIELDS))
+        key = tuple((f, run.value(f)) for f in fields)
+        groups.setdefault(every, Group(norm, key, [])).runs.append(run)
+    return sorted(groups.values(), key=lambda g: (
+        norm_rank(g.norm), [sort_key(v) for _, v in g.key]))
+
+
+# ------------------------------------------------------------- provenance
+def provenances(group):
+    """Each run's `provenance` record, None where it has none (older code)
+    or where it is not a record."""
+    return [record if isinstance(record := run.config.get("provenance"), dict)
+            else None for run in group.runs]
+
+
+# What a warning says of the groups with each kind of provenance problem.
+PROVENANCE_WARNINGS = {
+    "none": "runs with no provenance (older code)",
+    "unknown": "runs of an unknown commit (not run from a git checkout)",
+    "commits": "runs from different commits",
+    "dirty": "runs from a dirty tree (uncommitted changes)",
+}
+
+
+def provenance_problems(group):
+    """Why a group's runs may not be the same code, as (kind, text) with the
+    kinds of PROVENANCE_WARNINGS: none recorded, no commit known, several
+    commits, a dirty tree. Empty for runs of one clean commit."""
+    records = provenances(group)
+    known = [r for r in records if r is not None]
+    problems = []
+    if len(known) < len(records):
+        problems.append(("none", "no provenance" if not known else
+                         f"{len(records) - len(known)} of {len(records)} "
+                         "runs without provenance"))
+    commits = {r.get("commit") for r in known}
+    if None in commits:
+        problems.append(("unknown", "commit unknown"))
+    if len(commits - {None}) > 1:
+        problems.append(("commits", f"{len(commits - {None})} commits"))
+    if any(r.get("dirty") is not False for r in known):
+        problems.append(("dirty", "dirty tree"))
+    return problems
+
+
+# ------------------------------------------- batch sizes and non-i.i.d. runs
+SWEEP_FIELDS = ("batch_size", "classes_per_batch")
+
+
+@dataclass
+class Point:
+    """The runs of one norm, sampling and batch size (seeds are repeats)."""
+
+    norm: str
+    classes: object  # classes_per_batch: None for i.i.d.
+    rest: tuple  # ((field, value), ...) of other fields that split runs
+    batch_size: object
+    runs: list
+
+    def values(self, which):
+        """Each run's best or final validation accuracy, in percent."""
+        column = [run.frame["val_accuracy"] for run in self.runs]
+        return np.array([c.max() if which == "best" else c.iloc[-1]
+                         for c in column]) * 100
+
+    def test_values(self, key="test_accuracy"):
+        """Each run's test accuracy (`key`: test_accuracy, the last weights;
+        best_test_accuracy, the best-val weights), in percent; None when a
+        run has no such result (unfinished, or an older history)."""
+        results = [run.config.get("result") for run in self.runs]
+        if not all(isinstance(r, dict) and isinstance(r.get(key), (int, float))
+                   for r in results):
+            return None
+        return np.array([r[key] for r in results]) * 100
+
+    def test_images(self):
+        return {run.config["result"].get("test_images") for run in self.runs}
+
+    @property
+    def line(self):
+        return (self.norm, self.classes, self.rest)
+
+
+def sweep_points(runs):
+    """The runs by norm, sampling, other splitting fields and batch size,
+    ordered by norm, sampling (i.i.d. first), those fields, batch size."""
+    rest_fields = [f for f in splitting_fields(runs) if f not in SWEEP_FIELDS]
+    points = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        rest = tuple((f, run.value(f)) for f in rest_fields)
+        key = (run.config["norm"], run.value("classes_per_batch"), rest,
+               run.value("batch_size"))
+        if key not in points:
+            points[key] = Point(*key, [])
+        points[key].runs.append(run)
+    return sorted(points.values(), key=lambda p: (
+        norm_rank(p.norm), sort_key(p.classes),
+        [sort_key(v) for _, v in p.rest], sort_key(p.batch_size)))
+
+
+def has_sweep(runs):
+    """Whether the runs span several batch sizes or include non-i.i.d. ones."""
+    return (len({run.value("batch_size") for run in runs}) > 1
+            or any(run.value("classes_per_batch") is not None
+                   for run in runs))
