@@ -126,11 +126,14 @@ def run(config, options, explicit, argv, paths):
     # 3. Model and optimizer (Keras is imported only now: bad input fails fast).
     import keras
 
+    config["devices"] = runtime.resolve_devices(config["devices"], keras)
+    preprocessing.check_devices(config, arrays)
     with runtime.keras_settings(keras, config):
         model, environment = compile_model(keras, config, arrays, steps)
         session = dict(started=runtime.now(),
                        command=console.command_line(argv),
-                       jit_compile=bool(model.jit_compile), **environment,
+                       jit_compile=bool(model.jit_compile),
+                       devices=config["devices"], **environment,
                        provenance=runtime.provenance(environment))
 
         # 4. Restore the last finished epoch, or start from scratch.
@@ -192,7 +195,8 @@ def compile_model(keras, config, arrays, steps):
     environment; resolves the run's --input and --steps-per-execution."""
     model = network.build_model(keras, config)
     environment = runtime.describe_environment(keras)
-    config["input"] = runtime.resolve_input(config["input"], environment)
+    config["input"] = runtime.resolve_input(config["input"], environment,
+                                            config["devices"])
     config["steps_per_execution"] = runtime.resolve_steps_per_execution(
         config["steps_per_execution"], environment, steps)
     model.compile(
@@ -217,7 +221,7 @@ def restore(model, config, paths, header, saved_config, session):
     if best["epoch"] == start:
         runfiles.save_weights(model, paths.best)
     runfiles.save_weights(model, paths.last)
-    record = dict(saved_config, **config)
+    record = dict(saved_config, **config, **parallel_record(config))
     record["sessions"] = saved_config.get("sessions", []) + [
         dict(session, first_epoch=start + 1)]
     runfiles.write_json(paths.json, record)
@@ -238,7 +242,18 @@ def start_files(model, config, paths, header, arrays, environment, steps,
         normalization={"mean": arrays.mean.tolist(),
                        "std": arrays.std.tolist()},
         params=model.count_params(), steps_per_epoch=steps,
+        **parallel_record(config),
         sessions=[dict(session, first_epoch=1)]))
+
+
+def parallel_record(config):
+    """How a step's batch is split, and which statistics the normalization
+    layers compute (for the JSON)."""
+    devices = config["devices"]
+    return {"per_device_batch": config["batch_size"] // devices,
+            "statistics": "of the whole batch" + (
+                f", synchronized across the {devices} devices"
+                if devices > 1 else "")}
 
 
 def train_epochs(keras, model, config, arrays, steps, paths, header, start,

@@ -69,6 +69,20 @@ def steps_or_auto(text):
     return value
 
 
+def devices_or_all(text):
+    """A positive number of devices, or `all`."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer or all: {text}")
+    return value
+
+
 def milestones(text):
     """Increasing positive epochs, comma-separated (empty: none)."""
     try:

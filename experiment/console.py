@@ -73,7 +73,11 @@ def describe_run(config, model, environment, source, steps):
            else "(test images)") + f", precision {config['precision']}"
         f"{schedule}\n"
         f"  Keras {environment['versions']['keras']}, backend "
-        f"{environment['backend']}, {environment['device']}\n"
+        f"{environment['backend']}, {environment['device']}"
+        + (f", data parallel on {config['devices']} devices "
+           f"({config['batch_size'] // config['devices']} images each, "
+           "synchronized statistics)" if config["devices"] > 1 else "")
+        + "\n"
         f"  batches made on the {config['input']} (--input), "
         f"{config['steps_per_execution']} training step"
         f"{'s' if config['steps_per_execution'] > 1 else ''} per execution "

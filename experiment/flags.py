@@ -10,6 +10,7 @@ from experiment import protocols
 from experiment.cli import Parser
 from experiment.cli import UsageError
 from experiment.cli import at_least_one
+from experiment.cli import devices_or_all
 from experiment.cli import fraction
 from experiment.cli import milestones
 from experiment.cli import nonnegative_float
@@ -193,6 +194,17 @@ def add_speed_flags(parser):
                        "CPU, on where the CPU lacks AVX-512 (measured faster "
                        "there, slower with it), else Keras's choice "
                        "(default: auto)")
+    speed.add_argument("--devices", type=devices_or_all, metavar="N",
+                       help="data-parallel training on N local devices "
+                       "(or all), with the jax backend: Keras's "
+                       "distribution API (keras.distribution.DataParallel) "
+                       "splits each --batch-size batch evenly across them "
+                       "and runs one program, so every normalization "
+                       "layer's batch statistics are those of the whole "
+                       "batch (synchronized), as on one device; every batch "
+                       "(the epoch's last too), --val-size, the test set "
+                       "and --eval-batch-size must divide by N; the batches "
+                       "are made on the host (default: 1)")
     speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
                        help="batch size of evaluation (default: 500)")
     speed.add_argument("--input", choices=INPUTS,
@@ -252,6 +264,10 @@ def parse_args(argv, doc):
             + " (it sets them from fractions of the run's steps)")
     if config["renorm_schedule"] is None:
         protocols.check_schedule(config)
+    if config["input"] == "device" and config["devices"] != 1:
+        raise UsageError(f"--input device needs one device, not --devices "
+                         f"{config['devices']} (leave --input at auto or "
+                         "host)")
     options = argparse.Namespace(
         resume=explicit.get("resume", False),
         overwrite=explicit.get("overwrite", False),

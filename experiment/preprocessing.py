@@ -197,3 +197,31 @@ def check_batches(config, labels):
         raise UsageError(
             f"--classes-per-batch {classes} is more than the {present} "
             f"classes among the {len(labels)} training images")
+
+
+def check_devices(config, arrays):
+    """With data parallel training on N devices, every batch that a device
+    share gets must divide by N: the training batches (the epoch's last,
+    smaller one too), the evaluation batches, the validation and test sets.
+
+    Raises:
+        UsageError: naming the size that does not divide.
+    """
+    n = config["devices"]
+    if n == 1:
+        return
+    if config["classes_per_batch"]:
+        raise UsageError(f"--classes-per-batch with --devices {n} is not "
+                         "supported (its batches differ in size)")
+    last = len(arrays.y_train) % config["batch_size"]
+    sizes = [("--batch-size", config["batch_size"]),
+             ("the epoch's last batch (--train-size modulo --batch-size)",
+              last),
+             ("--eval-batch-size", config["eval_batch_size"]),
+             ("--val-size", len(arrays.y_val)),
+             ("the test set", len(arrays.y_test))]
+    for what, size in sizes:
+        if size % n:
+            raise UsageError(
+                f"{what} {size} does not divide by --devices {n}: each "
+                "device takes an equal share of every batch")

@@ -108,6 +108,7 @@ RUN_DEFAULTS = {
     "eval_batch_size": 500,
     "input": "auto",
     "steps_per_execution": "auto",
+    "devices": 1,  # data parallel on this many local devices (JAX), or "all"
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
@@ -118,12 +119,13 @@ VAL_FROM = ("train", "test")
 # old `mixed_precision`, see `with_legacy_keys`).
 LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
                    "input": "host", "steps_per_execution": 1,
-                   "val_from": "test"}
+                   "val_from": "test", "devices": 1}
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
 # What --resume may change in a run's saved configuration (the speed
-# settings: they do not change the math).
+# settings: they do not change the math; data parallel devices compute the
+# statistics of the whole batch, as one device does).
 RESUMABLE_CHANGES = ("epochs", "jit_compile", "eval_batch_size", "input",
-                     "steps_per_execution")
+                     "steps_per_execution", "devices")
 
 
 def flag(key):

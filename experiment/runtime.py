@@ -111,19 +111,44 @@ def cpu_has_avx512(cpuinfo="/proc/cpuinfo"):
     return True
 
 
-def resolve_input(choice, environment):
+def resolve_input(choice, environment, devices=1):
     """--input: `auto` is `device` on an accelerator (GPU, TPU), where it
     spares the host loop the pixel work and the copies, and `host` on a CPU,
     where the device is the host and NumPy is as fast, and with TensorFlow,
     whose Keras trainer feeds a generator through tf.data.from_generator:
     that copies every device batch back to the host (measured slower on a
-    CPU; benchmarks/NOTES.md)."""
+    CPU; benchmarks/NOTES.md); `host` for data parallel training (Keras
+    splits host batches across the devices)."""
+    if choice == "device" and devices > 1:  # --devices all, resolved
+        raise UsageError(f"--input device needs one device, not --devices "
+                         f"{devices} (leave --input at auto or host)")
     if choice != "auto":
         return choice
-    if (environment["device_type"] == "cpu"
+    if (environment["device_type"] == "cpu" or devices > 1
             or environment["backend"] == "tensorflow"):
         return "host"
     return "device"
+
+
+def resolve_devices(choice, keras):
+    """--devices as a number: `all` is every local device; more than one
+    needs the jax backend (Keras's distribution API) and that many
+    devices."""
+    backend = keras.backend.backend()
+    if choice == 1:
+        return 1
+    if backend != "jax":
+        raise UsageError(
+            f"--devices {choice} needs the jax backend (Keras's "
+            f"distribution API for data parallel training); the backend is "
+            f"{backend}")
+    available = len(keras.distribution.list_devices())
+    if choice == "all":
+        return available
+    if choice > available:
+        raise UsageError(f"--devices {choice} is more than the {available} "
+                         "local device(s) JAX has")
+    return choice
 
 
 def resolve_steps_per_execution(choice, environment, steps):
@@ -147,16 +172,23 @@ def resolve_steps_per_execution(choice, environment, steps):
 
 @contextmanager
 def keras_settings(keras, config):
-    """A fresh Keras session with the run's seed and dtype policy; the policy
-    is restored afterwards (for callers in the same process, like tests)."""
+    """A fresh Keras session with the run's seed, dtype policy and, with
+    several devices, the data parallel distribution; the policy and the
+    distribution are restored afterwards (for callers in the same process,
+    like tests)."""
     policy = keras.config.dtype_policy()
     keras.backend.clear_session()
     keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
+    if config["devices"] > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel(
+            devices=keras.distribution.list_devices()[:config["devices"]]))
     try:
         yield
     finally:
         keras.config.set_dtype_policy(policy)
+        if config["devices"] > 1:
+            keras.distribution.set_distribution(None)
 
 
 def epoch_clock(keras):

@@ -1,0 +1,152 @@
+"""Data parallel training (train.py --devices, Keras's DataParallel on JAX)
+on 4 virtual CPU devices: the layer's statistics are those of the whole
+batch, as on one device; train.py's run on 4 devices is the run on 1; the
+sizes that do not split are refused in one line."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from fake_cifar import write_fake_cifar
+from test_train import one_error_line
+from test_train import run_script
+from test_train import tiny_args
+
+ROOT = Path(__file__).resolve().parent.parent
+FOUR_DEVICES = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT),
+                    XLA_FLAGS="--xla_force_host_platform_device_count=4")
+only_on_jax = pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="a JAX subprocess with 4 devices; run once, on the jax pass")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
+                            test_per_class=4)
+
+
+LAYER_STEPS = textwrap.dedent("""
+    import json, sys
+    import numpy as np, keras, jax
+    from batch_renorm import BatchRenormalization
+
+    assert len(jax.devices()) == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    x = rng.normal(2, 3, size=(16, 8, 8, 4)).astype("float32")
+    y = rng.normal(size=(16, 8, 8, 4)).astype("float32")
+
+    def steps(distribution):
+        keras.distribution.set_distribution(distribution)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8, 8, 4)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            BatchRenormalization(r_max=1.5, d_max=0.5, warmup_steps=0,
+                                 r_max_steps=0, d_max_steps=0,
+                                 momentum=0.5)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        shards = len(model.weights[0].value.sharding.device_set)
+        out = model(x, training=True)
+        return [np.asarray(v) for v in model.weights], np.asarray(out), shards
+
+    one, out_one, _ = steps(None)
+    four, out_four, shards = steps(keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices()))
+    print(json.dumps({
+        "shards": shards,
+        "weights": [float(np.max(np.abs(a - b))) for a, b in zip(one, four)],
+        "out": float(np.max(np.abs(out_one - out_four))),
+        "moved": float(np.max(np.abs(one[-3])))}))
+""")
+
+
+@only_on_jax
+def test_the_layer_under_data_parallel_is_the_layer_on_one_device():
+    """Three training steps on 4 devices (each a quarter of the batch) give
+    the weights, moving statistics and outputs of one device on the whole
+    batch: the moments are global (XLA all-reduces them)."""
+    result = subprocess.run([sys.executable, "-c", LAYER_STEPS],
+                            env=FOUR_DEVICES, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["shards"] == 4  # the variables live on the 4 devices
+    assert found["moved"] > 0.1  # the moving mean moved
+    assert max(found["weights"]) < 1e-5 and found["out"] < 1e-5, found
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@only_on_jax
+def test_a_run_on_four_devices_is_the_run_on_one(data_dir, tmp_path):
+    runs = {}
+    for devices in ("1", "4"):
+        out = tmp_path / devices
+        args = tiny_args(data_dir, out, "--epochs", "2", "--batch-size", "20",
+                         "--val-size", "20", "--name", "run",
+                         "--eval-batch-size", "20", "--devices", devices)
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                                 *args], cwd=ROOT, env=FOUR_DEVICES,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        record = json.loads((out / "history" / "run.json").read_text())
+        runs[devices] = (read_csv(out / "history" / "run.csv"), record)
+    (rows_one, one), (rows_four, four) = runs["1"], runs["4"]
+    assert (four["devices"], four["per_device_batch"]) == (4, 5)
+    assert "synchronized across the 4 devices" in four["statistics"]
+    assert four["sessions"][0]["devices"] == 4
+    assert one["devices"] == 1 and one["per_device_batch"] == 20
+    for a, b in zip(rows_one, rows_four):
+        for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(float(a[column]), float(b[column]),
+                                       rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(one["result"]["test_accuracy"],
+                               four["result"]["test_accuracy"], atol=1e-6)
+
+
+@only_on_jax
+@pytest.mark.parametrize("flags, words", [
+    (["--devices", "8"], "--devices 8 is more than the 4 local device(s)"),
+    (["--devices", "4", "--batch-size", "50"],
+     "--batch-size 50 does not divide by --devices 4"),
+    (["--devices", "4", "--batch-size", "20", "--train-size", "90"],
+     "the epoch's last batch (--train-size modulo --batch-size) 10 does not "
+     "divide by --devices 4"),
+    (["--devices", "4", "--batch-size", "20", "--val-size", "30"],
+     "--val-size 30 does not divide by --devices 4"),
+    (["--devices", "4", "--batch-size", "20", "--input", "device"],
+     "--input device needs one device"),
+    (["--devices", "4", "--batch-size", "20", "--classes-per-batch", "2"],
+     "--classes-per-batch with --devices 4 is not supported"),
+    (["--devices", "two"], "must be a positive integer or all: two"),
+])
+def test_sizes_that_do_not_split_are_refused(data_dir, tmp_path, flags,
+                                             words):
+    args = tiny_args(data_dir, tmp_path, "--val-size", "20",
+                     "--eval-batch-size", "20", *flags)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args],
+                            cwd=ROOT, env=FOUR_DEVICES, capture_output=True,
+                            text=True, timeout=600)
+    assert words in one_error_line(result)
+
+
+@pytest.mark.skipif(keras.backend.backend() == "jax",
+                    reason="the other backends refuse it")
+def test_data_parallel_needs_jax(data_dir, tmp_path):
+    line = one_error_line(run_script(*tiny_args(data_dir, tmp_path,
+                                                "--devices", "2")))
+    assert "--devices 2 needs the jax backend" in line
