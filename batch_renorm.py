@@ -68,6 +68,17 @@ def has_fast_path():
 # the variance is computed again around the mean (`_moments`).
 _CANCELLATION_LIMIT = 1e3
 
+# E[x^2] is accumulated scaled by this power of two (exact), so that it stays
+# finite for |x| up to ~8e28. In float32 the scaled squares of |x| < 2^-31
+# are subnormal (flushed to zero on CPUs), an error below 2^-62 in the
+# variance: below float32's rounding of `variance + epsilon` unless epsilon
+# is under `_UNDERFLOW_EPSILON`; with such an epsilon, a channel with
+# E[x^2] < 2^-36 (scaled: `_SQUARE_UNDERFLOW`) is recomputed around the mean.
+_SQUARE_SCALE = 2.0**-64
+_SQUARE_UNDERFLOW = 2.0**-100
+_SQUARE_SCALED_MAX = 2.0**62
+_UNDERFLOW_EPSILON = 2.0**-38
+
 # The smallest epsilon that TensorFlow's fused kernel accepts (it silently
 # raises smaller ones to this, as cuDNN requires).
 _FUSED_MIN_EPSILON = 1.001e-5
@@ -165,7 +176,8 @@ class BatchRenormalization(keras.layers.Layer):
         fused: `None` (default) to normalize with the backend's fused kernel
             in training where it applies (TensorFlow or PyTorch, rank-4
             channels-last inputs, no mask; on TensorFlow also
-            `epsilon >= 1.001e-5`, and not under XLA, `jit_compile=True`,
+            `epsilon >= 1.001e-5`, a compute dtype other than float64
+            (the kernel has no double version), and not under XLA, `jit_compile=True`,
             where the portable path is the faster one), `False` never to,
             `True` to require it (an error where it does not apply). The
             same Algorithm 1 either way, up to float rounding.
@@ -349,12 +361,23 @@ class BatchRenormalization(keras.layers.Layer):
         ):
             reasons.append(f"epsilon >= {_FUSED_MIN_EPSILON} "
                            f"(epsilon={self.epsilon})")
+        if not self._fused_dtype_ok(self.compute_dtype):
+            # FusedBatchNormV3 has no double kernel.
+            reasons.append("a compute dtype other than float64 "
+                           f"(dtype policy {self.dtype_policy.name})")
         if reasons and self.fused:
             raise ValueError(
                 "Argument `fused=True`: the fused kernel needs "
                 + " and ".join(reasons) + ". Received: fused=True"
             )
         return not reasons
+
+    @staticmethod
+    def _fused_dtype_ok(dtype):
+        """Whether the fused kernel takes statistics in `dtype` (that of the
+        inputs cast to at least float32)."""
+        dtype = keras.backend.standardize_dtype(dtype)
+        return keras.backend.backend() != "tensorflow" or dtype != "float64"
 
     @property
     def uses_fast_path(self):
@@ -408,6 +431,7 @@ class BatchRenormalization(keras.layers.Layer):
             and self.trainable
             and self._fast_path
             and mask is None
+            and self._fused_dtype_ok(dtype)
             and not _tensorflow_under_xla()
         ):
             outputs = _fused_training_call(self, x, gamma, beta, dtype)
@@ -438,10 +462,11 @@ class BatchRenormalization(keras.layers.Layer):
         r = ops.minimum(
             ops.maximum(batch_stddev / moving_stddev, 1.0 / r_max), r_max
         )
-        d = ops.minimum(
-            ops.maximum((batch_mean - moving_mean) / moving_stddev, -d_max),
-            d_max,
-        )
+        # Where the means agree, no correction: 0, also for a zero moving
+        # stddev (0 / 0 would be NaN, which no clipping removes).
+        difference = batch_mean - moving_mean
+        d = ops.where(difference == 0.0, 0.0, difference / moving_stddev)
+        d = ops.minimum(ops.maximum(d, -d_max), d_max)
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_state(self, batch_mean, batch_stddev):
@@ -475,26 +500,48 @@ class BatchRenormalization(keras.layers.Layer):
         axes = self._reduction_axes
         if mask is None:
             mean = ops.mean(x, axis=axes)
-            mean_square = ops.mean(ops.square(x), axis=axes)
-            variance = ops.maximum(mean_square - ops.square(mean), 0.0)
-            lossy = ops.any(mean_square > _CANCELLATION_LIMIT * variance)
+            # E[x^2] * 2^-64, as x * (x * 2^-64): exact (a power of two) and
+            # finite up to |x| ~ 8e28, where x^2 overflows from 1.8e19.
+            scaled_square = ops.mean(x * (x * _SQUARE_SCALE), axis=axes)
+            mean_square = scaled_square / _SQUARE_SCALE
+            variance = mean_square - ops.square(mean)
+            # An E[x^2] beyond 2^126 (or NaN) takes the recomputation, tested
+            # on the finite scaled value: E[x^2] - E[x]^2 would be inf - inf,
+            # and XLA's CPU fast math does not keep NaN comparisons false.
+            kept = (scaled_square <= _SQUARE_SCALED_MAX) & (
+                mean_square <= _CANCELLATION_LIMIT * variance
+            )
+            if self.epsilon < _UNDERFLOW_EPSILON and x.dtype == "float32":
+                kept = kept & (scaled_square >= _SQUARE_UNDERFLOW)
+            kept = ops.all(kept)
             # The value only: a differentiated `cond` would carry a tensor of
             # the size of `x` from the forward to the backward pass.
             exact = ops.stop_gradient(
                 ops.cond(
-                    lossy,
+                    kept,
+                    lambda: ops.maximum(variance, 0.0),
                     lambda: ops.mean(
                         ops.square(x - self._broadcast(mean, x)), axis=axes
                     ),
-                    lambda: variance,
                 )
             )
-            return mean, variance + ops.stop_gradient(exact - variance)
-        weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
-        weights = ops.broadcast_to(weights, ops.shape(x))
-        count = ops.maximum(ops.sum(weights, axes, keepdims=True), 1.0)
-        mean = ops.sum(x * weights, axes, keepdims=True) / count
-        variance = ops.sum(ops.square(x - mean) * weights, axes, True) / count
+            # The gradient of E[x^2] - E[x]^2, 2 (x - mu_B) / n, carried by
+            # terms whose value is exactly 0 while x is finite (`variance`
+            # itself may be inf or NaN where E[x^2] overflowed).
+            mean_constant = ops.stop_gradient(mean)
+            carrier = (
+                scaled_square - ops.stop_gradient(scaled_square)
+            ) / _SQUARE_SCALE - 2.0 * mean_constant * (mean - mean_constant)
+            return mean, exact + carrier
+        # Masked positions enter the sums as zeros, selected (not multiplied
+        # by 0): a NaN or inf there would make 0 * x NaN.
+        mask = ops.broadcast_to(ops.expand_dims(mask, axis=-1), ops.shape(x))
+        mask = ops.cast(mask, "bool")
+        count = ops.sum(ops.cast(mask, x.dtype), axes, keepdims=True)
+        count = ops.maximum(count, 1.0)
+        mean = ops.sum(ops.where(mask, x, 0.0), axes, keepdims=True) / count
+        squares = ops.where(mask, ops.square(x - mean), 0.0)
+        variance = ops.sum(squares, axes, keepdims=True) / count
         return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
 
     def get_config(self):
