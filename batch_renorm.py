@@ -130,6 +130,9 @@ class BatchRenormalization(keras.layers.Layer):
     `y = (gamma * r) * x_hat + (gamma * d + beta)`: batch normalization with
     a per-channel adjusted scale and offset.
 
+    A training call on an empty batch (a dimension of size 0) changes
+    nothing but the step counter.
+
     **During inference** (`training=False`, the default, or
     `trainable=False`): `y = gamma * (x - mu) / sigma + beta`. The layer's
     state is never changed.
@@ -426,6 +429,13 @@ class BatchRenormalization(keras.layers.Layer):
         gamma = ops.cast(self.gamma, dtype) if self.scale else 1.0
         beta = ops.cast(self.beta, dtype) if self.center else 0.0
 
+        if training and self.trainable and 0 in inputs.shape:
+            # An empty batch has no statistics (its mean would be 0 / 0, a
+            # NaN in the moving statistics for good): the state is left as
+            # it is, the call still counts, and the (empty) output stays
+            # connected to gamma and beta.
+            self.step.assign(self.step + 1)
+            training = False
         if (
             training
             and self.trainable

@@ -254,3 +254,124 @@ def test_zero_moving_stddev_clips_to_the_bounds(fused):
     x_hat = (x - mean) / np.sqrt(x.var(axis=(0, 1, 2)) + layer.epsilon)
     d = np.array([0.0, 0.5, -0.5])
     assert_close(y, x_hat * 1.5 + d, 1e-5, 1e-5)
+
+
+# ------------------------------------------------------ neighbouring cases
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("shape", [(4, 2, 2, 3), (6, 3)], ids=["rank4", "rank2"])
+def test_unmasked_non_finite_values_as_batch_normalization(shape, bad, fused):
+    # A NaN or inf in channel 1 spoils that channel, as in batch
+    # normalization, and no other.
+    rng = np.random.default_rng(9)
+    brn = BatchRenormalization(momentum=0.5, fused=fused, **TRIVIAL)
+    init_layer(brn, shape, rng)
+    bn = matching_batch_norm(brn, shape)
+    x = rng.normal(size=shape).astype("float32")
+    x.reshape(-1, shape[-1])[1, 1] = bad
+    y_brn = to_numpy(brn(x, training=True))
+    y_bn = to_numpy(bn(x, training=True))
+    assert not np.any(np.isfinite(y_bn[..., 1]))
+    assert not np.any(np.isfinite(y_brn[..., 1]))
+    assert not np.isfinite(to_numpy(brn.moving_mean)[1])
+    keep = [0, 2]
+    assert_close(y_brn[..., keep], y_bn[..., keep], 1e-5, 1e-5)
+    assert_close(to_numpy(brn.moving_mean)[keep],
+                 to_numpy(bn.moving_mean)[keep], 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [(0, 3), (0, 2, 2, 3), (3, 0, 2, 3)],
+                         ids=["rank2", "rank4", "rank4-empty-height"])
+def test_empty_batch_leaves_the_statistics_alone(shape, fused):
+    rng = np.random.default_rng(10)
+    layer = BatchRenormalization(fused=fused, **FIXED_CLIP)
+    init_layer(layer, shape, rng)
+    before = {v.name: to_numpy(v).copy() for v in layer.non_trainable_variables}
+    x = np.zeros(shape, "float32")
+    y, dx, grads = train_call_with_grads(layer, x, x)
+    assert y.shape == shape and dx.shape == shape
+    for name in ("gamma", "beta"):
+        np.testing.assert_array_equal(grads[name], 0.0)
+    np.testing.assert_array_equal(layer.moving_mean, before["moving_mean"])
+    np.testing.assert_array_equal(layer.moving_stddev, before["moving_stddev"])
+    assert int(to_numpy(layer.step)) == 1
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("shape", [(1, 3), (1, 1, 1, 3), (1, 2, 2, 3)],
+                         ids=["rank2", "rank4-one-value", "rank4"])
+def test_batch_of_one(shape, fused):
+    rng = np.random.default_rng(11)
+    layer = BatchRenormalization(momentum=0.7, fused=fused, **FIXED_CLIP)
+    ref = reference_for(layer, init_layer(layer, shape, rng))
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    w = rng.normal(size=shape).astype("float32")
+    for _ in range(2):
+        y, dx, grads = train_call_with_grads(layer, x, w)
+        expected = ref.train(x, g_y=w)
+        assert_close(y, expected["y"], 1e-5, 1e-5)
+        assert_close(dx, expected["dx"])
+        assert_close(grads["gamma"], expected["dgamma"])
+        assert_close(layer.moving_mean, ref.moving_mean, 1e-6, 1e-6)
+        assert_close(layer.moving_stddev, ref.moving_stddev, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("policy", ["float16", "bfloat16"])
+def test_reduced_precision_policies(policy, fused, restore_dtype_policy):
+    # Pure (not mixed) policies: the variables take the policy's dtype, as
+    # BatchNormalization's do; statistics in float32, outputs in the
+    # policy's dtype.
+    rng = np.random.default_rng(12)
+    shape = (8, 3, 2, 4)
+    layer = BatchRenormalization(dtype=policy, momentum=0.8, fused=fused,
+                                 **FIXED_CLIP)
+    init_layer(layer, shape, rng)
+    bn = keras.layers.BatchNormalization(dtype=policy)
+    bn.build(shape)
+    assert layer.moving_mean.dtype == bn.moving_mean.dtype
+    # The reference starts from the values as the variables hold them.
+    ref = reference_for(layer, {
+        name: to_numpy(getattr(layer, name)).astype("float64")
+        for name in ("gamma", "beta", "moving_mean", "moving_stddev")})
+    x = ops.cast(rng.normal(50.0, 2.0, shape).astype("float32"), policy)
+    y = layer(x, training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == policy
+    expected = ref.train(to_numpy(ops.cast(x, "float32")).astype("float64"))
+    resolution = 1e-3 if policy == "float16" else 8e-3
+    assert_close(ops.cast(y, "float32"), expected["y"], resolution, resolution)
+    assert_close(ops.cast(layer.moving_mean, "float32"), ref.moving_mean,
+                 resolution, resolution)
+    assert_close(ops.cast(layer.moving_stddev, "float32"), ref.moving_stddev,
+                 resolution, resolution)
+
+
+RANK_AXES = [(rank, axis) for rank in (2, 3, 4, 5)
+             for axis in range(-rank, rank)]
+
+
+@pytest.mark.parametrize("fused", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("rank, axis", RANK_AXES,
+                         ids=[f"rank{r}-axis{a}" for r, a in RANK_AXES])
+def test_every_rank_and_axis(rank, axis, fused):
+    rng = np.random.default_rng(rank * 10 + axis)
+    shape = [2, 3, 2, 3, 2][:rank]
+    shape[axis] = 4
+    shape = tuple(shape)
+    layer = BatchRenormalization(axis=axis, momentum=0.8, fused=fused,
+                                 **FIXED_CLIP)
+    ref = reference_for(layer, init_layer(layer, shape, rng))
+    per_channel = [1] * rank
+    per_channel[axis] = 4
+    x = (rng.normal(size=shape) * np.reshape([0.3, 1.0, 2.0, 5.0], per_channel)
+         + np.reshape([3.0, -1.0, 0.0, 2.0], per_channel)).astype("float32")
+    w = rng.normal(size=shape).astype("float32")
+    y, dx, grads = train_call_with_grads(layer, x, w)
+    expected = ref.train(x, g_y=w)
+    assert_close(y, expected["y"])
+    assert_close(dx, expected["dx"])
+    assert_close(grads["gamma"], expected["dgamma"])
+    assert_close(grads["beta"], expected["dbeta"])
+    assert_close(layer.moving_stddev, ref.moving_stddev)
+    assert_close(layer(x), ref.infer(x))
