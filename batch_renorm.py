@@ -461,22 +461,40 @@ class BatchRenormalization(keras.layers.Layer):
         outputs = x * self._broadcast(a, x) + self._broadcast(b, x)
         return ops.cast(outputs, self.compute_dtype)
 
+    def _static_bounds(self):
+        """`(r_max, d_max)` as Python floats where the schedule makes them
+        constant (each `None` where it does not): then a training call spends
+        no tensor arithmetic on the schedule."""
+        fixed = self.warmup_steps == 0
+        r_max = self.r_max if self.r_max == 1.0 or (
+            fixed and self.r_max_steps == 0) else None
+        d_max = self.d_max if self.d_max == 0.0 or (
+            fixed and self.d_max_steps == 0) else None
+        return r_max, d_max
+
     def _corrections(self, batch_mean, batch_stddev, dtype):
         """`r` and `d` of Algorithm 1 at the current step, as constants for
         the gradient."""
         moving_mean = ops.cast(self.moving_mean, dtype)
         moving_stddev = ops.cast(self.moving_stddev, dtype)
-        r_max, d_max = self.bounds()
-        r_max = ops.cast(r_max, dtype)
-        d_max = ops.cast(d_max, dtype)
-        r = ops.minimum(
-            ops.maximum(batch_stddev / moving_stddev, 1.0 / r_max), r_max
-        )
+        r_max, d_max = self._static_bounds()
+        if r_max is None or d_max is None:
+            scheduled = self.bounds()
+            r_max = ops.cast(scheduled[0], dtype) if r_max is None else r_max
+            d_max = ops.cast(scheduled[1], dtype) if d_max is None else d_max
+        ratio = batch_stddev / moving_stddev
+        if isinstance(r_max, float):
+            r = ops.clip(ratio, 1.0 / r_max, r_max)
+        else:
+            r = ops.minimum(ops.maximum(ratio, 1.0 / r_max), r_max)
         # Where the means agree, no correction: 0, also for a zero moving
         # stddev (0 / 0 would be NaN, which no clipping removes).
         difference = batch_mean - moving_mean
         d = ops.where(difference == 0.0, 0.0, difference / moving_stddev)
-        d = ops.minimum(ops.maximum(d, -d_max), d_max)
+        if isinstance(d_max, float):
+            d = ops.clip(d, -d_max, d_max)
+        else:
+            d = ops.minimum(ops.maximum(d, -d_max), d_max)
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_state(self, batch_mean, batch_stddev):
@@ -677,30 +695,114 @@ def _tf_affine_of_fused(x, x_hat, scale, offset, *reserve, epsilon):
 
 
 def _torch_training_call(layer, x, gamma, beta, dtype):
-    """PyTorch: the statistics from one `var_mean` pass (no gradient), then
-    `batch_norm` in training mode with scale `gamma * r` and offset
-    `gamma * d + beta`, on the channels-last tensor seen as NCHW (no copy)."""
+    """PyTorch: `x_hat` and the statistics from one `native_batch_norm` in
+    training mode, on the channels-last tensor seen as NCHW (no copy), then
+    `y = x_hat * (gamma * r) + (gamma * d + beta)` in place, differentiated
+    as one batch norm with that scale and offset (`_torch_affine_of_fused`).
+    The kernel's statistics feed `r`, `d` and the moving averages: no
+    separate statistics pass (`var_mean`, the previous version's, measured
+    slower than the whole kernel on an AVX-512 Xeon; benchmarks/NOTES.md)."""
     import torch
 
+    x = x.permute(0, 3, 1, 2)
     with torch.no_grad():
-        variance, batch_mean = torch.var_mean(x, dim=(0, 1, 2), correction=0)
-        batch_stddev = torch.sqrt(variance + layer.epsilon)
-    r, d = layer._corrections(batch_mean, batch_stddev, dtype)
-    layer._update_state(batch_mean, batch_stddev)
-    # torch.batch_norm, not functional.batch_norm: that one refuses batches
-    # with a single value per channel, which Algorithm 1 allows.
-    outputs = torch.batch_norm(
-        x.permute(0, 3, 1, 2),
-        gamma * r,
-        gamma * d + beta,
-        None,
-        None,
-        True,
-        0.0,
+        # native_batch_norm, not functional.batch_norm: that one refuses
+        # batches with a single value per channel, which Algorithm 1 allows.
+        x_hat, batch_mean, inverse_stddev = torch.native_batch_norm(
+            x, None, None, None, None, True, 0.0, layer.epsilon
+        )
+        batch_stddev = 1.0 / inverse_stddev
+        r, d = _torch_corrections_and_update(layer, batch_mean, batch_stddev)
+    outputs = _torch_affine_of_fused().apply(
+        x, x_hat, gamma * r, gamma * d + beta, batch_mean, inverse_stddev,
         layer.epsilon,
-        torch.backends.cudnn.enabled,
     )
     return outputs.permute(0, 2, 3, 1)
+
+
+def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
+    """`layer._corrections` and `layer._update_state` in torch ops (under
+    no_grad): the same arithmetic, in a tenth of the time of the keras.ops
+    calls, whose per-call overhead (tens of microseconds each) showed in the
+    profile of small batches (benchmarks/NOTES.md, attempt 9)."""
+    import torch
+
+    moving_mean = layer.moving_mean.value.to(batch_mean.dtype)
+    moving_stddev = layer.moving_stddev.value.to(batch_mean.dtype)
+    step = layer.step.value
+    r_max, d_max = layer._static_bounds()
+    if r_max is None or d_max is None:
+        k = step.to(torch.float32)
+
+        def ramp(ramp_end):
+            if ramp_end <= layer.warmup_steps:
+                return (k >= layer.warmup_steps).to(torch.float32)
+            span = float(ramp_end - layer.warmup_steps)
+            return ((k - layer.warmup_steps) / span).clamp_(0.0, 1.0)
+
+        if r_max is None:
+            r_max = (ramp(layer.r_max_steps) * (layer.r_max - 1.0) + 1.0).to(
+                batch_mean.dtype)
+        if d_max is None:
+            d_max = (ramp(layer.d_max_steps) * layer.d_max).to(
+                batch_mean.dtype)
+    r = batch_stddev / moving_stddev
+    if isinstance(r_max, float):
+        r = r.clamp_(1.0 / r_max, r_max)
+    else:
+        r = torch.minimum(torch.maximum(r, r_max.reciprocal()), r_max)
+    difference = batch_mean - moving_mean
+    # Where the means agree, no correction (see `_corrections`).
+    d = torch.where(difference == 0, 0.0, difference / moving_stddev)
+    if isinstance(d_max, float):
+        d = d.clamp_(-d_max, d_max)
+    else:
+        d = torch.minimum(torch.maximum(d, -d_max), d_max)
+    decay = 1.0 - layer.momentum
+    layer.moving_mean.assign(moving_mean + decay * difference)
+    layer.moving_stddev.assign(
+        moving_stddev + decay * (batch_stddev - moving_stddev))
+    layer.step.assign(step + 1)
+    return r, d
+
+
+_TORCH_AFFINE_OF_FUSED = []
+
+
+def _torch_affine_of_fused():
+    """The autograd function `x_hat * scale + offset` of `x`, `scale` and
+    `offset`, for the `x_hat` that native_batch_norm made of NCHW `x`; its
+    backward is one `native_batch_norm_backward` with this scale, whose
+    outputs are the gradients for all three, where autograd of the affine
+    map takes three more passes over the tensor. `scale` and `offset` hold
+    `r` and `d`, constants for the gradient, so this is Algorithm 1's
+    gradient exactly. (Built on first use: torch is imported lazily.)"""
+    if _TORCH_AFFINE_OF_FUSED:
+        return _TORCH_AFFINE_OF_FUSED[0]
+    import torch
+
+    class AffineOfFused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, x_hat, scale, offset, mean, inverse_stddev,
+                    epsilon):
+            ctx.save_for_backward(x, scale, mean, inverse_stddev)
+            ctx.epsilon = epsilon
+            # In place: x_hat is not needed afterwards.
+            ctx.mark_dirty(x_hat)
+            return x_hat.mul_(scale[:, None, None]).add_(
+                offset[:, None, None])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, scale, mean, inverse_stddev = ctx.saved_tensors
+            needed = list(ctx.needs_input_grad)
+            dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
+                dy, x, scale, None, None, mean, inverse_stddev, True,
+                ctx.epsilon, [needed[0], needed[2], needed[3]])
+            return dx, None, dscale, doffset, None, None, None
+
+    _TORCH_AFFINE_OF_FUSED.append(AffineOfFused)
+    return AffineOfFused
 
 
 # Arguments of BatchNormalization's config that carry over unchanged.
