@@ -64,6 +64,19 @@ def has_fast_path():
     return keras.backend.backend() in _FAST_PATH_BACKENDS
 
 
+def _one_read_moments():
+    """Whether the portable path computes the statistics in one read
+    (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
+    mean, then the mean squared deviation). Measured (benchmarks/NOTES.md,
+    attempts 7 and 10): one read faster on an AVX2-only AMD EPYC (XLA's
+    CPU reductions there), two reads on an AVX-512 Intel Xeon."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return "avx512f" not in cpuinfo.read()
+    except OSError:
+        return True
+
+
 # One-read variances lose at most log10 of this of float32's digits; beyond,
 # the variance is computed again around the mean (`_moments`).
 _CANCELLATION_LIMIT = 1e3
@@ -284,6 +297,7 @@ class BatchRenormalization(keras.layers.Layer):
         self.step = None
         self._reduction_axes = None
         self._fast_path = False
+        self._one_read = _one_read_moments()
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -524,8 +538,16 @@ class BatchRenormalization(keras.layers.Layer):
         is computed again around the mean, `E[(x - mu_B)^2]`, in a second
         read (`ops.cond`: only one of the two runs). The gradient is the
         variance's, `2 (x - mu_B) / n`, taken through the one-read formula.
+        Where one read does not pay (`_one_read_moments`: CPUs with
+        AVX-512), two reads: the mean, then `E[(x - mu_B)^2]`.
         """
         axes = self._reduction_axes
+        if mask is None and not self._one_read:
+            # Two reads, as Keras's BatchNormalization (jnp.var, tf.nn.moments)
+            # does: exact around the mean, differentiated as it is.
+            mean = ops.mean(x, axis=axes)
+            centered = x - self._broadcast(mean, x)
+            return mean, ops.mean(ops.square(centered), axis=axes)
         if mask is None:
             mean = ops.mean(x, axis=axes)
             # E[x^2] * 2^-64, as x * (x * 2^-64): exact (a power of two) and
