@@ -12,6 +12,7 @@ inference behaviour, for fine-tuning pretrained networks with small or
 non-i.i.d. minibatches.
 """
 
+import functools
 import math
 import numbers
 
@@ -64,6 +65,7 @@ def has_fast_path():
     return keras.backend.backend() in _FAST_PATH_BACKENDS
 
 
+@functools.lru_cache(maxsize=None)
 def _one_read_moments():
     """Whether the portable path computes the statistics in one read
     (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
