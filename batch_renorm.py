@@ -12,6 +12,7 @@ inference behaviour, for fine-tuning pretrained networks with small or
 non-i.i.d. minibatches.
 """
 
+import functools
 import math
 import numbers
 
@@ -64,9 +65,34 @@ def has_fast_path():
     return keras.backend.backend() in _FAST_PATH_BACKENDS
 
 
+@functools.lru_cache(maxsize=None)
+def _one_read_moments():
+    """Whether the portable path computes the statistics in one read
+    (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
+    mean, then the mean squared deviation). Measured (benchmarks/NOTES.md,
+    attempts 7 and 10): one read faster on an AVX2-only AMD EPYC (XLA's
+    CPU reductions there), two reads on an AVX-512 Intel Xeon."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return "avx512f" not in cpuinfo.read()
+    except OSError:
+        return True
+
+
 # One-read variances lose at most log10 of this of float32's digits; beyond,
 # the variance is computed again around the mean (`_moments`).
 _CANCELLATION_LIMIT = 1e3
+
+# E[x^2] is accumulated scaled by this power of two (exact), so that it stays
+# finite for |x| up to ~8e28. In float32 the scaled squares of |x| < 2^-31
+# are subnormal (flushed to zero on CPUs), an error below 2^-62 in the
+# variance: below float32's rounding of `variance + epsilon` unless epsilon
+# is under `_UNDERFLOW_EPSILON`; with such an epsilon, a channel with
+# E[x^2] < 2^-36 (scaled: `_SQUARE_UNDERFLOW`) is recomputed around the mean.
+_SQUARE_SCALE = 2.0**-64
+_SQUARE_UNDERFLOW = 2.0**-100
+_SQUARE_SCALED_MAX = 2.0**62
+_UNDERFLOW_EPSILON = 2.0**-38
 
 # The smallest epsilon that TensorFlow's fused kernel accepts (it silently
 # raises smaller ones to this, as cuDNN requires).
@@ -119,6 +145,9 @@ class BatchRenormalization(keras.layers.Layer):
     `y = (gamma * r) * x_hat + (gamma * d + beta)`: batch normalization with
     a per-channel adjusted scale and offset.
 
+    A training call on an empty batch (a dimension of size 0) changes
+    nothing but the step counter.
+
     **During inference** (`training=False`, the default, or
     `trainable=False`): `y = gamma * (x - mu) / sigma + beta`. The layer's
     state is never changed.
@@ -165,7 +194,8 @@ class BatchRenormalization(keras.layers.Layer):
         fused: `None` (default) to normalize with the backend's fused kernel
             in training where it applies (TensorFlow or PyTorch, rank-4
             channels-last inputs, no mask; on TensorFlow also
-            `epsilon >= 1.001e-5`, and not under XLA, `jit_compile=True`,
+            `epsilon >= 1.001e-5`, a compute dtype other than float64
+            (the kernel has no double version), and not under XLA, `jit_compile=True`,
             where the portable path is the faster one), `False` never to,
             `True` to require it (an error where it does not apply). The
             same Algorithm 1 either way, up to float rounding.
@@ -269,6 +299,7 @@ class BatchRenormalization(keras.layers.Layer):
         self.step = None
         self._reduction_axes = None
         self._fast_path = False
+        self._one_read = _one_read_moments()
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -349,12 +380,23 @@ class BatchRenormalization(keras.layers.Layer):
         ):
             reasons.append(f"epsilon >= {_FUSED_MIN_EPSILON} "
                            f"(epsilon={self.epsilon})")
+        if not self._fused_dtype_ok(self.compute_dtype):
+            # FusedBatchNormV3 has no double kernel.
+            reasons.append("a compute dtype other than float64 "
+                           f"(dtype policy {self.dtype_policy.name})")
         if reasons and self.fused:
             raise ValueError(
                 "Argument `fused=True`: the fused kernel needs "
                 + " and ".join(reasons) + ". Received: fused=True"
             )
         return not reasons
+
+    @staticmethod
+    def _fused_dtype_ok(dtype):
+        """Whether the fused kernel takes statistics in `dtype` (that of the
+        inputs cast to at least float32)."""
+        dtype = keras.backend.standardize_dtype(dtype)
+        return keras.backend.backend() != "tensorflow" or dtype != "float64"
 
     @property
     def uses_fast_path(self):
@@ -403,11 +445,19 @@ class BatchRenormalization(keras.layers.Layer):
         gamma = ops.cast(self.gamma, dtype) if self.scale else 1.0
         beta = ops.cast(self.beta, dtype) if self.center else 0.0
 
+        if training and self.trainable and 0 in inputs.shape:
+            # An empty batch has no statistics (its mean would be 0 / 0, a
+            # NaN in the moving statistics for good): the state is left as
+            # it is, the call still counts, and the (empty) output stays
+            # connected to gamma and beta.
+            self.step.assign(self.step + 1)
+            training = False
         if (
             training
             and self.trainable
             and self._fast_path
             and mask is None
+            and self._fused_dtype_ok(dtype)
             and not _tensorflow_under_xla()
         ):
             outputs = _fused_training_call(self, x, gamma, beta, dtype)
@@ -427,21 +477,40 @@ class BatchRenormalization(keras.layers.Layer):
         outputs = x * self._broadcast(a, x) + self._broadcast(b, x)
         return ops.cast(outputs, self.compute_dtype)
 
+    def _static_bounds(self):
+        """`(r_max, d_max)` as Python floats where the schedule makes them
+        constant (each `None` where it does not): then a training call spends
+        no tensor arithmetic on the schedule."""
+        fixed = self.warmup_steps == 0
+        r_max = self.r_max if self.r_max == 1.0 or (
+            fixed and self.r_max_steps == 0) else None
+        d_max = self.d_max if self.d_max == 0.0 or (
+            fixed and self.d_max_steps == 0) else None
+        return r_max, d_max
+
     def _corrections(self, batch_mean, batch_stddev, dtype):
         """`r` and `d` of Algorithm 1 at the current step, as constants for
         the gradient."""
         moving_mean = ops.cast(self.moving_mean, dtype)
         moving_stddev = ops.cast(self.moving_stddev, dtype)
-        r_max, d_max = self.bounds()
-        r_max = ops.cast(r_max, dtype)
-        d_max = ops.cast(d_max, dtype)
-        r = ops.minimum(
-            ops.maximum(batch_stddev / moving_stddev, 1.0 / r_max), r_max
-        )
-        d = ops.minimum(
-            ops.maximum((batch_mean - moving_mean) / moving_stddev, -d_max),
-            d_max,
-        )
+        r_max, d_max = self._static_bounds()
+        if r_max is None or d_max is None:
+            scheduled = self.bounds()
+            r_max = ops.cast(scheduled[0], dtype) if r_max is None else r_max
+            d_max = ops.cast(scheduled[1], dtype) if d_max is None else d_max
+        ratio = batch_stddev / moving_stddev
+        if isinstance(r_max, float):
+            r = ops.clip(ratio, 1.0 / r_max, r_max)
+        else:
+            r = ops.minimum(ops.maximum(ratio, 1.0 / r_max), r_max)
+        # Where the means agree, no correction: 0, also for a zero moving
+        # stddev (0 / 0 would be NaN, which no clipping removes).
+        difference = batch_mean - moving_mean
+        d = ops.where(difference == 0.0, 0.0, difference / moving_stddev)
+        if isinstance(d_max, float):
+            d = ops.clip(d, -d_max, d_max)
+        else:
+            d = ops.minimum(ops.maximum(d, -d_max), d_max)
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_state(self, batch_mean, batch_stddev):
@@ -471,30 +540,60 @@ class BatchRenormalization(keras.layers.Layer):
         is computed again around the mean, `E[(x - mu_B)^2]`, in a second
         read (`ops.cond`: only one of the two runs). The gradient is the
         variance's, `2 (x - mu_B) / n`, taken through the one-read formula.
+        Where one read does not pay (`_one_read_moments`: CPUs with
+        AVX-512), two reads: the mean, then `E[(x - mu_B)^2]`.
         """
         axes = self._reduction_axes
+        if mask is None and not self._one_read:
+            # Two reads, as Keras's BatchNormalization (jnp.var, tf.nn.moments)
+            # does: exact around the mean, differentiated as it is.
+            mean = ops.mean(x, axis=axes)
+            centered = x - self._broadcast(mean, x)
+            return mean, ops.mean(ops.square(centered), axis=axes)
         if mask is None:
             mean = ops.mean(x, axis=axes)
-            mean_square = ops.mean(ops.square(x), axis=axes)
-            variance = ops.maximum(mean_square - ops.square(mean), 0.0)
-            lossy = ops.any(mean_square > _CANCELLATION_LIMIT * variance)
+            # E[x^2] * 2^-64, as x * (x * 2^-64): exact (a power of two) and
+            # finite up to |x| ~ 8e28, where x^2 overflows from 1.8e19.
+            scaled_square = ops.mean(x * (x * _SQUARE_SCALE), axis=axes)
+            mean_square = scaled_square / _SQUARE_SCALE
+            variance = mean_square - ops.square(mean)
+            # An E[x^2] beyond 2^126 (or NaN) takes the recomputation, tested
+            # on the finite scaled value: E[x^2] - E[x]^2 would be inf - inf,
+            # and XLA's CPU fast math does not keep NaN comparisons false.
+            kept = (scaled_square <= _SQUARE_SCALED_MAX) & (
+                mean_square <= _CANCELLATION_LIMIT * variance
+            )
+            if self.epsilon < _UNDERFLOW_EPSILON and x.dtype == "float32":
+                kept = kept & (scaled_square >= _SQUARE_UNDERFLOW)
+            kept = ops.all(kept)
             # The value only: a differentiated `cond` would carry a tensor of
             # the size of `x` from the forward to the backward pass.
             exact = ops.stop_gradient(
                 ops.cond(
-                    lossy,
+                    kept,
+                    lambda: ops.maximum(variance, 0.0),
                     lambda: ops.mean(
                         ops.square(x - self._broadcast(mean, x)), axis=axes
                     ),
-                    lambda: variance,
                 )
             )
-            return mean, variance + ops.stop_gradient(exact - variance)
-        weights = ops.cast(ops.expand_dims(mask, axis=-1), x.dtype)
-        weights = ops.broadcast_to(weights, ops.shape(x))
-        count = ops.maximum(ops.sum(weights, axes, keepdims=True), 1.0)
-        mean = ops.sum(x * weights, axes, keepdims=True) / count
-        variance = ops.sum(ops.square(x - mean) * weights, axes, True) / count
+            # The gradient of E[x^2] - E[x]^2, 2 (x - mu_B) / n, carried by
+            # terms whose value is exactly 0 while x is finite (`variance`
+            # itself may be inf or NaN where E[x^2] overflowed).
+            mean_constant = ops.stop_gradient(mean)
+            carrier = (
+                scaled_square - ops.stop_gradient(scaled_square)
+            ) / _SQUARE_SCALE - 2.0 * mean_constant * (mean - mean_constant)
+            return mean, exact + carrier
+        # Masked positions enter the sums as zeros, selected (not multiplied
+        # by 0): a NaN or inf there would make 0 * x NaN.
+        mask = ops.broadcast_to(ops.expand_dims(mask, axis=-1), ops.shape(x))
+        mask = ops.cast(mask, "bool")
+        count = ops.sum(ops.cast(mask, x.dtype), axes, keepdims=True)
+        count = ops.maximum(count, 1.0)
+        mean = ops.sum(ops.where(mask, x, 0.0), axes, keepdims=True) / count
+        squares = ops.where(mask, ops.square(x - mean), 0.0)
+        variance = ops.sum(squares, axes, keepdims=True) / count
         return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
 
     def get_config(self):
@@ -620,30 +719,114 @@ def _tf_affine_of_fused(x, x_hat, scale, offset, *reserve, epsilon):
 
 
 def _torch_training_call(layer, x, gamma, beta, dtype):
-    """PyTorch: the statistics from one `var_mean` pass (no gradient), then
-    `batch_norm` in training mode with scale `gamma * r` and offset
-    `gamma * d + beta`, on the channels-last tensor seen as NCHW (no copy)."""
+    """PyTorch: `x_hat` and the statistics from one `native_batch_norm` in
+    training mode, on the channels-last tensor seen as NCHW (no copy), then
+    `y = x_hat * (gamma * r) + (gamma * d + beta)` in place, differentiated
+    as one batch norm with that scale and offset (`_torch_affine_of_fused`).
+    The kernel's statistics feed `r`, `d` and the moving averages: no
+    separate statistics pass (`var_mean`, the previous version's, measured
+    slower than the whole kernel on an AVX-512 Xeon; benchmarks/NOTES.md)."""
     import torch
 
+    x = x.permute(0, 3, 1, 2)
     with torch.no_grad():
-        variance, batch_mean = torch.var_mean(x, dim=(0, 1, 2), correction=0)
-        batch_stddev = torch.sqrt(variance + layer.epsilon)
-    r, d = layer._corrections(batch_mean, batch_stddev, dtype)
-    layer._update_state(batch_mean, batch_stddev)
-    # torch.batch_norm, not functional.batch_norm: that one refuses batches
-    # with a single value per channel, which Algorithm 1 allows.
-    outputs = torch.batch_norm(
-        x.permute(0, 3, 1, 2),
-        gamma * r,
-        gamma * d + beta,
-        None,
-        None,
-        True,
-        0.0,
+        # native_batch_norm, not functional.batch_norm: that one refuses
+        # batches with a single value per channel, which Algorithm 1 allows.
+        x_hat, batch_mean, inverse_stddev = torch.native_batch_norm(
+            x, None, None, None, None, True, 0.0, layer.epsilon
+        )
+        batch_stddev = 1.0 / inverse_stddev
+        r, d = _torch_corrections_and_update(layer, batch_mean, batch_stddev)
+    outputs = _torch_affine_of_fused().apply(
+        x, x_hat, gamma * r, gamma * d + beta, batch_mean, inverse_stddev,
         layer.epsilon,
-        torch.backends.cudnn.enabled,
     )
     return outputs.permute(0, 2, 3, 1)
+
+
+def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
+    """`layer._corrections` and `layer._update_state` in torch ops (under
+    no_grad): the same arithmetic, in a tenth of the time of the keras.ops
+    calls, whose per-call overhead (tens of microseconds each) showed in the
+    profile of small batches (benchmarks/NOTES.md, attempt 9)."""
+    import torch
+
+    moving_mean = layer.moving_mean.value.to(batch_mean.dtype)
+    moving_stddev = layer.moving_stddev.value.to(batch_mean.dtype)
+    step = layer.step.value
+    r_max, d_max = layer._static_bounds()
+    if r_max is None or d_max is None:
+        k = step.to(torch.float32)
+
+        def ramp(ramp_end):
+            if ramp_end <= layer.warmup_steps:
+                return (k >= layer.warmup_steps).to(torch.float32)
+            span = float(ramp_end - layer.warmup_steps)
+            return ((k - layer.warmup_steps) / span).clamp_(0.0, 1.0)
+
+        if r_max is None:
+            r_max = (ramp(layer.r_max_steps) * (layer.r_max - 1.0) + 1.0).to(
+                batch_mean.dtype)
+        if d_max is None:
+            d_max = (ramp(layer.d_max_steps) * layer.d_max).to(
+                batch_mean.dtype)
+    r = batch_stddev / moving_stddev
+    if isinstance(r_max, float):
+        r = r.clamp_(1.0 / r_max, r_max)
+    else:
+        r = torch.minimum(torch.maximum(r, r_max.reciprocal()), r_max)
+    difference = batch_mean - moving_mean
+    # Where the means agree, no correction (see `_corrections`).
+    d = torch.where(difference == 0, 0.0, difference / moving_stddev)
+    if isinstance(d_max, float):
+        d = d.clamp_(-d_max, d_max)
+    else:
+        d = torch.minimum(torch.maximum(d, -d_max), d_max)
+    decay = 1.0 - layer.momentum
+    layer.moving_mean.assign(moving_mean + decay * difference)
+    layer.moving_stddev.assign(
+        moving_stddev + decay * (batch_stddev - moving_stddev))
+    layer.step.assign(step + 1)
+    return r, d
+
+
+_TORCH_AFFINE_OF_FUSED = []
+
+
+def _torch_affine_of_fused():
+    """The autograd function `x_hat * scale + offset` of `x`, `scale` and
+    `offset`, for the `x_hat` that native_batch_norm made of NCHW `x`; its
+    backward is one `native_batch_norm_backward` with this scale, whose
+    outputs are the gradients for all three, where autograd of the affine
+    map takes three more passes over the tensor. `scale` and `offset` hold
+    `r` and `d`, constants for the gradient, so this is Algorithm 1's
+    gradient exactly. (Built on first use: torch is imported lazily.)"""
+    if _TORCH_AFFINE_OF_FUSED:
+        return _TORCH_AFFINE_OF_FUSED[0]
+    import torch
+
+    class AffineOfFused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, x_hat, scale, offset, mean, inverse_stddev,
+                    epsilon):
+            ctx.save_for_backward(x, scale, mean, inverse_stddev)
+            ctx.epsilon = epsilon
+            # In place: x_hat is not needed afterwards.
+            ctx.mark_dirty(x_hat)
+            return x_hat.mul_(scale[:, None, None]).add_(
+                offset[:, None, None])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, scale, mean, inverse_stddev = ctx.saved_tensors
+            needed = list(ctx.needs_input_grad)
+            dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
+                dy, x, scale, None, None, mean, inverse_stddev, True,
+                ctx.epsilon, [needed[0], needed[2], needed[3]])
+            return dx, None, dscale, doffset, None, None, None
+
+    _TORCH_AFFINE_OF_FUSED.append(AffineOfFused)
+    return AffineOfFused
 
 
 # Arguments of BatchNormalization's config that carry over unchanged.

@@ -248,11 +248,34 @@ def stepper(model, api, x, y):
     return run
 
 
-def layer_model(keras, variant, shape):
-    """The normalization layer after a trainable scalar scale, so that its
-    backward pass computes the gradient with respect to its input, as in a
-    network (the gradients of a model's own inputs are not computed)."""
+# Layer matrix (`layer_matrix`): where a user meets the layer. name ->
+# (input gradient: the layer after a trainable scale, not on the model's
+# input; how many norm layers in a row; a ReLU after each).
+LAYER_SETUPS = {
+    "input": (False, 1, False),
+    "input-relu": (False, 1, True),
+    "scale": (True, 1, False),
+    "stack4-relu": (True, 4, True),
+}
+LAYER_BATCH_SIZES = (16, 64, 256)
+# The renorm variants' two regimes: bounds that move at every step (the
+# schedule's ramp) and fixed clipping from the first step.
+LAYER_SCHEDULES = {
+    "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
+    "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
+}
+
+
+def layer_model(keras, variant, shape, setup="scale", schedule=None):
+    """Normalization layers on `shape`, as `LAYER_SETUPS[setup]` says; the
+    default, "scale", is one layer after a trainable scalar scale, so that
+    its backward pass computes the gradient with respect to its input, as
+    in a network (the gradients of a model's own inputs are not computed).
+    `schedule`: renorm keyword arguments (`LAYER_SCHEDULES`), for the renorm
+    variants only."""
     make, api = norm_factory(keras, variant)
+    extra = schedule if schedule and variant.startswith("renorm") else {}
+    input_gradient, count, relu = LAYER_SETUPS[setup]
 
     class Scale(api.layers.Layer):
         def build(self, input_shape):
@@ -263,8 +286,55 @@ def layer_model(keras, variant, shape):
             return x * self.scale
 
     inputs = api.Input(shape[1:])
-    outputs = make(name="norm")(Scale(name="scale")(inputs))
+    outputs = Scale(name="scale")(inputs) if input_gradient else inputs
+    for i in range(count):
+        outputs = make(name="norm" if count == 1 else f"norm{i}",
+                       **extra)(outputs)
+        if relu:
+            outputs = api.layers.ReLU()(outputs)
     return api.Model(inputs, outputs), api
+
+
+def layer_matrix(channels=64, batch_sizes=LAYER_BATCH_SIZES,
+                 setups=tuple(LAYER_SETUPS), schedules=tuple(LAYER_SCHEDULES),
+                 variants=None, steps=3, repeats=5, warmup=2):
+    """Layer-level rows for every batch size, setup and renorm schedule on
+    (B, 32, 32, channels), on the current Keras backend: what a user meets
+    (the layer on a model's input or inside a stack, with or without a
+    ReLU, bounds moving or fixed). Variants are named `renorm@ramp`,
+    `renorm-portable@fixed`, ...; ratios are to `batchnorm` of the same
+    round. Run from the repository root:
+
+        python -c "import sys; sys.path[:0] = ['.', 'benchmarks']; \\
+                   import bench; bench.print_rows(bench.layer_matrix())"
+    """
+    import numpy as np
+    import keras
+
+    rng = np.random.default_rng(0)
+    names = available_variants(keras, variants)
+    rows = []
+    for batch_size in batch_sizes:
+        shape = (batch_size, 32, 32, channels)
+        x = rng.standard_normal(shape, dtype="float32") * 2 + 0.5
+        y = rng.standard_normal(shape, dtype="float32")
+        for setup in setups:
+            print(f"layer matrix, {shape}, {setup}:", flush=True)
+            steppers = {}
+            for variant in names:
+                regimes = schedules if variant.startswith("renorm") else [None]
+                for regime in regimes:
+                    model, api = layer_model(
+                        keras, variant, shape, setup,
+                        LAYER_SCHEDULES[regime] if regime else None)
+                    compile_model(model, api, "auto", loss="mse")
+                    name = variant + (f"@{regime}" if regime else "")
+                    steppers[name] = stepper(model, api, to_tensor(api, x),
+                                             to_tensor(api, y))
+            times = time_interleaved(steppers, steps, repeats, warmup)
+            rows += rows_of("layer", "x".join(map(str, shape)) + f" {setup}",
+                            times, batch_size, steps, "batchnorm")
+    return rows
 
 
 def wrn_model(keras, variant, depth, width):
