@@ -55,32 +55,27 @@ at_least_one = number("at_least_one", float, 1,
                       requirement="a number >= 1")
 
 
-def steps_or_auto(text):
-    """A positive number of steps, or `auto`."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive integer or auto: {text}")
-    return value
+def positive_int_or(word, name):
+    """An argparse type: a positive integer, or the string `word`."""
+
+    def parse(text):
+        if text == word:
+            return text
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"must be a positive integer or {word}: {text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def devices_or_all(text):
-    """A positive number of devices, or `all`."""
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a positive integer or all: {text}")
-    return value
+steps_or_auto = positive_int_or("auto", "steps_or_auto")
+devices_or_all = positive_int_or("all", "devices_or_all")
 
 
 def milestones(text):
