@@ -106,4 +106,4 @@ bench: setup
 	  $(BIN)/python benchmarks/bench.py --backend $$backend \
 	    --level layer model input jit $(BENCH_ARGS); \
 	done
-	$(BIN)/python benchmarks/bench.py --summary --readme README.md
+	$(BIN)/python benchmarks/bench.py --summary --readme docs/speed.md
