@@ -8,7 +8,7 @@
 #   make sweep-cpu       BN / BRN / Keras renorm over batch sizes and i.i.d. /
 #                        non-i.i.d. batches, reduced (sweep.py --preset cpu)
 #   make sweep-gpu       the same at full size (sweep.py --preset gpu, JAX)
-# and the benchmarks behind README's speed table:
+# and the benchmarks behind the speed table (docs/speed.md):
 #   make bench           benchmarks/bench.py on each backend in BACKENDS
 PYTHON ?= python3
 VENV := .venv
@@ -99,7 +99,8 @@ sweep-gpu: setup
 	KERAS_BACKEND=jax $(BIN)/python sweep.py --preset gpu
 
 # make bench: layer and model level, then the input pipeline and jit_compile
-# on/off, for each backend, then README's speed table (benchmarks/results).
+# on/off, for each backend, then the speed table in docs/speed.md
+# (benchmarks/results).
 BENCH_ARGS ?=
 bench: setup
 	@set -e; for backend in $(BACKENDS); do \

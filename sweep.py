@@ -70,8 +70,9 @@ PRESETS = {
     # run, and r, d would then correct towards stale statistics.
     "cpu": dict(depth=10, width=1, train_size=1280, val_size=1000, epochs=3,
                 momentum_images=320, renorm_schedule="0.25,0.5,0.75"),
-    # The full version: WRN-16-4 (the reference network), all 50,000
-    # training images, validation on all 10,000 test images; the moving
+    # The full version: WRN-16-4 (the reference network), the 45,000
+    # training images that train.py does not hold out for validation (5,000);
+    # the moving
     # averages of Keras's default momentum 0.99 at batch 128, and the
     # paper's schedule as fractions of each run's steps.
     "gpu": dict(depth=16, width=4, train_size=None, val_size=None, epochs=30,
@@ -113,8 +114,8 @@ def add_sweep_flags(parser):
         "--preset", choices=tuple(PRESETS), default="cpu",
         help="cpu: WRN-%(cpu_depth)s-%(cpu_width)s, %(cpu_train)s training "
         "images, %(cpu_val)s validation images, %(cpu_epochs)s epochs; gpu: "
-        "WRN-%(gpu_depth)s-%(gpu_width)s, all 50000 training and 10000 test "
-        "images, %(gpu_epochs)s epochs (default: cpu)" % dict(
+        "WRN-%(gpu_depth)s-%(gpu_width)s, all 45000 training images and 5000 "
+        "held out, %(gpu_epochs)s epochs (default: cpu)" % dict(
             cpu_depth=PRESETS["cpu"]["depth"],
             cpu_width=PRESETS["cpu"]["width"],
             cpu_train=PRESETS["cpu"]["train_size"],
@@ -146,8 +147,10 @@ def add_run_flags(parser):
     run.add_argument("--train-size", type=positive_int, metavar="N",
                      help="stratified training subset (gpu preset: all)")
     run.add_argument("--val-size", type=positive_int, metavar="N",
-                     help="stratified validation subset of the test set "
-                     "(gpu preset: all)")
+                     help="validation images held out of the training set "
+                     "(train.py's --val-from train; gpu preset: its "
+                     "default, 5000); `-- --val-from test` validates on "
+                     "test images as in 2017")
     run.add_argument("--epochs", type=positive_int, metavar="N")
     run.add_argument("--lr", type=positive_float,
                      help="the learning rate of every run, whatever its batch "

@@ -5,7 +5,7 @@
   python benchmarks/bench.py --backend jax         # another Keras backend
   python benchmarks/bench.py --level input         # the input pipeline's share
   python benchmarks/bench.py --level jit           # jit_compile on / off
-  python benchmarks/bench.py --summary --readme README.md   # tables only
+  python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
 
 Levels (`--level`, several allowed; default `layer model`):
   layer  forward + backward of one normalization layer on (B, 32, 32, C) for
@@ -38,8 +38,8 @@ Each run writes benchmarks/results/BACKEND-DEVICE.csv and .json (-xla
 added for TensorFlow with jit_compile on) with the rows, backend, device,
 versions and thread count (a rerun of a level replaces its rows), then
 rewrites benchmarks/results/summary.md from every results file, and with
---readme the block of README.md between `<!-- bench.md begins -->` and
-`<!-- bench.md ends -->`.
+--readme FILE (docs/speed.md) the block of FILE between
+`<!-- bench.md begins -->` and `<!-- bench.md ends -->`.
 """
 
 import argparse
@@ -121,7 +121,8 @@ def build_parser():
                         help="only rewrite summary.md (and --readme) from "
                         "the results files")
     parser.add_argument("--readme", type=Path,
-                        help="also replace README's bench.md block")
+                        help="also replace the bench.md block of FILE "
+                        "(docs/speed.md)")
     return parser
 
 
