@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from experiment import protocols
+from experiment import runtime
 from experiment.cli import Parser
 from experiment.cli import UsageError
 from experiment.cli import at_least_one
@@ -264,6 +265,11 @@ def parse_args(argv, doc):
             + " (it sets them from fractions of the run's steps)")
     if config["renorm_schedule"] is None:
         protocols.check_schedule(config)
+    if config["devices"] != 1 and runtime.configured_backend() != "jax":
+        raise UsageError(
+            f"--devices {config['devices']} needs the jax backend (Keras's "
+            "distribution API for data parallel training); the backend is "
+            f"{runtime.configured_backend()} (set KERAS_BACKEND=jax)")
     if config["input"] == "device" and config["devices"] != 1:
         raise UsageError(f"--input device needs one device, not --devices "
                          f"{config['devices']} (leave --input at auto or "

@@ -4,6 +4,7 @@ speed settings resolved for them (jit_compile, --input,
 epochs."""
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -128,6 +129,22 @@ def resolve_input(choice, environment, devices=1):
             or environment["backend"] == "tensorflow"):
         return "host"
     return "device"
+
+
+def configured_backend():
+    """The backend Keras will run on, by Keras's own rule but without
+    importing it (which starts the backend): $KERAS_BACKEND, else the
+    "backend" of keras.json in $KERAS_HOME (default ~/.keras), else
+    tensorflow."""
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = Path(os.environ.get("KERAS_HOME",
+                               Path.home() / ".keras")).expanduser()
+    try:
+        return json.loads((home / "keras.json").read_text()).get(
+            "backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
 
 def resolve_devices(choice, keras):

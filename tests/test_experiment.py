@@ -129,3 +129,15 @@ def test_the_package_description_stands_alone():
     text = (ROOT / project["readme"]).read_text()
     targets = re.findall(r"\]\(([^)]+)\)", text)
     assert targets and all(t.startswith("https://") for t in targets)
+
+
+def test_configured_backend_follows_keras_rule(tmp_path, monkeypatch):
+    from experiment import runtime
+
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    assert runtime.configured_backend() == "torch"
+    monkeypatch.delenv("KERAS_BACKEND")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert runtime.configured_backend() == "tensorflow"  # Keras's default
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    assert runtime.configured_backend() == "jax"
