@@ -65,8 +65,8 @@ from matplotlib.ticker import (  # noqa: E402
 
 from experiment import runfiles  # noqa: E402
 from experiment.histories import (  # noqa: E402
-    Point, field_text, group_runs, has_sweep, history_paths, load_runs,
-    norm_rank, sampling_text, sort_key, sweep_points)
+    IGNORED, Point, field_text, group_runs, has_sweep, history_paths,
+    load_runs, norm_rank, sampling_text, sort_key, sweep_points)
 from experiment.protocols import NORMS  # noqa: E402 (fixes their colours)
 from experiment.report import (  # noqa: E402
     figure_title, median_seconds, ratios_to_baseline, sweep_table,
@@ -162,7 +162,8 @@ def curve_styles(groups, facets):
             colors[group.norm],
             LINESTYLES[rests.index(rest) % len(LINESTYLES)],
             "o" if short else None,
-            ", ".join([group.norm] + [field_text(f, v) for f, v in rest]))
+            ", ".join([group.norm] + [field_text(f, v) for f, v in rest
+                                      if v != IGNORED]))
     return styles
 
 
@@ -261,7 +262,8 @@ def format_curve_axes(grid, rows):
             for ax, label in zip((panels[0], panels[2]), unit):
                 ax.set_ylabel(label)
         else:
-            facet_label = ", ".join(field_text(f, v) for f, v in facet)
+            facet_label = ", ".join(field_text(f, v) for f, v in facet
+                                    if v != IGNORED)
             panels[0].set_ylabel(f"{facet_label}\nloss")
             panels[2].set_ylabel("accuracy (%)")
     for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:

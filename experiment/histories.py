@@ -46,6 +46,18 @@ GROUP_FIELDS = tuple(key for key in dict.fromkeys(
     if key not in NOT_GROUPED)
 
 
+# The settings a norm does not use (train.py records them for every run):
+# they neither split its runs nor name its groups, and its groups compare
+# with others whatever their values.
+IGNORED_BY = {
+    "batchnorm": ("r_max", "d_max", "warmup_steps", "r_max_steps",
+                  "d_max_steps", "renorm_schedule"),
+    "keras-renorm": ("warmup_steps", "r_max_steps", "d_max_steps",
+                     "renorm_schedule"),
+}
+IGNORED = "(not used)"  # the value of such a setting
+
+
 class BadHistory(Exception):
     """A history that cannot be used; the message says why."""
 
@@ -63,7 +75,10 @@ class Run:
         return settings(self.config)
 
     def value(self, field):
-        """The run's setting `field` in a hashable form (None when absent)."""
+        """The run's setting `field` in a hashable form (None when absent;
+        IGNORED where its norm does not use it)."""
+        if field in IGNORED_BY.get(self.config.get("norm"), ()):
+            return IGNORED
         value = self.settings.get(field)
         if isinstance(value, (list, tuple, dict)):
             return json.dumps(value, sort_keys=True)
@@ -85,7 +100,14 @@ class Group:
 
     @property
     def label(self):
-        return ", ".join([self.norm] + [field_text(f, v) for f, v in self.key])
+        return ", ".join([self.norm] + [field_text(f, v) for f, v in self.key
+                                        if v != IGNORED])
+
+    def key_for(self, norm):
+        """The key less the settings that `norm` does not use: groups of
+        different norms with equal such keys compare (ratios, tables)."""
+        return tuple((f, v) for f, v in self.key
+                     if f not in IGNORED_BY.get(norm, ()))
 
 
 def sampling_text(classes):
@@ -200,11 +222,14 @@ def load_runs(paths):
 def splitting_fields(runs):
     """GROUP_FIELDS that differ between runs, each kept only if it splits the
     runs further than the fields kept before it (so a batch size that always
-    goes with a protocol is not repeated in every label)."""
+    goes with a protocol is not repeated in every label), among the runs
+    whose norm uses it."""
     kept = []
     for field in GROUP_FIELDS:
-        before = {tuple(run.value(f) for f in kept) for run in runs}
-        after = {tuple(run.value(f) for f in kept + [field]) for run in runs}
+        # Among the runs whose norm uses the field.
+        using = [run for run in runs if run.value(field) != IGNORED]
+        before = {tuple(run.value(f) for f in kept) for run in using}
+        after = {tuple(run.value(f) for f in kept + [field]) for run in using}
         if len(after) > len(before):
             kept.append(field)
     return kept

@@ -7,6 +7,7 @@ import textwrap
 
 import pandas as pd
 
+from experiment.histories import IGNORED
 from experiment.histories import PROVENANCE_WARNINGS
 from experiment.histories import provenance_problems
 from experiment.histories import provenances
@@ -28,10 +29,12 @@ def median_seconds(group):
 
 def ratios_to_baseline(groups):
     """Each group's median s/epoch over that of the batchnorm group with the
-    same other key fields; None where there is no such group."""
-    baseline = {g.key: median_seconds(g) for g in groups if g.norm == BASELINE}
-    return [median_seconds(g) / baseline[g.key] if g.key in baseline else None
-            for g in groups]
+    same other key fields (those batchnorm uses); None where there is no
+    such group."""
+    baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
+                if g.norm == BASELINE}
+    return [median_seconds(g) / baseline[g.key_for(BASELINE)]
+            if g.key_for(BASELINE) in baseline else None for g in groups]
 
 
 def format_percent(values):
@@ -299,7 +302,8 @@ def setting_text(key, runs):
     if key == "classes_per_batch":
         return "sampling " + ", ".join(sampling_text(c) for c in sorted(
             {r.value(key) for r in runs}, key=sort_key))
-    return f"{key.replace('_', ' ')} {values_text(r.value(key) for r in runs)}"
+    used = (r.value(key) for r in runs if r.value(key) != IGNORED)
+    return f"{key.replace('_', ' ')} {values_text(used)}"
 
 
 def describe_runs(runs):

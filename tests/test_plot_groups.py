@@ -188,3 +188,25 @@ def test_title_says_what_differs_between_groups():
     assert lines[1] == ("by group: batch size 4, 128; sampling i.i.d., 2 "
                         "classes/batch; norm momentum 0.6, 0.9")
     assert lines[2] == "on 2 devices/backends, by group"
+
+
+def test_settings_a_norm_does_not_use_neither_split_nor_label_it():
+    """batchnorm ignores the renorm bounds and schedule, keras-renorm the
+    schedule: runs that differ only there are repeats; the renorm groups
+    that differ there are each compared with the one batchnorm group."""
+    bn = [run("bn0", norm="batchnorm", warmup_steps=50),
+          run("bn1", norm="batchnorm", warmup_steps=5000, seed=1, r_max=2.0)]
+    kr = [run("kr0", norm="keras-renorm", warmup_steps=50),
+          run("kr1", norm="keras-renorm", warmup_steps=5000, seed=1)]
+    brn = [run("r50", warmup_steps=50), run("r5000", warmup_steps=5000)]
+    groups = histories.group_runs(bn + kr + brn)
+    assert [(g.norm, len(g.runs)) for g in groups] == [
+        ("batchnorm", 2), ("renorm", 1), ("renorm", 1), ("keras-renorm", 2)]
+    labels = [g.label for g in groups]
+    assert labels == ["batchnorm", "renorm, warmup_steps=50",
+                      "renorm, warmup_steps=5000", "keras-renorm"]
+    assert all(r is not None for r in report.ratios_to_baseline(groups))
+    # A bound that keras-renorm uses still splits it.
+    assert len(histories.group_runs([run("a", norm="keras-renorm"),
+                                     run("b", norm="keras-renorm", seed=1,
+                                         r_max=2.0)])) == 2
