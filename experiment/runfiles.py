@@ -202,9 +202,11 @@ def resumed_rows(path, header, meta):
     held where it differed (None where it did not): a cut or repeated row, a
     row past the state, a missing CSV. An unreadable CSV (not UTF-8, not
     CSV) is moved aside first, never parsed into an error."""
-    note = None
+    note, unnumbered = None, 0
     try:
         found = read_rows(path) if path.exists() else None
+        if found is not None:  # rows that name no epoch: read_rows skips them
+            unnumbered = len(read_csv(path)[1]) - len(found)
     except (UnicodeDecodeError, csv.Error) as error:
         aside = set_aside(path)
         found, note = [], f"moved the unreadable {path} ({error}) to {aside}"
@@ -215,11 +217,13 @@ def resumed_rows(path, header, meta):
                 and epoch_of(r) <= meta["epoch"]]
         if not rows or epoch_of(rows[-1]) != meta["epoch"]:
             rows.append(meta["row"])  # killed between state and row
-    if note is None and (found is None or as_text(found, header)
-                         != as_text(rows, header)):
+    if note is None and (found is None or unnumbered or as_text(
+            found, header) != as_text(rows, header)):
         held = ("was missing" if found is None else "held epochs "
                 + (",".join(str(r.get("epoch")) for r in found) or "none")
-                + incomplete_rows(found, header))
+                + incomplete_rows(found, header)
+                + (f" and {unnumbered} row(s) without an epoch"
+                   if unnumbered else ""))
         note = f"repaired {path} from the saved state: it {held}"
     write_rows(path, header, rows)
     if note:

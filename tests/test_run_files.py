@@ -140,6 +140,8 @@ def duplicate_last_row(text):
     (duplicate_last_row, "held epochs 1,2,2"),
     (lambda text: text + "garbage\n", "held epochs 1,2,garbage"),
     (lambda text: text + "3,1,1,1,1,1,1,1,1,1\n", "held epochs 1,2,3"),
+    (lambda text: text + ",1,1\n",
+     "held epochs 1,2 and 1 row(s) without an epoch"),
     (None, "was missing"),
 ])
 def test_resume_rewrites_a_damaged_history_from_the_state(
