@@ -295,17 +295,6 @@ def train_argv(args, name, norm, batch_size, classes, seed):
     return argv
 
 
-def finished(args, name):
-    """Whether the run has all its epochs and its final result."""
-    try:
-        record = runfiles.read_json(args.history_dir / f"{name}.json")
-    except (OSError, RuntimeError):
-        return False
-    rows = runfiles.read_rows(args.history_dir / f"{name}.csv")
-    return (isinstance(record, dict) and "result" in record
-            and len(rows) >= args.epochs)
-
-
 def run_script(script, argv):
     """Runs `python SCRIPT ARGV` (train.py, plot.py) in its own process (a
     fresh Keras session for each run) and returns its exit code. On a
@@ -356,7 +345,8 @@ def main(argv=None):
     if not runs:
         return fail(PROG, "no run is possible with these --batch-sizes and "
                     "--sampling", 2)
-    done = [name for name, _ in runs if finished(args, name)]
+    done = [name for name, _ in runs
+            if runfiles.finished(args.history_dir, name, args.epochs)]
     print(f"{PROG}: {len(runs)} runs ({len(done)} finished, "
           f"{len(runs) - len(done)} to train) in {args.history_dir}")
     if args.dry_run:

@@ -45,14 +45,16 @@ from experiment.cli import fail  # noqa: E402
 from experiment.cli import nonnegative_int  # noqa: E402
 from experiment.cli import positive_int  # noqa: E402
 from experiment.protocols import PRECISIONS  # noqa: E402
+from experiment.protocols import PROTOCOLS  # noqa: E402
 
 PROG = "reference_gpu.py"
 NORMS = ("batchnorm", "renorm")
 # --tiny: a few hundred images, one epoch, WRN-10-1: the same commands and
 # files, in a minute on a CPU.
+TINY_EPOCHS = 1
 TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "300",
-              "--val-size", "100", "--epochs", "1", "--eval-batch-size",
-              "100"]
+              "--val-size", "100", "--epochs", str(TINY_EPOCHS),
+              "--eval-batch-size", "100"]
 HOW_TO_GET_JAX = ("install a CUDA build of JAX first (pip install -U "
                   "'jax[cuda12]'), or run with --tiny on the CPU")
 
@@ -139,18 +141,6 @@ def bench_argv(args, results):
     return argv + ["--repeats", str(args.bench_repeats)]
 
 
-def finished(argv, history):
-    """Whether the train.py run of `argv` has its result (all its epochs)."""
-    name = argv[argv.index("--name") + 1]
-    try:
-        record = runfiles.read_json(history / f"{name}.json")
-    except (OSError, RuntimeError):
-        return False
-    return (isinstance(record, dict) and "result" in record
-            and len(runfiles.read_rows(history / f"{name}.csv"))
-            >= record.get("epochs", float("inf")))
-
-
 def run(script, argv):
     """`python SCRIPT ARGV` in this environment; its exit code."""
     command = [sys.executable, str(ROOT / script), *argv]
@@ -172,6 +162,8 @@ def main(argv=None):
     except NoGPU as error:
         return fail(PROG, error, 1)
     where = f"gpu-{slug(name)}"
+    epochs = args.epochs or (TINY_EPOCHS if args.tiny
+                            else PROTOCOLS["seed"].epochs)
     history = args.history_dir / where
     print(f"{PROG}: device {name}; runs in {history}", flush=True)
     steps = [("train.py", train_argv(args, norm, seed, history,
@@ -182,10 +174,11 @@ def main(argv=None):
     steps.append(("benchmarks/bench.py",
                   bench_argv(args, args.results_dir / where)))
     for script, script_argv in steps:
-        if script == "train.py" and finished(script_argv, history):
-            print(f"{PROG}: {script_argv[script_argv.index('--name') + 1]}: "
-                  "finished, kept", flush=True)
-            continue
+        if script == "train.py":
+            name = script_argv[script_argv.index("--name") + 1]
+            if runfiles.finished(history, name, epochs):
+                print(f"{PROG}: {name}: finished, kept", flush=True)
+                continue
         code = run(script, script_argv)
         if code:
             print(f"{PROG}: {script} exited {code}; rerun the same command "

@@ -261,6 +261,17 @@ def set_aside(path):
     return aside
 
 
+def finished(history_dir, name, epochs):
+    """Whether run `name` in `history_dir` has `epochs` epochs (or more)
+    and its final result: what a resumable job skips."""
+    try:
+        record = read_json(history_dir / f"{name}.json")
+    except (OSError, RuntimeError):
+        return False
+    return (isinstance(record, dict) and "result" in record
+            and len(read_rows(history_dir / f"{name}.csv")) >= epochs)
+
+
 def save_state(model, path, meta):
     """Model variables, optimizer variables and `meta`, in one .npz."""
     arrays = {"meta": np.array(json.dumps(meta))}
