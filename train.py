@@ -159,7 +159,7 @@ def run(config, options, explicit, argv, paths):
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
-            test = test_accuracy(model, config, arrays, paths, best)
+            test = test_accuracy(model, config, arrays, paths, rows, best)
         except (KeyboardInterrupt, Interrupted) as interruption:
             return interrupted_after_training(interruption, config, argv)
     finish(paths, test, best, len(arrays.x_test))
@@ -357,13 +357,14 @@ def commit_epoch(model, paths, header, rows, best, improved):
     runfiles.save_weights(model, paths.last)
 
 
-def test_accuracy(model, config, arrays, paths, best):
+def test_accuracy(model, config, arrays, paths, rows, best):
     """The accuracy on the whole test set of the last weights and of the
     best validation epoch's weights (left in `model`). Where validation was
-    the whole test set, those are the epochs' own val_accuracy."""
+    the whole test set, those are the epochs' own val_accuracy (`rows`: the
+    finished epochs' rows)."""
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
-        last = float(runfiles.read_rows(paths.csv)[-1]["val_accuracy"])
+        last = float(rows[-1]["val_accuracy"])
         return {"last": last, "best": best["val_accuracy"]}
     x_test = preprocessing.normalize(arrays.x_test, arrays.mean, arrays.std)
 
