@@ -74,6 +74,53 @@ import numpy as np
 EPS = 1e-3
 
 
+def tf_step(formula, x, dy, gamma, beta):
+    """One forward + backward of `sum(formula(x) * dy)` (a tf.function, no
+    XLA), returning the gradients of x, gamma, beta as NumPy."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=False)
+    def step():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(formula(x) * dy)
+        return tape.gradient(loss, [x, gamma, beta])
+
+    return lambda: [g.numpy() for g in step()]
+
+
+def torch_step(formula, x, dy, gamma, beta):
+    """The same for PyTorch (eager autograd)."""
+    def step():
+        for tensor in (x, gamma, beta):
+            tensor.grad = None
+        (formula(x) * dy).sum().backward()
+        return [t.grad.numpy().copy() for t in (x, gamma, beta)]
+
+    return step
+
+
+def tf_affine_of_fused(x, x_hat, scale, offset, reserve):
+    """The fast path's affine map of FusedBatchNormV3's `x_hat` (of `x`),
+    its gradient one FusedBatchNormGradV3 with that scale."""
+    import tensorflow as tf
+
+    x_hat = tf.stop_gradient(x_hat)
+    reserve = [tf.stop_gradient(t) for t in reserve]
+
+    @tf.custom_gradient
+    def affine(x, scale, offset):
+        def gradient(dy):
+            dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=scale,
+                reserve_space_1=reserve[0], reserve_space_2=reserve[1],
+                reserve_space_3=reserve[2], epsilon=EPS, is_training=True)
+            return dx, dscale, doffset
+        return x_hat * scale + offset, gradient
+
+    return affine(x, scale, offset)
+
+
 def tensorflow_steps(shape):
     import tensorflow as tf
 
@@ -127,21 +174,8 @@ def tensorflow_steps(shape):
         n = float(np.prod(shape[:-1]))
         stddev = tf.sqrt(tf.stop_gradient(var) * (n - 1) / n + EPS)
         r, d = corrections(tf.stop_gradient(mean), stddev)
-        x_hat = tf.stop_gradient(x_hat)
-        reserve = [tf.stop_gradient(t) for t in reserve]
-
-        @tf.custom_gradient
-        def affine(x, scale, offset):
-            def gradient(dy):
-                dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                    y_backprop=dy, x=x, scale=scale,
-                    reserve_space_1=reserve[0], reserve_space_2=reserve[1],
-                    reserve_space_3=reserve[2], epsilon=EPS,
-                    is_training=True)
-                return dx, dscale, doffset
-            return x_hat * scale + offset, gradient
-
-        return affine(x, gamma * r, gamma * d + beta)
+        return tf_affine_of_fused(x, x_hat, gamma * r, gamma * d + beta,
+                                  reserve)
 
     def moments_fused(x):
         mean, var = tf.nn.moments(tf.stop_gradient(x), axes)
@@ -150,20 +184,36 @@ def tensorflow_steps(shape):
             x, gamma * r, gamma * d + beta, epsilon=EPS, is_training=True)[0]
 
     def step_of(formula):
-        @tf.function(jit_compile=False)
-        def step():
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(formula(x) * dy)
-            return tape.gradient(loss, [x, gamma, beta])
-
-        return lambda: [g.numpy() for g in step()]
+        return tf_step(formula, x, dy, gamma, beta)
 
     return {"keras-bn": step_of(keras_bn), "portable": step_of(portable),
             "fused-bn": step_of(fused_bn),
             "fused-affine": step_of(fused_affine),
             "fused-grad": step_of(fused_grad),
             "moments-fused": step_of(moments_fused)}
+
+
+def torch_affine_of_fused():
+    """The fast path's autograd function: `x_hat * scale + offset` in place,
+    its backward one native_batch_norm_backward with that scale."""
+    import torch
+
+    class AffineOfFused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, x_hat, scale, offset, mean, invstd):
+            ctx.save_for_backward(x, scale, mean, invstd)
+            ctx.mark_dirty(x_hat)
+            return x_hat.mul_(scale[:, None, None]).add_(offset[:, None, None])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, scale, mean, invstd = ctx.saved_tensors
+            dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
+                dy, x, scale, None, None, mean, invstd, True, EPS,
+                [True, True, True])
+            return dx, None, dscale, doffset, None, None
+
+    return AffineOfFused
 
 
 def torch_steps(shape):
@@ -218,20 +268,7 @@ def torch_steps(shape):
                                 gamma * d + beta, None, None, True, 0.0, EPS,
                                 False).permute(0, 2, 3, 1)
 
-    class AffineOfFused(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, x_hat, scale, offset, mean, invstd):
-            ctx.save_for_backward(x, scale, mean, invstd)
-            ctx.mark_dirty(x_hat)
-            return x_hat.mul_(scale[:, None, None]).add_(offset[:, None, None])
-
-        @staticmethod
-        def backward(ctx, dy):
-            x, scale, mean, invstd = ctx.saved_tensors
-            dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
-                dy, x, scale, None, None, mean, invstd, True, EPS,
-                [True, True, True])
-            return dx, None, dscale, doffset, None, None
+    AffineOfFused = torch_affine_of_fused()
 
     def native_grad(x):
         x = x.permute(0, 3, 1, 2)
@@ -243,13 +280,7 @@ def torch_steps(shape):
                                    mean, invstd).permute(0, 2, 3, 1)
 
     def step_of(formula):
-        def step():
-            for tensor in (x, gamma, beta):
-                tensor.grad = None
-            (formula(x) * dy).sum().backward()
-            return [t.grad.numpy().copy() for t in (x, gamma, beta)]
-
-        return step
+        return torch_step(formula, x, dy, gamma, beta)
 
     return {"keras-bn": step_of(keras_bn), "portable": step_of(portable),
             "native-bn": step_of(native_bn),
@@ -307,33 +338,12 @@ def tensorflow_group_steps(shape, size):
         r, d = corrections(mean, stddev)
         scale = tf.reshape(gamma * r, [-1])
         offset = tf.reshape(gamma * d + beta, [-1])
-        x_hat = tf.stop_gradient(x_hat)
-        reserve = [tf.stop_gradient(t) for t in reserve]
-
-        @tf.custom_gradient
-        def affine(wide, scale, offset):
-            def gradient(dy):
-                dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
-                    y_backprop=dy, x=wide, scale=scale,
-                    reserve_space_1=reserve[0], reserve_space_2=reserve[1],
-                    reserve_space_3=reserve[2], epsilon=EPS,
-                    is_training=True)
-                return dx, dscale, doffset
-            return x_hat * scale + offset, gradient
-
-        y = affine(wide, scale, offset)
+        y = tf_affine_of_fused(wide, x_hat, scale, offset, reserve)
         return tf.reshape(tf.transpose(tf.reshape(
             y, (size, h, w, groups, c)), (3, 0, 1, 2, 4)), shape)
 
     def step_of(formula):
-        @tf.function(jit_compile=False)
-        def step():
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                loss = tf.reduce_sum(formula(x) * dy)
-            return tape.gradient(loss, [x, gamma, beta])
-
-        return lambda: [g.numpy() for g in step()]
+        return tf_step(formula, x, dy, gamma, beta)
 
     return {"portable": step_of(portable),
             "whole-batch": step_of(whole_batch),
@@ -389,20 +399,7 @@ def torch_group_steps(shape, size):
         return y.reshape(size, groups, c, h, w).permute(1, 0, 3, 4, 2
                                                         ).reshape(shape)
 
-    class AffineOfFused(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, x_hat, scale, offset, mean, invstd):
-            ctx.save_for_backward(x, scale, mean, invstd)
-            ctx.mark_dirty(x_hat)
-            return x_hat.mul_(scale[:, None, None]).add_(offset[:, None, None])
-
-        @staticmethod
-        def backward(ctx, dy):
-            x, scale, mean, invstd = ctx.saved_tensors
-            dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
-                dy, x, scale, None, None, mean, invstd, True, EPS,
-                [True, True, True])
-            return dx, None, dscale, doffset, None, None
+    AffineOfFused = torch_affine_of_fused()
 
     def native_grad_transposed(x):
         wide = x.reshape(groups, size, h, w, c).permute(1, 0, 4, 2, 3)
@@ -418,13 +415,7 @@ def torch_group_steps(shape, size):
                                                         ).reshape(shape)
 
     def step_of(formula):
-        def step():
-            for tensor in (x, gamma, beta):
-                tensor.grad = None
-            (formula(x) * dy).sum().backward()
-            return [t.grad.numpy().copy() for t in (x, gamma, beta)]
-
-        return step
+        return torch_step(formula, x, dy, gamma, beta)
 
     return {"portable": step_of(portable),
             "whole-batch": step_of(whole_batch),
