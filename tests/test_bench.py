@@ -67,7 +67,7 @@ def test_layer_and_model_levels_write_results(tmp_path, capsys):
         assert row["repeats"] == 2 and row["steps"] == 1
         assert 0 < row["ms_min"] <= row["ms_per_step"] <= row["ms_max"]
         assert row["images_per_s"] == pytest.approx(
-            4000 / row["ms_per_step"], rel=1e-2)
+            8000 / row["ms_per_step"], rel=1e-2)
         if row["variant"] == "batchnorm":
             assert row["ratio"] == 1.0
         else:
@@ -172,9 +172,9 @@ def test_input_level_measures_the_wait_for_data(tmp_path):
         for pipeline in ("resident", "host", "device")]
     for row in rows:
         assert row["level"] == "input" and row["wait_share"] < 1
-        # 100 training images in batches of 4: 25 steps per epoch.
+        # 100 training images in batches of 8: 13 steps per epoch.
         assert row["epoch_s"] == pytest.approx(
-            row["ms_per_step"] * 25 / 1000, rel=1e-2)
+            row["ms_per_step"] * 13 / 1000, rel=1e-2)
         assert row["steps_per_execution"] == 1
 
 
