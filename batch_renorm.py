@@ -148,6 +148,28 @@ class BatchRenormalization(keras.layers.Layer):
     A training call on an empty batch (a dimension of size 0) changes
     nothing but the step counter.
 
+    **Virtual batches** (`virtual_batch_size=V`): in training the batch axis
+    is split into groups of `V` consecutive examples (the last group holds
+    the remaining `N mod V` where `V` does not divide the batch size `N`),
+    and each group `g` is normalized as its own minibatch, with its own
+    `mu_g`, `sigma_g`, `r_g`, `d_g` against the shared moving statistics, as
+    if each group were one worker of a data-parallel step. The moving
+    statistics are updated once per step, towards the mean over groups of
+    `mu_g` and of `sigma_g`: `mu <- mu + (1 - momentum) * (mean_g mu_g - mu)`,
+    the same update that the workers' own updates, averaged, would give.
+    (tf.keras's ghost batches average the group variances, for a moving
+    variance; its groups are strided, examples `g, g + N/V, ...`.) With
+    `r_max = 1`, `d_max = 0` this is ghost batch normalization.
+
+    **Distributed training.** Under JAX's `keras.distribution.DataParallel`
+    the step is one SPMD program and the statistics are those of the global
+    batch; `virtual_batch_size` equal to the per-device batch gives each
+    device its own. Under a `tf.distribute` strategy each replica normalizes
+    with its own examples' statistics, and the moving statistics take the
+    mean of the replicas' updates (mean-aggregated variables); with
+    `synchronized=True` the moments are all-reduced over the replicas (the
+    global batch's), as in BatchNormalization.
+
     **During inference** (`training=False`, the default, or
     `trainable=False`): `y = gamma * (x - mu) / sigma + beta`. The layer's
     state is never changed.
@@ -201,6 +223,14 @@ class BatchRenormalization(keras.layers.Layer):
             same Algorithm 1 either way, up to float rounding.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
+        virtual_batch_size: `None` (default) to normalize over the whole batch,
+            or a positive integer `V`: groups of `V` consecutive examples
+            normalized each on its own in training (see above). Training
+            calls with groups take the portable path.
+        synchronized: TensorFlow only: under a `tf.distribute` strategy,
+            take the batch statistics over all replicas (all-reduced) rather
+            than each replica's own. Outside a strategy, no effect.
+
     Call arguments:
         inputs: Input tensor of any rank.
         training: Python boolean, whether to normalize with the batch
@@ -233,6 +263,8 @@ class BatchRenormalization(keras.layers.Layer):
         r_max_steps=40000,
         d_max_steps=25000,
         fused=None,
+        virtual_batch_size=None,
+        synchronized=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -249,6 +281,40 @@ class BatchRenormalization(keras.layers.Layer):
                 "Received: fused=True"
             )
         self.fused = fused
+        if virtual_batch_size is not None and (
+            not isinstance(virtual_batch_size, numbers.Integral)
+            or isinstance(virtual_batch_size, bool)
+            or virtual_batch_size <= 0
+        ):
+            raise ValueError(
+                "Argument `virtual_batch_size` must be None or a positive "
+                f"integer. Received: virtual_batch_size={virtual_batch_size!r}"
+            )
+        self.virtual_batch_size = (
+            None if virtual_batch_size is None else int(virtual_batch_size)
+        )
+        if not isinstance(synchronized, bool):
+            raise ValueError(
+                "Argument `synchronized` must be True or False. "
+                f"Received: synchronized={synchronized!r}"
+            )
+        if synchronized and keras.backend.backend() != "tensorflow":
+            # As BatchNormalization: on JAX, DataParallel already gives
+            # global statistics (one SPMD program).
+            raise ValueError(
+                "Argument `synchronized=True` is only supported with the "
+                "TensorFlow backend (under a tf.distribute strategy); the "
+                f"backend is {keras.backend.backend()}. "
+                "Received: synchronized=True"
+            )
+        if synchronized and self.virtual_batch_size is not None:
+            raise ValueError(
+                "Arguments `synchronized=True` (statistics of the whole "
+                "global batch) and `virtual_batch_size` (statistics per group) "
+                "exclude each other. Received: synchronized=True, "
+                f"virtual_batch_size={self.virtual_batch_size}"
+            )
+        self.synchronized = synchronized
         if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
             raise ValueError(
                 f"Argument `axis` must be an integer. Received: axis={axis!r}"
@@ -308,6 +374,13 @@ class BatchRenormalization(keras.layers.Layer):
                 f"Argument `axis` is out of range for inputs of rank {ndim} "
                 f"(shape {tuple(input_shape)}). Received: axis={self.axis}"
             )
+        if self.virtual_batch_size is not None and self.axis % ndim == 0:
+            raise ValueError(
+                "With `virtual_batch_size`, axis 0 is the batch axis that is "
+                "split into groups, so it cannot be the channel axis. "
+                f"Received: axis={self.axis}, "
+                f"virtual_batch_size={self.virtual_batch_size}"
+            )
         channels = input_shape[self.axis]
         if channels is None:
             raise ValueError(
@@ -341,6 +414,10 @@ class BatchRenormalization(keras.layers.Layer):
             initializer=self.moving_mean_initializer,
             trainable=False,
             autocast=False,
+            # Under tf.distribute each replica assigns its own update; the
+            # variable takes their mean (with "none", as BatchNormalization
+            # has, the replicas' copies silently drift apart).
+            aggregation="mean",
         )
         self.moving_stddev = self.add_weight(
             shape=shape,
@@ -348,6 +425,7 @@ class BatchRenormalization(keras.layers.Layer):
             initializer=self.moving_stddev_initializer,
             trainable=False,
             autocast=False,
+            aggregation="mean",
         )
         # "int" is int64 where the backend allows it and int32 on JAX, as for
         # the optimizers' iteration counter.
@@ -358,6 +436,8 @@ class BatchRenormalization(keras.layers.Layer):
             dtype="int",
             trainable=False,
             autocast=False,
+            # As the optimizers' iteration counter.
+            aggregation="only_first_replica",
         )
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={self.axis: channels}
@@ -452,18 +532,28 @@ class BatchRenormalization(keras.layers.Layer):
             # connected to gamma and beta.
             self.step.assign(self.step + 1)
             training = False
+        grouped = training and self.trainable and self._splits_batch(x)
+        synchronized = training and self.trainable and _synchronizing(self)
+        if grouped:
+            outputs = self._grouped_training_call(x, mask, gamma, beta, dtype)
+            return ops.cast(outputs, self.compute_dtype)
         if (
             training
             and self.trainable
             and self._fast_path
             and mask is None
+            and not synchronized
             and self._fused_dtype_ok(dtype)
             and not _tensorflow_under_xla()
         ):
             outputs = _fused_training_call(self, x, gamma, beta, dtype)
             return ops.cast(outputs, self.compute_dtype)
         if training and self.trainable:
-            batch_mean, batch_variance = self._moments(x, mask)
+            if synchronized:
+                batch_mean, batch_variance = _synchronized_moments(
+                    self, x, mask)
+            else:
+                batch_mean, batch_variance = self._moments(x, mask)
             batch_stddev = ops.sqrt(batch_variance + self.epsilon)
             r, d = self._corrections(batch_mean, batch_stddev, dtype)
             # y = gamma * ((x - mu_B) / sigma_B * r + d) + beta = x * a + b.
@@ -476,6 +566,92 @@ class BatchRenormalization(keras.layers.Layer):
             b = beta - ops.cast(self.moving_mean, dtype) * a
         outputs = x * self._broadcast(a, x) + self._broadcast(b, x)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _splits_batch(self, x):
+        """Whether `virtual_batch_size` splits this batch into several
+        groups (a batch of unknown size, in a TensorFlow graph, is split:
+        the rule holds for any size)."""
+        size = x.shape[0]
+        return self.virtual_batch_size is not None and (
+            size is None or size > self.virtual_batch_size)
+
+    def _grouped_training_call(self, x, mask, gamma, beta, dtype):
+        """Algorithm 1 on each group of `virtual_batch_size` consecutive
+        examples, as if each group were one worker's minibatch.
+
+        Each group `g` has its own `mu_g`, `sigma_g`, and its own `r_g`,
+        `d_g` against the (shared) moving statistics; the moving statistics
+        are then updated once, with the mean over groups of `mu_g` and of
+        `sigma_g` (groups with no unmasked position left out). A batch of
+        `N` examples that `V` does not divide ends with a smaller group of
+        the last `N mod V`. The batch is padded to whole groups (padding
+        left out of the statistics, its outputs dropped) and seen as
+        `(groups, V, ...)`."""
+        size = self.virtual_batch_size
+        shape = ops.shape(x)
+        n, rest = shape[0], tuple(shape[1:])
+        padding = (-n) % size
+        padded = not isinstance(padding, int) or padding > 0
+        selected = None  # None: every position counts
+        if mask is not None:
+            selected = ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
+        if padded:
+            x = ops.concatenate([x, ops.zeros((padding,) + rest, x.dtype)])
+            if selected is not None:
+                selected = ops.concatenate([selected, ops.zeros(
+                    (padding,) + tuple(ops.shape(selected)[1:]), "bool")])
+            else:
+                selected = ops.reshape(ops.arange(n + padding) < n,
+                                       (-1,) + (1,) * len(rest))
+        grouped = ops.reshape(x, (-1, size) + rest)
+        if selected is not None:
+            selected = ops.reshape(
+                selected, (-1, size) + tuple(ops.shape(selected)[1:]))
+        # In the grouped tensor: axis 0 the group, the channel axis moved
+        # up by one; statistics over the others.
+        channel = self.axis % len(x.shape) + 1
+        axes = [i for i in range(1, len(x.shape) + 1) if i != channel]
+        per_group = [1] * (len(x.shape) + 1)
+        per_group[0], per_group[channel] = -1, ops.shape(x)[self.axis]
+
+        def broadcast(values):
+            return ops.reshape(values, per_group)
+
+        if selected is None:
+            mean = ops.mean(grouped, axis=axes)
+            variance = ops.mean(
+                ops.square(grouped - broadcast(mean)), axis=axes)
+            nonempty = None
+        else:
+            # Masked and padded positions enter the sums as zeros, selected
+            # (not multiplied by 0: a NaN or inf there would make 0 * x NaN).
+            positions = ops.sum(ops.cast(ops.broadcast_to(
+                selected, ops.shape(grouped)), dtype), axis=axes)
+            count = ops.maximum(positions, 1.0)
+            mean = ops.sum(ops.where(selected, grouped, 0.0), axes) / count
+            squares = ops.where(
+                selected, ops.square(grouped - broadcast(mean)), 0.0)
+            variance = ops.sum(squares, axes) / count
+            nonempty = ops.cast(positions > 0, dtype)
+        stddev = ops.sqrt(variance + self.epsilon)
+        r, d = self._corrections(mean, stddev, dtype)
+        a = gamma * r / stddev
+        b = gamma * d + beta - mean * a
+        outputs = grouped * broadcast(a) + broadcast(b)
+        outputs = ops.reshape(outputs, (-1,) + rest)
+        if padded:
+            outputs = outputs[:n]
+        if nonempty is None:
+            self._update_state(ops.mean(mean, axis=0), ops.mean(stddev, axis=0))
+            return outputs
+        # The mean over the groups that hold data; over all of them where
+        # none does (as a wholly masked batch without groups).
+        total = ops.sum(nonempty, axis=0)
+        weights = ops.where(total > 0, nonempty / ops.maximum(total, 1.0),
+                            1.0 / ops.cast(ops.shape(nonempty)[0], dtype))
+        self._update_state(ops.sum(mean * weights, axis=0),
+                           ops.sum(stddev * weights, axis=0))
+        return outputs
 
     def _static_bounds(self):
         """`(r_max, d_max)` as Python floats where the schedule makes them
@@ -622,8 +798,56 @@ class BatchRenormalization(keras.layers.Layer):
             "r_max_steps": self.r_max_steps,
             "d_max_steps": self.d_max_steps,
             "fused": self.fused,
+            "virtual_batch_size": self.virtual_batch_size,
+            "synchronized": self.synchronized,
         }
         return {**base_config, **config}
+
+
+# ------------------------- TensorFlow's distribution strategies: synchronized
+def _replica_context():
+    """The tf.distribute replica context when one with several replicas is
+    active (inside a MirroredStrategy's step), else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def _synchronizing(layer):
+    """Whether this training call takes its moments over all replicas."""
+    return layer.synchronized and _replica_context() is not None
+
+
+def _synchronized_moments(layer, x, mask):
+    """The mean and biased variance over the global batch, every replica's
+    examples together, as `synchronized=True` in BatchNormalization: sums
+    all-reduced across the replicas, the variance around the global mean in
+    a second round (exact where `E[x^2] - E[x]^2` would cancel). The
+    all-reduces are differentiable, so the gradient is Algorithm 1's over
+    the global batch."""
+    import tensorflow as tf
+
+    context = _replica_context()
+    axes = layer._reduction_axes
+    total = tf.distribute.ReduceOp.SUM
+    if mask is None:
+        selected = tf.ones_like(x, dtype="bool")
+    else:
+        selected = tf.broadcast_to(
+            tf.cast(mask, "bool")[..., None], tf.shape(x))
+    count = tf.reduce_sum(tf.cast(selected, x.dtype), axes)
+    sums = tf.reduce_sum(tf.where(selected, x, 0.0), axes)
+    count, sums = context.all_reduce(total, [count, sums])
+    count = tf.maximum(count, 1.0)
+    mean = sums / count
+    squares = tf.where(selected, tf.square(x - layer._broadcast(mean, x)), 0.0)
+    variance = context.all_reduce(total, tf.reduce_sum(squares, axes)) / count
+    return mean, variance
 
 
 # --------------------------------- fast path: TensorFlow's and PyTorch's kernels

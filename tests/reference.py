@@ -197,6 +197,45 @@ class RenormReference:
         self.step += 1
         return out
 
+    def train_groups(self, x, group_size, g_y=None, mask=None):
+        """One training step with virtual batches: Algorithm 1 on each group
+        of `group_size` consecutive examples (the last one smaller where the
+        size does not divide), every group against the same moving
+        statistics, as if each were one worker's minibatch; then the moving
+        statistics move once, towards the mean over groups of the group
+        means and of the group stddevs (groups wholly masked left out).
+        Returns the dict of `train` with `y` (and `dx`) joined back in order,
+        `dgamma`, `dbeta` summed over groups, and the per-group `mean`,
+        `stddev`, `r`, `d` stacked."""
+        x = np.asarray(x, np.float64)
+        starts = range(0, len(x), group_size)
+        parts = []
+        for start in starts:
+            part = slice(start, start + group_size)
+            group = self.copy()  # the step's state, for every group
+            parts.append(group.train(
+                x[part], None if g_y is None else np.asarray(g_y)[part],
+                None if mask is None else np.asarray(mask)[part]))
+        out = {key: np.stack([p[key] for p in parts])
+               for key in ("mean", "stddev", "r", "d")}
+        out["y"] = np.concatenate([p["y"] for p in parts])
+        if g_y is not None:
+            out["dx"] = np.concatenate([p["dx"] for p in parts])
+            out["dgamma"] = sum(p["dgamma"] for p in parts)
+            out["dbeta"] = sum(p["dbeta"] for p in parts)
+        if mask is None:
+            held = np.ones(len(parts), bool)
+        else:
+            held = np.array([np.asarray(mask)[s:s + group_size].any()
+                             for s in starts])
+        decay = 1.0 - self.momentum
+        self.moving_mean = self.moving_mean + decay * (
+            out["mean"][held].mean(axis=0) - self.moving_mean)
+        self.moving_stddev = self.moving_stddev + decay * (
+            out["stddev"][held].mean(axis=0) - self.moving_stddev)
+        self.step += 1
+        return out
+
     def copy(self):
         new = RenormReference.__new__(RenormReference)
         new.__dict__.update(

@@ -86,6 +86,70 @@ def test_the_layer_under_data_parallel_is_the_layer_on_one_device():
     assert max(found["weights"]) < 1e-5 and found["out"] < 1e-5, found
 
 
+PER_DEVICE_STEPS = """
+import json
+import numpy as np, keras, jax
+from batch_renorm import BatchRenormalization
+assert len(jax.devices()) == 4
+rng = np.random.default_rng(0)
+x = rng.normal(2, 3, size=(16, 8, 8, 4)).astype("float32")
+x[8:] += 2
+y = rng.normal(size=(16, 8, 8, 4)).astype("float32")
+CLIP = dict(r_max=1.5, d_max=0.5, warmup_steps=0, r_max_steps=0, d_max_steps=0, momentum=0.5)
+
+def model_of(size):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(4, 3, padding="same"),
+                              BatchRenormalization(virtual_batch_size=size, **CLIP)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    return model
+
+def steps(distribution, size):
+    keras.distribution.set_distribution(distribution)
+    model = model_of(size)
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    return [np.asarray(v) for v in model.weights]
+
+def forward_hlo(size):
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+    layer = BatchRenormalization(virtual_batch_size=size, **CLIP)
+    layer.build(x.shape)
+    sharding = keras.distribution.distribution().get_data_layout(x.shape).backend_layout
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    def outputs(inputs):
+        return layer.stateless_call(trainable, non_trainable, inputs, training=True)[0]
+    inputs = jax.device_put(x, sharding)
+    return jax.jit(outputs).lower(inputs).compile().as_text()
+
+dp = keras.distribution.DataParallel(devices=keras.distribution.list_devices())
+one = steps(None, 4); four = steps(dp, 4); whole = steps(None, None)
+diff = lambda a, b: max(float(np.max(np.abs(u - v))) for u, v in zip(a, b))
+hlo4, hlo_all = forward_hlo(4), forward_hlo(None)
+print(json.dumps({"per_device_vs_groups": diff(one, four), "per_device_vs_whole": diff(whole, four),
+ "all_reduce_groups": hlo4.count("all-reduce("), "all_reduce_whole": hlo_all.count("all-reduce(")}))
+"""
+
+
+@only_on_jax
+def test_per_device_statistics_through_virtual_batches():
+    """With virtual_batch_size equal to the per-device batch (16 examples on
+    4 devices, groups of 4), three steps under DataParallel are one device's
+    steps with groups of 4, i.e. each shard normalized alone (which differs
+    from the whole batch's statistics); and the compiled forward pass has no
+    all-reduce (each device's moments are its own), where the whole batch's
+    statistics take them."""
+    result = subprocess.run([sys.executable, "-c", PER_DEVICE_STEPS],
+                            env=FOUR_DEVICES, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["per_device_vs_groups"] < 1e-5, found
+    assert found["per_device_vs_whole"] > 0.05, found
+    assert found["all_reduce_groups"] == 0, found
+    assert found["all_reduce_whole"] > 0, found
+
 def read_csv(path):
     with open(path, newline="") as file:
         return list(csv.DictReader(file))
