@@ -76,15 +76,13 @@ def make_norm(
             "keras-renorm (keras.layers.BatchNormalization(renorm=True)) has "
             f"no virtual batches; received virtual_batch_size="
             f"{virtual_batch_size!r}")
-    # Passed only where set, so that the layer's own default stays the one
-    # source of "the whole batch".
-    virtual = ({} if virtual_batch_size is None
-               else {"virtual_batch_size": virtual_batch_size})
-    if norm == "batchnorm" and virtual:
+    if norm == "batchnorm" and virtual_batch_size is not None:
+        # Keras's BatchNormalization has no virtual batches; with r and d
+        # clipped to 1 and 0 from the first step, ours is exactly BN.
         return BatchRenormalization(
             momentum=momentum, epsilon=epsilon, r_max=1.0, d_max=0.0,
-            warmup_steps=0, r_max_steps=0, d_max_steps=0, **virtual,
-            **kwargs)
+            warmup_steps=0, r_max_steps=0, d_max_steps=0,
+            virtual_batch_size=virtual_batch_size, **kwargs)
     if norm == "batchnorm":
         return keras.layers.BatchNormalization(
             momentum=momentum, epsilon=epsilon, **kwargs
@@ -98,7 +96,7 @@ def make_norm(
             warmup_steps=warmup_steps,
             r_max_steps=r_max_steps,
             d_max_steps=d_max_steps,
-            **virtual,
+            virtual_batch_size=virtual_batch_size,
             **kwargs,
         )
     if norm == "keras-renorm":

@@ -700,3 +700,40 @@ def test_pairs_run_records_its_sampling(data_dir, tmp_path, monkeypatch,
     assert record["classes_per_batch"] is None
     assert record["statistics"] == "of the whole batch"
     assert list(read_history(tmp_path, name)[0]) == COLUMNS
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "renorm"])
+def test_virtual_batch_run_records_it_and_refuses_another_on_resume(
+        data_dir, tmp_path, capsys, norm):
+    args = tiny_args(data_dir, tmp_path, "--virtual-batch-size", "10",
+                     "--sampling", "pairs", "--val-size", "20",
+                     "--name", "run", norm=norm)
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    assert "normalized in groups of 10 (virtual batches)" in out
+    record = json.loads((tmp_path / "history" / "run.json").read_text())
+    assert record["virtual_batch_size"] == 10
+    assert record["sampling"] == "pairs"
+    assert record["statistics"] == "per group of 10 consecutive examples"
+    assert record["result"]["test_images"] == 40
+    # batchnorm's exact BN mode has no bounds to record.
+    assert list(read_history(tmp_path, "run")[0]) == COLUMNS + (
+        ["r_max", "d_max"] if norm == "renorm" else [])
+    import keras
+
+    config, _, _ = train.parse_args(args)
+    layers = [l for l in network.build_model(keras, config).layers
+              if type(l).__name__ == "BatchRenormalization"]
+    assert layers and all(l.virtual_batch_size == 10 for l in layers)
+    # --resume keeps it: another V (or none) is refused in one line.
+    assert run_main(args + ["--resume", "--epochs", "2",
+                            "--virtual-batch-size", "20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train.py: error: --virtual-batch-size 20 differs from the "
+                   "saved configuration of run 'run' (10); leave it out to "
+                   "resume, or start a new run with another --name"]
+    at = args.index("--virtual-batch-size")
+    resumed = args[:at] + args[at + 2:]
+    assert run_main(resumed + ["--resume", "--epochs", "2"]) == 0
+    record = json.loads((tmp_path / "history" / "run.json").read_text())
+    assert (record["virtual_batch_size"], record["epochs"]) == (10, 2)
