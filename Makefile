@@ -103,7 +103,7 @@ sweep-cpu: setup
 sweep-gpu: setup
 	KERAS_BACKEND=jax $(BIN)/python sweep.py --preset gpu
 
-# make study-cpu: 60 runs, about 80 minutes on 2 CPU cores (docs/sweep.md);
+# make study-cpu: 50 runs, about 80 minutes on 2 CPU cores (docs/sweep.md);
 # resumable: the same command continues after an interruption.
 study-cpu: setup
 	$(BIN)/python sweep.py --study microbatch --preset cpu

@@ -26,7 +26,7 @@ batchnorm with their 95% intervals.
   python sweep.py --preset gpu     # the full version, for a GPU
   python sweep.py --dry-run        # the runs and their train.py commands
   python sweep.py --batch-sizes 4 32 --norms batchnorm renorm -- --augment
-  python sweep.py --study microbatch               # about 80 minutes, 2 CPUs
+  python sweep.py --study microbatch               # 50 runs, about 80 minutes on 2 CPUs
   python sweep.py --study microbatch --preset gpu  # about 8 minutes, an H100
 
 Sampling, batch study: `iid` is train.py's usual batches (a random
@@ -107,18 +107,21 @@ MICRO_PRESETS = {
     # Sized by the 95% intervals of paired differences, not by the grid
     # (docs/sweep.md): on 2 CPU cores a WRN-16-1 run of 5000 images took
     # about 200 s and two seeds of one cell differed by up to 7 points, so
-    # WRN-10-1 (about 60 s a run), two values of V, and six seeds instead of
-    # three: 60 runs, about 80 minutes. 5000 images (500 of each class:
-    # every pair used) for 10 epochs, 400 steps: about 48% test accuracy,
-    # still rising. The lr drops tenfold for the last two epochs, so that the
-    # last weights are not one noisy Adam step among others (a seed's last
-    # epoch moved by 5 points without it). Moving statistics over 2560
-    # images (momentum 0.95, a time constant of 20 steps) and the warm-up
-    # over the first quarter (100 steps, 5 time constants).
+    # WRN-10-1, two values of V, and five seeds instead of three: 50 runs,
+    # measured 102-106 s each for batchnorm and renorm (at V = 128 too: on
+    # TensorFlow the batch size is unknown in the graph, so the layer takes
+    # its grouped path), about 60 s for keras-renorm: about 80 minutes.
+    # 5000 images (500 of each class: every pair used) for 10 epochs, 400
+    # steps: about 50% test accuracy, still rising. The lr drops tenfold for
+    # the last two epochs, so that the last weights are not one noisy Adam
+    # step among others (a seed's last epoch moved by 5 points without it).
+    # Moving statistics over 2560 images (momentum 0.95, a time constant of
+    # 20 steps) and the warm-up over the first quarter (100 steps, 5 time
+    # constants).
     "cpu": dict(depth=10, width=1, train_size=5000, val_size=1000, epochs=10,
                 lr_milestones=(8,), momentum_images=2560,
                 renorm_schedule="0.25,0.5,0.75",
-                virtual_batch_sizes=(4, 128), seeds=tuple(range(6))),
+                virtual_batch_sizes=(4, 128), seeds=tuple(range(5))),
     # WRN-16-4 on the 45,000 training images not held out (352 steps an
     # epoch), the issue's grid of V, 3 seeds: 66 runs of 4 epochs, about
     # 66 x 4 x 1.8 s = 8 minutes of training steps on an H100 (2 s per
@@ -257,7 +260,10 @@ def add_run_flags(parser):
                      help="renorm's warm-up end, d_max and r_max steps as "
                      "fractions of each run's steps (cpu preset: "
                      f"{PRESETS['cpu']['renorm_schedule']}; gpu: "
-                     f"{PAPER_SCHEDULE}, the paper's 5k, 25k, 40k of 130k)")
+                     f"{PAPER_SCHEDULE}, the paper's 5k, 25k, 40k of 130k; "
+                     "microbatch: cpu "
+                     f"{MICRO_PRESETS['cpu']['renorm_schedule']}, gpu "
+                     f"{MICRO_PRESETS['gpu']['renorm_schedule']})")
     momentum = run.add_mutually_exclusive_group()
     momentum.add_argument("--momentum-images", type=positive_int,
                           metavar="IMAGES",
@@ -266,7 +272,12 @@ def add_run_flags(parser):
                           "number of images at every batch size (cpu preset: "
                           f"{PRESETS['cpu']['momentum_images']}, i.e. 0.6 at "
                           f"batch 128; gpu: "
-                          f"{PRESETS['gpu']['momentum_images']}, i.e. 0.99)")
+                          f"{PRESETS['gpu']['momentum_images']}, i.e. 0.99; "
+                          "microbatch, one batch size: cpu "
+                          f"{MICRO_PRESETS['cpu']['momentum_images']}, i.e. "
+                          f"{preset_momentum(MICRO_PRESETS['cpu']):g}; gpu "
+                          f"{MICRO_PRESETS['gpu']['momentum_images']}, i.e. "
+                          f"{preset_momentum(MICRO_PRESETS['gpu']):g})")
     momentum.add_argument("--norm-momentum", type=fraction,
                           metavar="M", help="one norm momentum for all runs")
     run.add_argument("--data-dir", type=Path, metavar="DIR",
@@ -367,6 +378,11 @@ def run_name(norm, batch_size, classes, seed):
     return (f"sweep-{norm}-b{batch_size}-"
             + ("iid" if classes is None else f"k{classes}")
             + (f"-s{seed}" if seed else ""))
+
+
+def preset_momentum(preset):
+    """A microbatch preset's norm momentum, at its one batch size."""
+    return 1 - MICRO_BATCH / preset["momentum_images"]
 
 
 def micro_name(norm, virtual, spec, seed):
