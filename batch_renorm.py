@@ -225,8 +225,11 @@ class BatchRenormalization(keras.layers.Layer):
 
         virtual_batch_size: `None` (default) to normalize over the whole batch,
             or a positive integer `V`: groups of `V` consecutive examples
-            normalized each on its own in training (see above). Training
-            calls with groups take the portable path.
+            normalized each on its own in training (see above). On the
+            fused path (TensorFlow, PyTorch) whole groups of a batch of known
+            size take the kernel per group and channel; other batches (a
+            smaller last group, an unknown size in a TensorFlow graph, a
+            mask) take the portable path.
         synchronized: TensorFlow only: under a `tf.distribute` strategy,
             take the batch statistics over all replicas (all-reduced) rather
             than each replica's own. Outside a strategy, no effect.
@@ -534,10 +537,7 @@ class BatchRenormalization(keras.layers.Layer):
             training = False
         grouped = training and self.trainable and self._splits_batch(x)
         synchronized = training and self.trainable and _synchronizing(self)
-        if grouped:
-            outputs = self._grouped_training_call(x, mask, gamma, beta, dtype)
-            return ops.cast(outputs, self.compute_dtype)
-        if (
+        fused = (
             training
             and self.trainable
             and self._fast_path
@@ -545,8 +545,21 @@ class BatchRenormalization(keras.layers.Layer):
             and not synchronized
             and self._fused_dtype_ok(dtype)
             and not _tensorflow_under_xla()
-        ):
-            outputs = _fused_training_call(self, x, gamma, beta, dtype)
+        )
+        if fused and grouped:
+            # Whole groups of a batch of known size: the kernel per group
+            # and channel (`_fused_training_call`); else the portable path.
+            size = x.shape[0]  # None in a graph of any batch size
+            groups = (size or 0) // self.virtual_batch_size
+            fused = size is not None and size == (
+                groups * self.virtual_batch_size)
+        else:
+            groups = 1
+        if fused:
+            outputs = _fused_training_call(self, x, gamma, beta, dtype, groups)
+            return ops.cast(outputs, self.compute_dtype)
+        if grouped:
+            outputs = self._grouped_training_call(x, mask, gamma, beta, dtype)
             return ops.cast(outputs, self.compute_dtype)
         if training and self.trainable:
             if synchronized:
@@ -851,7 +864,7 @@ def _synchronized_moments(layer, x, mask):
 
 
 # --------------------------------- fast path: TensorFlow's and PyTorch's kernels
-def _fused_training_call(layer, x, gamma, beta, dtype):
+def _fused_training_call(layer, x, gamma, beta, dtype, groups=1):
     """Algorithm 1's training call on NHWC `x` with the backend's fused batch
     norm kernel; the same numbers as the portable path, up to rounding.
 
@@ -860,10 +873,17 @@ def _fused_training_call(layer, x, gamma, beta, dtype):
     portable path's several reductions and elementwise ops and their
     gradients. `r` and `d` are constants for the gradient, so they enter as
     the kernel's scale and offset, or as an affine map of its output.
+
+    With `groups > 1` (virtual batches of `N / groups`) the tensor is copied
+    so that each (group, channel) is one channel of the kernel: the copy and
+    the kernel measured faster than the portable path's per-group
+    reductions (benchmarks/NOTES.md, virtual batches). Statistics come back
+    as `(groups, channels)`; the moving statistics move towards their mean
+    over groups.
     """
     if keras.backend.backend() == "torch":
-        return _torch_training_call(layer, x, gamma, beta, dtype)
-    return _tf_training_call(layer, x, gamma, beta, dtype)
+        return _torch_training_call(layer, x, gamma, beta, dtype, groups)
+    return _tf_training_call(layer, x, gamma, beta, dtype, groups)
 
 
 def _tensorflow_under_xla():
@@ -881,12 +901,19 @@ def _tensorflow_under_xla():
     return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
-def _tf_training_call(layer, x, gamma, beta, dtype):
+def _tf_training_call(layer, x, gamma, beta, dtype, groups=1):
     """TensorFlow: `x_hat` and the statistics from one FusedBatchNormV3, then
     `y = x_hat * (gamma * r) + (gamma * d + beta)`, whose gradient is one
-    FusedBatchNormGradV3 with scale `gamma * r` (see `_tf_affine_of_fused`)."""
+    FusedBatchNormGradV3 with scale `gamma * r` (see `_tf_affine_of_fused`).
+    Groups: the kernel on `(V, H, W, groups * C)`."""
     import tensorflow as tf
 
+    shape = x.shape
+    if groups > 1:
+        n, h, w, c = shape
+        x = tf.reshape(tf.transpose(tf.reshape(
+            x, (groups, n // groups, h, w, c)), (1, 2, 3, 0, 4)),
+            (n // groups, h, w, groups * c))
     channels = x.shape[-1]
     x_hat, batch_mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
         x=x,
@@ -902,13 +929,22 @@ def _tf_training_call(layer, x, gamma, beta, dtype):
     # n / (n - 1), for running averages; Algorithm 1 wants the biased one.
     n = tf.cast(tf.size(x, out_type=tf.int64) // channels, x.dtype)
     variance = tf.where(n > 1, variance * (n - 1) / tf.maximum(n, 1), 0.0)
-    batch_mean = tf.stop_gradient(batch_mean)
-    batch_stddev = tf.sqrt(tf.stop_gradient(variance) + layer.epsilon)
+    per_group = (groups, channels // groups)
+    batch_mean = tf.reshape(tf.stop_gradient(batch_mean), per_group)
+    batch_stddev = tf.sqrt(
+        tf.reshape(tf.stop_gradient(variance), per_group) + layer.epsilon)
     r, d = layer._corrections(batch_mean, batch_stddev, dtype)
-    layer._update_state(batch_mean, batch_stddev)
-    return _tf_affine_of_fused(
-        x, tf.stop_gradient(x_hat), gamma * r, gamma * d + beta,
+    layer._update_state(tf.reduce_mean(batch_mean, 0),
+                        tf.reduce_mean(batch_stddev, 0))
+    outputs = _tf_affine_of_fused(
+        x, tf.stop_gradient(x_hat), tf.reshape(gamma * r, [-1]),
+        tf.reshape(gamma * d + beta, [-1]),
         *[tf.stop_gradient(t) for t in reserve], epsilon=layer.epsilon)
+    if groups == 1:
+        return outputs
+    n, h, w, c = shape
+    return tf.reshape(tf.transpose(tf.reshape(
+        outputs, (n // groups, h, w, groups, c)), (3, 0, 1, 2, 4)), shape)
 
 
 def _tf_affine_of_fused(x, x_hat, scale, offset, *reserve, epsilon):
@@ -942,17 +978,24 @@ def _tf_affine_of_fused(x, x_hat, scale, offset, *reserve, epsilon):
     return affine(x, scale, offset)
 
 
-def _torch_training_call(layer, x, gamma, beta, dtype):
+def _torch_training_call(layer, x, gamma, beta, dtype, groups=1):
     """PyTorch: `x_hat` and the statistics from one `native_batch_norm` in
     training mode, on the channels-last tensor seen as NCHW (no copy), then
     `y = x_hat * (gamma * r) + (gamma * d + beta)` in place, differentiated
     as one batch norm with that scale and offset (`_torch_affine_of_fused`).
     The kernel's statistics feed `r`, `d` and the moving averages: no
     separate statistics pass (`var_mean`, the previous version's, measured
-    slower than the whole kernel on an AVX-512 Xeon; benchmarks/NOTES.md)."""
+    slower than the whole kernel on an AVX-512 Xeon; benchmarks/NOTES.md).
+    Groups: the kernel on a copy shaped `(V, groups * C, H, W)`."""
     import torch
 
-    x = x.permute(0, 3, 1, 2)
+    shape = x.shape
+    if groups > 1:
+        n, h, w, c = shape
+        x = x.reshape(groups, n // groups, h, w, c).permute(1, 0, 4, 2, 3)
+        x = x.reshape(n // groups, groups * c, h, w)  # a copy
+    else:
+        x = x.permute(0, 3, 1, 2)
     with torch.no_grad():
         # native_batch_norm, not functional.batch_norm: that one refuses
         # batches with a single value per channel, which Algorithm 1 allows.
@@ -960,17 +1003,28 @@ def _torch_training_call(layer, x, gamma, beta, dtype):
             x, None, None, None, None, True, 0.0, layer.epsilon
         )
         batch_stddev = 1.0 / inverse_stddev
-        r, d = _torch_corrections_and_update(layer, batch_mean, batch_stddev)
+        if groups > 1:
+            r, d = _torch_corrections_and_update(
+                layer, batch_mean.reshape(groups, -1),
+                batch_stddev.reshape(groups, -1))
+        else:
+            r, d = _torch_corrections_and_update(layer, batch_mean,
+                                                 batch_stddev)
     outputs = _torch_affine_of_fused().apply(
-        x, x_hat, gamma * r, gamma * d + beta, batch_mean, inverse_stddev,
-        layer.epsilon,
+        x, x_hat, (gamma * r).reshape(-1), (gamma * d + beta).reshape(-1),
+        batch_mean, inverse_stddev, layer.epsilon,
     )
-    return outputs.permute(0, 2, 3, 1)
+    if groups == 1:
+        return outputs.permute(0, 2, 3, 1)
+    n, h, w, c = shape
+    return outputs.reshape(n // groups, groups, c, h, w).permute(
+        1, 0, 3, 4, 2).reshape(shape)
 
 
 def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
     """`layer._corrections` and `layer._update_state` in torch ops (under
-    no_grad): the same arithmetic, in a tenth of the time of the keras.ops
+    no_grad; statistics `(channels,)`, or `(groups, channels)` with the
+    update towards their mean over groups): the same arithmetic, in a tenth of the time of the keras.ops
     calls, whose per-call overhead (tens of microseconds each) showed in the
     profile of small batches (benchmarks/NOTES.md, attempt 9)."""
     import torch
@@ -1007,6 +1061,9 @@ def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
     else:
         d = torch.minimum(torch.maximum(d, -d_max), d_max)
     decay = 1.0 - layer.momentum
+    if batch_mean.ndim == 2:  # groups
+        difference = difference.mean(0)
+        batch_stddev = batch_stddev.mean(0)
     layer.moving_mean.assign(moving_mean + decay * difference)
     layer.moving_stddev.assign(
         moving_stddev + decay * (batch_stddev - moving_stddev))

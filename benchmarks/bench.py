@@ -62,9 +62,11 @@ from experiment.cli import positive_int  # noqa: E402
 from experiment.cli import steps_or_auto  # noqa: E402
 
 PROG = "bench.py"
-LEVELS = ("layer", "model", "input", "jit")
-NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "keras-renorm",
-                 "tf.keras-batchnorm", "tf.keras-renorm")
+LEVELS = ("layer", "model", "input", "jit", "devices")
+NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
+                 "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm")
+# renorm-groups4: virtual_batch_size=4, the paper's micro-batches.
+GROUP_SIZE = 4
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
@@ -178,7 +180,7 @@ def available_variants(keras, requested):
     names = ["batchnorm", "renorm"]
     if batch_renorm.has_fast_path():
         names.append("renorm-portable")
-    names.append("keras-renorm")
+    names += ["renorm-groups4", "keras-renorm"]
     if keras.backend.backend() == "tensorflow" and tf_keras() is not None:
         names += ["tf.keras-batchnorm", "tf.keras-renorm"]
     if requested:
@@ -217,6 +219,9 @@ def norm_factory(keras, variant):
     if variant == "renorm-portable":
         return (lambda **kwargs: make_norm("renorm", fused=False, **kwargs),
                 keras)
+    if variant == "renorm-groups4":
+        return (lambda **kwargs: make_norm(
+            "renorm", virtual_batch_size=GROUP_SIZE, **kwargs), keras)
     return (lambda **kwargs: make_norm(variant, **kwargs)), keras
 
 
@@ -420,6 +425,70 @@ def bench_jit(keras, args, rng, environment):
         rows += rows_of("jit", f"{name}, {args.batch_size}x32x32x3", times,
                         args.batch_size, steps, f"{norm}, jit_compile=off")
     return rows
+
+
+def bench_devices(keras, args, rng, environment):
+    """JAX: WRN steps on one device and data parallel on every local device
+    (`keras.distribution.DataParallel`: the batch split, the moments of the
+    global batch), and on every device with per-device statistics
+    (`virtual_batch_size` = the per-device batch); each ratio is to the same
+    norm on one device. On a CPU, several devices come from
+    XLA_FLAGS=--xla_force_host_platform_device_count=N."""
+    if keras.backend.backend() != "jax":
+        raise UsageError("--level devices needs the jax backend (Keras's "
+                         "distribution API)")
+    devices = keras.distribution.list_devices()
+    if len(devices) < 2:
+        raise UsageError(
+            "--level devices needs several devices; JAX sees one (on a CPU: "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+    if args.batch_size % len(devices):
+        raise UsageError(f"--batch-size {args.batch_size} does not split "
+                         f"over {len(devices)} devices")
+    from models import wide_resnet
+    from models.norms import make_norm
+
+    steps = model_steps(args, environment)
+    name = f"WRN-{args.depth}-{args.width}"
+    # NumPy batches for all: each step moves (and under DataParallel
+    # splits) its batch, the same work for every setting.
+    x, y = wrn_batch(args, rng)
+    parallel = keras.distribution.DataParallel(devices=devices)
+    per_device = args.batch_size // len(devices)
+    rows = []
+    for norm in ("batchnorm", "renorm"):
+        print(f"devices, {name} with {norm}:", flush=True)
+        settings = {f"{norm}, 1 device": (None, {}),
+                    f"{norm}, {len(devices)} devices": (parallel, {})}
+        if norm == "renorm":
+            settings[f"{norm}, {len(devices)} devices, per-device "
+                     "statistics"] = (parallel, dict(
+                         virtual_batch_size=per_device))
+        steppers = {}
+        for label, (distribution, extra) in settings.items():
+            def make_stepper(extra=extra):
+                model = wide_resnet(args.depth, args.width, norm=lambda **kw:
+                                    make_norm(norm, **kw, **extra))
+                compile_model(model, keras, True)
+                return stepper(model, keras, x, y)
+            steppers[label] = in_distribution(distribution, make_stepper)
+        times = time_interleaved(steppers, steps, args.repeats, args.warmup)
+        rows += rows_of("devices", f"{name}, {args.batch_size}x32x32x3",
+                        times, args.batch_size, steps, f"{norm}, 1 device")
+    return rows
+
+
+def in_distribution(distribution, make_stepper):
+    """A stepper built and run under `distribution` (None: one device)."""
+    if distribution is None:
+        return make_stepper()
+    with distribution.scope():
+        run = make_stepper()
+
+    def run_in_scope(steps):
+        with distribution.scope():
+            run(steps)
+    return run_in_scope
 
 
 def bench_input(keras, args, jit, rng, environment):
@@ -670,6 +739,8 @@ def main(argv=None):
                 rows += bench_input(keras, args, jit, rng, environment)
             if "jit" in args.level:
                 rows += bench_jit(keras, args, rng, environment)
+            if "devices" in args.level:
+                rows += bench_devices(keras, args, rng, environment)
         finally:
             keras.config.set_dtype_policy(policy)
         record = describe(environment, jit, args)

@@ -47,6 +47,20 @@ JAX (jax.jit, XLA):
                 lax.cond, outside differentiation), then as portable (the
                 portable path)
 
+With --groups V (virtual_batch_size=V: Algorithm 1 per group of V
+consecutive examples), TensorFlow and PyTorch:
+  portable      BatchRenormalization's keras.ops path with groups: the batch
+                seen as (N / V, V, ...), per-group moments, r and d
+  whole-batch   the ungrouped portable path (what groups add)
+  fused-transposed / native-transposed
+                the fused kernel per group and channel: the tensor copied
+                into (V, H, W, G * C) (TF, NHWC) or (V, G * C, H, W)
+                (torch), the kernel with G * C channels, the output copied
+                back (the only way to the kernels: they normalize per
+                channel over the whole batch)
+  native-grad-transposed  torch: the same copy, then the fast path's
+                native_batch_norm + one native_batch_norm_backward
+
 Prints the median ms per step of each, interleaved, and the largest
 difference of each formulation's gradients from the portable path's.
 """
@@ -244,6 +258,180 @@ def torch_steps(shape):
             "native-grad": step_of(native_grad)}
 
 
+def tensorflow_group_steps(shape, size):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(shape, dtype="float32") * 2 + 0.5)
+    dy = tf.constant(rng.standard_normal(shape, dtype="float32"))
+    n, h, w, c = shape
+    groups = n // size
+    gamma = tf.Variable(tf.ones([c]) * 1.5)
+    beta = tf.Variable(tf.zeros([c]) + 0.1)
+    mu = tf.constant(rng.standard_normal(c, dtype="float32") * 0.1)
+    sigma = tf.constant(1 + rng.random(c, dtype="float32"))
+
+    def corrections(mean, stddev):
+        r = tf.clip_by_value(stddev / sigma, 1 / 3, 3.0)
+        d = tf.clip_by_value((mean - mu) / sigma, -5.0, 5.0)
+        return tf.stop_gradient(r), tf.stop_gradient(d)
+
+    def normalize(x, axes):
+        mean = tf.reduce_mean(x, axes, keepdims=True)
+        var = tf.reduce_mean(tf.square(x - mean), axes, keepdims=True)
+        stddev = tf.sqrt(var + EPS)
+        r, d = corrections(mean, stddev)
+        a = gamma * r / stddev
+        return x * a + (gamma * d + beta - mean * a)
+
+    def portable(x):
+        grouped = tf.reshape(x, (groups, size, h, w, c))
+        return tf.reshape(normalize(grouped, [1, 2, 3]), shape)
+
+    def whole_batch(x):
+        return normalize(x, [0, 1, 2])
+
+    def fused_transposed(x):
+        wide = tf.reshape(tf.transpose(tf.reshape(
+            x, (groups, size, h, w, c)), (1, 2, 3, 0, 4)),
+            (size, h, w, groups * c))
+        x_hat, mean, var, *reserve = tf.raw_ops.FusedBatchNormV3(
+            x=wide, scale=tf.ones([groups * c]),
+            offset=tf.zeros([groups * c]), mean=tf.constant([], tf.float32),
+            variance=tf.constant([], tf.float32), epsilon=EPS,
+            is_training=True)
+        m = float(size * h * w)
+        mean = tf.reshape(tf.stop_gradient(mean), (groups, c))
+        stddev = tf.sqrt(tf.reshape(tf.stop_gradient(var), (groups, c))
+                         * (m - 1) / m + EPS)
+        r, d = corrections(mean, stddev)
+        scale = tf.reshape(gamma * r, [-1])
+        offset = tf.reshape(gamma * d + beta, [-1])
+        x_hat = tf.stop_gradient(x_hat)
+        reserve = [tf.stop_gradient(t) for t in reserve]
+
+        @tf.custom_gradient
+        def affine(wide, scale, offset):
+            def gradient(dy):
+                dx, dscale, doffset, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=dy, x=wide, scale=scale,
+                    reserve_space_1=reserve[0], reserve_space_2=reserve[1],
+                    reserve_space_3=reserve[2], epsilon=EPS,
+                    is_training=True)
+                return dx, dscale, doffset
+            return x_hat * scale + offset, gradient
+
+        y = affine(wide, scale, offset)
+        return tf.reshape(tf.transpose(tf.reshape(
+            y, (size, h, w, groups, c)), (3, 0, 1, 2, 4)), shape)
+
+    def step_of(formula):
+        @tf.function(jit_compile=False)
+        def step():
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(formula(x) * dy)
+            return tape.gradient(loss, [x, gamma, beta])
+
+        return lambda: [g.numpy() for g in step()]
+
+    return {"portable": step_of(portable),
+            "whole-batch": step_of(whole_batch),
+            "fused-transposed": step_of(fused_transposed)}
+
+
+def torch_group_steps(shape, size):
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
+                     requires_grad=True)
+    dy = torch.tensor(rng.standard_normal(shape, dtype="float32"))
+    n, h, w, c = shape
+    groups = n // size
+    gamma = torch.full((c,), 1.5, requires_grad=True)
+    beta = torch.full((c,), 0.1, requires_grad=True)
+    mu = torch.tensor(rng.standard_normal(c, dtype="float32") * 0.1)
+    sigma = torch.tensor(1 + rng.random(c, dtype="float32"))
+
+    def corrections(mean, stddev):
+        r = torch.clamp(stddev / sigma, 1 / 3, 3.0)
+        d = torch.clamp((mean - mu) / sigma, -5.0, 5.0)
+        return r.detach(), d.detach()
+
+    def normalize(x, dims):
+        mean = x.mean(dims, keepdim=True)
+        stddev = torch.sqrt(torch.square(x - mean).mean(dims, keepdim=True)
+                            + EPS)
+        r, d = corrections(mean, stddev)
+        a = gamma * r / stddev
+        return x * a + (gamma * d + beta - mean * a)
+
+    def portable(x):
+        return normalize(x.reshape(groups, size, h, w, c),
+                         (1, 2, 3)).reshape(shape)
+
+    def whole_batch(x):
+        return normalize(x, (0, 1, 2))
+
+    def native_transposed(x):
+        wide = x.reshape(groups, size, h, w, c).permute(1, 0, 4, 2, 3)
+        wide = wide.reshape(size, groups * c, h, w)  # a copy
+        y = torch.batch_norm(wide, None, None, None, None, True, 0.0, EPS,
+                             False)
+        with torch.no_grad():
+            var, mean = torch.var_mean(wide, dim=(0, 2, 3), correction=0)
+            r, d = corrections(mean.reshape(groups, c),
+                               torch.sqrt(var.reshape(groups, c) + EPS))
+        scale = (gamma * r).reshape(-1)[:, None, None]
+        offset = (gamma * d + beta).reshape(-1)[:, None, None]
+        y = y * scale + offset
+        return y.reshape(size, groups, c, h, w).permute(1, 0, 3, 4, 2
+                                                        ).reshape(shape)
+
+    class AffineOfFused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, x_hat, scale, offset, mean, invstd):
+            ctx.save_for_backward(x, scale, mean, invstd)
+            ctx.mark_dirty(x_hat)
+            return x_hat.mul_(scale[:, None, None]).add_(offset[:, None, None])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, scale, mean, invstd = ctx.saved_tensors
+            dx, dscale, doffset = torch.ops.aten.native_batch_norm_backward(
+                dy, x, scale, None, None, mean, invstd, True, EPS,
+                [True, True, True])
+            return dx, None, dscale, doffset, None, None
+
+    def native_grad_transposed(x):
+        wide = x.reshape(groups, size, h, w, c).permute(1, 0, 4, 2, 3)
+        wide = wide.reshape(size, groups * c, h, w)  # a copy
+        with torch.no_grad():
+            x_hat, mean, invstd = torch.native_batch_norm(
+                wide, None, None, None, None, True, 0.0, EPS)
+            r, d = corrections(mean.reshape(groups, c),
+                               1 / invstd.reshape(groups, c))
+        y = AffineOfFused.apply(wide, x_hat, (gamma * r).reshape(-1),
+                                (gamma * d + beta).reshape(-1), mean, invstd)
+        return y.reshape(size, groups, c, h, w).permute(1, 0, 3, 4, 2
+                                                        ).reshape(shape)
+
+    def step_of(formula):
+        def step():
+            for tensor in (x, gamma, beta):
+                tensor.grad = None
+            (formula(x) * dy).sum().backward()
+            return [t.grad.numpy().copy() for t in (x, gamma, beta)]
+
+        return step
+
+    return {"portable": step_of(portable),
+            "whole-batch": step_of(whole_batch),
+            "native-transposed": step_of(native_transposed),
+            "native-grad-transposed": step_of(native_grad_transposed)}
+
+
 def jax_steps(shape):
     import jax
     import jax.numpy as jnp
@@ -317,11 +505,22 @@ def main():
     parser.add_argument("--channels", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--groups", type=int, metavar="V",
+                        help="virtual batches of V examples (tensorflow, "
+                        "torch; V must divide --batch-size)")
     args = parser.parse_args()
     shape = (args.batch_size, 32, 32, args.channels)
-    make = {"tensorflow": tensorflow_steps, "torch": torch_steps,
-            "jax": jax_steps}[args.framework]
-    steps = make(shape)
+    if args.groups:
+        if args.framework == "jax" or args.batch_size % args.groups:
+            parser.error("--groups V: tensorflow or torch, V dividing "
+                         "--batch-size")
+        make = {"tensorflow": tensorflow_group_steps,
+                "torch": torch_group_steps}[args.framework]
+        steps = make(shape, args.groups)
+    else:
+        make = {"tensorflow": tensorflow_steps, "torch": torch_steps,
+                "jax": jax_steps}[args.framework]
+        steps = make(shape)
     grads = {name: step() for name, step in steps.items()}  # warm-up
     times = {name: [] for name in steps}
     for _ in range(args.repeats):
@@ -340,6 +539,9 @@ def main():
         print(f"  {name:15} {1000 * median:8.1f} ms  x{median / base:.2f} of "
               f"portable; gradients (x, gamma, beta) differ by "
               + ", ".join(f"{d:.1e}" for d in diffs) + " (relative)")
+    if args.groups:
+        print("  (whole-batch: no groups, its gradients differ by design)")
+        return
     gammas = {"tensorflow": ("keras-bn", "fused-bn"),
               "torch": ("keras-bn", "native-bn"),
               "jax": ("keras-bn",)}[args.framework]

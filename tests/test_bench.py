@@ -24,7 +24,8 @@ def load_bench():
 
 
 bench = load_bench()
-TINY = ["--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup",
+# Batches of 8: renorm-groups4 splits them in two.
+TINY = ["--batch-size", "8", "--steps", "1", "--repeats", "2", "--warmup",
         "1", "--depth", "10", "--width", "1", "--channels", "3", "5"]
 if BACKEND == "tensorflow":
     # Results go to tensorflow-cpu.json (with XLA: tensorflow-cpu-xla.json,
@@ -36,7 +37,7 @@ def expected_variants():
     variants = ["batchnorm", "renorm"]
     if has_fast_path():
         variants.append("renorm-portable")
-    variants.append("keras-renorm")
+    variants += ["renorm-groups4", "keras-renorm"]
     if BACKEND == "tensorflow" and bench.tf_keras() is not None:
         variants += ["tf.keras-batchnorm", "tf.keras-renorm"]
     return variants
@@ -57,8 +58,8 @@ def test_layer_and_model_levels_write_results(tmp_path, capsys):
     assert record["versions"]["keras"] == keras.__version__
     assert record["threads"]["cpu_count"] >= 1
     rows = record["rows"]
-    shapes = {"layer": ["4x32x32x3", "4x32x32x5"],
-              "model": ["WRN-10-1, 4x32x32x3"]}
+    shapes = {"layer": ["8x32x32x3", "8x32x32x5"],
+              "model": ["WRN-10-1, 8x32x32x3"]}
     assert [(r["level"], r["shape"], r["variant"]) for r in rows] == [
         (level, shape, variant) for level in ("layer", "model")
         for shape in shapes[level] for variant in variants]
@@ -99,6 +100,36 @@ def test_bad_arguments_are_one_line(argv, words, tmp_path, capsys):
     assert bench.main(argv + ["--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and words in err
+
+
+def test_devices_level_needs_jax_and_several_devices(tmp_path, capsys):
+    """In this process JAX (if it is the backend) sees one CPU device."""
+    assert bench.main(TINY + ["--level", "devices",
+                              "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert ("several devices" if BACKEND == "jax" else "jax backend") in err
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's distribution API")
+def test_devices_level_on_four_devices(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="jax",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), *TINY,
+         "--level", "devices", "--results-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "jax-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        "batchnorm, 1 device", "batchnorm, 4 devices", "renorm, 1 device",
+        "renorm, 4 devices", "renorm, 4 devices, per-device statistics"]
+    assert [r["ratio"] == 1.0 for r in rows] == [True, False, True, False,
+                                                 False]
 
 
 def test_readme_without_the_block_is_an_error(tmp_path, capsys):

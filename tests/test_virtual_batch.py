@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import keras
-from keras import ops
 
 from batch_renorm import BatchRenormalization
 from batch_renorm import convert_to_renorm
+from batch_renorm import has_fast_path
 from test_batch_renorm import BACKEND
 from test_batch_renorm import FIXED_CLIP
 from test_batch_renorm import assert_close
@@ -299,3 +299,27 @@ def test_synchronized_needs_tensorflow_and_whole_batches():
     plain = BatchRenormalization(**FIXED_CLIP)
     assert_close(synced(x, training=True), plain(x, training=True),
                  rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not has_fast_path(), reason="no fused kernel on " + BACKEND)
+@pytest.mark.parametrize("batch, groups", [(8, 4), (7, None)],
+                         ids=["whole-groups", "last-group-smaller"])
+def test_whole_groups_take_the_fused_kernel(monkeypatch, batch, groups):
+    """On TensorFlow and PyTorch a rank-4 channels-last batch of whole groups
+    takes the fused kernel per group and channel (the reference test above
+    checks its numbers, as `default`); a smaller last group takes the
+    portable path."""
+    import batch_renorm
+
+    calls = []
+    fused = batch_renorm._fused_training_call
+
+    def recording(layer, x, gamma, beta, dtype, groups=1):
+        calls.append(groups)
+        return fused(layer, x, gamma, beta, dtype, groups)
+
+    monkeypatch.setattr(batch_renorm, "_fused_training_call", recording)
+    layer = BatchRenormalization(virtual_batch_size=2, **FIXED_CLIP)
+    x = channel_batch(np.random.default_rng(1), (batch, 4, 4, 3), -1)
+    layer(x, training=True)
+    assert calls == ([groups] if groups else [])
