@@ -8,6 +8,10 @@
 #   make sweep-cpu       BN / BRN / Keras renorm over batch sizes and i.i.d. /
 #                        non-i.i.d. batches, reduced (sweep.py --preset cpu)
 #   make sweep-gpu       the same at full size (sweep.py --preset gpu, JAX)
+#   make study-cpu       the paper's design: batch 128, BN / BRN normalized in
+#                        virtual batches of V, i.i.d. / pairs, several seeds
+#                        (sweep.py --study microbatch --preset cpu)
+#   make study-gpu       the same at full size (--preset gpu, JAX)
 # and the benchmarks behind the speed table (docs/speed.md):
 #   make bench           benchmarks/bench.py on each backend in BACKENDS
 PYTHON ?= python3
@@ -47,7 +51,8 @@ CPU_FLAGS ?= --depth 16 --width 2 --train-size 3200 --val-size 1000 \
 NORMS ?= batchnorm renorm
 export KERAS_BACKEND ?= tensorflow
 
-.PHONY: setup test run reference-cpu reference-gpu sweep-cpu sweep-gpu bench
+.PHONY: setup test run reference-cpu reference-gpu sweep-cpu sweep-gpu \
+  study-cpu study-gpu bench
 
 setup: $(VENV)/.installed
 
@@ -97,6 +102,14 @@ sweep-cpu: setup
 
 sweep-gpu: setup
 	KERAS_BACKEND=jax $(BIN)/python sweep.py --preset gpu
+
+# make study-cpu: 50 runs, about 80 minutes on 2 CPU cores (docs/sweep.md);
+# resumable: the same command continues after an interruption.
+study-cpu: setup
+	$(BIN)/python sweep.py --study microbatch --preset cpu
+
+study-gpu: setup
+	KERAS_BACKEND=jax $(BIN)/python sweep.py --study microbatch --preset gpu
 
 # make bench: layer and model level, then the input pipeline and jit_compile
 # on/off, for each backend, then the speed table in docs/speed.md

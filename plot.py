@@ -32,6 +32,19 @@ and, where the runs span several batch sizes or include non-i.i.d. ones
                                size and norm, and the accuracy lost
   tables in timing.md          test accuracy, then best / final val
                                accuracy, by norm, sampling and batch size
+and, where some runs have virtual batches or pairs sampling (train.py
+--virtual-batch-size, --sampling pairs; sweep.py --study microbatch):
+  PLOTS/microbatch.png         test accuracy (last weights) against the
+                               normalization group V (the batch size where
+                               none was set), a line per norm (solid:
+                               i.i.d., dashed: pairs), mean and 95%
+                               t-interval over seeds; and the accuracy each
+                               norm loses from the largest V to the
+                               smallest, paired by seed, with its interval
+  tables in timing.md          test accuracy per norm, sampling and V (mean
+                               ± std (n)); renorm - batchnorm per V and
+                               sampling, paired by seed, with its 95%
+                               interval; the accuracy lost
 
 Figure titles state every setting that departs from the protocol the runs
 name (and the full data set), and the device. A group whose runs come from
@@ -65,12 +78,14 @@ from matplotlib.ticker import (  # noqa: E402
 
 from experiment import runfiles  # noqa: E402
 from experiment.histories import (  # noqa: E402
-    IGNORED, Point, field_text, group_runs, has_sweep, history_paths,
-    load_runs, norm_rank, sampling_text, sort_key, sweep_points)
+    IGNORED, Point, field_text, group_runs, has_microbatch, has_sweep,
+    history_paths, load_runs, micro_points, norm_rank, sampling_text,
+    sort_key, sweep_points)
 from experiment.protocols import NORMS  # noqa: E402 (fixes their colours)
 from experiment.report import (  # noqa: E402
-    figure_title, median_seconds, ratios_to_baseline, sweep_table,
-    test_table, timing_report, warn_provenance)
+    CONFIDENCE, figure_title, group_losses, median_seconds, micro_lines,
+    micro_sampling_text, microbatch_tables, ratios_to_baseline, sweep_table,
+    t_interval, test_table, timing_report, warn_provenance)
 
 PROG = "plot.py"
 
@@ -520,6 +535,94 @@ def plot_non_iid(points, runs):
     return fig
 
 
+# ------------------------------------------------------ the microbatch study
+def micro_linestyle(sampling):
+    """Solid for i.i.d., dashed for pairs, dotted for K classes per batch."""
+    return {"iid": "-", "pairs": "--"}.get(sampling, ":")
+
+
+def micro_label(line):
+    norm, sampling, rest = line
+    return ", ".join([norm, micro_sampling_text(sampling)]
+                     + [field_text(f, v) for f, v in rest])
+
+
+def micro_accuracy(ax, points, colors):
+    """Test accuracy against V, a line per norm and sampling: the mean over
+    seeds and its t-interval (a line's single group, keras-renorm's whole
+    batch, is a marker)."""
+    rests = list(dict.fromkeys(p.rest for p in points))
+    markers = dict(zip(rests, "osD^v<>px*"))
+    lines = micro_lines(points)
+    for number, (line, cells) in enumerate(lines.items()):
+        groups = [g for g in sorted(cells, key=sort_key)
+                  if cells[g].by_seed()]
+        if not groups:
+            continue
+        stats = [t_interval(cells[g].by_seed().values()) for g in groups]
+        errors = [half or 0.0 for _, half in stats]
+        norm, sampling, rest = line
+        # Each line a little to the side (on the log axis), so that the
+        # intervals at one V do not hide each other.
+        dodge = 2 ** (0.03 * (number - (len(lines) - 1) / 2))
+        ax.errorbar([g * dodge for g in groups], [mean for mean, _ in stats],
+                    yerr=errors if any(errors) else None,
+                    color=colors[norm], linestyle=micro_linestyle(sampling),
+                    marker=markers[rest], markersize=5, capsize=3,
+                    label=micro_label(line))
+    sizes = sorted({p.group for p in points}, key=sort_key)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="normalization group V (examples; log scale)",
+           ylabel="test accuracy, last weights (%)",
+           title="test accuracy against V")
+
+
+def micro_losses(ax, points, colors):
+    """A bar per norm and sampling: accuracy at the largest V minus at the
+    smallest, paired by seed, with its t-interval."""
+    losses = group_losses(points)
+    for number, (line, small, large, differences) in enumerate(losses):
+        mean, half = t_interval(differences.values())
+        norm, sampling, _ = line
+        ax.bar(number, mean, 0.7, color=colors[norm],
+               alpha=0.45 if sampling == "iid" else 0.9,
+               hatch=None if sampling == "iid" else "//", edgecolor="white",
+               yerr=half, capsize=4)
+    ax.axhline(0, color="grey", linewidth=1)
+    ax.set_xticks(range(len(losses)),
+                  [micro_label(line).replace(", ", "\n", 1)
+                   for line, *_ in losses], fontsize=8)
+    spans = sorted({f"{large} → {small}" for _, small, large, _ in losses})
+    ax.set(ylabel="percentage points",
+           title="accuracy lost, V " + ", ".join(spans)
+           + " (paired by seed)")
+
+
+def plot_microbatch(points, runs):
+    """Test accuracy against the normalization group V, and what each norm
+    loses from the largest V to the smallest."""
+    losses = group_losses(points)
+    fig, axes = plt.subplots(1, 2 if losses else 1, squeeze=False,
+                             figsize=(13 if losses else 7, 5.5),
+                             layout="constrained")
+    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
+    micro_accuracy(axes[0, 0], points, colors)
+    if losses:
+        micro_losses(axes[0, 1], points, colors)
+    seeds = sorted({len(p.by_seed()) for p in points})
+    fig.suptitle(figure_title(
+        "Small normalization groups in batches of one size (solid: i.i.d., "
+        f"dashed: pairs); mean and {CONFIDENCE:.0%} t-interval over "
+        + ("–".join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1
+           else str(seeds[0])) + " seeds", [], runs))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center",
+               ncol=min(len(handles), 3), frameon=False)
+    return fig
+
+
 def save_figure(fig, path):
     image = io.BytesIO()
     fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
@@ -550,6 +653,10 @@ def main(argv=None):
     if points:
         tests = test_table(points)
         report += ("\n" + tests if tests else "") + "\n" + sweep_table(points)
+    micro = micro_points(runs) if has_microbatch(runs) else []
+    micro_text = microbatch_tables(micro) if micro else ""
+    if micro_text:
+        report += "\n" + micro_text
     try:
         args.plots_dir.mkdir(parents=True, exist_ok=True)
         sns.set_theme(style="whitegrid", context="notebook")
@@ -562,6 +669,9 @@ def main(argv=None):
         if any(p.classes is not None for p in points):
             save_figure(plot_non_iid(points, runs),
                         args.plots_dir / "non_iid.png")
+        if micro_text:  # some run has a result
+            save_figure(plot_microbatch(micro, runs),
+                        args.plots_dir / "microbatch.png")
         runfiles.write_file(args.plots_dir / "timing.md", report.encode())
     except (OSError, runfiles.WriteError) as error:
         print(f"{PROG}: error: cannot write to {args.plots_dir}: {error}",

@@ -9,12 +9,17 @@ renormalization, and keep a per-epoch history that can be plotted and resumed.
   python train.py --norm renorm --batch-size 8 --classes-per-batch 4 \\
       --renorm-schedule 0.04,0.19,0.31 --epochs 10   # pairs of images of a
                               # class; the schedule scaled to the run's steps
+  python train.py --norm batchnorm --virtual-batch-size 4 --sampling pairs
+                              # the paper's micro-batches: batches of 128,
+                              # normalized in groups of 4 (2 pairs of 2
+                              # classes), ghost batch normalization
 
 --lr is used as given for every --batch-size (no automatic scaling);
 sweep.py trains all batch sizes with the same Adam learning rate.
 
-Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, or
-NORM-PROTOCOL-bBATCH-kK-sSEED with --classes-per-batch K):
+Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED
+-kK for --classes-per-batch K or -pairs for --sampling pairs, then -vV for
+--virtual-batch-size V):
   HISTORY_DIR/NAME.csv                one row per epoch, written as it ends:
                                       epoch, seconds (training steps only,
                                       measured after the device finished),
@@ -23,11 +28,15 @@ NORM-PROTOCOL-bBATCH-kK-sSEED with --classes-per-batch K):
                                       the first renorm layer after the epoch)
   HISTORY_DIR/NAME.json               the configuration (keys named as the
                                       flags; classes_per_batch null for
-                                      i.i.d. batches; the renorm steps as
+                                      i.i.d. batches; sampling iid, pairs
+                                      or kK; virtual_batch_size null for
+                                      the whole batch; the renorm steps as
                                       used, also with --renorm-schedule),
                                       --input and --steps-per-execution as
-                                      resolved, steps_per_epoch, backend,
-                                      device, versions
+                                      resolved, steps_per_epoch, which
+                                      statistics the norms compute
+                                      (statistics), backend, device,
+                                      versions
   WEIGHTS_DIR/NAME.weights.h5         the last weights
   WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
   WEIGHTS_DIR/NAME.state.npz          weights, optimizer state, epoch and
@@ -119,7 +128,8 @@ def run(config, options, explicit, argv, paths):
     # 2. Data: uint8 images in memory, normalized batch by batch.
     arrays = preprocessing.prepare(config, options.data_dir)
     steps = sampling.steps_per_epoch(arrays.y_train, config["batch_size"],
-                                     config["classes_per_batch"])
+                                     config["classes_per_batch"],
+                                     pairs=protocols.pairs_group(config))
     if not resuming:  # a resumed run keeps the steps it started with
         protocols.resolve_schedule(config, steps)
 
@@ -249,11 +259,20 @@ def start_files(model, config, paths, header, arrays, environment, steps,
 def parallel_record(config):
     """How a step's batch is split, and which statistics the normalization
     layers compute (for the JSON)."""
-    devices = config["devices"]
-    return {"per_device_batch": config["batch_size"] // devices,
-            "statistics": "of the whole batch" + (
-                f", synchronized across the {devices} devices"
-                if devices > 1 else "")}
+    devices, virtual = config["devices"], config["virtual_batch_size"]
+    per_device = config["batch_size"] // devices
+    if virtual is None or virtual >= config["batch_size"]:
+        statistics = "of the whole batch" + (
+            f", synchronized across the {devices} devices"
+            if devices > 1 else "")
+    elif devices > 1 and virtual == per_device:
+        statistics = (f"per device (groups of {virtual} = the per-device "
+                      "batch)")
+    else:
+        statistics = f"per group of {virtual} consecutive examples" + (
+            f" ({per_device // virtual} groups on each of the {devices} "
+            "devices)" if devices > 1 else "")
+    return {"per_device_batch": per_device, "statistics": statistics}
 
 
 def train_epochs(keras, model, config, arrays, steps, paths, header, start,
@@ -262,8 +281,11 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
     the finished epochs' rows, which grow); returns the best validation
     epoch and, if a signal interrupted them, the exit code (else None)."""
     batches_of = epoch_batches(config, arrays)
+    # batchnorm with virtual batches is BatchRenormalization too, but its
+    # bounds are fixed: only renorm's go into the CSV (runfiles.columns).
     renorm = next((layer for layer in model.layers
-                   if type(layer).__name__ == "BatchRenormalization"), None)
+                   if type(layer).__name__ == "BatchRenormalization"),
+                  None) if config["norm"] == "renorm" else None
     progress = 1 if sys.stdout.isatty() else 0  # Keras's progress bar
     clock = runtime.epoch_clock(keras)
     table = console.Table(header)
@@ -319,12 +341,14 @@ def epoch_batches(config, arrays):
             augmented=config["augment"])
         return lambda epoch: resident.train_batches(
             config["batch_size"], sampling.epoch_rng(config["seed"], epoch),
-            classes_per_batch=config["classes_per_batch"])
+            classes_per_batch=config["classes_per_batch"],
+            pairs=protocols.pairs_group(config))
     return lambda epoch: sampling.train_batches(
         arrays.x_train, arrays.y_train, config["batch_size"], arrays.mean,
         arrays.std, sampling.epoch_rng(config["seed"], epoch),
         augmented=config["augment"],
-        classes_per_batch=config["classes_per_batch"])
+        classes_per_batch=config["classes_per_batch"],
+        pairs=protocols.pairs_group(config))
 
 
 def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):

@@ -47,7 +47,12 @@ def describe_run(config, model, environment, source, steps):
                   if config["lr_milestones"] else "")
     classes = config["classes_per_batch"]
     sampling = (f" of {classes} classes ({config['batch_size'] // classes} "
-                "images each)" if classes else " (i.i.d.)")
+                "images each)" if classes else
+                " of pairs of a class" if config["sampling"] == "pairs"
+                else " (i.i.d.)")
+    if config["virtual_batch_size"] is not None:
+        sampling += (f", normalized in groups of "
+                     f"{config['virtual_batch_size']} (virtual batches)")
     schedule = ""
     if config["norm"] == "renorm":
         fractions = config["renorm_schedule"]

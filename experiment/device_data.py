@@ -2,8 +2,9 @@
 `--input device`.
 
 The uint8 images and the labels go to the device once. Each epoch, the host
-draws what `sampling.train_batches` draws from the epoch's rng (the order or
-the class batches, and the crop offsets and flips), with the same function
+draws what `sampling.train_batches` draws from the epoch's rng (the order,
+the class batches or the pairs, and the crop offsets and flips), with the
+same function
 (`sampling.batch_plan`), and sends those few integers to the device in one
 copy; the device gathers, crops, flips and normalizes each batch. So a batch
 costs no host work on the pixels and no host-to-device copy of them, and the
@@ -51,14 +52,16 @@ class DeviceTrainSet:
         self.rows = ops.arange(self.height, dtype="int32")
         self.cols = ops.arange(self.width, dtype="int32")
 
-    def train_batches(self, batch_size, rng, classes_per_batch=None):
+    def train_batches(self, batch_size, rng, classes_per_batch=None,
+                      pairs=None):
         """One epoch of normalized batches `(x float32, y int32)` on the
         device: those of `sampling.train_batches` with the same arguments and
         `rng` (augmented if this set is)."""
         from keras import ops
 
         plan = list(sampling.batch_plan(self.host_labels, batch_size, rng,
-                                       self.augmented, classes_per_batch))
+                                       self.augmented, classes_per_batch,
+                                       pairs))
         # The whole epoch's indices and offsets in one host-to-device copy.
         parts = [np.concatenate([index for index, _ in plan])]
         if self.augmented:

@@ -26,6 +26,7 @@ from experiment.protocols import CONFIG_KEYS
 from experiment.protocols import NORMS
 from experiment.protocols import PRECISIONS
 from experiment.protocols import PROTOCOLS
+from experiment.protocols import SAMPLINGS
 from experiment.protocols import SCHEDULE_STEPS
 from experiment.protocols import VAL_FROM
 from experiment.runtime import AUTO_STEPS_PER_EXECUTION
@@ -63,8 +64,9 @@ def add_run_flags(parser):
                      help="hyperparameters (table below; default: seed)")
     run.add_argument("--name", type=run_name,
                      help="run name, for its files (default: "
-                     "NORM-PROTOCOL-bBATCH_SIZE-sSEED, with -kK before -sSEED "
-                     "for --classes-per-batch K)")
+                     "NORM-PROTOCOL-bBATCH_SIZE-sSEED, with before -sSEED: "
+                     "-kK for --classes-per-batch K or -pairs for --sampling "
+                     "pairs, then -vV for --virtual-batch-size V)")
     run.add_argument("--seed", type=nonnegative_int, metavar="SEED",
                      help="seed of initialization, shuffling, augmentation, "
                      "dropout and the --train-size subset; the same seed "
@@ -108,7 +110,21 @@ def add_data_flags(parser):
                       "pairs: K = BATCH_SIZE / 2); K must divide "
                       "--batch-size; every training image is used once per "
                       "epoch; validation is unchanged (default: i.i.d. "
-                      "batches, a random permutation each epoch)")
+                      "batches, a random permutation each epoch); a "
+                      "sampling of its own (recorded as sampling kK), so it "
+                      "excludes --sampling")
+    data.add_argument("--sampling", choices=SAMPLINGS,
+                      help="iid: a random permutation each epoch, cut into "
+                      "batches; pairs: the paper's non-i.i.d. batches, made "
+                      "of pairs of images of one class, and within each "
+                      "normalization group (--virtual-batch-size V, else "
+                      "the whole batch) of V/2 pairs of V/2 distinct classes "
+                      "where V/2 <= 10 (CIFAR-10's classes), spread as "
+                      "evenly as possible over the classes beyond; needs an "
+                      "even --batch-size and V; each training image at most "
+                      "once per epoch (a class's odd image, and the few "
+                      "pairs that no group can take at the end, wait for "
+                      "the next epoch) (default: iid)")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction,
                       help="4-pixel zero padding, random 32x32 crop and "
                       "horizontal flip")
@@ -206,6 +222,25 @@ def add_speed_flags(parser):
                        "(the epoch's last too), --val-size, the test set "
                        "and --eval-batch-size must divide by N; the batches "
                        "are made on the host (default: 1)")
+    speed.add_argument("--virtual-batch-size", type=positive_int,
+                       metavar="V",
+                       help="not a speed setting (it changes the math; "
+                       "--resume keeps it): in training, each normalization "
+                       "layer normalizes every group of V consecutive "
+                       "examples of a batch with the group's own statistics "
+                       "(ghost batch normalization; the epoch's last N mod V "
+                       "examples are a smaller group; the moving statistics "
+                       "take the mean over the groups, once a step); "
+                       "inference is unchanged. renorm: "
+                       "BatchRenormalization(virtual_batch_size=V), r and d "
+                       "per group. batchnorm: Keras's BatchNormalization has "
+                       "no virtual batches, so this is BatchRenormalization "
+                       "with r_max 1, d_max 0 and no schedule (exactly batch "
+                       "normalization of each group), with the same momentum "
+                       "and epsilon. keras-renorm: refused. At most "
+                       "--batch-size; with --devices N, V must divide the "
+                       "per-device batch (no group straddles two devices) "
+                       "(default: none, the whole batch)")
     speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
                        help="batch size of evaluation (default: 500)")
     speed.add_argument("--input", choices=INPUTS,
@@ -251,12 +286,20 @@ def parse_args(argv, doc):
     if config["renorm_schedule"] is not None:
         config["renorm_schedule"] = list(config["renorm_schedule"])
     classes = config["classes_per_batch"]
+    if classes and "sampling" in explicit:
+        raise UsageError(
+            f"--classes-per-batch {classes} is a sampling of its own "
+            f"(recorded as sampling k{classes}); it excludes --sampling "
+            f"{explicit['sampling']}")
+    config["sampling"] = protocols.sampling_of(classes, config["sampling"])
     config["name"] = explicit.get("name") or protocols.default_name(config)
     if classes and config["batch_size"] % classes:
         raise UsageError(
             f"--classes-per-batch {classes} must divide --batch-size "
             f"{config['batch_size']} (each class gives BATCH_SIZE / K images "
             "to a batch)")
+    check_pairs(config)
+    protocols.check_virtual_batch_size(config)
     steps_flags = [key for key in SCHEDULE_STEPS if key in explicit]
     if "renorm_schedule" in explicit and steps_flags:
         raise UsageError(
@@ -284,6 +327,18 @@ def parse_args(argv, doc):
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     return config, options, explicit
+
+
+def check_pairs(config):
+    """--sampling pairs: a batch, and a group, of whole pairs."""
+    if config["sampling"] != "pairs":
+        return
+    for key in ("batch_size", "virtual_batch_size"):
+        if config[key] is not None and config[key] % 2:
+            raise UsageError(
+                f"--sampling pairs needs an even {protocols.flag(key)}, not "
+                f"{config[key]} (every batch and normalization group is "
+                "made of pairs)")
 
 
 def precision(explicit, default):

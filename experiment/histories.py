@@ -2,8 +2,9 @@
 run (its CSV as numbers, its JSON configuration with the keys older
 histories lack at their legacy values), the groups of runs that differ only
 in their seed (and name, timings, provenance), the provenance checks of a
-group, and the points of a sweep (batch size x sampling). plot.py draws
-them; experiment.report writes their tables."""
+group, and the points of a sweep (batch size x sampling) and of the
+microbatch study (normalization group x sampling). plot.py draws them;
+experiment.report writes their tables."""
 
 import csv
 import functools
@@ -35,7 +36,8 @@ ENVIRONMENT_KEYS = ("device", "backend")
 # protocols.with_legacy_keys fills in: no virtual batches, one device.
 PLOT_LEGACY = {"virtual_batch_size": None, "devices": 1}
 # Labels name these first, in this order; the other keys follow.
-LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch", "epochs", "lr",
+LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
+               "virtual_batch_size", "sampling", "epochs", "lr",
                "train_size", "depth", "width", "augment")
 # Never split groups: the norm is a group's own; seeds are repeats; a name
 # is a name; `mixed_precision` is contained in `precision` (derived from it).
@@ -118,6 +120,10 @@ def sampling_text(classes):
 def field_text(field, value):
     if field == "classes_per_batch":
         return sampling_text(value)
+    if field == "virtual_batch_size":
+        return "whole batch" if value is None else f"virtual batch {value}"
+    if field == "sampling":
+        return "i.i.d." if value == "iid" else f"sampling {value}"
     return f"{field}={value}"
 
 
@@ -324,11 +330,10 @@ class Point:
         """Each run's test accuracy (`key`: test_accuracy, the last weights;
         best_test_accuracy, the best-val weights), in percent; None when a
         run has no such result (unfinished, or an older history)."""
-        results = [run.config.get("result") for run in self.runs]
-        if not all(isinstance(r, dict) and isinstance(r.get(key), (int, float))
-                   for r in results):
+        results = [test_result(run, key) for run in self.runs]
+        if any(r is None for r in results):
             return None
-        return np.array([r[key] for r in results]) * 100
+        return np.array(results) * 100
 
     def test_images(self):
         return {run.config["result"].get("test_images") for run in self.runs}
@@ -336,6 +341,13 @@ class Point:
     @property
     def line(self):
         return (self.norm, self.classes, self.rest)
+
+
+def test_result(run, key="test_accuracy"):
+    """A run's `result[key]` (in [0, 1]), None where it has none."""
+    result = run.config.get("result")
+    value = result.get(key) if isinstance(result, dict) else None
+    return value if isinstance(value, (int, float)) else None
 
 
 def sweep_points(runs):
@@ -360,3 +372,66 @@ def has_sweep(runs):
     return (len({run.value("batch_size") for run in runs}) > 1
             or any(run.value("classes_per_batch") is not None
                    for run in runs))
+
+
+# ------------------------------------------------------ the microbatch study
+# The fields that make a point of the microbatch study (the sampling holds
+# classes_per_batch, as kK), not the rest of its line.
+MICRO_FIELDS = ("virtual_batch_size", "sampling", "classes_per_batch")
+
+
+def group_size(run):
+    """The examples a run's normalization statistics come from: its virtual
+    batch, else its whole batch (keras-renorm, or a run without one)."""
+    virtual = run.value("virtual_batch_size")
+    return virtual if virtual is not None else run.value("batch_size")
+
+
+@dataclass
+class MicroPoint:
+    """The runs of one norm, sampling and normalization group (seeds are
+    repeats, and pair the cells)."""
+
+    norm: str
+    sampling: str  # iid, pairs or kK
+    rest: tuple  # ((field, value), ...) of other fields that split runs
+    group: object  # group_size: V, or the batch size
+    runs: list
+
+    def by_seed(self):
+        """Test accuracy of the last weights (%) by seed, of the runs that
+        have one (unfinished runs are left out); the mean where a seed
+        repeats."""
+        found = {}
+        for run in self.runs:
+            value = test_result(run)
+            if value is not None:
+                found.setdefault(run.value("seed"), []).append(value * 100)
+        return {seed: float(np.mean(v)) for seed, v in found.items()}
+
+    @property
+    def line(self):
+        return (self.norm, self.sampling, self.rest)
+
+
+def has_microbatch(runs):
+    """Whether any run has virtual batches or pairs sampling."""
+    return any(run.value("virtual_batch_size") is not None
+               or run.value("sampling") == "pairs" for run in runs)
+
+
+def micro_points(runs):
+    """The runs by norm, sampling, other splitting fields and normalization
+    group, ordered by norm, sampling (i.i.d. first), those fields, group."""
+    rest_fields = [f for f in splitting_fields(runs) if f not in MICRO_FIELDS]
+    points = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        rest = tuple((f, run.value(f)) for f in rest_fields)
+        key = (run.config["norm"], run.value("sampling"), rest,
+               group_size(run))
+        if key not in points:
+            points[key] = MicroPoint(*key, [])
+        points[key].runs.append(run)
+    return sorted(points.values(), key=lambda p: (
+        norm_rank(p.norm), p.sampling != "iid", str(p.sampling),
+        [sort_key(v) for _, v in p.rest], sort_key(p.group)))

@@ -13,6 +13,8 @@ def build_model(keras, config):
         norm_kwargs.update(warmup_steps=config["warmup_steps"],
                            r_max_steps=config["r_max_steps"],
                            d_max_steps=config["d_max_steps"])
+    if config["virtual_batch_size"] is not None:  # keras-renorm refuses it
+        norm_kwargs.update(virtual_batch_size=config["virtual_batch_size"])
     return wide_resnet(
         config["depth"],
         config["width"],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiment import cifar10
+from experiment import protocols
 from experiment.cli import UsageError
 from experiment.cifar10 import DataError
 
@@ -213,6 +214,12 @@ def check_devices(config, arrays):
     if config["classes_per_batch"]:
         raise UsageError(f"--classes-per-batch with --devices {n} is not "
                          "supported (its batches differ in size)")
+    if config["sampling"] == "pairs":
+        raise UsageError(f"--sampling pairs with --devices {n} is not "
+                         "supported (its epoch's last batch is of the pairs "
+                         "left, whatever their number)")
+    # Again with the number of devices resolved (--devices all).
+    protocols.check_virtual_batch_size(config)
     last = len(arrays.y_train) % config["batch_size"]
     sizes = [("--batch-size", config["batch_size"]),
              ("the epoch's last batch (--train-size modulo --batch-size)",

@@ -109,17 +109,27 @@ RUN_DEFAULTS = {
     "input": "auto",
     "steps_per_execution": "auto",
     "devices": 1,  # data parallel on this many local devices (JAX), or "all"
+    # None: each normalization's statistics are those of the whole batch;
+    # V: of each group of V consecutive examples (batchnorm and renorm).
+    "virtual_batch_size": None,
+    # "iid" (a permutation), "pairs" (pairs of images of a class, distinct
+    # classes within each normalization group: sampling.pair_batches), or
+    # "kK", set from classes_per_batch K (it is a sampling of its own).
+    "sampling": "iid",
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+SAMPLINGS = ("iid", "pairs")  # --sampling; --classes-per-batch K is kK
 VAL_FROM = ("train", "test")
 # Keys that histories written before they existed lack, with the value that
 # those runs had (--resume fills them in; `precision` is derived from the
-# old `mixed_precision`, see `with_legacy_keys`).
+# old `mixed_precision`, and `sampling` from `classes_per_batch`, see
+# `with_legacy_keys`).
 LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
                    "input": "host", "steps_per_execution": 1,
-                   "val_from": "test", "devices": 1}
+                   "val_from": "test", "devices": 1,
+                   "virtual_batch_size": None}
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
 # What --resume may change in a run's saved configuration (the speed
 # settings: they do not change the math; data parallel devices compute the
@@ -134,11 +144,56 @@ def flag(key):
 
 
 def default_name(config):
-    """NORM-PROTOCOL-bBATCH-sSEED, with -kK before -sSEED for K classes per
-    batch."""
+    """NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED: -kK for K classes per
+    batch or -pairs for --sampling pairs, then -vV for virtual batches of
+    V."""
     classes = config["classes_per_batch"]
+    virtual = config["virtual_batch_size"]
     return (f"{config['norm']}-{config['protocol']}-b{config['batch_size']}"
-            + (f"-k{classes}" if classes else "") + f"-s{config['seed']}")
+            + (f"-k{classes}" if classes else "")
+            + ("-pairs" if config["sampling"] == "pairs" else "")
+            + (f"-v{virtual}" if virtual is not None else "")
+            + f"-s{config['seed']}")
+
+
+def sampling_of(classes_per_batch, sampling="iid"):
+    """The run's `sampling`: kK for K classes per batch, else as given."""
+    return sampling if classes_per_batch is None else f"k{classes_per_batch}"
+
+
+def pairs_group(config):
+    """The normalization group that the pairs sampling builds its batches
+    for (the virtual batch, else the whole batch); None for other
+    samplings."""
+    if config["sampling"] != "pairs":
+        return None
+    return config["virtual_batch_size"] or config["batch_size"]
+
+
+def check_virtual_batch_size(config):
+    """The virtual batch fits the run: not with keras-renorm, at most the
+    batch, and with several devices a divisor of each device's share, so
+    that no group straddles two devices."""
+    virtual = config["virtual_batch_size"]
+    if virtual is None:
+        return
+    if config["norm"] == "keras-renorm":
+        raise UsageError(
+            f"--virtual-batch-size {virtual} needs --norm batchnorm or "
+            "renorm: keras-renorm (Keras's BatchNormalization(renorm=True)) "
+            "has no virtual batches")
+    if virtual > config["batch_size"]:
+        raise UsageError(
+            f"--virtual-batch-size {virtual} is more than --batch-size "
+            f"{config['batch_size']} (a group is at most the whole batch)")
+    devices = config["devices"]
+    if isinstance(devices, int) and devices > 1 and (
+            config["batch_size"] // devices) % virtual:
+        raise UsageError(
+            f"--virtual-batch-size {virtual} must divide the per-device "
+            f"batch {config['batch_size'] // devices} (--batch-size "
+            f"{config['batch_size']} / --devices {devices}), so that no "
+            "group straddles two devices")
 
 
 def lr_at(config, epoch):
@@ -183,9 +238,10 @@ def resumed_config(config, saved, explicit):
             continue
         value = list(value) if isinstance(value, tuple) else value
         if value != resumed[key]:
+            saved_value = "not set" if resumed[key] is None else resumed[key]
             raise UsageError(
                 f"{flag(key)} {value} differs from the saved configuration "
-                f"of run {config['name']!r} ({resumed[key]}); leave it out to "
+                f"of run {config['name']!r} ({saved_value}); leave it out to "
                 "resume, or start a new run with another --name")
     for key in RESUMABLE_CHANGES:
         if key in explicit or key != "epochs":  # speed: resolved anew
@@ -202,6 +258,8 @@ def with_legacy_keys(record):
     """A saved configuration with the keys that older histories lack, at
     the values those runs had."""
     record = {**LEGACY_DEFAULTS, **record}
+    if "sampling" not in record:
+        record["sampling"] = sampling_of(record["classes_per_batch"])
     if "precision" not in record:
         record["precision"] = ("mixed_float16" if record.get("mixed_precision")
                                else "float32")

@@ -1,13 +1,18 @@
 """The text that describes groups of runs: timing.md's tables (test and
 validation accuracy, seconds per epoch and the ratio to batchnorm, the code
-the runs ran; the sweep's tables by batch size and sampling) and the figure
-titles that state every setting departing from the protocol."""
+the runs ran; the sweep's tables by batch size and sampling; the
+microbatch study's table per cell and its paired differences with their
+95% intervals) and the figure titles that state every setting departing
+from the protocol."""
 
+import math
 import textwrap
 
+import numpy as np
 import pandas as pd
 
 from experiment.histories import IGNORED
+from experiment.histories import field_text
 from experiment.histories import PROVENANCE_WARNINGS
 from experiment.histories import provenance_problems
 from experiment.histories import provenances
@@ -281,6 +286,8 @@ def run_departures(config):
     if config.get("virtual_batch_size") is not None:
         found.append(("virtual_batch_size",
                       f"virtual batch {config['virtual_batch_size']}"))
+    if config.get("sampling") == "pairs":
+        found.append(("sampling", "pairs of a class (sampling pairs)"))
     if config.get("devices") not in (None, 1):
         found.append(("devices", f"{config['devices']} devices"))
     return found
@@ -302,6 +309,13 @@ def setting_text(key, runs):
     if key == "classes_per_batch":
         return "sampling " + ", ".join(sampling_text(c) for c in sorted(
             {r.value(key) for r in runs}, key=sort_key))
+    if key == "virtual_batch_size":
+        return "normalization group " + ", ".join(
+            field_text(key, v) for v in sorted({r.value(key) for r in runs},
+                                               key=sort_key))
+    if key == "sampling":
+        return "sampling " + ", ".join(sorted({str(r.value(key))
+                                               for r in runs}))
     used = (r.value(key) for r in runs if r.value(key) != IGNORED)
     return f"{key.replace('_', ' ')} {values_text(used)}"
 
@@ -399,3 +413,147 @@ def test_table(points):
         f"**Test accuracy by batch size and sampling** (%, {weights} on "
         f"{counted}; mean ± std over runs where there are several):\n\n"
         + batch_table(points, cell) + "\n")
+
+
+# ------------------------------------------------------ the microbatch study
+CONFIDENCE = 0.95
+LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
+
+
+def t_interval(values, confidence=CONFIDENCE):
+    """The mean of `values` and the half width of its two-sided Student t
+    interval, t(1 - (1 - confidence) / 2, n - 1) * s / sqrt(n) with s the
+    sample standard deviation; the half width is None for fewer than two
+    values (no spread to estimate)."""
+    values = np.asarray(list(values), dtype=float)
+    if len(values) == 0:
+        return math.nan, None
+    if len(values) < 2:
+        return float(values.mean()), None
+    from scipy import stats
+
+    quantile = stats.t.ppf(1 - (1 - confidence) / 2, len(values) - 1)
+    return (float(values.mean()),
+            float(quantile * values.std(ddof=1) / math.sqrt(len(values))))
+
+
+def paired_differences(first, second):
+    """{seed: first - second} over the seeds both by-seed dicts have."""
+    return {seed: first[seed] - second[seed] for seed in first
+            if seed in second}
+
+
+def interval_text(values):
+    """`mean [low, high] (n)`, signed, or the mean alone for one value."""
+    mean, half = t_interval(values)
+    n = len(list(values))
+    if half is None:
+        return f"{mean:+.2f} (n={n})" if n else "–"
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] (n={n})"
+
+
+def mean_std_text(values):
+    """`mean ± std (n)` of accuracies in percent."""
+    values = list(values)
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1)"
+    return (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} "
+            f"({len(values)})")
+
+
+def micro_lines(points):
+    """{(norm, sampling, rest): {group: point}}, in the points' order."""
+    lines = {}
+    for point in points:
+        lines.setdefault(point.line, {})[point.group] = point
+    return lines
+
+
+def group_losses(points):
+    """Per line with two groups or more: (line, smallest group, largest
+    group, the paired differences by seed: accuracy at the largest minus at
+    the smallest, i.e. what the norm loses when its groups shrink)."""
+    found = []
+    for line, cells in micro_lines(points).items():
+        if len(cells) < 2:
+            continue
+        small, large = min(cells, key=sort_key), max(cells, key=sort_key)
+        found.append((line, small, large, paired_differences(
+            cells[large].by_seed(), cells[small].by_seed())))
+    return found
+
+
+def renorm_gains(points):
+    """(sampling, rest, group, {seed: renorm - batchnorm}) for every cell
+    that has both norms."""
+    found = []
+    for (norm, sampling, rest), cells in micro_lines(points).items():
+        if norm != MORE:
+            continue
+        baseline = micro_lines(points).get((LESS, sampling, rest), {})
+        for group, point in cells.items():
+            if group in baseline:
+                found.append((sampling, rest, group, paired_differences(
+                    point.by_seed(), baseline[group].by_seed())))
+    return found
+
+
+def micro_sampling_text(sampling):
+    return {"iid": "i.i.d.", "pairs": "pairs"}.get(sampling, sampling)
+
+
+def microbatch_tables(points):
+    """Markdown: test accuracy per norm, sampling and normalization group
+    (mean ± std (n) over seeds), the paired differences renorm - batchnorm
+    per group and sampling with their 95% t-intervals, and what each norm
+    loses from its largest group to its smallest; "" without results."""
+    if not any(p.by_seed() for p in points):
+        return ""
+    groups = sorted({p.group for p in points}, key=sort_key)
+    rest_fields = [f for f, _ in points[0].rest]
+    header = ("norm", "sampling", *rest_fields, *[f"V={g}" for g in groups])
+    rows = []
+    for (norm, sampling, rest), cells in micro_lines(points).items():
+        rows.append((norm, micro_sampling_text(sampling),
+                     *[v for _, v in rest],
+                     *[mean_std_text(cells[g].by_seed().values())
+                       if g in cells else "–" for g in groups]))
+    text = (
+        "**Test accuracy by normalization group V and sampling** (%, the "
+        "last weights; mean ± std (number of seeds); V: the virtual batch, "
+        "or the whole batch where none was set; pairs: every batch made of "
+        "pairs of images of a class, V/2 distinct classes per group, "
+        "`--sampling pairs`):\n\n" + markdown_table(header, rows) + "\n")
+    gains = renorm_gains(points)
+    if gains:
+        columns = sorted({g for _, _, g, _ in gains}, key=sort_key)
+        by_line = {}
+        for sampling, rest, group, differences in gains:
+            by_line.setdefault((sampling, rest), {})[group] = differences
+        rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
+                 *[interval_text(cells[g].values()) if g in cells else "–"
+                   for g in columns])
+                for (sampling, rest), cells in by_line.items()]
+        text += (
+            f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
+            "test accuracy: the mean difference of the runs of one seed, "
+            f"[its {CONFIDENCE:.0%} t-interval] (number of pairs); an "
+            "interval that excludes 0 is a difference these seeds "
+            "resolve):\n\n" + markdown_table(
+                ("sampling", *rest_fields, *[f"V={g}" for g in columns]),
+                rows) + "\n")
+    losses = group_losses(points)
+    if losses:
+        rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
+                 f"{large} → {small}", interval_text(differences.values()))
+                for (norm, sampling, rest), small, large, differences
+                in losses]
+        text += (
+            "\n**Accuracy lost as the groups shrink** (test accuracy at the "
+            "largest V minus at the smallest, paired by seed, percentage "
+            f"points, [{CONFIDENCE:.0%} t-interval] (pairs)):\n\n"
+            + markdown_table(("norm", "sampling", *rest_fields, "V",
+                              "lost"), rows) + "\n")
+    return text

@@ -1,8 +1,10 @@
 """Batch plans: which training images go into each batch of an epoch, in
 which order and with which crops; i.i.d. (a random permutation) or
-non-i.i.d. (every batch from exactly K classes). `train_batches` makes the
-batches on the host with NumPy; `experiment.device_data` makes the same
-batches on the device from the same plan."""
+non-i.i.d. (every batch from exactly K classes; or the paper's pairs of
+images of a class, distinct classes within each normalization group).
+`train_batches` makes the batches on the host with NumPy;
+`experiment.device_data` makes the same batches on the device from the same
+plan."""
 
 import numpy as np
 
@@ -24,24 +26,28 @@ def epoch_rng(seed, epoch):
     return np.random.default_rng([seed, epoch])
 
 
-def steps_per_epoch(labels, batch_size, classes_per_batch=None):
+def steps_per_epoch(labels, batch_size, classes_per_batch=None, pairs=None):
     """The number of batches `train_batches` yields in one epoch (any rng)."""
     if classes_per_batch:
         return num_class_batches(labels, batch_size, classes_per_batch)
+    if pairs:
+        return num_pair_batches(labels, batch_size, pairs)
     return num_batches(len(labels), batch_size)
 
 
 def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
-                  classes_per_batch=None):
+                  classes_per_batch=None, pairs=None):
     """One epoch of normalized training batches `(x float32, y int32)`,
     augmented with `rng` if `augmented`.
 
-    i.i.d. (`classes_per_batch` None): the examples in the random order of
-    `rng`, cut into batches of `batch_size` (the last one smaller where the
-    size does not divide). Non-i.i.d. (`classes_per_batch` K): the batches of
-    `class_batches`, each from exactly K classes."""
+    i.i.d. (`classes_per_batch` and `pairs` None): the examples in the
+    random order of `rng`, cut into batches of `batch_size` (the last one
+    smaller where the size does not divide). Non-i.i.d.: with
+    `classes_per_batch` K, the batches of `class_batches`, each from exactly
+    K classes; with `pairs` G, those of `pair_batches`, pairs of a class
+    in normalization groups of G."""
     for index, offsets in batch_plan(labels, batch_size, rng, augmented,
-                                     classes_per_batch):
+                                     classes_per_batch, pairs):
         x = images[index]
         if offsets is not None:
             x = crop(x, *offsets)
@@ -49,13 +55,18 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
 
 
 def batch_plan(labels, batch_size, rng, augmented=False,
-               classes_per_batch=None):
+               classes_per_batch=None, pairs=None):
     """Everything random in an epoch of `train_batches`, drawn from `rng` in
     the same order: for each batch, the indices of its examples and, if
     `augmented`, their `crop_offsets` (else None). Both the host batches and
     the device batches (device_data.py) are made from it, so they agree."""
+    if classes_per_batch and pairs:
+        raise ValueError("classes_per_batch and pairs exclude each other "
+                         "(two samplings)")
     if classes_per_batch:
         batches = class_batches(labels, batch_size, classes_per_batch, rng)
+    elif pairs:
+        batches = pair_batches(labels, batch_size, pairs, rng)
     else:
         order = rng.permutation(len(labels))
         batches = (order[start : start + batch_size]
@@ -170,3 +181,122 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
             extended.add(target)
             batches[target].append(group)
     return [np.concatenate(batches[i]) for i in rng.permutation(len(batches))]
+
+
+# ------------------------------------------------ pairs in normalization groups
+
+
+def check_pairs(batch_size, group_size):
+    """Raises ValueError unless batches of `batch_size` and normalization
+    groups of `group_size` examples can be made of whole pairs."""
+    for name, value in (("batch_size", batch_size),
+                        ("group_size", group_size)):
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                or value < 2 or value % 2):
+            raise ValueError(f"pairs need an even {name} >= 2, not "
+                             f"{value!r}")
+
+
+def _group_pairs(left, pairs_wanted, rng=None):
+    """The classes (positions in `left`, the pairs each has left, which
+    this decrements) of one normalization group's pairs, in the group's
+    order: taken in rounds, each one pair of every class that has any, those
+    with the most left first (ties at random with `rng`, by position
+    without), until the group has `pairs_wanted`. A round that finds a class
+    without pairs ends the group there if it is not full (it could only go
+    on by doubling a class that another lacks), and with it the epoch."""
+    taken = []
+    while len(taken) < pairs_wanted:
+        ties = (rng.random(len(left)) if rng is not None
+                else np.arange(len(left)))
+        order = np.lexsort((ties, -left))
+        order = order[left[order] > 0][:pairs_wanted - len(taken)]
+        left[order] -= 1
+        taken.extend(order.tolist())
+        if len(taken) < pairs_wanted and len(order) < len(left):
+            break
+    return taken
+
+
+def _pair_plan(pair_counts, batch_size, group_size, rng=None):
+    """Which class (a position in `pair_counts`) gives each pair of each
+    batch, in order: batches of batch_size / 2 pairs, each cut from its
+    start into normalization groups of group_size / 2 pairs (the batch's
+    last group smaller where group_size does not divide batch_size), filled
+    by `_group_pairs` until a group cannot be filled. How many batches and
+    pairs this makes depends on `pair_counts` only (tied classes are
+    interchangeable), as with `_greedy_batches`."""
+    left = np.array(pair_counts, dtype=np.int64)
+    group = min(group_size, batch_size)
+    sizes = [min(group, batch_size - start) // 2
+             for start in range(0, batch_size, group)]
+    batches = []
+    while left.any():
+        batch = []
+        for wanted in sizes:
+            taken = _group_pairs(left, wanted, rng)
+            batch.extend(taken)
+            if len(taken) < wanted:  # no more full groups this epoch
+                return batches + [batch]
+        batches.append(batch)
+    return batches
+
+
+def _class_pairs(labels, batch_size, group_size):
+    """The labels as an array, the classes that have a pair, and how many
+    pairs each has. A class of one example has none: left out, it would
+    count as a class without pairs and end every group at its first round."""
+    labels = np.asarray(labels)
+    check_pairs(batch_size, group_size)
+    classes, counts = np.unique(labels, return_counts=True)
+    keep = counts >= 2
+    return labels, classes[keep], counts[keep] // 2
+
+
+def num_pair_batches(labels, batch_size, group_size):
+    """The number of batches `pair_batches` makes (the same for every
+    rng)."""
+    _, _, pairs = _class_pairs(labels, batch_size, group_size)
+    return len(_pair_plan(pairs, batch_size, group_size))
+
+
+def pair_batches(labels, batch_size, group_size, rng):
+    """One epoch of the paper's non-i.i.d. batches (Ioffe 2017, section 4):
+    a list of index arrays into `labels`, each batch made of pairs of
+    examples of one class (positions 2i and 2i + 1), and within each
+    normalization group of `group_size` (G) consecutive examples, counted
+    from the batch's start as the layer's virtual batches are, G/2 pairs of
+    G/2 distinct classes where G/2 is at most the number of classes C
+    with a pair (CIFAR-10: 10), and beyond that every class in the group,
+    their numbers of pairs differing by at most one (G = 128: 6 or 7 pairs
+    of each of the 10 classes).
+
+    Each class's examples are shuffled and cut into pairs (a class's odd
+    example waits for another epoch). Groups are filled in order, batch
+    after batch, each by rounds of one pair of every class, those with the
+    most pairs left first, ties at random (`_group_pairs`): so the classes
+    stay balanced over the epoch and a batch of many groups holds them all
+    about equally. The epoch ends with the first group that cannot be
+    filled so (fewer classes have pairs left than it needs): that group and
+    its batch are the epoch's last, shorter ones; the pairs left, at most a
+    group's with balanced classes, are not used this epoch. So every example
+    is used at most once per epoch, every batch but the last has
+    batch_size examples, and the number of batches depends only on the class
+    counts (`num_pair_batches`). Everything is drawn from `rng`.
+
+    Raises:
+        ValueError: if batch_size or group_size is not an even number >= 2.
+    """
+    labels, classes, pairs = _class_pairs(labels, batch_size, group_size)
+    members = [rng.permutation(np.flatnonzero(labels == label))
+               for label in classes]
+    used = [0] * len(classes)
+    batches = []
+    for plan in _pair_plan(pairs, batch_size, group_size, rng):
+        parts = []
+        for position in plan:
+            start = 2 * used[position]
+            parts.append(members[position][start : start + 2])
+            used[position] += 1
+        batches.append(np.concatenate(parts))
+    return batches

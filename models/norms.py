@@ -8,7 +8,9 @@ from batch_renorm import BatchRenormalization
 
 # name -> what it is (for --help and the docs).
 NORMS = {
-    "batchnorm": "keras.layers.BatchNormalization",
+    "batchnorm": "keras.layers.BatchNormalization (with virtual batches: "
+    "batch_renorm.BatchRenormalization with r_max 1, d_max 0 and no "
+    "schedule, which is exactly batch normalization of each group)",
     "renorm": "batch_renorm.BatchRenormalization (this repository), with the "
     "paper's warm-up and r_max/d_max schedule",
     "keras-renorm": "keras.layers.BatchNormalization(renorm=True), Keras 3's "
@@ -35,6 +37,7 @@ def make_norm(
     warmup_steps=SCHEDULE_DEFAULTS["warmup_steps"],
     r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
     d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
+    virtual_batch_size=None,
     **kwargs,
 ):
     """A new normalization layer of the kind `norm`, channels last.
@@ -51,12 +54,35 @@ def make_norm(
             step; `batchnorm` ignores them.
         warmup_steps, r_max_steps, d_max_steps: The schedule of `renorm`
             (see `BatchRenormalization`); the other two ignore them.
+        virtual_batch_size: None (the statistics of the whole batch) or a
+            positive int V: in training, each group of V consecutive
+            examples is normalized with its own statistics (ghost batch
+            normalization). `renorm` passes it to `BatchRenormalization`.
+            `batchnorm` with V is `BatchRenormalization` with `r_max=1`,
+            `d_max=0` and no schedule (so `r = 1`, `d = 0` at every step:
+            batch normalization of each group), since Keras's
+            `BatchNormalization` has no virtual batches; its moving
+            statistics are those of that layer (mean and standard deviation
+            averaged over the groups). `keras-renorm` has none: a V raises
+            ValueError.
         **kwargs: Other arguments of both layers (`gamma_regularizer`,
             `beta_regularizer`, `name`, `dtype`, ...).
 
     Returns:
         A `keras.layers.Layer`.
     """
+    if norm == "keras-renorm" and virtual_batch_size is not None:
+        raise ValueError(
+            "keras-renorm (keras.layers.BatchNormalization(renorm=True)) has "
+            f"no virtual batches; received virtual_batch_size="
+            f"{virtual_batch_size!r}")
+    if norm == "batchnorm" and virtual_batch_size is not None:
+        # Keras's BatchNormalization has no virtual batches; with r and d
+        # clipped to 1 and 0 from the first step, ours is exactly BN.
+        return BatchRenormalization(
+            momentum=momentum, epsilon=epsilon, r_max=1.0, d_max=0.0,
+            warmup_steps=0, r_max_steps=0, d_max_steps=0,
+            virtual_batch_size=virtual_batch_size, **kwargs)
     if norm == "batchnorm":
         return keras.layers.BatchNormalization(
             momentum=momentum, epsilon=epsilon, **kwargs
@@ -70,6 +96,7 @@ def make_norm(
             warmup_steps=warmup_steps,
             r_max_steps=r_max_steps,
             d_max_steps=d_max_steps,
+            virtual_batch_size=virtual_batch_size,
             **kwargs,
         )
     if norm == "keras-renorm":

@@ -183,6 +183,32 @@ def test_a_run_on_four_devices_is_the_run_on_one(data_dir, tmp_path):
 
 
 @only_on_jax
+def test_groups_of_the_per_device_batch_are_per_device_statistics(
+        data_dir, tmp_path):
+    """--virtual-batch-size equal to the per-device batch: each device's
+    own statistics, the run of groups of that size on one device."""
+    runs = {}
+    for devices in ("1", "4"):
+        out = tmp_path / devices
+        args = tiny_args(data_dir, out, "--batch-size", "20", "--val-size",
+                         "20", "--name", "run", "--eval-batch-size", "20",
+                         "--devices", devices, "--virtual-batch-size", "5")
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                                 *args], cwd=ROOT, env=FOUR_DEVICES,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[devices] = json.loads((out / "history" / "run.json")
+                                   .read_text())
+    one, four = runs["1"], runs["4"]
+    assert one["statistics"] == "per group of 5 consecutive examples"
+    assert four["statistics"] == ("per device (groups of 5 = the per-device "
+                                  "batch)")
+    assert four["virtual_batch_size"] == 5
+    np.testing.assert_allclose(one["result"]["test_accuracy"],
+                               four["result"]["test_accuracy"], atol=1e-6)
+
+
+@only_on_jax
 @pytest.mark.parametrize("flags, words", [
     (["--devices", "8"], "--devices 8 is more than the 4 local device(s)"),
     (["--devices", "4", "--batch-size", "50"],
@@ -197,6 +223,13 @@ def test_a_run_on_four_devices_is_the_run_on_one(data_dir, tmp_path):
     (["--devices", "4", "--batch-size", "20", "--classes-per-batch", "2"],
      "--classes-per-batch with --devices 4 is not supported"),
     (["--devices", "two"], "must be a positive integer or all: two"),
+    (["--devices", "4", "--batch-size", "20", "--virtual-batch-size", "2"],
+     "--virtual-batch-size 2 must divide the per-device batch 5"),
+    # --devices all: the same rule once the devices are counted.
+    (["--devices", "all", "--batch-size", "20", "--virtual-batch-size",
+      "4"], "--virtual-batch-size 4 must divide the per-device batch 5"),
+    (["--devices", "4", "--batch-size", "20", "--sampling", "pairs"],
+     "--sampling pairs with --devices 4 is not supported"),
 ])
 def test_sizes_that_do_not_split_are_refused(data_dir, tmp_path, flags,
                                              words):

@@ -36,10 +36,11 @@ def data_dir(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ batches
-@pytest.mark.parametrize("classes_per_batch", [None, 5])
+@pytest.mark.parametrize("classes_per_batch, pairs", [(None, None), (5, None),
+                                                      (None, 6)])
 @pytest.mark.parametrize("augmented", [False, True])
 def test_device_batches_are_the_host_batches(data_dir, augmented,
-                                             classes_per_batch):
+                                             classes_per_batch, pairs):
     data = cifar10.load(data_dir)
     images, labels = data.x_train[:230], data.y_train[:230]
     mean, std = preprocessing.channel_stats(data.x_train)
@@ -48,14 +49,16 @@ def test_device_batches_are_the_host_batches(data_dir, augmented,
     for epoch in (0, 1):
         host = list(sampling.train_batches(
             images, labels, 30, mean, std, sampling.epoch_rng(4, epoch),
-            augmented=augmented, classes_per_batch=classes_per_batch))
+            augmented=augmented, classes_per_batch=classes_per_batch,
+            pairs=pairs))
         device = list(resident.train_batches(
             30, sampling.epoch_rng(4, epoch),
-            classes_per_batch=classes_per_batch))
+            classes_per_batch=classes_per_batch, pairs=pairs))
         assert len(device) == len(host) == sampling.steps_per_epoch(
-            labels, 30, classes_per_batch)
-        # Batches of every size: the last i.i.d. one is smaller, class
-        # batches made of classes' last groups differ from 30.
+            labels, 30, classes_per_batch, pairs)
+        # Batches of every size: the last i.i.d. one (and the last of the
+        # pairs) is smaller, class batches made of classes' last groups
+        # differ from 30.
         assert len({len(y) for _, y in host}) > 1
         for (x, y), (host_x, host_y) in zip(device, host):
             assert not isinstance(x, np.ndarray)  # a tensor of the backend

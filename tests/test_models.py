@@ -82,6 +82,31 @@ def test_normalization_kinds():
         make_norm("groupnorm")
 
 
+def test_virtual_batches_of_each_norm():
+    """batchnorm with V: our layer in its exact BN mode (bounds 1 and 0, no
+    schedule), so each group of V is batch-normalized on its own; renorm
+    passes V on; keras-renorm has none."""
+    bn = make_norm("batchnorm", momentum=0.9, epsilon=1e-3,
+                   virtual_batch_size=4, name="g")
+    assert isinstance(bn, BatchRenormalization) and bn.name == "g"
+    assert (bn.r_max, bn.d_max, bn.warmup_steps, bn.r_max_steps,
+            bn.d_max_steps) == (1.0, 0.0, 0, 0, 0)
+    assert (bn.momentum, bn.epsilon, bn.virtual_batch_size) == (0.9, 1e-3, 4)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (12, 5)).astype("float32")
+    y = keras.ops.convert_to_numpy(bn(x, training=True))
+    groups = x.reshape(3, 4, 5)
+    expected = (groups - groups.mean(1, keepdims=True)) / np.sqrt(
+        groups.var(1, keepdims=True) + 1e-3)
+    np.testing.assert_allclose(y, expected.reshape(12, 5), atol=1e-4)
+    brn = make_norm("renorm", virtual_batch_size=8)
+    assert isinstance(brn, BatchRenormalization)
+    assert brn.virtual_batch_size == 8 and brn.r_max == 3.0
+    assert make_norm("renorm").virtual_batch_size is None
+    assert type(make_norm("batchnorm")) is keras.layers.BatchNormalization
+    with pytest.raises(ValueError, match="keras-renorm .* has no virtual"):
+        make_norm("keras-renorm", virtual_batch_size=4)
+
+
 def test_dropout_and_weight_decay():
     plain = wide_resnet(10, 1)
     assert not plain.losses

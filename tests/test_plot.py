@@ -644,3 +644,133 @@ def test_odd_values_in_a_history_are_no_traceback(two_norms, tmp_path,
     assert code == 0 and "Traceback" not in err
     assert len(table(out)) == 3
     assert err.count("\n") == 1 and "no provenance" in err
+
+
+# ------------------------------------------------------ the microbatch study
+# Test accuracies (%) by (norm, V, sampling), one per seed 0-3: the cells of
+# a tiny microbatch study.
+MICRO = {
+    ("batchnorm", 4, "iid"): [40.0, 42.0, 41.0, 45.0],
+    ("renorm", 4, "iid"): [43.0, 44.5, 42.0, 47.0],
+    ("batchnorm", 128, "iid"): [50.0, 51.0, 49.0, 52.0],
+    ("renorm", 128, "iid"): [50.5, 50.0, 49.5, 52.5],
+    ("keras-renorm", None, "iid"): [49.0, 50.0, 48.0, 51.0],
+    ("batchnorm", 4, "pairs"): [30.0, 33.0, 31.0, 32.0],
+    ("renorm", 4, "pairs"): [38.0, 40.0, 36.0, 41.0],
+    ("batchnorm", 128, "pairs"): [49.0, 50.0, 48.0, 50.0],
+    ("renorm", 128, "pairs"): [49.5, 51.0, 47.0, 50.0],
+}
+
+
+def write_micro_study(history):
+    for (norm, virtual, sampling), values in MICRO.items():
+        for seed, value in enumerate(values):
+            write_run(history, f"micro-{norm}-v{virtual}-{sampling}-s{seed}",
+                      norm, [1.0, 1.0], [0.3, 0.4], seed=seed,
+                      virtual_batch_size=virtual, sampling=sampling,
+                      result={"test_accuracy": value / 100,
+                              "test_images": 10000})
+
+
+def micro_table(text, title):
+    """The rows of the microbatch table after `title`, as lists of cells."""
+    part = text.split(title, 1)[1].split("\n\n", 2)[1]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in part.splitlines() if line.startswith("| ")]
+    return rows[0], rows[1:]
+
+
+def test_t_interval_by_hand_and_by_scipy():
+    """t(0.975, 3) = 3.182446 (a t table); the half width is t s / sqrt(n)."""
+    from scipy import stats
+
+    from experiment import report
+
+    values = [3.0, 2.5, 1.0, 2.0]  # renorm - batchnorm, V 4, i.i.d.
+    mean, half = report.t_interval(values)
+    s = np.sqrt(sum((v - 2.125) ** 2 for v in values) / 3)
+    assert mean == pytest.approx(2.125)
+    assert half == pytest.approx(3.182446 * s / 2, rel=1e-6)
+    low, high = stats.t.interval(0.95, 3, loc=np.mean(values),
+                                 scale=stats.sem(values))
+    assert (mean - half, mean + half) == pytest.approx((low, high))
+    assert report.t_interval([5.0]) == (5.0, None)
+    assert report.interval_text([2.0]) == "+2.00 (n=1)"
+    assert report.paired_differences({0: 3.0, 1: 2.0, 2: 1.0},
+                                     {0: 1.0, 2: 4.0, 3: 0.0}) == {0: 2.0,
+                                                                   2: -3.0}
+
+
+def test_microbatch_figure_and_tables(tmp_path, capsys):
+    from experiment import report
+
+    history = tmp_path / "history"
+    write_micro_study(history)
+    plots = tmp_path / "plots"
+    code, out, err = run_main(["--history-dir", history, "--plots-dir",
+                               plots], capsys)
+    assert code == 0, err
+    assert_png(plots / "microbatch.png")
+    # One batch size, no classes per batch: not the batch study's figures.
+    assert not (plots / "accuracy_vs_batch_size.png").exists()
+    timing = (plots / "timing.md").read_text()
+    assert out == timing
+
+    header, rows = micro_table(timing, "Test accuracy by normalization group")
+    # keras-renorm's whole batch (recorded as none) is V = its batch, 128.
+    assert header == ["norm", "sampling", "V=4", "V=128"]
+    by_line = {(r[0], r[1]): r[2:] for r in rows}
+    assert list(by_line) == [("batchnorm", "i.i.d."), ("batchnorm", "pairs"),
+                             ("renorm", "i.i.d."), ("renorm", "pairs"),
+                             ("keras-renorm", "i.i.d.")]
+    values = MICRO[("batchnorm", 4, "iid")]
+    assert by_line[("batchnorm", "i.i.d.")][0] == (
+        f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (4)")
+    assert by_line[("keras-renorm", "i.i.d.")] == ["–", "49.50 ± 1.29 (4)"]
+
+    header, rows = micro_table(timing, "renorm - batchnorm, paired by seed")
+    assert header == ["sampling", "V=4", "V=128"]
+    gains = {r[0]: r[1:] for r in rows}
+    for sampling, name in (("iid", "i.i.d."), ("pairs", "pairs")):
+        for column, virtual in enumerate((4, 128)):
+            differences = np.subtract(MICRO[("renorm", virtual, sampling)],
+                                      MICRO[("batchnorm", virtual, sampling)])
+            mean, half = report.t_interval(differences)
+            assert gains[name][column] == (
+                f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] (n=4)")
+    # The i.i.d. V = 4 cell: differences 3, 2.5, 1, 2 (the hand computation
+    # above): 2.125 +- 3.182446 * 0.853913 / 2 = 2.125 +- 1.359.
+    assert gains["i.i.d."][0] == "+2.12 [+0.77, +3.48] (n=4)"
+
+    header, rows = micro_table(timing, "Accuracy lost as the groups shrink")
+    lost = {(r[0], r[1]): r[2:] for r in rows}
+    assert ("keras-renorm", "i.i.d.") not in lost  # one V only
+    differences = np.subtract(MICRO[("batchnorm", 128, "pairs")],
+                              MICRO[("batchnorm", 4, "pairs")])
+    mean, half = report.t_interval(differences)
+    assert lost[("batchnorm", "pairs")] == [
+        "128 → 4", f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] "
+        "(n=4)"]
+
+
+def test_microbatch_study_groups_by_virtual_batch_and_sampling(tmp_path):
+    history = tmp_path / "history"
+    write_micro_study(history)
+    runs = histories.load_runs(histories.history_paths([], history))
+    groups = histories.group_runs(runs)
+    # Runs that differ in V or in sampling are not pooled as seeds.
+    assert len(groups) == len(MICRO)
+    assert all(len(g.runs) == 4 for g in groups)
+    labels = {g.label for g in groups}
+    assert "batchnorm, virtual batch 4, i.i.d." in labels
+    assert "renorm, virtual batch 128, sampling pairs" in labels
+    assert "keras-renorm, whole batch, i.i.d." in labels
+    points = histories.micro_points(runs)
+    assert [(p.norm, p.sampling, p.group) for p in points][:3] == [
+        ("batchnorm", "iid", 4), ("batchnorm", "iid", 128),
+        ("batchnorm", "pairs", 4)]
+    # A run without its result yet (unfinished) is left out of its cell.
+    cell = next(p for p in points if (p.norm, p.sampling, p.group)
+                == ("renorm", "pairs", 4))
+    del cell.runs[0].config["result"]
+    assert sorted(cell.by_seed()) == [1, 2, 3]

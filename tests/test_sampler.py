@@ -202,3 +202,143 @@ def test_iid_batches_are_unchanged():
     for (x, y), index in itertools.zip_longest(batches, expected):
         assert np.array_equal(x[:, 0, 0, 0].astype(int), index)
         assert np.array_equal(y, labels[index])
+
+
+# ------------------------------------------------ pairs in normalization groups
+def check_pairs(labels, batch_size, group, batches):
+    """The pairs property of every batch, the last one too: whole pairs of
+    one class; within each group of `group` consecutive examples (from the
+    batch's start, the last group smaller), distinct classes up to the
+    number of classes, and beyond it every class within one pair of the
+    others; every example at most once; as many batches as announced."""
+    classes = len(np.unique(labels))
+    for batch in batches:
+        assert len(batch) % 2 == 0 and len(batch) <= batch_size
+        y = labels[batch]
+        assert np.array_equal(y[0::2], y[1::2])  # pairs of one class
+        for start in range(0, len(batch), group):
+            pairs = y[start : start + group][0::2]
+            counts = np.bincount(pairs, minlength=classes)
+            if len(pairs) <= classes:
+                assert counts.max() == 1, (start, pairs)  # distinct
+            else:
+                assert counts.max() - counts.min() <= 1, (start, counts)
+    assert all(len(b) == batch_size for b in batches[:-1])
+    used = np.concatenate(batches)
+    assert len(np.unique(used)) == len(used)  # each example at most once
+    assert len(batches) == sampling.num_pair_batches(labels, batch_size,
+                                                     group)
+    return used
+
+
+@pytest.mark.parametrize("group", [2, 4, 8, 16, 128])
+@pytest.mark.parametrize("counts", [
+    10 * [500],               # a stratified 5000-image subset: 39 batches + 8
+    10 * [503],               # odd counts: each class's odd image waits
+    10 * [64],                # 640 images: 5 full batches of 128
+    [60, 61, 59, 70, 40, 50, 64, 66, 58, 62],   # nearly balanced
+])
+def test_pairs_property_in_every_group_and_the_last_batch(counts, group):
+    labels = labels_with(counts, seed=2)
+    for seed in range(2):
+        batches = sampling.pair_batches(labels, 128, group,
+                                        sampling.epoch_rng(seed, 0))
+        used = check_pairs(labels, 128, group, batches)
+        pairs = sum(c // 2 for c in counts)
+        if len(set(counts)) == 1:
+            # Balanced classes: every pair is used, only odd images wait.
+            assert len(used) == 2 * pairs
+        else:
+            # The epoch ends only when a group cannot be filled, which
+            # takes a class without pairs left.
+            left = np.array(counts) // 2 - np.bincount(
+                labels[used], minlength=len(counts)) // 2
+            assert (left == 0).any()
+
+
+def test_pairs_on_a_cifar_subset_last_batch_and_group_counts():
+    """5000 images in batches of 128: 39 full batches and a last one of the
+    8 images left, 4 pairs of 4 classes; at V = 128 each of the 10 classes
+    gives 6 or 7 of a full batch's 64 pairs."""
+    labels = labels_with(10 * [500])
+    batches = sampling.pair_batches(labels, 128, 128,
+                                    np.random.default_rng(0))
+    assert [len(b) for b in batches] == 39 * [128] + [8]
+    assert len(np.unique(labels[batches[-1]][0::2])) == 4
+    for batch in batches[:-1]:
+        assert set(np.bincount(labels[batch][0::2], minlength=10)) <= {6, 7}
+    assert sampling.steps_per_epoch(labels, 128, pairs=4) == 40
+    # Groups of 4 in a batch of 128: 32 groups of 2 pairs of 2 classes; the
+    # batch as a whole still holds every class about equally.
+    batch = sampling.pair_batches(labels, 128, 4, np.random.default_rng(0))[0]
+    assert set(np.bincount(labels[batch], minlength=10)) <= {12, 14}
+
+
+def test_pairs_group_that_does_not_divide_the_batch():
+    """Groups counted from each batch's start: with G = 12 and batches of
+    32, groups of 12, 12 and 8 in every batch."""
+    labels = labels_with(10 * [40])
+    batches = sampling.pair_batches(labels, 32, 12, np.random.default_rng(1))
+    for batch in batches:
+        y = labels[batch]
+        for start, end in ((0, 12), (12, 24), (24, 32)):
+            pairs = y[start:end][0::2]
+            assert len(np.unique(pairs)) == len(pairs)
+
+
+def test_pairs_of_a_dominant_class_end_the_epoch_early():
+    """One class holding most pairs: groups of distinct classes run out of
+    partners, and the epoch ends with the first group that cannot be
+    filled, the rest waiting."""
+    labels = labels_with([100, 4, 4, 4])  # 50, 2, 2, 2 pairs
+    batches = sampling.pair_batches(labels, 8, 4, np.random.default_rng(0))
+    used = check_pairs(labels, 8, 4, batches)
+    assert len(used) < len(labels)
+    assert [len(b) for b in batches] == [8, 8, 8, 2]
+
+
+def test_pairs_repeat_from_the_rng_and_agree_with_train_batches():
+    labels = labels_with(10 * [20])  # tiny_images: at most 256 images
+    images = tiny_images(labels)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32) / 255.0
+
+    def plan(seed, epoch):
+        return sampling.pair_batches(labels, 16, 4,
+                                     sampling.epoch_rng(seed, epoch))
+
+    first = plan(0, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, plan(0, 0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, plan(0, 1)))
+    batches = list(sampling.train_batches(images, labels, 16, mean, std,
+                                          sampling.epoch_rng(0, 0),
+                                          pairs=4))
+    assert len(batches) == sampling.steps_per_epoch(labels, 16, pairs=4)
+    for (x, y), index in zip(batches, first):
+        assert np.array_equal(x[:, 0, 0, 0].astype(int), index)
+        assert np.array_equal(y, labels[index])
+
+
+def test_pairs_tie_breaks_mix_the_classes():
+    """Balanced classes tie at every group: over an epoch of groups of 2
+    pairs, a class meets many others, not a fixed partner."""
+    labels = labels_with(10 * [40])
+    batches = sampling.pair_batches(labels, 4, 4, np.random.default_rng(0))
+    partners = {tuple(sorted(np.unique(labels[b]))) for b in batches}
+    assert len(partners) > 30  # of the 45 pairs of 10 classes
+
+
+@pytest.mark.parametrize("batch_size, group, words", [
+    (127, 4, ["even batch_size", "127"]),
+    (128, 3, ["even group_size", "3"]),
+    (128, 0, ["even group_size"]),
+])
+def test_bad_pairs(batch_size, group, words):
+    labels = labels_with(10 * [20])
+    with pytest.raises(ValueError) as error:
+        sampling.pair_batches(labels, batch_size, group,
+                              np.random.default_rng(0))
+    for word in words:
+        assert word in str(error.value)
+    with pytest.raises(ValueError, match="exclude each other"):
+        list(sampling.batch_plan(labels, 8, np.random.default_rng(0),
+                                 classes_per_batch=2, pairs=4))

@@ -209,3 +209,124 @@ def test_failed_run_stops_the_sweep(tmp_path, capsys):
     assert "nowhere" in err
     assert "sweep.py: error: run sweep-renorm-b8-iid failed" in err
     assert not (tmp_path / "p").exists()
+
+
+# ------------------------------------------------------ the microbatch study
+def micro_args(data_dir, out, *extra):
+    """A tiny microbatch study: batchnorm and renorm, V 4 and 128, pairs,
+    seeds 0 and 1 (8 runs of 2 steps)."""
+    return ["--study", "microbatch", "--data-dir", str(data_dir),
+            "--history-dir", str(out / "history"),
+            "--weights-dir", str(out / "weights"),
+            "--plots-dir", str(out / "plots"), "--depth", "10", "--width", "1",
+            "--train-size", "256", "--val-size", "20", "--epochs", "1",
+            "--norms", "batchnorm", "renorm", "--virtual-batch-sizes", "4",
+            "128", "--sampling", "pairs", "--seeds", "0", "1", *extra]
+
+
+def test_tiny_microbatch_study_end_to_end(data_dir, tmp_path, capsys):
+    assert sweep.main(micro_args(data_dir, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "8 runs (0 finished, 8 to train)" in out
+    names = [f"micro-{norm}-v{v}-pairs" + ("-s1" if seed else "")
+             for seed in (0, 1) for v in (4, 128)
+             for norm in ("batchnorm", "renorm")]
+    for name in names:
+        record = json.loads((tmp_path / "history" / f"{name}.json")
+                            .read_text())
+        norm, virtual = name.split("-")[1], int(name.split("-")[2][1:])
+        assert (record["norm"], record["batch_size"],
+                record["virtual_batch_size"], record["sampling"]) == (
+            norm, 128, virtual, "pairs")
+        assert record["seed"] == (1 if name.endswith("-s1") else 0)
+        assert record["statistics"] == (
+            "of the whole batch" if virtual == 128
+            else "per group of 4 consecutive examples")
+        assert record["lr_milestones"] == [8] and record["lr_gamma"] == 0.1
+        assert "result" in record
+    plots = tmp_path / "plots"
+    assert (plots / "microbatch.png").stat().st_size > 10000
+    timing = (plots / "timing.md").read_text()
+    assert "renorm - batchnorm, paired by seed" in timing
+    assert "(n=2)" in timing
+    assert sweep.main(micro_args(data_dir, tmp_path, "--dry-run")) == 0
+    assert "8 runs (8 finished, 0 to train)" in capsys.readouterr().out
+
+
+def test_microbatch_plan_presets_and_skips(tmp_path, capsys):
+    args = sweep.parse_args(["--study", "microbatch"])
+    preset = sweep.MICRO_PRESETS["cpu"]
+    assert (args.depth, args.width, args.train_size, args.epochs) == (
+        preset["depth"], preset["width"], preset["train_size"],
+        preset["epochs"])
+    assert args.virtual_batch_sizes == list(preset["virtual_batch_sizes"])
+    assert args.seeds == list(preset["seeds"])
+    assert args.history_dir == sweep.Path("history/microbatch")
+    assert args.plots_dir == sweep.Path("plots/microbatch")
+    assert sweep.parse_args([]).history_dir == sweep.Path("history/sweep")
+    gpu = sweep.parse_args(["--study", "microbatch", "--preset", "gpu"])
+    assert (gpu.depth, gpu.width, gpu.train_size) == (16, 4, None)
+    assert gpu.virtual_batch_sizes == [2, 4, 8, 16, 128]
+    assert len(gpu.seeds) >= 3
+    assert sweep.momentum_for(gpu, 128) == pytest.approx(0.99)
+    runs, skipped = sweep.plan(args)
+    # Per seed: 2 V x 2 samplings x 2 norms, and keras-renorm at V = 128.
+    assert len(runs) == len(preset["seeds"]) * 10
+    assert skipped == ["V 4, keras-renorm: it has no virtual batches "
+                       "(trained at V = 128 only)"]
+    for name, argv in runs:  # every run's flags parse
+        config, _, _ = train.parse_args(argv)
+        assert config["batch_size"] == 128 and config["name"] == name
+        assert config["virtual_batch_size"] == (
+            None if config["norm"] == "keras-renorm"
+            else int(name.split("-v")[1].split("-")[0]))
+    # The seeds outermost: a study cut short holds whole seeds.
+    seeds = [train.parse_args(argv)[0]["seed"] for _, argv in runs]
+    assert seeds == sorted(seeds)
+
+    assert sweep.main(["--study", "microbatch", "--dry-run",
+                       "--history-dir", str(tmp_path / "h"),
+                       "--virtual-batch-sizes", "3", "4", "256",
+                       "--seeds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "skipping V 3, pairs: a group of pairs needs an even V" in out
+    assert "skipping V 256: more than the batch, 128" in out
+    runs = [line.split(" ", 1)[0] for line in out.splitlines()
+            if line.startswith("micro-")]
+    assert runs == ["micro-batchnorm-v3-iid", "micro-renorm-v3-iid",
+                    "micro-batchnorm-v4-iid", "micro-renorm-v4-iid",
+                    "micro-batchnorm-v4-pairs", "micro-renorm-v4-pairs"]
+    line = next(t for t in out.splitlines()
+                if t.startswith("micro-renorm-v4-pairs "))
+    for flag in ("--batch-size 128", "--virtual-batch-size 4",
+                 "--sampling pairs", "--lr-milestones 8", "--lr-gamma 0.1",
+                 "--renorm-schedule 0.25,0.5,0.75"):
+        assert flag in line, flag
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--study", "microbatch", "--batch-sizes", "4"],
+     ["--batch-sizes is the batch study's"]),
+    (["--study", "microbatch", "--sampling", "k2"],
+     ["--sampling k2 is the batch study's", "iid or pairs"]),
+    (["--virtual-batch-sizes", "4"],
+     ["--virtual-batch-sizes needs --study microbatch"]),
+    (["--study", "microbatch", "--virtual-batch-sizes", "0"],
+     ["--virtual-batch-sizes"]),
+    (["--study", "microbatch", "--virtual-batch-sizes", "4",
+      "--norms", "keras-renorm"], ["no run is possible",
+                                   "--virtual-batch-sizes"]),
+    (["--study", "microbatch", "--", "--virtual-batch-size", "8"],
+     ["--virtual-batch-size after --"]),
+    (["--study", "microbatch", "--", "--sampling=iid"],
+     ["--sampling after --"]),
+])
+def test_microbatch_bad_input_is_one_error_line(args, words, tmp_path,
+                                                capsys):
+    assert sweep.main(["--history-dir", str(tmp_path / "h"), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sweep.py: error: ")
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "h").exists()

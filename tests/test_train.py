@@ -15,6 +15,7 @@ import pytest
 
 from experiment import cli
 from experiment import network
+from experiment import preprocessing
 from experiment import protocols
 from experiment import runfiles
 from experiment import runtime
@@ -525,3 +526,214 @@ def test_jit_compile_resolution(tmp_path, monkeypatch):
         assert runtime.jit_compile("auto", environment(backend, device)) == (
             "auto")
     assert runtime.jit_compile("off", environment("jax", "cpu")) is False
+
+
+# ------------------------------------------- virtual batches, pairs sampling
+def test_virtual_batch_size_and_sampling_flags():
+    config, _, _ = train.parse_args(["--norm", "renorm"])
+    assert config["virtual_batch_size"] is None
+    assert config["sampling"] == "iid"
+    config, _, _ = train.parse_args(["--norm", "batchnorm",
+                                     "--virtual-batch-size", "4",
+                                     "--sampling", "pairs"])
+    assert (config["virtual_batch_size"], config["sampling"]) == (4, "pairs")
+    assert config["name"] == "batchnorm-seed-b128-pairs-v4-s0"
+    assert protocols.pairs_group(config) == 4
+    config, _, _ = train.parse_args(["--norm", "renorm", "--sampling",
+                                     "pairs"])
+    assert config["name"] == "renorm-seed-b128-pairs-s0"
+    assert protocols.pairs_group(config) == 128  # the whole batch
+    config, _, _ = train.parse_args(["--norm", "renorm", "--batch-size", "8",
+                                     "--classes-per-batch", "2",
+                                     "--virtual-batch-size", "8"])
+    assert config["sampling"] == "k2"
+    assert config["name"] == "renorm-seed-b8-k2-v8-s0"
+    assert protocols.pairs_group(config) is None
+
+
+def test_help_names_virtual_batches_and_sampling():
+    result = run_script("--help")
+    text = " ".join(result.stdout.split())
+    for words in ("--virtual-batch-size V", "--sampling {iid,pairs}",
+                  "Keras's BatchNormalization has no virtual batches",
+                  "r_max 1, d_max 0 and no schedule", "-vV",
+                  "keras-renorm: refused"):
+        assert words in text, words
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--virtual-batch-size", "0"], ["--virtual-batch-size",
+                                     "positive integer"]),
+    (["--virtual-batch-size", "x"], ["--virtual-batch-size"]),
+    (["--norm", "keras-renorm", "--virtual-batch-size", "4"],
+     ["--virtual-batch-size 4 needs --norm batchnorm or renorm",
+      "keras-renorm"]),
+    (["--virtual-batch-size", "256"], ["--virtual-batch-size 256",
+                                       "more than --batch-size 128"]),
+    (["--sampling", "stratified"], ["--sampling", "stratified"]),
+    (["--sampling", "pairs", "--virtual-batch-size", "5"],
+     ["--sampling pairs needs an even --virtual-batch-size, not 5"]),
+    (["--sampling", "pairs", "--batch-size", "127"],
+     ["--sampling pairs needs an even --batch-size, not 127"]),
+    (["--sampling", "pairs", "--batch-size", "8", "--classes-per-batch",
+      "2"], ["--classes-per-batch 2 is a sampling of its own",
+             "excludes --sampling pairs"]),
+    (["--sampling", "iid", "--batch-size", "8", "--classes-per-batch", "2"],
+     ["excludes --sampling iid"]),
+])
+def test_bad_virtual_batch_and_sampling_flags(flags, words):
+    argv = (["--norm", "renorm"] if "--norm" not in flags else []) + flags
+    with pytest.raises(cli.UsageError) as error:
+        train.parse_args(argv)
+    for word in words:
+        assert word in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_virtual_batch_must_divide_the_per_device_batch(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    config, _, _ = train.parse_args(["--norm", "renorm", "--devices", "4",
+                                     "--virtual-batch-size", "8"])
+    assert train.parallel_record(config) == {
+        "per_device_batch": 32,
+        "statistics": "per group of 8 consecutive examples (4 groups on "
+                      "each of the 4 devices)"}
+    with pytest.raises(cli.UsageError) as error:
+        train.parse_args(["--norm", "renorm", "--devices", "4",
+                          "--virtual-batch-size", "12"])
+    assert str(error.value) == (
+        "--virtual-batch-size 12 must divide the per-device batch 32 "
+        "(--batch-size 128 / --devices 4), so that no group straddles two "
+        "devices")
+    # --devices all: checked once the devices are counted.
+    config, _, _ = train.parse_args(["--norm", "renorm", "--devices", "all",
+                                     "--virtual-batch-size", "12"])
+    config["devices"] = 4
+    arrays = preprocessing_arrays(train_images=128 * 4)
+    with pytest.raises(cli.UsageError, match="must divide the per-device"):
+        preprocessing.check_devices(config, arrays)
+    config["virtual_batch_size"], config["sampling"] = None, "pairs"
+    with pytest.raises(cli.UsageError, match="--sampling pairs with --devices"):
+        preprocessing.check_devices(config, arrays)
+
+
+def preprocessing_arrays(train_images):
+    """The sizes check_devices reads, as prepare gives them."""
+    import types
+
+    return types.SimpleNamespace(y_train=np.zeros(train_images),
+                                 y_val=np.zeros(1000), y_test=np.zeros(10000))
+
+
+@pytest.mark.parametrize("devices, virtual, statistics", [
+    (1, None, "of the whole batch"),
+    (4, None, "of the whole batch, synchronized across the 4 devices"),
+    (1, 4, "per group of 4 consecutive examples"),
+    (1, 128, "of the whole batch"),
+    (4, 32, "per device (groups of 32 = the per-device batch)"),
+    (4, 128, "of the whole batch, synchronized across the 4 devices"),
+])
+def test_statistics_in_the_record(devices, virtual, statistics):
+    config = {"devices": devices, "virtual_batch_size": virtual,
+              "batch_size": 128}
+    assert train.parallel_record(config)["statistics"] == statistics
+
+
+def test_resume_keeps_the_virtual_batch_and_sampling():
+    config, _, explicit = train.parse_args(
+        ["--norm", "renorm", "--name", "run", "--virtual-batch-size", "4"])
+    saved = dict(config, virtual_batch_size=None)
+    with pytest.raises(cli.UsageError) as error:
+        protocols.resumed_config(config, saved, explicit)
+    assert str(error.value).startswith(
+        "--virtual-batch-size 4 differs from the saved configuration of run "
+        "'run' (not set)")
+    config, _, explicit = train.parse_args(
+        ["--norm", "renorm", "--name", "run", "--sampling", "pairs"])
+    with pytest.raises(cli.UsageError, match="--sampling pairs differs"):
+        protocols.resumed_config(config, dict(config, sampling="iid"),
+                                 explicit)
+    # Without the flags, the saved values hold.
+    config, _, explicit = train.parse_args(["--norm", "renorm", "--name",
+                                            "run"])
+    saved = dict(config, virtual_batch_size=8, sampling="pairs")
+    resumed = protocols.resumed_config(config, saved, explicit)
+    assert (resumed["virtual_batch_size"], resumed["sampling"]) == (8,
+                                                                    "pairs")
+    # A history from before both keys: the whole batch; its sampling from
+    # its classes_per_batch.
+    old = {k: v for k, v in saved.items()
+           if k not in ("virtual_batch_size", "sampling")}
+    resumed = protocols.resumed_config(config, old, explicit)
+    assert (resumed["virtual_batch_size"], resumed["sampling"]) == (None,
+                                                                    "iid")
+    resumed = protocols.resumed_config(config, dict(old, classes_per_batch=2,
+                                                    batch_size=8), explicit)
+    assert resumed["sampling"] == "k2"
+
+
+def test_pairs_run_records_its_sampling(data_dir, tmp_path, monkeypatch,
+                                        capsys):
+    seen = []
+    original = sampling.train_batches
+
+    def spy(*args, **kwargs):
+        for x, y in original(*args, **kwargs):
+            seen.append(np.asarray(y))
+            yield x, y
+
+    monkeypatch.setattr(sampling, "train_batches", spy)
+    args = tiny_args(data_dir, tmp_path, "--sampling", "pairs",
+                     "--val-size", "20", norm="batchnorm")
+    assert run_main(args) == 0
+    name = "batchnorm-seed-b50-pairs-s0"
+    assert "of pairs of a class" in capsys.readouterr().out
+    # 100 images, 5 pairs of each class, in batches of 25 pairs: 2 or 3
+    # pairs of each class in each.
+    assert [len(y) for y in seen] == [50, 50]
+    for y in seen:
+        assert np.array_equal(y[0::2], y[1::2])
+        assert set(np.bincount(y[0::2], minlength=10)) <= {2, 3}
+    record = json.loads((tmp_path / "history" / f"{name}.json").read_text())
+    assert record["sampling"] == "pairs"
+    assert record["virtual_batch_size"] is None
+    assert record["classes_per_batch"] is None
+    assert record["statistics"] == "of the whole batch"
+    assert list(read_history(tmp_path, name)[0]) == COLUMNS
+
+
+@pytest.mark.parametrize("norm", ["batchnorm", "renorm"])
+def test_virtual_batch_run_records_it_and_refuses_another_on_resume(
+        data_dir, tmp_path, capsys, norm):
+    args = tiny_args(data_dir, tmp_path, "--virtual-batch-size", "10",
+                     "--sampling", "pairs", "--val-size", "20",
+                     "--name", "run", norm=norm)
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    assert "normalized in groups of 10 (virtual batches)" in out
+    record = json.loads((tmp_path / "history" / "run.json").read_text())
+    assert record["virtual_batch_size"] == 10
+    assert record["sampling"] == "pairs"
+    assert record["statistics"] == "per group of 10 consecutive examples"
+    assert record["result"]["test_images"] == 40
+    # batchnorm's exact BN mode has no bounds to record.
+    assert list(read_history(tmp_path, "run")[0]) == COLUMNS + (
+        ["r_max", "d_max"] if norm == "renorm" else [])
+    import keras
+
+    config, _, _ = train.parse_args(args)
+    layers = [l for l in network.build_model(keras, config).layers
+              if type(l).__name__ == "BatchRenormalization"]
+    assert layers and all(l.virtual_batch_size == 10 for l in layers)
+    # --resume keeps it: another V (or none) is refused in one line.
+    assert run_main(args + ["--resume", "--epochs", "2",
+                            "--virtual-batch-size", "20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["train.py: error: --virtual-batch-size 20 differs from the "
+                   "saved configuration of run 'run' (10); leave it out to "
+                   "resume, or start a new run with another --name"]
+    at = args.index("--virtual-batch-size")
+    resumed = args[:at] + args[at + 2:]
+    assert run_main(resumed + ["--resume", "--epochs", "2"]) == 0
+    record = json.loads((tmp_path / "history" / "run.json").read_text())
+    assert (record["virtual_batch_size"], record["epochs"]) == (10, 2)
