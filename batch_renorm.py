@@ -546,15 +546,14 @@ class BatchRenormalization(keras.layers.Layer):
             and self._fused_dtype_ok(dtype)
             and not _tensorflow_under_xla()
         )
+        groups = 1
         if fused and grouped:
-            # Whole groups of a batch of known size: the kernel per group
-            # and channel (`_fused_training_call`); else the portable path.
-            size = x.shape[0]  # None in a graph of any batch size
-            groups = (size or 0) // self.virtual_batch_size
-            fused = size is not None and size == (
-                groups * self.virtual_batch_size)
-        else:
-            groups = 1
+            # Whole groups of a batch of known size (None in a graph of any
+            # batch size): the kernel per group and channel
+            # (`_fused_training_call`); else the portable path.
+            size = x.shape[0]
+            fused = size is not None and size % self.virtual_batch_size == 0
+            groups = size // self.virtual_batch_size if fused else 1
         if fused:
             outputs = _fused_training_call(self, x, gamma, beta, dtype, groups)
             return ops.cast(outputs, self.compute_dtype)
@@ -655,7 +654,7 @@ class BatchRenormalization(keras.layers.Layer):
         if padded:
             outputs = outputs[:n]
         if nonempty is None:
-            self._update_state(ops.mean(mean, axis=0), ops.mean(stddev, axis=0))
+            self._update_state(mean, stddev)
             return outputs
         # The mean over the groups that hold data; over all of them where
         # none does (as a wholly masked batch without groups).
@@ -703,6 +702,12 @@ class BatchRenormalization(keras.layers.Layer):
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_state(self, batch_mean, batch_stddev):
+        """The moving averages' step towards the batch statistics: per
+        channel, or per group and channel `(groups, channels)`, then towards
+        their mean over the groups; and the counter's."""
+        if len(batch_mean.shape) == 2:
+            batch_mean = ops.mean(batch_mean, axis=0)
+            batch_stddev = ops.mean(batch_stddev, axis=0)
         decay = 1.0 - self.momentum
         moving_mean = ops.cast(self.moving_mean, batch_mean.dtype)
         moving_stddev = ops.cast(self.moving_stddev, batch_mean.dtype)
@@ -849,16 +854,21 @@ def _synchronized_moments(layer, x, mask):
     axes = layer._reduction_axes
     total = tf.distribute.ReduceOp.SUM
     if mask is None:
-        selected = tf.ones_like(x, dtype="bool")
+        # Every position counts: no selection pass over x.
+        count = tf.cast(tf.size(x) // tf.shape(x)[layer.axis], x.dtype)
+        count = tf.fill(tf.shape(layer.moving_mean), count)
+        sums = tf.reduce_sum(x, axes)
     else:
         selected = tf.broadcast_to(
             tf.cast(mask, "bool")[..., None], tf.shape(x))
-    count = tf.reduce_sum(tf.cast(selected, x.dtype), axes)
-    sums = tf.reduce_sum(tf.where(selected, x, 0.0), axes)
+        count = tf.reduce_sum(tf.cast(selected, x.dtype), axes)
+        sums = tf.reduce_sum(tf.where(selected, x, 0.0), axes)
     count, sums = context.all_reduce(total, [count, sums])
     count = tf.maximum(count, 1.0)
     mean = sums / count
-    squares = tf.where(selected, tf.square(x - layer._broadcast(mean, x)), 0.0)
+    squares = tf.square(x - layer._broadcast(mean, x))
+    if mask is not None:
+        squares = tf.where(selected, squares, 0.0)
     variance = context.all_reduce(total, tf.reduce_sum(squares, axes)) / count
     return mean, variance
 
@@ -929,13 +939,13 @@ def _tf_training_call(layer, x, gamma, beta, dtype, groups=1):
     # n / (n - 1), for running averages; Algorithm 1 wants the biased one.
     n = tf.cast(tf.size(x, out_type=tf.int64) // channels, x.dtype)
     variance = tf.where(n > 1, variance * (n - 1) / tf.maximum(n, 1), 0.0)
-    per_group = (groups, channels // groups)
-    batch_mean = tf.reshape(tf.stop_gradient(batch_mean), per_group)
-    batch_stddev = tf.sqrt(
-        tf.reshape(tf.stop_gradient(variance), per_group) + layer.epsilon)
+    batch_mean = tf.stop_gradient(batch_mean)
+    batch_stddev = tf.sqrt(tf.stop_gradient(variance) + layer.epsilon)
+    if groups > 1:  # statistics per (group, channel)
+        batch_mean = tf.reshape(batch_mean, (groups, -1))
+        batch_stddev = tf.reshape(batch_stddev, (groups, -1))
     r, d = layer._corrections(batch_mean, batch_stddev, dtype)
-    layer._update_state(tf.reduce_mean(batch_mean, 0),
-                        tf.reduce_mean(batch_stddev, 0))
+    layer._update_state(batch_mean, batch_stddev)
     outputs = _tf_affine_of_fused(
         x, tf.stop_gradient(x_hat), tf.reshape(gamma * r, [-1]),
         tf.reshape(gamma * d + beta, [-1]),

@@ -489,10 +489,11 @@ def renorm_gains(points):
     """(sampling, rest, group, {seed: renorm - batchnorm}) for every cell
     that has both norms."""
     found = []
-    for (norm, sampling, rest), cells in micro_lines(points).items():
+    lines = micro_lines(points)
+    for (norm, sampling, rest), cells in lines.items():
         if norm != MORE:
             continue
-        baseline = micro_lines(points).get((LESS, sampling, rest), {})
+        baseline = lines.get((LESS, sampling, rest), {})
         for group, point in cells.items():
             if group in baseline:
                 found.append((sampling, rest, group, paired_differences(
