@@ -13,6 +13,13 @@ renormalization, and keep a per-epoch history that can be plotted and resumed.
                               # the paper's micro-batches: batches of 128,
                               # normalized in groups of 4 (2 pairs of 2
                               # classes), ghost batch normalization
+  KERAS_BACKEND=jax python train.py --norm renorm --devices all
+                              # data parallel on every local device
+  KERAS_DISTRIBUTION_JOB_ADDRESSES=host0:12345 \\
+  KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 \\
+  KERAS_BACKEND=jax python train.py --norm renorm --devices all
+                              # process 0 of 2 hosts (the same on host 1
+                              # with PROCESS_ID=1); process 0 writes
 
 --lr is used as given for every --batch-size (no automatic scaling);
 sweep.py trains all batch sizes with the same Adam learning rate.
@@ -57,6 +64,7 @@ set (--val-from test, as the 2017 code did); at the end, the last weights and
 the best validation epoch's weights are each tested on the whole test set.
 """
 
+import os
 import signal
 import sys
 import time
@@ -64,6 +72,7 @@ import time
 from experiment import console
 from experiment import preprocessing
 from experiment import flags
+from experiment import hosts
 from experiment import network
 from experiment import protocols
 from experiment import runfiles
@@ -85,6 +94,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, options, explicit = parse_args(argv)
+        if not options.processes.writer:  # process 0 prints for the run
+            silence_stdout()
         with interrupts_as_exceptions():
             return train(config, options, explicit, argv)
     except (KeyboardInterrupt, Interrupted) as interruption:
@@ -99,6 +110,13 @@ def main(argv=None):
         return fail(PROG, error, 1)
 
 
+def silence_stdout():
+    """stdout to /dev/null, Python's and the file descriptor's (which
+    JAX's collectives print to)."""
+    sys.stdout.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def parse_args(argv):
     """The run's configuration, the options and the flags given (the help
     text is this file's docstring)."""
@@ -106,11 +124,14 @@ def parse_args(argv):
 
 
 def train(config, options, explicit, argv):
-    """The run, with its lock held: one process writes a run at a time."""
-    runfiles.writable_dir(options.history_dir, "history folder")
-    runfiles.writable_dir(options.weights_dir, "weights folder")
+    """The run, with its lock held: one process writes a run at a time (of
+    several processes training it, process 0)."""
     paths = runfiles.Paths.of(config["name"], options.history_dir,
                               options.weights_dir)
+    if not options.processes.writer:
+        return run(config, options, explicit, argv, paths)
+    runfiles.writable_dir(options.history_dir, "history folder")
+    runfiles.writable_dir(options.weights_dir, "weights folder")
     with runlock.run_lock(paths.lock, config["name"],
                           console.command_line(argv), say=note):
         return run(config, options, explicit, argv, paths)
@@ -122,6 +143,7 @@ def note(message):
 
 def run(config, options, explicit, argv, paths):
     # 1. The run's files: start it, or resume it with its saved configuration.
+    processes = options.processes
     config, saved_config, resuming = open_run(config, options, explicit,
                                               paths)
 
@@ -136,7 +158,9 @@ def run(config, options, explicit, argv, paths):
     # 3. Model and optimizer (Keras is imported only now: bad input fails fast).
     import keras
 
-    config["devices"] = runtime.resolve_devices(config["devices"], keras)
+    hosts.connect(keras, processes)
+    config["devices"] = runtime.resolve_devices(config["devices"], keras,
+                                                processes.count)
     preprocessing.check_devices(config, arrays)
     with runtime.keras_settings(keras, config):
         model, environment = compile_model(keras, config, arrays, steps)
@@ -148,39 +172,49 @@ def run(config, options, explicit, argv, paths):
 
         # 4. Restore the last finished epoch, or start from scratch.
         header = runfiles.columns(config)
+        # Before any process loads a state (its assignments are collective).
+        hosts.check_same_start(processes, runfiles.saved_epoch(paths.state)
+                               if resuming else 0)
         if resuming:
             start, best, rows = restore(model, config, paths, header,
-                                        saved_config, session)
+                                        saved_config, session, processes)
         else:
             start, best, rows = 0, {"val_accuracy": -1.0, "epoch": 0}, []
-            start_files(model, config, paths, header, arrays, environment,
-                        steps, session)
+            if processes.writer:
+                start_files(model, config, paths, header, arrays,
+                            environment, steps, session, processes)
         print(console.describe_run(config, model, environment, arrays.source,
                                    steps))
         for warning in protocols.schedule_warnings(config, steps):
-            note(f"warning: {warning}")
+            if processes.writer:
+                note(f"warning: {warning}")
 
         # 5. Each epoch: training steps, validation, then a commit to disk.
-        best, interrupted = train_epochs(keras, model, config, arrays, steps,
-                                         paths, header, start, best, rows,
-                                         argv)
+        best, best_weights, interrupted = train_epochs(
+            keras, model, config, arrays, steps, paths, header, start, best,
+            rows, argv, processes)
         if interrupted:
             return interrupted  # the exit code, 128 + the signal
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
-            test = test_accuracy(model, config, arrays, paths, rows, best)
+            test = test_accuracy(model, config, arrays, paths, rows, best,
+                                 best_weights, processes)
         except (KeyboardInterrupt, Interrupted) as interruption:
             return interrupted_after_training(interruption, config, argv)
-    finish(paths, test, best, len(arrays.x_test))
+    if processes.writer:
+        finish(paths, test, best, len(arrays.x_test))
     return 0
 
 
 def open_run(config, options, explicit, paths):
     """The run's configuration (the saved one with --resume), the saved JSON
     record, and whether there is a saved state to resume. Removes what a
-    killed writer of the run left behind."""
-    removed = runfiles.remove_temporaries(paths.all())
+    killed writer of the run left behind. Of several processes, only process
+    0 cleans up and refuses to replace a run (the others would see the files
+    it writes as they start)."""
+    writer = options.processes.writer
+    removed = runfiles.remove_temporaries(paths.all()) if writer else []
     if removed:
         note(f"removed {len(removed)} temporary file(s) that a killed run "
              f"left: {', '.join(p.name for p in removed)}")
@@ -192,7 +226,8 @@ def open_run(config, options, explicit, paths):
     elif resuming:
         raise RuntimeError(f"cannot resume: {paths.json}, the run's "
                            "configuration, is missing")
-    elif not options.overwrite and any(p.exists() for p in paths.all()):
+    elif writer and not options.overwrite and any(
+            p.exists() for p in paths.all()):
         raise UsageError(
             f"run {config['name']!r} exists ({paths.csv}, {paths.state}); "
             "pass --resume to continue it, --overwrite to start it again, or "
@@ -219,19 +254,24 @@ def compile_model(keras, config, arrays, steps):
     return model, environment
 
 
-def restore(model, config, paths, header, saved_config, session):
+def restore(model, config, paths, header, saved_config, session,
+            processes):
     """Loads the last finished epoch's state, makes the CSV and the weights
     match it (saying what it repaired), and records the new session; returns
-    the epoch to start from, the best so far and the finished epochs' rows."""
+    the epoch to start from, the best so far and the finished epochs' rows.
+    Every process loads the state; process 0 writes."""
     meta = runfiles.load_state(model, paths.state)
     start, best = meta["epoch"], meta["best"]
+    if best["epoch"] == start:
+        runfiles.save_weights(model, paths.best, write=processes.writer)
+    runfiles.save_weights(model, paths.last, write=processes.writer)
+    if not processes.writer:  # (a state before the rows: its last row)
+        return start, best, meta.get("rows") or [meta["row"]]
     rows, repaired = runfiles.resumed_rows(paths.csv, header, meta)
     if repaired:
         note(repaired)
-    if best["epoch"] == start:
-        runfiles.save_weights(model, paths.best)
-    runfiles.save_weights(model, paths.last)
-    record = dict(saved_config, **config, **parallel_record(config))
+    record = dict(saved_config, **config,
+                  **parallel_record(config, processes))
     record["sessions"] = saved_config.get("sessions", []) + [
         dict(session, first_epoch=start + 1)]
     runfiles.write_json(paths.json, record)
@@ -241,7 +281,7 @@ def restore(model, config, paths, header, saved_config, session):
 
 
 def start_files(model, config, paths, header, arrays, environment, steps,
-                session):
+                session, processes):
     """Removes the run's old files and writes its empty CSV and its JSON."""
     for path in paths.all():
         path.unlink(missing_ok=True)
@@ -252,18 +292,20 @@ def start_files(model, config, paths, header, arrays, environment, steps,
         normalization={"mean": arrays.mean.tolist(),
                        "std": arrays.std.tolist()},
         params=model.count_params(), steps_per_epoch=steps,
-        **parallel_record(config),
+        **parallel_record(config, processes),
         sessions=[dict(session, first_epoch=1)]))
 
 
-def parallel_record(config):
+def parallel_record(config, processes):
     """How a step's batch is split, and which statistics the normalization
     layers compute (for the JSON)."""
     devices, virtual = config["devices"], config["virtual_batch_size"]
     per_device = config["batch_size"] // devices
+    of_processes = (f" of the {processes.count} processes"
+                    if processes.count > 1 else "")
     if virtual is None or virtual >= config["batch_size"]:
         statistics = "of the whole batch" + (
-            f", synchronized across the {devices} devices"
+            f", synchronized across the {devices} devices{of_processes}"
             if devices > 1 else "")
     elif devices > 1 and virtual == per_device:
         statistics = (f"per device (groups of {virtual} = the per-device "
@@ -272,15 +314,23 @@ def parallel_record(config):
         statistics = f"per group of {virtual} consecutive examples" + (
             f" ({per_device // virtual} groups on each of the {devices} "
             "devices)" if devices > 1 else "")
-    return {"per_device_batch": per_device, "statistics": statistics}
+    return {"processes": processes.count,
+            "per_process_batch": config["batch_size"] // processes.count,
+            "per_device_batch": per_device, "statistics": statistics}
 
 
 def train_epochs(keras, model, config, arrays, steps, paths, header, start,
-                 best, rows, argv):
+                 best, rows, argv, processes):
     """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
     the finished epochs' rows, which grow); returns the best validation
-    epoch and, if a signal interrupted them, the exit code (else None)."""
-    batches_of = epoch_batches(config, arrays)
+    epoch, its weights if it is one of these epochs (else None) and, if a
+    signal interrupted them, the exit code (else None). Each process trains
+    and validates on its share of every batch (Keras assembles the global
+    batch); the metrics are those of the whole batches."""
+    batches_of = epoch_batches(config, arrays, processes)
+    x_val, y_val = processes.share(arrays.x_val), processes.share(arrays.y_val)
+    eval_batch = config["eval_batch_size"] // processes.count
+    best_weights = None
     # batchnorm with virtual batches is BatchRenormalization too, but its
     # bounds are fixed: only renorm's go into the CSV (runfiles.columns).
     renorm = next((layer for layer in model.layers
@@ -300,10 +350,8 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
             if progress:
                 print("\x1b[1A\x1b[2K", end="")  # the bar gives way
             evaluation_start = time.perf_counter()
-            val_logs = model.evaluate(
-                arrays.x_val, arrays.y_val,
-                batch_size=config["eval_batch_size"], verbose=0,
-                return_dict=True)
+            val_logs = model.evaluate(x_val, y_val, batch_size=eval_batch,
+                                      verbose=0, return_dict=True)
             row = epoch_row(epoch, clock.seconds,
                             time.perf_counter() - evaluation_start, logs,
                             val_logs, lr, renorm)
@@ -311,9 +359,11 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
             if improved:
                 best = {"val_accuracy": val_logs["accuracy"],
                         "epoch": epoch + 1}
+                best_weights = model.get_weights()  # for the test at the end
             with interrupts_deferred():
                 rows.append(row)
-                commit_epoch(model, paths, header, rows, best, improved)
+                commit_epoch(model, paths, header, rows, best, improved,
+                             processes)
             table.print_row(row)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
@@ -325,14 +375,15 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
                  else "no epoch had finished")
               + f"; continue with: {console.resume_command(argv)}",
               file=sys.stderr)
-        return best, 128 + signum
-    return best, None
+        return best, best_weights, 128 + signum
+    return best, best_weights, None
 
 
-def epoch_batches(config, arrays):
+def epoch_batches(config, arrays, processes):
     """A function of the epoch that gives its training batches: made with
-    NumPy on the host, or from the training set kept on the device (the
-    same batches, from the same per-epoch rng)."""
+    NumPy on the host (this process's share of each), or from the training
+    set kept on the device (the same batches, from the same per-epoch rng;
+    one device)."""
     if config["input"] == "device":
         from experiment import device_data
 
@@ -348,7 +399,7 @@ def epoch_batches(config, arrays):
         arrays.std, sampling.epoch_rng(config["seed"], epoch),
         augmented=config["augment"],
         classes_per_batch=config["classes_per_batch"],
-        pairs=protocols.pairs_group(config))
+        pairs=protocols.pairs_group(config), share=processes.share)
 
 
 def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
@@ -369,36 +420,45 @@ def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
     return row
 
 
-def commit_epoch(model, paths, header, rows, best, improved):
+def commit_epoch(model, paths, header, rows, best, improved, processes):
     """The state first (what --resume trusts: it holds every finished
-    epoch's row), then the row and the weights."""
-    runfiles.save_state(model, paths.state,
-                        {"epoch": rows[-1]["epoch"], "best": best,
-                         "rows": rows})
-    runfiles.append_row(paths.csv, header, rows[-1])
+    epoch's row), then the row and the weights; written by process 0."""
+    write = processes.writer
+    if write:
+        runfiles.save_state(model, paths.state,
+                            {"epoch": rows[-1]["epoch"], "best": best,
+                             "rows": rows})
+        runfiles.append_row(paths.csv, header, rows[-1])
     if improved:
-        runfiles.save_weights(model, paths.best)
-    runfiles.save_weights(model, paths.last)
+        runfiles.save_weights(model, paths.best, write=write)
+    runfiles.save_weights(model, paths.last, write=write)
 
 
-def test_accuracy(model, config, arrays, paths, rows, best):
+def test_accuracy(model, config, arrays, paths, rows, best, best_weights,
+                  processes):
     """The accuracy on the whole test set of the last weights and of the
-    best validation epoch's weights (left in `model`). Where validation was
-    the whole test set, those are the epochs' own val_accuracy (`rows`: the
-    finished epochs' rows)."""
+    best validation epoch's weights (left in `model`: `best_weights`, or
+    where that epoch was in an earlier session, its file). Where validation
+    was the whole test set, those are the epochs' own val_accuracy (`rows`:
+    the finished epochs' rows). Each process tests its share."""
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
         last = float(rows[-1]["val_accuracy"])
         return {"last": last, "best": best["val_accuracy"]}
-    x_test = preprocessing.normalize(arrays.x_test, arrays.mean, arrays.std)
+    x_test = preprocessing.normalize(processes.share(arrays.x_test),
+                                     arrays.mean, arrays.std)
+    y_test = processes.share(arrays.y_test)
 
     def accuracy():
-        return model.evaluate(x_test, arrays.y_test,
-                              batch_size=config["eval_batch_size"], verbose=0,
-                              return_dict=True)["accuracy"]
+        return model.evaluate(
+            x_test, y_test, batch_size=config["eval_batch_size"]
+            // processes.count, verbose=0, return_dict=True)["accuracy"]
 
     last = accuracy()
-    model.load_weights(paths.best)
+    if best_weights is None:
+        model.load_weights(paths.best)
+    else:
+        model.set_weights(best_weights)
     return {"last": last, "best": accuracy()}
 
 

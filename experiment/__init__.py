@@ -17,6 +17,7 @@ Nothing here imports Keras at import time but `network` and `device_data`
                  steps-per-execution resolution; Keras session; epoch clock
   runfiles       a run's files: paths, the one atomic writer, CSV, JSON,
                  state, the repair on resume, README blocks
+  hosts          several processes on one run: shares, the writer
   runlock        one writer per run (a lock file)
   signals        SIGINT / SIGTERM during a run
   console        what train.py prints

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from experiment import hosts
 from experiment import protocols
 from experiment import runtime
 from experiment.cli import Parser
@@ -221,7 +222,10 @@ def add_speed_flags(parser):
                        "batch (synchronized), as on one device; every batch "
                        "(the epoch's last too), --val-size, the test set "
                        "and --eval-batch-size must divide by N; the batches "
-                       "are made on the host (default: 1)")
+                       "are made on the host. Several hosts: start this "
+                       "command on each, with the variables of "
+                       "keras.distribution.initialize (README), and "
+                       "--devices all (default: 1)")
     speed.add_argument("--virtual-batch-size", type=positive_int,
                        metavar="V",
                        help="not a speed setting (it changes the math; "
@@ -313,6 +317,11 @@ def parse_args(argv, doc):
             f"--devices {config['devices']} needs the jax backend (Keras's "
             "distribution API for data parallel training); the backend is "
             f"{runtime.configured_backend()} (set KERAS_BACKEND=jax)")
+    processes = hosts.from_environment()
+    if processes.count > 1 and config["devices"] == 1:
+        raise UsageError(
+            f"{processes.count} processes ({hosts.COUNT}) train one run "
+            "data parallel over all their devices: pass --devices all")
     if config["input"] == "device" and config["devices"] != 1:
         raise UsageError(f"--input device needs one device, not --devices "
                          f"{config['devices']} (leave --input at auto or "
@@ -323,6 +332,7 @@ def parse_args(argv, doc):
         data_dir=explicit.get("data_dir"),
         history_dir=explicit.get("history_dir", Path("history")),
         weights_dir=explicit.get("weights_dir", Path("weights")),
+        processes=processes,
     )
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")

@@ -284,6 +284,15 @@ def save_state(model, path, meta):
     write_file(path, buffer.getvalue())
 
 
+def saved_epoch(path):
+    """The epoch of the state that `save_state` saved (only its meta read)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            return json.loads(str(saved["meta"]))["epoch"]
+    except Exception as error:
+        raise RuntimeError(f"cannot read {path} ({error})") from None
+
+
 def load_state(model, path):
     """Restores what `save_state` saved; returns its `meta`."""
     try:
@@ -308,12 +317,17 @@ def load_state(model, path):
     return meta
 
 
-def save_weights(model, path):
+def save_weights(model, path, write=True):
     """The model's weights as Keras's `model.save_weights` writes them (a
     .weights.h5 file that `model.load_weights` reads), made in memory and
     then written by `write_file`: h5py never writes to the disk itself, so
-    a full disk is a clean WriteError, not h5py's tracebacks and a crash."""
-    write_file(path, weights_bytes(model))
+    a full disk is a clean WriteError, not h5py's tracebacks and a crash.
+    `write` False: made, not written; in a multi-process run every process
+    makes them (Keras's saving builds objects whose variables are placed by
+    collectives that all processes must join) and process 0 writes."""
+    data = weights_bytes(model)
+    if write:
+        write_file(path, data)
 
 
 def weights_bytes(model):

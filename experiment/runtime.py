@@ -147,12 +147,12 @@ def configured_backend():
         return "tensorflow"
 
 
-def resolve_devices(choice, keras):
-    """--devices as a number: `all` is every local device; more than one
-    needs the jax backend (Keras's distribution API) and that many
-    devices."""
+def resolve_devices(choice, keras, processes=1):
+    """--devices as a number: `all` is every device (of every process, with
+    several); more than one needs the jax backend (Keras's distribution API)
+    and that many devices."""
     backend = keras.backend.backend()
-    if choice == 1:
+    if choice == 1 and processes == 1:
         return 1
     if backend != "jax":
         raise UsageError(
@@ -162,6 +162,10 @@ def resolve_devices(choice, keras):
     available = len(keras.distribution.list_devices())
     if choice == "all":
         return available
+    if processes > 1 and choice != available:
+        raise UsageError(f"--devices {choice}: {processes} processes train "
+                         f"on all their {available} devices; pass --devices "
+                         "all")
     if choice > available:
         raise UsageError(f"--devices {choice} is more than the {available} "
                          "local device(s) JAX has")
@@ -198,8 +202,11 @@ def keras_settings(keras, config):
     keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
     if config["devices"] > 1:
+        # auto_shard_dataset: Keras would shard only a tf.data.Dataset (and
+        # refuse train.py's generator); each process feeds its own share.
         keras.distribution.set_distribution(keras.distribution.DataParallel(
-            devices=keras.distribution.list_devices()[:config["devices"]]))
+            devices=keras.distribution.list_devices()[:config["devices"]],
+            auto_shard_dataset=False))
     try:
         yield
     finally:

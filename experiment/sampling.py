@@ -36,7 +36,7 @@ def steps_per_epoch(labels, batch_size, classes_per_batch=None, pairs=None):
 
 
 def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
-                  classes_per_batch=None, pairs=None):
+                  classes_per_batch=None, pairs=None, share=None):
     """One epoch of normalized training batches `(x float32, y int32)`,
     augmented with `rng` if `augmented`.
 
@@ -45,9 +45,14 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
     smaller where the size does not divide). Non-i.i.d.: with
     `classes_per_batch` K, the batches of `class_batches`, each from exactly
     K classes; with `pairs` G, those of `pair_batches`, pairs of a class
-    in normalization groups of G."""
+    in normalization groups of G. `share`: a function that keeps one
+    process's part of each batch (hosts.Processes.share), applied to the
+    plan, after the whole plan is drawn: every process draws the same."""
     for index, offsets in batch_plan(labels, batch_size, rng, augmented,
                                      classes_per_batch, pairs):
+        if share is not None:
+            index = share(index)
+            offsets = offsets and tuple(map(share, offsets))
         x = images[index]
         if offsets is not None:
             x = crop(x, *offsets)

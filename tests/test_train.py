@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiment import cli
+from experiment import hosts
 from experiment import network
 from experiment import preprocessing
 from experiment import protocols
@@ -592,10 +593,10 @@ def test_bad_virtual_batch_and_sampling_flags(flags, words):
 
 def test_virtual_batch_must_divide_the_per_device_batch(monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "jax")
-    config, _, _ = train.parse_args(["--norm", "renorm", "--devices", "4",
-                                     "--virtual-batch-size", "8"])
-    assert train.parallel_record(config) == {
-        "per_device_batch": 32,
+    config, options, _ = train.parse_args(["--norm", "renorm", "--devices",
+                                           "4", "--virtual-batch-size", "8"])
+    assert train.parallel_record(config, options.processes) == {
+        "processes": 1, "per_process_batch": 128, "per_device_batch": 32,
         "statistics": "per group of 8 consecutive examples (4 groups on "
                       "each of the 4 devices)"}
     with pytest.raises(cli.UsageError) as error:
@@ -625,18 +626,23 @@ def preprocessing_arrays(train_images):
                                  y_val=np.zeros(1000), y_test=np.zeros(10000))
 
 
-@pytest.mark.parametrize("devices, virtual, statistics", [
-    (1, None, "of the whole batch"),
-    (4, None, "of the whole batch, synchronized across the 4 devices"),
-    (1, 4, "per group of 4 consecutive examples"),
-    (1, 128, "of the whole batch"),
-    (4, 32, "per device (groups of 32 = the per-device batch)"),
-    (4, 128, "of the whole batch, synchronized across the 4 devices"),
+@pytest.mark.parametrize("devices, virtual, processes, statistics", [
+    (1, None, 1, "of the whole batch"),
+    (4, None, 1, "of the whole batch, synchronized across the 4 devices"),
+    (1, 4, 1, "per group of 4 consecutive examples"),
+    (1, 128, 1, "of the whole batch"),
+    (4, 32, 1, "per device (groups of 32 = the per-device batch)"),
+    (4, 128, 1, "of the whole batch, synchronized across the 4 devices"),
+    (4, None, 2, "of the whole batch, synchronized across the 4 devices of "
+     "the 2 processes"),
+    (4, 32, 2, "per device (groups of 32 = the per-device batch)"),
 ])
-def test_statistics_in_the_record(devices, virtual, statistics):
+def test_statistics_in_the_record(devices, virtual, processes, statistics):
     config = {"devices": devices, "virtual_batch_size": virtual,
               "batch_size": 128}
-    assert train.parallel_record(config)["statistics"] == statistics
+    record = train.parallel_record(config, hosts.Processes(processes, 0))
+    assert record["statistics"] == statistics
+    assert record["per_process_batch"] == 128 // processes
 
 
 def test_resume_keeps_the_virtual_batch_and_sampling():
