@@ -570,7 +570,7 @@ class BatchRenormalization(keras.layers.Layer):
             r, d = self._corrections(batch_mean, batch_stddev, dtype)
             # y = gamma * ((x - mu_B) / sigma_B * r + d) + beta = x * a + b.
             a = gamma * r / batch_stddev
-            b = gamma * d + beta - batch_mean * a
+            (b,) = self._once_per_channel(gamma * d + beta - batch_mean * a)
             self._update_state(batch_mean, batch_stddev)
         else:
             # y = gamma * (x - mu) / sigma + beta = x * a + b.
@@ -648,7 +648,7 @@ class BatchRenormalization(keras.layers.Layer):
         stddev = ops.sqrt(variance + self.epsilon)
         r, d = self._corrections(mean, stddev, dtype)
         a = gamma * r / stddev
-        b = gamma * d + beta - mean * a
+        (b,) = self._once_per_channel(gamma * d + beta - mean * a)
         outputs = grouped * broadcast(a) + broadcast(b)
         outputs = ops.reshape(outputs, (-1,) + rest)
         if padded:
@@ -699,7 +699,19 @@ class BatchRenormalization(keras.layers.Layer):
             d = ops.clip(d, -d_max, d_max)
         else:
             d = ops.minimum(ops.maximum(d, -d_max), d_max)
+        r, d = self._once_per_channel(r, d)
         return ops.stop_gradient(r), ops.stop_gradient(d)
+
+    def _once_per_channel(self, *values):
+        """`values` exactly (each divided by 1), as the results of a
+        division, with a 1 that a compiler cannot fold (computed from the
+        step counter). XLA:CPU copies cheap per-channel arithmetic (the
+        clipping of r and d, the bounds from the step, `gamma d + beta - mu_B
+        a`) into every loop over `x` that reads its result, recomputing it
+        for each element of each loop; it never copies a division. Measured
+        in benchmarks/NOTES.md (attempt 11)."""
+        one = ops.cast(self.step >= 0, values[0].dtype)
+        return tuple(value / one for value in values)
 
     def _update_state(self, batch_mean, batch_stddev):
         """The moving averages' step towards the batch statistics: per

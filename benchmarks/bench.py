@@ -13,6 +13,12 @@ Levels (`--level`, several allowed; default `layer model`):
          (train_on_batch of a model: a trainable scalar times the input, so
          that the layer's backward computes its input gradient, then the
          layer; MSE loss, SGD).
+  matrix the layer where a user meets it, on (B, 32, 32, C) for each
+         --batch-sizes B and the first --channels C: on the model's input
+         (no input gradient), with a ReLU after it, after a trainable scale
+         (the layer level's setup), and four norm + ReLU after the scale;
+         renorm and renorm-portable with the bounds moving at every step
+         (`@ramp`) and with fixed clipping (`@fixed`).
   model  WRN-DEPTH-WIDTH (default 16-4) training steps on (B, 32, 32, 3).
   input  WRN training steps of batchnorm fed by train.py's input pipeline
          (`host`: sampling.train_batches; `device`: device_data, where it
@@ -62,7 +68,7 @@ from experiment.cli import positive_int  # noqa: E402
 from experiment.cli import steps_or_auto  # noqa: E402
 
 PROG = "bench.py"
-LEVELS = ("layer", "model", "input", "jit", "devices")
+LEVELS = ("layer", "matrix", "model", "input", "jit", "devices")
 NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
                  "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm")
 # renorm-groups4: virtual_batch_size=4, the paper's micro-batches.
@@ -90,6 +96,10 @@ def build_parser():
                         help="normalizations to compare (default: all that "
                         "this backend has)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+",
+                        default=list(LAYER_BATCH_SIZES), metavar="B",
+                        help="matrix level: the batch sizes (default: "
+                        + " ".join(map(str, LAYER_BATCH_SIZES)) + ")")
     parser.add_argument("--channels", type=positive_int, nargs="+",
                         default=[64, 128, 256], help="layer level: C of "
                         "(B, 32, 32, C) (default: 64 128 256)")
@@ -303,17 +313,13 @@ def layer_model(keras, variant, shape, setup="scale", schedule=None):
 
 def layer_matrix(channels=64, batch_sizes=LAYER_BATCH_SIZES,
                  setups=tuple(LAYER_SETUPS), schedules=tuple(LAYER_SCHEDULES),
-                 variants=None, steps=3, repeats=5, warmup=2):
+                 variants=None, steps=3, repeats=5, warmup=2, jit="auto"):
     """Layer-level rows for every batch size, setup and renorm schedule on
     (B, 32, 32, channels), on the current Keras backend: what a user meets
     (the layer on a model's input or inside a stack, with or without a
     ReLU, bounds moving or fixed). Variants are named `renorm@ramp`,
     `renorm-portable@fixed`, ...; ratios are to `batchnorm` of the same
-    round. Run from the repository root:
-
-        python -c "import sys; sys.path[:0] = ['.', 'benchmarks']; \\
-                   import bench; bench.print_rows(bench.layer_matrix())"
-    """
+    round. `bench.py --level matrix` runs it."""
     import numpy as np
     import keras
 
@@ -333,12 +339,12 @@ def layer_matrix(channels=64, batch_sizes=LAYER_BATCH_SIZES,
                     model, api = layer_model(
                         keras, variant, shape, setup,
                         LAYER_SCHEDULES[regime] if regime else None)
-                    compile_model(model, api, "auto", loss="mse")
+                    compile_model(model, api, jit, loss="mse")
                     name = variant + (f"@{regime}" if regime else "")
                     steppers[name] = stepper(model, api, to_tensor(api, x),
                                              to_tensor(api, y))
             times = time_interleaved(steppers, steps, repeats, warmup)
-            rows += rows_of("layer", "x".join(map(str, shape)) + f" {setup}",
+            rows += rows_of("matrix", "x".join(map(str, shape)) + f" {setup}",
                             times, batch_size, steps, "batchnorm")
     return rows
 
@@ -732,6 +738,12 @@ def main(argv=None):
             if "layer" in args.level:
                 rows += bench_layer(keras, args, variants, jit, rng,
                                     environment)
+            if "matrix" in args.level:
+                rows += layer_matrix(
+                    args.channels[0], args.batch_sizes, variants=variants,
+                    steps=args.steps or (
+                        3 if environment["device_type"] == "cpu" else 50),
+                    repeats=args.repeats, warmup=args.warmup, jit=jit)
             if "model" in args.level:
                 rows += bench_model(keras, args, variants, jit, rng,
                                     environment)

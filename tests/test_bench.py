@@ -159,6 +159,21 @@ def test_jit_level_times_each_norm_with_and_without_xla(tmp_path):
     assert "jit_compile=on" in (results / "summary.md").read_text()
 
 
+def test_matrix_level_covers_every_setup_size_and_schedule(tmp_path):
+    results = tmp_path / "results"
+    assert bench.main(TINY + ["--level", "matrix", "--batch-sizes", "4", "8",
+                              "--variants", "batchnorm", "renorm",
+                              "--results-dir", str(results)]) == 0
+    rows = json.loads((results / f"{BACKEND}-cpu.json").read_text())["rows"]
+    assert [(r["level"], r["shape"], r["variant"]) for r in rows] == [
+        ("matrix", f"{b}x32x32x3 {setup}", variant) for b in (4, 8)
+        for setup in ("input", "input-relu", "scale", "stack4-relu")
+        for variant in ("batchnorm", "renorm@ramp", "renorm@fixed")]
+    assert {r["ratio"] for r in rows if r["variant"] == "batchnorm"} == {1.0}
+    assert "| matrix | 8x32x32x3 stack4-relu | renorm@ramp |" in (
+        results / "summary.md").read_text()
+
+
 def test_input_level_measures_the_wait_for_data(tmp_path):
     from fake_cifar import write_fake_cifar
 
