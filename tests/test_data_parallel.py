@@ -157,12 +157,19 @@ def read_csv(path):
 
 @only_on_jax
 def test_a_run_on_four_devices_is_the_run_on_one(data_dir, tmp_path):
+    """The same history and test accuracy. At lr 1e-12: Adam turns the last
+    bits of the all-reduced gradients (summed in another order than on one
+    device) into whole steps of size lr, which at 1e-3 made val_loss differ
+    by 1e-4 after two epochs; with no steps, the figures test the data
+    split and the synchronized statistics (the gradients: the layer test
+    above)."""
     runs = {}
     for devices in ("1", "4"):
         out = tmp_path / devices
         args = tiny_args(data_dir, out, "--epochs", "2", "--batch-size", "20",
                          "--val-size", "20", "--name", "run",
-                         "--eval-batch-size", "20", "--devices", devices)
+                         "--eval-batch-size", "20", "--devices", devices,
+                         "--lr", "1e-12")
         result = subprocess.run([sys.executable, str(ROOT / "train.py"),
                                  *args], cwd=ROOT, env=FOUR_DEVICES,
                                 capture_output=True, text=True, timeout=600)
@@ -177,7 +184,7 @@ def test_a_run_on_four_devices_is_the_run_on_one(data_dir, tmp_path):
     for a, b in zip(rows_one, rows_four):
         for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
             np.testing.assert_allclose(float(a[column]), float(b[column]),
-                                       rtol=1e-4, atol=1e-5)
+                                       rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one["result"]["test_accuracy"],
                                four["result"]["test_accuracy"], atol=1e-6)
 
