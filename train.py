@@ -83,20 +83,22 @@ from experiment.cifar10 import DataError
 from experiment.cli import UsageError
 from experiment.cli import fail
 from experiment.signals import Interrupted
-from experiment.signals import ignore_interrupts
 from experiment.signals import interrupts_as_exceptions
 from experiment.signals import interrupts_deferred
 
 PROG = "train.py"
 
 
-def main(argv=None):
+def main(argv=None, exiting=False):
+    """train.py's exit code; `exiting`: the process ends after it, so that
+    once a signal has interrupted the run, later ones stay ignored until
+    the exit (the shutdown the first began finishes)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, options, explicit = parse_args(argv)
         if not options.processes.writer:  # process 0 prints for the run
             silence_stdout()
-        with interrupts_as_exceptions():
+        with interrupts_as_exceptions(exiting):
             return train(config, options, explicit, argv)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
@@ -488,7 +490,4 @@ def finish(paths, test, best, test_images):
 
 
 if __name__ == "__main__":
-    code = main()
-    if code >= 128:  # interrupted and saved: a second Ctrl-C waits for the exit
-        ignore_interrupts()
-    sys.exit(code)
+    sys.exit(main(exiting=True))

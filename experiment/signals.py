@@ -21,9 +21,11 @@ class Interrupted(BaseException):
 
 
 @contextmanager
-def interrupts_as_exceptions():
+def interrupts_as_exceptions(exiting=False):
     """The first SIGINT or SIGTERM raises `Interrupted`; later ones are
-    ignored. The previous handlers are restored on exit."""
+    ignored. The previous handlers are restored on exit; with `exiting`
+    (a process that ends after the block), not once one has arrived: the
+    later ones stay ignored, also between the block and the exit."""
 
     def handler(signum, frame):
         _arrived.append(signum)
@@ -36,7 +38,8 @@ def interrupts_as_exceptions():
         yield
     finally:
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            signal.signal(signum, signal.SIG_IGN if exiting and _arrived
+                          else old)
 
 
 @contextmanager
@@ -54,13 +57,6 @@ def interrupts_deferred():
     if pending and not _arrived:
         _arrived.extend(pending)
         raise Interrupted(pending[0])
-
-
-def ignore_interrupts():
-    """From now on SIGINT and SIGTERM are ignored (an interrupted run
-    finishing its exit)."""
-    for signum in _signals():
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def _signals():
