@@ -99,7 +99,8 @@ def main(argv=None, exiting=False):
         config, options, explicit = parse_args(argv)
         if not options.processes.writer:  # process 0 prints for the run
             silence_stdout()
-        with interrupts_as_exceptions(exiting):
+        with interrupts_as_exceptions(
+                exiting, lambda signum, seconds: stuck(signum, seconds, argv)):
             return train(config, options, explicit, argv)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
@@ -111,6 +112,17 @@ def main(argv=None, exiting=False):
         return fail(PROG, error, 2)
     except (DataError, OSError, RuntimeError) as error:
         return fail(PROG, error, 1)
+
+
+def stuck(signum, seconds, argv):
+    """The last line of a run whose main thread did not come back from the
+    framework to take a signal (the watchdog ends the process after it)."""
+    os.write(sys.stderr.fileno(), (
+        f"{console.newline()}{PROG}: interrupted "
+        f"({signal.Signals(signum).name}), but the framework did not hand "
+        f"control back within {seconds:g} s, so the process ends now; "
+        "every epoch in the history is saved; continue with: "
+        f"{console.resume_command(argv)}\n").encode())
 
 
 def silence_stdout():

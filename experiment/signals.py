@@ -1,15 +1,26 @@
 """SIGINT and SIGTERM during a run: the first raises an exception while it
 trains (held back while an epoch is written to disk); any later one is
 ignored, so that the shutdown that the first began (saving, the message,
-the exit code) finishes."""
+the exit code) finishes. Should the main thread not come back from the
+framework to take the first one (Python runs handlers only between its
+bytecodes), a watchdog ends the process after STUCK_SECONDS."""
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
 
+# How long a signal may wait for the main thread before the watchdog ends
+# the process: TensorFlow's training step has been seen never to return
+# after a SIGINT (about 1 interrupted run in 150), and the later signals
+# are ignored by design, so nothing else would end it.
+STUCK_SECONDS = 30.0
+
 # The signals that arrived inside interrupts_as_exceptions (the first one
 # raised; the others are ignored).
 _arrived = []
+# Set by the Python-level handlers: the main thread took a signal.
+_taken = threading.Event()
 
 
 class Interrupted(BaseException):
@@ -21,21 +32,29 @@ class Interrupted(BaseException):
 
 
 @contextmanager
-def interrupts_as_exceptions(exiting=False):
+def interrupts_as_exceptions(exiting=False, on_stuck=None):
     """The first SIGINT or SIGTERM raises `Interrupted`; later ones are
     ignored. The previous handlers are restored on exit; with `exiting`
     (a process that ends after the block), not once one has arrived: the
-    later ones stay ignored, also between the block and the exit."""
+    later ones stay ignored, also between the block and the exit.
+
+    `on_stuck(signum, seconds)`, if given, is called from a watchdog thread
+    when the main thread has not taken a signal STUCK_SECONDS after it came;
+    the process then ends at once with exit code 128 + signum (finished
+    epochs are safe: every file is written to a temporary and renamed)."""
 
     def handler(signum, frame):
+        _taken.set()
         _arrived.append(signum)
         if len(_arrived) == 1:
             raise Interrupted(signum)
 
     _arrived.clear()
-    previous = {s: signal.signal(s, handler) for s in _signals()}
+    signals = _signals()
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
-        yield
+        with _watchdog(on_stuck if signals else None):
+            yield
     finally:
         for signum, old in previous.items():
             signal.signal(signum, signal.SIG_IGN if exiting and _arrived
@@ -47,8 +66,12 @@ def interrupts_deferred():
     """SIGINT and SIGTERM wait until the block (an epoch's commit) is done;
     then the first of them raises `Interrupted` (if none came before)."""
     pending = []
-    previous = {s: signal.signal(s, lambda n, f: pending.append(n))
-                for s in _signals()}
+
+    def defer(signum, frame):
+        _taken.set()
+        pending.append(signum)
+
+    previous = {s: signal.signal(s, defer) for s in _signals()}
     try:
         yield
     finally:
@@ -57,6 +80,39 @@ def interrupts_deferred():
     if pending and not _arrived:
         _arrived.extend(pending)
         raise Interrupted(pending[0])
+
+
+@contextmanager
+def _watchdog(on_stuck):
+    """A thread that learns of each signal from Python's wakeup fd (written
+    by the C-level handler, whatever the main thread is doing) and calls
+    `on_stuck` and ends the process if no Python-level handler has run
+    STUCK_SECONDS later."""
+    if on_stuck is None:
+        yield
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
+
+    seconds = STUCK_SECONDS
+
+    def watch():
+        try:
+            while byte := os.read(read_fd, 1):  # b"" once the block ended
+                if not _taken.wait(seconds):
+                    on_stuck(byte[0], seconds)
+                    os._exit(128 + byte[0])
+        finally:
+            os.close(read_fd)
+
+    _taken.clear()
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=watch, name="signal watchdog", daemon=True).start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)
 
 
 def _signals():

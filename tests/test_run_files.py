@@ -319,6 +319,52 @@ def test_a_second_ctrl_c_lets_the_shutdown_finish(data_dir, tmp_path):
     assert "--resume" in err
 
 
+STUCK_IN_C = """
+import ctypes, sys
+import train
+from experiment import signals
+
+signals.STUCK_SECONDS = 1.0
+mutex = ctypes.create_string_buffer(64)  # PTHREAD_MUTEX_INITIALIZER: zeros
+
+
+def deadlock(*args):  # a framework call that never returns, signals or not
+    print("stuck", file=sys.stderr, flush=True)
+    libc = ctypes.CDLL(None)
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_mutex_lock(mutex)
+
+
+train.train = deadlock
+sys.exit(train.main(sys.argv[1:], exiting=True))
+"""
+
+
+def test_a_signal_that_the_main_thread_never_takes_ends_the_run(data_dir,
+                                                                tmp_path):
+    """The main thread stuck in C (as TensorFlow's step once was after a
+    SIGINT): Python never runs the handler, so the watchdog ends the process
+    with the signal's exit code and a line that says how to go on."""
+    args = tiny_args(data_dir, tmp_path, "--name", "run")
+    process = subprocess.Popen(
+        [sys.executable, "-c", STUCK_IN_C, *args], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stderr.readline() == "stuck\n"
+        time.sleep(0.5)  # inside the second lock
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "train.py: interrupted (SIGTERM), but the framework did not hand "
+        "control back within 1 s, so the process ends now"), err
+    assert last.endswith("--name run --resume")
+
+
 # ------------------------------------------------------------ temporaries
 def test_stale_temporaries_are_removed(finished, data_dir, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
