@@ -86,6 +86,7 @@ from experiment.cli import fail
 from experiment.signals import Interrupted
 from experiment.signals import interrupts_as_exceptions
 from experiment.signals import interrupts_deferred
+from experiment.signals import raise_if_interrupted
 
 PROG = "train.py"
 
@@ -353,6 +354,7 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
                   None) if config["norm"] == "renorm" else None
     progress = 1 if sys.stdout.isatty() else 0  # Keras's progress bar
     clock = runtime.epoch_clock(keras)
+    checks = runtime.interruption_checks(keras)
     table = console.Table(header)
     epoch = start
     try:
@@ -361,12 +363,14 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
             model.optimizer.learning_rate = lr
             logs = model.fit(batches_of(epoch), steps_per_epoch=steps,
                              epochs=1, shuffle=False, verbose=progress,
-                             callbacks=[clock]).history
+                             callbacks=[clock, checks]).history
             if progress:
                 print("\x1b[1A\x1b[2K", end="")  # the bar gives way
             evaluation_start = time.perf_counter()
             val_logs = model.evaluate(x_val, y_val, batch_size=eval_batch,
-                                      verbose=0, return_dict=True)
+                                      verbose=0, return_dict=True,
+                                      callbacks=[checks])
+            raise_if_interrupted()
             row = epoch_row(epoch, clock.seconds,
                             time.perf_counter() - evaluation_start, logs,
                             val_logs, lr, renorm)

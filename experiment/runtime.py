@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from experiment.cli import UsageError
+from experiment.signals import raise_if_interrupted
 
 INPUTS = ("auto", "host", "device")
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +234,22 @@ def epoch_clock(keras):
             self.seconds = time.perf_counter() - self.start
 
     return EpochClock()
+
+
+def interruption_checks(keras):
+    """A Keras callback that, before each training and evaluation batch,
+    raises a signal's interruption that the code it interrupted swallowed
+    (signals.raise_if_interrupted). Batch-begin hooks run on the main
+    thread and leave Keras's asynchronous batch-end dispatch on."""
+
+    class InterruptionChecks(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            raise_if_interrupted()
+
+        def on_test_batch_begin(self, batch, logs=None):
+            raise_if_interrupted()
+
+    return InterruptionChecks()
 
 
 def now():

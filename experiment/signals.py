@@ -61,6 +61,16 @@ def interrupts_as_exceptions(exiting=False, on_stuck=None):
                           else old)
 
 
+def raise_if_interrupted():
+    """Raises `Interrupted` again for a signal that arrived inside
+    interrupts_as_exceptions: for the training loop to call between steps,
+    in case the code that the handler interrupted swallowed the exception
+    (a finalizer or a callback from C catches everything), which would
+    leave the run training with later signals ignored."""
+    if _arrived:
+        raise Interrupted(_arrived[0])
+
+
 @contextmanager
 def interrupts_deferred():
     """SIGINT and SIGTERM wait until the block (an epoch's commit) is done;

@@ -18,6 +18,7 @@ import pytest
 
 import train
 from experiment import runfiles
+from experiment import runtime
 from fake_cifar import write_fake_cifar
 from test_train import one_error_line
 from test_train import read_history
@@ -317,6 +318,40 @@ def test_a_second_ctrl_c_lets_the_shutdown_finish(data_dir, tmp_path):
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if "interrupted" in line]) == 1
     assert "--resume" in err
+
+
+def test_an_interruption_that_some_code_swallowed_still_stops_the_run(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """The handler's exception raised inside code that catches everything
+    (a finalizer, a callback from C: seen under JAX and TensorFlow, where
+    the run went on training with later signals ignored): the next batch
+    raises it again."""
+    original = runtime.epoch_clock
+
+    def swallowing_clock(keras):
+        clock = original(keras)
+        begin = clock.on_epoch_begin
+        epochs = []
+
+        def on_epoch_begin(epoch, logs=None):  # a fit per epoch: epoch 0
+            begin(epoch, logs)
+            epochs.append(epoch)
+            if len(epochs) == 2:
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(1)
+                except BaseException:
+                    pass
+
+        clock.on_epoch_begin = on_epoch_begin
+        return clock
+
+    monkeypatch.setattr(runtime, "epoch_clock", swallowing_clock)
+    args = tiny_args(data_dir, tmp_path, "--epochs", "3", "--name", "run")
+    assert run_main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT) in epoch 2 of 3; epochs 1-1 are saved" in err
+    assert [r["epoch"] for r in read_history(tmp_path, "run")] == ["1"]
 
 
 STUCK_IN_C = """
