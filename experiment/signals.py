@@ -1,9 +1,11 @@
 """SIGINT and SIGTERM during a run: the first raises an exception while it
 trains (held back while an epoch is written to disk); any later one is
 ignored, so that the shutdown that the first began (saving, the message,
-the exit code) finishes. Should the main thread not come back from the
-framework to take the first one (Python runs handlers only between its
-bytecodes), a watchdog ends the process after STUCK_SECONDS."""
+the exit code) finishes. The training loop raises it again where the code
+it interrupted swallowed it (raise_if_interrupted). Should the main thread
+not come back from the framework to take the first one (Python runs
+handlers only between its bytecodes), a watchdog ends the process after
+STUCK_SECONDS."""
 
 import os
 import signal
@@ -11,9 +13,8 @@ import threading
 from contextlib import contextmanager
 
 # How long a signal may wait for the main thread before the watchdog ends
-# the process: TensorFlow's training step has been seen never to return
-# after a SIGINT (about 1 interrupted run in 150), and the later signals
-# are ignored by design, so nothing else would end it.
+# the process: the later signals are ignored by design, so nothing else
+# would end a main thread that never comes back from the framework.
 STUCK_SECONDS = 30.0
 
 # The signals that arrived inside interrupts_as_exceptions (the first one
