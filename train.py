@@ -105,9 +105,8 @@ def main(argv=None, exiting=False):
             return train(config, options, explicit, argv)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
-        print(f"{console.newline()}{PROG}: interrupted "
-              f"({signal.Signals(signum).name}) before training began; "
-              "nothing new was saved", file=sys.stderr)
+        print(interrupted(signum, " before training began; nothing new "
+                                  "was saved"), file=sys.stderr)
         return 128 + signum
     except UsageError as error:
         return fail(PROG, error, 2)
@@ -118,12 +117,17 @@ def main(argv=None, exiting=False):
 def stuck(signum, seconds, argv):
     """The last line of a run whose main thread did not come back from the
     framework to take a signal (the watchdog ends the process after it)."""
-    os.write(sys.stderr.fileno(), (
-        f"{console.newline()}{PROG}: interrupted "
-        f"({signal.Signals(signum).name}), but the framework did not hand "
-        f"control back within {seconds:g} s, so the process ends now; "
-        "every epoch in the history is saved; continue with: "
-        f"{console.resume_command(argv)}\n").encode())
+    os.write(sys.stderr.fileno(), (interrupted(
+        signum, ", but the framework did not hand control back within "
+        f"{seconds:g} s, so the process ends now; every epoch in the history "
+        f"is saved; continue with: {console.resume_command(argv)}")
+        + "\n").encode())
+
+
+def interrupted(signum, what):
+    """The line that ends an interrupted run: the signal, then `what`."""
+    return (f"{console.newline()}{PROG}: interrupted "
+            f"({signal.Signals(signum).name}){what}")
 
 
 def silence_stdout():
@@ -387,9 +391,8 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
         done = len(rows)
-        print(f"{console.newline()}{PROG}: interrupted "
-              f"({signal.Signals(signum).name}) in epoch {epoch + 1} of "
-              f"{config['epochs']}; "
+        print(interrupted(signum, f" in epoch {epoch + 1} of "
+                                  f"{config['epochs']}; ")
               + (f"epochs 1-{done} are saved" if done
                  else "no epoch had finished")
               + f"; continue with: {console.resume_command(argv)}",
@@ -483,10 +486,11 @@ def test_accuracy(model, config, arrays, paths, rows, best, best_weights,
 
 def interrupted_after_training(interruption, config, argv):
     signum = getattr(interruption, "signum", signal.SIGINT)
-    print(f"{console.newline()}{PROG}: interrupted "
-          f"({signal.Signals(signum).name}) during the test evaluation, "
-          f"after the last epoch; all {config['epochs']} epochs are saved; "
-          f"finish with: {console.resume_command(argv)}", file=sys.stderr)
+    print(interrupted(signum, " during the test evaluation, after the last "
+                              f"epoch; all {config['epochs']} epochs are "
+                              "saved; finish with: "
+                              f"{console.resume_command(argv)}"),
+          file=sys.stderr)
     return 128 + signum
 
 
@@ -510,6 +514,6 @@ if __name__ == "__main__":
     code = main(exiting=True)
     # An interrupted model.fit leaves TensorFlow's generator iterator in a
     # reference cycle; freed at the interpreter's shutdown, it logs an error
-    # after the last message, or hangs. Freed here, it finishes cleanly.
+    # after the last message. Freed here, it finishes cleanly.
     gc.collect()
     sys.exit(code)
