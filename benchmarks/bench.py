@@ -40,6 +40,12 @@ on TensorFlow with tf_keras installed, `tf.keras-batchnorm` (tf.keras's fused
 BatchNormalization) and `tf.keras-renorm` (tf.keras's renorm=True, not
 fused) as outside anchors.
 
+On a shared machine a ratio also moves from one process to the next (with
+two threads on two cores, one layer's ratio scattered by +-10% between
+processes, see NOTES.md): `--cpus 0` pins the run, the framework's threads
+included, to one core, and `--processes N` repeats the measurement in N
+fresh processes and pools their rounds.
+
 Each run writes benchmarks/results/BACKEND-DEVICE.csv and .json (-xla
 added for TensorFlow with jit_compile on) with the rows, backend, device,
 versions and thread count (a rerun of a level replaces its rows), then
@@ -64,6 +70,7 @@ from experiment import runfiles  # noqa: E402 (after the path)
 from experiment import runtime  # noqa: E402
 from experiment.cli import Parser  # noqa: E402
 from experiment.cli import UsageError  # noqa: E402
+from experiment.cli import nonnegative_int  # noqa: E402
 from experiment.cli import positive_int  # noqa: E402
 from experiment.cli import steps_or_auto  # noqa: E402
 
@@ -100,6 +107,10 @@ def build_parser():
                         default=list(LAYER_BATCH_SIZES), metavar="B",
                         help="matrix level: the batch sizes (default: "
                         + " ".join(map(str, LAYER_BATCH_SIZES)) + ")")
+    parser.add_argument("--setups", nargs="+", choices=tuple(LAYER_SETUPS),
+                        default=list(LAYER_SETUPS), metavar="SETUP",
+                        help="matrix level: where the layer sits (default: "
+                        + " ".join(LAYER_SETUPS) + ")")
     parser.add_argument("--channels", type=positive_int, nargs="+",
                         default=[64, 128, 256], help="layer level: C of "
                         "(B, 32, 32, C) (default: 64 128 256)")
@@ -128,6 +139,15 @@ def build_parser():
     parser.add_argument("--data-dir", type=Path, help="CIFAR-10 for the "
                         "input level (default: CIFAR10_DIR, ../shared/data, "
                         "else random images of the same shape)")
+    parser.add_argument("--cpus", type=nonnegative_int, nargs="+",
+                        metavar="CPU", help="run on these CPUs only (the "
+                        "framework's threads too), e.g. `--cpus 0` for one "
+                        "core (default: every CPU this process may use)")
+    parser.add_argument("--processes", type=positive_int, default=1,
+                        metavar="N", help="measure in N fresh processes, one "
+                        "after another, and pool their rounds (default 1); "
+                        "not for the input level")
+    parser.add_argument("--worker-output", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--summary", action="store_true",
                         help="only rewrite summary.md (and --readme) from "
@@ -179,8 +199,28 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
             "ms_max": round(1000 * max(values), 3),
             "images_per_s": round(batch_size / median, 2),
             "ratio": ratio, "repeats": len(values), "steps": steps,
-            "ms_repeats": [round(1000 * v, 3) for v in values]})
+            "ms_repeats": [round(1000 * v, 3) for v in values],
+            "baseline": baseline, "batch_size": batch_size})
     return rows
+
+
+def pooled_rows(runs):
+    """The rows of several processes' runs of the same levels (a list of
+    row lists) as one run's: each group's (level, shape) rounds joined in
+    process order, so that every round keeps its own baseline."""
+    groups = {}
+    for rows in runs:
+        for row in rows:
+            times = groups.setdefault((row["level"], row["shape"]), {})
+            times.setdefault(row["variant"], []).extend(
+                ms / 1000 for ms in row["ms_repeats"])
+    first = {(row["level"], row["shape"]): row for row in runs[0]}
+    pooled = []
+    for (level, shape), times in groups.items():
+        row = first[level, shape]
+        pooled += rows_of(level, shape, times, row["batch_size"],
+                          row["steps"], row["baseline"])
+    return pooled
 
 
 # ---------------------------------------------------------------- variants
@@ -594,7 +634,8 @@ def cycle(batches):
 # ---------------------------------------------------------------- files
 def describe(environment, jit, args):
     """The run's record: train.py's `environment`, threads, settings."""
-    threads = {"cpu_count": os.cpu_count()}
+    threads = {"cpu_count": os.cpu_count(),
+               "cpus": sorted(os.sched_getaffinity(0))}
     backend = environment["backend"]
     if backend == "torch":
         import torch
@@ -611,6 +652,7 @@ def describe(environment, jit, args):
                 batch_size=args.batch_size, dtype_policy=args.dtype_policy,
                 date=datetime.datetime.now(datetime.timezone.utc)
                 .isoformat(timespec="seconds"),
+                processes=1,
                 command=" ".join(["python", "benchmarks/bench.py"]
                                  + sys.argv[1:]))
 
@@ -653,7 +695,10 @@ def summary(results_dir):
             f"{versions.get('keras')}, {framework} "
             f"{versions.get(framework)}, jit_compile={record['jit_compile']}, "
             f"{record.get('dtype_policy', 'float32')}, "
-            f"threads {record['threads']}; {record['date']})\n")
+            f"threads {record['threads']}"
+            + (f", rounds of {record['processes']} processes"
+               if record.get("processes", 1) > 1 else "")
+            + f"; {record['date']})\n")
         header = ("level", "shape", "variant", "ms/step (median)",
                   "min-max", "images/s", "ratio")
         lines = ["| " + " | ".join(header) + " |",
@@ -675,8 +720,9 @@ def summary(results_dir):
             "the share of a step spent on input, against the same norm on "
             "resident batches; s per epoch: ms per step times the steps of "
             "an epoch of 50,000 images), the same norm with "
-            "`jit_compile=off` (jit level); all measured in one process, "
-            "interleaved. Written by `benchmarks/bench.py` from "
+            "`jit_compile=off` (jit level); measured interleaved in one "
+            "process, or with the rounds of several pooled where the header "
+            "says so. Written by `benchmarks/bench.py` from "
             "`benchmarks/results/*.json`.\n")
     return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + note
 
@@ -711,51 +757,112 @@ def print_rows(rows):
               f"{row['images_per_s']:9.1f} {ratio:>6}")
 
 
+def measure(args):
+    """Runs the levels of `args` in this process: (record, rows)."""
+    if args.backend:
+        os.environ["KERAS_BACKEND"] = args.backend
+    import numpy as np
+    import keras
+
+    if args.backend and keras.backend.backend() != args.backend:
+        raise UsageError(f"--backend {args.backend}: Keras is already "
+                         f"running on {keras.backend.backend()}")
+    environment = runtime.describe_environment(keras)
+    jit = runtime.jit_compile(args.jit_compile, environment)
+    variants = available_variants(keras, args.variants)
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(args.dtype_policy)
+    rng = np.random.default_rng(0)
+    print(f"{PROG}: backend {environment['backend']}, "
+          f"{environment['device']}, jit_compile={jit}", flush=True)
+    rows = []
+    try:
+        if "layer" in args.level:
+            rows += bench_layer(keras, args, variants, jit, rng,
+                                environment)
+        if "matrix" in args.level:
+            rows += layer_matrix(
+                args.channels[0], args.batch_sizes, setups=args.setups,
+                variants=variants, steps=args.steps or (
+                    3 if environment["device_type"] == "cpu" else 50),
+                repeats=args.repeats, warmup=args.warmup, jit=jit)
+        if "model" in args.level:
+            rows += bench_model(keras, args, variants, jit, rng,
+                                environment)
+        if "input" in args.level:
+            rows += bench_input(keras, args, jit, rng, environment)
+        if "jit" in args.level:
+            rows += bench_jit(keras, args, rng, environment)
+        if "devices" in args.level:
+            rows += bench_devices(keras, args, rng, environment)
+    finally:
+        keras.config.set_dtype_policy(policy)
+    return describe(environment, jit, args), rows
+
+
+def measure_in_processes(args, argv):
+    """Runs this command in `args.processes` fresh processes, one after
+    another (each compiles and warms up anew, so that what one process's
+    memory and code placement do to a ratio is averaged out), and pools
+    their rounds: (record, rows)."""
+    import subprocess
+    import tempfile
+
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for index in range(args.processes):
+            output = Path(folder) / f"{index}.json"
+            print(f"{PROG}: process {index + 1} of {args.processes}",
+                  flush=True)
+            code = subprocess.call([sys.executable, str(Path(__file__)),
+                                    *argv, "--worker-output", str(output)])
+            if code != 0:
+                raise WorkerFailed(code)
+            runs.append(json.loads(output.read_text()))
+    record = dict(runs[0]["record"], processes=args.processes,
+                  command=" ".join(["python", "benchmarks/bench.py", *argv]))
+    return record, pooled_rows([run["rows"] for run in runs])
+
+
+class WorkerFailed(Exception):
+    """A process of --processes ended with a non-zero code (it said why)."""
+
+
+def pin(cpus):
+    """Restricts this process, and the threads its frameworks start, to
+    `cpus` (before any framework is imported: thread pools are sized by
+    the CPUs a process may use)."""
+    allowed = os.sched_getaffinity(0)
+    outside = sorted(set(cpus) - allowed)
+    if outside:
+        raise UsageError(f"--cpus {' '.join(map(str, outside))}: not among "
+                         f"this process's CPUs "
+                         f"({' '.join(map(str, sorted(allowed)))})")
+    os.sched_setaffinity(0, set(cpus))
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
         if args.summary:
             print(write_summary(args), end="")
             return 0
-        if args.backend:
-            os.environ["KERAS_BACKEND"] = args.backend
-        import numpy as np
-        import keras
-
-        if args.backend and keras.backend.backend() != args.backend:
-            raise UsageError(f"--backend {args.backend}: Keras is already "
-                             f"running on {keras.backend.backend()}")
-        environment = runtime.describe_environment(keras)
-        jit = runtime.jit_compile(args.jit_compile, environment)
-        variants = available_variants(keras, args.variants)
-        policy = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(args.dtype_policy)
-        rng = np.random.default_rng(0)
-        print(f"{PROG}: backend {environment['backend']}, "
-              f"{environment['device']}, jit_compile={jit}", flush=True)
-        rows = []
-        try:
-            if "layer" in args.level:
-                rows += bench_layer(keras, args, variants, jit, rng,
-                                    environment)
-            if "matrix" in args.level:
-                rows += layer_matrix(
-                    args.channels[0], args.batch_sizes, variants=variants,
-                    steps=args.steps or (
-                        3 if environment["device_type"] == "cpu" else 50),
-                    repeats=args.repeats, warmup=args.warmup, jit=jit)
-            if "model" in args.level:
-                rows += bench_model(keras, args, variants, jit, rng,
-                                    environment)
-            if "input" in args.level:
-                rows += bench_input(keras, args, jit, rng, environment)
-            if "jit" in args.level:
-                rows += bench_jit(keras, args, rng, environment)
-            if "devices" in args.level:
-                rows += bench_devices(keras, args, rng, environment)
-        finally:
-            keras.config.set_dtype_policy(policy)
-        record = describe(environment, jit, args)
+        if args.processes > 1 and "input" in args.level:
+            raise UsageError("--processes pools the rounds of the layer, "
+                             "matrix, model, jit and devices levels; run "
+                             "the input level in one process")
+        if args.cpus:
+            pin(args.cpus)
+        if args.worker_output:
+            record, rows = measure(args)
+            args.worker_output.write_text(json.dumps(
+                {"record": record, "rows": rows}))
+            return 0
+        if args.processes > 1:
+            record, rows = measure_in_processes(args, argv)
+        else:
+            record, rows = measure(args)
         path = write_results(args.results_dir, record, rows)
         print_rows(rows)
         write_summary(args)
@@ -765,6 +872,10 @@ def main(argv=None):
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except WorkerFailed as failed:
+        print(f"{PROG}: error: a measuring process ended with code "
+              f"{failed.args[0]}; nothing written", file=sys.stderr)
+        return 130 if failed.args[0] == 130 else 1
     except runfiles.WriteError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1

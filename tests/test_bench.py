@@ -95,6 +95,11 @@ def test_layer_and_model_levels_write_results(tmp_path, capsys):
     (["--level", "nope"], "invalid choice"),
     (["--steps", "0"], "positive integer"),
     (["--variants", "batchnorm", "--backend", "nope"], "invalid choice"),
+    (["--setups", "nope"], "invalid choice"),
+    (["--processes", "0"], "positive integer"),
+    (["--cpus", "-1"], "integer >= 0"),
+    (["--cpus", "100000"], "--cpus 100000: not among this process's CPUs"),
+    (["--level", "input", "--processes", "2"], "run the input level in one"),
 ])
 def test_bad_arguments_are_one_line(argv, words, tmp_path, capsys):
     assert bench.main(argv + ["--results-dir", str(tmp_path)]) == 2
@@ -172,6 +177,42 @@ def test_matrix_level_covers_every_setup_size_and_schedule(tmp_path):
     assert {r["ratio"] for r in rows if r["variant"] == "batchnorm"} == {1.0}
     assert "| matrix | 8x32x32x3 stack4-relu | renorm@ramp |" in (
         results / "summary.md").read_text()
+
+
+def test_processes_pool_their_rounds_and_cpus_pin_them(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert bench.main(TINY + ["--level", "matrix", "--batch-sizes", "4",
+                              "--setups", "input", "stack4-relu",
+                              "--variants", "batchnorm", "renorm",
+                              "--processes", "2", "--cpus", "0",
+                              "--results-dir", str(results)]) == 0
+    assert capsys.readouterr().out.count("process 2 of 2") == 1
+    record = json.loads((results / f"{BACKEND}-cpu.json").read_text())
+    assert record["processes"] == 2 and record["threads"]["cpus"] == [0]
+    assert "--processes 2" in record["command"]
+    assert "--worker-output" not in record["command"]
+    rows = record["rows"]
+    assert [(r["shape"], r["variant"]) for r in rows] == [
+        (f"4x32x32x3 {setup}", variant) for setup in ("input", "stack4-relu")
+        for variant in ("batchnorm", "renorm@ramp", "renorm@fixed")]
+    assert {r["repeats"] for r in rows} == {4}  # 2 rounds x 2 processes
+    assert "rounds of 2 processes" in (results / "summary.md").read_text()
+
+
+def test_pooled_rows_keep_each_rounds_own_baseline():
+    """Ratios of the pooled rounds are per round, not of pooled medians."""
+    def run(base, other):
+        return bench.rows_of("matrix", "s", {"batchnorm": base, "renorm": other},
+                             4, 1, "batchnorm")
+
+    # Process one: renorm 0.9 of batchnorm in each round; process two, on
+    # a 10 times faster machine: 1.1. Per-round ratios pool to 1.0; the
+    # medians of the pooled times would give 0.505 / 0.55 = 0.92.
+    pooled = bench.pooled_rows([run([1.0] * 3, [0.9] * 3),
+                                run([0.1] * 3, [0.11] * 3)])
+    assert [r["variant"] for r in pooled] == ["batchnorm", "renorm"]
+    assert pooled[1]["repeats"] == 6 and pooled[1]["ratio"] == 1.0
+    assert pooled[1]["ms_repeats"] == [900.0] * 3 + [110.0] * 3
 
 
 def test_input_level_measures_the_wait_for_data(tmp_path):
