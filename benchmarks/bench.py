@@ -831,7 +831,7 @@ class WorkerFailed(Exception):
 def pin(cpus):
     """Restricts this process, and the threads its frameworks start, to
     `cpus` (before any framework is imported: thread pools are sized by
-    the CPUs a process may use)."""
+    the CPUs a process may use); returns the CPUs it had."""
     allowed = os.sched_getaffinity(0)
     outside = sorted(set(cpus) - allowed)
     if outside:
@@ -839,10 +839,12 @@ def pin(cpus):
                          f"this process's CPUs "
                          f"({' '.join(map(str, sorted(allowed)))})")
     os.sched_setaffinity(0, set(cpus))
+    return allowed
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    pinned_from = None
     try:
         args = build_parser().parse_args(argv)
         if args.summary:
@@ -853,7 +855,7 @@ def main(argv=None):
                              "matrix, model, jit and devices levels; run "
                              "the input level in one process")
         if args.cpus:
-            pin(args.cpus)
+            pinned_from = pin(args.cpus)
         if args.worker_output:
             record, rows = measure(args)
             args.worker_output.write_text(json.dumps(
@@ -882,6 +884,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
+    finally:
+        if pinned_from:  # a caller of main() keeps its own CPUs
+            os.sched_setaffinity(0, pinned_from)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ asserted: speed is measured by the benchmark, not by tests)."""
 import csv
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import keras
@@ -181,12 +182,15 @@ def test_matrix_level_covers_every_setup_size_and_schedule(tmp_path):
 
 def test_processes_pool_their_rounds_and_cpus_pin_them(tmp_path, capsys):
     results = tmp_path / "results"
+    cpus = os.sched_getaffinity(0)
     assert bench.main(TINY + ["--level", "matrix", "--batch-sizes", "4",
                               "--setups", "input", "stack4-relu",
                               "--variants", "batchnorm", "renorm",
                               "--processes", "2", "--cpus", "0",
                               "--results-dir", str(results)]) == 0
     assert capsys.readouterr().out.count("process 2 of 2") == 1
+    # The caller of main() (this test process) keeps its CPUs.
+    assert os.sched_getaffinity(0) == cpus
     record = json.loads((results / f"{BACKEND}-cpu.json").read_text())
     assert record["processes"] == 2 and record["threads"]["cpus"] == [0]
     assert "--processes 2" in record["command"]
