@@ -406,7 +406,7 @@ def to_tensor(api, array):
 
 def bench_layer(keras, args, variants, jit, rng, environment):
     rows = []
-    steps = args.steps or (3 if environment["device_type"] == "cpu" else 50)
+    steps = layer_steps(args, environment)
     for channels in args.channels:
         shape = (args.batch_size, 32, 32, channels)
         print(f"layer level, {shape}:", flush=True)
@@ -422,6 +422,10 @@ def bench_layer(keras, args, variants, jit, rng, environment):
         rows += rows_of("layer", "x".join(map(str, shape)), times,
                         args.batch_size, steps, "batchnorm")
     return rows
+
+
+def layer_steps(args, environment):
+    return args.steps or (3 if environment["device_type"] == "cpu" else 50)
 
 
 def model_steps(args, environment):
@@ -632,8 +636,9 @@ def cycle(batches):
 
 
 # ---------------------------------------------------------------- files
-def describe(environment, jit, args):
-    """The run's record: train.py's `environment`, threads, settings."""
+def describe(environment, jit, args, argv):
+    """The run's record: train.py's `environment`, threads, settings, and
+    the command (`argv`, bench.py's arguments)."""
     threads = {"cpu_count": os.cpu_count(),
                "cpus": sorted(os.sched_getaffinity(0))}
     backend = environment["backend"]
@@ -653,8 +658,7 @@ def describe(environment, jit, args):
                 date=datetime.datetime.now(datetime.timezone.utc)
                 .isoformat(timespec="seconds"),
                 processes=1,
-                command=" ".join(["python", "benchmarks/bench.py"]
-                                 + sys.argv[1:]))
+                command=" ".join(["python", "benchmarks/bench.py", *argv]))
 
 
 def write_results(results_dir, environment, rows):
@@ -757,8 +761,9 @@ def print_rows(rows):
               f"{row['images_per_s']:9.1f} {ratio:>6}")
 
 
-def measure(args):
-    """Runs the levels of `args` in this process: (record, rows)."""
+def measure(args, argv):
+    """Runs the levels of `args` (parsed from `argv`) in this process:
+    (record, rows)."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
@@ -783,8 +788,7 @@ def measure(args):
         if "matrix" in args.level:
             rows += layer_matrix(
                 args.channels[0], args.batch_sizes, setups=args.setups,
-                variants=variants, steps=args.steps or (
-                    3 if environment["device_type"] == "cpu" else 50),
+                variants=variants, steps=layer_steps(args, environment),
                 repeats=args.repeats, warmup=args.warmup, jit=jit)
         if "model" in args.level:
             rows += bench_model(keras, args, variants, jit, rng,
@@ -797,7 +801,7 @@ def measure(args):
             rows += bench_devices(keras, args, rng, environment)
     finally:
         keras.config.set_dtype_policy(policy)
-    return describe(environment, jit, args), rows
+    return describe(environment, jit, args, argv), rows
 
 
 def measure_in_processes(args, argv):
@@ -857,14 +861,14 @@ def main(argv=None):
         if args.cpus:
             pinned_from = pin(args.cpus)
         if args.worker_output:
-            record, rows = measure(args)
+            record, rows = measure(args, argv)
             args.worker_output.write_text(json.dumps(
                 {"record": record, "rows": rows}))
             return 0
         if args.processes > 1:
             record, rows = measure_in_processes(args, argv)
         else:
-            record, rows = measure(args)
+            record, rows = measure(args, argv)
         path = write_results(args.results_dir, record, rows)
         print_rows(rows)
         write_summary(args)

@@ -58,6 +58,8 @@ def test_layer_and_model_levels_write_results(tmp_path, capsys):
     assert record["backend"] == BACKEND and record["device_type"] == "cpu"
     assert record["versions"]["keras"] == keras.__version__
     assert record["threads"]["cpu_count"] >= 1
+    # The command is main()'s own arguments, not the calling process's.
+    assert record["command"].endswith(f"--readme {readme}")
     rows = record["rows"]
     shapes = {"layer": ["8x32x32x3", "8x32x32x5"],
               "model": ["WRN-10-1, 8x32x32x3"]}

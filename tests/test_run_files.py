@@ -377,8 +377,9 @@ sys.exit(train.main(sys.argv[1:], exiting=True))
 
 def test_a_signal_that_the_main_thread_never_takes_ends_the_run(data_dir,
                                                                 tmp_path):
-    """The main thread stuck in C: Python never runs the handler, so the watchdog ends the process
-    with the signal's exit code and a line that says how to go on."""
+    """The main thread stuck in C: Python never runs the handler, so the
+    watchdog ends the process with the signal's exit code and a line that
+    says how to go on."""
     args = tiny_args(data_dir, tmp_path, "--name", "run")
     process = subprocess.Popen(
         [sys.executable, "-c", STUCK_IN_C, *args], cwd=ROOT,
