@@ -65,20 +65,6 @@ def has_fast_path():
     return keras.backend.backend() in _FAST_PATH_BACKENDS
 
 
-@functools.lru_cache(maxsize=None)
-def _one_read_moments():
-    """Whether the portable path computes the statistics in one read
-    (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
-    mean, then the mean squared deviation). Measured (benchmarks/NOTES.md,
-    attempts 7 and 10): one read faster on an AVX2-only AMD EPYC (XLA's
-    CPU reductions there), two reads on an AVX-512 Intel Xeon."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return "avx512f" not in cpuinfo.read()
-    except OSError:
-        return True
-
-
 # One-read variances lose at most log10 of this of float32's digits; beyond,
 # the variance is computed again around the mean (`_moments`).
 _CANCELLATION_LIMIT = 1e3
@@ -368,7 +354,9 @@ class BatchRenormalization(keras.layers.Layer):
         self.step = None
         self._reduction_axes = None
         self._fast_path = False
-        self._one_read = _one_read_moments()
+        # None: the statistics' formulation follows the device of each call
+        # (`statistics_formulation`); True or False fixes it (the tests).
+        self._one_read = None
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -487,6 +475,21 @@ class BatchRenormalization(keras.layers.Layer):
         under XLA) take the backend's fused kernel; known once the layer is
         built."""
         return self._fast_path
+
+    @property
+    def statistics_formulation(self):
+        """How training calls on the portable path without a mask compute
+        the batch statistics, on the device that this layer computes on:
+        `"two-read"` (the mean, then the mean squared deviation, as Keras's
+        BatchNormalization) or `"one-read"` (`E[x]` and `E[x^2]` in one read
+        of `x`; see `_moments`). Two reads on any device but a CPU (GPUs,
+        TPUs), and on a CPU with AVX-512; one read on other CPUs. The fused
+        kernels (`uses_fast_path`) compute their own statistics."""
+        one_read = self._one_read
+        if one_read is None:
+            probe = None if self.moving_mean is None else self.moving_mean.value
+            one_read = _one_read_moments(_device_type(probe))
+        return "one-read" if one_read else "two-read"
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -746,11 +749,15 @@ class BatchRenormalization(keras.layers.Layer):
         is computed again around the mean, `E[(x - mu_B)^2]`, in a second
         read (`ops.cond`: only one of the two runs). The gradient is the
         variance's, `2 (x - mu_B) / n`, taken through the one-read formula.
-        Where one read does not pay (`_one_read_moments`: CPUs with
-        AVX-512), two reads: the mean, then `E[(x - mu_B)^2]`.
+        Where one read does not pay (`_one_read_moments`: GPUs and other
+        accelerators, CPUs with AVX-512), two reads: the mean, then
+        `E[(x - mu_B)^2]`.
         """
         axes = self._reduction_axes
-        if mask is None and not self._one_read:
+        one_read = self._one_read
+        if one_read is None and mask is None:
+            one_read = _one_read_moments(_device_type(x))
+        if mask is None and not one_read:
             # Two reads, as Keras's BatchNormalization (jnp.var, tf.nn.moments)
             # does: exact around the mean, differentiated as it is.
             mean = ops.mean(x, axis=axes)
@@ -883,6 +890,56 @@ def _synchronized_moments(layer, x, mask):
         squares = tf.where(selected, squares, 0.0)
     variance = context.all_reduce(total, tf.reduce_sum(squares, axes)) / count
     return mean, variance
+
+
+# ------------- the device a call computes on (each framework's own API)
+@functools.lru_cache(maxsize=None)
+def _one_read_moments(device_type, cpuinfo="/proc/cpuinfo"):
+    """Whether the portable path computes the statistics in one read
+    (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
+    mean, then the mean squared deviation) on a device of `device_type`
+    (`_device_type`). Two reads, as Keras's BatchNormalization, on anything
+    but a CPU: one read was measured on CPUs only. On a CPU, measured
+    (benchmarks/NOTES.md, attempts 7 and 10): one read faster on an
+    AVX2-only AMD EPYC (XLA's CPU reductions there), two reads on an
+    AVX-512 Intel Xeon; the host's `cpuinfo` (Linux) tells which."""
+    if device_type != "cpu":
+        return False
+    try:
+        with open(cpuinfo) as file:
+            flags = [line.split() for line in file if line.startswith("flags")]
+    except OSError:
+        return True
+    return not any("avx512f" in words for words in flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_accelerator(backend):
+    """The type of the accelerator ("gpu", "tpu") that TensorFlow or JAX
+    places computations on by default, or "cpu" where there is none."""
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        types = [d.device_type.lower() for d in tf.config.list_logical_devices()]
+        return next((t for t in types if t != "cpu"), "cpu")
+    return "cpu"
+
+
+def _device_type(x=None):
+    """The type of device ("cpu", "gpu", "tpu", ...) that a call on the
+    tensor `x` computes on: on PyTorch, `x`'s device (without `x`, Keras's
+    default device, where it puts new tensors); on TensorFlow and JAX, where
+    they place computations by default: their accelerator if they have one.
+    Read while tracing, so a compiled step holds no trace of it."""
+    backend = keras.backend.backend()
+    if backend == "torch":
+        device = (ops.convert_to_tensor(0.0) if x is None else x).device.type
+        return "gpu" if device == "cuda" else device
+    return _default_accelerator(backend)
 
 
 # --------------------------------- fast path: TensorFlow's and PyTorch's kernels

@@ -1047,3 +1047,53 @@ def test_fast_path_matches_portable_path(shape):
     outputs = [to_numpy(layer(x, training=True, mask=mask))
                for layer in (fused, portable)]
     assert_close(outputs[0], outputs[1], 1e-5, 1e-5)
+
+
+# ------------------------------- the statistics' formulation, by device
+def test_formulation_follows_the_device(tmp_path):
+    """Two reads on any device but a CPU, whatever the host's CPU; on a CPU,
+    two reads with AVX-512 and one without (the host's cpuinfo)."""
+    from batch_renorm import _one_read_moments
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    missing = str(tmp_path / "none")
+    assert _one_read_moments("cpu", str(avx2))
+    assert not _one_read_moments("cpu", str(avx512))
+    assert _one_read_moments("cpu", missing)  # not Linux: as without AVX-512
+    for device in ("gpu", "tpu", "mps"):
+        for cpuinfo in (str(avx2), str(avx512), missing):
+            assert not _one_read_moments(device, cpuinfo)
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu"])
+@pytest.mark.parametrize("avx512", [False, True], ids=["avx2", "avx512"])
+def test_training_calls_take_the_formulation_of_their_device(
+        monkeypatch, tmp_path, device, avx512):
+    """`statistics_formulation` names what a training call on the portable
+    path computes: the one-read statistics hold an `ops.cond` (their
+    recomputation where they cancel), the two-read ones none."""
+    import batch_renorm
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx2" + (" avx512f" if avx512 else ""))
+    decide = batch_renorm._one_read_moments
+    monkeypatch.setattr(batch_renorm, "_one_read_moments",
+                        lambda device_type: decide(device_type, str(cpuinfo)))
+    monkeypatch.setattr(batch_renorm, "_device_type", lambda x=None: device)
+    conds = []
+    cond = ops.cond
+    monkeypatch.setattr(ops, "cond", lambda *a, **k: conds.append(1)
+                        or cond(*a, **k))
+    layer = BatchRenormalization(fused=False, **FIXED_CLIP)
+    expected = "one-read" if device == "cpu" and not avx512 else "two-read"
+    assert layer.statistics_formulation == expected
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    ref = reference_for(layer, init_layer(layer, x.shape,
+                                          np.random.default_rng(1)))
+    assert layer.statistics_formulation == expected
+    y = layer(x, training=True)
+    assert len(conds) == (expected == "one-read")
+    assert_close(y, ref.train(x)["y"])
