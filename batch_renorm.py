@@ -80,6 +80,10 @@ _SQUARE_UNDERFLOW = 2.0**-100
 _SQUARE_SCALED_MAX = 2.0**62
 _UNDERFLOW_EPSILON = 2.0**-38
 
+# What `BatchRenormalization.corrections()` returns, besides `steps`, in the
+# order of the layer's `correction_sums`.
+_CORRECTION_KEYS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
+
 # The smallest epsilon that TensorFlow's fused kernel accepts (it silently
 # raises smaller ones to this, as cuDNN requires).
 _FUSED_MIN_EPSILON = 1.001e-5
@@ -173,6 +177,16 @@ class BatchRenormalization(keras.layers.Layer):
     **Mixed precision.** Statistics, `r` and `d` are computed in float32 and
     the variables are float32; the output has the layer's compute dtype.
 
+    **Watching the corrections** (`track_corrections=True`): each training
+    call also adds, inside the step, its means over channels (and groups)
+    of `|r - 1|`, `|d|`, and of whether `sigma_B / sigma` lay strictly
+    outside `[1 / r_max(k), r_max(k)]` and `|mu_B - mu| / sigma` strictly
+    above `d_max(k)`, to a float32 variable `correction_sums`;
+    `corrections(reset=True)` returns their means over the calls since the
+    last reset. The sums are per-session state: not saved with the layer
+    (a loaded layer starts from zero; its files are those of a layer
+    without tracking).
+
     Args:
         axis: Integer, the channel axis to normalize (`-1` for channels-last,
             `1` after a channels-first convolution).
@@ -219,6 +233,9 @@ class BatchRenormalization(keras.layers.Layer):
         synchronized: TensorFlow only: under a `tf.distribute` strategy,
             take the batch statistics over all replicas (all-reduced) rather
             than each replica's own. Outside a strategy, no effect.
+        track_corrections: If `True`, training calls also sum what `r` and
+            `d` do, for `corrections()` (see above); `False` (default) adds
+            no variable and no computation.
 
     Call arguments:
         inputs: Input tensor of any rank.
@@ -228,7 +245,8 @@ class BatchRenormalization(keras.layers.Layer):
             masked positions are left out of the batch statistics.
 
     Variables: `gamma`, `beta` (trainable, when enabled), `moving_mean`,
-    `moving_stddev` and the integer step counter `step` (non-trainable).
+    `moving_stddev`, the integer step counter `step` and, with
+    `track_corrections`, `correction_sums` (non-trainable).
     """
 
     def __init__(
@@ -254,6 +272,7 @@ class BatchRenormalization(keras.layers.Layer):
         fused=None,
         virtual_batch_size=None,
         synchronized=False,
+        track_corrections=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -304,6 +323,12 @@ class BatchRenormalization(keras.layers.Layer):
                 f"virtual_batch_size={self.virtual_batch_size}"
             )
         self.synchronized = synchronized
+        if not isinstance(track_corrections, bool):
+            raise ValueError(
+                "Argument `track_corrections` must be True or False. "
+                f"Received: track_corrections={track_corrections!r}"
+            )
+        self.track_corrections = track_corrections
         if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
             raise ValueError(
                 f"Argument `axis` must be an integer. Received: axis={axis!r}"
@@ -352,6 +377,7 @@ class BatchRenormalization(keras.layers.Layer):
         self.moving_mean = None
         self.moving_stddev = None
         self.step = None
+        self.correction_sums = None
         self._reduction_axes = None
         self._fast_path = False
         # None: the statistics' formulation follows the device of each call
@@ -430,6 +456,21 @@ class BatchRenormalization(keras.layers.Layer):
             # As the optimizers' iteration counter.
             aggregation="only_first_replica",
         )
+        if self.track_corrections:
+            # One variable, one assignment per call: the sums over training
+            # calls of each call's four means (`corrections`), then the
+            # number of calls. Not saved (`save_own_variables`).
+            self.correction_sums = self.add_weight(
+                shape=(len(_CORRECTION_KEYS) + 1,),
+                name="correction_sums",
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                # Under tf.distribute: the mean of the replicas' sums, as if
+                # each replica were a group.
+                aggregation="mean",
+            )
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={self.axis: channels}
         )
@@ -517,6 +558,50 @@ class BatchRenormalization(keras.layers.Layer):
     def current_d_max(self):
         """The `d_max` that the next training call will clip with (a float)."""
         return float(ops.convert_to_numpy(self.bounds()[1]))
+
+    def corrections(self, reset=True):
+        """What `r` and `d` did since the last reset (`track_corrections=True`).
+
+        Means over the training calls since the last reset of each call's
+        mean over channels (and groups, with virtual batches; groups without
+        an unmasked position left out), as a dict of Python floats:
+
+        - `r_dev`: `|r - 1|`, `r` after clipping;
+        - `d_dev`: `|d|`, after clipping;
+        - `r_clipped`: the fraction where `sigma_B / sigma` lies strictly
+          outside `[1 / r_max(k), r_max(k)]`, the bounds of that call;
+        - `d_clipped`: the fraction where `|mu_B - mu| / sigma > d_max(k)`;
+        - `steps`: the number of training calls counted (an int).
+
+        During the warm-up (`r_max(k) = 1`, `d_max(k) = 0`), `r = 1` and
+        `d = 0`, and a channel counts as clipped wherever its batch statistic
+        differs from the moving one at all. With no call counted, `steps` is
+        0 and the four means are NaN. The sums are float32, updated inside
+        each training call; on JAX, `model.fit` holds them outside the layer
+        during an epoch, so read them between epochs (`on_epoch_end`).
+
+        Args:
+            reset: If `True`, the sums restart from zero after this read.
+        """
+        if not self.track_corrections:
+            raise ValueError(
+                "corrections() needs a layer built with "
+                "`track_corrections=True`. Received: track_corrections=False"
+            )
+        if self.correction_sums is None:  # not built: no call yet
+            sums = [0.0] * (len(_CORRECTION_KEYS) + 1)
+        else:
+            sums = [float(v) for v in ops.convert_to_numpy(self.correction_sums)]
+        steps = sums[-1]
+        result = {
+            key: total / steps if steps else math.nan
+            for key, total in zip(_CORRECTION_KEYS, sums)
+        }
+        result["steps"] = int(steps)
+        if reset and self.correction_sums is not None:
+            self.correction_sums.assign(
+                ops.zeros(self.correction_sums.shape, "float32"))
+        return result
 
     def call(self, inputs, training=None, mask=None):
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
@@ -647,9 +732,16 @@ class BatchRenormalization(keras.layers.Layer):
             squares = ops.where(
                 selected, ops.square(grouped - broadcast(mean)), 0.0)
             variance = ops.sum(squares, axes) / count
+            # The mean over the groups that hold data; over all of them
+            # where none does (as a wholly masked batch without groups).
             nonempty = ops.cast(positions > 0, dtype)
+            total = ops.sum(nonempty, axis=0)
+            weights = ops.where(
+                total > 0, nonempty / ops.maximum(total, 1.0),
+                1.0 / ops.cast(ops.shape(nonempty)[0], dtype))
         stddev = ops.sqrt(variance + self.epsilon)
-        r, d = self._corrections(mean, stddev, dtype)
+        r, d = self._corrections(
+            mean, stddev, dtype, None if nonempty is None else weights)
         a = gamma * r / stddev
         (b,) = self._once_per_channel(gamma * d + beta - mean * a)
         outputs = grouped * broadcast(a) + broadcast(b)
@@ -659,11 +751,6 @@ class BatchRenormalization(keras.layers.Layer):
         if nonempty is None:
             self._update_state(mean, stddev)
             return outputs
-        # The mean over the groups that hold data; over all of them where
-        # none does (as a wholly masked batch without groups).
-        total = ops.sum(nonempty, axis=0)
-        weights = ops.where(total > 0, nonempty / ops.maximum(total, 1.0),
-                            1.0 / ops.cast(ops.shape(nonempty)[0], dtype))
         self._update_state(ops.sum(mean * weights, axis=0),
                            ops.sum(stddev * weights, axis=0))
         return outputs
@@ -679,9 +766,10 @@ class BatchRenormalization(keras.layers.Layer):
             fixed and self.d_max_steps == 0) else None
         return r_max, d_max
 
-    def _corrections(self, batch_mean, batch_stddev, dtype):
+    def _corrections(self, batch_mean, batch_stddev, dtype, weights=None):
         """`r` and `d` of Algorithm 1 at the current step, as constants for
-        the gradient."""
+        the gradient; with `track_corrections`, also added to the layer's
+        sums (`_track_corrections`, the groups weighted by `weights`)."""
         moving_mean = ops.cast(self.moving_mean, dtype)
         moving_stddev = ops.cast(self.moving_stddev, dtype)
         r_max, d_max = self._static_bounds()
@@ -698,12 +786,36 @@ class BatchRenormalization(keras.layers.Layer):
         # stddev (0 / 0 would be NaN, which no clipping removes).
         difference = batch_mean - moving_mean
         d = ops.where(difference == 0.0, 0.0, difference / moving_stddev)
+        if self.track_corrections:
+            # Strictly outside the bounds: in the warm-up (r_max = 1,
+            # d_max = 0), wherever a batch statistic differs from the
+            # moving one at all.
+            clipped = ((ratio < 1.0 / r_max) | (ratio > r_max),
+                       ops.abs(d) > d_max)
         if isinstance(d_max, float):
             d = ops.clip(d, -d_max, d_max)
         else:
             d = ops.minimum(ops.maximum(d, -d_max), d_max)
         r, d = self._once_per_channel(r, d)
-        return ops.stop_gradient(r), ops.stop_gradient(d)
+        r, d = ops.stop_gradient(r), ops.stop_gradient(d)
+        if self.track_corrections:
+            self._track_corrections(r, d, *clipped, weights)
+        return r, d
+
+    def _track_corrections(self, r, d, r_clipped, d_clipped, weights=None):
+        """Adds this call's means of `|r - 1|`, `|d|` and the two clipping
+        indicators, over channels and groups, to `correction_sums`, and 1 to
+        its count, in float32. The arguments are per channel, or per group
+        and channel with `weights` (per group and channel, summing to 1 over
+        the groups) or else equal weights."""
+        values = ops.stack([ops.abs(r - 1.0), ops.abs(d),
+                            ops.cast(r_clipped, r.dtype),
+                            ops.cast(d_clipped, r.dtype)])
+        if weights is not None:
+            values = ops.sum(values * weights, axis=1)
+        means = ops.mean(ops.reshape(values, (len(_CORRECTION_KEYS), -1)), 1)
+        self.correction_sums.assign(self.correction_sums + ops.concatenate(
+            [ops.cast(means, "float32"), ops.ones((1,), "float32")]))
 
     def _once_per_channel(self, *values):
         """`values` exactly (each divided by 1), as the results of a
@@ -837,8 +949,35 @@ class BatchRenormalization(keras.layers.Layer):
             "fused": self.fused,
             "virtual_batch_size": self.virtual_batch_size,
             "synchronized": self.synchronized,
+            "track_corrections": self.track_corrections,
         }
         return {**base_config, **config}
+
+    def _saved_variables(self):
+        """The variables in saved files, in Keras's order (trainable, then
+        non-trainable): all but `correction_sums`, per-session state, so a
+        layer's files are the same with or without `track_corrections`."""
+        return [
+            v for v in self._trainable_variables + self._non_trainable_variables
+            if v is not self.correction_sums
+        ]
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._saved_variables()):
+            store[f"{i}"] = variable
+
+    def load_own_variables(self, store):
+        if not self.track_corrections:
+            return super().load_own_variables(store)
+        variables = self._saved_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(variables)} variables, "
+                f"but received {len(store.keys())} variables during loading. "
+                f"Expected: {[v.name for v in variables]}"
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(store[f"{i}"])
 
 
 # ------------------------- TensorFlow's distribution strategies: synchronized
@@ -1128,6 +1267,8 @@ def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
             d_max = (ramp(layer.d_max_steps) * layer.d_max).to(
                 batch_mean.dtype)
     r = batch_stddev / moving_stddev
+    if layer.track_corrections:  # before the clipping below, in place
+        r_clipped = (r < 1.0 / r_max) | (r > r_max)
     if isinstance(r_max, float):
         r = r.clamp_(1.0 / r_max, r_max)
     else:
@@ -1135,10 +1276,19 @@ def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
     difference = batch_mean - moving_mean
     # Where the means agree, no correction (see `_corrections`).
     d = torch.where(difference == 0, 0.0, difference / moving_stddev)
+    if layer.track_corrections:
+        d_clipped = d.abs() > d_max
     if isinstance(d_max, float):
         d = d.clamp_(-d_max, d_max)
     else:
         d = torch.minimum(torch.maximum(d, -d_max), d_max)
+    if layer.track_corrections:
+        # `layer._track_corrections` in torch ops (no mask here: the groups
+        # weigh the same).
+        means = torch.stack([(r - 1.0).abs(), d.abs(), r_clipped.to(r.dtype),
+                             d_clipped.to(r.dtype)]).reshape(4, -1).mean(1)
+        layer.correction_sums.assign(layer.correction_sums.value + torch.cat(
+            [means.float(), means.new_ones(1, dtype=torch.float32)]))
     decay = 1.0 - layer.momentum
     if batch_mean.ndim == 2:  # groups
         difference = difference.mean(0)

@@ -205,8 +205,9 @@ class RenormReference:
         statistics move once, towards the mean over groups of the group
         means and of the group stddevs (groups wholly masked left out).
         Returns the dict of `train` with `y` (and `dx`) joined back in order,
-        `dgamma`, `dbeta` summed over groups, and the per-group `mean`,
-        `stddev`, `r`, `d` stacked."""
+        `dgamma`, `dbeta` summed over groups, the per-group `mean`,
+        `stddev`, `r`, `d`, `r_unclipped`, `d_unclipped` stacked, the bounds
+        `r_max`, `d_max`, and `held`: which groups hold unmasked data."""
         x = np.asarray(x, np.float64)
         starts = range(0, len(x), group_size)
         parts = []
@@ -217,7 +218,9 @@ class RenormReference:
                 x[part], None if g_y is None else np.asarray(g_y)[part],
                 None if mask is None else np.asarray(mask)[part]))
         out = {key: np.stack([p[key] for p in parts])
-               for key in ("mean", "stddev", "r", "d")}
+               for key in ("mean", "stddev", "r", "d", "r_unclipped",
+                           "d_unclipped")}
+        out["r_max"], out["d_max"] = parts[0]["r_max"], parts[0]["d_max"]
         out["y"] = np.concatenate([p["y"] for p in parts])
         if g_y is not None:
             out["dx"] = np.concatenate([p["dx"] for p in parts])
@@ -228,6 +231,7 @@ class RenormReference:
         else:
             held = np.array([np.asarray(mask)[s:s + group_size].any()
                              for s in starts])
+        out["held"] = held
         decay = 1.0 - self.momentum
         self.moving_mean = self.moving_mean + decay * (
             out["mean"][held].mean(axis=0) - self.moving_mean)
@@ -245,6 +249,27 @@ class RenormReference:
             }
         )
         return new
+
+
+def correction_statistics(out):
+    """What one training step contributes to the layer's `corrections()`:
+    the means over channels, and over groups (the dict of `train_groups`:
+    those in `held`, or all where none is), of `|r - 1|`, `|d|` (after
+    clipping), and of whether the unclipped `sigma_B / sigma` lies strictly
+    outside `[1 / r_max, r_max]` and the unclipped `|mu_B - mu| / sigma`
+    strictly exceeds `d_max`; `out` is the dict of `train` or
+    `train_groups`."""
+    ratio, deviation = out["r_unclipped"], out["d_unclipped"]
+    values = {
+        "r_dev": np.abs(out["r"] - 1.0),
+        "d_dev": np.abs(out["d"]),
+        "r_clipped": (ratio < 1.0 / out["r_max"]) | (ratio > out["r_max"]),
+        "d_clipped": np.abs(deviation) > out["d_max"],
+    }
+    held = out.get("held")
+    if held is not None and held.any():
+        values = {key: value[held] for key, value in values.items()}
+    return {key: float(np.mean(value)) for key, value in values.items()}
 
 
 def numeric_gradients(ref, x, g_y, h=1e-6):
