@@ -90,8 +90,10 @@ reference-cpu: setup
 
 # make reference-gpu: benchmarks/reference_gpu.py with the Python that has a
 # CUDA build of JAX and Keras (GPU_PYTHON; not .venv, whose requirements pin
-# the CPU build): both norms, 100 epochs, then plot.py and bench.py, into
-# history/, plots/ and benchmarks/results/ below gpu-<GPU name>.
+# the CPU build): both norms, 100 epochs, then bench.py, plot.py after each
+# run, into history/, plots/ and benchmarks/results/ below gpu-<GPU name>.
+# In a fixed window: GPU_ARGS="--time-budget 540 --output-dir OUT" starts
+# only what fits and copies each finished run into OUT (docs/gpu.md).
 GPU_PYTHON ?= python3
 GPU_ARGS ?=
 reference-gpu:

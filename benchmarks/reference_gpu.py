@@ -2,81 +2,142 @@
 """The 2017 reproduction on a GPU, in one command: the `seed` protocol
 (WRN-16-4, Adam, batch 128, 100 epochs, all 50,000 training images,
 validated on the 10,000 test images as the 2017 code did) with batchnorm and
-renorm on JAX, then plot.py and bench.py's model level.
+renorm on JAX, then bench.py's model level, inside a time budget.
 
-  python benchmarks/reference_gpu.py                 # seed 0, both norms
-  python benchmarks/reference_gpu.py --seeds 1       # a second window: seed 1
+  python benchmarks/reference_gpu.py --time-budget 540 --output-dir OUT
+  python benchmarks/reference_gpu.py --seeds 1 ...   # a later window: seed 1
   python benchmarks/reference_gpu.py --tiny          # the same job in small,
                                                      # on any device (CI: CPU)
 
 Checks first that Keras runs on JAX and that JAX sees a GPU (one line and
 exit 1 if not, with how to get a CUDA build of JAX; it never installs or
 replaces one). Each run uses train.py's accelerator path: the training set
-resident on the device (--input device), 64 steps per compiled call
-(--steps-per-execution auto), --precision as given (recorded in each run's
-JSON). Files, named by the GPU (SLUG: its name in lower case, e.g.
-nvidia-h200):
-  HISTORY/gpu-SLUG/NORM-seed-sSEED.{csv,json}    (default HISTORY: history;
-                                                the weights in WEIGHTS/gpu-SLUG)
+resident on the device (--input device), --steps-per-execution auto (as
+train.py resolves it on a GPU), --precision as given (recorded in each
+run's JSON).
+
+Steps, in priority order: the first seed's runs (batchnorm, then renorm),
+bench.py's model level, the other seeds' runs; plot.py after each run.
+With --time-budget SECONDS, the job ends within about SECONDS of its start:
+  - the first run it trains is the measurement: it starts with all its
+    epochs and is watched; its first 3 epochs always run. The time from its
+    start to its first epoch's CSV row (start-up, data, compilation, one
+    epoch), between rows (an epoch: training, evaluation, its files) and
+    from the last row to its exit, and plot.py's time, estimate each step;
+  - a run with E epochs to go: start-up + (E - 1) x epoch + end + plot, as
+    measured on its norm in this job, else 1.35 x another norm's (the
+    largest renorm / batchnorm ratio of epoch times measured on a GPU);
+    bench.py: 4 x a run's start-up (it compiles four variants);
+  - a step starts only if its estimate fits in the time left; a skipped one
+    is named in one line with its estimate. A run whose projected end
+    passes the budget is stopped (SIGTERM: train.py keeps every finished
+    epoch; the same command continues it later), as is any step still
+    running when the budget is spent.
+A run whose history holds a loss or val_loss that is not finite (NaN, inf)
+fails the job: one line, exit 1, no further step.
+
+Files, named by the GPU (SLUG: its name in lower case, e.g. nvidia-h200):
+  HISTORY/gpu-SLUG/NORM-seed-sSEED.{csv,json}  (default HISTORY: history)
+  WEIGHTS/gpu-SLUG/NORM-seed-sSEED.{weights,best.weights}.h5, .state.npz
+                                              (default WEIGHTS: weights)
   PLOTS/gpu-SLUG/ curves, seconds per epoch, timing.md (default: plots)
   RESULTS/gpu-SLUG/jax-gpu.{json,csv}, summary.md  (default:
-                                                benchmarks/results)
-Resumable: a finished run is kept, an interrupted one continues
-(train.py --resume). The whole default job is sized for about 9 minutes of
-an H100 (two 100-epoch runs at about 2 s an epoch, compilation, plots, the
-benchmark).
+                                              benchmarks/results)
+With --output-dir DIR, as each step ends (written to a temporary, then
+renamed: a kill at any moment leaves every finished run complete there):
+  DIR/NAME.tar        a finished run's history (CSV, JSON) and last weights
+  DIR/NAME.best.tar   its best weights (a WRN-16-4 weights file is 11 MB,
+                      so every file of DIR stays under 16 MiB)
+  DIR/reports.tar     the plots, bench.py's results, and summary.md as
+                      plots/gpu-SLUG/reference_gpu.md
+  DIR/summary.md      each run's status, mean seconds per epoch (train.py's
+                      `seconds`, each session's first epoch left out: it
+                      compiles), best validation and test accuracy, wall
+                      time; the steps skipped, with their estimates
+The archives hold the repository's paths (history/gpu-SLUG/..., weights/,
+plots/, benchmarks/results/): `tar -xf` each in a checkout. Resumable: a
+finished run is kept (and archived again), an interrupted or stopped one
+continues (train.py --resume).
 """
 
 import argparse
+import csv
+import io
+import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import tarfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiment import runfiles  # noqa: E402 (after the path)
-from experiment.cli import Parser  # noqa: E402
-from experiment.cli import UsageError  # noqa: E402
-from experiment.cli import fail  # noqa: E402
-from experiment.cli import nonnegative_int  # noqa: E402
-from experiment.cli import positive_int  # noqa: E402
-from experiment.protocols import PRECISIONS  # noqa: E402
-from experiment.protocols import PROTOCOLS  # noqa: E402
+from experiment import cli, protocols, runfiles  # after the path
 
 PROG = "reference_gpu.py"
 NORMS = ("batchnorm", "renorm")
-# --tiny: a few hundred images, one epoch, WRN-10-1: the same commands and
-# files, in a minute on a CPU.
-TINY_EPOCHS = 1
-TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "300",
-              "--val-size", "100", "--epochs", str(TINY_EPOCHS),
-              "--eval-batch-size", "100"]
+# --tiny: a few hundred images, three epochs of 8 steps, WRN-10-1: the same
+# commands, files and budget logic, in a minute or two on a CPU; 4 steps
+# per execution so that train.py's compiled-epoch path runs too.
+TINY_EPOCHS = 3
+TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "256",
+              "--val-size", "100", "--batch-size", "32",
+              "--eval-batch-size", "100", "--steps-per-execution", "4"]
 HOW_TO_GET_JAX = ("install a CUDA build of JAX first (pip install -U "
-                  "'jax[cuda12]'), or run with --tiny on the CPU")
+                  "'jax[cuda13]', or 'jax[cuda12]' for a CUDA 12 driver), "
+                  "or run with --tiny on the CPU")
+# The estimates (see the docstring). The first run's first epochs are the
+# measurement (the first compiles; two more give an epoch's time).
+PROBE_EPOCHS = 3
+# A norm not measured yet costs this times a measured one: the largest
+# renorm / batchnorm ratio of epoch times measured on a GPU (Keras's loop,
+# one step per call: 1.34).
+UNMEASURED = 1.35
+# bench.py --level model on JAX builds and compiles four variants
+# (batchnorm, renorm, renorm-groups4, keras-renorm), each about a run's
+# start-up (its steps are fewer than an epoch's).
+BENCH_VARIANTS = 4
+PLOT_GUESS = 10.0  # seconds of plot.py before it has run once
+POLL = 0.25  # seconds between two looks at a run's CSV
+STOP_WAIT = 120  # seconds a stopped step has to exit before it is killed
+SUMMARY_NAME = "reference_gpu.md"  # summary.md inside reports.tar
+LOSSES = ("loss", "val_loss")
 
 
 def build_parser():
-    parser = Parser(prog=PROG, description=__doc__.split("\n\n")[0],
-                    epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(
+        prog=PROG, description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--norms", nargs="+", choices=NORMS,
                         default=list(NORMS), metavar="NORM",
                         help="default: batchnorm renorm")
-    parser.add_argument("--seeds", nargs="+", type=nonnegative_int,
+    parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                         default=[0], metavar="SEED", help="default: 0")
-    parser.add_argument("--precision", choices=PRECISIONS,
+    parser.add_argument("--precision", choices=protocols.PRECISIONS,
                         default="mixed_bfloat16",
                         help="dtype policy of every run (default: "
                         "mixed_bfloat16, the GPU target)")
-    parser.add_argument("--epochs", type=positive_int,
-                        help="default: the protocol's 100 (1 with --tiny)")
+    parser.add_argument("--epochs", type=cli.positive_int,
+                        help=f"default: the protocol's 100 ({TINY_EPOCHS} "
+                        "with --tiny)")
+    parser.add_argument("--time-budget", type=cli.positive_float,
+                        metavar="SECONDS", help="end within about SECONDS: "
+                        "start only the steps estimated to fit (default: "
+                        "no limit, every step)")
+    parser.add_argument("--output-dir", type=Path, metavar="DIR",
+                        help="copy each finished run, the plots, the "
+                        "benchmark and the summary into DIR as they come "
+                        "(default: none)")
     parser.add_argument("--tiny", action="store_true",
-                        help="WRN-10-1, 300 images, 1 epoch, on whatever "
-                        "device JAX has (a test of the job itself)")
+                        help=f"WRN-10-1, 256 images, {TINY_EPOCHS} epochs, on "
+                        "whatever device JAX has (a test of the job itself)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
                         help="CIFAR-10 (default: $CIFAR10_DIR)")
     parser.add_argument("--history-dir", type=Path, default=Path("history"),
@@ -87,7 +148,7 @@ def build_parser():
                         metavar="DIR")
     parser.add_argument("--results-dir", type=Path, metavar="DIR",
                         default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--bench-repeats", type=positive_int, default=5,
+    parser.add_argument("--bench-repeats", type=cli.positive_int, default=5,
                         help="bench.py --repeats (default 5)")
     return parser
 
@@ -101,7 +162,7 @@ def gpu_name(tiny):
     run on JAX, or JAX has no GPU (unless `tiny`)."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         raise NoGPU(f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']}; "
-                         "this job runs on jax (unset it or set it to jax)")
+                    "this job runs on jax (unset it or set it to jax)")
     try:
         import jax
     except ImportError:
@@ -109,7 +170,7 @@ def gpu_name(tiny):
     device = jax.devices()[0]
     if device.platform != "gpu" and not tiny:
         raise NoGPU(f"JAX sees no GPU (its devices: {device.platform}); "
-                         f"{HOW_TO_GET_JAX}")
+                    f"{HOW_TO_GET_JAX}")
     return device.device_kind if device.platform == "gpu" else "cpu"
 
 
@@ -117,16 +178,60 @@ def slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def train_argv(args, norm, seed, history, weights):
+# ------------------------------------------------------------ the steps
+@dataclass
+class Folders:
+    """Where the job's files go (each below gpu-SLUG), and where their
+    copies sit in an archive (the repository's layout)."""
+
+    history: Path
+    weights: Path
+    plots: Path
+    results: Path
+
+    @classmethod
+    def of(cls, args, where):
+        return cls(args.history_dir / where, args.weights_dir / where,
+                   args.plots_dir / where, args.results_dir / where)
+
+    def archived(self, path, where):
+        """The path of a file of these folders inside an archive."""
+        for folder, name in ((self.history, "history"),
+                             (self.weights, "weights"),
+                             (self.plots, "plots"),
+                             (self.results, "benchmarks/results")):
+            if path.parent == folder:
+                return f"{name}/{where}/{path.name}"
+        raise ValueError(f"{path} is not in the job's folders")
+
+
+@dataclass
+class Step:
+    """A program the job runs: a training run (`norm` set) or the bench."""
+
+    script: str
+    argv: list
+    name: str
+    norm: object = None
+    epochs: int = 0
+    status: str = "not started"
+    estimate: object = None  # seconds, as reckoned before it started
+    wall: object = None  # seconds it ran in this job
+
+    @property
+    def is_run(self):
+        return self.norm is not None
+
+
+def train_argv(args, norm, seed, epochs, folders):
     argv = ["--norm", norm, "--protocol", "seed", "--seed", str(seed),
             "--name", f"{norm}-seed-s{seed}", "--val-from", "test",
             "--precision", args.precision, "--input", "device",
-            "--history-dir", str(history), "--weights-dir", str(weights),
-            "--resume"]
+            "--history-dir", str(folders.history),
+            "--weights-dir", str(folders.weights), "--resume",
+            "--epochs", str(epochs)]
     if args.tiny:
         argv += TINY_FLAGS
-    if args.epochs:
-        argv += ["--epochs", str(args.epochs)]
     if args.data_dir:
         argv += ["--data-dir", str(args.data_dir)]
     return argv
@@ -141,54 +246,527 @@ def bench_argv(args, results):
     return argv + ["--repeats", str(args.bench_repeats)]
 
 
-def run(script, argv):
-    """`python SCRIPT ARGV` in this environment; its exit code."""
-    command = [sys.executable, str(ROOT / script), *argv]
+def plan(args, folders, epochs):
+    """The steps in priority order: the first seed's runs, the bench, the
+    other seeds' runs."""
+
+    def runs(seeds):
+        return [Step("train.py", train_argv(args, norm, seed, epochs,
+                                            folders),
+                     f"{norm}-seed-s{seed}", norm, epochs)
+                for seed in seeds for norm in args.norms]
+
+    bench = Step("benchmarks/bench.py", bench_argv(args, folders.results),
+                 "bench")
+    return runs(args.seeds[:1]) + [bench] + runs(args.seeds[1:])
+
+
+# ------------------------------------------------------------ the budget
+class Budget:
+    """The job's clock: seconds since it started, and those left."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.started = time.monotonic()
+
+    def elapsed(self):
+        return time.monotonic() - self.started
+
+    def left(self):
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - self.elapsed()
+
+
+@dataclass
+class Cost:
+    """A run as measured while it trained: seconds from its start to its
+    first new CSV row (start-up, compilation, one epoch), per epoch after
+    that (between rows), and from its last row to its exit."""
+
+    start: float
+    epoch: float
+    end: float
+
+    def of(self, epochs_to_go):
+        return self.start + max(epochs_to_go - 1, 0) * self.epoch + self.end
+
+    def times(self, factor):
+        return Cost(self.start * factor, self.epoch * factor,
+                    self.end * factor)
+
+
+@dataclass
+class Costs:
+    """What the job has measured: runs by norm, and plot.py."""
+
+    runs: dict
+    plot: object = None
+
+    def plot_seconds(self):
+        return PLOT_GUESS if self.plot is None else self.plot
+
+    def of_norm(self, norm):
+        """The Cost of a run of `norm`: as measured, else the last measured
+        norm's times UNMEASURED; and a note that says which (None before
+        anything is measured)."""
+        if norm in self.runs:
+            return self.runs[norm], ""
+        if self.runs:
+            return (list(self.runs.values())[-1].times(UNMEASURED),
+                    f", x{UNMEASURED:g} for a norm not measured yet")
+        return None, ""
+
+    def longest_start(self):
+        return max((cost.start for cost in self.runs.values()), default=None)
+
+
+def rows_done(step, folders):
+    """The epochs in the run's CSV (0 where it is missing or unreadable:
+    train.py --resume repairs it from the saved state)."""
+    try:
+        return len(runfiles.read_rows(folders.history / f"{step.name}.csv"))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return 0
+
+
+def estimate(step, costs, folders):
+    """Seconds that `step` should take and how they were reckoned; None
+    before anything is measured."""
+    if not step.is_run:
+        start = costs.longest_start()
+        return None if start is None else (
+            BENCH_VARIANTS * start,
+            f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s")
+    cost, note = costs.of_norm(step.norm)
+    if cost is None:
+        return None
+    to_go = max(step.epochs - rows_done(step, folders), 0)
+    plot = costs.plot_seconds()
+    return cost.of(to_go) + plot, (
+        f"start-up {cost.start:.1f} s + {max(to_go - 1, 0)} epochs x "
+        f"{cost.epoch:.2f} s + end {cost.end:.1f} s{note}, + plot "
+        f"{plot:.1f} s")
+
+
+def measured(seen, started, ended, finished):
+    """The Cost of a watched run from the times its CSV grew (`seen`: (rows
+    new in this job, monotonic time) each time it grew); None where no row
+    came. The end of a run that did not finish: an epoch's time."""
+    if not seen:
+        return None
+    (first_rows, first), (last_rows, last) = seen[0], seen[-1]
+    if last_rows > first_rows:
+        epoch = (last - first) / (last_rows - first_rows)
+    else:  # one look saw every row: the start-up's share is unknown
+        epoch = (first - started) / first_rows
+    start = max(first - started - (first_rows - 1) * epoch, epoch)
+    return Cost(start, epoch, ended - last if finished else epoch)
+
+
+# ------------------------------------------------------------ running
+def command_of(script, argv):
     print(f"{PROG}: {shlex.join(['python', script, *argv])}", flush=True)
-    return subprocess.run(command, env=dict(os.environ, KERAS_BACKEND="jax"),
-                          cwd=ROOT).returncode
+    return [sys.executable, str(ROOT / script), *argv]
+
+
+def launch(script, argv):
+    return subprocess.Popen(command_of(script, argv), cwd=ROOT,
+                            env=dict(os.environ, KERAS_BACKEND="jax"))
+
+
+def stop(process):
+    """SIGTERM (train.py saves what is finished and exits), then a kill if
+    it does not exit in STOP_WAIT seconds; its exit code."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(STOP_WAIT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def look(path, before, seen, now=None):
+    """Appends (rows new since `before`, the time) to `seen` where the CSV
+    at `path` has grown; whether it has."""
+    last = seen[-1][0] if seen else 0
+    try:
+        new = len(runfiles.read_rows(path)) - before
+    except (OSError, UnicodeDecodeError, csv.Error):  # caught mid-write
+        return False
+    if new <= last:
+        return False
+    seen.append((new, time.monotonic() if now is None else now))
+    return True
+
+
+def train(step, folders, budget, costs, probe):
+    """Runs train.py for `step`, watching its CSV; stops it where its
+    projected end passes the budget (`probe`: not before PROBE_EPOCHS new
+    epochs). Returns its exit code, its Cost (None where no epoch ended)
+    and, if it was stopped, why."""
+    csv_path = folders.history / f"{step.name}.csv"
+    before = rows_done(step, folders)
+    guess = costs.of_norm(step.norm)[0]
+    started = time.monotonic()
+    process = launch(step.script, step.argv)
+    seen, why, code = [], None, None
+    while code is None:
+        try:
+            code = process.wait(POLL)
+        except subprocess.TimeoutExpired:
+            grew = look(csv_path, before, seen)
+            if why is None and (grew or budget.left() <= 0):
+                why = overrun(step, before, seen, started, budget, costs,
+                              guess, probe)
+                if why:
+                    print(f"{PROG}: stopping {step.name}: {why}", flush=True)
+                    code = stop(process)
+    ended = time.monotonic()
+    look(csv_path, before, seen, ended)
+    step.wall = ended - started
+    finished = why is None and code == 0
+    return code, measured(seen, started, ended, finished), why
+
+
+def overrun(step, before, seen, started, budget, costs, guess, probe):
+    """Why the run should stop now, or None: its projected end (at its own
+    pace once two rows came, else `guess`'s) passes the budget, or the
+    budget is spent; never with no epoch to go, nor for the `probe` before
+    its PROBE_EPOCHS."""
+    new = seen[-1][0] if seen else 0
+    to_go = step.epochs - before - new
+    if budget.seconds is None or to_go <= 0 or (probe and
+                                                new < PROBE_EPOCHS):
+        return None
+    left = budget.left()
+    if left <= 0:
+        return (f"the budget is spent, {before + new} of {step.epochs} "
+                "epochs done; the same command continues it")
+    pace = (measured(seen, started, time.monotonic(), False)
+            if len(seen) > 1 else guess)
+    if pace is None:
+        return None
+    needed = to_go * pace.epoch + pace.end + costs.plot_seconds()
+    if needed <= left:
+        return None
+    return (f"its {to_go} epochs to go need about {needed:.0f} s "
+            f"({pace.epoch:.2f} s an epoch), {left:.0f} s of the budget "
+            "left; the same command continues it")
+
+
+def run_timed(script, argv, budget):
+    """Runs a step that is not watched row by row (the bench, plot.py),
+    stopping it if the budget is spent; its exit code, seconds and whether
+    it was stopped."""
+    started = time.monotonic()
+    process = launch(script, argv)
+    while True:
+        try:
+            code = process.wait(POLL)
+            return code, time.monotonic() - started, False
+        except subprocess.TimeoutExpired:
+            if budget.left() <= 0:
+                print(f"{PROG}: stopping {script}: the budget is spent",
+                      flush=True)
+                return stop(process), time.monotonic() - started, True
+
+
+# ------------------------------------------------------------ checks
+class NotFinite(Exception):
+    """A run's history holds a loss that is not finite."""
+
+
+def check_finite(step, folders):
+    """Raises NotFinite, naming the run, the column and the epoch, where a
+    loss or val_loss of the run's CSV is NaN or infinite."""
+    path = folders.history / f"{step.name}.csv"
+    for row in runfiles.read_rows(path):
+        for column in LOSSES:
+            try:
+                value = float(row.get(column) or "nan")
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise NotFinite(
+                    f"{step.name}: {column} is {row.get(column)!r} in epoch "
+                    f"{row['epoch']} ({path}); a run whose numbers are not "
+                    "finite is no result")
+
+
+# ------------------------------------------------------------ the output
+def write_tar(path, members):
+    """An uncompressed tar of `members` ((file, name inside)) at `path`,
+    made in memory and written atomically."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for file, name in members:
+            tar.add(file, arcname=name)
+    runfiles.write_file(path, buffer.getvalue())
+
+
+def archive_run(out, step, folders, where):
+    """The run's best weights, then its history and last weights (the
+    second archive's arrival marks the run as complete in `out`)."""
+    paths = runfiles.Paths.of(step.name, folders.history, folders.weights)
+
+    def members(*files):
+        return [(p, folders.archived(p, where)) for p in files if p.exists()]
+
+    write_tar(out / f"{step.name}.best.tar", members(paths.best))
+    write_tar(out / f"{step.name}.tar",
+              members(paths.csv, paths.json, paths.last))
+
+
+def archive_reports(out, folders, where, table):
+    """summary.md (`table`), and reports.tar: the plots, bench.py's
+    results and summary.md as plots/gpu-SLUG/SUMMARY_NAME."""
+    data = table.encode()
+    runfiles.write_file(out / "summary.md", data)
+    files = sorted(p for folder in (folders.plots, folders.results)
+                   if folder.is_dir() for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith("."))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in files:
+            tar.add(path, arcname=folders.archived(path, where))
+        info = tarfile.TarInfo(f"plots/{where}/{SUMMARY_NAME}")
+        info.size, info.mtime = len(data), time.time()
+        tar.addfile(info, io.BytesIO(data))
+    runfiles.write_file(out / "reports.tar", buffer.getvalue())
+
+
+def run_figures(step, folders):
+    """The summary's numbers of a run: epochs done, mean training seconds
+    per epoch (each session's first epoch left out where others exist),
+    best validation accuracy, test accuracy of the best-validation and of
+    the last weights ('-' where unknown)."""
+    rows = runfiles.read_rows(folders.history / f"{step.name}.csv")
+    try:
+        record = runfiles.read_json(folders.history / f"{step.name}.json")
+    except (OSError, RuntimeError):
+        record = {}
+    firsts = {s.get("first_epoch") for s in record.get("sessions", [])} | {1}
+    seconds = [float(r["seconds"]) for r in rows
+               if int(r["epoch"]) not in firsts] or [
+                   float(r["seconds"]) for r in rows]
+    result = record.get("result", {})
+    best_val = max((float(r["val_accuracy"]) for r in rows), default=None)
+
+    def text(value, form):
+        return "-" if value is None else format(value, form)
+
+    return (f"{len(rows)}/{step.epochs}",
+            text(sum(seconds) / len(seconds) if seconds else None, ".3f"),
+            text(best_val, ".4f"),
+            text(result.get("best_test_accuracy"), ".4f"),
+            text(result.get("test_accuracy"), ".4f"))
+
+
+def summary(steps, folders, budget, device, notes):
+    """The job's table (markdown): a row per step, the job's time, then
+    what was skipped or stopped and why."""
+    lines = [f"# {PROG} on {device}", "",
+             ("| step | status | epochs | train s/epoch | best val acc | "
+              "test acc (best-val weights) | test acc (last) | estimate s | "
+              "wall s |"), "|" + " --- |" * 9]
+    for step in steps:
+        figures = (run_figures(step, folders) if step.is_run
+                   else ("-",) * 5)
+        lines.append("| " + " | ".join(
+            (step.name, step.status, *figures,
+             "-" if step.estimate is None else f"{step.estimate:.0f}",
+             "-" if step.wall is None else f"{step.wall:.0f}")) + " |")
+    budget_text = ("no budget" if budget.seconds is None
+                   else f"a budget of {budget.seconds:g} s")
+    lines += ["", (f"Job: {budget.elapsed():.0f} s, {budget_text}. Train "
+                   "s/epoch: the mean of train.py's `seconds` (training "
+                   "steps only) without each session's first epoch "
+                   "(compilation).")]
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------ the job
+class Job:
+    """The steps in order, within the budget, copied to the output folder
+    as they end."""
+
+    def __init__(self, args, folders, where, device):
+        self.args, self.folders, self.where = args, folders, where
+        self.device = device
+        self.budget = Budget(args.time_budget)
+        self.costs = Costs({})
+        self.steps, self.notes = [], []  # notes: what was skipped, stopped
+        self.trained = 0  # runs started in this job (the first: the probe)
+
+    def run(self, steps):
+        """Every step that fits, in order; the job's exit code. Raises
+        NotFinite after the first run whose losses are not finite."""
+        self.steps = steps
+        for step in steps:
+            if step.is_run and runfiles.finished(
+                    self.folders.history, step.name, step.epochs):
+                print(f"{PROG}: {step.name}: finished, kept", flush=True)
+                step.status = "kept"
+            elif not self.starts(step):
+                continue
+            else:
+                script, code = self.run_step(step)
+                if code:
+                    return self.failed(script, code)
+            if step.is_run:
+                self.check(step)
+            self.copy_out(step)
+        if self.costs.plot is None:  # no run trained: plot the kept ones
+            code = self.plot()
+            if code:
+                return self.failed("plot.py", code)
+        self.copy_out()
+        return 0
+
+    def failed(self, script, code):
+        print(f"{PROG}: {script} exited {code}; rerun the same command to "
+              "continue (finished runs are kept)", file=sys.stderr)
+        self.copy_out()
+        return code
+
+    def starts(self, step):
+        """Whether `step` starts: the first run (the measurement) does, any
+        step whose estimate fits the time left does; else a line names it."""
+        left = self.budget.left()
+        reckoned = estimate(step, self.costs, self.folders)
+        if reckoned is not None:
+            step.estimate = reckoned[0]
+        if step.is_run and not self.trained:
+            return True
+        if reckoned is None:
+            if left > 0:
+                return True
+            why = "nothing measured yet, and the budget is spent"
+        elif reckoned[0] <= left:
+            return True
+        else:
+            why = (f"needs about {reckoned[0]:.0f} s ({reckoned[1]}), "
+                   f"{max(left, 0):.0f} s of the budget left")
+        step.status = "skipped"
+        self.say(f"skipped {step.name}: {why}")
+        return False
+
+    def say(self, note):
+        self.notes.append(note)
+        print(f"{PROG}: {note}", flush=True)
+
+    def run_step(self, step):
+        """Runs one step (and plot.py after a run); the program that failed
+        and its exit code, or a code 0 (a stop for the budget included)."""
+        if step.is_run:
+            return self.run_training(step)
+        code, step.wall, stopped = run_timed(step.script, step.argv,
+                                             self.budget)
+        if stopped:
+            step.status = "stopped"
+            self.notes.append(f"stopped {step.name}: the budget was spent")
+            return step.script, 0
+        step.status = "finished" if not code else f"failed (exit {code})"
+        return step.script, code
+
+    def run_training(self, step):
+        code, cost, why = train(step, self.folders, self.budget, self.costs,
+                                probe=not self.trained)
+        self.trained += 1
+        if cost is not None and (why or not code):
+            self.costs.runs[step.norm] = cost
+        if why:
+            step.status = ("stopped after epoch "
+                           f"{rows_done(step, self.folders)}")
+            self.notes.append(f"stopped {step.name}: {why}")
+        elif code:
+            step.status = f"failed (exit {code})"
+            return step.script, code
+        else:
+            step.status = "finished"
+        return "plot.py", self.plot()
+
+    def plot(self):
+        code, self.costs.plot, _ = run_timed(
+            "plot.py", ["--history-dir", str(self.folders.history),
+                        "--plots-dir", str(self.folders.plots)],
+            Budget(None))
+        return code
+
+    def check(self, step):
+        try:
+            check_finite(step, self.folders)
+        except NotFinite:
+            step.status = "not finite"
+            raise
+
+    def copy_out(self, step=None):
+        """The finished run `step` (a kept one too) and the reports into
+        --output-dir."""
+        out = self.args.output_dir
+        if out is None:
+            return
+        if step is not None and step.is_run and step.status in (
+                "finished", "kept"):
+            archive_run(out, step, self.folders, self.where)
+        archive_reports(out, self.folders, self.where, self.table())
+
+    def table(self):
+        return summary(self.steps, self.folders, self.budget, self.device,
+                       self.notes)
+
+
+def resolved(args):
+    """The folders as absolute paths (the scripts run in ROOT); the output
+    folder created and checked."""
+    for key in ("data_dir", "history_dir", "weights_dir", "plots_dir",
+                "results_dir", "output_dir"):
+        if getattr(args, key) is not None:
+            setattr(args, key, getattr(args, key).resolve())
+    if args.output_dir is not None:
+        runfiles.writable_dir(args.output_dir, "output folder")
+    return args
 
 
 def main(argv=None):
     try:
-        args = build_parser().parse_args(argv)
-        for key in ("data_dir", "history_dir", "weights_dir", "plots_dir",
-                    "results_dir"):  # the scripts run in ROOT
-            if getattr(args, key) is not None:
-                setattr(args, key, getattr(args, key).resolve())
+        args = resolved(build_parser().parse_args(argv))
         name = gpu_name(args.tiny)
-    except UsageError as error:
-        return fail(PROG, error, 2)
+    except cli.UsageError as error:
+        return cli.fail(PROG, error, 2)
     except NoGPU as error:
-        return fail(PROG, error, 1)
+        return cli.fail(PROG, error, 1)
     where = f"gpu-{slug(name)}"
     epochs = args.epochs or (TINY_EPOCHS if args.tiny
-                            else PROTOCOLS["seed"].epochs)
-    history = args.history_dir / where
-    print(f"{PROG}: device {name}; runs in {history}", flush=True)
-    steps = [("train.py", train_argv(args, norm, seed, history,
-                                     args.weights_dir / where))
-             for seed in args.seeds for norm in args.norms]
-    steps.append(("plot.py", ["--history-dir", str(history),
-                              "--plots-dir", str(args.plots_dir / where)]))
-    steps.append(("benchmarks/bench.py",
-                  bench_argv(args, args.results_dir / where)))
-    for script, script_argv in steps:
-        if script == "train.py":
-            name = script_argv[script_argv.index("--name") + 1]
-            if runfiles.finished(history, name, epochs):
-                print(f"{PROG}: {name}: finished, kept", flush=True)
-                continue
-        code = run(script, script_argv)
-        if code:
-            print(f"{PROG}: {script} exited {code}; rerun the same command "
-                  "to continue (finished runs are kept)", file=sys.stderr)
-            return code
-    files = sorted(str(p) for folder in (history, args.plots_dir / where,
-                                         args.results_dir / where)
-                   for p in folder.iterdir() if p.is_file())
-    print(f"{PROG}: done; files: {', '.join(files)}")
-    return 0
+                             else protocols.PROTOCOLS["seed"].epochs)
+    folders = Folders.of(args, where)
+    print(f"{PROG}: device {name}; runs in {folders.history}"
+          + (f"; budget {args.time_budget:g} s" if args.time_budget else "")
+          + (f"; copies in {args.output_dir}" if args.output_dir else ""),
+          flush=True)
+    job = Job(args, folders, where, name)
+    try:
+        code = job.run(plan(args, folders, epochs))
+    except NotFinite as error:
+        job.copy_out()
+        print(job.table(), end="", flush=True)
+        return cli.fail(PROG, error, 1)
+    except runfiles.WriteError as error:
+        return cli.fail(PROG, error, 1)
+    except KeyboardInterrupt:  # the step took the signal too, and saves
+        return cli.fail(PROG, "interrupted; rerun the same command to "
+                        "continue (finished runs are kept)", 130)
+    print(job.table(), end="", flush=True)
+    if args.output_dir is not None:
+        files = sorted(p.name for p in args.output_dir.iterdir()
+                       if p.is_file() and not p.name.startswith("."))
+        print(f"{PROG}: done; in {args.output_dir}: {', '.join(files)}")
+    else:
+        print(f"{PROG}: done")
+    return code
 
 
 if __name__ == "__main__":
