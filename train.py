@@ -68,12 +68,12 @@ import gc
 import os
 import signal
 import sys
-import time
 
 from experiment import console
 from experiment import preprocessing
 from experiment import flags
 from experiment import hosts
+from experiment import loops
 from experiment import network
 from experiment import protocols
 from experiment import runfiles
@@ -86,7 +86,6 @@ from experiment.cli import fail
 from experiment.signals import Interrupted
 from experiment.signals import interrupts_as_exceptions
 from experiment.signals import interrupts_deferred
-from experiment.signals import raise_if_interrupted
 
 PROG = "train.py"
 
@@ -183,11 +182,14 @@ def run(config, options, explicit, argv, paths):
                                                 processes.count)
     preprocessing.check_devices(config, arrays)
     with runtime.keras_settings(keras, config):
-        model, environment = compile_model(keras, config, arrays, steps)
+        model, environment, loop = compile_model(keras, config, arrays,
+                                                 steps)
         session = dict(started=runtime.now(),
                        command=console.command_line(argv),
                        jit_compile=bool(model.jit_compile),
                        devices=config["devices"], **environment,
+                       statistics_formulation=network.statistics_formulation(
+                           model),
                        provenance=runtime.provenance(environment))
 
         # 4. Restore the last finished epoch, or start from scratch.
@@ -210,16 +212,18 @@ def run(config, options, explicit, argv, paths):
                 note(f"warning: {warning}")
 
         # 5. Each epoch: training steps, validation, then a commit to disk.
+        loop = loops.make(loop, keras, model, config, arrays, steps,
+                          processes)
         best, best_weights, interrupted = train_epochs(
-            keras, model, config, arrays, steps, paths, header, start, best,
-            rows, argv, processes)
+            loop, model, config, arrays, paths, header, start, best, rows,
+            argv, processes)
         if interrupted:
             return interrupted  # the exit code, 128 + the signal
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
-            test = test_accuracy(model, config, arrays, paths, rows, best,
-                                 best_weights, processes)
+            test = test_accuracy(loop, model, config, arrays, paths, rows,
+                                 best, best_weights, processes)
         except (KeyboardInterrupt, Interrupted) as interruption:
             return interrupted_after_training(interruption, config, argv)
     if processes.writer:
@@ -256,14 +260,15 @@ def open_run(config, options, explicit, paths):
 
 
 def compile_model(keras, config, arrays, steps):
-    """The compiled model, its optimizer and metrics built, and the
-    environment; resolves the run's --input and --steps-per-execution."""
+    """The compiled model, its optimizer and metrics built, the environment
+    and the loop that will run the epochs (`loops`); resolves the run's
+    --input and --steps-per-execution."""
     model = network.build_model(keras, config)
     environment = runtime.describe_environment(keras)
     config["input"] = runtime.resolve_input(config["input"], environment,
                                             config["devices"])
     config["steps_per_execution"] = runtime.resolve_steps_per_execution(
-        config["steps_per_execution"], environment, steps)
+        config["steps_per_execution"], environment, steps, config["input"])
     model.compile(
         optimizer=network.make_optimizer(keras, config),
         loss="sparse_categorical_crossentropy",
@@ -271,7 +276,11 @@ def compile_model(keras, config, arrays, steps):
         jit_compile=runtime.jit_compile(config["jit_compile"], environment),
         steps_per_execution=config["steps_per_execution"])
     network.build_training_state(model, arrays.x_val[:1], arrays.y_val[:1])
-    return model, environment
+    loop, why = loops.choose(config, environment, model.jit_compile)
+    environment["training_loop"] = loops.describe(loop, config)
+    if why:
+        note(why)
+    return model, environment, loop
 
 
 def restore(model, config, paths, header, saved_config, session,
@@ -339,45 +348,32 @@ def parallel_record(config, processes):
             "per_device_batch": per_device, "statistics": statistics}
 
 
-def train_epochs(keras, model, config, arrays, steps, paths, header, start,
-                 best, rows, argv, processes):
+def train_epochs(loop, model, config, arrays, paths, header, start, best,
+                 rows, argv, processes):
     """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
     the finished epochs' rows, which grow); returns the best validation
     epoch, its weights if it is one of these epochs (else None) and, if a
     signal interrupted them, the exit code (else None). Each process trains
     and validates on its share of every batch (Keras assembles the global
     batch); the metrics are those of the whole batches."""
-    batches_of = epoch_batches(config, arrays, processes)
-    x_val, y_val = processes.share(arrays.x_val), processes.share(arrays.y_val)
-    eval_batch = config["eval_batch_size"] // processes.count
+    val = loop.resident(processes.share(arrays.x_val),
+                        processes.share(arrays.y_val))
     best_weights = None
     # batchnorm with virtual batches is BatchRenormalization too, but its
     # bounds are fixed: only renorm's go into the CSV (runfiles.columns).
     renorm = next((layer for layer in model.layers
                    if type(layer).__name__ == "BatchRenormalization"),
                   None) if config["norm"] == "renorm" else None
-    progress = 1 if sys.stdout.isatty() else 0  # Keras's progress bar
-    clock = runtime.epoch_clock(keras)
-    checks = runtime.interruption_checks(keras)
     table = console.Table(header)
     epoch = start
     try:
         for epoch in range(start, config["epochs"]):
             lr = protocols.lr_at(config, epoch)
             model.optimizer.learning_rate = lr
-            logs = model.fit(batches_of(epoch), steps_per_epoch=steps,
-                             epochs=1, shuffle=False, verbose=progress,
-                             callbacks=[clock, checks]).history
-            if progress:
-                print("\x1b[1A\x1b[2K", end="")  # the bar gives way
-            evaluation_start = time.perf_counter()
-            val_logs = model.evaluate(x_val, y_val, batch_size=eval_batch,
-                                      verbose=0, return_dict=True,
-                                      callbacks=[checks])
-            raise_if_interrupted()
-            row = epoch_row(epoch, clock.seconds,
-                            time.perf_counter() - evaluation_start, logs,
-                            val_logs, lr, renorm)
+            logs, seconds = loop.train_epoch(epoch)
+            val_logs, eval_seconds = loop.evaluate(val)
+            row = epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr,
+                            renorm)
             improved = val_logs["accuracy"] > best["val_accuracy"]
             if improved:
                 best = {"val_accuracy": val_logs["accuracy"],
@@ -401,37 +397,15 @@ def train_epochs(keras, model, config, arrays, steps, paths, header, start,
     return best, best_weights, None
 
 
-def epoch_batches(config, arrays, processes):
-    """A function of the epoch that gives its training batches: made with
-    NumPy on the host (this process's share of each), or from the training
-    set kept on the device (the same batches, from the same per-epoch rng;
-    one device)."""
-    if config["input"] == "device":
-        from experiment import device_data
-
-        resident = device_data.DeviceTrainSet(
-            arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
-            augmented=config["augment"])
-        return lambda epoch: resident.train_batches(
-            config["batch_size"], sampling.epoch_rng(config["seed"], epoch),
-            classes_per_batch=config["classes_per_batch"],
-            pairs=protocols.pairs_group(config))
-    return lambda epoch: sampling.train_batches(
-        arrays.x_train, arrays.y_train, config["batch_size"], arrays.mean,
-        arrays.std, sampling.epoch_rng(config["seed"], epoch),
-        augmented=config["augment"],
-        classes_per_batch=config["classes_per_batch"],
-        pairs=protocols.pairs_group(config), share=processes.share)
-
-
 def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
-    """The CSV row of a finished epoch (text, as written)."""
+    """The CSV row of a finished epoch (text, as written); `logs` and
+    `val_logs`: the epoch's metrics, floats."""
     row = {
         "epoch": epoch + 1,
         "seconds": f"{seconds:.3f}",
         "eval_seconds": f"{eval_seconds:.3f}",
-        "loss": f"{logs['loss'][-1]:.6g}",
-        "accuracy": f"{logs['accuracy'][-1]:.6g}",
+        "loss": f"{logs['loss']:.6g}",
+        "accuracy": f"{logs['accuracy']:.6g}",
         "val_loss": f"{val_logs['loss']:.6g}",
         "val_accuracy": f"{val_logs['accuracy']:.6g}",
         "lr": f"{lr:.6g}",
@@ -456,8 +430,8 @@ def commit_epoch(model, paths, header, rows, best, improved, processes):
     runfiles.save_weights(model, paths.last, write=write)
 
 
-def test_accuracy(model, config, arrays, paths, rows, best, best_weights,
-                  processes):
+def test_accuracy(loop, model, config, arrays, paths, rows, best,
+                  best_weights, processes):
     """The accuracy on the whole test set of the last weights and of the
     best validation epoch's weights (left in `model`: `best_weights`, or
     where that epoch was in an earlier session, its file). Where validation
@@ -467,21 +441,15 @@ def test_accuracy(model, config, arrays, paths, rows, best, best_weights,
             arrays.x_test):
         last = float(rows[-1]["val_accuracy"])
         return {"last": last, "best": best["val_accuracy"]}
-    x_test = preprocessing.normalize(processes.share(arrays.x_test),
-                                     arrays.mean, arrays.std)
-    y_test = processes.share(arrays.y_test)
-
-    def accuracy():
-        return model.evaluate(
-            x_test, y_test, batch_size=config["eval_batch_size"]
-            // processes.count, verbose=0, return_dict=True)["accuracy"]
-
-    last = accuracy()
+    test = loop.resident(
+        preprocessing.normalize(processes.share(arrays.x_test), arrays.mean,
+                                arrays.std), processes.share(arrays.y_test))
+    last = loop.evaluate(test)[0]["accuracy"]
     if best_weights is None:
         model.load_weights(paths.best)
     else:
         model.set_weights(best_weights)
-    return {"last": last, "best": accuracy()}
+    return {"last": last, "best": loop.evaluate(test)[0]["accuracy"]}
 
 
 def interrupted_after_training(interruption, config, argv):

@@ -26,6 +26,12 @@ Levels (`--level`, several allowed; default `layer model`):
          (`resident`): the share of an epoch spent waiting for data.
   jit    WRN training steps of batchnorm and of renorm with jit_compile off
          and on (ratios to the same norm with jit_compile off).
+  loop   JAX only: train.py's epochs on the training set kept on the device,
+         run by Keras's loop one step per call (`per-step`) and as one
+         compiled program of the repeat's --steps steps (`compiled`:
+         experiment/compiled_epoch.py), for batchnorm and renorm, Adam and
+         the accuracy metric as train.py (ratios to `batchnorm, per-step`;
+         `norm_ratio`: renorm over batchnorm in the same loop and round).
 
 Every variant of a level is built and warmed up (compilation included)
 first; then the repeats run interleaved (A B C A B C ...), each timing
@@ -75,7 +81,7 @@ from experiment.cli import positive_int  # noqa: E402
 from experiment.cli import steps_or_auto  # noqa: E402
 
 PROG = "bench.py"
-LEVELS = ("layer", "matrix", "model", "input", "jit", "devices")
+LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
 NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
                  "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm")
 # renorm-groups4: virtual_batch_size=4, the paper's micro-batches.
@@ -608,6 +614,83 @@ def bench_input(keras, args, jit, rng, environment):
     return rows
 
 
+def bench_loop(keras, args, jit, rng, environment):
+    """train.py's two loops on JAX (see the module's docstring): each repeat
+    an "epoch" of `steps` steps of augmented CIFAR-10 batches."""
+    from types import SimpleNamespace
+
+    from experiment import compiled_epoch
+    from experiment import device_data
+    from experiment import sampling
+    from experiment.preprocessing import channel_stats
+
+    if environment["backend"] != "jax":
+        raise UsageError("--level loop compares train.py's JAX loops; run "
+                         "it with --backend jax")
+    steps = model_steps(args, environment)
+    images, labels, source = training_images(args, rng)
+    images = images[:steps * args.batch_size]  # an epoch of `steps` steps
+    labels = labels[:steps * args.batch_size]
+    arrays = SimpleNamespace(x_train=images, y_train=labels,
+                             **dict(zip(("mean", "std"),
+                                        channel_stats(images))))
+    config = {"batch_size": args.batch_size, "seed": 0, "augment": True,
+              "classes_per_batch": None, "sampling": "iid",
+              "virtual_batch_size": None, "steps_per_execution": steps,
+              "eval_batch_size": args.batch_size}
+    name = f"WRN-{args.depth}-{args.width}"
+    print(f"loop level, {name}, epochs of {steps} steps, data: {source}",
+          flush=True)
+    epoch = [0]
+
+    def per_step(model):
+        on_device = device_data.DeviceTrainSet(
+            images, labels, arrays.mean, arrays.std, augmented=True)
+
+        def run(n):
+            for _ in range(-(-n // steps)):
+                epoch[0] += 1
+                model.fit(on_device.train_batches(
+                    args.batch_size, sampling.epoch_rng(0, epoch[0])),
+                    steps_per_epoch=steps, epochs=1, verbose=0,
+                    shuffle=False)
+                keras.ops.convert_to_numpy(model.optimizer.iterations)
+        return run
+
+    def compiled(model):
+        epochs = compiled_epoch.CompiledEpochs(keras, model, config, arrays,
+                                               steps)
+        epochs.progress = False
+
+        def run(n):
+            for _ in range(-(-n // steps)):
+                epoch[0] += 1
+                epochs.train_epoch(epoch[0])
+        return run
+
+    steppers = {}
+    for norm in ("batchnorm", "renorm"):
+        for loop, make in (("per-step", per_step), ("compiled", compiled)):
+            model, api = wrn_model(keras, norm, args.depth, args.width)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                          loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"], jit_compile=jit)
+            model.optimizer.build(model.trainable_variables)
+            x, y = wrn_batch(args, rng)
+            model._symbolic_build(data_batch=(x, y, None))
+            steppers[f"{norm}, {loop}"] = make(model)
+    times = time_interleaved(steppers, steps, args.repeats,
+                             max(args.warmup, steps))
+    rows = rows_of("loop", f"{name}, {args.batch_size}x32x32x3", times,
+                   args.batch_size, steps, "batchnorm, per-step")
+    for row in rows:
+        norm, loop = row["variant"].split(", ")
+        baseline = times[f"batchnorm, {loop}"]
+        row["norm_ratio"] = round(statistics.median(
+            [v / b for v, b in zip(times[row["variant"]], baseline)]), 4)
+    return rows
+
+
 def training_images(args, rng):
     """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR or the
     copy in ../shared/data), else random ones of the same shape, and where
@@ -678,7 +761,8 @@ def write_results(results_dir, environment, rows):
                              if k in old}
     runfiles.write_file(json_path,
                         (json.dumps(record, indent=1) + "\n").encode())
-    keys = list(COLUMNS) + ["wait_share", "epoch_s", "steps_per_execution"]
+    keys = list(COLUMNS) + ["wait_share", "epoch_s", "steps_per_execution",
+                            "norm_ratio"]
     rows = [dict(row, backend=environment["backend"],
                  device=environment["device"]) for row in record["rows"]]
     runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
@@ -712,6 +796,8 @@ def summary(results_dir):
             if row["level"] == "input" and "resident" not in row["variant"]:
                 ratio += (f" (waiting {100 * row['wait_share']:.1f}%; "
                           f"{row['epoch_s']:.1f} s per epoch)")
+            if row["level"] == "loop" and row["variant"].startswith("renorm"):
+                ratio += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
             lines.append("| " + " | ".join([
                 row["level"], row["shape"], row["variant"],
                 f"{row['ms_per_step']:.1f}",
@@ -724,7 +810,9 @@ def summary(results_dir):
             "the share of a step spent on input, against the same norm on "
             "resident batches; s per epoch: ms per step times the steps of "
             "an epoch of 50,000 images), the same norm with "
-            "`jit_compile=off` (jit level); measured interleaved in one "
+            "`jit_compile=off` (jit level), `batchnorm, per-step` (loop "
+            "level; renorm / batchnorm: in the same loop and repeat); "
+            "measured interleaved in one "
             "process, or with the rounds of several pooled where the header "
             "says so. Written by `benchmarks/bench.py` from "
             "`benchmarks/results/*.json`.\n")
@@ -799,6 +887,8 @@ def measure(args, argv):
             rows += bench_jit(keras, args, rng, environment)
         if "devices" in args.level:
             rows += bench_devices(keras, args, rng, environment)
+        if "loop" in args.level:
+            rows += bench_loop(keras, args, jit, rng, environment)
     finally:
         keras.config.set_dtype_policy(policy)
     return describe(environment, jit, args, argv), rows

@@ -86,7 +86,7 @@ def describe_run(config, model, environment, source, steps):
         f"  batches made on the {config['input']} (--input), "
         f"{config['steps_per_execution']} training step"
         f"{'s' if config['steps_per_execution'] > 1 else ''} per execution "
-        "(--steps-per-execution)"
+        f"(--steps-per-execution): {environment['training_loop']}"
     )
 
 

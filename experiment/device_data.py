@@ -59,30 +59,52 @@ class DeviceTrainSet:
         `rng` (augmented if this set is)."""
         from keras import ops
 
-        plan = list(sampling.batch_plan(self.host_labels, batch_size, rng,
-                                       self.augmented, classes_per_batch,
-                                       pairs))
-        # The whole epoch's indices and offsets in one host-to-device copy.
-        parts = [np.concatenate([index for index, _ in plan])]
-        if self.augmented:
-            for part in range(3):  # top, left, flip
-                parts.append(np.concatenate([o[part] for _, o in plan]))
-        epoch = ops.convert_to_tensor(np.stack(parts).astype(np.int32))
-        start = 0
-        for index, _ in plan:
-            yield self.batch(ops.slice(epoch, (0, start),
-                                       (len(parts), len(index))))
-            start += len(index)
+        # The epoch's indices and offsets in a copy per batch size (the
+        # last batch may be smaller), not one per batch.
+        for plan in self.epoch_plan(batch_size, rng, classes_per_batch,
+                                    pairs):
+            plan = ops.convert_to_tensor(plan)
+            for step in range(plan.shape[0]):
+                yield self.batch(plan[step])
 
-    def batch(self, plan):
+    def epoch_plan(self, batch_size, rng, classes_per_batch=None, pairs=None,
+                   steps_per_call=None):
+        """The epoch's batch plans, drawn as `train_batches` draws them, as
+        host int32 arrays `(steps, 1 or 4, B)`: one per run of consecutive
+        batches of one size B, cut into at most `steps_per_call` steps
+        (None: uncut). Each array is what one compiled call of several
+        steps takes (`batch` makes a step's batch of one of its rows)."""
+        runs = []
+        for index, offsets in sampling.batch_plan(
+                self.host_labels, batch_size, rng, self.augmented,
+                classes_per_batch, pairs):
+            rows = [index] + (list(offsets) if self.augmented else [])
+            step = np.stack(rows).astype(np.int32)
+            if runs and runs[-1][-1].shape == step.shape:
+                runs[-1].append(step)
+            else:
+                runs.append([step])
+        cut = steps_per_call or max(len(run) for run in runs)
+        return [np.stack(run[start:start + cut]) for run in runs
+                for start in range(0, len(run), cut)]
+
+    def tensors(self):
+        """The set's device arrays, for a compiled function to take as
+        arguments (closed over, they would be compiled in as constants)."""
+        return self.images, self.labels, self.scale, self.offset
+
+    def batch(self, plan, tensors=None):
         """The batch of a plan `(1 or 4, B)` int32 on the device: indices,
-        then (augmented) the crops' top and left offsets and flips."""
+        then (augmented) the crops' top and left offsets and flips; from
+        `tensors` (default: `self.tensors()`)."""
         from keras import ops
 
+        images, labels, scale, offset = tensors or self.tensors()
         index = plan[0]
-        labels = ops.take(self.labels, index, axis=0)
+        labels = ops.take(labels, index, axis=0)
         if not self.augmented:
-            return self.normalize(ops.take(self.images, index, axis=0)), labels
+            images = ops.take(images, index, axis=0)
+            return normalize(images, scale, offset), labels
         top, left, flip = plan[1], plan[2], plan[3]
         rows = top[:, None] + self.rows  # (B, H) in the padded image
         cols = left[:, None] + self.cols
@@ -92,11 +114,13 @@ class DeviceTrainSet:
         width = self.width + 2 * self.pad
         pixels = ((index * height)[:, None, None] + rows[:, :, None]) * width
         pixels = pixels + cols[:, None, :]  # (B, H, W) rows of self.images
-        return self.normalize(ops.take(self.images, pixels, axis=0)), labels
+        images = ops.take(images, pixels, axis=0)
+        return normalize(images, scale, offset), labels
 
-    def normalize(self, images):
-        """uint8 -> float32 `(x / 255 - mean) / std`, as
-        preprocessing.normalize."""
-        from keras import ops
 
-        return ops.cast(images, "float32") * self.scale + self.offset
+def normalize(images, scale, offset):
+    """uint8 -> float32 `(x / 255 - mean) / std`, as
+    preprocessing.normalize (`scale`, `offset`: its float32 constants)."""
+    from keras import ops
+
+    return ops.cast(images, "float32") * scale + offset

@@ -46,3 +46,11 @@ def make_optimizer(keras, config):
         momentum=config["sgd_momentum"],
         nesterov=config["nesterov"],
     )
+
+
+def statistics_formulation(model):
+    """How the model's BatchRenormalization layers compute their batch
+    statistics on this device ("two-read" or "one-read"; None without
+    such layers), for the run's record."""
+    return next((layer.statistics_formulation for layer in model.layers
+                 if hasattr(layer, "statistics_formulation")), None)

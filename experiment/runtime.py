@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # plots that runs rewrite).
 CODE_FILES = (":(glob)**/*.py", "requirements.txt", "pyproject.toml",
               "Makefile")
-# --steps-per-execution auto on an accelerator: at most this many steps per
-# call from Keras's Python loop into the backend.
+# --steps-per-execution auto on an accelerator, where Keras's loop runs the
+# steps: at most this many steps per call from Python into the backend.
 AUTO_STEPS_PER_EXECUTION = 64
 
 
@@ -173,16 +173,20 @@ def resolve_devices(choice, keras, processes=1):
     return choice
 
 
-def resolve_steps_per_execution(choice, environment, steps):
+def resolve_steps_per_execution(choice, environment, steps, input="host"):
     """--steps-per-execution: `auto` is 1 on a CPU (a step takes long next
     to the Python loop) and with torch (whose Keras trainer runs one step per
-    call), else enough steps per call to amortize the loop, at most an
-    epoch's. Keras trains the same `steps` steps whatever the value: the
-    last call of an epoch runs the steps left."""
+    call); on an accelerator, the whole epoch with jax and the training set
+    on the device (`input`; one compiled program an epoch:
+    experiment/compiled_epoch.py), else enough steps per call to amortize
+    the loop, at most an epoch's. The same `steps` steps are trained
+    whatever the value: the last call of an epoch runs the steps left."""
     if choice == "auto":
         if environment["device_type"] == "cpu" or (
                 environment["backend"] == "torch"):
             return 1
+        if environment["backend"] == "jax" and input == "device":
+            return steps
         return min(steps, AUTO_STEPS_PER_EXECUTION)
     if choice > 1 and environment["backend"] == "torch":
         raise UsageError(

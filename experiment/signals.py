@@ -106,17 +106,21 @@ def _watchdog(on_stuck):
     os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
 
     seconds = STUCK_SECONDS
+    # A new event for each watchdog: a thread of an earlier block (a run
+    # before this one in the same process) that reads its last byte late
+    # waits on its own event, which this block does not clear.
+    global _taken
+    _taken = taken = threading.Event()
 
     def watch():
         try:
             while byte := os.read(read_fd, 1):  # b"" once the block ended
-                if not _taken.wait(seconds):
+                if not taken.wait(seconds):
                     on_stuck(byte[0], seconds)
                     os._exit(128 + byte[0])
         finally:
             os.close(read_fd)
 
-    _taken.clear()
     previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     threading.Thread(target=watch, name="signal watchdog", daemon=True).start()
     try:

@@ -125,6 +125,9 @@ def test_flags_and_their_resolution():
     assert resolve("auto", environment("jax", "cpu"), 391) == 1
     assert resolve("auto", environment("tensorflow", "gpu"), 391) == 64
     assert resolve("auto", environment("jax", "gpu"), 7) == 7
+    # The whole epoch in one compiled program with the data on the device.
+    assert resolve("auto", environment("jax", "gpu"), 391, "device") == 391
+    assert resolve("auto", environment("jax", "gpu"), 391, "host") == 64
     assert resolve("auto", environment("torch", "gpu"), 391) == 1
     assert resolve(5, environment("jax", "cpu"), 391) == 5
     assert resolve(1, environment("torch", "gpu"), 391) == 1
@@ -216,17 +219,32 @@ def test_device_run_is_the_host_run(data_dir, host_run, tmp_path, capsys):
         # 2 epochs of exactly 5 steps, also when 3 does not divide 5.
         assert iterations(out, name) == (10, {10})
 
+    record = json.loads((tmp_path / "history" / "device.json").read_text())
+    compiled = BACKEND == "jax"  # N steps in one program (compiled_epoch)
+    assert ("per compiled call" in record["sessions"][0]["training_loop"]) == (
+        compiled)
     host = read_history(host_run, "host")
     device = read_history(tmp_path, "device")
     assert list(device[0]) == list(host[0])
     assert [float(r["r_max"]) for r in device] == pytest.approx([2.5, 3.0])
-    assert without_timings(device) == without_timings(host)
+    if compiled:  # the same steps, fused otherwise: float rounding apart
+        assert numbers(device) == pytest.approx(numbers(host), rel=1e-3)
+    else:
+        assert without_timings(device) == without_timings(host)
     host_state = saved_state(host_run, "host")
     device_state = saved_state(tmp_path, "device")
     assert sorted(device_state) == sorted(host_state)
-    for key, value in host_state.items():  # identical on a CPU
-        np.testing.assert_allclose(device_state[key], value, rtol=1e-5,
-                                   atol=1e-6, err_msg=key)
+    # Identical on a CPU; compiled, Adam turns a rounding difference in a
+    # near-zero gradient into up to a step of lr (1e-3): a few weights move.
+    for key, value in host_state.items():
+        np.testing.assert_allclose(device_state[key], value,
+                                   rtol=1e-3 if compiled else 1e-5,
+                                   atol=1e-3 if compiled else 1e-6,
+                                   err_msg=key)
+
+
+def numbers(rows):
+    return [float(v) for row in without_timings(rows) for v in row.values()]
 
 
 def test_resume_may_switch_the_input(data_dir, host_run, tmp_path, capsys):
@@ -239,8 +257,12 @@ def test_resume_may_switch_the_input(data_dir, host_run, tmp_path, capsys):
     assert run_main(run_args(data_dir, tmp_path, "switch", "--resume",
                              "--input", "host")) == 0
     assert "resuming run switch after epoch 1 of 2" in capsys.readouterr().out
-    assert without_timings(read_history(tmp_path, "switch")) == (
-        without_timings(read_history(host_run, "host")))
+    switched = read_history(tmp_path, "switch")
+    host = read_history(host_run, "host")
+    if BACKEND == "jax":  # epoch 1 compiled: float rounding apart
+        assert numbers(switched) == pytest.approx(numbers(host), rel=1e-3)
+    else:
+        assert without_timings(switched) == without_timings(host)
     record = json.loads((tmp_path / "history" / "switch.json").read_text())
     assert (record["input"], record["steps_per_execution"]) == ("host", 1)
     assert [s["first_epoch"] for s in record["sessions"]] == [1, 2]

@@ -1,0 +1,110 @@
+"""How a run's epochs execute, behind one interface for train.py: Keras's
+own loop (`model.fit` and `model.evaluate`, on every backend), or, on JAX
+with the training set on the device and several steps per execution, whole
+compiled epochs (`compiled_epoch.CompiledEpochs`, the JAX fast path).
+
+A loop has `train_epoch(epoch)` -> (the epoch's training logs, its
+seconds), `resident(x, y)` -> the data in the form `evaluate` takes, and
+`evaluate(data)` -> (logs, seconds). Logs are dicts of floats (`loss`,
+`accuracy`); seconds are measured after the device finished."""
+
+import sys
+import time
+
+from experiment import protocols
+from experiment import runtime
+from experiment import sampling
+from experiment.signals import raise_if_interrupted
+
+KERAS, COMPILED = "keras", "compiled"
+
+
+def choose(config, environment, jit):
+    """Which loop runs (KERAS or COMPILED) and, where several steps per
+    execution were asked for but Keras's loop runs them, the one-line note
+    that says so. `jit`: the model's resolved jit_compile."""
+    steps = config["steps_per_execution"]
+    if environment["backend"] != "jax" or steps == 1:
+        return KERAS, None  # TensorFlow's trainer compiles its N steps
+    why = ("--input host" if config["input"] != "device"
+           else "--jit-compile off" if jit is False else None)
+    if why is None:
+        return COMPILED, None
+    return KERAS, (
+        f"--steps-per-execution {steps} with {why} runs Keras's loop (one "
+        "compiled step per Python call); whole compiled epochs need "
+        "--input device and XLA")
+
+
+def describe(name, config):
+    """The loop, as the run's description and its JSON session say it."""
+    steps = config["steps_per_execution"]
+    if name == COMPILED:
+        return f"{steps} steps per compiled call (jax.lax.scan)"
+    return f"Keras's loop, {steps} step{'s' if steps > 1 else ''} per call"
+
+
+def make(name, keras, model, config, arrays, steps, processes):
+    if name == COMPILED:
+        from experiment import compiled_epoch
+
+        return compiled_epoch.CompiledEpochs(keras, model, config, arrays,
+                                             steps)
+    return KerasLoop(keras, model, config, arrays, steps, processes)
+
+
+class KerasLoop:
+    """`model.fit` for one epoch of the run's batches, `model.evaluate`;
+    each process feeds its share of every batch."""
+
+    def __init__(self, keras, model, config, arrays, steps, processes):
+        self.model, self.steps = model, steps
+        self.batches_of = epoch_batches(config, arrays, processes)
+        self.eval_batch = config["eval_batch_size"] // processes.count
+        self.clock = runtime.epoch_clock(keras)
+        self.checks = runtime.interruption_checks(keras)
+        self.progress = 1 if sys.stdout.isatty() else 0  # Keras's bar
+
+    def train_epoch(self, epoch):
+        history = self.model.fit(
+            self.batches_of(epoch), steps_per_epoch=self.steps, epochs=1,
+            shuffle=False, verbose=self.progress,
+            callbacks=[self.clock, self.checks]).history
+        if self.progress:
+            print("\x1b[1A\x1b[2K", end="")  # the bar gives way
+        return ({key: float(values[-1]) for key, values in history.items()},
+                self.clock.seconds)
+
+    def resident(self, x, y):
+        return x, y
+
+    def evaluate(self, data):
+        start = time.perf_counter()
+        logs = self.model.evaluate(*data, batch_size=self.eval_batch,
+                                   verbose=0, return_dict=True,
+                                   callbacks=[self.checks])
+        raise_if_interrupted()
+        return logs, time.perf_counter() - start
+
+
+def epoch_batches(config, arrays, processes):
+    """A function of the epoch that gives its training batches: made with
+    NumPy on the host (this process's share of each), or from the training
+    set kept on the device (the same batches, from the same per-epoch rng;
+    one device)."""
+    if config["input"] == "device":
+        from experiment import device_data
+
+        resident = device_data.DeviceTrainSet(
+            arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
+            augmented=config["augment"])
+        return lambda epoch: resident.train_batches(
+            config["batch_size"], sampling.epoch_rng(config["seed"], epoch),
+            classes_per_batch=config["classes_per_batch"],
+            pairs=protocols.pairs_group(config))
+    return lambda epoch: sampling.train_batches(
+        arrays.x_train, arrays.y_train, config["batch_size"], arrays.mean,
+        arrays.std, sampling.epoch_rng(config["seed"], epoch),
+        augmented=config["augment"],
+        classes_per_batch=config["classes_per_batch"],
+        pairs=protocols.pairs_group(config), share=processes.share)

@@ -1,0 +1,188 @@
+"""experiment/compiled_epoch.py, train.py's JAX fast path: N training steps
+in one compiled program over Keras's own stateless step, evaluation in one
+call a pass; the program's shape, its agreement with Keras's loop, the
+samplings and virtual batches on it, and an interruption in a compiled
+epoch (tiny fake CIFAR-10 files and WRN-10-1, on JAX)."""
+
+import json
+import os
+import re
+import signal
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from experiment import cifar10
+from experiment import compiled_epoch
+from experiment import loops
+from experiment import network
+from experiment import preprocessing
+import train
+from fake_cifar import write_fake_cifar
+from test_device_data import numbers
+from test_device_data import run_args
+from test_train import read_history
+from test_train import run_main
+from test_train import without_timings
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
+                                reason="the JAX fast path")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
+                            test_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def epochs(data_dir):
+    """CompiledEpochs of a tiny run (5 steps of 20 augmented images, 3 per
+    call), its model built and compiled as train.py does."""
+    config, _, _ = train.parse_args(run_args(
+        data_dir, data_dir, "unit", "--input", "device",
+        "--steps-per-execution", "3", "--eval-batch-size", "10"))
+    arrays = preprocessing.prepare(config, data_dir)
+    model = network.build_model(keras, config)
+    model.compile(optimizer=network.make_optimizer(keras, config),
+                  loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    network.build_training_state(model, arrays.x_val[:1], arrays.y_val[:1])
+    return compiled_epoch.CompiledEpochs(keras, model, config, arrays, 5)
+
+
+def test_one_program_with_a_loop_around_the_whole_step(epochs):
+    """On an accelerator the N steps are one XLA module whose while loop
+    holds the whole training step: the batch's gather, the convolutions
+    and their gradients, the optimizer's update (the optimized HLO, as
+    XLA_FLAGS=--xla_dump_to would write it)."""
+    import jax
+
+    model = epochs.model
+    state = compiled_epoch.variable_values(
+        model.trainable_variables, model.non_trainable_variables,
+        model.optimizer.variables, model.metrics_variables)
+    plan = np.zeros((3, 4, 20), np.int32)
+    epochs.unrolled = False  # as on a GPU (a CPU unrolls the steps)
+    loop = jax.jit(epochs._train_steps).lower(
+        state, plan, epochs.train_set.tensors()).compile().as_text()
+    assert loop.count("HloModule ") == 1
+    body = re.search(r"\bwhile\(.*?body=%?([\w.\-]+)", loop).group(1)
+    body_text = computation(loop, body)
+    for op in ("gather", "convolution", "sqrt"):  # sqrt: Adam's update
+        assert op in body_text or any(
+            op in computation(loop, called)
+            for called in re.findall(r"calls=%?([\w.\-]+)", body_text)), op
+    epochs.unrolled = True
+    unrolled = jax.jit(epochs._train_steps).lower(
+        state, plan, epochs.train_set.tensors()).compile().as_text()
+    assert unrolled.count("HloModule ") == 1
+
+
+def computation(hlo, name):
+    """The text of HLO computation `name` (to its closing brace)."""
+    start = re.search(rf"^\s*(ENTRY )?%?{re.escape(name)} ", hlo, re.M)
+    return hlo[start.start():hlo.index("\n}", start.start())]
+
+
+def test_evaluation_is_kerass_evaluate(epochs, data_dir):
+    """One call over whole batches of 10 and the last 3: Keras's loss and
+    accuracy of model.evaluate with the same batch size."""
+    data = cifar10.load(data_dir)
+    mean, std = preprocessing.channel_stats(data.x_train)
+    x = preprocessing.normalize(data.x_test[:23], mean, std)
+    y = data.y_test[:23]
+    logs, seconds = epochs.evaluate(epochs.resident(x, y))
+    expected = epochs.model.evaluate(x, y, batch_size=10, verbose=0,
+                                     return_dict=True)
+    assert sorted(logs) == sorted(expected)
+    assert logs == pytest.approx(expected, rel=1e-5)
+    assert seconds > 0
+
+
+def test_which_loop_runs():
+    """Whole compiled epochs on JAX with the data on the device and N > 1;
+    Keras's loop otherwise, with a line where N > 1 was asked for."""
+    jax_gpu = {"backend": "jax", "device_type": "gpu"}
+
+    def choose(environment=jax_gpu, jit=True, **config):
+        return loops.choose(dict({"steps_per_execution": 8,
+                                  "input": "device"}, **config),
+                            environment, jit)
+
+    assert choose() == (loops.COMPILED, None)
+    assert choose(steps_per_execution=1) == (loops.KERAS, None)
+    assert choose({"backend": "tensorflow", "device_type": "gpu"}) == (
+        loops.KERAS, None)
+    name, why = choose(input="host")
+    assert name == loops.KERAS and "--steps-per-execution 8 with --input " \
+        "host runs Keras's loop" in why
+    assert "--jit-compile off" in choose(jit=False)[1]
+
+
+@pytest.mark.parametrize("sampling", [
+    ("--sampling", "pairs", "--virtual-batch-size", "4"),
+    ("--classes-per-batch", "5", "--norm-momentum", "0.5"),
+])
+def test_samplings_and_virtual_batches_compiled(data_dir, tmp_path,
+                                                sampling):
+    """The compiled path trains what Keras's loop trains, also with pairs,
+    virtual batches and K classes per batch (float rounding apart)."""
+    for name, flags in (("keras", ("--input", "host")),
+                        ("compiled", ("--input", "device",
+                                      "--steps-per-execution", "2"))):
+        assert run_main(run_args(data_dir, tmp_path, name, *sampling,
+                                 *flags)) == 0
+    compiled = read_history(tmp_path, "compiled")
+    assert numbers(compiled) == pytest.approx(
+        numbers(read_history(tmp_path, "keras")), rel=1e-3)
+    record = json.loads((tmp_path / "history" / "compiled.json").read_text())
+    session = record["sessions"][0]
+    assert session["training_loop"] == (
+        "2 steps per compiled call (jax.lax.scan)")
+    # The statistics the layers compute on this device, recorded.
+    from batch_renorm import BatchRenormalization
+
+    assert session["statistics_formulation"] == (
+        BatchRenormalization().statistics_formulation)
+
+
+def test_interrupt_in_a_compiled_epoch_and_resume(data_dir, tmp_path,
+                                                  monkeypatch, capsys):
+    """SIGINT after the first call of epoch 2: epoch 1 is saved, epoch 2
+    is not, and --resume gives the uninterrupted run's history."""
+    args = run_args(data_dir, tmp_path, "run", "--input", "device",
+                    "--steps-per-execution", "3")  # 2 calls an epoch
+    original = compiled_epoch.CompiledEpochs.__init__
+    calls = []
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        steps = self.train_steps
+
+        def counted(*args):
+            calls.append(1)
+            result = steps(*args)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler runs here
+            return result
+
+        self.train_steps = counted
+
+    monkeypatch.setattr(compiled_epoch.CompiledEpochs, "__init__", init)
+    assert run_main(args) == 130
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT) in epoch 2 of 2" in err
+    assert "epochs 1-1 are saved" in err
+    assert [r["epoch"] for r in read_history(tmp_path, "run")] == ["1"]
+    monkeypatch.undo()
+
+    assert run_main(args + ["--resume"]) == 0
+    assert "resuming run run after epoch 1 of 2" in capsys.readouterr().out
+    assert run_main(run_args(data_dir, tmp_path, "whole", "--input",
+                             "device", "--steps-per-execution", "3")) == 0
+    assert without_timings(read_history(tmp_path, "run")) == (
+        without_timings(read_history(tmp_path, "whole")))
