@@ -1032,7 +1032,7 @@ def _synchronized_moments(layer, x, mask):
 
 
 # ------------- the device a call computes on (each framework's own API)
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_read_moments(device_type, cpuinfo="/proc/cpuinfo"):
     """Whether the portable path computes the statistics in one read
     (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
@@ -1052,7 +1052,7 @@ def _one_read_moments(device_type, cpuinfo="/proc/cpuinfo"):
     return not any("avx512f" in words for words in flags)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_accelerator(backend):
     """The type of the accelerator ("gpu", "tpu") that TensorFlow or JAX
     places computations on by default, or "cpu" where there is none."""
