@@ -43,7 +43,10 @@ Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED
                                       resolved, steps_per_epoch, which
                                       statistics the norms compute
                                       (statistics), backend, device,
-                                      versions
+                                      versions; per session, what ran the
+                                      steps (training_loop) and how the
+                                      renorm layers computed their batch
+                                      statistics (statistics_formulation)
   WEIGHTS_DIR/NAME.weights.h5         the last weights
   WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
   WEIGHTS_DIR/NAME.state.npz          weights, optimizer state, epoch and

@@ -258,13 +258,18 @@ def add_speed_flags(parser):
                        "with jax or torch, else host (default: auto)")
     speed.add_argument("--steps-per-execution", type=steps_or_auto,
                        metavar="N",
-                       help="training steps per call from Keras's Python "
-                       "loop into the backend (compile(steps_per_execution)):"
-                       " the same steps, fewer round trips; the progress bar "
-                       "moves N steps at a time; N > 1 needs the tensorflow "
-                       "or jax backend. auto: 1 on a CPU and with torch, "
-                       f"else min({AUTO_STEPS_PER_EXECUTION}, steps per "
-                       "epoch) (default: auto)")
+                       help="training steps per call from Python into the "
+                       "backend: the same steps, fewer round trips. With "
+                       "jax and --input device, N steps are one compiled "
+                       "program (jax.lax.scan over Keras's train step; "
+                       "validation and test on the device too); elsewhere "
+                       "Keras's loop (compile(steps_per_execution)), whose "
+                       "progress bar moves N steps at a time; N > 1 needs "
+                       "the tensorflow or jax backend. auto: 1 on a CPU and "
+                       "with torch; on an accelerator the whole epoch with "
+                       "jax and --input device, else "
+                       f"min({AUTO_STEPS_PER_EXECUTION}, steps per epoch) "
+                       "(default: auto)")
 
 
 def add_output_flags(parser):

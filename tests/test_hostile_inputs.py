@@ -1,7 +1,7 @@
 """Hostile inputs: where BatchNormalization stays finite, so must this layer.
 
-Each defect of issue 17 has a test here (float64 policies, non-finite values
-at masked positions, large magnitudes with a small spread, a zero moving
+Each defect found in a review of hostile inputs has a test here (float64
+policies, non-finite values at masked positions, large magnitudes with a small spread, a zero moving
 standard deviation), run on every path of the layer (the backend's fused
 kernel where it applies, and the portable `keras.ops` path), plus the
 neighbouring cases: non-finite unmasked inputs, empty batches, a batch of
