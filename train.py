@@ -31,8 +31,11 @@ Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED
                                       epoch, seconds (training steps only,
                                       measured after the device finished),
                                       eval_seconds, loss, accuracy, val_loss,
-                                      val_accuracy, lr (and r_max, d_max of
-                                      the first renorm layer after the epoch)
+                                      val_accuracy, (--train-mode-validation)
+                                      val_loss_train_mode,
+                                      val_accuracy_train_mode, lr (and
+                                      r_max, d_max of the first renorm layer
+                                      after the epoch)
   HISTORY_DIR/NAME.json               the configuration (keys named as the
                                       flags; classes_per_batch null for
                                       i.i.d. batches; sampling iid, pairs
@@ -54,6 +57,13 @@ Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED
                                       --resume continues from (it rewrites
                                       the CSV from it, saying what it
                                       repaired)
+  HISTORY_DIR/NAME.corrections.csv    renorm (--track-corrections): one row
+                                      per epoch and layer: epoch, layer,
+                                      r_dev and d_dev (means of |r - 1| and
+                                      |d| over the epoch's steps, channels
+                                      and groups), r_clipped and d_clipped
+                                      (the fractions clipped), r_max, d_max
+                                      (the layer's bounds after the epoch)
   HISTORY_DIR/NAME.lock               while a process writes the run: its
                                       pid and host (a second writer of the
                                       run is refused)
@@ -83,6 +93,7 @@ from experiment import runfiles
 from experiment import runlock
 from experiment import runtime
 from experiment import sampling
+from experiment import train_mode
 from experiment.cifar10 import DataError
 from experiment.cli import UsageError
 from experiment.cli import fail
@@ -201,10 +212,12 @@ def run(config, options, explicit, argv, paths):
         hosts.check_same_start(processes, runfiles.saved_epoch(paths.state)
                                if resuming else 0)
         if resuming:
-            start, best, rows = restore(model, config, paths, header,
-                                        saved_config, session, processes)
+            start, best, rows, corrections = restore(
+                model, config, paths, header, saved_config, session,
+                processes)
         else:
             start, best, rows = 0, {"val_accuracy": -1.0, "epoch": 0}, []
+            corrections = []
             if processes.writer:
                 start_files(model, config, paths, header, arrays,
                             environment, steps, session, processes)
@@ -219,7 +232,7 @@ def run(config, options, explicit, argv, paths):
                           processes)
         best, best_weights, interrupted = train_epochs(
             loop, model, config, arrays, paths, header, start, best, rows,
-            argv, processes)
+            corrections, argv, processes)
         if interrupted:
             return interrupted  # the exit code, 128 + the signal
 
@@ -290,18 +303,22 @@ def restore(model, config, paths, header, saved_config, session,
             processes):
     """Loads the last finished epoch's state, makes the CSV and the weights
     match it (saying what it repaired), and records the new session; returns
-    the epoch to start from, the best so far and the finished epochs' rows.
-    Every process loads the state; process 0 writes."""
+    the epoch to start from, the best so far, the finished epochs' rows and
+    corrections rows. Every process loads the state; process 0 writes."""
     meta = runfiles.load_state(model, paths.state)
     start, best = meta["epoch"], meta["best"]
+    corrections = meta.get("corrections", [])
     if best["epoch"] == start:
         runfiles.save_weights(model, paths.best, write=processes.writer)
     runfiles.save_weights(model, paths.last, write=processes.writer)
     if not processes.writer:  # (a state before the rows: its last row)
-        return start, best, meta.get("rows") or [meta["row"]]
+        return start, best, meta.get("rows") or [meta["row"]], corrections
     rows, repaired = runfiles.resumed_rows(paths.csv, header, meta)
     if repaired:
         note(repaired)
+    if corrections:  # a killed run may have written a later epoch's rows
+        runfiles.write_rows(paths.corrections, runfiles.CORRECTION_COLUMNS,
+                            corrections)
     record = dict(saved_config, **config,
                   **parallel_record(config, processes))
     record["sessions"] = saved_config.get("sessions", []) + [
@@ -309,7 +326,7 @@ def restore(model, config, paths, header, saved_config, session,
     runfiles.write_json(paths.json, record)
     print(f"resuming run {config['name']} after epoch {start} of "
           f"{config['epochs']}")
-    return start, best, rows
+    return start, best, rows, corrections
 
 
 def start_files(model, config, paths, header, arrays, environment, steps,
@@ -352,15 +369,20 @@ def parallel_record(config, processes):
 
 
 def train_epochs(loop, model, config, arrays, paths, header, start, best,
-                 rows, argv, processes):
+                 rows, correction_history, argv, processes):
     """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
     the finished epochs' rows, which grow); returns the best validation
     epoch, its weights if it is one of these epochs (else None) and, if a
     signal interrupted them, the exit code (else None). Each process trains
     and validates on its share of every batch (Keras assembles the global
-    batch); the metrics are those of the whole batches."""
+    batch); the metrics are those of the whole batches.
+    `correction_history`: the corrections CSV's rows so far, which grow."""
     val = loop.resident(processes.share(arrays.x_val),
                         processes.share(arrays.y_val))
+    val_batches = (train_mode.batches(config, arrays)
+                   if config["train_mode_validation"] else None)
+    tracked = [layer for layer in model.layers
+               if getattr(layer, "track_corrections", False)]
     best_weights = None
     # batchnorm with virtual batches is BatchRenormalization too, but its
     # bounds are fixed: only renorm's go into the CSV (runfiles.columns).
@@ -375,8 +397,13 @@ def train_epochs(loop, model, config, arrays, paths, header, start, best,
             model.optimizer.learning_rate = lr
             logs, seconds = loop.train_epoch(epoch)
             val_logs, eval_seconds = loop.evaluate(val)
+            if val_batches is not None:
+                val_logs.update({f"{key}_train_mode": value for key, value
+                                 in loop.evaluate_train_mode(
+                                     val_batches).items()})
             row = epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr,
                             renorm)
+            corrections = correction_rows(epoch, tracked)
             improved = val_logs["accuracy"] > best["val_accuracy"]
             if improved:
                 best = {"val_accuracy": val_logs["accuracy"],
@@ -384,8 +411,9 @@ def train_epochs(loop, model, config, arrays, paths, header, start, best,
                 best_weights = model.get_weights()  # for the test at the end
             with interrupts_deferred():
                 rows.append(row)
+                correction_history.extend(corrections)
                 commit_epoch(model, paths, header, rows, best, improved,
-                             processes)
+                             processes, correction_history)
             table.print_row(row)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
@@ -413,21 +441,46 @@ def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
         "val_accuracy": f"{val_logs['accuracy']:.6g}",
         "lr": f"{lr:.6g}",
     }
+    for key in ("loss", "accuracy"):  # --train-mode-validation
+        if f"{key}_train_mode" in val_logs:
+            row[f"val_{key}_train_mode"] = (
+                f"{val_logs[f'{key}_train_mode']:.6g}")
     if renorm is not None:  # the bounds reached after the epoch
         row["r_max"] = f"{renorm.current_r_max():.6g}"
         row["d_max"] = f"{renorm.current_d_max():.6g}"
     return row
 
 
-def commit_epoch(model, paths, header, rows, best, improved, processes):
+def correction_rows(epoch, layers):
+    """The corrections CSV's rows of a finished epoch, one per tracking
+    renorm layer (whose sums restart from zero)."""
+    rows = []
+    for layer in layers:
+        means = layer.corrections(reset=True)
+        rows.append({"epoch": epoch + 1, "layer": layer.name, **{
+            key: f"{means[key]:.6g}" for key in runfiles.CORRECTION_COLUMNS
+            if key in means},
+            "r_max": f"{layer.current_r_max():.6g}",
+            "d_max": f"{layer.current_d_max():.6g}"})
+    return rows
+
+
+def commit_epoch(model, paths, header, rows, best, improved, processes,
+                 correction_history=()):
     """The state first (what --resume trusts: it holds every finished
-    epoch's row), then the row and the weights; written by process 0."""
+    epoch's row and corrections), then the rows and the weights; written by
+    process 0."""
     write = processes.writer
     if write:
         runfiles.save_state(model, paths.state,
                             {"epoch": rows[-1]["epoch"], "best": best,
-                             "rows": rows})
+                             "rows": rows,
+                             "corrections": list(correction_history)})
         runfiles.append_row(paths.csv, header, rows[-1])
+        if correction_history:
+            runfiles.write_rows(paths.corrections,
+                                runfiles.CORRECTION_COLUMNS,
+                                correction_history)
     if improved:
         runfiles.save_weights(model, paths.best, write=write)
     runfiles.save_weights(model, paths.last, write=write)
@@ -478,7 +531,7 @@ def finish(paths, test, best, test_images):
           f"{test['best']:.4f} (weights of epoch {best['epoch']}, the best "
           f"val_accuracy {best['val_accuracy']:.4f}), on all {test_images} "
           "test images")
-    print("files: " + ", ".join(str(p) for p in paths.all()))
+    print("files: " + ", ".join(str(p) for p in paths.all() if p.exists()))
 
 
 if __name__ == "__main__":

@@ -515,7 +515,7 @@ def archive_run(out, step, folders, where):
 
     write_tar(out / f"{step.name}.best.tar", members(paths.best))
     write_tar(out / f"{step.name}.tar",
-              members(paths.csv, paths.json, paths.last))
+              members(paths.csv, paths.json, paths.corrections, paths.last))
 
 
 def archive_reports(out, folders, where, table):

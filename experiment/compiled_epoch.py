@@ -28,6 +28,7 @@ import time
 from experiment import device_data
 from experiment import protocols
 from experiment import sampling
+from experiment import train_mode
 from experiment.signals import raise_if_interrupted
 
 
@@ -50,6 +51,8 @@ class CompiledEpochs:
         self.unrolled = jax.devices()[0].platform == "cpu"
         self.train_steps = jax.jit(self._train_steps, donate_argnums=0)
         self.evaluation = jax.jit(self._evaluation)
+        self.train_mode_sums = jax.jit(
+            lambda *args: train_mode.batch_sums(model, *args))
 
     # -------------------------------------------------------------- training
     def train_epoch(self, epoch):
@@ -127,6 +130,12 @@ class CompiledEpochs:
         logs = {key: float(value) for key, value in logs.items()}
         raise_if_interrupted()
         return logs, time.perf_counter() - start
+
+    def evaluate_train_mode(self, batches):
+        """`train_mode.evaluate`, a compiled call per batch."""
+        logs = train_mode.evaluate(self.model, batches, self.train_mode_sums)
+        raise_if_interrupted()
+        return logs
 
     def _evaluation(self, state, x, y):
         """`model.test_step` over whole batches, then the smaller last one:

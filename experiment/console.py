@@ -13,7 +13,9 @@ class Table:
     FORMATS = {"epoch": ("epoch", 5), "seconds": ("train_s", 8),
                "eval_seconds": ("eval_s", 7), "loss": ("loss", 7),
                "accuracy": ("acc", 6), "val_loss": ("val_loss", 8),
-               "val_accuracy": ("val_acc", 7), "lr": ("lr", 8),
+               "val_accuracy": ("val_acc", 7),
+               "val_loss_train_mode": ("val_loss_t", 10),
+               "val_accuracy_train_mode": ("val_acc_t", 9), "lr": ("lr", 8),
                "r_max": ("r_max", 5), "d_max": ("d_max", 5)}
 
     def __init__(self, header):

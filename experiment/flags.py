@@ -245,6 +245,25 @@ def add_speed_flags(parser):
                        "--batch-size; with --devices N, V must divide the "
                        "per-device batch (no group straddles two devices) "
                        "(default: none, the whole batch)")
+    speed.add_argument("--track-corrections",
+                       action=argparse.BooleanOptionalAction,
+                       help="not a speed setting (--resume keeps it): "
+                       "renorm's layers accumulate, inside each training "
+                       "step, how far r and d are from 1 and 0 and how "
+                       "often they are clipped; written per epoch and layer "
+                       "to HISTORY_DIR/NAME.corrections.csv (default: on for "
+                       "renorm)")
+    speed.add_argument("--train-mode-validation",
+                       action=argparse.BooleanOptionalAction,
+                       help="after each epoch, the validation images once "
+                       "more with the normalization layers in training mode "
+                       "(batch statistics, in batches and groups drawn like "
+                       "the training batches, no state changed; dropout "
+                       "off): columns val_loss_train_mode and "
+                       "val_accuracy_train_mode, whose gap to val_loss and "
+                       "val_accuracy is the one between training and "
+                       "inference outputs (default: on with one device; "
+                       "--resume keeps it)")
     speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
                        help="batch size of evaluation (default: 500)")
     speed.add_argument("--input", choices=INPUTS,
@@ -331,6 +350,7 @@ def parse_args(argv, doc):
         raise UsageError(f"--input device needs one device, not --devices "
                          f"{config['devices']} (leave --input at auto or "
                          "host)")
+    resolve_measurements(config, explicit)
     options = argparse.Namespace(
         resume=explicit.get("resume", False),
         overwrite=explicit.get("overwrite", False),
@@ -342,6 +362,22 @@ def parse_args(argv, doc):
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     return config, options, explicit
+
+
+def resolve_measurements(config, explicit):
+    """--track-corrections and --train-mode-validation: their defaults, and
+    what they need."""
+    if config["track_corrections"] is None:
+        config["track_corrections"] = config["norm"] == "renorm"
+    if config["track_corrections"] and config["norm"] != "renorm":
+        raise UsageError(f"--track-corrections needs --norm renorm (r and d "
+                         f"are renorm's), not --norm {config['norm']}")
+    one_device = config["devices"] == 1
+    if config["train_mode_validation"] is None:
+        config["train_mode_validation"] = one_device
+    if config["train_mode_validation"] and not one_device:
+        raise UsageError(f"--train-mode-validation needs one device, not "
+                         f"--devices {config['devices']}")
 
 
 def check_pairs(config):

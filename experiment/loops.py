@@ -4,8 +4,9 @@ with the training set on the device and several steps per execution, whole
 compiled epochs (`compiled_epoch.CompiledEpochs`, the JAX fast path).
 
 A loop has `train_epoch(epoch)` -> (the epoch's training logs, its
-seconds), `resident(x, y)` -> the data in the form `evaluate` takes, and
-`evaluate(data)` -> (logs, seconds). Logs are dicts of floats (`loss`,
+seconds), `resident(x, y)` -> the data in the form `evaluate` takes,
+`evaluate(data)` -> (logs, seconds), and `evaluate_train_mode(batches)` ->
+logs (`train_mode`: the normalization layers on batch statistics). Logs are dicts of floats (`loss`,
 `accuracy`); seconds are measured after the device finished."""
 
 import sys
@@ -14,6 +15,7 @@ import time
 from experiment import protocols
 from experiment import runtime
 from experiment import sampling
+from experiment import train_mode
 from experiment.signals import raise_if_interrupted
 
 KERAS, COMPILED = "keras", "compiled"
@@ -85,6 +87,11 @@ class KerasLoop:
                                    callbacks=[self.checks])
         raise_if_interrupted()
         return logs, time.perf_counter() - start
+
+    def evaluate_train_mode(self, batches):
+        logs = train_mode.evaluate(self.model, batches)
+        raise_if_interrupted()
+        return logs
 
 
 def epoch_batches(config, arrays, processes):

@@ -12,7 +12,9 @@ def build_model(keras, config):
     if config["norm"] == "renorm":
         norm_kwargs.update(warmup_steps=config["warmup_steps"],
                            r_max_steps=config["r_max_steps"],
-                           d_max_steps=config["d_max_steps"])
+                           d_max_steps=config["d_max_steps"],
+                           track_corrections=bool(
+                               config.get("track_corrections")))
     if config["virtual_batch_size"] is not None:  # keras-renorm refuses it
         norm_kwargs.update(virtual_batch_size=config["virtual_batch_size"])
     return wide_resnet(

@@ -116,6 +116,12 @@ RUN_DEFAULTS = {
     # classes within each normalization group: sampling.pair_batches), or
     # "kK", set from classes_per_batch K (it is a sampling of its own).
     "sampling": "iid",
+    # renorm: the layers accumulate what r and d did (NAME.corrections.csv);
+    # None: on for renorm runs (its cost is within the noise of a step).
+    "track_corrections": None,
+    # After each epoch, the held-out images once more with batch statistics
+    # (the val_*_train_mode columns); None: on with one device.
+    "train_mode_validation": None,
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
@@ -129,7 +135,8 @@ VAL_FROM = ("train", "test")
 LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
                    "input": "host", "steps_per_execution": 1,
                    "val_from": "test", "devices": 1,
-                   "virtual_batch_size": None}
+                   "virtual_batch_size": None, "track_corrections": False,
+                   "train_mode_validation": False}
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
 # What --resume may change in a run's saved configuration (the speed
 # settings: they do not change the math; data parallel devices compute the

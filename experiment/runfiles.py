@@ -33,6 +33,7 @@ class Paths:
     last: Path
     best: Path
     state: Path
+    corrections: Path
 
     @classmethod
     def of(cls, name, history_dir, weights_dir):
@@ -42,6 +43,7 @@ class Paths:
             last=weights_dir / f"{name}.weights.h5",
             best=weights_dir / f"{name}.best.weights.h5",
             state=weights_dir / f"{name}.state.npz",
+            corrections=history_dir / f"{name}.corrections.csv",
         )
 
     @property
@@ -50,7 +52,8 @@ class Paths:
         return self.csv.with_suffix(".lock")
 
     def all(self):
-        return (self.csv, self.json, self.last, self.best, self.state)
+        return (self.csv, self.json, self.last, self.best, self.state,
+                self.corrections)
 
 
 def writable_dir(path, what):
@@ -131,8 +134,16 @@ def write_json(path, data):
 
 def columns(config):
     names = ["epoch", "seconds", "eval_seconds", "loss", "accuracy",
-             "val_loss", "val_accuracy", "lr"]
+             "val_loss", "val_accuracy"]
+    if config.get("train_mode_validation"):
+        names += ["val_loss_train_mode", "val_accuracy_train_mode"]
+    names.append("lr")
     return names + (["r_max", "d_max"] if config["norm"] == "renorm" else [])
+
+
+# NAME.corrections.csv: one row per epoch and BatchRenormalization layer.
+CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
+                      "d_clipped", "r_max", "d_max")
 
 
 def csv_text(header, rows, with_header=True):

@@ -21,7 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NORMS = ("batchnorm", "renorm", "keras-renorm")
 COLUMNS = ["epoch", "seconds", "eval_seconds", "loss", "accuracy", "val_loss",
-           "val_accuracy", "lr"]
+           "val_accuracy", "val_loss_train_mode", "val_accuracy_train_mode",
+           "lr"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -27,7 +27,8 @@ from fake_cifar import write_fake_cifar
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["epoch", "seconds", "eval_seconds", "loss", "accuracy", "val_loss",
-           "val_accuracy", "lr"]
+           "val_accuracy", "val_loss_train_mode", "val_accuracy_train_mode",
+           "lr"]
 TIMINGS = ("seconds", "eval_seconds")
 
 
@@ -333,6 +334,61 @@ def test_interrupt_and_resume(data_dir, tmp_path, monkeypatch, capsys):
     assert run_main(tiny_args(data_dir, tmp_path, "--epochs", "3")) == 0
     whole = read_history(tmp_path, "renorm-seed-b50-s0")
     assert without_timings(rows) == without_timings(whole)
+    # ... and the same corrections, each epoch's from its own steps.
+    history = tmp_path / "history"
+    corrections = (history / "run.corrections.csv").read_text()
+    assert corrections == (
+        history / "renorm-seed-b50-s0.corrections.csv").read_text()
+    # A row per epoch and renorm layer (WRN-10-1 has 7).
+    assert len(corrections.splitlines()) == 1 + 3 * 7
+
+
+def test_train_mode_validation_and_corrections(data_dir, tmp_path):
+    """Groups of 4 of pairs: batchnorm's training-mode validation differs
+    from its inference; renorm's agrees once its bounds are open and do not
+    bind, and its corrections CSV says how much r and d corrected."""
+    flags = ("--virtual-batch-size", "4", "--sampling", "pairs",
+             "--val-size", "40", "--epochs", "3", "--norm-momentum", "0.5")
+    assert run_main(tiny_args(data_dir, tmp_path, *flags, "--name", "bn",
+                              norm="batchnorm")) == 0
+    assert run_main(tiny_args(data_dir, tmp_path, *flags, "--name", "brn",
+                              "--warmup-steps", "1", "--r-max-steps", "2",
+                              "--d-max-steps", "2", "--r-max", "100",
+                              "--d-max", "100")) == 0
+    bn, brn = read_history(tmp_path, "bn"), read_history(tmp_path, "brn")
+    assert list(bn[0]) == COLUMNS and list(brn[0]) == COLUMNS + [
+        "r_max", "d_max"]
+    gap = [abs(float(r["val_loss"]) - float(r["val_loss_train_mode"]))
+           for r in bn]
+    assert min(gap) > 1e-3
+    with open(tmp_path / "history" / "brn.corrections.csv",
+              newline="") as file:
+        corrections = list(csv.DictReader(file))
+    assert list(corrections[0]) == list(runfiles.CORRECTION_COLUMNS)
+    assert [int(r["epoch"]) for r in corrections] == [1] * 7 + [2] * 7 + [
+        3] * 7
+    last = [r for r in corrections if r["epoch"] == "3"]
+    # Bounds of 100 never bind: r and d turn the training outputs into the
+    # inference outputs, up to float rounding.
+    assert all(float(r["r_clipped"]) == float(r["d_clipped"]) == 0
+               for r in last)
+    assert all(float(r["r_dev"]) > 0 and float(r["d_dev"]) > 0 for r in last)
+    assert float(brn[-1]["val_loss_train_mode"]) == pytest.approx(
+        float(brn[-1]["val_loss"]), rel=1e-4)
+    # The first epoch holds the warm-up step (r = 1, d = 0, clipped).
+    assert all(float(r["r_clipped"]) > 0 for r in corrections[:7])
+    assert not (tmp_path / "history" / "bn.corrections.csv").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--norm", "batchnorm", "--track-corrections"], "needs --norm renorm"),
+    (["--norm", "renorm", "--train-mode-validation", "--devices", "2"],
+     "needs one device"),
+])
+def test_measurement_flags_refused(flags, words, monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    with pytest.raises(cli.UsageError, match=words):
+        train.parse_args(flags)
 
 
 def test_resume_repairs_the_history(data_dir, tmp_path, capsys):

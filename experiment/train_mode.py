@@ -1,0 +1,93 @@
+"""The train/inference gap: the held-out images evaluated once more with
+the normalization layers in training mode, i.e. normalized with their
+batch's (or group's) statistics and, for renorm, corrected by r and d, as in
+a training step, but without changing any state (Keras's stateless call;
+dropout off, so that the gap is the normalization's alone).
+
+For batch normalization the two evaluations differ where a batch's
+statistics differ from the moving averages (small or non-i.i.d. groups);
+batch renormalization's r and d make them agree wherever their bounds do
+not bind (Ioffe 2017)."""
+
+from contextlib import contextmanager
+
+import numpy as np
+
+from experiment import protocols
+from experiment import sampling
+
+# The seed sequence's second word for the validation batches' plan: one
+# plan a run, distinct from every epoch's (sampling.epoch_rng).
+PLAN_STREAM = 2**32 - 1
+
+
+def batches(config, arrays):
+    """The validation images `(x, y)` in batches drawn like the training
+    batches (--batch-size, the run's sampling; virtual batches are the
+    layers' own groups), the same plan every epoch."""
+    rng = np.random.default_rng([config["seed"], PLAN_STREAM])
+    plan = sampling.batch_plan(
+        arrays.y_val, config["batch_size"], rng,
+        classes_per_batch=config["classes_per_batch"],
+        pairs=protocols.pairs_group(config))
+    return [(arrays.x_val[index], arrays.y_val[index]) for index, _ in plan]
+
+
+def batch_sums(model, trainable, non_trainable, x, y):
+    """Summed cross-entropy, correct predictions and the weights' penalty
+    (Keras's regularization losses) of one batch in training mode; no state
+    changes (the new non-trainable values are dropped)."""
+    from keras import losses
+    from keras import ops
+
+    with dropout_off(model):
+        y_pred, _, penalty = model.stateless_call(
+            trainable, non_trainable, x, training=True, return_losses=True)
+    y_pred = ops.cast(y_pred, "float32")
+    cross_entropy = losses.sparse_categorical_crossentropy(y, y_pred)
+    correct = ops.cast(ops.argmax(y_pred, axis=-1) == ops.cast(y, "int32"),
+                       "float32")
+    penalty = ops.sum(ops.stack([ops.cast(p, "float32") for p in penalty])
+                      ) if penalty else ops.zeros(())
+    return ops.sum(cross_entropy), ops.sum(correct), penalty
+
+
+def evaluate(model, batches, sums=None):
+    """`loss` (mean cross-entropy plus the penalty, as Keras's val_loss)
+    and `accuracy` over `batches` in training mode; `sums`: `batch_sums`
+    or a compiled version of it taking the same arguments after `model`.
+    NaN without a batch."""
+    from keras import ops
+
+    sums = sums or (lambda *args: batch_sums(model, *args))
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    total = correct = count = 0.0
+    penalty = 0.0
+    for x, y in batches:
+        batch = sums(trainable, non_trainable, x, y)
+        total += float(ops.convert_to_numpy(batch[0]))
+        correct += float(ops.convert_to_numpy(batch[1]))
+        penalty = float(ops.convert_to_numpy(batch[2]))
+        count += len(y)
+    if not count:
+        return {"loss": float("nan"), "accuracy": float("nan")}
+    return {"loss": total / count + penalty, "accuracy": correct / count}
+
+
+@contextmanager
+def dropout_off(model):
+    """Every Dropout layer of `model` at rate 0 inside the block (read when
+    a call is traced)."""
+    from keras import layers
+
+    dropouts = [layer for layer in model._flatten_layers()
+                if isinstance(layer, layers.Dropout)]
+    rates = [layer.rate for layer in dropouts]
+    for layer in dropouts:
+        layer.rate = 0.0
+    try:
+        yield
+    finally:
+        for layer, rate in zip(dropouts, rates):
+            layer.rate = rate
