@@ -40,7 +40,8 @@ over the repeats, the spread (min-max), images/s, and the ratio to Keras's
 batchnorm: the median over the repeats of the two times of the same repeat.
 Variants: `batchnorm` (keras.layers.BatchNormalization),
 `renorm` (batch_renorm.BatchRenormalization, on its fast path where the
-backend has one), `renorm-portable` (the same layer on its keras.ops path,
+backend has one), `renorm-tracked` (the same with track_corrections=True;
+only when --variants names it), `renorm-portable` (the same layer on its keras.ops path,
 only where a fast path exists), `keras-renorm` (Keras 3's renorm=True), and,
 on TensorFlow with tf_keras installed, `tf.keras-batchnorm` (tf.keras's fused
 BatchNormalization) and `tf.keras-renorm` (tf.keras's renorm=True, not
@@ -83,7 +84,11 @@ from experiment.cli import steps_or_auto  # noqa: E402
 PROG = "bench.py"
 LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
 NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
-                 "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm")
+                 "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm",
+                 "renorm-tracked")
+# Measured only when asked for (--variants): renorm with
+# track_corrections=True, the cost of train.py's --track-corrections.
+ON_REQUEST = ("renorm-tracked",)
 # renorm-groups4: virtual_batch_size=4, the paper's micro-batches.
 GROUP_SIZE = 4
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -240,6 +245,7 @@ def available_variants(keras, requested):
     if keras.backend.backend() == "tensorflow" and tf_keras() is not None:
         names += ["tf.keras-batchnorm", "tf.keras-renorm"]
     if requested:
+        names += list(ON_REQUEST)
         missing = [v for v in requested if v not in names]
         if missing:
             raise UsageError(f"variant(s) {', '.join(missing)} not available "
@@ -275,6 +281,9 @@ def norm_factory(keras, variant):
     if variant == "renorm-portable":
         return (lambda **kwargs: make_norm("renorm", fused=False, **kwargs),
                 keras)
+    if variant == "renorm-tracked":
+        return (lambda **kwargs: make_norm(
+            "renorm", track_corrections=True, **kwargs), keras)
     if variant == "renorm-groups4":
         return (lambda **kwargs: make_norm(
             "renorm", virtual_batch_size=GROUP_SIZE, **kwargs), keras)
