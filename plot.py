@@ -14,7 +14,12 @@ Writes:
                                colour per norm; with many groups a row of
                                panels per batch size (or whichever setting
                                splits them most); a dotted line where
-                               renorm's warm-up ends
+                               renorm's warm-up ends; where some runs were
+                               also validated in training mode (train.py's
+                               val_*_train_mode columns), a panel of the
+                               train/inference gap, val_accuracy -
+                               val_accuracy_train_mode (runs without them
+                               are left out of that panel)
   PLOTS/seconds_per_epoch.png  a bar per group: median training s/epoch,
                                every epoch a dot, the ratio to batchnorm
   PLOTS/timing.md              per group: test accuracy (last weights, and
@@ -22,6 +27,12 @@ Writes:
                                final val accuracy, median s/epoch, ratio to
                                batchnorm, the code the runs ran (also
                                printed)
+and, for each run with a NAME.corrections.csv (renorm, train.py
+--track-corrections):
+  PLOTS/NAME.corrections.png   r_dev, d_dev, r_clipped and d_clipped as
+                               heatmaps, a row per layer, a column per
+                               epoch, and the bounds after each epoch
+                               (experiment.corrections_figure)
 and, where the runs span several batch sizes or include non-i.i.d. ones
 (train.py --classes-per-batch; sweep.py):
   PLOTS/accuracy_vs_batch_size.png  test (where recorded), best and final
@@ -55,7 +66,8 @@ With --readme FILE, the table also replaces what FILE holds between the
 lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`, so that the
 README's figures are the ones the histories give.
 
-A partial or malformed history is skipped with a warning naming it.
+A partial or malformed history is skipped with a warning naming it; a
+malformed NAME.corrections.csv too (its run is kept, without that figure).
 """
 
 import argparse
@@ -76,9 +88,10 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
+from experiment import corrections_figure  # noqa: E402
 from experiment import runfiles  # noqa: E402
 from experiment.histories import (  # noqa: E402
-    IGNORED, Point, field_text, group_runs, has_microbatch, has_sweep,
+    GAP, IGNORED, Point, field_text, group_runs, has_microbatch, has_sweep,
     history_paths, load_runs, micro_points, norm_rank, sampling_text,
     sort_key, sweep_points)
 from experiment.protocols import NORMS  # noqa: E402 (fixes their colours)
@@ -121,6 +134,9 @@ def parse_args(argv):
 PANELS = (("loss", "train loss", 1), ("val_loss", "validation loss", 1),
           ("accuracy", "train accuracy (%)", 100),
           ("val_accuracy", "validation accuracy (%)", 100))
+# The panel beside them where some runs have training-mode validation.
+GAP_PANEL = (GAP, "train/inference gap (points):\nval accuracy − val "
+             "accuracy in training mode", 100)
 MAX_LINES = 8  # lines in one panel; more groups get a row of panels each
 WARMUP_STYLE = (0, (1, 2))  # the line that marks the end of the warm-up
 
@@ -183,14 +199,18 @@ def curve_styles(groups, facets):
 
 
 def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` over the group's runs against epoch, with a min–max
-    band where there are several runs."""
-    frame = pd.concat([run.frame[["epoch", column]] for run in group.runs])
+    """Mean of `column` over the group's runs that have it against epoch,
+    with a min–max band where there are several; nothing where none has
+    it."""
+    runs = [run for run in group.runs if column in run.frame]
+    if not runs:
+        return
+    frame = pd.concat([run.frame[["epoch", column]] for run in runs])
     stats = frame.groupby("epoch")[column].agg(["mean", "min", "max"]) * scale
     color, linestyle, marker, _ = style
     ax.plot(stats.index, stats["mean"], color=color, linestyle=linestyle,
             marker=marker, markersize=4)
-    if len(group.runs) > 1:
+    if len(runs) > 1:
         ax.fill_between(stats.index, stats["min"], stats["max"], color=color,
                         alpha=0.2, linewidth=0)
 
@@ -198,17 +218,9 @@ def plot_group(ax, group, column, style, scale=1.0):
 def warmup_epochs(group):
     """Where a renorm group's bounds start to relax, in epochs: its
     warmup_steps over its steps_per_epoch (within the epochs drawn)."""
-    if group.norm != "renorm":
-        return set()
     last = max(len(run.frame) for run in group.runs)
-    found = set()
-    for run in group.runs:
-        steps, per_epoch = (run.settings.get("warmup_steps"),
-                            run.settings.get("steps_per_epoch"))
-        if (isinstance(steps, (int, float)) and isinstance(per_epoch, int)
-                and per_epoch > 0 and 0 < steps / per_epoch <= last):
-            found.add(steps / per_epoch)
-    return found
+    return {epoch for run in group.runs
+            if (epoch := run.warmup_epoch()) is not None and epoch <= last}
 
 
 def mark_warmups(ax, groups, styles):
@@ -246,26 +258,38 @@ def curve_legend(fig, groups, styles, warmup):
                ncol=min(len(handles), columns), frameon=False)
 
 
-def curve_axes(rows):
-    """The figure and a list of 4 axes (PANELS' order) per row: 2 x 2 for
-    one row, else a row of 4 panels per facet (shared y per column)."""
+def curve_axes(rows, gap=False):
+    """The figure and a list of 4 axes (PANELS' order; with `gap`, 5: the
+    gap's last) per row: 2 x 2 for one row (the gap a column of its own
+    beside them), else a row of panels per facet (shared y per column)."""
+    columns = len(PANELS) + gap
     if len(rows) == 1:
-        fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True,
-                                 sharey="row", layout="constrained")
-        return fig, [list(axes.flat)]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(17, 1.8 + 2.6 * len(rows)),
+        fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
+                                 sharex=True, sharey="row",
+                                 layout="constrained")
+        panels = list(axes[:, :2].flat)
+        if gap:
+            for ax in axes[:, 2]:
+                ax.remove()
+            panels.append(fig.add_subplot(axes[0, 0].get_gridspec()[:, 2],
+                                          sharex=axes[0, 0]))
+        return fig, [panels]
+    fig, axes = plt.subplots(len(rows), columns,
+                             figsize=(17 + 4 * gap, 1.8 + 2.6 * len(rows)),
                              sharex=True, sharey="col", squeeze=False,
                              layout="constrained")
     return fig, [list(row) for row in axes]
 
 
-def format_curve_axes(grid, rows):
-    """Titles, log-scaled losses, integer epochs; each row's facet named
-    beside its first panel."""
+def format_curve_axes(grid, rows, specs=PANELS):
+    """Titles, log-scaled losses, integer epochs, the gap's zero; each
+    row's facet named beside its first panel."""
     for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
-        for ax, (column, title, _) in zip(panels, PANELS):
+        for ax, (column, title, _) in zip(panels, specs):
             if len(rows) == 1 or number == 0:
                 ax.set_title(title)
+            if column == GAP:
+                ax.axhline(0, color="grey", linewidth=1, zorder=1)
             if column.endswith("loss"):
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
@@ -276,6 +300,8 @@ def format_curve_axes(grid, rows):
         if len(rows) == 1:
             for ax, label in zip((panels[0], panels[2]), unit):
                 ax.set_ylabel(label)
+            if len(panels) > len(PANELS):
+                panels[-1].set_ylabel("percentage points")
         else:
             facet_label = ", ".join(field_text(f, v) for f, v in facet
                                     if v != IGNORED)
@@ -289,18 +315,21 @@ def plot_curves(groups, runs):
     """Train and validation loss and accuracy against epoch: a colour per
     norm; with many groups, a row of panels per value of the fields that
     split them most (facets), so that no panel holds more than MAX_LINES
-    lines; renorm's warm-up end marked."""
+    lines; renorm's warm-up end marked; the train/inference gap beside
+    them where some runs have it."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
-    fig, grid = curve_axes(rows)
+    gap = any(run.has_gap for run in runs)
+    specs = PANELS + ((GAP_PANEL,) if gap else ())
+    fig, grid = curve_axes(rows, gap)
     warmup = False
     for panels, (_, members) in zip(grid, rows):
-        for ax, (column, _, scale) in zip(panels, PANELS):
+        for ax, (column, _, scale) in zip(panels, specs):
             for group in members:
                 plot_group(ax, group, column, styles[group.label], scale)
             warmup = mark_warmups(ax, members, styles) or warmup
-    format_curve_axes(grid, rows)
+    format_curve_axes(grid, rows, specs)
     fig.suptitle(figure_title("Training curves" + (
         " (a row per " + ", ".join(facets) + ")" if len(rows) > 1 else ""),
         groups, runs))
@@ -672,6 +701,10 @@ def main(argv=None):
         if micro_text:  # some run has a result
             save_figure(plot_microbatch(micro, runs),
                         args.plots_dir / "microbatch.png")
+        for run in runs:
+            if run.corrections is not None:
+                save_figure(corrections_figure.plot_corrections(run),
+                            args.plots_dir / corrections_figure.file_name(run))
         runfiles.write_file(args.plots_dir / "timing.md", report.encode())
     except (OSError, runfiles.WriteError) as error:
         print(f"{PROG}: error: cannot write to {args.plots_dir}: {error}",

@@ -3,8 +3,10 @@ run (its CSV as numbers, its JSON configuration with the keys older
 histories lack at their legacy values), the groups of runs that differ only
 in their seed (and name, timings, provenance), the provenance checks of a
 group, and the points of a sweep (batch size x sampling) and of the
-microbatch study (normalization group x sampling). plot.py draws them;
-experiment.report writes their tables."""
+microbatch study (normalization group x sampling). A run's training-mode
+validation (where its CSV has it) gives the train/inference gap; a renorm
+run's NAME.corrections.csv (where there is one) what r and d did, by layer
+and epoch. plot.py draws them; experiment.report writes their tables."""
 
 import csv
 import functools
@@ -25,6 +27,18 @@ PROG = "plot.py"  # the reader whose warnings these are
 
 
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
+# The validation in training mode (batch statistics, batches drawn like the
+# training batches), which older histories lack; read where the CSV has it.
+TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
+# val_accuracy - val_accuracy_train_mode: the train/inference gap (a
+# fraction; positive where inference is the better of the two), in the
+# frame of a run that has training-mode validation.
+GAP = "train_inference_gap"
+# NAME.corrections.csv (train.py --track-corrections): a row per epoch and
+# BatchRenormalization layer, means over the epoch's training steps.
+CORRECTIONS_SUFFIX = ".corrections"
+CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
+                      "d_clipped", "r_max", "d_max")
 
 
 # Keys that newer histories record besides CONFIG_KEYS, and the environment's
@@ -51,11 +65,13 @@ GROUP_FIELDS = tuple(key for key in dict.fromkeys(
 # The settings a norm does not use (train.py records them for every run):
 # they neither split its runs nor name its groups, and its groups compare
 # with others whatever their values.
+# (track_corrections: only renorm's layers track theirs; train.py refuses it
+# for the others.)
 IGNORED_BY = {
     "batchnorm": ("r_max", "d_max", "warmup_steps", "r_max_steps",
-                  "d_max_steps", "renorm_schedule"),
+                  "d_max_steps", "renorm_schedule", "track_corrections"),
     "keras-renorm": ("warmup_steps", "r_max_steps", "d_max_steps",
-                     "renorm_schedule"),
+                     "renorm_schedule", "track_corrections"),
 }
 IGNORED = "(not used)"  # the value of such a setting
 
@@ -69,7 +85,28 @@ class Run:
     name: str
     path: Path
     config: dict
-    frame: pd.DataFrame  # the COLUMNS, numeric, one row per epoch
+    frame: pd.DataFrame  # the COLUMNS (and GAP), numeric, one row per epoch
+    # CORRECTION_COLUMNS, a row per epoch and layer (None: no usable file)
+    corrections: pd.DataFrame | None = None
+
+    @property
+    def has_gap(self):
+        """Whether the run was validated in training mode too."""
+        return GAP in self.frame
+
+    def warmup_epoch(self):
+        """Where a renorm run's bounds start to relax, in epochs (its
+        warmup_steps over its steps_per_epoch); None for other norms, or
+        where either is unknown or the warm-up is none."""
+        if self.config.get("norm") != "renorm":
+            return None
+        steps, per_epoch = (self.settings.get("warmup_steps"),
+                            self.settings.get("steps_per_epoch"))
+        if (isinstance(steps, (int, float)) and isinstance(per_epoch, int)
+                and not isinstance(steps, bool) and per_epoch > 0
+                and steps > 0):
+            return steps / per_epoch
+        return None
 
     @functools.cached_property
     def settings(self):
@@ -132,18 +169,41 @@ def warn(message):
 
 
 def history_paths(runs, history_dir):
-    """The .csv path of each named run, or of every run in `history_dir`."""
+    """The .csv path of each named run, or of every run in `history_dir`
+    (not the runs' NAME.corrections.csv)."""
     if runs:
-        paths = [Path(run).with_suffix(".csv")
-                 if Path(run).suffix in (".csv", ".json")
+        paths = [history_csv(Path(run)) if Path(run).suffix in (".csv",
+                                                                ".json")
                  else history_dir / f"{run}.csv" for run in runs]
     elif history_dir.is_dir():
         stems = {p.stem for p in history_dir.iterdir()
-                 if p.suffix in (".csv", ".json") and p.is_file()}
+                 if p.suffix in (".csv", ".json") and p.is_file()
+                 and not is_corrections(p)}
         paths = [history_dir / f"{stem}.csv" for stem in sorted(stems)]
     else:
         paths = []
     return list(dict.fromkeys(paths))
+
+
+def is_corrections(path):
+    """Whether `path` is a run's NAME.corrections.csv, not a history: a
+    CSV whose stem ends in .corrections, with no configuration of its own
+    (a run named NAME.corrections would have NAME.corrections.json)."""
+    return (path.suffix == ".csv" and path.stem.endswith(CORRECTIONS_SUFFIX)
+            and not path.with_suffix(".json").is_file())
+
+
+def history_csv(path):
+    """The history CSV of a run named by a path to one of its files: its
+    .csv, its .json, or its .corrections.csv."""
+    if is_corrections(path):
+        return path.with_name(path.stem[:-len(CORRECTIONS_SUFFIX)] + ".csv")
+    return path.with_suffix(".csv")
+
+
+def corrections_path(csv_path):
+    """NAME.corrections.csv beside a run's NAME.csv."""
+    return csv_path.with_name(f"{csv_path.stem}{CORRECTIONS_SUFFIX}.csv")
 
 
 def read_config(path):
@@ -172,12 +232,15 @@ def read_csv_rows(path):
     return header, rows
 
 
-def read_frame(path):
-    """The COLUMNS of a history CSV as numbers, one row per epoch. A bad last
-    row (a run still writing it) is dropped with a warning; other bad rows
-    (wrong number of fields, missing or non-numeric values) are fatal."""
+def read_table(path, required, numeric, finite, optional=()):
+    """The `numeric` columns of a CSV (which must have the `required` ones)
+    and those of `optional` that it has as numbers (an empty optional cell
+    is NaN), and the others of `required` as text, in the file's order. A
+    bad last row (a run still writing it) is dropped with a warning; other
+    bad rows (wrong number of fields, missing or non-numeric values, values
+    of the `finite` columns that are not finite, empty text) are fatal."""
     header, rows = read_csv_rows(path)
-    missing = [column for column in COLUMNS if column not in header]
+    missing = [column for column in required if column not in header]
     if missing:
         raise BadHistory(f"missing column(s) {', '.join(missing)}")
     if len(set(header)) < len(header):
@@ -185,33 +248,78 @@ def read_frame(path):
     width = len(header)
     text = pd.DataFrame([row[:width] + [""] * (width - len(row))
                          for _, row in rows], columns=header, dtype=str)
-    text = text[list(COLUMNS)]
-    frame = text.apply(pd.to_numeric, errors="coerce").astype(float)
+    optional = [column for column in optional if column in header]
+    numbers = text[list(numeric) + optional]
+    frame = numbers.apply(pd.to_numeric, errors="coerce").astype(float)
     # "nan" is a legitimate metric of a diverged run; other non-numbers are not.
-    nan_text = text.apply(lambda col: col.str.strip().str.lower() == "nan")
+    nan_text = numbers.apply(lambda col: col.str.strip().str.lower() == "nan")
+    for column in optional:
+        nan_text[column] |= numbers[column].str.strip() == ""
     wrong_width = pd.Series([len(r) != width for _, r in rows], dtype=bool)
+    words = [c for c in required if c not in numeric]
     bad = (wrong_width | (frame.isna() & ~nan_text).any(axis=1)
-           | ~np.isfinite(frame[["epoch", "seconds"]]).all(axis=1))
+           | ~np.isfinite(frame[list(finite)]).all(axis=1)
+           | (text[words].apply(lambda col: col.str.strip() == "")
+              .any(axis=1) if words else False))
     bad_lines = [line for (line, _), is_bad in zip(rows, bad) if is_bad]
     last_line, last_row = rows[-1] if rows else (None, [])
+    keep = len(rows)
     if len(rows) > 1 and bad_lines == [last_line] and len(last_row) <= width:
         warn(f"{path}: dropped incomplete last row (line {bad_lines[0]})")
-        frame = frame.iloc[:-1]
+        keep -= 1
     elif bad_lines:
         lines = ", ".join(map(str, bad_lines[:5]))
-        raise BadHistory(f"wrong number of fields or non-numeric values on "
-                         f"line(s) {lines}")
-    if frame.empty:
+        raise BadHistory(f"wrong number of fields, missing or non-numeric "
+                         f"values on line(s) {lines}")
+    if not keep:
         raise BadHistory("no complete epoch")
+    for column in words:
+        frame[column] = text[column].str.strip()
+    return frame[[c for c in header if c in frame]].iloc[:keep]
+
+
+def read_frame(path):
+    """The COLUMNS of a history CSV as numbers, one row per epoch, and its
+    TRAIN_MODE_COLUMNS where it has them (an empty cell: NaN, an epoch not
+    validated so), with the GAP; see `read_table` for its bad rows."""
+    frame = read_table(path, COLUMNS, COLUMNS, ("epoch", "seconds"),
+                       TRAIN_MODE_COLUMNS)
+    if "val_accuracy_train_mode" in frame:
+        frame[GAP] = frame["val_accuracy"] - frame["val_accuracy_train_mode"]
     # A resumed run may repeat epochs; its latest row for each counts.
     frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
     return frame.reset_index(drop=True)
 
 
+def read_corrections(path):
+    """A NAME.corrections.csv: CORRECTION_COLUMNS, a row per epoch and
+    layer (the layers in the order of their first rows: the model's), the
+    latest row of an epoch and layer written twice."""
+    frame = read_table(path, CORRECTION_COLUMNS,
+                       [c for c in CORRECTION_COLUMNS if c != "layer"],
+                       ("epoch",))
+    frame = frame[list(CORRECTION_COLUMNS)]
+    order = {layer: n for n, layer in enumerate(frame["layer"].unique())}
+    frame = frame.drop_duplicates(["epoch", "layer"], keep="last")
+    frame = frame.sort_values(["epoch", "layer"],
+                              key=lambda c: c.map(order) if c.name == "layer"
+                              else c, kind="stable")
+    return frame.reset_index(drop=True)
+
+
 def load_run(csv_path):
+    """The run of `csv_path` with its corrections where it has a usable
+    file of them (a damaged one is named on stderr, the run kept)."""
     frame = read_frame(csv_path)
     config = read_config(csv_path.with_suffix(".json"))
-    return Run(csv_path.stem, csv_path, config, frame)
+    corrections = None
+    path = corrections_path(csv_path)
+    if path.is_file():
+        try:
+            corrections = read_corrections(path)
+        except BadHistory as error:
+            warn(f"skipping the corrections {path}: {error}")
+    return Run(csv_path.stem, csv_path, config, frame, corrections)
 
 
 def load_runs(paths):

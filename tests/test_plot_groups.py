@@ -210,3 +210,17 @@ def test_settings_a_norm_does_not_use_neither_split_nor_label_it():
     assert len(histories.group_runs([run("a", norm="keras-renorm"),
                                      run("b", norm="keras-renorm", seed=1,
                                          r_max=2.0)])) == 2
+
+
+def test_tracking_corrections_neither_splits_nor_labels_norms_without():
+    """train.py tracks corrections for renorm alone: batchnorm's False
+    against renorm's True is no setting that tells groups apart, and
+    renorm is compared with batchnorm (ratios, the microbatch study)."""
+    runs = [run("bn", norm="batchnorm", track_corrections=False,
+                virtual_batch_size=4, sampling="pairs"),
+            run("brn", track_corrections=True, virtual_batch_size=4,
+                sampling="pairs")]
+    groups = histories.group_runs(runs)
+    assert [g.label for g in groups] == ["batchnorm", "renorm"]
+    assert report.ratios_to_baseline(groups) == [1.0, 1.0]
+    assert [p.rest for p in histories.micro_points(runs)] == [(), ()]
