@@ -140,7 +140,8 @@ def test_the_tiny_job_within_a_budget(tmp_path):
         assert "result" in record
         check_run_archives(ample, name, tmp_path)
     plots = sorted(p.name for p in (tmp_path / "p" / "gpu-cpu").iterdir())
-    assert plots == ["curves.png", "seconds_per_epoch.png", "timing.md"]
+    assert plots == sorted(["curves.png", "seconds_per_epoch.png",
+                            "timing.md", "renorm-seed-s0.corrections.png"])
     bench = json.loads((tmp_path / "r" / "gpu-cpu" / "jax-cpu.json")
                        .read_text())
     assert {row["variant"] for row in bench["rows"]} >= {"batchnorm",

@@ -55,8 +55,11 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "8 runs (0 finished, 8 to train)" in out
     history = tmp_path / "history"
+    renorms = [n for n in names() if n.split("-")[1] == "renorm"]
+    assert renorms  # what r and d did: train.py's default for renorm
     assert sorted(p.name for p in history.iterdir()) == sorted(
-        [f"{n}.csv" for n in names()] + [f"{n}.json" for n in names()])
+        [f"{n}.csv" for n in names()] + [f"{n}.json" for n in names()]
+        + [f"{n}.corrections.csv" for n in renorms])
     for name in names():
         with open(history / f"{name}.csv", newline="") as file:
             rows = list(csv.DictReader(file))
@@ -85,9 +88,10 @@ def test_tiny_sweep_end_to_end(data_dir, tmp_path, capsys):
                                            for f in SCHEDULE]
         assert "result" in record
     plots = tmp_path / "plots"
-    assert sorted(p.name for p in plots.iterdir()) == [
+    assert sorted(p.name for p in plots.iterdir()) == sorted([
         "accuracy_vs_batch_size.png", "curves.png", "non_iid.png",
         "seconds_per_epoch.png", "timing.md"]
+        + [f"{n}.corrections.png" for n in renorms])
     for path in plots.glob("*.png"):
         assert path.stat().st_size > 10000
     timing = (plots / "timing.md").read_text()
