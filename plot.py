@@ -66,6 +66,16 @@ With --readme FILE, the table also replaces what FILE holds between the
 lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`, so that the
 README's figures are the ones the histories give.
 
+and, where some runs were validated in training mode too (train.py
+--train-mode-validation):
+  tables in timing.md          per norm, V, sampling and any other setting
+                               that differs: test accuracy, the gap
+                               val_accuracy - val_accuracy_train_mode (last
+                               epoch, and mean over the epochs) with 95%
+                               t-intervals over seeds, renorm's last-epoch
+                               corrections; renorm - batchnorm paired by
+                               seed (experiment.gap_study)
+
 A partial or malformed history is skipped with a warning naming it; a
 malformed NAME.corrections.csv too (its run is kept, without that figure).
 """
@@ -89,6 +99,7 @@ from matplotlib.ticker import (  # noqa: E402
     LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
 from experiment import corrections_figure  # noqa: E402
+from experiment import gap_study  # noqa: E402
 from experiment import runfiles  # noqa: E402
 from experiment.histories import (  # noqa: E402
     GAP, IGNORED, Point, field_text, group_runs, has_microbatch, has_sweep,
@@ -686,6 +697,10 @@ def main(argv=None):
     micro_text = microbatch_tables(micro) if micro else ""
     if micro_text:
         report += "\n" + micro_text
+    gaps = gap_study.tables(sorted({run.path.parent for run in runs}))
+    if gaps:
+        report += ("\n### Training and inference outputs, and what r and d "
+                   "did\n\n" + gaps)
     try:
         args.plots_dir.mkdir(parents=True, exist_ok=True)
         sns.set_theme(style="whitegrid", context="notebook")

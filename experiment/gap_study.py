@@ -34,7 +34,7 @@ def load(history_dirs):
                     csv_path.is_file()):
                 continue
             rows = read_rows(csv_path)
-            if not rows or len(rows) < config["epochs"]:
+            if not rows or len(rows) < config.get("epochs", 0):
                 continue  # unfinished
             corrections = path.with_name(f"{path.stem}.corrections.csv")
             runs.append({
@@ -54,10 +54,10 @@ def read_rows(path):
 def cell_of(config, variants):
     """(norm, V, sampling, variant text) of a run; `variants`: the
     VARIANT_KEYS whose values differ among the runs of its norm."""
-    group = config.get("virtual_batch_size") or config["batch_size"]
+    group = config.get("virtual_batch_size") or config.get("batch_size")
     variant = ", ".join(f"{key} {value_text(config.get(key))}"
                         for key in variants)
-    return config["norm"], group, config["sampling"], variant
+    return config["norm"], group, config.get("sampling", "iid"), variant
 
 
 def value_text(value):
@@ -90,7 +90,8 @@ def cells(runs):
                                            cell_of(r["config"], varying))):
         cell = cell_of(run["config"], varying if run["config"]["norm"]
                        == "renorm" else [])
-        table.setdefault(cell, {})[run["config"]["seed"]] = measures(run)
+        table.setdefault(cell, {})[run["config"].get("seed", 0)] = (
+            measures(run))
     return table
 
 

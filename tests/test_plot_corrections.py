@@ -18,6 +18,7 @@ from test_plot import table
 
 import plot
 from experiment import corrections_figure
+from experiment import gap_study
 from experiment import histories
 from experiment import runfiles
 from experiment.report import TITLE_WIDTH
@@ -128,6 +129,10 @@ def test_figures_for_runs_with_the_new_files(study, tmp_path, capsys):
     rows = table(out)
     assert rows["renorm, train_mode_validation=True"][
         "ratio to batchnorm"] == "1.00"
+    # The gap's tables (experiment.gap_study) follow in timing.md.
+    timing = (plots / "timing.md").read_text()
+    assert "### Training and inference outputs" in timing
+    assert gap_study.tables([history]) in timing
 
 
 def test_old_histories_only_are_as_before(tmp_path, capsys):
@@ -140,6 +145,7 @@ def test_old_histories_only_are_as_before(tmp_path, capsys):
     assert code == 0 and err == ""
     assert sorted(p.name for p in plots.iterdir()) == [
         "curves.png", "seconds_per_epoch.png", "timing.md"]
+    assert "Training and inference outputs" not in out
     runs = histories.load_runs(histories.history_paths([], history))
     assert not any(run.has_gap for run in runs)
     assert all(run.corrections is None for run in runs)
