@@ -89,24 +89,24 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import (
     LogLocator, MaxNLocator, NullLocator, StrMethodFormatter)
 
-from experiment import corrections_figure  # noqa: E402
-from experiment import gap_study  # noqa: E402
-from experiment import runfiles  # noqa: E402
-from experiment.histories import (  # noqa: E402
+from experiment import corrections_figure
+from experiment import gap_study
+from experiment import runfiles
+from experiment.histories import (
     GAP, IGNORED, Point, field_text, group_runs, has_microbatch, has_sweep,
     history_paths, load_runs, micro_points, norm_rank, sampling_text,
     sort_key, sweep_points)
-from experiment.protocols import NORMS  # noqa: E402 (fixes their colours)
-from experiment.report import (  # noqa: E402
+from experiment.protocols import NORMS  # fixes their colours
+from experiment.report import (
     CONFIDENCE, figure_title, group_losses, median_seconds, micro_lines,
     micro_sampling_text, microbatch_tables, ratios_to_baseline, sweep_table,
     t_interval, test_table, timing_report, warn_provenance)
@@ -146,8 +146,8 @@ PANELS = (("loss", "train loss", 1), ("val_loss", "validation loss", 1),
           ("accuracy", "train accuracy (%)", 100),
           ("val_accuracy", "validation accuracy (%)", 100))
 # The panel beside them where some runs have training-mode validation.
-GAP_PANEL = (GAP, "train/inference gap (points):\nval accuracy − val "
-             "accuracy in training mode", 100)
+GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
+                   "accuracy in training mode"), 100)
 MAX_LINES = 8  # lines in one panel; more groups get a row of panels each
 WARMUP_STYLE = (0, (1, 2))  # the line that marks the end of the warm-up
 
@@ -509,7 +509,7 @@ def non_iid_bars(ax, points, colors, sizes):
     bars = list(dict.fromkeys(p.line for p in points))
     width = 0.8 / len(bars)
     for number, line in enumerate(bars):
-        norm, classes, rest = line
+        norm, classes, _rest = line
         members = {p.batch_size: p for p in points if p.line == line}
         x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
         heights = [p.values("best").mean() for p in members.values()]
@@ -623,7 +623,7 @@ def micro_losses(ax, points, colors):
     """A bar per norm and sampling: accuracy at the largest V minus at the
     smallest, paired by seed, with its t-interval."""
     losses = group_losses(points)
-    for number, (line, small, large, differences) in enumerate(losses):
+    for number, (line, _small, _large, differences) in enumerate(losses):
         mean, half = t_interval(differences.values())
         norm, sampling, _ = line
         ax.bar(number, mean, 0.7, color=colors[norm],

@@ -171,10 +171,10 @@ def add_sweep_flags(parser):
         "what to sweep (defaults: the preset's)")
     preset.add_argument(
         "--preset", choices=tuple(PRESETS), default="cpu",
-        help="cpu: WRN-%(cpu_depth)s-%(cpu_width)s, %(cpu_train)s training "
-        "images, %(cpu_val)s validation images, %(cpu_epochs)s epochs; gpu: "
-        "WRN-%(gpu_depth)s-%(gpu_width)s, all 45000 training images and 5000 "
-        "held out, %(gpu_epochs)s epochs (default: cpu)" % dict(
+        help="cpu: WRN-{cpu_depth}-{cpu_width}, {cpu_train} training "
+        "images, {cpu_val} validation images, {cpu_epochs} epochs; gpu: "
+        "WRN-{gpu_depth}-{gpu_width}, all 45000 training images and 5000 "
+        "held out, {gpu_epochs} epochs (default: cpu)".format(
             cpu_depth=PRESETS["cpu"]["depth"],
             cpu_width=PRESETS["cpu"]["width"],
             cpu_train=PRESETS["cpu"]["train_size"],

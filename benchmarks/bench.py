@@ -531,7 +531,7 @@ def bench_devices(keras, args, rng, environment):
                          virtual_batch_size=per_device))
         steppers = {}
         for label, (distribution, extra) in settings.items():
-            def make_stepper(extra=extra):
+            def make_stepper(extra=extra, norm=norm):
                 model = wide_resnet(args.depth, args.width, norm=lambda **kw:
                                     make_norm(norm, **kw, **extra))
                 compile_model(model, keras, True)
@@ -600,7 +600,7 @@ def bench_input(keras, args, jit, rng, environment):
 
     steppers = {}
     for norm in ("batchnorm", "renorm"):
-        model, api = wrn_model(keras, norm, args.depth, args.width)
+        model, _ = wrn_model(keras, norm, args.depth, args.width)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy",
                       jit_compile=jit, steps_per_execution=per_execution)
@@ -680,7 +680,7 @@ def bench_loop(keras, args, jit, rng, environment):
     steppers = {}
     for norm in ("batchnorm", "renorm"):
         for loop, make in (("per-step", per_step), ("compiled", compiled)):
-            model, api = wrn_model(keras, norm, args.depth, args.width)
+            model, _ = wrn_model(keras, norm, args.depth, args.width)
             model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"], jit_compile=jit)

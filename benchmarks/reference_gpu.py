@@ -78,7 +78,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiment import cli, protocols, runfiles  # after the path
+from experiment import cli, protocols, runfiles  # noqa: E402 (after the path)
 
 PROG = "reference_gpu.py"
 NORMS = ("batchnorm", "renorm")

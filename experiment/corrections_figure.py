@@ -64,7 +64,7 @@ def epoch_ticks(ax, epochs):
 
 def heatmap(fig, ax, values, spec, epochs, layers):
     """One statistic, a colour bar beside it (from 0; fractions to 1)."""
-    column, title, cmap, top = spec
+    _column, title, cmap, top = spec
     finite = values[np.isfinite(values)]
     high = top if top is not None else (
         float(finite.max()) if finite.size and finite.max() > 0 else 1.0)

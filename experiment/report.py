@@ -232,7 +232,9 @@ def value_text(value):
 
 def same(value, reference):
     """Equal as a history stores them (JSON lists for tuples)."""
-    as_list = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)
+    def as_list(v):
+        return list(v) if isinstance(v, (list, tuple)) else v
+
     return as_list(value) == as_list(reference)
 
 
@@ -246,8 +248,8 @@ def protocol_departures(config):
     protocol, found = PROTOCOLS[name], []
     if not all(same(config.get(k, getattr(protocol, k)), getattr(protocol, k))
                for k in ("depth", "width")):
-        found.append(("network", f"WRN-{config.get('depth', '?')}-"
-                                 f"{config.get('width', '?')}"))
+        found.append(("network", (f"WRN-{config.get('depth', '?')}-"
+                                  f"{config.get('width', '?')}")))
     skip = {"depth", "width"} | (set(SCHEDULE_STEPS)
                                  if config.get("renorm_schedule") else set())
     for key in PROTOCOL_KEYS:

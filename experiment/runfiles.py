@@ -197,7 +197,7 @@ def read_rows(path):
     found = []
     for _, fields in rows:
         row = dict(zip(header, fields))
-        row.update({column: None for column in header[len(fields):]})
+        row.update(dict.fromkeys(header[len(fields):]))
         if len(fields) > len(header):
             row[None] = fields[len(header):]
         if row.get("epoch"):

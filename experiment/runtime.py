@@ -276,7 +276,7 @@ def git(*args):
     """git's output in this checkout, stripped; None where git fails."""
     try:
         result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
-                                text=True, timeout=30)
+                                text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None
