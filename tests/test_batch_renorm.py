@@ -461,7 +461,7 @@ def test_equals_batch_normalization_with_trivial_bounds(kwargs, shape, axis):
     bn.beta.assign(brn.beta)
     bn.moving_mean.assign(brn.moving_mean)
     channels = shape[axis]
-    for k in range(4):
+    for _ in range(4):
         assert brn.current_r_max() == 1.0 and brn.current_d_max() == 0.0
         x = random_batch(
             rng, shape, axis, rng.normal(0, 3, channels), [3.0] * channels
@@ -784,7 +784,7 @@ def test_mixed_precision(policy, where, restore_dtype_policy):
     assert "int" in layer.step.dtype
     for v in layer.variables:
         assert v.dtype == ("float32" if v.name != "step" else layer.step.dtype)
-    for k in range(3):
+    for _ in range(3):
         x = random_batch(rng, (16, 4), -1, [30.0, -1.0, 0.5, 100.0],
                          [0.2, 3.0, 40.0, 1.0])
         # Keras casts the inputs to the compute dtype before the call.

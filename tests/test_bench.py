@@ -130,7 +130,7 @@ def test_devices_level_on_four_devices(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), *TINY,
          "--level", "devices", "--results-dir", str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600)
+        env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "jax-cpu.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == [

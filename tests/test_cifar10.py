@@ -65,7 +65,7 @@ def test_missing_folder(tmp_path):
 def test_missing_file(folder, tmp_path):
     broken = copy_folder(folder, tmp_path / "broken")
     (broken / "data_batch_3").unlink()
-    with pytest.raises(cifar10.DataError, match="missing file .*data_batch_3"):
+    with pytest.raises(cifar10.DataError, match=r"missing file .*data_batch_3"):
         cifar10.load(broken)
 
 
@@ -166,7 +166,8 @@ def test_augment_is_a_padded_crop_or_its_mirror():
     flips = 0
     for image, result in zip(images, out):
         padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-        crops = [padded[t:t + 32, l:l + 32] for t in range(9) for l in range(9)]
+        crops = [padded[top:top + 32, left:left + 32]
+                 for top in range(9) for left in range(9)]
         if any(np.array_equal(result, c) for c in crops):
             continue
         assert any(np.array_equal(result, c[:, ::-1]) for c in crops)

@@ -117,8 +117,8 @@ def test_which_loop_runs():
     assert choose({"backend": "tensorflow", "device_type": "gpu"}) == (
         loops.KERAS, None)
     name, why = choose(input="host")
-    assert name == loops.KERAS and "--steps-per-execution 8 with --input " \
-        "host runs Keras's loop" in why
+    assert name == loops.KERAS and (
+        "--steps-per-execution 8 with --input host runs Keras's loop" in why)
     assert "--jit-compile off" in choose(jit=False)[1]
 
 

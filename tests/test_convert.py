@@ -105,8 +105,8 @@ def with_trained_statistics(model, rng):
 
 def snapshot(model):
     return [
-        (type(l), [to_numpy(w).copy() for w in l.weights])
-        for l in all_layers(model)
+        (type(layer), [to_numpy(w).copy() for w in layer.weights])
+        for layer in all_layers(model)
     ]
 
 
@@ -126,16 +126,18 @@ def test_convert_keeps_inference_and_statistics(builder, input_shape, n_bn):
     assert type(converted) is type(original)
     assert converted is not original
     old_bns = [
-        l for l in all_layers(original)
-        if isinstance(l, layers.BatchNormalization)
+        layer for layer in all_layers(original)
+        if isinstance(layer, layers.BatchNormalization)
     ]
     assert len(old_bns) == n_bn
     new_layers = list(all_layers(converted))
-    assert not any(isinstance(l, layers.BatchNormalization) for l in new_layers)
+    assert not any(isinstance(layer, layers.BatchNormalization)
+                   for layer in new_layers)
     renorms = {
-        l.name: l for l in new_layers if isinstance(l, BatchRenormalization)
+        layer.name: layer for layer in new_layers
+        if isinstance(layer, BatchRenormalization)
     }
-    assert sorted(renorms) == sorted(l.name for l in old_bns)
+    assert sorted(renorms) == sorted(layer.name for layer in old_bns)
     for bn in old_bns:
         brn = renorms[bn.name]
         for name in ("axis", "epsilon", "momentum", "center", "scale"):
@@ -207,14 +209,16 @@ def test_converted_model_trains_with_renorm():
         d_max_steps=0, momentum=0.5,
     )
     renorms = [
-        l for l in converted.layers if isinstance(l, BatchRenormalization)
+        layer for layer in converted.layers
+        if isinstance(layer, BatchRenormalization)
     ]
     assert len(renorms) == 3
-    assert all(l.momentum == 0.5 and l.current_r_max() == 1.5 for l in renorms)
+    assert all(layer.momentum == 0.5 and layer.current_r_max() == 1.5
+               for layer in renorms)
     converted.compile(keras.optimizers.SGD(0.01), "mse")
     x = rng.normal(size=(16, 6)).astype("float32")
     y = rng.normal(size=(16, 2)).astype("float32")
-    means = [to_numpy(l.moving_mean).copy() for l in renorms]
+    means = [to_numpy(layer.moving_mean).copy() for layer in renorms]
     before = snapshot(original)
     history = converted.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])

@@ -88,9 +88,9 @@ def test_augmented_device_batches_are_crops_and_flips():
     x = keras.ops.convert_to_numpy(x).astype(int)
     assert np.array_equal(keras.ops.convert_to_numpy(y), labels[order])
     assert 0 < flip.sum() < count and len(set(top)) > 1
-    for image, index, t, l, f in zip(x, order, top, left, flip):
-        expected_rows = np.arange(32) + t - 4 + 1  # 1-based; <= 0: padding
-        expected_cols = np.arange(32) + l - 4 + 1
+    for image, index, row, col, f in zip(x, order, top, left, flip):
+        expected_rows = np.arange(32) + row - 4 + 1  # 1-based; <= 0: padding
+        expected_cols = np.arange(32) + col - 4 + 1
         if f:
             expected_cols = expected_cols[::-1]
         inside = ((expected_rows[:, None] >= 1) & (expected_rows[:, None] <= 32)

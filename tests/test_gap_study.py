@@ -22,7 +22,7 @@ def write_run(folder, name, norm, seed, gaps, test, epochs=2,
               "result": {"test_accuracy": test}}
     (folder / f"{name}.json").write_text(json.dumps(config))
     header = runfiles.columns(config)
-    rows = [{key: "0.5" for key in header} | {
+    rows = [dict.fromkeys(header, "0.5") | {
         "epoch": str(epoch + 1), "val_accuracy": "0.5",
         "val_accuracy_train_mode": str(0.5 - gap / 100)}
         for epoch, gap in enumerate(gaps)]

@@ -109,7 +109,7 @@ def test_float64_policy_trains_in_fit():
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernel")
 def test_fused_true_with_float64_on_tensorflow_is_a_clear_error():
     layer = BatchRenormalization(dtype="float64", fused=True)
-    with pytest.raises(ValueError, match="fused=True.*float64"):
+    with pytest.raises(ValueError, match=r"fused=True.*float64"):
         layer.build((2, 3, 3, 4))
 
 

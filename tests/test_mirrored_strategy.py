@@ -73,7 +73,8 @@ STEPS = textwrap.dedent("""
 def test_mirrored_strategy_per_replica_and_synchronized():
     env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", STEPS], env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["replicas"] == 2

@@ -64,9 +64,9 @@ def test_normalization_kinds():
     model = wide_resnet(10, 1, norm="keras-renorm",
                         norm_kwargs=dict(momentum=0.9, epsilon=1e-5, r_max=2.0,
                                          d_max=1.5, warmup_steps=7))
-    layers = [l for l in model.layers
-              if isinstance(l, keras.layers.BatchNormalization)]
-    assert layers and all(l.renorm for l in layers)
+    layers = [layer for layer in model.layers
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    assert layers and all(layer.renorm for layer in layers)
     assert layers[0].renorm_clipping == {"rmin": 0.5, "rmax": 2.0, "dmax": 1.5}
     assert layers[0].momentum == 0.9 and layers[0].epsilon == 1e-5
 
@@ -103,22 +103,25 @@ def test_virtual_batches_of_each_norm():
     assert brn.virtual_batch_size == 8 and brn.r_max == 3.0
     assert make_norm("renorm").virtual_batch_size is None
     assert type(make_norm("batchnorm")) is keras.layers.BatchNormalization
-    with pytest.raises(ValueError, match="keras-renorm .* has no virtual"):
+    with pytest.raises(ValueError, match=r"keras-renorm .* has no virtual"):
         make_norm("keras-renorm", virtual_batch_size=4)
 
 
 def test_dropout_and_weight_decay():
     plain = wide_resnet(10, 1)
     assert not plain.losses
-    assert not any(isinstance(l, keras.layers.Dropout) for l in plain.layers)
+    assert not any(isinstance(layer, keras.layers.Dropout)
+                   for layer in plain.layers)
     model = wide_resnet(10, 1, dropout=0.3, weight_decay=5e-4)
-    dropouts = [l for l in model.layers if isinstance(l, keras.layers.Dropout)]
+    dropouts = [layer for layer in model.layers
+                if isinstance(layer, keras.layers.Dropout)]
     assert len(dropouts) == 3 and all(d.rate == 0.3 for d in dropouts)
     # One L2 term per trainable weight, lambda / 2 * sum(w ** 2) each.
     assert len(model.losses) == len(model.trainable_weights)
     expected = sum(2.5e-4 * float(np.sum(np.square(w.numpy())))
                    for w in model.trainable_weights)
-    total = sum(float(keras.ops.convert_to_numpy(l)) for l in model.losses)
+    total = sum(float(keras.ops.convert_to_numpy(loss))
+                for loss in model.losses)
     assert total == pytest.approx(expected, rel=1e-4)
 
 

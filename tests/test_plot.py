@@ -89,7 +89,8 @@ def test_command_line_writes_figures_and_table(two_norms, tmp_path):
     result = subprocess.run(
         [sys.executable, "-X", "importtime", str(ROOT / "plot.py"),
          "--history-dir", str(history), "--plots-dir", str(plots)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        check=False)
     assert result.returncode == 0, result.stderr
     imports = [line.split("|")[-1].strip()
                for line in result.stderr.splitlines()
@@ -109,7 +110,7 @@ def test_command_line_writes_figures_and_table(two_norms, tmp_path):
 def test_timing_table_values(two_norms, tmp_path, capsys):
     history, data = two_norms
     plots = tmp_path / "plots"
-    code, out, err = run_main(
+    code, _out, err = run_main(
         ["--history-dir", history, "--plots-dir", plots], capsys)
     assert code == 0 and err == ""
     rows = table((plots / "timing.md").read_text())
@@ -188,7 +189,7 @@ def test_malformed_histories_are_skipped_and_named(two_norms, tmp_path,
     with open(history / "partial.csv", "a") as csv:
         csv.write("3,7.0,0.5")
     plots = tmp_path / "plots"
-    code, out, err = run_main(
+    code, _out, err = run_main(
         ["--history-dir", history, "--plots-dir", plots], capsys)
     assert code == 0
     warnings = err.splitlines()
@@ -275,7 +276,7 @@ def test_readme_block_is_replaced_by_the_table(two_norms, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n{plot.README_BEGIN}\nold table\n"
                       f"{plot.README_END}\nafter\n")
-    code, out, err = run_main(["--history-dir", history, "--plots-dir",
+    code, _out, err = run_main(["--history-dir", history, "--plots-dir",
                                tmp_path / "plots", "--readme", readme], capsys)
     assert code == 0, err
     text = readme.read_text()
@@ -292,7 +293,7 @@ def test_readme_without_the_block_is_an_error(two_norms, tmp_path, capsys):
     history, _ = two_norms
     readme = tmp_path / "README.md"
     readme.write_text("# no markers here\n")
-    code, out, err = run_main(["--history-dir", history, "--plots-dir",
+    code, _out, err = run_main(["--history-dir", history, "--plots-dir",
                                tmp_path / "plots", "--readme", readme], capsys)
     assert code == 1
     assert err.startswith("plot.py: error:") and "README.md" in err
@@ -346,7 +347,7 @@ def test_table_leads_with_test_accuracy(tmp_path, capsys):
 
 def test_no_best_val_column_without_it(two_norms, tmp_path, capsys):
     history, _ = two_norms
-    code, out, err = run_main(
+    _code, out, _err = run_main(
         ["--history-dir", history, "--plots-dir", tmp_path / "plots"], capsys)
     assert header_of(out)[3:5] == ["test acc, last weights (%)",
                                    "best val acc (%)"]
@@ -483,7 +484,7 @@ def test_table_of_test_accuracy(tmp_path, capsys):
                          "50.00"], ["renorm", "i.i.d.", "40.00", "45.00"]]
     assert rows[1][2] == "30.00 ± 7.07"
     # The validation table is still there, after it.
-    header, by_line = sweep_table(out)
+    _header, by_line = sweep_table(out)
     assert by_line[("renorm", "i.i.d.")] == ["30.00 / 20.00"] * 2
 
 
@@ -594,7 +595,7 @@ def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
                               result={"test_accuracy": 0.3 + lr,
                                       "test_images": 10000})
     plots = tmp_path / "plots"
-    code, out, err = run_main(
+    code, _out, err = run_main(
         ["--history-dir", history, "--plots-dir", plots], capsys)
     assert code == 0 and err == ""
     runs = histories.load_runs(histories.history_paths([], history))
@@ -749,8 +750,8 @@ def test_microbatch_figure_and_tables(tmp_path, capsys):
                               MICRO[("batchnorm", 4, "pairs")])
     mean, half = report.t_interval(differences)
     assert lost[("batchnorm", "pairs")] == [
-        "128 → 4", f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] "
-        "(n=4)"]
+        "128 → 4", (f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] "
+                    "(n=4)")]
 
 
 def test_microbatch_study_groups_by_virtual_batch_and_sampling(tmp_path):

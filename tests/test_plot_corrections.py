@@ -310,7 +310,7 @@ def test_a_corrections_row_being_written_is_dropped(tmp_path, capsys):
     with open(history / "brn.corrections.csv", "a") as file:
         file.write("3,group1_block1_1_norm,0.1")
     plots = tmp_path / "plots"
-    code, out, err = run_main(["--history-dir", history, "--plots-dir",
+    code, _out, err = run_main(["--history-dir", history, "--plots-dir",
                                plots], capsys)
     assert code == 0
     (line,) = err.splitlines()

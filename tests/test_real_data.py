@@ -47,7 +47,7 @@ def run(script, *args):
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
         capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, KERAS_BACKEND="tensorflow"))
+        env=dict(os.environ, KERAS_BACKEND="tensorflow"), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

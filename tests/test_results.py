@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory):
 
 
 def prepared(data_dir, *flags):
-    config, options, _ = train.parse_args(["--norm", "renorm", *flags])
+    config, _options, _ = train.parse_args(["--norm", "renorm", *flags])
     return config, preprocessing.prepare(config, data_dir)
 
 

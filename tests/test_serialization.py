@@ -138,7 +138,8 @@ def build_model():
 
 
 def renorm_layers(model):
-    layers = [l for l in model.layers if isinstance(l, BatchRenormalization)]
+    layers = [layer for layer in model.layers
+              if isinstance(layer, BatchRenormalization)]
     assert len(layers) == 2
     return layers
 

@@ -276,8 +276,8 @@ def test_microbatch_plan_presets_and_skips(tmp_path, capsys):
     runs, skipped = sweep.plan(args)
     # Per seed: 2 V x 2 samplings x 2 norms, and keras-renorm at V = 128.
     assert len(runs) == len(preset["seeds"]) * 10
-    assert skipped == ["V 4, keras-renorm: it has no virtual batches "
-                       "(trained at V = 128 only)"]
+    assert skipped == [("V 4, keras-renorm: it has no virtual batches "
+                        "(trained at V = 128 only)")]
     for name, argv in runs:  # every run's flags parse
         config, _, _ = train.parse_args(argv)
         assert config["batch_size"] == 128 and config["name"] == name

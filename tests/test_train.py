@@ -66,7 +66,7 @@ def run_script(*args, **kwargs):
     """Runs `python train.py ARGS` in a subprocess."""
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-        capture_output=True, text=True, timeout=600, **kwargs)
+        capture_output=True, text=True, timeout=600, check=False, **kwargs)
 
 
 # ------------------------------------------------------------ flags, protocols
@@ -243,7 +243,8 @@ def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
         f"{name}.weights.h5", f"{name}.best.weights.h5", f"{name}.state.npz"])
     config, _, _ = train.parse_args(args)
     model = network.build_model(keras, config)
-    step = [l for l in model.layers if hasattr(l, "current_r_max")][0].step
+    step = next(layer for layer in model.layers
+                if hasattr(layer, "current_r_max")).step
     model.load_weights(weights / f"{name}.weights.h5")
     assert int(keras.ops.convert_to_numpy(step)) == 4  # 2 epochs of 2 steps
     best_epoch = max(rows, key=lambda r: float(r["val_accuracy"]))["epoch"]
@@ -573,7 +574,8 @@ def test_jit_compile_resolution(tmp_path, monkeypatch):
     assert runtime.cpu_has_avx512(avx512)
     assert runtime.cpu_has_avx512(tmp_path / "missing")  # unknown: XLA off
     for has_avx512 in (True, False):
-        monkeypatch.setattr(runtime, "cpu_has_avx512", lambda: has_avx512)
+        monkeypatch.setattr(runtime, "cpu_has_avx512",
+                            lambda has_avx512=has_avx512: has_avx512)
         tf_cpu = environment("tensorflow", "cpu")
         assert runtime.jit_compile("auto", tf_cpu) is (not has_avx512)
         assert runtime.jit_compile("on", tf_cpu) is True
@@ -689,8 +691,8 @@ def preprocessing_arrays(train_images):
     (1, 128, 1, "of the whole batch"),
     (4, 32, 1, "per device (groups of 32 = the per-device batch)"),
     (4, 128, 1, "of the whole batch, synchronized across the 4 devices"),
-    (4, None, 2, "of the whole batch, synchronized across the 4 devices of "
-     "the 2 processes"),
+    (4, None, 2, ("of the whole batch, synchronized across the 4 devices "
+                  "of the 2 processes")),
     (4, 32, 2, "per device (groups of 32 = the per-device batch)"),
 ])
 def test_statistics_in_the_record(devices, virtual, processes, statistics):
@@ -784,16 +786,16 @@ def test_virtual_batch_run_records_it_and_refuses_another_on_resume(
     import keras
 
     config, _, _ = train.parse_args(args)
-    layers = [l for l in network.build_model(keras, config).layers
-              if type(l).__name__ == "BatchRenormalization"]
-    assert layers and all(l.virtual_batch_size == 10 for l in layers)
+    layers = [layer for layer in network.build_model(keras, config).layers
+              if type(layer).__name__ == "BatchRenormalization"]
+    assert layers and all(layer.virtual_batch_size == 10 for layer in layers)
     # --resume keeps it: another V (or none) is refused in one line.
     assert run_main(args + ["--resume", "--epochs", "2",
                             "--virtual-batch-size", "20"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["train.py: error: --virtual-batch-size 20 differs from the "
-                   "saved configuration of run 'run' (10); leave it out to "
-                   "resume, or start a new run with another --name"]
+    assert err == [("train.py: error: --virtual-batch-size 20 differs from "
+                    "the saved configuration of run 'run' (10); leave it out "
+                    "to resume, or start a new run with another --name")]
     at = args.index("--virtual-batch-size")
     resumed = args[:at] + args[at + 2:]
     assert run_main(resumed + ["--resume", "--epochs", "2"]) == 0
