@@ -1,6 +1,6 @@
 # The project's two commands (see README.md):
 #   make run    set up .venv, train BN and BRN briefly on CIFAR-10 (CPU), plot
-#   make test   set up .venv, run the tests on every Keras backend
+#   make test   set up .venv, ruff check, run the tests on every Keras backend
 # and the reference runs behind README's results:
 #   make reference-cpu   WRN-16-2, 3200 training images, 10 epochs (CPU)
 #   make reference-gpu   WRN-16-4, all 50000 images, 100 epochs (GPU, JAX:
@@ -67,6 +67,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 test: setup
+	$(BIN)/ruff check .
 	@set -e; for backend in $(BACKENDS); do \
 	  echo "=== pytest, KERAS_BACKEND=$$backend"; \
 	  KERAS_BACKEND=$$backend $(BIN)/python -m pytest $(PYTEST_ARGS); \
