@@ -43,8 +43,12 @@ def names():
 def table_rows(text):
     """The rows of the batch-size table in timing.md, by (norm, sampling)."""
     part = text.split("Validation accuracy by batch size and sampling", 1)[1]
+    lines = part.splitlines()  # its first table only
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines))
+                if not lines[i].startswith("|")), len(lines))
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
-            for line in part.splitlines() if line.startswith("| ")]
+            for line in lines[start:end] if line.startswith("| ")]
     header = rows[0]
     return header, {(row[0], row[1]): dict(zip(header, row))
                     for row in rows[1:]}
