@@ -100,6 +100,7 @@ from experiment.cli import fail
 from experiment.signals import Interrupted
 from experiment.signals import interrupts_as_exceptions
 from experiment.signals import interrupts_deferred
+from experiment.startup import quiet_startup
 
 PROG = "train.py"
 
@@ -188,8 +189,10 @@ def run(config, options, explicit, argv, paths):
     if not resuming:  # a resumed run keeps the steps it started with
         protocols.resolve_schedule(config, steps)
 
-    # 3. Model and optimizer (Keras is imported only now: bad input fails fast).
-    import keras
+    # 3. Model and optimizer (Keras is imported only now: bad input fails fast;
+    # TensorFlow's start-up lines hidden).
+    with quiet_startup():
+        import keras
 
     hosts.connect(keras, processes)
     config["devices"] = runtime.resolve_devices(config["devices"], keras,

@@ -80,6 +80,7 @@ from experiment.cli import UsageError  # noqa: E402
 from experiment.cli import nonnegative_int  # noqa: E402
 from experiment.cli import positive_int  # noqa: E402
 from experiment.cli import steps_or_auto  # noqa: E402
+from experiment.startup import quiet_startup  # noqa: E402
 
 PROG = "bench.py"
 LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
@@ -256,7 +257,8 @@ def available_variants(keras, requested):
 
 def tf_keras():
     try:
-        import tf_keras as module
+        with quiet_startup():  # it imports TensorFlow, on any backend
+            import tf_keras as module
     except ImportError:
         return None
     return module
@@ -864,7 +866,9 @@ def measure(args, argv):
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
-    import keras
+
+    with quiet_startup():  # TensorFlow's start-up lines hidden
+        import keras
 
     if args.backend and keras.backend.backend() != args.backend:
         raise UsageError(f"--backend {args.backend}: Keras is already "

@@ -21,6 +21,7 @@ Nothing here imports Keras at import time but `network` and `device_data`
   runlock        one writer per run (a lock file)
   signals        SIGINT / SIGTERM during a run
   console        what train.py prints
+  startup        TensorFlow's C++ start-up lines kept off stderr
   histories      the histories read for analysis: runs, groups, provenance
                  checks, sweep points (plot.py)
   report         timing.md's tables and the figure titles (plot.py)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiment.startup import quiet_startup
+
 CLASSES = (
     "airplane",
     "automobile",
@@ -188,7 +190,8 @@ def read_batch(path):
 def download():
     """CIFAR-10 through `keras.datasets.cifar10` (downloads once, then cached)."""
     try:
-        import keras
+        with quiet_startup():  # TensorFlow's start-up lines hidden
+            import keras
 
         (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
     except Exception as error:  # offline, or a failed or partial download

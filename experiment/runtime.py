@@ -16,6 +16,7 @@ import numpy as np
 
 from experiment.cli import UsageError
 from experiment.signals import raise_if_interrupted
+from experiment.startup import quiet_startup
 
 INPUTS = ("auto", "host", "device")
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +205,8 @@ def keras_settings(keras, config):
     like tests)."""
     policy = keras.config.dtype_policy()
     keras.backend.clear_session()
-    keras.utils.set_random_seed(config["seed"])
+    with quiet_startup():  # it imports TensorFlow to seed it, on any backend
+        keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
     if config["devices"] > 1:
         # auto_shard_dataset: Keras would shard only a tf.data.Dataset (and

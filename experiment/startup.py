@@ -1,0 +1,67 @@
+"""TensorFlow's start-up lines kept off the terminal.
+
+Importing TensorFlow (Keras on its tensorflow backend, tf.keras, and
+`keras.utils.set_random_seed` on any backend) writes a few lines from C++
+straight to file descriptor 2: absl's banner, oneDNN's notice, the CPU
+feature guard. TensorFlow 2.21 prints the first two whatever
+TF_CPP_MIN_LOG_LEVEL says, so `quiet_startup` takes them out where the
+entry points first import Keras or TensorFlow. JAX, imported by Keras on
+every backend, sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset; a set value
+therefore says nothing of the user's wish, and only 0 (TensorFlow's: show
+everything) turns the filter off.
+"""
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+
+# The known start-up lines, matched from a line's start: absl's banner; the
+# INFO lines (absl's prefix `I<mmdd> <time> <thread> <file>:<line>] `) of
+# the two files that log at import; the CPU feature guard's second line.
+CHATTER = re.compile(
+    rb"WARNING: All log messages before absl::InitializeLog\(\) is called "
+    rb"are written to STDERR"
+    rb"|I\d{4} \S+ +\d+ (port|cpu_feature_guard)\.cc:\d+\] "
+    rb"|To enable the following instructions: .* rebuild TensorFlow with "
+    rb"the appropriate compiler flags")
+
+
+@contextlib.contextmanager
+def quiet_startup():
+    """Runs the block with file descriptor 2 sent to a temporary file, then
+    writes to stderr every captured line but TensorFlow's known start-up
+    lines (errors, warnings and tracebacks of the block are shown, after
+    it), and sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset, as JAX does
+    (TensorFlow's later INFO lines hidden, in child processes too); does
+    nothing where TF_CPP_MIN_LOG_LEVEL is 0: the user asked for them all."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() == "0":
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    sys.stderr.flush()
+    saved = capture = None
+    try:
+        saved = os.dup(2)
+        capture = tempfile.TemporaryFile()
+    except OSError:  # no stderr, or no temporary file: nothing is hidden
+        if saved is not None:
+            os.close(saved)
+    if capture is None:
+        yield
+        return
+    with capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().splitlines(True)
+                    if not CHATTER.match(line)]
+            if kept:
+                with open(2, "wb", closefd=False) as stderr:
+                    stderr.write(b"".join(kept))
