@@ -28,22 +28,34 @@ def load(history_dirs):
     runs = []
     for folder in history_dirs:
         for path in sorted(Path(folder).glob("*.json")):
-            config = json.loads(path.read_text())
-            csv_path = path.with_suffix(".csv")
-            if not config.get("train_mode_validation") or not (
-                    csv_path.is_file()):
-                continue
-            rows = read_rows(csv_path)
-            if not rows or len(rows) < config.get("epochs", 0):
-                continue  # unfinished
-            corrections = path.with_name(f"{path.stem}.corrections.csv")
-            runs.append({
-                "config": config, "rows": rows,
-                "corrections": read_rows(corrections)
-                if corrections.is_file() else [],
-                "test": 100 * (config.get("result") or {}).get(
-                    "test_accuracy", float("nan"))})
+            try:
+                run = load_run(path)
+            except (OSError, ValueError, KeyError, TypeError, csv.Error):
+                continue  # damaged: plot.py names it when it skips it
+            if run is not None:
+                runs.append(run)
     return runs
+
+
+def load_run(path):
+    """The run of the JSON `path`, or None where it has no training-mode
+    validation or has not finished."""
+    config = json.loads(path.read_text())
+    csv_path = path.with_suffix(".csv")
+    if not (isinstance(config, dict) and config.get("train_mode_validation")
+            and csv_path.is_file()):
+        return None
+    rows = read_rows(csv_path)
+    if not rows or len(rows) < config.get("epochs", 0):
+        return None  # unfinished
+    for row in rows:  # numbers, or the run is damaged
+        float(row["val_accuracy"]), float(row["val_accuracy_train_mode"])
+    corrections = path.with_name(f"{path.stem}.corrections.csv")
+    return {"config": config, "rows": rows,
+            "corrections": read_rows(corrections)
+            if corrections.is_file() else [],
+            "test": 100 * (config.get("result") or {}).get(
+                "test_accuracy", float("nan"))}
 
 
 def read_rows(path):
