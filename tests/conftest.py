@@ -1,4 +1,11 @@
-"""Shared pytest setup: the tests folder on sys.path, and small fixtures."""
+"""Shared pytest setup: the tests folder on sys.path, small fixtures, and
+the tests that run on one backend only.
+
+A test marked `backend_independent` checks something that does not depend
+on the Keras backend (plotting, run files, command-line errors, sampling):
+`make test` runs the suite once per backend, and such a test runs in the
+pass with KERAS_BACKEND=ONCE_BACKEND only (the fastest to start).
+"""
 
 import os
 import sys
@@ -6,6 +13,37 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ONCE_BACKEND = "jax"
+
+
+def _backend():
+    return os.environ.get("KERAS_BACKEND", "tensorflow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "backend_independent: checks no backend-specific "
+        f"behaviour; runs only with KERAS_BACKEND={ONCE_BACKEND}")
+
+
+def pytest_report_header(config):
+    if _backend() != ONCE_BACKEND:
+        return (f"backend-independent tests deselected (they run with "
+                f"KERAS_BACKEND={ONCE_BACKEND})")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if _backend() == ONCE_BACKEND:
+        return
+    kept, once = [], []
+    for item in items:
+        marked = item.get_closest_marker("backend_independent")
+        (once if marked else kept).append(item)
+    if once:
+        config.hook.pytest_deselected(items=once)
+        items[:] = kept
 
 
 @pytest.fixture
