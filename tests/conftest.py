@@ -46,6 +46,16 @@ def pytest_collection_modifyitems(config, items):
         items[:] = kept
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny CIFAR-10 folder (10 images of each class per training file, 4
+    per class in the test file), shared by every test that reads one."""
+    from fake_cifar import write_fake_cifar
+
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
+                            test_per_class=4)
+
+
 @pytest.fixture
 def restore_dtype_policy():
     """Restores the global Keras dtype policy after the test."""
