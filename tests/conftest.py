@@ -4,7 +4,8 @@ the tests that run on one backend only.
 A test marked `backend_independent` checks something that does not depend
 on the Keras backend (plotting, run files, command-line errors, sampling):
 `make test` runs the suite once per backend, and such a test runs in the
-pass with KERAS_BACKEND=ONCE_BACKEND only (the fastest to start).
+pass with KERAS_BACKEND=ONCE_BACKEND only (the one that trains the
+tests' tiny networks fastest on a CPU).
 """
 
 import os
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-ONCE_BACKEND = "jax"
+ONCE_BACKEND = "torch"
 
 
 def _backend():
