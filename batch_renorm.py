@@ -1032,24 +1032,27 @@ def _synchronized_moments(layer, x, mask):
 
 
 # ------------- the device a call computes on (each framework's own API)
+def cpu_has_avx512(cpuinfo="/proc/cpuinfo"):
+    """Whether the host CPU reports AVX-512 (Linux's `cpuinfo`), or None
+    where that cannot be read: each caller says what an unknown CPU gets."""
+    try:
+        with open(cpuinfo) as file:
+            flags = [line.split() for line in file if line.startswith("flags")]
+    except OSError:
+        return None
+    return any("avx512f" in words for words in flags)
+
+
 @functools.cache
 def _one_read_moments(device_type, cpuinfo="/proc/cpuinfo"):
     """Whether the portable path computes the statistics in one read
     (`E[x]`, `E[x^2]`, recomputed where they cancel) rather than two (the
     mean, then the mean squared deviation) on a device of `device_type`
     (`_device_type`). Two reads, as Keras's BatchNormalization, on anything
-    but a CPU: one read was measured on CPUs only. On a CPU, measured
-    (benchmarks/NOTES.md, attempts 7 and 10): one read faster on an
-    AVX2-only AMD EPYC (XLA's CPU reductions there), two reads on an
-    AVX-512 Intel Xeon; the host's `cpuinfo` (Linux) tells which."""
-    if device_type != "cpu":
-        return False
-    try:
-        with open(cpuinfo) as file:
-            flags = [line.split() for line in file if line.startswith("flags")]
-    except OSError:
-        return True
-    return not any("avx512f" in words for words in flags)
+    but a CPU, where one read was never measured to pay. On a CPU, one read
+    is faster with AVX2 only (XLA's CPU reductions there), two reads with
+    AVX-512 (docs/speed.md); an unknown CPU gets one read."""
+    return device_type == "cpu" and cpu_has_avx512(cpuinfo) is not True
 
 
 @functools.cache

@@ -1053,7 +1053,7 @@ def test_fast_path_matches_portable_path(shape):
 def test_formulation_follows_the_device(tmp_path):
     """Two reads on any device but a CPU, whatever the host's CPU; on a CPU,
     two reads with AVX-512 and one without (the host's cpuinfo)."""
-    from batch_renorm import _one_read_moments
+    from batch_renorm import _one_read_moments, cpu_has_avx512
 
     avx2 = tmp_path / "avx2"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
@@ -1063,6 +1063,9 @@ def test_formulation_follows_the_device(tmp_path):
     assert _one_read_moments("cpu", str(avx2))
     assert not _one_read_moments("cpu", str(avx512))
     assert _one_read_moments("cpu", missing)  # not Linux: as without AVX-512
+    assert cpu_has_avx512(str(avx512)) is True
+    assert cpu_has_avx512(str(avx2)) is False
+    assert cpu_has_avx512(missing) is None
     for device in ("gpu", "tpu", "mps"):
         for cpuinfo in (str(avx2), str(avx512), missing):
             assert not _one_read_moments(device, cpuinfo)
