@@ -203,10 +203,6 @@ def add_speed_flags(parser):
                        "normalization's statistics are float32 either way); "
                        "mixed_float16 trains with a dynamic loss scale "
                        "(Keras's LossScaleOptimizer) (default: float32)")
-    speed.add_argument("--mixed-precision",
-                       action=argparse.BooleanOptionalAction,
-                       help="the same as --precision mixed_float16 "
-                       "(--no-mixed-precision: float32)")
     speed.add_argument("--jit-compile", choices=("auto", "on", "off"),
                        help="XLA/JIT compilation; auto: for TensorFlow on a "
                        "CPU, on where the CPU lacks AVX-512 (measured faster "
@@ -309,10 +305,27 @@ def parse_args(argv, doc):
                   protocol=explicit.get("protocol", "seed"),
                   **protocols.RUN_DEFAULTS)
     config.update({k: v for k, v in explicit.items() if k in CONFIG_KEYS})
-    config["precision"] = precision(explicit, config["precision"])
     config["lr_milestones"] = list(config["lr_milestones"])
     if config["renorm_schedule"] is not None:
         config["renorm_schedule"] = list(config["renorm_schedule"])
+    check_config(config, explicit)
+    resolve_measurements(config, explicit)
+    options = argparse.Namespace(
+        resume=explicit.get("resume", False),
+        overwrite=explicit.get("overwrite", False),
+        data_dir=explicit.get("data_dir"),
+        history_dir=explicit.get("history_dir", Path("history")),
+        weights_dir=explicit.get("weights_dir", Path("weights")),
+        processes=hosts.from_environment(),
+    )
+    if options.resume and options.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    return config, options, explicit
+
+
+def check_config(config, explicit):
+    """Sets the run's sampling and name; refuses flags that contradict each
+    other or the backend."""
     classes = config["classes_per_batch"]
     if classes and "sampling" in explicit:
         raise UsageError(
@@ -350,18 +363,6 @@ def parse_args(argv, doc):
         raise UsageError(f"--input device needs one device, not --devices "
                          f"{config['devices']} (leave --input at auto or "
                          "host)")
-    resolve_measurements(config, explicit)
-    options = argparse.Namespace(
-        resume=explicit.get("resume", False),
-        overwrite=explicit.get("overwrite", False),
-        data_dir=explicit.get("data_dir"),
-        history_dir=explicit.get("history_dir", Path("history")),
-        weights_dir=explicit.get("weights_dir", Path("weights")),
-        processes=processes,
-    )
-    if options.resume and options.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    return config, options, explicit
 
 
 def resolve_measurements(config, explicit):
@@ -390,17 +391,3 @@ def check_pairs(config):
                 f"--sampling pairs needs an even {protocols.flag(key)}, not "
                 f"{config[key]} (every batch and normalization group is "
                 "made of pairs)")
-
-
-def precision(explicit, default):
-    """--precision, or its older spelling --mixed-precision (explicit then
-    too, for --resume's check)."""
-    if "mixed_precision" not in explicit:
-        return explicit.get("precision", default)
-    alias = "mixed_float16" if explicit.pop("mixed_precision") else "float32"
-    if explicit.setdefault("precision", alias) != alias:
-        raise UsageError(
-            f"--precision {explicit['precision']} contradicts "
-            f"--{'' if alias != 'float32' else 'no-'}mixed-precision "
-            f"({alias}); give one of them")
-    return alias

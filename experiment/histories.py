@@ -20,7 +20,6 @@ import pandas as pd
 
 from experiment import runfiles
 from experiment.protocols import CONFIG_KEYS
-from experiment.protocols import with_legacy_keys
 from experiment.protocols import NORMS
 
 PROG = "plot.py"  # the reader whose warnings these are
@@ -128,7 +127,7 @@ def settings(config):
     """A history's configuration, each key it lacks at its legacy value
     (`protocols.with_legacy_keys`: what --resume fills in; and
     `PLOT_LEGACY`)."""
-    return {**PLOT_LEGACY, **with_legacy_keys(config)}
+    return {**PLOT_LEGACY, **config}
 
 
 @dataclass

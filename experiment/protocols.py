@@ -128,15 +128,6 @@ CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 SAMPLINGS = ("iid", "pairs")  # --sampling; --classes-per-batch K is kK
 VAL_FROM = ("train", "test")
-# Keys that histories written before they existed lack, with the value that
-# those runs had (--resume fills them in; `precision` is derived from the
-# old `mixed_precision`, and `sampling` from `classes_per_batch`, see
-# `with_legacy_keys`).
-LEGACY_DEFAULTS = {"classes_per_batch": None, "renorm_schedule": None,
-                   "input": "host", "steps_per_execution": 1,
-                   "val_from": "test", "devices": 1,
-                   "virtual_batch_size": None, "track_corrections": False,
-                   "train_mode_validation": False}
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
 # What --resume may change in a run's saved configuration (the speed
 # settings: they do not change the math; data parallel devices compute the
@@ -233,7 +224,6 @@ def check_schedule(config):
 def resumed_config(config, saved, explicit):
     """The saved configuration, with the changes that --resume allows: the
     speed settings, and more --epochs (the saved number without the flag)."""
-    saved = with_legacy_keys(saved)
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:
         raise RuntimeError(
@@ -259,18 +249,6 @@ def resumed_config(config, saved, explicit):
             f"{saved['epochs']} epochs of run {config['name']!r}; with "
             "--resume, --epochs may only grow")
     return resumed
-
-
-def with_legacy_keys(record):
-    """A saved configuration with the keys that older histories lack, at
-    the values those runs had."""
-    record = {**LEGACY_DEFAULTS, **record}
-    if "sampling" not in record:
-        record["sampling"] = sampling_of(record["classes_per_batch"])
-    if "precision" not in record:
-        record["precision"] = ("mixed_float16" if record.get("mixed_precision")
-                               else "float32")
-    return record
 
 
 def schedule_warnings(config, steps_per_epoch):

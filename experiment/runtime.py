@@ -89,29 +89,15 @@ def cpu_name():
 def jit_compile(choice, environment):
     """--jit-compile: `auto` is Keras's choice, except for TensorFlow on a
     CPU (where Keras turns XLA off): XLA there where the CPU lacks AVX-512,
-    TensorFlow's own (oneDNN) kernels where it has it. Measured with
-    `bench.py --level jit` (benchmarks/NOTES.md): XLA took 0.87 (BN) and
-    0.93 (BRN) of the time per step on an AVX2-only EPYC, and 1.6 times it on
-    an AVX-512 Zen 4."""
+    TensorFlow's own (oneDNN) kernels where it has it or where its flags
+    cannot be read (docs/speed.md)."""
     if choice in ("on", "off"):
         return choice == "on"
     if (environment["backend"], environment["device_type"]) == (
             "tensorflow", "cpu"):
-        return not cpu_has_avx512()
+        from batch_renorm import cpu_has_avx512  # imports Keras: not before
+        return cpu_has_avx512() is False
     return "auto"
-
-
-def cpu_has_avx512(cpuinfo="/proc/cpuinfo"):
-    """Whether the CPU reports AVX-512 (Linux's /proc/cpuinfo; True where
-    that cannot be read, which keeps XLA off)."""
-    try:
-        with open(cpuinfo) as file:
-            for line in file:
-                if line.startswith("flags"):
-                    return "avx512f" in line.split()
-    except OSError:
-        pass
-    return True
 
 
 def resolve_input(choice, environment, devices=1):

@@ -159,11 +159,6 @@ def test_speed_flags_may_change_on_resume():
     saved = dict(config, input="host", steps_per_execution=1)
     resumed = protocols.resumed_config(config, saved, explicit)
     assert (resumed["input"], resumed["steps_per_execution"]) == ("device", 4)
-    legacy = {k: v for k, v in saved.items()
-              if k not in ("input", "steps_per_execution")}
-    assert protocols.LEGACY_DEFAULTS["input"] == "host"
-    assert protocols.LEGACY_DEFAULTS["steps_per_execution"] == 1
-    assert protocols.resumed_config(config, legacy, explicit)["input"] == "device"
 
 
 # ---------------------------------------------------------------- tiny runs

@@ -167,15 +167,10 @@ def test_precision_flags():
     assert config["precision"] == "float32"
     for flags, expected in [(["--precision", "mixed_bfloat16"],
                              "mixed_bfloat16"),
-                            (["--mixed-precision"], "mixed_float16"),
-                            (["--no-mixed-precision"], "float32"),
-                            (["--precision", "mixed_float16",
-                              "--mixed-precision"], "mixed_float16")]:
+                            (["--precision", "mixed_float16"],
+                             "mixed_float16")]:
         config, _, _ = train.parse_args(["--norm", "renorm", *flags])
         assert config["precision"] == expected, flags
-    with pytest.raises(UsageError, match="contradicts --mixed-precision"):
-        train.parse_args(["--norm", "renorm", "--precision", "float32",
-                          "--mixed-precision"])
     with pytest.raises(UsageError, match="invalid choice"):
         train.parse_args(["--norm", "renorm", "--precision", "float16"])
 
@@ -212,16 +207,6 @@ def test_float16_trains_with_a_loss_scale():
                       loss="sparse_categorical_crossentropy")
         assert not isinstance(model.optimizer,
                               keras.optimizers.LossScaleOptimizer)
-
-
-def test_a_history_from_before_precision_resumes_as_it_ran():
-    config, _, explicit = train.parse_args(["--norm", "renorm", "--resume"])
-    saved = dict(config, mixed_precision=True)
-    for key in ("precision", "val_from"):
-        del saved[key]
-    resumed = protocols.resumed_config(config, saved, explicit)
-    assert resumed["precision"] == "mixed_float16"
-    assert resumed["val_from"] == "test"  # what those runs did
 
 
 # ------------------------------------------------------------- provenance

@@ -94,7 +94,8 @@ def test_overrides():
     config, options, explicit = train.parse_args([
         "--norm", "keras-renorm", "--protocol", "wrn", "--epochs", "3",
         "--batch-size", "32", "--lr", "0.05", "--no-augment", "--depth", "10",
-        "--width", "2", "--seed", "7", "--mixed-precision", "--r-max", "2",
+        "--width", "2", "--seed", "7", "--precision", "mixed_float16",
+        "--r-max", "2",
         "--d-max", "1", "--warmup-steps", "10", "--r-max-steps", "20",
         "--d-max-steps", "30", "--lr-milestones", "1,2", "--dropout", "0.3",
         "--weight-decay", "0", "--val-size", "1000", "--train-size", "5000",
@@ -536,48 +537,42 @@ def test_non_iid_run_records_sampling_and_scaled_schedule(
         capsys.readouterr().err)
 
 
-def test_resume_a_history_from_before_the_sampling_keys():
-    """Histories written before --classes-per-batch and --renorm-schedule
-    existed lack their keys: they resume as i.i.d. runs with step flags."""
+def test_resume_checks_the_saved_configuration():
+    """--resume takes the saved configuration with more --epochs; one that
+    lacks a key is refused, naming it; a flag that differs from it too."""
     config, _, explicit = train.parse_args(
         ["--norm", "renorm", "--epochs", "5", "--name", "old"])
-    saved = {key: value for key, value in config.items()
-             if key not in ("classes_per_batch", "renorm_schedule")}
-    saved["epochs"] = 3
+    saved = dict(config, epochs=3)
     resumed = protocols.resumed_config(config, saved, explicit)
-    assert resumed["classes_per_batch"] is None
-    assert resumed["renorm_schedule"] is None
-    assert resumed["epochs"] == 5
-    del saved["warmup_steps"]
-    with pytest.raises(RuntimeError, match="lacks warmup_steps"):
+    assert resumed == dict(config, epochs=5)
+    del saved["warmup_steps"], saved["classes_per_batch"]
+    with pytest.raises(RuntimeError,
+                       match="lacks classes_per_batch, warmup_steps"):
         protocols.resumed_config(config, saved, explicit)
     config, _, explicit = train.parse_args(
         ["--norm", "renorm", "--name", "old", "--batch-size", "8",
          "--classes-per-batch", "2"])
-    saved.update(warmup_steps=5000, batch_size=8)
+    saved.update(warmup_steps=5000, batch_size=8, classes_per_batch=None)
     with pytest.raises(cli.UsageError,
                        match="--classes-per-batch 2 differs"):
         protocols.resumed_config(config, saved, explicit)
 
 
-def test_jit_compile_resolution(tmp_path, monkeypatch):
+def test_jit_compile_resolution(monkeypatch):
     """--jit-compile auto: XLA for TensorFlow on a CPU without AVX-512, not
-    with it (measured, benchmarks/NOTES.md), Keras's choice elsewhere."""
+    with it or where its flags cannot be read (docs/speed.md), Keras's
+    choice elsewhere. (batch_renorm.cpu_has_avx512 reads the flags:
+    test_batch_renorm.test_formulation_follows_the_device.)"""
+    import batch_renorm
+
     def environment(backend, device_type):
         return {"backend": backend, "device_type": device_type}
 
-    avx2 = tmp_path / "avx2"
-    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
-    avx512 = tmp_path / "avx512"
-    avx512.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
-    assert not runtime.cpu_has_avx512(avx2)
-    assert runtime.cpu_has_avx512(avx512)
-    assert runtime.cpu_has_avx512(tmp_path / "missing")  # unknown: XLA off
-    for has_avx512 in (True, False):
-        monkeypatch.setattr(runtime, "cpu_has_avx512",
+    for has_avx512, xla in ((True, False), (False, True), (None, False)):
+        monkeypatch.setattr(batch_renorm, "cpu_has_avx512",
                             lambda has_avx512=has_avx512: has_avx512)
         tf_cpu = environment("tensorflow", "cpu")
-        assert runtime.jit_compile("auto", tf_cpu) is (not has_avx512)
+        assert runtime.jit_compile("auto", tf_cpu) is xla
         assert runtime.jit_compile("on", tf_cpu) is True
         assert runtime.jit_compile("off", tf_cpu) is False
     for backend, device in [("tensorflow", "gpu"), ("jax", "cpu"),
@@ -724,16 +719,6 @@ def test_resume_keeps_the_virtual_batch_and_sampling():
     resumed = protocols.resumed_config(config, saved, explicit)
     assert (resumed["virtual_batch_size"], resumed["sampling"]) == (8,
                                                                     "pairs")
-    # A history from before both keys: the whole batch; its sampling from
-    # its classes_per_batch.
-    old = {k: v for k, v in saved.items()
-           if k not in ("virtual_batch_size", "sampling")}
-    resumed = protocols.resumed_config(config, old, explicit)
-    assert (resumed["virtual_batch_size"], resumed["sampling"]) == (None,
-                                                                    "iid")
-    resumed = protocols.resumed_config(config, dict(old, classes_per_batch=2,
-                                                    batch_size=8), explicit)
-    assert resumed["sampling"] == "k2"
 
 
 def test_pairs_run_records_its_sampling(data_dir, tmp_path, monkeypatch,
