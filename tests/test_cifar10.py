@@ -13,6 +13,8 @@ from experiment import sampling
 from experiment import cifar10
 from fake_cifar import write_fake_cifar
 
+pytestmark = pytest.mark.backend_independent
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

@@ -20,7 +20,6 @@ from experiment import loops
 from experiment import network
 from experiment import preprocessing
 import train
-from fake_cifar import write_fake_cifar
 from test_device_data import numbers
 from test_device_data import run_args
 from test_train import read_history
@@ -29,12 +28,6 @@ from test_train import without_timings
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
                                 reason="the JAX fast path")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import keras
 import numpy as np
 import pytest
 
-from fake_cifar import write_fake_cifar
 from test_train import one_error_line
 from test_train import run_script
 from test_train import tiny_args
@@ -26,12 +25,6 @@ FOUR_DEVICES = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT),
 only_on_jax = pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="a JAX subprocess with 4 devices; run once, on the jax pass")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 LAYER_STEPS = textwrap.dedent("""

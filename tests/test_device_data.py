@@ -20,19 +20,12 @@ from experiment import sampling
 from experiment import cifar10
 from experiment import device_data
 import train
-from fake_cifar import write_fake_cifar
 from test_train import (one_error_line, read_history, run_main, run_script,
                         tiny_args, without_timings)
 
 BACKEND = keras.backend.backend()
 # Keras's torch trainer runs one step per call (steps_per_execution 1 only).
 STEPS_PER_EXECUTION = 1 if BACKEND == "torch" else 3
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 # ------------------------------------------------------------------ batches
@@ -103,6 +96,7 @@ def test_augmented_device_batches_are_crops_and_flips():
 
 
 # ------------------------------------------------------------ train.py flags
+@pytest.mark.backend_independent
 def test_flags_and_their_resolution():
     config, _, _ = train.parse_args(["--norm", "renorm"])
     assert (config["input"], config["steps_per_execution"]) == ("auto", "auto")
@@ -136,6 +130,7 @@ def test_flags_and_their_resolution():
         resolve(3, environment("torch", "cpu"), 391)
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("flags, words", [
     (["--steps-per-execution", "0"], ["--steps-per-execution", "0"]),
     (["--steps-per-execution", "many"], ["--steps-per-execution", "many"]),
@@ -149,6 +144,7 @@ def test_bad_values(flags, words):
         assert word in line
 
 
+@pytest.mark.backend_independent
 def test_speed_flags_may_change_on_resume():
     """--input and --steps-per-execution do not change the math: --resume
     takes them from its command line; histories from before they existed

@@ -15,6 +15,8 @@ from experiment import protocols
 from experiment import runfiles
 from models.norms import SCHEDULE_ARGS
 
+pytestmark = pytest.mark.backend_independent
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ("train", "sweep", "plot")
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from experiment import hosts
 from experiment import sampling
-from fake_cifar import write_fake_cifar
 from test_train import one_error_line
 from test_train import tiny_args
 
@@ -28,12 +27,6 @@ only_on_jax = pytest.mark.skipif(
     keras.backend.backend() != "jax",
     reason="JAX subprocesses (jax.distributed); run once, on the jax pass")
 TIMEOUT = 300  # a process left alone waits for the others: never forever
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 def test_the_shares_of_the_processes_make_up_each_batch():

@@ -16,18 +16,11 @@ from experiment import preprocessing
 from experiment import protocols
 from experiment import runtime
 from experiment.cli import UsageError
-from fake_cifar import write_fake_cifar
 from test_train import read_history
 from test_train import run_main
 from test_train import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 def prepared(data_dir, *flags):
@@ -41,6 +34,7 @@ def image_keys(images):
 
 
 # ------------------------------------------------------------- validation
+@pytest.mark.backend_independent
 def test_validation_is_held_out_of_the_training_set(data_dir):
     config, arrays = prepared(data_dir, "--train-size", "200")
     assert config["val_from"] == "train"
@@ -57,6 +51,7 @@ def test_validation_is_held_out_of_the_training_set(data_dir):
     assert image_keys(other_seed.x_val) != image_keys(arrays.x_val)
 
 
+@pytest.mark.backend_independent
 def test_all_the_images_left_are_trained_on_by_default(data_dir):
     config, arrays = prepared(data_dir, "--val-size", "100")
     assert config["train_size"] == 400 and len(arrays.x_train) == 400
@@ -64,6 +59,7 @@ def test_all_the_images_left_are_trained_on_by_default(data_dir):
     assert len(image_keys(trained) | image_keys(arrays.x_val)) == 500
 
 
+@pytest.mark.backend_independent
 def test_validation_from_the_test_set_as_in_2017(data_dir):
     config, arrays = prepared(data_dir, "--val-from", "test", "--val-size",
                               "20")
@@ -74,6 +70,7 @@ def test_validation_from_the_test_set_as_in_2017(data_dir):
     assert config["val_size"] == 40 == len(arrays.x_val)
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("flags, words", [
     (["--val-size", "500"], "--val-size 500 is more than the 499 training"),
     (["--val-size", "41", "--val-from", "test"],
@@ -130,6 +127,7 @@ def schedule(epochs, steps, **overrides):
     return protocols.schedule_warnings(config, steps)
 
 
+@pytest.mark.backend_independent
 def test_schedule_warnings():
     # The seed protocol's full run: 39,100 steps, no warning.
     assert schedule(100, 391) == []
@@ -154,6 +152,7 @@ def test_schedule_warnings():
     assert schedule(2, 40, norm="batchnorm") == []
 
 
+@pytest.mark.backend_independent
 def test_a_short_run_says_it_trains_plain_bn(data_dir, tmp_path, capsys):
     assert run_main(tiny_args(data_dir, tmp_path)) == 0
     err = capsys.readouterr().err
@@ -162,6 +161,7 @@ def test_a_short_run_says_it_trains_plain_bn(data_dir, tmp_path, capsys):
 
 
 # -------------------------------------------------------------- precision
+@pytest.mark.backend_independent
 def test_precision_flags():
     config, _, _ = train.parse_args(["--norm", "renorm"])
     assert config["precision"] == "float32"
@@ -210,6 +210,7 @@ def test_float16_trains_with_a_loss_scale():
 
 
 # ------------------------------------------------------------- provenance
+@pytest.mark.backend_independent
 def test_provenance_is_recorded(data_dir, tmp_path):
     assert run_main(tiny_args(data_dir, tmp_path, "--name", "run")) == 0
     record = json.loads((tmp_path / "history" / "run.json").read_text())
@@ -224,6 +225,7 @@ def test_provenance_is_recorded(data_dir, tmp_path):
         assert isinstance(provenance["dirty"], bool)
 
 
+@pytest.mark.backend_independent
 def test_provenance_outside_git(monkeypatch):
     monkeypatch.setattr(runtime, "git", lambda *args: None)
     assert runtime.provenance({"versions": {"batch_renorm": "9"}}) == {

@@ -19,7 +19,6 @@ import pytest
 import train
 from experiment import runfiles
 from experiment import runtime
-from fake_cifar import write_fake_cifar
 from test_train import one_error_line
 from test_train import read_history
 from test_train import run_main
@@ -27,13 +26,9 @@ from test_train import run_script
 from test_train import tiny_args
 from test_train import without_timings
 
+pytestmark = pytest.mark.backend_independent
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 @pytest.fixture(scope="module")

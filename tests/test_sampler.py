@@ -9,6 +9,8 @@ import pytest
 
 from experiment import sampling
 
+pytestmark = pytest.mark.backend_independent
+
 
 
 def labels_with(counts, seed=0):

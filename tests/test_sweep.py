@@ -10,18 +10,13 @@ from experiment import protocols
 
 import sweep
 import train
-from fake_cifar import write_fake_cifar
+
+pytestmark = pytest.mark.backend_independent
 
 NORMS = ("batchnorm", "renorm")
 BATCH_SIZES = (10, 20)
 SCHEDULE = (0.25, 0.5, 0.75)  # the cpu preset's
 MOMENTUM_IMAGES = 320  # the cpu preset's
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 def sweep_args(data_dir, out, *extra):

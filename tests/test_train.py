@@ -23,19 +23,12 @@ from experiment import runtime
 from experiment import sampling
 
 import train
-from fake_cifar import write_fake_cifar
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["epoch", "seconds", "eval_seconds", "loss", "accuracy", "val_loss",
            "val_accuracy", "val_loss_train_mode", "val_accuracy_train_mode",
            "lr"]
 TIMINGS = ("seconds", "eval_seconds")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_fake_cifar(tmp_path_factory.mktemp("data"), per_class=10,
-                            test_per_class=4)
 
 
 def tiny_args(data_dir, out, *extra, norm="renorm"):
@@ -70,6 +63,7 @@ def run_script(*args, **kwargs):
 
 
 # ------------------------------------------------------------ flags, protocols
+@pytest.mark.backend_independent
 def test_protocols():
     config, _, _ = train.parse_args(["--norm", "renorm"])
     assert config["protocol"] == "seed"
@@ -90,6 +84,7 @@ def test_protocols():
                                      0.0008])
 
 
+@pytest.mark.backend_independent
 def test_overrides():
     config, options, explicit = train.parse_args([
         "--norm", "keras-renorm", "--protocol", "wrn", "--epochs", "3",
@@ -114,6 +109,7 @@ def test_overrides():
     assert set(config) == set(protocols.CONFIG_KEYS)
 
 
+@pytest.mark.backend_independent
 def test_help():
     result = run_script("--help")
     assert result.returncode == 0
@@ -133,18 +129,21 @@ def one_error_line(result):
     return lines[0]
 
 
+@pytest.mark.backend_independent
 def test_unknown_norm():
     result = run_script("--norm", "groupnorm")
     assert result.returncode == 2
     assert "groupnorm" in one_error_line(result)
 
 
+@pytest.mark.backend_independent
 def test_missing_norm():
     result = run_script("--epochs", "3")
     assert result.returncode == 2
     assert "--norm" in one_error_line(result)
 
 
+@pytest.mark.backend_independent
 def test_negative_epochs():
     result = run_script("--norm", "renorm", "--epochs", "-3")
     assert result.returncode == 2
@@ -152,6 +151,7 @@ def test_negative_epochs():
     assert "--epochs" in line and "-3" in line
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("flags, words", [
     (["--depth", "12"], ["--depth", "6N + 4"]),
     (["--lr", "0"], ["--lr"]),
@@ -168,6 +168,7 @@ def test_bad_flags(flags, words):
         assert word in str(error.value)
 
 
+@pytest.mark.backend_independent
 def test_missing_data_folder(tmp_path):
     result = run_script(*tiny_args(tmp_path / "nowhere", tmp_path))
     assert result.returncode == 1
@@ -175,6 +176,7 @@ def test_missing_data_folder(tmp_path):
     assert "nowhere" in line and "--data-dir" in line
 
 
+@pytest.mark.backend_independent
 def test_corrupt_batch_file(data_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -187,6 +189,7 @@ def test_corrupt_batch_file(data_dir, tmp_path):
     assert "data_batch_4" in one_error_line(result)
 
 
+@pytest.mark.backend_independent
 def test_unwritable_output_folder(data_dir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -197,6 +200,7 @@ def test_unwritable_output_folder(data_dir, tmp_path):
     assert "weights folder" in line and "a-file" in line
 
 
+@pytest.mark.backend_independent
 def test_train_size_too_large(data_dir, tmp_path, capsys):
     assert run_main(tiny_args(data_dir, tmp_path, "--train-size", "100000")) == 2
     assert "--train-size 100000" in capsys.readouterr().err
@@ -382,6 +386,7 @@ def test_train_mode_validation_and_corrections(data_dir, tmp_path):
     assert not (tmp_path / "history" / "bn.corrections.csv").exists()
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("flags, words", [
     (["--norm", "batchnorm", "--track-corrections"], "needs --norm renorm"),
     (["--norm", "renorm", "--train-mode-validation", "--devices", "2"],
@@ -393,6 +398,7 @@ def test_measurement_flags_refused(flags, words, monkeypatch):
         train.parse_args(flags)
 
 
+@pytest.mark.backend_independent
 def test_resume_repairs_the_history(data_dir, tmp_path, capsys):
     args = tiny_args(data_dir, tmp_path, "--epochs", "2", "--name", "run",
                      "--val-size", "20")
@@ -441,6 +447,7 @@ def test_sigint_in_a_subprocess(data_dir, tmp_path):
 
 
 # ------------------------------------------ non-i.i.d. batches, schedule
+@pytest.mark.backend_independent
 def test_classes_per_batch_and_renorm_schedule_flags():
     config, _, _ = train.parse_args(["--norm", "renorm"])
     assert config["classes_per_batch"] is None
@@ -459,6 +466,7 @@ def test_classes_per_batch_and_renorm_schedule_flags():
             resolved["r_max_steps"]) == (1564, 7429, 12121)
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("flags, words", [
     (["--classes-per-batch", "3"], ["--classes-per-batch 3", "divide",
                                     "--batch-size 128"]),
@@ -480,6 +488,7 @@ def test_bad_sampling_and_schedule_flags(flags, words):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.backend_independent
 def test_too_many_classes_per_batch_for_the_data(data_dir, tmp_path, capsys):
     args = tiny_args(data_dir, tmp_path, "--classes-per-batch", "25",
                      "--batch-size", "50")
@@ -488,6 +497,7 @@ def test_too_many_classes_per_batch_for_the_data(data_dir, tmp_path, capsys):
     assert "--classes-per-batch 25 is more than the 10 classes" in err
 
 
+@pytest.mark.backend_independent
 def test_non_iid_run_records_sampling_and_scaled_schedule(
         data_dir, tmp_path, monkeypatch, capsys):
     seen = []
@@ -537,6 +547,7 @@ def test_non_iid_run_records_sampling_and_scaled_schedule(
         capsys.readouterr().err)
 
 
+@pytest.mark.backend_independent
 def test_resume_checks_the_saved_configuration():
     """--resume takes the saved configuration with more --epochs; one that
     lacks a key is refused, naming it; a flag that differs from it too."""
@@ -558,6 +569,7 @@ def test_resume_checks_the_saved_configuration():
         protocols.resumed_config(config, saved, explicit)
 
 
+@pytest.mark.backend_independent
 def test_jit_compile_resolution(monkeypatch):
     """--jit-compile auto: XLA for TensorFlow on a CPU without AVX-512, not
     with it or where its flags cannot be read (docs/speed.md), Keras's
@@ -583,6 +595,7 @@ def test_jit_compile_resolution(monkeypatch):
 
 
 # ------------------------------------------- virtual batches, pairs sampling
+@pytest.mark.backend_independent
 def test_virtual_batch_size_and_sampling_flags():
     config, _, _ = train.parse_args(["--norm", "renorm"])
     assert config["virtual_batch_size"] is None
@@ -605,6 +618,7 @@ def test_virtual_batch_size_and_sampling_flags():
     assert protocols.pairs_group(config) is None
 
 
+@pytest.mark.backend_independent
 def test_help_names_virtual_batches_and_sampling():
     result = run_script("--help")
     text = " ".join(result.stdout.split())
@@ -615,6 +629,7 @@ def test_help_names_virtual_batches_and_sampling():
         assert words in text, words
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("flags, words", [
     (["--virtual-batch-size", "0"], ["--virtual-batch-size",
                                      "positive integer"]),
@@ -644,6 +659,7 @@ def test_bad_virtual_batch_and_sampling_flags(flags, words):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.backend_independent
 def test_virtual_batch_must_divide_the_per_device_batch(monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     config, options, _ = train.parse_args(["--norm", "renorm", "--devices",
@@ -679,6 +695,7 @@ def preprocessing_arrays(train_images):
                                  y_val=np.zeros(1000), y_test=np.zeros(10000))
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("devices, virtual, processes, statistics", [
     (1, None, 1, "of the whole batch"),
     (4, None, 1, "of the whole batch, synchronized across the 4 devices"),
@@ -698,6 +715,7 @@ def test_statistics_in_the_record(devices, virtual, processes, statistics):
     assert record["per_process_batch"] == 128 // processes
 
 
+@pytest.mark.backend_independent
 def test_resume_keeps_the_virtual_batch_and_sampling():
     config, _, explicit = train.parse_args(
         ["--norm", "renorm", "--name", "run", "--virtual-batch-size", "4"])
@@ -721,6 +739,7 @@ def test_resume_keeps_the_virtual_batch_and_sampling():
                                                                     "pairs")
 
 
+@pytest.mark.backend_independent
 def test_pairs_run_records_its_sampling(data_dir, tmp_path, monkeypatch,
                                         capsys):
     seen = []
@@ -751,6 +770,7 @@ def test_pairs_run_records_its_sampling(data_dir, tmp_path, monkeypatch,
     assert list(read_history(tmp_path, name)[0]) == COLUMNS
 
 
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("norm", ["batchnorm", "renorm"])
 def test_virtual_batch_run_records_it_and_refuses_another_on_resume(
         data_dir, tmp_path, capsys, norm):
