@@ -27,28 +27,39 @@ __all__ = [
     "convert_to_renorm",
     "has_fast_path",
     "renorm_bounds",
+    "renorm_ramp",
 ]
 __version__ = "0.1.0"
 
 
-def renorm_bounds(step, r_max, d_max, warmup_steps, r_max_steps, d_max_steps):
-    """The clipping bounds `(r_max(k), d_max(k))` used at training step `k`.
+def renorm_ramp(step, warmup_steps, ramp_end, clip=None):
+    """How far a bound has relaxed at training step `k`: `t(k) = 0` for
+    `k < warmup_steps`, else `min(1, (k - warmup_steps) / (ramp_end -
+    warmup_steps))`, and `t = 1` from the warm-up's end where `ramp_end <=
+    warmup_steps`. `step` is a whole number, as a Python number or a tensor;
+    `clip(value, low, high)` clips one of its kind (default `ops.clip`,
+    which makes `t` a float32 tensor)."""
+    if clip is None:
+        step, clip = ops.cast(step, "float32"), ops.clip
+    span = ramp_end - warmup_steps
+    # With no span, (k - warmup_steps + 1) clips to 0 before, 1 from the end
+    # of the warm-up.
+    return clip((step - warmup_steps + (span <= 0)) / max(span, 1), 0.0, 1.0)
 
-    `t(k) = 0` for `k < warmup_steps`, else
-    `min(1, (k - warmup_steps) / (steps - warmup_steps))`, and `t = 1` where
-    `steps <= warmup_steps`; then `r_max(k) = 1 + (r_max - 1) * t_r(k)` and
-    `d_max(k) = d_max * t_d(k)`. `step` may be a Python number or a tensor;
-    with a tensor the bounds are float32 tensors.
+
+def renorm_bounds(step, r_max, d_max, warmup_steps, r_max_steps, d_max_steps,
+                  clip=None):
+    """The clipping bounds `(r_max(k), d_max(k))` used at training step `k`:
+    `r_max(k) = 1 + (r_max - 1) * t_r(k)` and `d_max(k) = d_max * t_d(k)`,
+    with `t_r`, `t_d` the ramps (`renorm_ramp`) that end at `r_max_steps`
+    and `d_max_steps`. `step` may be a Python number or a tensor (`clip` as
+    in `renorm_ramp`; by default the bounds are float32 tensors).
     """
-    step = ops.cast(step, "float32")
-
-    def ramp(ramp_end):
-        if ramp_end <= warmup_steps:
-            return ops.where(step < warmup_steps, 0.0, 1.0)
-        progress = (step - warmup_steps) / float(ramp_end - warmup_steps)
-        return ops.clip(progress, 0.0, 1.0)
-
-    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+    if clip is None:
+        step, clip = ops.cast(step, "float32"), ops.clip
+    return (1.0 + (r_max - 1.0) * renorm_ramp(step, warmup_steps, r_max_steps,
+                                              clip),
+            d_max * renorm_ramp(step, warmup_steps, d_max_steps, clip))
 
 
 # Backends with a fused batch norm kernel that the layer uses in training.
@@ -717,42 +728,30 @@ class BatchRenormalization(keras.layers.Layer):
         def broadcast(values):
             return ops.reshape(values, per_group)
 
-        if selected is None:
-            mean = ops.mean(grouped, axis=axes)
-            variance = ops.mean(
-                ops.square(grouped - broadcast(mean)), axis=axes)
-            nonempty = None
-        else:
-            # Masked and padded positions enter the sums as zeros, selected
-            # (not multiplied by 0: a NaN or inf there would make 0 * x NaN).
-            positions = ops.sum(ops.cast(ops.broadcast_to(
-                selected, ops.shape(grouped)), dtype), axis=axes)
-            count = ops.maximum(positions, 1.0)
-            mean = ops.sum(ops.where(selected, grouped, 0.0), axes) / count
-            squares = ops.where(
-                selected, ops.square(grouped - broadcast(mean)), 0.0)
-            variance = ops.sum(squares, axes) / count
+        mean, variance, positions = _selected_moments(grouped, selected, axes)
+        mean, variance = ops.squeeze(mean, axes), ops.squeeze(variance, axes)
+        weights = None  # of the groups: equal
+        if selected is not None:
             # The mean over the groups that hold data; over all of them
             # where none does (as a wholly masked batch without groups).
-            nonempty = ops.cast(positions > 0, dtype)
+            nonempty = ops.cast(ops.squeeze(positions, axes) > 0, dtype)
             total = ops.sum(nonempty, axis=0)
             weights = ops.where(
                 total > 0, nonempty / ops.maximum(total, 1.0),
                 1.0 / ops.cast(ops.shape(nonempty)[0], dtype))
         stddev = ops.sqrt(variance + self.epsilon)
-        r, d = self._corrections(
-            mean, stddev, dtype, None if nonempty is None else weights)
+        r, d = self._corrections(mean, stddev, dtype, weights)
         a = gamma * r / stddev
         (b,) = self._once_per_channel(gamma * d + beta - mean * a)
         outputs = grouped * broadcast(a) + broadcast(b)
         outputs = ops.reshape(outputs, (-1,) + rest)
         if padded:
             outputs = outputs[:n]
-        if nonempty is None:
+        if weights is None:
             self._update_state(mean, stddev)
-            return outputs
-        self._update_state(ops.sum(mean * weights, axis=0),
-                           ops.sum(stddev * weights, axis=0))
+        else:
+            self._update_state(ops.sum(mean * weights, axis=0),
+                               ops.sum(stddev * weights, axis=0))
         return outputs
 
     def _static_bounds(self):
@@ -910,15 +909,8 @@ class BatchRenormalization(keras.layers.Layer):
                 scaled_square - ops.stop_gradient(scaled_square)
             ) / _SQUARE_SCALE - 2.0 * mean_constant * (mean - mean_constant)
             return mean, exact + carrier
-        # Masked positions enter the sums as zeros, selected (not multiplied
-        # by 0): a NaN or inf there would make 0 * x NaN.
-        mask = ops.broadcast_to(ops.expand_dims(mask, axis=-1), ops.shape(x))
-        mask = ops.cast(mask, "bool")
-        count = ops.sum(ops.cast(mask, x.dtype), axes, keepdims=True)
-        count = ops.maximum(count, 1.0)
-        mean = ops.sum(ops.where(mask, x, 0.0), axes, keepdims=True) / count
-        squares = ops.where(mask, ops.square(x - mean), 0.0)
-        variance = ops.sum(squares, axes, keepdims=True) / count
+        selected = ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
+        mean, variance, _ = _selected_moments(x, selected, axes)
         return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
 
     def get_config(self):
@@ -1009,26 +1001,44 @@ def _synchronized_moments(layer, x, mask):
     import tensorflow as tf
 
     context = _replica_context()
-    axes = layer._reduction_axes
-    total = tf.distribute.ReduceOp.SUM
-    if mask is None:
-        # Every position counts: no selection pass over x.
-        count = tf.cast(tf.size(x) // tf.shape(x)[layer.axis], x.dtype)
-        count = tf.fill(tf.shape(layer.moving_mean), count)
-        sums = tf.reduce_sum(x, axes)
-    else:
-        selected = tf.broadcast_to(
-            tf.cast(mask, "bool")[..., None], tf.shape(x))
-        count = tf.reduce_sum(tf.cast(selected, x.dtype), axes)
-        sums = tf.reduce_sum(tf.where(selected, x, 0.0), axes)
-    count, sums = context.all_reduce(total, [count, sums])
-    count = tf.maximum(count, 1.0)
-    mean = sums / count
-    squares = tf.square(x - layer._broadcast(mean, x))
+    selected = None
     if mask is not None:
-        squares = tf.where(selected, squares, 0.0)
-    variance = context.all_reduce(total, tf.reduce_sum(squares, axes)) / count
-    return mean, variance
+        selected = ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
+    axes = layer._reduction_axes
+    mean, variance, _ = _selected_moments(
+        x, selected, axes, all_reduce=lambda values: context.all_reduce(
+            tf.distribute.ReduceOp.SUM, values))
+    return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
+
+
+def _selected_moments(x, selected, axes, all_reduce=None):
+    """The mean and biased variance of `x` over `axes` (kept, of size 1),
+    around the mean, and the number of positions, counting the positions
+    where `selected` (boolean, broadcast against `x`) holds; `None`: all of
+    them, and no count without `all_reduce`. `all_reduce` sums a list of
+    tensors across replicas: the moments of the global batch, the variance
+    in a second round. Positions left out enter the sums as zeros, chosen
+    (not multiplied by 0: a NaN or inf there would make 0 * x NaN); none
+    selected gives 0 and 0."""
+    if selected is None and all_reduce is None:
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        return mean, ops.mean(ops.square(x - mean), axes, keepdims=True), None
+    reduce = all_reduce or (lambda values: values)
+    if selected is None:  # no selection pass over x
+        sums = ops.sum(x, axes, keepdims=True)
+        count = ops.cast(ops.size(x) // ops.size(sums), x.dtype)
+        count = ops.broadcast_to(count, ops.shape(sums))
+    else:
+        selected = ops.broadcast_to(selected, ops.shape(x))
+        count = ops.sum(ops.cast(selected, x.dtype), axes, keepdims=True)
+        sums = ops.sum(ops.where(selected, x, 0.0), axes, keepdims=True)
+    count, sums = reduce([count, sums])
+    mean = sums / ops.maximum(count, 1.0)
+    squares = ops.square(x - mean)
+    if selected is not None:
+        squares = ops.where(selected, squares, 0.0)
+    (squares,) = reduce([ops.sum(squares, axes, keepdims=True)])
+    return mean, squares / ops.maximum(count, 1.0), count
 
 
 # ------------- the device a call computes on (each framework's own API)
@@ -1255,20 +1265,14 @@ def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
     step = layer.step.value
     r_max, d_max = layer._static_bounds()
     if r_max is None or d_max is None:
-        k = step.to(torch.float32)
-
-        def ramp(ramp_end):
-            if ramp_end <= layer.warmup_steps:
-                return (k >= layer.warmup_steps).to(torch.float32)
-            span = float(ramp_end - layer.warmup_steps)
-            return ((k - layer.warmup_steps) / span).clamp_(0.0, 1.0)
-
+        scheduled = renorm_bounds(
+            step.to(torch.float32), layer.r_max, layer.d_max,
+            layer.warmup_steps, layer.r_max_steps, layer.d_max_steps,
+            clip=torch.clamp)
         if r_max is None:
-            r_max = (ramp(layer.r_max_steps) * (layer.r_max - 1.0) + 1.0).to(
-                batch_mean.dtype)
+            r_max = scheduled[0].to(batch_mean.dtype)
         if d_max is None:
-            d_max = (ramp(layer.d_max_steps) * layer.d_max).to(
-                batch_mean.dtype)
+            d_max = scheduled[1].to(batch_mean.dtype)
     r = batch_stddev / moving_stddev
     if layer.track_corrections:  # before the clipping below, in place
         r_clipped = (r < 1.0 / r_max) | (r > r_max)

@@ -290,11 +290,12 @@ def schedule_warnings(config, steps_per_epoch):
 
 def ramp_progress(config, ramp, total):
     """How far (0 to 1) a bound's linear ramp (`ramp`: r_max_steps or
-    d_max_steps) has gone after `total` steps (BatchRenormalization's rule)."""
-    start, end = config["warmup_steps"], config[ramp]
-    if total < start:
-        return 0.0
-    return 1.0 if end <= start else min(1.0, (total - start) / (end - start))
+    d_max_steps) has gone after `total` steps (the layer's `renorm_ramp`)."""
+    from batch_renorm import renorm_ramp  # imports Keras: only train.py's
+
+    return renorm_ramp(total, config["warmup_steps"], config[ramp],
+                       clip=lambda value, low, high: min(max(value, low),
+                                                         high))
 
 
 def protocols_table():

@@ -516,6 +516,10 @@ def test_bounds_follow_schedule(schedule):
         expected = schedule_bounds(k, *args)
         assert_close(to_numpy(layer.bounds(k)), expected, 1e-6, 1e-7)
         assert_close(to_numpy(renorm_bounds(k, *args)), expected, 1e-6, 1e-7)
+        # Plain numbers with a plain clip: what train.py's warnings use.
+        plain = renorm_bounds(k, *args, clip=lambda v, lo, hi: min(max(v, lo),
+                                                                   hi))
+        assert_close(plain, expected, 1e-12, 0)
         tensor_bounds = renorm_bounds(ops.convert_to_tensor(k), *args)
         assert all(
             keras.backend.standardize_dtype(b.dtype) == "float32"
