@@ -62,20 +62,6 @@ def renorm_bounds(step, r_max, d_max, warmup_steps, r_max_steps, d_max_steps,
             d_max * renorm_ramp(step, warmup_steps, d_max_steps, clip))
 
 
-# Backends with a fused batch norm kernel that the layer uses in training.
-_FAST_PATH_BACKENDS = ("tensorflow", "torch")
-
-
-def has_fast_path():
-    """Whether the current Keras backend has a fused kernel that
-    `BatchRenormalization` uses in training: TensorFlow's fused batch norm,
-    PyTorch's batch_norm.
-
-    On JAX the layer's `keras.ops` path is the fast one: XLA fuses it (see
-    `benchmarks/NOTES.md`)."""
-    return keras.backend.backend() in _FAST_PATH_BACKENDS
-
-
 # One-read variances lose at most log10 of this of float32's digits; beyond,
 # the variance is computed again around the mean (`_moments`).
 _CANCELLATION_LIMIT = 1e3
@@ -822,8 +808,7 @@ class BatchRenormalization(keras.layers.Layer):
         step counter). XLA:CPU copies cheap per-channel arithmetic (the
         clipping of r and d, the bounds from the step, `gamma d + beta - mu_B
         a`) into every loop over `x` that reads its result, recomputing it
-        for each element of each loop; it never copies a division. Measured
-        in benchmarks/NOTES.md (attempt 11)."""
+        for each element of each loop; it never copies a division."""
         one = ops.cast(self.step >= 0, values[0].dtype)
         return tuple(value / one for value in values)
 
@@ -1095,6 +1080,19 @@ def _device_type(x=None):
 
 
 # --------------------------------- fast path: TensorFlow's and PyTorch's kernels
+# Backends with a fused batch norm kernel that the layer uses in training.
+_FAST_PATH_BACKENDS = ("tensorflow", "torch")
+
+
+def has_fast_path():
+    """Whether the current Keras backend has a fused kernel that
+    `BatchRenormalization` uses in training: TensorFlow's fused batch norm,
+    PyTorch's batch_norm.
+
+    On JAX the layer's `keras.ops` path is the fast one: XLA fuses it."""
+    return keras.backend.backend() in _FAST_PATH_BACKENDS
+
+
 def _fused_training_call(layer, x, gamma, beta, dtype, groups=1):
     """Algorithm 1's training call on NHWC `x` with the backend's fused batch
     norm kernel; the same numbers as the portable path, up to rounding.
@@ -1107,8 +1105,8 @@ def _fused_training_call(layer, x, gamma, beta, dtype, groups=1):
 
     With `groups > 1` (virtual batches of `N / groups`) the tensor is copied
     so that each (group, channel) is one channel of the kernel: the copy and
-    the kernel measured faster than the portable path's per-group
-    reductions (benchmarks/NOTES.md, virtual batches). Statistics come back
+    the kernel cost less than the portable path's per-group reductions
+    (docs/speed.md). Statistics come back
     as `(groups, channels)`; the moving statistics move towards their mean
     over groups.
     """
@@ -1120,7 +1118,7 @@ def _fused_training_call(layer, x, gamma, beta, dtype, groups=1):
 def _tensorflow_under_xla():
     """Whether TensorFlow is tracing for XLA (`jit_compile=True`). XLA lowers
     the fused kernels into its own ops, and there the portable path, which
-    it fuses, measured faster (benchmarks/NOTES.md, attempt 8)."""
+    it fuses, is the faster (docs/speed.md)."""
     if keras.backend.backend() != "tensorflow":
         return False
     try:
@@ -1215,8 +1213,7 @@ def _torch_training_call(layer, x, gamma, beta, dtype, groups=1):
     `y = x_hat * (gamma * r) + (gamma * d + beta)` in place, differentiated
     as one batch norm with that scale and offset (`_torch_affine_of_fused`).
     The kernel's statistics feed `r`, `d` and the moving averages: no
-    separate statistics pass (`var_mean`, the previous version's, measured
-    slower than the whole kernel on an AVX-512 Xeon; benchmarks/NOTES.md).
+    separate statistics pass.
     Groups: the kernel on a copy shaped `(V, groups * C, H, W)`."""
     import torch
 
@@ -1255,9 +1252,8 @@ def _torch_training_call(layer, x, gamma, beta, dtype, groups=1):
 def _torch_corrections_and_update(layer, batch_mean, batch_stddev):
     """`layer._corrections` and `layer._update_state` in torch ops (under
     no_grad; statistics `(channels,)`, or `(groups, channels)` with the
-    update towards their mean over groups): the same arithmetic, in a tenth of the time of the keras.ops
-    calls, whose per-call overhead (tens of microseconds each) showed in the
-    profile of small batches (benchmarks/NOTES.md, attempt 9)."""
+    update towards their mean over groups): the same arithmetic without
+    the per-call overhead of keras.ops, which shows on small batches."""
     import torch
 
     moving_mean = layer.moving_mean.value.to(batch_mean.dtype)

@@ -18,7 +18,7 @@ batch in the same program).
 
 On a CPU the steps are unrolled (the program is the N steps one after the
 other): XLA:CPU runs the weight gradient of a convolution inside a loop
-about 25 times slower than outside one (benchmarks/NOTES.md). Elsewhere the
+many times slower than outside one (docs/speed.md). Elsewhere the
 program is one loop around the whole step.
 """
 

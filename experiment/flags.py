@@ -205,8 +205,8 @@ def add_speed_flags(parser):
                        "(Keras's LossScaleOptimizer) (default: float32)")
     speed.add_argument("--jit-compile", choices=("auto", "on", "off"),
                        help="XLA/JIT compilation; auto: for TensorFlow on a "
-                       "CPU, on where the CPU lacks AVX-512 (measured faster "
-                       "there, slower with it), else Keras's choice "
+                       "CPU, on where the CPU lacks AVX-512 (faster there, "
+                       "slower with it), else Keras's choice "
                        "(default: auto)")
     speed.add_argument("--devices", type=devices_or_all, metavar="N",
                        help="data-parallel training on N local devices "

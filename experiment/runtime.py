@@ -105,8 +105,8 @@ def resolve_input(choice, environment, devices=1):
     spares the host loop the pixel work and the copies, and `host` on a CPU,
     where the device is the host and NumPy is as fast, and with TensorFlow,
     whose Keras trainer feeds a generator through tf.data.from_generator:
-    that copies every device batch back to the host (measured slower on a
-    CPU; benchmarks/NOTES.md); `host` for data parallel training (Keras
+    that copies every device batch back to the host (slower on a CPU,
+    docs/speed.md); `host` for data parallel training (Keras
     splits host batches across the devices)."""
     if choice == "device" and devices > 1:  # --devices all, resolved
         raise UsageError(f"--input device needs one device, not --devices "
