@@ -50,7 +50,8 @@ def build_parser(doc):
     )
     for add_flags in (add_run_flags, add_data_flags, add_model_flags,
                       add_optimization_flags, add_norm_flags,
-                      add_speed_flags, add_output_flags):
+                      add_measurement_flags, add_speed_flags,
+                      add_output_flags):
         add_flags(parser)
     return parser
 
@@ -195,6 +196,48 @@ def add_norm_flags(parser):
                       "as first resolved, even if --epochs grows)")
 
 
+def add_measurement_flags(parser):
+    """Settings that change what a run computes or records (--resume keeps
+    them), unlike the speed settings."""
+    study = parser.add_argument_group("virtual batches and measurements "
+                                      "(--resume keeps them)")
+    study.add_argument("--virtual-batch-size", type=positive_int,
+                       metavar="V",
+                       help="in training, each normalization "
+                       "layer normalizes every group of V consecutive "
+                       "examples of a batch with the group's own statistics "
+                       "(ghost batch normalization; the epoch's last N mod V "
+                       "examples are a smaller group; the moving statistics "
+                       "take the mean over the groups, once a step); "
+                       "inference is unchanged. renorm: "
+                       "BatchRenormalization(virtual_batch_size=V), r and d "
+                       "per group. batchnorm: Keras's BatchNormalization has "
+                       "no virtual batches, so this is BatchRenormalization "
+                       "with r_max 1, d_max 0 and no schedule (exactly batch "
+                       "normalization of each group), with the same momentum "
+                       "and epsilon. keras-renorm: refused. At most "
+                       "--batch-size; with --devices N, V must divide the "
+                       "per-device batch (no group straddles two devices) "
+                       "(default: none, the whole batch)")
+    study.add_argument("--track-corrections",
+                       action=argparse.BooleanOptionalAction,
+                       help="renorm's layers accumulate, inside each training "
+                       "step, how far r and d are from 1 and 0 and how "
+                       "often they are clipped; written per epoch and layer "
+                       "to HISTORY_DIR/NAME.corrections.csv (default: on for "
+                       "renorm)")
+    study.add_argument("--train-mode-validation",
+                       action=argparse.BooleanOptionalAction,
+                       help="after each epoch, the validation images once "
+                       "more with the normalization layers in training mode "
+                       "(batch statistics, in batches and groups drawn like "
+                       "the training batches, no state changed; dropout "
+                       "off): columns val_loss_train_mode and "
+                       "val_accuracy_train_mode, whose gap to val_loss and "
+                       "val_accuracy is the one between training and "
+                       "inference outputs (default: on with one device)")
+
+
 def add_speed_flags(parser):
     speed = parser.add_argument_group("speed")
     speed.add_argument("--precision", choices=PRECISIONS,
@@ -222,44 +265,6 @@ def add_speed_flags(parser):
                        "command on each, with the variables of "
                        "keras.distribution.initialize (README), and "
                        "--devices all (default: 1)")
-    speed.add_argument("--virtual-batch-size", type=positive_int,
-                       metavar="V",
-                       help="not a speed setting (it changes the math; "
-                       "--resume keeps it): in training, each normalization "
-                       "layer normalizes every group of V consecutive "
-                       "examples of a batch with the group's own statistics "
-                       "(ghost batch normalization; the epoch's last N mod V "
-                       "examples are a smaller group; the moving statistics "
-                       "take the mean over the groups, once a step); "
-                       "inference is unchanged. renorm: "
-                       "BatchRenormalization(virtual_batch_size=V), r and d "
-                       "per group. batchnorm: Keras's BatchNormalization has "
-                       "no virtual batches, so this is BatchRenormalization "
-                       "with r_max 1, d_max 0 and no schedule (exactly batch "
-                       "normalization of each group), with the same momentum "
-                       "and epsilon. keras-renorm: refused. At most "
-                       "--batch-size; with --devices N, V must divide the "
-                       "per-device batch (no group straddles two devices) "
-                       "(default: none, the whole batch)")
-    speed.add_argument("--track-corrections",
-                       action=argparse.BooleanOptionalAction,
-                       help="not a speed setting (--resume keeps it): "
-                       "renorm's layers accumulate, inside each training "
-                       "step, how far r and d are from 1 and 0 and how "
-                       "often they are clipped; written per epoch and layer "
-                       "to HISTORY_DIR/NAME.corrections.csv (default: on for "
-                       "renorm)")
-    speed.add_argument("--train-mode-validation",
-                       action=argparse.BooleanOptionalAction,
-                       help="after each epoch, the validation images once "
-                       "more with the normalization layers in training mode "
-                       "(batch statistics, in batches and groups drawn like "
-                       "the training batches, no state changed; dropout "
-                       "off): columns val_loss_train_mode and "
-                       "val_accuracy_train_mode, whose gap to val_loss and "
-                       "val_accuracy is the one between training and "
-                       "inference outputs (default: on with one device; "
-                       "--resume keeps it)")
     speed.add_argument("--eval-batch-size", type=positive_int, metavar="N",
                        help="batch size of evaluation (default: 500)")
     speed.add_argument("--input", choices=INPUTS,

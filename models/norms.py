@@ -54,23 +54,21 @@ def make_norm(
             step; `batchnorm` ignores them.
         warmup_steps, r_max_steps, d_max_steps: The schedule of `renorm`
             (see `BatchRenormalization`); the other two ignore them.
-        virtual_batch_size: None (the statistics of the whole batch) or a
-            positive int V: in training, each group of V consecutive
-            examples is normalized with its own statistics (ghost batch
-            normalization). `renorm` passes it to `BatchRenormalization`.
-            `batchnorm` with V is `BatchRenormalization` with `r_max=1`,
-            `d_max=0` and no schedule (so `r = 1`, `d = 0` at every step:
-            batch normalization of each group), since Keras's
-            `BatchNormalization` has no virtual batches; its moving
-            statistics are those of that layer (mean and standard deviation
-            averaged over the groups). `keras-renorm` has none: a V raises
-            ValueError.
+        virtual_batch_size: None (the whole batch) or V: in training, each
+            group of V consecutive examples is normalized with its own
+            statistics. `batchnorm` with V is `BatchRenormalization` with
+            `r_max=1`, `d_max=0` and no schedule (exactly batch
+            normalization of each group; Keras's layer has no virtual
+            batches); `keras-renorm` refuses it.
         **kwargs: Other arguments of both layers (`gamma_regularizer`,
             `beta_regularizer`, `name`, `dtype`, ...).
 
     Returns:
         A `keras.layers.Layer`.
     """
+    if norm not in NORMS:
+        raise ValueError(f"Unknown normalization {norm!r}; expected one of "
+                         f"{', '.join(NORMS)}")
     if norm == "keras-renorm" and virtual_batch_size is not None:
         raise ValueError(
             "keras-renorm (keras.layers.BatchNormalization(renorm=True)) has "
@@ -79,39 +77,19 @@ def make_norm(
     if norm == "batchnorm" and virtual_batch_size is not None:
         # Keras's BatchNormalization has no virtual batches; with r and d
         # clipped to 1 and 0 from the first step, ours is exactly BN.
-        return BatchRenormalization(
-            momentum=momentum, epsilon=epsilon, r_max=1.0, d_max=0.0,
-            warmup_steps=0, r_max_steps=0, d_max_steps=0,
-            virtual_batch_size=virtual_batch_size, **kwargs)
+        r_max, d_max, warmup_steps, r_max_steps, d_max_steps = 1.0, 0.0, 0, 0, 0
+        norm = "renorm"
     if norm == "batchnorm":
         return keras.layers.BatchNormalization(
-            momentum=momentum, epsilon=epsilon, **kwargs
-        )
+            momentum=momentum, epsilon=epsilon, **kwargs)
     if norm == "renorm":
         return BatchRenormalization(
-            momentum=momentum,
-            epsilon=epsilon,
-            r_max=r_max,
-            d_max=d_max,
-            warmup_steps=warmup_steps,
-            r_max_steps=r_max_steps,
-            d_max_steps=d_max_steps,
-            virtual_batch_size=virtual_batch_size,
-            **kwargs,
-        )
-    if norm == "keras-renorm":
-        return keras.layers.BatchNormalization(
-            momentum=momentum,
-            epsilon=epsilon,
-            renorm=True,
-            renorm_clipping={
-                "rmin": 1.0 / r_max,
-                "rmax": float(r_max),
-                "dmax": float(d_max),
-            },
-            renorm_momentum=momentum,
-            **kwargs,
-        )
-    raise ValueError(
-        f"Unknown normalization {norm!r}; expected one of {', '.join(NORMS)}"
-    )
+            momentum=momentum, epsilon=epsilon, r_max=r_max, d_max=d_max,
+            warmup_steps=warmup_steps, r_max_steps=r_max_steps,
+            d_max_steps=d_max_steps, virtual_batch_size=virtual_batch_size,
+            **kwargs)
+    return keras.layers.BatchNormalization(
+        momentum=momentum, epsilon=epsilon, renorm=True,
+        renorm_clipping={"rmin": 1.0 / r_max, "rmax": float(r_max),
+                         "dmax": float(d_max)},
+        renorm_momentum=momentum, **kwargs)

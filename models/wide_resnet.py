@@ -47,22 +47,44 @@ def wide_resnet(
             `epsilon`, `r_max`, `d_max`, `warmup_steps`, ...).
         dropout: Dropout rate between the two convolutions of each block
             (0 for none).
-        weight_decay: Weight decay `lambda` in the convention of the paper
-            and of SGD in Torch/PyTorch (each gradient gains `lambda * w`),
-            applied to every trainable weight (convolution and dense kernels,
-            dense bias, the normalizations' gamma and beta) as an L2 loss
+        weight_decay: `lambda` as in the paper and Torch's SGD (each gradient
+            gains `lambda * w`) on every trainable weight, as an L2 loss
             `lambda / 2 * sum(w ** 2)`. 0 for none.
         num_classes: Number of output classes.
         input_shape: Shape of one input image, channels last.
         name: Model name; default `"wrn-{depth}-{width}"`.
-        keras_api: The Keras module to build with: `keras` (Keras 3), or
-            `tf_keras` for the benchmarks' outside anchors (with `norm` a
-            function that makes tf_keras layers).
+        keras_api: `keras`, or `tf_keras` for the benchmarks' anchors (with
+            `norm` a function that makes tf_keras layers).
 
     Returns:
         A `keras.Model` from images to class probabilities (float32 softmax,
         also under a mixed precision policy).
     """
+    _check_arguments(depth, width, dropout, weight_decay)
+    layers = _Layers(keras_api, norm, norm_kwargs, weight_decay, dropout)
+    inputs = keras_api.Input(input_shape, name="images")
+    x = layers.conv(16, 3, 1, "stem_conv")(inputs)
+    for group, (filters, strides) in enumerate(
+        zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1
+    ):
+        for index in range(1, (depth - 4) // 6 + 1):
+            x = layers.block(x, filters, strides if index == 1 else 1,
+                             f"group{group}_block{index}")
+    x = layers.norm_relu(x, "head")
+    x = keras_api.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras_api.layers.Dense(
+        num_classes,
+        kernel_regularizer=layers.regularizer,
+        bias_regularizer=layers.regularizer,
+        name="logits",
+    )(x)
+    outputs = keras_api.layers.Activation(
+        "softmax", dtype="float32", name="probabilities"
+    )(x)
+    return keras_api.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")
+
+
+def _check_arguments(depth, width, dropout, weight_decay):
     if (
         isinstance(depth, bool)
         or not isinstance(depth, int)
@@ -79,69 +101,54 @@ def wide_resnet(
         raise ValueError(f"dropout must be in [0, 1); received {dropout!r}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0; received {weight_decay!r}")
-    blocks = (depth - 4) // 6
-    norm_kwargs = dict(norm_kwargs or {})
-    regularizer = keras_api.regularizers.L2(weight_decay / 2) if weight_decay else None
-    make = norm if callable(norm) else (
-        lambda **kwargs: make_norm(norm, **kwargs))
 
-    def conv(filters, size, strides, layer_name):
-        return keras_api.layers.Conv2D(
+
+class _Layers:
+    """The network's layers, made with one Keras API, one weight decay, one
+    kind of normalization and one dropout rate."""
+
+    def __init__(self, keras_api, norm, norm_kwargs, weight_decay, dropout):
+        self.api = keras_api
+        self.regularizer = (keras_api.regularizers.L2(weight_decay / 2)
+                            if weight_decay else None)
+        self.make_norm = norm if callable(norm) else (
+            lambda **kwargs: make_norm(norm, **kwargs))
+        self.norm_kwargs = dict(norm_kwargs or {})
+        self.dropout = dropout
+
+    def conv(self, filters, size, strides, layer_name):
+        return self.api.layers.Conv2D(
             filters,
             size,
             strides=strides,
             padding="same",
             use_bias=False,
             kernel_initializer="he_normal",
-            kernel_regularizer=regularizer,
+            kernel_regularizer=self.regularizer,
             name=layer_name,
         )
 
-    def norm_relu(x, layer_name):
-        x = make(
-            gamma_regularizer=regularizer,
-            beta_regularizer=regularizer,
+    def norm_relu(self, x, layer_name):
+        x = self.make_norm(
+            gamma_regularizer=self.regularizer,
+            beta_regularizer=self.regularizer,
             name=f"{layer_name}_norm",
-            **norm_kwargs,
+            **self.norm_kwargs,
         )(x)
-        return keras_api.layers.Activation("relu", name=f"{layer_name}_relu")(x)
+        return self.api.layers.Activation("relu", name=f"{layer_name}_relu")(x)
 
-    def block(x, filters, strides, layer_name):
-        preactivated = norm_relu(x, f"{layer_name}_1")
+    def block(self, x, filters, strides, layer_name):
+        preactivated = self.norm_relu(x, f"{layer_name}_1")
         if x.shape[-1] == filters and strides == 1:
             shortcut = x
         else:
-            shortcut = conv(filters, 1, strides, f"{layer_name}_shortcut")(
-                preactivated
-            )
-        y = conv(filters, 3, strides, f"{layer_name}_1_conv")(preactivated)
-        y = norm_relu(y, f"{layer_name}_2")
-        if dropout:
-            y = keras_api.layers.Dropout(dropout, name=f"{layer_name}_dropout")(y)
-        y = conv(filters, 3, 1, f"{layer_name}_2_conv")(y)
-        return keras_api.layers.Add(name=f"{layer_name}_add")([shortcut, y])
-
-    inputs = keras_api.Input(input_shape, name="images")
-    x = conv(16, 3, 1, "stem_conv")(inputs)
-    for group, (filters, strides) in enumerate(
-        zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1
-    ):
-        for index in range(1, blocks + 1):
-            x = block(
-                x,
-                filters,
-                strides if index == 1 else 1,
-                f"group{group}_block{index}",
-            )
-    x = norm_relu(x, "head")
-    x = keras_api.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras_api.layers.Dense(
-        num_classes,
-        kernel_regularizer=regularizer,
-        bias_regularizer=regularizer,
-        name="logits",
-    )(x)
-    outputs = keras_api.layers.Activation(
-        "softmax", dtype="float32", name="probabilities"
-    )(x)
-    return keras_api.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")
+            shortcut = self.conv(filters, 1, strides,
+                                 f"{layer_name}_shortcut")(preactivated)
+        y = self.conv(filters, 3, strides, f"{layer_name}_1_conv")(
+            preactivated)
+        y = self.norm_relu(y, f"{layer_name}_2")
+        if self.dropout:
+            y = self.api.layers.Dropout(self.dropout,
+                                        name=f"{layer_name}_dropout")(y)
+        y = self.conv(filters, 3, 1, f"{layer_name}_2_conv")(y)
+        return self.api.layers.Add(name=f"{layer_name}_add")([shortcut, y])
