@@ -192,14 +192,14 @@ def run(config, options, explicit, argv, paths):
     # 3. Model and optimizer (Keras is imported only now: bad input fails fast;
     # TensorFlow's start-up lines hidden).
     with quiet_startup():
-        import keras
+        import keras  # noqa: F401 (first here, quietly)
 
-    hosts.connect(keras, processes)
-    config["devices"] = runtime.resolve_devices(config["devices"], keras,
+    hosts.connect(processes)
+    config["devices"] = runtime.resolve_devices(config["devices"],
                                                 processes.count)
     preprocessing.check_devices(config, arrays)
-    with runtime.keras_settings(keras, config):
-        model, environment, loop = compile_model(keras, config, arrays,
+    with runtime.keras_settings(config):
+        model, environment, loop = compile_model(config, arrays,
                                                  steps)
         session = dict(started=runtime.now(),
                        command=console.command_line(argv),
@@ -231,7 +231,7 @@ def run(config, options, explicit, argv, paths):
                 note(f"warning: {warning}")
 
         # 5. Each epoch: training steps, validation, then a commit to disk.
-        loop = loops.make(loop, keras, model, config, arrays, steps,
+        loop = loops.make(loop, model, config, arrays, steps,
                           processes)
         best, best_weights, interrupted = train_epochs(
             loop, model, config, arrays, paths, header, start, best, rows,
@@ -278,18 +278,18 @@ def open_run(config, options, explicit, paths):
     return config, saved_config, resuming
 
 
-def compile_model(keras, config, arrays, steps):
+def compile_model(config, arrays, steps):
     """The compiled model, its optimizer and metrics built, the environment
     and the loop that will run the epochs (`loops`); resolves the run's
     --input and --steps-per-execution."""
-    model = network.build_model(keras, config)
-    environment = runtime.describe_environment(keras)
+    model = network.build_model(config)
+    environment = runtime.describe_environment()
     config["input"] = runtime.resolve_input(config["input"], environment,
                                             config["devices"])
     config["steps_per_execution"] = runtime.resolve_steps_per_execution(
         config["steps_per_execution"], environment, steps, config["input"])
     model.compile(
-        optimizer=network.make_optimizer(keras, config),
+        optimizer=network.make_optimizer(config),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=runtime.jit_compile(config["jit_compile"], environment),

@@ -39,10 +39,10 @@ class CompiledEpochs:
     steps per call, `eval_batch_size`); `arrays`: the run's data; `steps`:
     the steps of an epoch."""
 
-    def __init__(self, keras, model, config, arrays, steps):
+    def __init__(self, model, config, arrays, steps):
         import jax
 
-        self.keras, self.model, self.config = keras, model, config
+        self.model, self.config = model, config
         self.steps = steps
         self.train_set = device_data.DeviceTrainSet(
             arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
@@ -108,13 +108,16 @@ class CompiledEpochs:
     def progress_bar(self):
         if not self.progress:
             return None
-        return self.keras.utils.Progbar(
+        import keras
+
+        return keras.utils.Progbar(
             self.steps, stateful_metrics=["loss", "accuracy"])
 
     # ------------------------------------------------------------ evaluation
     def resident(self, x, y):
         """Normalized images and their labels, on the device once."""
-        ops = self.keras.ops
+        from keras import ops
+
         return ops.convert_to_tensor(x), ops.convert_to_tensor(y, "int32")
 
     def evaluate(self, data):

@@ -78,9 +78,11 @@ def positive_int(environ, name, default):
     return int(text)
 
 
-def connect(keras, processes):
+def connect(processes):
     """Joins the run's other processes (before JAX computes anything): Keras
     reads the three variables and starts jax.distributed."""
+    import keras
+
     if processes.count > 1:
         keras.distribution.initialize()
 

@@ -46,25 +46,25 @@ def describe(name, config):
     return f"Keras's loop, {steps} step{'s' if steps > 1 else ''} per call"
 
 
-def make(name, keras, model, config, arrays, steps, processes):
+def make(name, model, config, arrays, steps, processes):
     if name == COMPILED:
         from experiment import compiled_epoch
 
-        return compiled_epoch.CompiledEpochs(keras, model, config, arrays,
+        return compiled_epoch.CompiledEpochs(model, config, arrays,
                                              steps)
-    return KerasLoop(keras, model, config, arrays, steps, processes)
+    return KerasLoop(model, config, arrays, steps, processes)
 
 
 class KerasLoop:
     """`model.fit` for one epoch of the run's batches, `model.evaluate`;
     each process feeds its share of every batch."""
 
-    def __init__(self, keras, model, config, arrays, steps, processes):
+    def __init__(self, model, config, arrays, steps, processes):
         self.model, self.steps = model, steps
         self.batches_of = epoch_batches(config, arrays, processes)
         self.eval_batch = config["eval_batch_size"] // processes.count
-        self.clock = runtime.epoch_clock(keras)
-        self.checks = runtime.interruption_checks(keras)
+        self.clock = runtime.epoch_clock()
+        self.checks = runtime.interruption_checks()
         self.progress = 1 if sys.stdout.isatty() else 0  # Keras's bar
 
     def train_epoch(self, epoch):

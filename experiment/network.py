@@ -2,7 +2,8 @@
 imported by the caller, after the flags are checked)."""
 
 
-def build_model(keras, config):
+def build_model(config):
+
     from models import wide_resnet
 
     norm_kwargs = dict(momentum=config["norm_momentum"],
@@ -40,7 +41,9 @@ def build_training_state(model, x, y):
         model._symbolic_build(data_batch=(x, y, None))
 
 
-def make_optimizer(keras, config):
+def make_optimizer(config):
+    import keras
+
     if config["optimizer"] == "adam":
         return keras.optimizers.Adam(learning_rate=config["lr"])
     return keras.optimizers.SGD(

@@ -29,8 +29,10 @@ CODE_FILES = (":(glob)**/*.py", "requirements.txt", "pyproject.toml",
 AUTO_STEPS_PER_EXECUTION = 64
 
 
-def describe_environment(keras):
+def describe_environment():
     """Backend, device and versions: the one framework-specific fast path."""
+    import keras
+
     backend = keras.backend.backend()
     versions = {"python": platform.python_version(), "keras": keras.__version__,
                 "numpy": np.__version__}
@@ -135,10 +137,12 @@ def configured_backend():
         return "tensorflow"
 
 
-def resolve_devices(choice, keras, processes=1):
+def resolve_devices(choice, processes=1):
     """--devices as a number: `all` is every device (of every process, with
     several); more than one needs the jax backend (Keras's distribution API)
     and that many devices."""
+    import keras
+
     backend = keras.backend.backend()
     if choice == 1 and processes == 1:
         return 1
@@ -184,11 +188,13 @@ def resolve_steps_per_execution(choice, environment, steps, input="host"):
 
 
 @contextmanager
-def keras_settings(keras, config):
+def keras_settings(config):
     """A fresh Keras session with the run's seed, dtype policy and, with
     several devices, the data parallel distribution; the policy and the
     distribution are restored afterwards (for callers in the same process,
     like tests)."""
+    import keras
+
     policy = keras.config.dtype_policy()
     keras.backend.clear_session()
     with quiet_startup():  # it imports TensorFlow to seed it, on any backend
@@ -208,9 +214,10 @@ def keras_settings(keras, config):
             keras.distribution.set_distribution(None)
 
 
-def epoch_clock(keras):
+def epoch_clock():
     """A Keras callback that times an epoch's training steps, stopping the
     clock once the device is done (defined here so Keras is imported late)."""
+    import keras
 
     class EpochClock(keras.callbacks.Callback):
         seconds = None
@@ -228,11 +235,12 @@ def epoch_clock(keras):
     return EpochClock()
 
 
-def interruption_checks(keras):
+def interruption_checks():
     """A Keras callback that, before each training and evaluation batch,
     raises a signal's interruption that the code it interrupted swallowed
     (signals.raise_if_interrupted). Batch-begin hooks run on the main
     thread and leave Keras's asynchronous batch-end dispatch on."""
+    import keras
 
     class InterruptionChecks(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):

@@ -38,12 +38,12 @@ def epochs(data_dir):
         data_dir, data_dir, "unit", "--input", "device",
         "--steps-per-execution", "3", "--eval-batch-size", "10"))
     arrays = preprocessing.prepare(config, data_dir)
-    model = network.build_model(keras, config)
-    model.compile(optimizer=network.make_optimizer(keras, config),
+    model = network.build_model(config)
+    model.compile(optimizer=network.make_optimizer(config),
                   loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
     network.build_training_state(model, arrays.x_val[:1], arrays.y_val[:1])
-    return compiled_epoch.CompiledEpochs(keras, model, config, arrays, 5)
+    return compiled_epoch.CompiledEpochs(model, config, arrays, 5)
 
 
 def test_one_program_with_a_loop_around_the_whole_step(epochs):

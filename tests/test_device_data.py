@@ -176,8 +176,8 @@ def saved_state(out, name):
 def iterations(out, name):
     """The optimizer's step counter and the renorm layers' in the state."""
     config, _, _ = train.parse_args(run_args("data", out, name))
-    model = network.build_model(keras, config)
-    model.compile(optimizer=network.make_optimizer(keras, config),
+    model = network.build_model(config)
+    model.compile(optimizer=network.make_optimizer(config),
                   loss="sparse_categorical_crossentropy")
     runfiles.load_state(model, out / "weights" / f"{name}.state.npz")
     steps = {int(keras.ops.convert_to_numpy(layer.step))

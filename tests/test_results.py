@@ -103,11 +103,10 @@ def test_the_result_tests_the_last_and_the_best_weights(data_dir, tmp_path,
         assert result[key] * 40 == pytest.approx(round(result[key] * 40))
     assert f"{result['best_test_accuracy']:.4f} (weights of epoch" in out
     # The best weights, tested again, give the recorded figure.
-    import keras
 
     config = {**record, "seed": 0}
-    with runtime.keras_settings(keras, config):
-        model = network.build_model(keras, config)
+    with runtime.keras_settings(config):
+        model = network.build_model(config)
         model.compile(loss="sparse_categorical_crossentropy",
                       metrics=["accuracy"])
         model.load_weights(tmp_path / "weights" / "run.best.weights.h5")
@@ -193,17 +192,17 @@ def test_float16_trains_with_a_loss_scale():
     config, _, _ = train.parse_args(["--norm", "renorm", "--depth", "10",
                                      "--width", "1", "--precision",
                                      "mixed_float16"])
-    with runtime.keras_settings(keras, config):
-        model = network.build_model(keras, config)
-        model.compile(optimizer=network.make_optimizer(keras, config),
+    with runtime.keras_settings(config):
+        model = network.build_model(config)
+        model.compile(optimizer=network.make_optimizer(config),
                       loss="sparse_categorical_crossentropy")
         assert isinstance(model.optimizer,
                           keras.optimizers.LossScaleOptimizer)
         assert model.layers[1].compute_dtype == "float16"
     config["precision"] = "mixed_bfloat16"
-    with runtime.keras_settings(keras, config):
-        model = network.build_model(keras, config)
-        model.compile(optimizer=network.make_optimizer(keras, config),
+    with runtime.keras_settings(config):
+        model = network.build_model(config)
+        model.compile(optimizer=network.make_optimizer(config),
                       loss="sparse_categorical_crossentropy")
         assert not isinstance(model.optimizer,
                               keras.optimizers.LossScaleOptimizer)

@@ -207,12 +207,11 @@ def test_a_full_disk_is_one_line_and_resumable(data_dir, tmp_path,
     weights = tmp_path / "weights"
     assert not list(weights.glob(".*tmp*"))
     # The files of epoch 1 are whole (they load); --resume goes on.
-    import keras
 
     from experiment import network
 
     config, _, _ = train.parse_args(args)
-    model = network.build_model(keras, config)
+    model = network.build_model(config)
     model.load_weights(weights / "run.weights.h5")
     monkeypatch.undo()
     assert run_main(args + ["--resume"]) == 0

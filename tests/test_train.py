@@ -247,7 +247,7 @@ def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
     assert sorted(p.name for p in weights.iterdir()) == sorted([
         f"{name}.weights.h5", f"{name}.best.weights.h5", f"{name}.state.npz"])
     config, _, _ = train.parse_args(args)
-    model = network.build_model(keras, config)
+    model = network.build_model(config)
     step = next(layer for layer in model.layers
                 if hasattr(layer, "current_r_max")).step
     model.load_weights(weights / f"{name}.weights.h5")
@@ -256,7 +256,7 @@ def test_run_writes_history_and_weights(data_dir, tmp_path, capsys):
     model.load_weights(weights / f"{name}.best.weights.h5")
     assert int(keras.ops.convert_to_numpy(step)) == 2 * int(best_epoch)
     # The state restores the optimizer too, with the scheduled lr.
-    model.compile(optimizer=network.make_optimizer(keras, config),
+    model.compile(optimizer=network.make_optimizer(config),
                   loss="sparse_categorical_crossentropy")
     meta = runfiles.load_state(model, weights / f"{name}.state.npz")
     # ... and holds every finished epoch's row, as the CSV has it.
@@ -788,10 +788,9 @@ def test_virtual_batch_run_records_it_and_refuses_another_on_resume(
     # batchnorm's exact BN mode has no bounds to record.
     assert list(read_history(tmp_path, "run")[0]) == COLUMNS + (
         ["r_max", "d_max"] if norm == "renorm" else [])
-    import keras
 
     config, _, _ = train.parse_args(args)
-    layers = [layer for layer in network.build_model(keras, config).layers
+    layers = [layer for layer in network.build_model(config).layers
               if type(layer).__name__ == "BatchRenormalization"]
     assert layers and all(layer.virtual_batch_size == 10 for layer in layers)
     # --resume keeps it: another V (or none) is refused in one line.
