@@ -81,6 +81,7 @@ import gc
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 from experiment import console
 from experiment import preprocessing
@@ -163,90 +164,80 @@ def train(config, options, explicit, argv):
     paths = runfiles.Paths.of(config["name"], options.history_dir,
                               options.weights_dir)
     if not options.processes.writer:
-        return run(config, options, explicit, argv, paths)
+        return run_training(config, options, explicit, argv, paths)
     runfiles.writable_dir(options.history_dir, "history folder")
     runfiles.writable_dir(options.weights_dir, "weights folder")
     with runlock.run_lock(paths.lock, config["name"],
                           console.command_line(argv), say=note):
-        return run(config, options, explicit, argv, paths)
+        return run_training(config, options, explicit, argv, paths)
 
 
 def note(message):
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
-def run(config, options, explicit, argv, paths):
+@dataclass
+class Run:
+    """What the steps of a run share: its configuration, files, command
+    line and processes (process 0 writes), then its data, the steps of an
+    epoch, the CSV's columns, the compiled model and its loop."""
+
+    config: dict
+    paths: runfiles.Paths
+    argv: list
+    processes: hosts.Processes
+    arrays: object = None
+    steps: int = 0
+    header: list = None
+    model: object = None
+    loop: object = None
+
+
+def run_training(config, options, explicit, argv, paths):
     # 1. The run's files: start it, or resume it with its saved configuration.
-    processes = options.processes
     config, saved_config, resuming = open_run(config, options, explicit,
                                               paths)
+    run = Run(config, paths, argv, options.processes)
 
     # 2. Data: uint8 images in memory, normalized batch by batch.
-    arrays = preprocessing.prepare(config, options.data_dir)
-    steps = sampling.steps_per_epoch(arrays.y_train, config["batch_size"],
-                                     config["classes_per_batch"],
-                                     pairs=protocols.pairs_group(config))
+    run.arrays = preprocessing.prepare(config, options.data_dir)
+    run.steps = sampling.steps_per_epoch(
+        run.arrays.y_train, config["batch_size"], config["classes_per_batch"],
+        pairs=protocols.pairs_group(config))
     if not resuming:  # a resumed run keeps the steps it started with
-        protocols.resolve_schedule(config, steps)
+        protocols.resolve_schedule(config, run.steps)
 
     # 3. Model and optimizer (Keras is imported only now: bad input fails fast;
     # TensorFlow's start-up lines hidden).
     with quiet_startup():
         import keras  # noqa: F401 (first here, quietly)
 
-    hosts.connect(processes)
+    hosts.connect(run.processes)
     config["devices"] = runtime.resolve_devices(config["devices"],
-                                                processes.count)
-    preprocessing.check_devices(config, arrays)
+                                                run.processes.count)
+    preprocessing.check_devices(config, run.arrays)
     with runtime.keras_settings(config):
-        model, environment, loop = compile_model(config, arrays,
-                                                 steps)
-        session = dict(started=runtime.now(),
-                       command=console.command_line(argv),
-                       jit_compile=bool(model.jit_compile),
-                       devices=config["devices"], **environment,
-                       statistics_formulation=network.statistics_formulation(
-                           model),
-                       provenance=runtime.provenance(environment))
+        environment, session, loop = compile_model(run)
 
         # 4. Restore the last finished epoch, or start from scratch.
-        header = runfiles.columns(config)
-        # Before any process loads a state (its assignments are collective).
-        hosts.check_same_start(processes, runfiles.saved_epoch(paths.state)
-                               if resuming else 0)
-        if resuming:
-            start, best, rows, corrections = restore(
-                model, config, paths, header, saved_config, session,
-                processes)
-        else:
-            start, best, rows = 0, {"val_accuracy": -1.0, "epoch": 0}, []
-            corrections = []
-            if processes.writer:
-                start_files(model, config, paths, header, arrays,
-                            environment, steps, session, processes)
-        print(console.describe_run(config, model, environment, arrays.source,
-                                   steps))
-        for warning in protocols.schedule_warnings(config, steps):
-            if processes.writer:
-                note(f"warning: {warning}")
+        start, best, rows, corrections = begin(run, resuming, saved_config,
+                                               environment, session)
 
         # 5. Each epoch: training steps, validation, then a commit to disk.
-        loop = loops.make(loop, model, config, arrays, steps,
-                          processes)
-        best, best_weights, interrupted = train_epochs(
-            loop, model, config, arrays, paths, header, start, best, rows,
-            corrections, argv, processes)
+        run.loop = loops.make(loop, run.model, config, run.arrays, run.steps,
+                              run.processes)
+        best, best_weights, interrupted = train_epochs(run, start, best, rows,
+                                                       corrections)
         if interrupted:
             return interrupted  # the exit code, 128 + the signal
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
-            test = test_accuracy(loop, model, config, arrays, paths, rows,
-                                 best, best_weights, processes)
+            test = test_accuracy(run, rows, best, best_weights)
         except (KeyboardInterrupt, Interrupted) as interruption:
             return interrupted_after_training(interruption, config, argv)
-    if processes.writer:
-        finish(paths, test, best, len(arrays.x_test))
+    if run.processes.writer:
+        finish(paths, test, best, len(run.arrays.x_test))
     return 0
 
 
@@ -278,73 +269,105 @@ def open_run(config, options, explicit, paths):
     return config, saved_config, resuming
 
 
-def compile_model(config, arrays, steps):
-    """The compiled model, its optimizer and metrics built, the environment
-    and the loop that will run the epochs (`loops`); resolves the run's
-    --input and --steps-per-execution."""
-    model = network.build_model(config)
+def compile_model(run):
+    """Compiles the run's model (its optimizer and metrics built) and chooses
+    the loop that will run the epochs (`loops`); resolves the run's --input
+    and --steps-per-execution. Returns the environment and this session's
+    record, and the loop's name."""
+    config = run.config
+    run.model = model = network.build_model(config)
     environment = runtime.describe_environment()
     config["input"] = runtime.resolve_input(config["input"], environment,
                                             config["devices"])
     config["steps_per_execution"] = runtime.resolve_steps_per_execution(
-        config["steps_per_execution"], environment, steps, config["input"])
+        config["steps_per_execution"], environment, run.steps, config["input"])
     model.compile(
         optimizer=network.make_optimizer(config),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=runtime.jit_compile(config["jit_compile"], environment),
         steps_per_execution=config["steps_per_execution"])
-    network.build_training_state(model, arrays.x_val[:1], arrays.y_val[:1])
+    network.build_training_state(model, run.arrays.x_val[:1],
+                                 run.arrays.y_val[:1])
     loop, why = loops.choose(config, environment, model.jit_compile)
     environment["training_loop"] = loops.describe(loop, config)
     if why:
         note(why)
-    return model, environment, loop
+    session = dict(started=runtime.now(),
+                   command=console.command_line(run.argv),
+                   jit_compile=bool(model.jit_compile),
+                   devices=config["devices"], **environment,
+                   statistics_formulation=network.statistics_formulation(
+                       model),
+                   provenance=runtime.provenance(environment))
+    return environment, session, loop
 
 
-def restore(model, config, paths, header, saved_config, session,
-            processes):
+def begin(run, resuming, saved_config, environment, session):
+    """The epoch to start from, the best so far, the finished epochs' rows
+    and corrections rows: from the saved state, or none (the run's files
+    written anew); then the run's description and schedule warnings."""
+    run.header = runfiles.columns(run.config)
+    # Before any process loads a state (its assignments are collective).
+    hosts.check_same_start(run.processes, runfiles.saved_epoch(
+        run.paths.state) if resuming else 0)
+    if resuming:
+        begun = restore(run, saved_config, session)
+    else:
+        begun = 0, {"val_accuracy": -1.0, "epoch": 0}, [], []
+        if run.processes.writer:
+            start_files(run, environment, session)
+    print(console.describe_run(run.config, run.model, environment,
+                               run.arrays.source, run.steps))
+    for warning in protocols.schedule_warnings(run.config, run.steps):
+        if run.processes.writer:
+            note(f"warning: {warning}")
+    return begun
+
+
+def restore(run, saved_config, session):
     """Loads the last finished epoch's state, makes the CSV and the weights
     match it (saying what it repaired), and records the new session; returns
     the epoch to start from, the best so far, the finished epochs' rows and
     corrections rows. Every process loads the state; process 0 writes."""
+    model, paths, writer = run.model, run.paths, run.processes.writer
     meta = runfiles.load_state(model, paths.state)
     start, best = meta["epoch"], meta["best"]
     corrections = meta.get("corrections", [])
     if best["epoch"] == start:
-        runfiles.save_weights(model, paths.best, write=processes.writer)
-    runfiles.save_weights(model, paths.last, write=processes.writer)
-    if not processes.writer:  # (a state before the rows: its last row)
+        runfiles.save_weights(model, paths.best, write=writer)
+    runfiles.save_weights(model, paths.last, write=writer)
+    if not writer:  # (a state before the rows: its last row)
         return start, best, meta.get("rows") or [meta["row"]], corrections
-    rows, repaired = runfiles.resumed_rows(paths.csv, header, meta)
+    rows, repaired = runfiles.resumed_rows(paths.csv, run.header, meta)
     if repaired:
         note(repaired)
     if corrections:  # a killed run may have written a later epoch's rows
         runfiles.write_rows(paths.corrections, runfiles.CORRECTION_COLUMNS,
                             corrections)
-    record = dict(saved_config, **config,
-                  **parallel_record(config, processes))
+    record = dict(saved_config, **run.config,
+                  **parallel_record(run.config, run.processes))
     record["sessions"] = saved_config.get("sessions", []) + [
         dict(session, first_epoch=start + 1)]
     runfiles.write_json(paths.json, record)
-    print(f"resuming run {config['name']} after epoch {start} of "
-          f"{config['epochs']}")
+    print(f"resuming run {run.config['name']} after epoch {start} of "
+          f"{run.config['epochs']}")
     return start, best, rows, corrections
 
 
-def start_files(model, config, paths, header, arrays, environment, steps,
-                session, processes):
+def start_files(run, environment, session):
     """Removes the run's old files and writes its empty CSV and its JSON."""
-    for path in paths.all():
+    for path in run.paths.all():
         path.unlink(missing_ok=True)
-    runfiles.write_rows(paths.csv, header, [])
-    runfiles.write_json(paths.json, dict(
-        config, **environment, provenance=session["provenance"],
+    runfiles.write_rows(run.paths.csv, run.header, [])
+    arrays = run.arrays
+    runfiles.write_json(run.paths.json, dict(
+        run.config, **environment, provenance=session["provenance"],
         data=arrays.source,
         normalization={"mean": arrays.mean.tolist(),
                        "std": arrays.std.tolist()},
-        params=model.count_params(), steps_per_epoch=steps,
-        **parallel_record(config, processes),
+        params=run.model.count_params(), steps_per_epoch=run.steps,
+        **parallel_record(run.config, run.processes),
         sessions=[dict(session, first_epoch=1)]))
 
 
@@ -371,8 +394,7 @@ def parallel_record(config, processes):
             "per_device_batch": per_device, "statistics": statistics}
 
 
-def train_epochs(loop, model, config, arrays, paths, header, start, best,
-                 rows, correction_history, argv, processes):
+def train_epochs(run, start, best, rows, correction_history):
     """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
     the finished epochs' rows, which grow); returns the best validation
     epoch, its weights if it is one of these epochs (else None) and, if a
@@ -380,8 +402,9 @@ def train_epochs(loop, model, config, arrays, paths, header, start, best,
     and validates on its share of every batch (Keras assembles the global
     batch); the metrics are those of the whole batches.
     `correction_history`: the corrections CSV's rows so far, which grow."""
-    val = loop.resident(processes.share(arrays.x_val),
-                        processes.share(arrays.y_val))
+    config, model, loop, arrays = run.config, run.model, run.loop, run.arrays
+    val = loop.resident(run.processes.share(arrays.x_val),
+                        run.processes.share(arrays.y_val))
     val_batches = (train_mode.batches(config, arrays)
                    if config["train_mode_validation"] else None)
     tracked = [layer for layer in model.layers
@@ -392,7 +415,7 @@ def train_epochs(loop, model, config, arrays, paths, header, start, best,
     renorm = next((layer for layer in model.layers
                    if type(layer).__name__ == "BatchRenormalization"),
                   None) if config["norm"] == "renorm" else None
-    table = console.Table(header)
+    table = console.Table(run.header)
     epoch = start
     try:
         for epoch in range(start, config["epochs"]):
@@ -415,8 +438,7 @@ def train_epochs(loop, model, config, arrays, paths, header, start, best,
             with interrupts_deferred():
                 rows.append(row)
                 correction_history.extend(corrections)
-                commit_epoch(model, paths, header, rows, best, improved,
-                             processes, correction_history)
+                commit_epoch(run, rows, best, improved, correction_history)
             table.print_row(row)
     except (KeyboardInterrupt, Interrupted) as interruption:
         signum = getattr(interruption, "signum", signal.SIGINT)
@@ -425,7 +447,7 @@ def train_epochs(loop, model, config, arrays, paths, header, start, best,
                                   f"{config['epochs']}; ")
               + (f"epochs 1-{done} are saved" if done
                  else "no epoch had finished")
-              + f"; continue with: {console.resume_command(argv)}",
+              + f"; continue with: {console.resume_command(run.argv)}",
               file=sys.stderr)
         return best, best_weights, 128 + signum
     return best, best_weights, None
@@ -468,18 +490,17 @@ def correction_rows(epoch, layers):
     return rows
 
 
-def commit_epoch(model, paths, header, rows, best, improved, processes,
-                 correction_history=()):
+def commit_epoch(run, rows, best, improved, correction_history=()):
     """The state first (what --resume trusts: it holds every finished
     epoch's row and corrections), then the rows and the weights; written by
     process 0."""
-    write = processes.writer
+    model, paths, write = run.model, run.paths, run.processes.writer
     if write:
         runfiles.save_state(model, paths.state,
                             {"epoch": rows[-1]["epoch"], "best": best,
                              "rows": rows,
                              "corrections": list(correction_history)})
-        runfiles.append_row(paths.csv, header, rows[-1])
+        runfiles.append_row(paths.csv, run.header, rows[-1])
         if correction_history:
             runfiles.write_rows(paths.corrections,
                                 runfiles.CORRECTION_COLUMNS,
@@ -489,26 +510,26 @@ def commit_epoch(model, paths, header, rows, best, improved, processes,
     runfiles.save_weights(model, paths.last, write=write)
 
 
-def test_accuracy(loop, model, config, arrays, paths, rows, best,
-                  best_weights, processes):
+def test_accuracy(run, rows, best, best_weights):
     """The accuracy on the whole test set of the last weights and of the
-    best validation epoch's weights (left in `model`: `best_weights`, or
+    best validation epoch's weights (left in the model: `best_weights`, or
     where that epoch was in an earlier session, its file). Where validation
     was the whole test set, those are the epochs' own val_accuracy (`rows`:
     the finished epochs' rows). Each process tests its share."""
+    config, arrays, share = run.config, run.arrays, run.processes.share
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
         last = float(rows[-1]["val_accuracy"])
         return {"last": last, "best": best["val_accuracy"]}
-    test = loop.resident(
-        preprocessing.normalize(processes.share(arrays.x_test), arrays.mean,
-                                arrays.std), processes.share(arrays.y_test))
-    last = loop.evaluate(test)[0]["accuracy"]
+    test = run.loop.resident(
+        preprocessing.normalize(share(arrays.x_test), arrays.mean,
+                                arrays.std), share(arrays.y_test))
+    last = run.loop.evaluate(test)[0]["accuracy"]
     if best_weights is None:
-        model.load_weights(paths.best)
+        run.model.load_weights(run.paths.best)
     else:
-        model.set_weights(best_weights)
-    return {"last": last, "best": loop.evaluate(test)[0]["accuracy"]}
+        run.model.set_weights(best_weights)
+    return {"last": last, "best": run.loop.evaluate(test)[0]["accuracy"]}
 
 
 def interrupted_after_training(interruption, config, argv):
