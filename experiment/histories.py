@@ -1,6 +1,5 @@
 """The training histories that train.py writes, read for analysis: each
-run (its CSV as numbers, its JSON configuration with the keys older
-histories lack at their legacy values), the groups of runs that differ only
+run (its CSV as numbers, its JSON configuration), the groups of runs that differ only
 in their seed (and name, timings, provenance), the provenance checks of a
 group, and the points of a sweep (batch size x sampling) and of the
 microbatch study (normalization group x sampling). A run's training-mode
@@ -9,7 +8,6 @@ run's NAME.corrections.csv (where there is one) what r and d did, by layer
 and epoch. plot.py draws them; experiment.report writes their tables."""
 
 import csv
-import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -20,7 +18,6 @@ import pandas as pd
 
 from experiment import runfiles
 from experiment.protocols import CONFIG_KEYS
-from experiment.protocols import with_legacy_keys
 from experiment.protocols import NORMS
 
 PROG = "plot.py"  # the reader whose warnings these are
@@ -41,24 +38,19 @@ CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
                       "d_clipped", "r_max", "d_max")
 
 
-# Keys that newer histories record besides CONFIG_KEYS, and the environment's
-# keys that split runs too.
-NEW_KEYS = ("precision", "val_from", "val_size", "virtual_batch_size",
-            "devices")
+# The environment's keys, which split runs too; a history lacks none of
+# them nor of CONFIG_KEYS.
 ENVIRONMENT_KEYS = ("device", "backend")
-# The value that a history without one of NEW_KEYS had, beyond what
-# protocols.with_legacy_keys fills in: no virtual batches, one device.
-PLOT_LEGACY = {"virtual_batch_size": None, "devices": 1}
 # Labels name these first, in this order; the other keys follow.
 LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
                "virtual_batch_size", "sampling", "epochs", "lr",
                "train_size", "depth", "width", "augment")
 # Never split groups: the norm is a group's own; seeds are repeats; a name
-# is a name; `mixed_precision` is contained in `precision` (derived from it).
-NOT_GROUPED = ("norm", "seed", "name", "mixed_precision")
+# is a name.
+NOT_GROUPED = ("norm", "seed", "name")
 # Every key that splits runs into groups where they differ, in label order.
 GROUP_FIELDS = tuple(key for key in dict.fromkeys(
-    LABEL_ORDER + CONFIG_KEYS + NEW_KEYS + ENVIRONMENT_KEYS)
+    LABEL_ORDER + CONFIG_KEYS + ENVIRONMENT_KEYS)
     if key not in NOT_GROUPED)
 
 
@@ -100,35 +92,23 @@ class Run:
         where either is unknown or the warm-up is none."""
         if self.config.get("norm") != "renorm":
             return None
-        steps, per_epoch = (self.settings.get("warmup_steps"),
-                            self.settings.get("steps_per_epoch"))
+        steps, per_epoch = (self.config.get("warmup_steps"),
+                            self.config.get("steps_per_epoch"))
         if (isinstance(steps, (int, float)) and isinstance(per_epoch, int)
                 and not isinstance(steps, bool) and per_epoch > 0
                 and steps > 0):
             return steps / per_epoch
         return None
 
-    @functools.cached_property
-    def settings(self):
-        """`config`, each key an older history lacks at its legacy value."""
-        return settings(self.config)
-
     def value(self, field):
         """The run's setting `field` in a hashable form (None when absent;
         IGNORED where its norm does not use it)."""
         if field in IGNORED_BY.get(self.config.get("norm"), ()):
             return IGNORED
-        value = self.settings.get(field)
+        value = self.config.get(field)
         if isinstance(value, (list, tuple, dict)):
             return json.dumps(value, sort_keys=True)
         return value
-
-
-def settings(config):
-    """A history's configuration, each key it lacks at its legacy value
-    (`protocols.with_legacy_keys`: what --resume fills in; and
-    `PLOT_LEGACY`)."""
-    return {**PLOT_LEGACY, **with_legacy_keys(config)}
 
 
 @dataclass
@@ -215,6 +195,10 @@ def read_config(path):
         raise BadHistory(str(error)) from None
     if not isinstance(config, dict) or not isinstance(config.get("norm"), str):
         raise BadHistory(f"{path.name} names no norm")
+    missing = [key for key in CONFIG_KEYS + ENVIRONMENT_KEYS
+               if key not in config]
+    if missing:
+        raise BadHistory(f"{path.name} lacks the key(s) {', '.join(missing)}")
     return config
 
 

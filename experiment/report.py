@@ -325,11 +325,11 @@ def setting_text(key, runs):
 def describe_runs(runs):
     """Lines for a figure's title: the protocol(s) and every departure from
     them that all runs share; those that differ between runs; the device."""
-    found = [dict(run_departures(run.settings)) for run in runs]
+    found = [dict(run_departures(run.config)) for run in runs]
     keys = list(dict.fromkeys(k for f in found for k in f))
     common = [k for k in keys if all(f.get(k) == found[0].get(k)
                                      for f in found)]
-    protocols = "/".join(sorted({str(r.settings.get("protocol"))
+    protocols = "/".join(sorted({str(r.config.get("protocol"))
                                  for r in runs}))
     lines = [f"protocol {protocols}" + (
         ", except: " + ", ".join(found[0][k] for k in common) if common

@@ -4,10 +4,13 @@ with training-mode validation and corrections (fake files)."""
 import csv
 import json
 
+import pytest
 
 from experiment import gap_study
 from experiment import report
 from experiment import runfiles
+
+pytestmark = pytest.mark.backend_independent
 
 
 def write_run(folder, name, norm, seed, gaps, test, epochs=2,

@@ -1,5 +1,6 @@
 """Tests of plot.py on small fake histories (no Keras involved)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,9 @@ import pytest
 
 import plot
 from experiment import histories
+from experiment.protocols import PROTOCOLS, RUN_DEFAULTS
+
+pytestmark = pytest.mark.backend_independent
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,17 +23,26 @@ HEADER = "epoch,seconds,eval_seconds,loss,accuracy,val_loss,val_accuracy,lr"
 PROVENANCE = {"commit": "ab" * 20, "dirty": False, "version": "0.1.0"}
 
 
+def full_config(**changes):
+    """A complete configuration as train.py writes it (protocol seed)."""
+    config = {**dataclasses.asdict(PROTOCOLS["seed"]), **RUN_DEFAULTS,
+              "norm": "renorm", "protocol": "seed", "name": "a",
+              "backend": "tensorflow", "device": "CPU"}
+    config["lr_milestones"] = list(config["lr_milestones"])
+    return {**config, **changes}
+
+
 def write_run(history, name, norm, seconds, val_accuracy, seed=0,
               batch_size=128, **config):
-    """Writes history/<name>.csv and .json as train.py does; returns the
-    per-epoch seconds and validation accuracies written."""
+    """Writes history/<name>.csv and .json as train.py does (validated on
+    the test images); returns the per-epoch seconds and validation
+    accuracies written."""
     history.mkdir(exist_ok=True)
-    config = {"norm": norm, "protocol": "seed", "batch_size": batch_size,
-              "epochs": len(seconds), "lr": 0.1, "seed": seed, "depth": 16,
-              "width": 4, "train_size": 50000, "augment": True,
-              "backend": "jax", "device": "cpu",
-              "versions": {"keras": "3.15.1"}, "provenance": PROVENANCE,
-              **config}
+    config = full_config(**{
+        "norm": norm, "name": name, "batch_size": batch_size,
+        "epochs": len(seconds), "lr": 0.1, "seed": seed, "train_size": 50000,
+        "augment": True, "val_from": "test", "backend": "jax", "device": "cpu",
+        "versions": {"keras": "3.15.1"}, "provenance": PROVENANCE, **config})
     (history / f"{name}.json").write_text(json.dumps(config))
     lines = [HEADER + (",r_max,d_max" if norm == "renorm" else "")]
     for epoch, (sec, acc) in enumerate(zip(seconds, val_accuracy), start=1):

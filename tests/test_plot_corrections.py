@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_plot import assert_png
+from test_plot import full_config
 from test_plot import overlaps
 from test_plot import PROVENANCE
 from test_plot import run_main
@@ -22,6 +23,8 @@ from experiment import gap_study
 from experiment import histories
 from experiment import runfiles
 from experiment.report import TITLE_WIDTH
+
+pytestmark = pytest.mark.backend_independent
 
 # Layers in a model's order (not alphabetical, nor sorted by number).
 LAYERS = ("stem_norm", "block1_norm", "block2_norm", "block10_norm",
@@ -35,11 +38,12 @@ def write_history(history, name, norm, val_accuracy, train_mode=None,
     runfiles): with `train_mode`, the training-mode validation accuracies
     (train_mode_validation on), else an older history without them."""
     history.mkdir(exist_ok=True)
-    config = {"norm": norm, "protocol": "seed", "batch_size": 128,
-              "epochs": len(val_accuracy), "seed": seed, "name": name,
-              "backend": "jax", "device": "cpu", "provenance": PROVENANCE,
-              "train_mode_validation": train_mode is not None,
-              "track_corrections": norm == "renorm", **config}
+    config = full_config(**{
+        "norm": norm, "batch_size": 128, "epochs": len(val_accuracy),
+        "seed": seed, "name": name, "backend": "jax", "device": "cpu",
+        "provenance": PROVENANCE,
+        "train_mode_validation": train_mode is not None,
+        "track_corrections": norm == "renorm", **config})
     (history / f"{name}.json").write_text(json.dumps(config))
     rows = []
     for epoch, accuracy in enumerate(val_accuracy, start=1):

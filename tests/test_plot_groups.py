@@ -3,14 +3,20 @@ seed (and name, timings, provenance) is equal; and its figure titles, which
 state every setting that departs from the protocol (no Keras involved)."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from test_plot import full_config
+from test_plot import write_run
+
 from experiment import histories
 from experiment import report
-from experiment.protocols import CONFIG_KEYS, PROTOCOLS, RUN_DEFAULTS
+from experiment.protocols import CONFIG_KEYS, PROTOCOLS
+
+pytestmark = pytest.mark.backend_independent
 
 FRAME = pd.DataFrame({"epoch": [1.0, 2.0], "seconds": [1.0, 1.0],
                       "loss": [2.0, 1.0], "accuracy": [0.2, 0.3],
@@ -22,21 +28,13 @@ SPLITTING = ([k for k in CONFIG_KEYS if k not in ("seed", "name")]
                 "virtual_batch_size", "devices"])
 
 
-def full_config(**changes):
-    """A complete configuration as train.py writes it (protocol seed)."""
-    config = {**dataclasses.asdict(PROTOCOLS["seed"]), **RUN_DEFAULTS,
-              "norm": "renorm", "protocol": "seed", "name": "a",
-              "backend": "tensorflow", "device": "CPU", "steps_per_epoch": 10,
-              "sessions": [], "result": {"test_accuracy": 0.5},
-              "provenance": {"commit": "0" * 40, "dirty": False,
-                             "version": "0.1.0"}}
-    config["lr_milestones"] = list(config["lr_milestones"])
-    return {**config, **changes}
-
-
 def run(name, **changes):
-    return histories.Run(name, Path(f"{name}.csv"), full_config(name=name,
-                                                           **changes), FRAME)
+    config = full_config(
+        name=name, steps_per_epoch=10, sessions=[],
+        result={"test_accuracy": 0.5},
+        provenance={"commit": "0" * 40, "dirty": False, "version": "0.1.0"})
+    return histories.Run(name, Path(f"{name}.csv"), {**config, **changes},
+                         FRAME)
 
 
 def another(value):
@@ -55,9 +53,7 @@ def another(value):
 @pytest.mark.parametrize("key", SPLITTING)
 def test_runs_that_differ_in_any_one_key_are_two_groups(key):
     base = run("base")
-    value = base.settings.get(key)
-    if key == "precision":
-        value = "float32"  # derived from mixed_precision False
+    value = base.config[key]
     other = run("other", seed=1, **{key: another(value)})
     groups = histories.group_runs([base, other])
     assert len(groups) == 2, key
@@ -79,30 +75,27 @@ def test_runs_that_differ_only_in_seed_name_timing_provenance_are_repeats():
     assert groups[0].label == "renorm"
 
 
-def test_legacy_histories_equal_their_explicit_values():
-    """A key a history lacks counts as its legacy value: no split."""
-    old = full_config(name="old", mixed_precision=False)
-    for key in ("classes_per_batch", "renorm_schedule", "input",
-                "steps_per_execution", "precision", "val_from"):
-        del old[key]
-    new = full_config(name="new", seed=1, input="host", steps_per_execution=1,
-                      precision="float32", val_from="test", devices=1,
-                      virtual_batch_size=None)
-    runs = [histories.Run(c["name"], Path("x.csv"), c, FRAME) for c in (old, new)]
-    assert [len(g.runs) for g in histories.group_runs(runs)] == [2]
-    old_mixed = full_config(name="mixed", mixed_precision=True)
-    del old_mixed["precision"]
-    mixed = histories.Run("mixed", Path("mixed.csv"), old_mixed, FRAME)
-    assert mixed.settings["precision"] == "mixed_float16"
-    named = run("named", precision="mixed_float16")
-    assert [len(g.runs) for g in histories.group_runs([mixed, named])] == [2]
+def test_a_history_lacking_a_key_is_skipped_and_named(tmp_path, capsys):
+    """Every history carries every configuration key and the environment's;
+    one that lacks some is skipped, with one line that names them."""
+    history = tmp_path / "history"
+    for name in ("full", "old"):
+        write_run(history, name, "renorm", [1.0], [0.5])
+    config = json.loads((history / "old.json").read_text())
+    del config["precision"], config["device"]
+    (history / "old.json").write_text(json.dumps(config))
+    runs = histories.load_runs(histories.history_paths([], history))
+    assert [run.name for run in runs] == ["full"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"plot.py: warning: skipping {history / 'old.csv'}: "
+                    "old.json lacks the key(s) precision, device")
 
 
 def test_the_reported_merge_is_split():
-    """The copy of a run with mixed precision, XLA, no warm-up, momentum 0.9
-    and halved seconds is its own group, labelled by what differs."""
+    """The copy of a run with XLA, no warm-up, momentum 0.9 and halved
+    seconds is its own group, labelled by what differs."""
     base = run("base")
-    copy = run("copy", mixed_precision=True, jit_compile=True,
+    copy = run("copy", jit_compile=True,
                warmup_steps=0, norm_momentum=0.9)
     copy = dataclasses.replace(copy, frame=FRAME.assign(seconds=0.5))
     labels = [g.label for g in histories.group_runs([base, copy])]
