@@ -1,71 +1,60 @@
-"""The text that describes groups of runs: timing.md's tables (test and
-validation accuracy, seconds per epoch and the ratio to batchnorm, the code
-the runs ran; the sweep's tables by batch size and sampling; the
-microbatch study's table per cell and its paired differences with their
-95% intervals) and the figure titles that state every setting departing
-from the protocol."""
+"""What the studies share: the figure titles, which state every setting
+that departs from the protocol; the norms' colours and line styles; saving
+a figure; Markdown tables; means with their t-intervals and differences
+paired by seed."""
 
+import io
 import math
 import textwrap
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
+from experiment import runfiles
 from experiment.histories import IGNORED
 from experiment.histories import field_text
-from experiment.histories import PROVENANCE_WARNINGS
-from experiment.histories import provenance_problems
-from experiment.histories import provenances
 from experiment.histories import sampling_text
 from experiment.histories import sort_key
-from experiment.histories import warn
+from experiment.protocols import NORMS
 from experiment.protocols import PROTOCOL_KEYS
 from experiment.protocols import PROTOCOLS
 from experiment.protocols import SCHEDULE_STEPS
 
 BASELINE = "batchnorm"
+CONFIDENCE = 0.95
+LINESTYLES = ("-", "--", ":", "-.")
+WARMUP_STYLE = (0, (1, 2))  # the dotted line where renorm's warm-up ends
+MAX_LINES = 8  # lines in one panel; more get a row of panels of their own
 
 
-def median_seconds(group):
-    """Median training seconds per epoch over all epochs of all its runs."""
-    return float(pd.concat([run.frame["seconds"] for run in group.runs])
-                 .median())
+def norm_colors(norms):
+    """A colour per norm, fixed for those of NORMS."""
+    palette = sns.color_palette("colorblind", len(NORMS) + len(norms))
+    extra = [n for n in norms if n not in NORMS]
+    return {n: palette[NORMS.index(n) if n in NORMS
+                       else len(NORMS) + extra.index(n)] for n in norms}
 
 
-def ratios_to_baseline(groups):
-    """Each group's median s/epoch over that of the batchnorm group with the
-    same other key fields (those batchnorm uses); None where there is no
-    such group."""
-    baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
-                if g.norm == BASELINE}
-    return [median_seconds(g) / baseline[g.key_for(BASELINE)]
-            if g.key_for(BASELINE) in baseline else None for g in groups]
+def save_figure(fig, path):
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    runfiles.write_file(path, image.getvalue())
 
 
-def format_percent(values):
-    """Mean of accuracies in [0, 1] as a percentage, ± std over runs."""
-    values = pd.Series(values, dtype=float) * 100
-    if len(values) == 1 or values.isna().any():
-        return f"{values.mean():.2f}"
-    return f"{values.mean():.2f} ± {values.std():.2f}"
+def legend_below(fig, axes, columns=3):
+    """One legend under the figure of every line of `axes`, each once."""
+    handles = {}
+    for ax in axes:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles),
+               loc="outside lower center", ncol=min(len(handles), columns),
+               frameon=False)
 
 
-def format_epochs(group):
-    done = sorted({len(run.frame) for run in group.runs})
-    text = str(done[0]) if len(done) == 1 else f"{done[0]}–{done[-1]}"
-    planned = {run.config.get("epochs") for run in group.runs}
-    if len(planned) == 1:
-        planned = planned.pop()
-        if isinstance(planned, int) and done[0] < planned:
-            text += f"/{planned}"
-    return text
-
-
-def common_value(group, field):
-    values = {str(run.config.get(field, "?")) for run in group.runs}
-    return ", ".join(sorted(values))
-
-
+# ---------------------------------------------------------------- tables
 def markdown_table(header, rows):
     widths = [max(len(str(cell)) for cell in column)
               for column in zip(header, *rows)]
@@ -77,126 +66,55 @@ def markdown_table(header, rows):
     return "\n".join([line(header), rule] + [line(row) for row in rows])
 
 
-def provenance_cell(group):
-    """timing.md's note beside a group: its commit(s), and its problems."""
-    commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
-                      if r is not None and r.get("commit")})
-    problems = [text for _, text in provenance_problems(group)]
-    text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
-    if problems:
-        text = "⚠ " + "; ".join(problems) + (f" ({text})" if text else "")
-    return text
+def format_percent(values):
+    """Mean of accuracies in [0, 1] as a percentage, ± std over runs."""
+    values = pd.Series(values, dtype=float) * 100
+    if len(values) == 1 or values.isna().any():
+        return f"{values.mean():.2f}"
+    return f"{values.mean():.2f} ± {values.std():.2f}"
 
 
-def warn_provenance(groups):
-    """One warning per kind of problem, naming the groups that have it (one
-    line, not one per group: old histories would flood stderr)."""
-    flagged = {}
-    for group in groups:
-        for kind, text in provenance_problems(group):
-            flagged.setdefault(kind, []).append(f"{group.label} ({text})")
-    for kind, labels in flagged.items():
-        warn(f"{len(labels)} group(s) of {PROVENANCE_WARNINGS[kind]}; see "
-             f"the code column of timing.md: {' | '.join(labels)}")
+def t_interval(values, confidence=CONFIDENCE):
+    """The mean of `values` and the half width of its two-sided Student t
+    interval, t(1 - (1 - confidence) / 2, n - 1) * s / sqrt(n) with s the
+    sample standard deviation; the half width is None for fewer than two
+    values (no spread to estimate)."""
+    values = np.asarray(list(values), dtype=float)
+    if len(values) == 0:
+        return math.nan, None
+    if len(values) < 2:
+        return float(values.mean()), None
+    from scipy import stats
+
+    quantile = stats.t.ppf(1 - (1 - confidence) / 2, len(values) - 1)
+    return (float(values.mean()),
+            float(quantile * values.std(ddof=1) / math.sqrt(len(values))))
 
 
-def result_values(group, key):
-    """Each run's `result[key]` (accuracies in [0, 1]), None for a run
-    without it (unfinished, or a history older than the key)."""
-    values = []
-    for run in group.runs:
-        result = run.config.get("result")
-        value = result.get(key) if isinstance(result, dict) else None
-        values.append(value if isinstance(value, (int, float)) else None)
-    return values
+def paired_differences(first, second):
+    """{seed: first - second} over the seeds both by-seed dicts have."""
+    return {seed: first[seed] - second[seed] for seed in first
+            if seed in second}
 
 
-def format_results(values):
-    """format_percent of the runs that have the value, "(k of n runs)" when
-    some lack it, "–" when none has it."""
-    known = [v for v in values if v is not None]
-    if not known:
+def interval_text(values):
+    """`mean [low, high] (n)`, signed, or the mean alone for one value."""
+    mean, half = t_interval(values)
+    n = len(list(values))
+    if half is None:
+        return f"{mean:+.2f} (n={n})" if n else "–"
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] (n={n})"
+
+
+def mean_std_text(values):
+    """`mean ± std (n)` of accuracies in percent."""
+    values = list(values)
+    if not values:
         return "–"
-    text = format_percent(known)
-    if len(known) < len(values):
-        text += f" ({len(known)} of {len(values)} runs)"
-    return text
-
-
-def test_images_text(groups):
-    """How many test images the test accuracies count."""
-    images = {run.config["result"].get("test_images") for g in groups
-              for run in g.runs if isinstance(run.config.get("result"), dict)}
-    images.discard(None)
-    return (f"all {images.pop()} test images" if len(images) == 1
-            else "the whole test set")
-
-
-def validation_text(groups):
-    """Where the groups' validation images come from (`val_from`, and how
-    many: `val_size`)."""
-    pairs = sorted({(str(run.value("val_from")), run.value("val_size"))
-                    for group in groups for run in group.runs},
-                   key=lambda pair: (pair[0], sort_key(pair[1])))
-    return "; ".join(validation_source(*pair) for pair in pairs)
-
-
-def validation_source(source, size):
-    """What `size` validation images from `source` are, in words."""
-    if source == "train":
-        count = "images" if size is None else f"{size} images"
-        return (f"{count} held out of the training set (`val_from` train; "
-                "never trained on)")
-    if source == "test":
-        where = ("the whole test set" if size is None
-                 else f"a subset of {size} test images")
-        return (f"{where} (`val_from` test, as in 2017: validation and test "
-                "accuracies are not independent)")
-    return f"{'all' if size is None else size} images from {source}"
-
-
-def group_row(group, ratio, best_weights):
-    """The cells of a group's row in timing.md's main table."""
-    frames = [r.frame["val_accuracy"] for r in group.runs]
-    tests = [format_results(result_values(group, "test_accuracy"))]
-    if best_weights:
-        tests.append(format_results(result_values(group,
-                                                  "best_test_accuracy")))
-    return (group.label, len(group.runs), format_epochs(group), *tests,
-            format_percent([f.max() for f in frames]),
-            format_percent([f.iloc[-1] for f in frames]),
-            f"{median_seconds(group):.2f}",
-            "n/a" if ratio is None else f"{ratio:.2f}",
-            provenance_cell(group), common_value(group, "device"),
-            common_value(group, "backend"))
-
-
-def timing_report(groups, runs, history_dirs):
-    """timing.md: a row per group, test accuracy first, then validation
-    accuracy, then speed, with a note of what each column counts."""
-    best_weights = any(v is not None for g in groups
-                       for v in result_values(g, "best_test_accuracy"))
-    header = ("group", "runs", "epochs", "test acc, last weights (%)",
-              *(["test acc, best-val weights (%)"] if best_weights else []),
-              "best val acc (%)", "final val acc (%)", "median s/epoch",
-              "ratio to batchnorm", "code", "device", "backend")
-    rows = [group_row(group, ratio, best_weights)
-            for group, ratio in zip(groups, ratios_to_baseline(groups))]
-    source = ", ".join(f"`{d}`" for d in history_dirs)
-    best_note = (" Best-val weights: the weights of the epoch with the best "
-                 "validation accuracy, on the same test images."
-                 if best_weights else "")
-    return (
-        f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
-        f"group(s).\n\n{markdown_table(header, rows)}\n\n"
-        "Test accuracy: mean (± std over runs) of each run's last weights on "
-        f"{test_images_text(groups)}.{best_note} Validation accuracy: mean "
-        "(± std over runs) of each run's best and final epoch; validation "
-        f"images: {validation_text(groups)}. Median s/epoch: median wall time "
-        "of an epoch's training steps over all epochs of the group's runs "
-        "(evaluation excluded). Ratio: to the batchnorm group with the same "
-        "other settings. Code: the commit the runs ran (⚠: mixed commits, a "
-        "dirty tree, or no provenance recorded).\n")
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1)"
+    return (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} "
+            f"({len(values)})")
 
 
 # ------------------------------------------------- what a figure's runs are
@@ -360,203 +278,3 @@ def figure_title(text, groups, runs):
     return "\n".join([f"{text}{band}", *describe_runs(runs)])
 
 
-def batch_table(points, cell):
-    """Markdown: a row per norm, sampling (and other splitting fields), a
-    column per batch size; `cell(point)` is the text of a cell."""
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
-    rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields,
-              *[f"batch {s}" for s in sizes])
-    rows = []
-    for line in dict.fromkeys(p.line for p in points):
-        norm, classes, rest = line
-        cells = {p.batch_size: p for p in points if p.line == line}
-        rows.append((norm, sampling_text(classes), *[v for _, v in rest],
-                     *[cell(cells[s]) if s in cells else "–" for s in sizes]))
-    return markdown_table(header, rows)
-
-
-def sweep_table(points):
-    """Markdown: best / final val accuracy (%) by norm, sampling and batch
-    size."""
-    def cell(point):
-        return (f"{format_percent(point.values('best') / 100)} / "
-                f"{format_percent(point.values('final') / 100)}")
-
-    return (
-        "**Validation accuracy by batch size and sampling** (best / final, %; "
-        "mean ± std over runs where there are several; i.i.d.: random "
-        "batches, K classes/batch: every training batch from K classes, "
-        "`--classes-per-batch`):\n\n" + batch_table(points, cell) + "\n")
-
-
-def test_table(points):
-    """Markdown: test accuracy by norm, sampling and batch size, the last
-    weights' (and the best-val weights' where every run has it, as "last /
-    best-val"); "" unless every run has its test result."""
-    if any(p.test_values() is None for p in points):
-        return ""
-    images = set().union(*(p.test_images() for p in points))
-    counted = (f"all {images.pop()} test images" if len(images) == 1
-               else "the test set")
-    best = all(p.test_values("best_test_accuracy") is not None
-               for p in points)
-
-    def cell(point):
-        text = format_percent(point.test_values() / 100)
-        if best:
-            text += " / " + format_percent(
-                point.test_values("best_test_accuracy") / 100)
-        return text
-
-    weights = ("the last / the best-val weights" if best
-               else "the last weights")
-    return (
-        f"**Test accuracy by batch size and sampling** (%, {weights} on "
-        f"{counted}; mean ± std over runs where there are several):\n\n"
-        + batch_table(points, cell) + "\n")
-
-
-# ------------------------------------------------------ the microbatch study
-CONFIDENCE = 0.95
-LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
-
-
-def t_interval(values, confidence=CONFIDENCE):
-    """The mean of `values` and the half width of its two-sided Student t
-    interval, t(1 - (1 - confidence) / 2, n - 1) * s / sqrt(n) with s the
-    sample standard deviation; the half width is None for fewer than two
-    values (no spread to estimate)."""
-    values = np.asarray(list(values), dtype=float)
-    if len(values) == 0:
-        return math.nan, None
-    if len(values) < 2:
-        return float(values.mean()), None
-    from scipy import stats
-
-    quantile = stats.t.ppf(1 - (1 - confidence) / 2, len(values) - 1)
-    return (float(values.mean()),
-            float(quantile * values.std(ddof=1) / math.sqrt(len(values))))
-
-
-def paired_differences(first, second):
-    """{seed: first - second} over the seeds both by-seed dicts have."""
-    return {seed: first[seed] - second[seed] for seed in first
-            if seed in second}
-
-
-def interval_text(values):
-    """`mean [low, high] (n)`, signed, or the mean alone for one value."""
-    mean, half = t_interval(values)
-    n = len(list(values))
-    if half is None:
-        return f"{mean:+.2f} (n={n})" if n else "–"
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] (n={n})"
-
-
-def mean_std_text(values):
-    """`mean ± std (n)` of accuracies in percent."""
-    values = list(values)
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f} (1)"
-    return (f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} "
-            f"({len(values)})")
-
-
-def micro_lines(points):
-    """{(norm, sampling, rest): {group: point}}, in the points' order."""
-    lines = {}
-    for point in points:
-        lines.setdefault(point.line, {})[point.group] = point
-    return lines
-
-
-def group_losses(points):
-    """Per line with two groups or more: (line, smallest group, largest
-    group, the paired differences by seed: accuracy at the largest minus at
-    the smallest, i.e. what the norm loses when its groups shrink)."""
-    found = []
-    for line, cells in micro_lines(points).items():
-        if len(cells) < 2:
-            continue
-        small, large = min(cells, key=sort_key), max(cells, key=sort_key)
-        found.append((line, small, large, paired_differences(
-            cells[large].by_seed(), cells[small].by_seed())))
-    return found
-
-
-def renorm_gains(points):
-    """(sampling, rest, group, {seed: renorm - batchnorm}) for every cell
-    that has both norms."""
-    found = []
-    lines = micro_lines(points)
-    for (norm, sampling, rest), cells in lines.items():
-        if norm != MORE:
-            continue
-        baseline = lines.get((LESS, sampling, rest), {})
-        for group, point in cells.items():
-            if group in baseline:
-                found.append((sampling, rest, group, paired_differences(
-                    point.by_seed(), baseline[group].by_seed())))
-    return found
-
-
-def micro_sampling_text(sampling):
-    return {"iid": "i.i.d.", "pairs": "pairs"}.get(sampling, sampling)
-
-
-def microbatch_tables(points):
-    """Markdown: test accuracy per norm, sampling and normalization group
-    (mean ± std (n) over seeds), the paired differences renorm - batchnorm
-    per group and sampling with their 95% t-intervals, and what each norm
-    loses from its largest group to its smallest; "" without results."""
-    if not any(p.by_seed() for p in points):
-        return ""
-    groups = sorted({p.group for p in points}, key=sort_key)
-    rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields, *[f"V={g}" for g in groups])
-    rows = []
-    for (norm, sampling, rest), cells in micro_lines(points).items():
-        rows.append((norm, micro_sampling_text(sampling),
-                     *[v for _, v in rest],
-                     *[mean_std_text(cells[g].by_seed().values())
-                       if g in cells else "–" for g in groups]))
-    text = (
-        "**Test accuracy by normalization group V and sampling** (%, the "
-        "last weights; mean ± std (number of seeds); V: the virtual batch, "
-        "or the whole batch where none was set; pairs: every batch made of "
-        "pairs of images of a class, V/2 distinct classes per group, "
-        "`--sampling pairs`):\n\n" + markdown_table(header, rows) + "\n")
-    gains = renorm_gains(points)
-    if gains:
-        columns = sorted({g for _, _, g, _ in gains}, key=sort_key)
-        by_line = {}
-        for sampling, rest, group, differences in gains:
-            by_line.setdefault((sampling, rest), {})[group] = differences
-        rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
-                 *[interval_text(cells[g].values()) if g in cells else "–"
-                   for g in columns])
-                for (sampling, rest), cells in by_line.items()]
-        text += (
-            f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
-            "test accuracy: the mean difference of the runs of one seed, "
-            f"[its {CONFIDENCE:.0%} t-interval] (number of pairs); an "
-            "interval that excludes 0 is a difference these seeds "
-            "resolve):\n\n" + markdown_table(
-                ("sampling", *rest_fields, *[f"V={g}" for g in columns]),
-                rows) + "\n")
-    losses = group_losses(points)
-    if losses:
-        rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
-                 f"{large} → {small}", interval_text(differences.values()))
-                for (norm, sampling, rest), small, large, differences
-                in losses]
-        text += (
-            "\n**Accuracy lost as the groups shrink** (test accuracy at the "
-            "largest V minus at the smallest, paired by seed, percentage "
-            f"points, [{CONFIDENCE:.0%} t-interval] (pairs)):\n\n"
-            + markdown_table(("norm", "sampling", *rest_fields, "V",
-                              "lost"), rows) + "\n")
-    return text

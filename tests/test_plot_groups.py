@@ -12,7 +12,9 @@ import pytest
 from test_plot import full_config
 from test_plot import write_run
 
+from experiment import curves_study
 from experiment import histories
+from experiment import microbatch_study
 from experiment import report
 from experiment.protocols import CONFIG_KEYS, PROTOCOLS
 
@@ -198,7 +200,7 @@ def test_settings_a_norm_does_not_use_neither_split_nor_label_it():
     labels = [g.label for g in groups]
     assert labels == ["batchnorm", "renorm, warmup_steps=50",
                       "renorm, warmup_steps=5000", "keras-renorm"]
-    assert all(r is not None for r in report.ratios_to_baseline(groups))
+    assert all(r is not None for r in curves_study.ratios_to_baseline(groups))
     # A bound that keras-renorm uses still splits it.
     assert len(histories.group_runs([run("a", norm="keras-renorm"),
                                      run("b", norm="keras-renorm", seed=1,
@@ -215,5 +217,5 @@ def test_tracking_corrections_neither_splits_nor_labels_norms_without():
                 sampling="pairs")]
     groups = histories.group_runs(runs)
     assert [g.label for g in groups] == ["batchnorm", "renorm"]
-    assert report.ratios_to_baseline(groups) == [1.0, 1.0]
-    assert [p.rest for p in histories.micro_points(runs)] == [(), ()]
+    assert curves_study.ratios_to_baseline(groups) == [1.0, 1.0]
+    assert [p.rest for p in microbatch_study.micro_points(runs)] == [(), ()]
