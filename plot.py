@@ -55,14 +55,9 @@ matplotlib.use("Agg")
 
 import seaborn as sns
 
-from experiment import curves_study
-from experiment import gap_study
-from experiment import microbatch_study
-from experiment import runfiles
-from experiment import sweep_study
-from experiment.histories import group_runs
-from experiment.histories import history_paths
-from experiment.histories import load_runs
+from experiment import (
+    curves_study, gap_study, microbatch_study, runfiles, sweep_study)
+from experiment.histories import group_runs, history_paths, load_runs
 from experiment.report import save_figure
 
 PROG = "plot.py"

@@ -1,8 +1,7 @@
-"""The training curves (curves.png: train and validation loss and
-accuracy against epoch, the train/inference gap where some runs have it),
-the seconds per epoch (seconds_per_epoch.png) and timing.md's table of the
-groups: test and validation accuracy, median seconds per epoch and the
-ratio to batchnorm, the code the runs ran."""
+"""The groups of runs: curves.png (loss and accuracy against epoch, the
+train/inference gap where some runs have it), seconds_per_epoch.png, and
+timing.md's table (test and validation accuracy, median seconds per epoch,
+the ratio to batchnorm, the code the runs ran)."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,29 +11,16 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import (
     LogLocator, MaxNLocator, StrMethodFormatter)
 
-from experiment.histories import GAP
-from experiment.histories import IGNORED
-from experiment.histories import PROVENANCE_WARNINGS
-from experiment.histories import field_text
-from experiment.histories import norm_rank
-from experiment.histories import provenance_problems
-from experiment.histories import provenances
-from experiment.histories import sort_key
-from experiment.histories import test_result
-from experiment.histories import warn
-from experiment.report import BASELINE
-from experiment.report import LINESTYLES
-from experiment.report import MAX_LINES
-from experiment.report import WARMUP_STYLE
-from experiment.report import figure_title
-from experiment.report import format_percent
-from experiment.report import markdown_table
-from experiment.report import norm_colors
+from experiment.histories import (
+    GAP, IGNORED, PROVENANCE_WARNINGS, field_text, norm_rank,
+    provenance_problems, provenances, sort_key, test_result, warn)
+from experiment.report import (
+    BASELINE, LINESTYLES, MAX_LINES, WARMUP_STYLE, figure_title,
+    format_percent, markdown_table, norm_colors)
 
 
 def tables(runs, groups):
-    """timing.md's head and table; a warning per kind of provenance
-    problem."""
+    """timing.md's head and table; on stderr, the provenance problems."""
     warn_provenance(groups)
     return timing_report(groups, runs,
                          sorted({str(run.path.parent) for run in runs}))
@@ -55,19 +41,14 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
                    "accuracy in training mode"), 100)
 
 
-def key_value(group, field):
-    """The value of a splitting field in a group's key."""
-    return dict(group.key).get(field)
-
-
 def crowded(groups, facets):
     """Whether a panel per value of `facets` would hold more than MAX_LINES
     lines, or more combinations of the other fields than line styles."""
-    rest = [f for f, _ in groups[0].key if f not in facets]
     panels = {}
     for group in groups:
-        panels.setdefault(tuple(key_value(group, f) for f in facets),
-                          []).append(tuple(key_value(group, f) for f in rest))
+        key = dict(group.key)
+        panels.setdefault(tuple(key[f] for f in facets), []).append(
+            tuple(v for f, v in group.key if f not in facets))
     return any(len(lines) > MAX_LINES or len(set(lines)) > len(LINESTYLES)
                for lines in panels.values())
 
@@ -79,7 +60,7 @@ def facet_fields(groups):
     while crowded(groups, facets) and len(facets) < len(fields):
         rest = [f for f in fields if f not in facets]
         facets.append(max(rest, key=lambda f: len(
-            {key_value(g, f) for g in groups})))
+            {dict(g.key)[f] for g in groups})))
     return [f for f in fields if f in facets]  # in label order
 
 
@@ -87,7 +68,7 @@ def facet_rows(groups, facets):
     """[(facet key, groups)] in the order of the facet fields' values."""
     rows = {}
     for group in groups:
-        facet = tuple((f, key_value(group, f)) for f in facets)
+        facet = tuple((f, dict(group.key)[f]) for f in facets)
         rows.setdefault(facet, []).append(group)
     return sorted(rows.items(),
                   key=lambda row: [sort_key(v) for _, v in row[0]])
@@ -113,9 +94,8 @@ def curve_styles(groups, facets):
 
 
 def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` over the group's runs that have it against epoch,
-    with a min–max band where there are several; nothing where none has
-    it."""
+    """Mean of `column` against epoch over the group's runs that have it,
+    with a min–max band where there are several."""
     runs = [run for run in group.runs if column in run.frame]
     if not runs:
         return
@@ -129,19 +109,14 @@ def plot_group(ax, group, column, style, scale=1.0):
                         alpha=0.2, linewidth=0)
 
 
-def warmup_epochs(group):
-    """Where a renorm group's bounds start to relax, in epochs: its
-    warmup_steps over its steps_per_epoch (within the epochs drawn)."""
-    last = max(len(run.frame) for run in group.runs)
-    return {epoch for run in group.runs
-            if (epoch := run.warmup_epoch()) is not None and epoch <= last}
-
-
 def mark_warmups(ax, groups, styles):
-    """A vertical line where each renorm group's warm-up ends; whether any."""
+    """A vertical line where each renorm group's warm-up ends (within the
+    epochs drawn); whether any."""
     drawn = False
     for group in groups:
-        for epoch in warmup_epochs(group):
+        last = max(len(run.frame) for run in group.runs)
+        for epoch in {epoch for run in group.runs if (
+                epoch := run.warmup_epoch()) is not None and epoch <= last}:
             ax.axvline(epoch, color=styles[group.label][0],
                        linestyle=WARMUP_STYLE, linewidth=1.3, alpha=0.8)
             drawn = True
@@ -173,9 +148,9 @@ def curve_legend(fig, groups, styles, warmup):
 
 
 def curve_axes(rows, gap=False):
-    """The figure and a list of 4 axes (PANELS' order; with `gap`, 5: the
-    gap's last) per row: 2 x 2 for one row (the gap a column of its own
-    beside them), else a row of panels per facet (shared y per column)."""
+    """The figure and a list of axes per row in PANELS' order (the gap's
+    last): 2 x 2 for one row (the gap a column beside them), else a row of
+    panels per facet."""
     columns = len(PANELS) + gap
     if len(rows) == 1:
         fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
@@ -226,11 +201,9 @@ def format_curve_axes(grid, rows, specs=PANELS):
 
 
 def plot_curves(groups, runs):
-    """Train and validation loss and accuracy against epoch: a colour per
-    norm; with many groups, a row of panels per value of the fields that
-    split them most (facets), so that no panel holds more than MAX_LINES
-    lines; renorm's warm-up end marked; the train/inference gap beside
-    them where some runs have it."""
+    """Loss and accuracy against epoch, a colour per norm, a row of panels
+    per value of the `facet_fields`; the gap beside them where some runs
+    have it."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
@@ -253,10 +226,9 @@ def plot_curves(groups, runs):
 
 # ---------------------------------------------------------------- seconds
 def plot_seconds(groups, runs):
-    """Median training seconds per epoch, a horizontal bar per group (the
-    groups of one setting side by side, a colour per norm), each epoch a
-    dot (the first, which compiles, hollow), the median and its ratio to
-    batchnorm written beside it: one line per group, none overprinted."""
+    """A bar per group (those of one setting together) of its median
+    training seconds per epoch, each epoch a dot (the first, which
+    compiles, hollow), the median and its ratio to batchnorm beside it."""
     ordered = sorted(groups, key=lambda g: (
         [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
     ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
@@ -305,8 +277,7 @@ def seconds_row(ax, y, group, color, ratio, longest):
         "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
 
 
-
-
+# ---------------------------------------------------------------- timing.md
 def median_seconds(group):
     """Median training seconds per epoch over all epochs of all its runs."""
     return float(pd.concat([run.frame["seconds"] for run in group.runs])
@@ -315,8 +286,7 @@ def median_seconds(group):
 
 def ratios_to_baseline(groups):
     """Each group's median s/epoch over that of the batchnorm group with the
-    same other key fields (those batchnorm uses); None where there is no
-    such group."""
+    same settings (those batchnorm uses); None where there is none."""
     baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
                 if g.norm == BASELINE}
     return [median_seconds(g) / baseline[g.key_for(BASELINE)]
@@ -334,11 +304,6 @@ def format_epochs(group):
     return text
 
 
-def common_value(group, field):
-    values = {str(run.config.get(field, "?")) for run in group.runs}
-    return ", ".join(sorted(values))
-
-
 def provenance_cell(group):
     """timing.md's note beside a group: its commit(s), and its problems."""
     commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
@@ -351,8 +316,7 @@ def provenance_cell(group):
 
 
 def warn_provenance(groups):
-    """One warning per kind of problem, naming the groups that have it (one
-    line, not one per group: old histories would flood stderr)."""
+    """One warning per kind of problem, naming the groups that have it."""
     flagged = {}
     for group in groups:
         for kind, text in provenance_problems(group):
@@ -362,14 +326,10 @@ def warn_provenance(groups):
              f"the code column of timing.md: {' | '.join(labels)}")
 
 
-def result_values(group, key):
-    """Each run's `result[key]`, None for a run without it (unfinished)."""
-    return [test_result(run, key) for run in group.runs]
-
-
-def format_results(values):
-    """format_percent of the runs that have the value, "(k of n runs)" when
-    some lack it, "–" when none has it."""
+def result_text(group, key):
+    """format_percent of the runs' `result[key]`, "(k of n runs)" where some
+    lack it, "–" where all do."""
+    values = [test_result(run, key) for run in group.runs]
     known = [v for v in values if v is not None]
     if not known:
         return "–"
@@ -389,8 +349,7 @@ def test_images_text(groups):
 
 
 def validation_text(groups):
-    """Where the groups' validation images come from (`val_from`, and how
-    many: `val_size`)."""
+    """Where the groups' validation images come from, in words."""
     pairs = sorted({(str(run.value("val_from")), run.value("val_size"))
                     for group in groups for run in group.runs},
                    key=lambda pair: (pair[0], sort_key(pair[1])))
@@ -398,7 +357,6 @@ def validation_text(groups):
 
 
 def validation_source(source, size):
-    """What `size` validation images from `source` are, in words."""
     if source == "train":
         count = "images" if size is None else f"{size} images"
         return (f"{count} held out of the training set (`val_from` train; "
@@ -412,26 +370,25 @@ def validation_source(source, size):
 
 
 def group_row(group, ratio, best_weights):
-    """The cells of a group's row in timing.md's main table."""
+    """The cells of a group's row in timing.md's table."""
     frames = [r.frame["val_accuracy"] for r in group.runs]
-    tests = [format_results(result_values(group, "test_accuracy"))]
-    if best_weights:
-        tests.append(format_results(result_values(group,
-                                                  "best_test_accuracy")))
+    tests = [result_text(group, key) for key in ("test_accuracy",
+             "best_test_accuracy")[:1 + best_weights]]
     return (group.label, len(group.runs), format_epochs(group), *tests,
             format_percent([f.max() for f in frames]),
             format_percent([f.iloc[-1] for f in frames]),
             f"{median_seconds(group):.2f}",
             "n/a" if ratio is None else f"{ratio:.2f}",
-            provenance_cell(group), common_value(group, "device"),
-            common_value(group, "backend"))
+            provenance_cell(group),
+            *[", ".join(sorted({str(run.config[key]) for run in group.runs}))
+              for key in ("device", "backend")])
 
 
 def timing_report(groups, runs, history_dirs):
     """timing.md: a row per group, test accuracy first, then validation
-    accuracy, then speed, with a note of what each column counts."""
-    best_weights = any(v is not None for g in groups
-                       for v in result_values(g, "best_test_accuracy"))
+    accuracy, then speed; a note of what each column counts."""
+    best_weights = any(test_result(run, "best_test_accuracy") is not None
+                       for run in runs)
     header = ("group", "runs", "epochs", "test acc, last weights (%)",
               *(["test acc, best-val weights (%)"] if best_weights else []),
               "best val acc (%)", "final val acc (%)", "median s/epoch",

@@ -20,14 +20,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from experiment.histories import GAP
-from experiment.histories import test_result
-from experiment.report import WARMUP_STYLE
-from experiment.report import figure_title
-from experiment.report import interval_text
-from experiment.report import markdown_table
-from experiment.report import mean_std_text
-from experiment.report import paired_differences
+from experiment.histories import GAP, test_result
+from experiment.report import (
+    WARMUP_STYLE, figure_title, interval_text, markdown_table, mean_std_text,
+    paired_differences)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
 # Settings that make a cell, besides norm, V and sampling (a variant).

@@ -15,14 +15,12 @@ import numpy as np
 import pandas as pd
 
 from experiment import runfiles
-from experiment.protocols import CONFIG_KEYS
-from experiment.protocols import NORMS
+from experiment.protocols import CONFIG_KEYS, NORMS
 
 PROG = "plot.py"  # the reader whose warnings these are
 
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
-# The validation in training mode (batch statistics); read where the CSV
-# has it.
+# The validation in training mode (batch statistics), where the CSV has it.
 TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
 # val_accuracy - val_accuracy_train_mode (a fraction; positive where
 # inference is the better of the two), in the frame of a run that has it.
@@ -69,8 +67,7 @@ class Run:
     corrections: pd.DataFrame | None = None
 
     @property
-    def has_gap(self):
-        """Whether the run was validated in training mode too."""
+    def has_gap(self):  # whether it was validated in training mode too
         return GAP in self.frame
 
     def warmup_epoch(self):
@@ -181,8 +178,7 @@ def is_corrections(path):
 
 
 def history_csv(path):
-    """The history CSV of a run named by its .csv, .json or
-    .corrections.csv."""
+    """The CSV of a run named by its .csv, .json or .corrections.csv."""
     if is_corrections(path):
         return path.with_name(path.stem[:-len(CORRECTIONS_SUFFIX)] + ".csv")
     return path.with_suffix(".csv")
@@ -204,8 +200,9 @@ def read_config(path):
     return config
 
 
-def read_csv_rows(path):
-    """The header and the non-blank rows of a CSV, each with its line."""
+def read_cells(path, required):
+    """The header of a CSV and its cells as text (a short row padded with
+    empty cells), with each row's line and its number of fields."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
@@ -214,57 +211,51 @@ def read_csv_rows(path):
         raise BadHistory(f"unreadable CSV ({error})") from None
     if not header:
         raise BadHistory("empty CSV")
+    missing = [column for column in required if column not in header]
+    if missing:
+        raise BadHistory(f"missing column(s) {', '.join(missing)}")
     if len(set(header)) < len(header):
         raise BadHistory("repeated column names")
-    return header, rows
-
-
-def bad_rows(text, frame, nan_text, widths, required, finite):
-    """Per row, whether it has the wrong number of fields, a missing or
-    non-numeric value (but "nan", a diverged run's metric), a value of the
-    `finite` columns that is not finite, or empty text."""
-    words = [c for c in required if c not in frame]
-    bad = (pd.Series([w != len(text.columns) for w in widths], dtype=bool)
-           | (frame.isna() & ~nan_text).any(axis=1)
-           | ~np.isfinite(frame[list(finite)]).all(axis=1))
-    if words:
-        bad |= text[words].apply(lambda col: col.str.strip() == "").any(axis=1)
-    return bad
+    width = len(header)
+    cells = pd.DataFrame([row[:width] + [""] * (width - len(row))
+                          for _, row in rows], columns=header, dtype=str)
+    return header, cells, [(line, len(row)) for line, row in rows]
 
 
 def read_table(path, required, numeric, finite, optional=()):
     """The `numeric` columns of a CSV (which must have the `required` ones)
     and those of `optional` it has (an empty optional cell is NaN), and the
-    others of `required` as text, in the file's order. A bad last row (a run
-    still writing it) is dropped with a warning; other bad rows are fatal."""
-    header, rows = read_csv_rows(path)
-    missing = [column for column in required if column not in header]
-    if missing:
-        raise BadHistory(f"missing column(s) {', '.join(missing)}")
-    width = len(header)
-    text = pd.DataFrame([row[:width] + [""] * (width - len(row))
-                         for _, row in rows], columns=header, dtype=str)
+    others of `required` as text, in the file's order. A row is bad with
+    the wrong number of fields, a missing or non-numeric value (but "nan",
+    a diverged run's metric), a `finite` column not finite, or empty text:
+    fatal, but for the last row (a run still writing it), dropped with a
+    warning."""
+    header, text, rows = read_cells(path, required)
     optional = [column for column in optional if column in header]
     numbers = text[list(numeric) + optional]
     frame = numbers.apply(pd.to_numeric, errors="coerce").astype(float)
-    nan_text = numbers.apply(lambda col: col.str.strip().str.lower() == "nan")
+    allowed = numbers.apply(lambda col: col.str.strip().str.lower() == "nan")
     for column in optional:
-        nan_text[column] |= numbers[column].str.strip() == ""
-    bad = bad_rows(text, frame, nan_text, [len(r) for _, r in rows],
-                   required, finite)
+        allowed[column] |= numbers[column].str.strip() == ""
+    words = [c for c in required if c not in numeric]
+    bad = (pd.Series([n != len(header) for _, n in rows], dtype=bool)
+           | (frame.isna() & ~allowed).any(axis=1)
+           | ~np.isfinite(frame[list(finite)]).all(axis=1)
+           | (text[words].apply(lambda col: col.str.strip() == "")
+              .any(axis=1) if words else False))
     bad_lines = [line for (line, _), is_bad in zip(rows, bad) if is_bad]
     keep = len(rows)
-    if len(rows) > 1 and bad_lines == [rows[-1][0]] and len(rows[-1][1]) <= width:
+    if keep > 1 and bad_lines == [rows[-1][0]] and rows[-1][1] <= len(header):
         warn(f"{path}: dropped incomplete last row (line {bad_lines[0]})")
         keep -= 1
     elif bad_lines:
-        raise BadHistory(f"wrong number of fields, missing or non-numeric "
-                         f"values on line(s) {', '.join(map(str, bad_lines[:5]))}")
+        raise BadHistory("wrong number of fields, missing or non-numeric "
+                         "values on line(s) "
+                         + ", ".join(map(str, bad_lines[:5])))
     if not keep:
         raise BadHistory("no complete epoch")
-    for column in required:
-        if column not in frame:
-            frame[column] = text[column].str.strip()
+    for column in words:
+        frame[column] = text[column].str.strip()
     return frame[[c for c in header if c in frame]].iloc[:keep]
 
 
@@ -322,8 +313,7 @@ def load_runs(paths):
 # ----------------------------------------------------------------- groups
 def splitting_fields(runs):
     """GROUP_FIELDS that differ between the runs whose norm uses them, each
-    kept only if it splits the runs further than those kept before it (so a
-    batch size that always goes with a protocol is not in every label)."""
+    only if it splits them further than those before it."""
     kept = []
     for field in GROUP_FIELDS:
         using = [run for run in runs if run.value(field) != IGNORED]
@@ -366,8 +356,7 @@ def points(runs, make, coordinates, order):
 
 # ------------------------------------------------------------- provenance
 def provenances(group):
-    """Each run's `provenance` record, None where it has none or where it
-    is not a record."""
+    """Each run's `provenance` record (None where it is not one)."""
     return [record if isinstance(record := run.config.get("provenance"), dict)
             else None for run in group.runs]
 

@@ -13,19 +13,10 @@ import numpy as np
 from matplotlib.ticker import NullLocator
 
 from experiment import histories
-from experiment.histories import field_text
-from experiment.histories import norm_rank
-from experiment.histories import sort_key
-from experiment.histories import test_result
-from experiment.report import CONFIDENCE
-from experiment.report import figure_title
-from experiment.report import interval_text
-from experiment.report import legend_below
-from experiment.report import markdown_table
-from experiment.report import mean_std_text
-from experiment.report import norm_colors
-from experiment.report import paired_differences
-from experiment.report import t_interval
+from experiment.histories import field_text, norm_rank, sort_key, test_result
+from experiment.report import (
+    CONFIDENCE, figure_title, interval_text, legend_below, markdown_table,
+    mean_std_text, norm_colors, paired_differences, t_interval)
 
 LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
 

@@ -13,14 +13,9 @@ import pandas as pd
 import seaborn as sns
 
 from experiment import runfiles
-from experiment.histories import IGNORED
-from experiment.histories import field_text
-from experiment.histories import sampling_text
-from experiment.histories import sort_key
-from experiment.protocols import NORMS
-from experiment.protocols import PROTOCOL_KEYS
-from experiment.protocols import PROTOCOLS
-from experiment.protocols import SCHEDULE_STEPS
+from experiment.histories import IGNORED, field_text, sampling_text, sort_key
+from experiment.protocols import (
+    NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
 
 BASELINE = "batchnorm"
 CONFIDENCE = 0.95

@@ -12,18 +12,11 @@ import numpy as np
 from matplotlib.ticker import NullLocator
 
 from experiment import histories
-from experiment.histories import field_text
-from experiment.histories import norm_rank
-from experiment.histories import sampling_text
-from experiment.histories import sort_key
-from experiment.histories import test_result
-from experiment.report import LINESTYLES
-from experiment.report import MAX_LINES
-from experiment.report import figure_title
-from experiment.report import format_percent
-from experiment.report import legend_below
-from experiment.report import markdown_table
-from experiment.report import norm_colors
+from experiment.histories import (
+    field_text, norm_rank, sampling_text, sort_key, test_result)
+from experiment.report import (
+    LINESTYLES, MAX_LINES, figure_title, format_percent, legend_below,
+    markdown_table, norm_colors)
 
 
 def tables(runs, groups):
