@@ -1,20 +1,17 @@
-"""The corrections study: what a renorm run's r and d did, and how far
-training-mode outputs were from inference outputs.
+"""The corrections study: what renorm's r and d did, and how far the
+training-mode outputs were from the inference outputs.
 
 NAME.corrections.png, from a renorm run's NAME.corrections.csv (train.py
 --track-corrections): `r_dev` (mean |r - 1|), `d_dev` (mean |d|),
 `r_clipped` and `d_clipped` (the fractions where the bound held r or d) as
-heatmaps, a row per layer in the model's order, a column per epoch (means
-over its training steps); under them the bounds after each epoch; a dotted
-line where the warm-up ends.
+heatmaps, layer by epoch; the bounds after each epoch under them.
 
-timing.md's tables, for the finished runs validated in training mode too,
-per cell (norm, normalization group V, sampling, and any renorm setting
-that differs): the test accuracy, the gap val_accuracy -
-val_accuracy_train_mode (points; positive: inference is the better) at the
-last epoch and its mean over the epochs, renorm's last-epoch corrections
-averaged over the layers; renorm - batchnorm paired by seed. Means over
-seeds with t-intervals."""
+timing.md's tables, of the finished runs validated in training mode too,
+per cell (norm, V, sampling, and any renorm setting that differs): the
+test accuracy, the gap val_accuracy - val_accuracy_train_mode (points;
+positive: inference is the better) at the last epoch and its mean over the
+epochs, renorm's last-epoch corrections over the layers; renorm -
+batchnorm paired by seed."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -50,9 +47,8 @@ MAX_EPOCH_TICKS = 10
 
 
 def epoch_grid(corrections):
-    """The epochs of the columns (every integer from the first epoch to the
-    last: an epoch without rows is a blank column) and the layers of the
-    rows, in the file's order."""
+    """The epochs of the columns (every one from the first to the last: an
+    epoch without rows a blank column) and the layers of the rows."""
     epochs = corrections["epoch"].round().astype(int)
     return (np.arange(epochs.min(), epochs.max() + 1),
             list(dict.fromkeys(corrections["layer"])))
@@ -66,8 +62,8 @@ def matrix(corrections, column, epochs, layers):
 
 
 def epoch_ticks(ax, epochs):
-    """Integer epochs under the cells' centres (a cell spans its epoch's
-    training, from e - 1 to e), at most MAX_EPOCH_TICKS of them."""
+    """At most MAX_EPOCH_TICKS epochs, under the cells' centres (a cell
+    spans its epoch's training, from e - 1 to e)."""
     first, last = int(epochs[0]), int(epochs[-1])
     ticks = [int(t) for t in MaxNLocator(MAX_EPOCH_TICKS, integer=True,
                                          min_n_ticks=1).tick_values(first,
@@ -98,8 +94,7 @@ def heatmap(fig, ax, values, spec, epochs, layers):
 
 
 def bound_panel(ax, corrections, column, title, epochs):
-    """A bound after each epoch (the same for every layer), at the
-    centre of its epoch's cells."""
+    """A bound after each epoch (every layer's), under its epoch's cells."""
     bound = corrections.groupby("epoch")[column].first()
     ax.plot(bound.index - 0.5, bound.to_numpy(), color="0.2",
             marker="o" if len(epochs) <= 25 else None, markersize=3)
@@ -108,8 +103,8 @@ def bound_panel(ax, corrections, column, title, epochs):
 
 
 def mark_warmup(axes, run, epochs):
-    """A dotted line where the run's warm-up ends, on every panel; whether
-    drawn (not where it ends outside the epochs drawn)."""
+    """A dotted line on every panel where the run's warm-up ends (within
+    the epochs drawn); whether drawn."""
     epoch = run.warmup_epoch()
     if epoch is None or not epochs[0] - 1 < epoch <= epochs[-1]:
         return False
@@ -120,8 +115,7 @@ def mark_warmup(axes, run, epochs):
 
 
 def plot_corrections(run):
-    """The run's four statistics as heatmaps (layer by epoch) and its
-    bounds; `run.corrections` must be a frame of them (histories)."""
+    """The run's four statistics as heatmaps (layer by epoch), its bounds."""
     corrections = run.corrections
     epochs, layers = epoch_grid(corrections)
     height = 0.9 + 0.24 * len(layers)
@@ -168,8 +162,7 @@ def tables(runs, groups):
 
 
 def in_study(run):
-    """Whether a run was validated in training mode every epoch and has
-    finished."""
+    """Whether a run has finished, validated in training mode each epoch."""
     return bool(run.config.get("train_mode_validation") and run.has_gap
                 and run.frame[GAP].notna().all()
                 and len(run.frame) >= run.config["epochs"])
@@ -190,8 +183,8 @@ def value_text(value):
 
 
 def measures(run):
-    """The run's test accuracy and gaps (points), and the last epoch's
-    corrections over the layers (fractions as they are)."""
+    """The run's test accuracy and gaps (points), and its last epoch's
+    corrections, means over the layers."""
     gaps = [100 * gap for gap in run.frame[GAP]]
     test = test_result(run)
     result = {"test": float("nan") if test is None else 100 * test,

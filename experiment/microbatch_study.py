@@ -1,35 +1,31 @@
-"""The microbatch study (train.py --virtual-batch-size, --sampling pairs;
-sweep.py --study microbatch): microbatch.png (test accuracy against the
-normalization group V, a line per norm and sampling, mean and t-interval
-over seeds; the accuracy each norm loses from the largest V to the
-smallest, paired by seed) and timing.md's tables (accuracy per cell,
-renorm - batchnorm paired by seed, the accuracy lost)."""
+"""The microbatch study (sweep.py --study microbatch; train.py
+--virtual-batch-size, --sampling pairs): microbatch.png and timing.md's
+tables, by norm, sampling and normalization group V."""
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import NullLocator
 
 from experiment import histories
 from experiment.histories import field_text, norm_rank, sort_key, test_result
 from experiment.report import (
-    CONFIDENCE, figure_title, interval_text, legend_below, markdown_table,
-    mean_std_text, norm_colors, paired_differences, t_interval)
+    CONFIDENCE, figure_title, interval_text, legend_below, log2_axis,
+    markdown_table, mean_std_text, norm_colors, paired_differences,
+    t_interval)
 
 LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
 
 
 def tables(runs, groups):
-    """timing.md's tables of the study; "" without runs of it that have a
-    test result."""
+    """timing.md's tables of the study; "" without results of it."""
     found = micro_points(runs)
     return "\n" + microbatch_tables(found) if has_results(found) else ""
 
 
 def figures(runs, groups):
-    """(file name, figure) of the study where some run has a result."""
+    """(file name, figure) of the study where it has results."""
     found = micro_points(runs)
     if has_results(found):
         yield "microbatch.png", plot_microbatch(found, runs)
@@ -40,8 +36,8 @@ def has_results(points):
 
 
 def group_size(run):
-    """The examples a run's normalization statistics come from: its virtual
-    batch, else its whole batch (keras-renorm, or a run without one)."""
+    """V: the examples a run's normalization statistics come from (its
+    virtual batch, else its whole batch)."""
     virtual = run.value("virtual_batch_size")
     return virtual if virtual is not None else run.value("batch_size")
 
@@ -51,18 +47,17 @@ class MicroPoint:
     """The runs of one norm, sampling and normalization group (seeds are
     repeats, and pair the cells)."""
 
-    # A point's own fields (the sampling holds classes_per_batch, as kK).
+    # Its own fields (the sampling holds classes_per_batch, as kK).
     FIELDS: ClassVar = ("virtual_batch_size", "sampling", "classes_per_batch")
     norm: str
     sampling: str  # iid, pairs or kK
-    rest: tuple  # ((field, value), ...) of other fields that split runs
+    rest: tuple  # ((field, value), ...) of the other splitting fields
     group: object  # group_size: V, or the batch size
     runs: list
 
     def by_seed(self):
         """Test accuracy of the last weights (%) by seed, of the runs that
-        have one (unfinished runs are left out); the mean where a seed
-        repeats."""
+        have one; the mean where a seed repeats."""
         found = {}
         for run in self.runs:
             value = test_result(run)
@@ -97,9 +92,8 @@ def micro_lines(points):
 
 
 def group_losses(points):
-    """Per line with two groups or more: (line, smallest group, largest
-    group, the paired differences by seed: accuracy at the largest minus at
-    the smallest, i.e. what the norm loses when its groups shrink)."""
+    """Per line with several groups: (line, smallest, largest, {seed:
+    accuracy at the largest - at the smallest}), what the norm loses."""
     found = []
     for line, cells in micro_lines(points).items():
         if len(cells) < 2:
@@ -111,8 +105,8 @@ def group_losses(points):
 
 
 def renorm_gains(points):
-    """(sampling, rest, group, {seed: renorm - batchnorm}) for every cell
-    that has both norms."""
+    """(sampling, rest, group, {seed: MORE - LESS}) of each cell with
+    both."""
     found = []
     lines = micro_lines(points)
     for (norm, sampling, rest), cells in lines.items():
@@ -131,10 +125,8 @@ def micro_sampling_text(sampling):
 
 
 def microbatch_tables(points):
-    """Markdown: test accuracy per norm, sampling and normalization group
-    (mean ± std (n) over seeds); the paired differences renorm - batchnorm
-    per group and sampling, and what each norm loses from its largest group
-    to its smallest, with their t-intervals."""
+    """Markdown: test accuracy per line and V (mean ± std (n) over seeds),
+    then `gains_table` and `losses_table`."""
     groups = sorted({p.group for p in points}, key=sort_key)
     rest_fields = [f for f, _ in points[0].rest]
     header = ("norm", "sampling", *rest_fields, *[f"V={g}" for g in groups])
@@ -152,7 +144,7 @@ def microbatch_tables(points):
 
 
 def gains_table(points, rest_fields):
-    """Markdown: renorm - batchnorm paired by seed per V and sampling."""
+    """Markdown: MORE - LESS paired by seed, per sampling and V."""
     gains = renorm_gains(points)
     if not gains:
         return ""
@@ -175,8 +167,7 @@ def gains_table(points, rest_fields):
 
 
 def losses_table(points, rest_fields):
-    """Markdown: the accuracy each norm loses from its largest V to its
-    smallest, paired by seed."""
+    """Markdown: `group_losses` with their t-intervals."""
     losses = group_losses(points)
     if not losses:
         return ""
@@ -204,8 +195,7 @@ def micro_label(line):
 
 def micro_accuracy(ax, points, colors):
     """Test accuracy against V, a line per norm and sampling: the mean over
-    seeds and its t-interval (a line's single group, keras-renorm's whole
-    batch, is a marker)."""
+    seeds and its t-interval (a line of one group, a marker)."""
     rests = list(dict.fromkeys(p.rest for p in points))
     markers = dict(zip(rests, "osD^v<>px*"))
     lines = micro_lines(points)
@@ -225,18 +215,14 @@ def micro_accuracy(ax, points, colors):
                     color=colors[norm], linestyle=micro_linestyle(sampling),
                     marker=markers[rest], markersize=5, capsize=3,
                     label=micro_label(line))
-    sizes = sorted({p.group for p in points}, key=sort_key)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set(xlabel="normalization group V (examples; log scale)",
-           ylabel="test accuracy, last weights (%)",
+    log2_axis(ax, sorted({p.group for p in points}, key=sort_key),
+              "normalization group V (examples; log scale)")
+    ax.set(ylabel="test accuracy, last weights (%)",
            title="test accuracy against V")
 
 
 def micro_losses(ax, points, colors):
-    """A bar per norm and sampling: accuracy at the largest V minus at the
-    smallest, paired by seed, with its t-interval."""
+    """A bar per line of `group_losses`, with its t-interval."""
     losses = group_losses(points)
     for number, (line, _small, _large, differences) in enumerate(losses):
         mean, half = t_interval(differences.values())
@@ -256,8 +242,7 @@ def micro_losses(ax, points, colors):
 
 
 def plot_microbatch(points, runs):
-    """Test accuracy against the normalization group V, and what each norm
-    loses from the largest V to the smallest."""
+    """`micro_accuracy`, and `micro_losses` beside it where there are."""
     losses = group_losses(points)
     fig, axes = plt.subplots(1, 2 if losses else 1, squeeze=False,
                              figsize=(13 if losses else 7, 5.5),

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import NullLocator
 
 from experiment import runfiles
 from experiment.histories import IGNORED, field_text, sampling_text, sort_key
@@ -37,6 +38,14 @@ def save_figure(fig, path):
     fig.savefig(image, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     runfiles.write_file(path, image.getvalue())
+
+
+def log2_axis(ax, sizes, label):
+    """A log2 x axis with a tick at each of `sizes`."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(label)
 
 
 def legend_below(fig, axes, columns=3):
@@ -115,15 +124,12 @@ def mean_std_text(values):
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
 HELD_OUT = TRAIN_IMAGES // 10  # train.py's default --val-size (val_from train)
-# How a title names a protocol key's value where a run departs from it.
+# How a title names a protocol key's value where a run departs from it
+# (other keys: the key's words, then the value).
 DEPARTURE_TEXT = {
     "epochs": "{} epochs", "batch_size": "batch {}",
-    "classes_per_batch": "{} classes/batch", "optimizer": "optimizer {}",
-    "lr": "lr {}", "lr_milestones": "lr milestones {}",
-    "lr_gamma": "lr gamma {}", "sgd_momentum": "SGD momentum {}",
-    "nesterov": "Nesterov {}", "weight_decay": "weight decay {}",
-    "augment": "augmentation {}", "dropout": "dropout {}",
-    "norm_momentum": "norm momentum {}", "norm_epsilon": "norm epsilon {}",
+    "classes_per_batch": "{} classes/batch", "sgd_momentum": "SGD momentum {}",
+    "nesterov": "Nesterov {}", "augment": "augmentation {}",
     "r_max": "r_max {}", "d_max": "d_max {}",
     "warmup_steps": "warm-up {} steps", "r_max_steps": "r_max ramp {} steps",
     "d_max_steps": "d_max ramp {} steps",
@@ -159,32 +165,28 @@ def protocol_departures(config):
     if not isinstance(name, str) or name not in PROTOCOLS:
         return [("protocol", f"protocol {name!r} unknown: not compared")]
     protocol, found = PROTOCOLS[name], []
-    if not all(same(config.get(k, getattr(protocol, k)), getattr(protocol, k))
-               for k in ("depth", "width")):
-        found.append(("network", (f"WRN-{config.get('depth', '?')}-"
-                                  f"{config.get('width', '?')}")))
+    if (config["depth"], config["width"]) != (protocol.depth, protocol.width):
+        found.append(("network", f"WRN-{config['depth']}-{config['width']}"))
     skip = {"depth", "width"} | (set(SCHEDULE_STEPS)
-                                 if config.get("renorm_schedule") else set())
+                                 if config["renorm_schedule"] else set())
     for key in PROTOCOL_KEYS:
-        if key in skip or key not in config:
-            continue
-        if not same(config[key], getattr(protocol, key)):
-            found.append((key, DEPARTURE_TEXT.get(key, key + " {}").format(
-                value_text(config[key]))))
+        if key not in skip and not same(config[key], getattr(protocol, key)):
+            text = DEPARTURE_TEXT.get(key, key.replace("_", " ") + " {}")
+            found.append((key, text.format(value_text(config[key]))))
     return found
 
 
 def run_departures(config):
     """(key, text) of each setting of a run that departs from its protocol
-    run on the full data set: the network, the data's sizes and where the
-    validation images come from, the other protocol keys, the precision,
-    the devices."""
+    run on the full data set: the network, the data, the other protocol
+    keys, the precision, the normalization groups and sampling, the
+    devices."""
     found = protocol_departures(config)
-    train, val = config.get("train_size"), config.get("val_size")
+    train, val = config["train_size"], config["val_size"]
     data = []
     # The protocol's data: a tenth of the training set held out for
     # validation (train.py's default), the rest trained on.
-    held_out = config.get("val_from") == "train"
+    held_out = config["val_from"] == "train"
     if train not in (None, TRAIN_IMAGES - HELD_OUT if held_out
                      else TRAIN_IMAGES):
         data.append(("train_size", f"{train} training images"))
@@ -196,14 +198,14 @@ def run_departures(config):
             + " test images (as in 2017)"))
     at = 1 if found and found[0][0] == "network" else 0
     found[at:at] = data
-    if config.get("precision") not in (None, "float32"):
+    if config["precision"] != "float32":
         found.append(("precision", f"precision {config['precision']}"))
-    if config.get("virtual_batch_size") is not None:
+    if config["virtual_batch_size"] is not None:
         found.append(("virtual_batch_size",
                       f"virtual batch {config['virtual_batch_size']}"))
-    if config.get("sampling") == "pairs":
+    if config["sampling"] == "pairs":
         found.append(("sampling", "pairs of a class (sampling pairs)"))
-    if config.get("devices") not in (None, 1):
+    if config["devices"] != 1:
         found.append(("devices", f"{config['devices']} devices"))
     return found
 
@@ -242,8 +244,7 @@ def describe_runs(runs):
     keys = list(dict.fromkeys(k for f in found for k in f))
     common = [k for k in keys if all(f.get(k) == found[0].get(k)
                                      for f in found)]
-    protocols = "/".join(sorted({str(r.config.get("protocol"))
-                                 for r in runs}))
+    protocols = "/".join(sorted({str(r.config["protocol"]) for r in runs}))
     lines = [f"protocol {protocols}" + (
         ", except: " + ", ".join(found[0][k] for k in common) if common
         else " as specified, on the full data set")]
@@ -253,17 +254,12 @@ def describe_runs(runs):
     if varying:
         lines.append("by group: " + "; ".join(setting_text(k, runs)
                                                for k in varying))
-    lines.append(device_text(runs))
-    return [textwrap.fill(line, TITLE_WIDTH, break_on_hyphens=False)
-            for line in lines]
-
-
-def device_text(runs):
-    """The device and backend the runs ran on, for a title."""
     devices = sorted({f"{r.value('device')} ({r.value('backend')})"
                       for r in runs})
-    return ("on " + devices[0] if len(devices) == 1
-            else f"on {len(devices)} devices/backends, by group")
+    lines.append("on " + devices[0] if len(devices) == 1
+                 else f"on {len(devices)} devices/backends, by group")
+    return [textwrap.fill(line, TITLE_WIDTH, break_on_hyphens=False)
+            for line in lines]
 
 
 def figure_title(text, groups, runs):

@@ -1,22 +1,19 @@
-"""The sweep over batch sizes and i.i.d. / non-i.i.d. batches (train.py
---classes-per-batch; sweep.py): accuracy_vs_batch_size.png (test, best and
-final validation accuracy against batch size, a line per norm and
-sampling), non_iid.png (i.i.d. against K classes per batch, and the
-accuracy lost), and timing.md's tables by norm, sampling and batch size."""
+"""The sweep over batch sizes and i.i.d. / non-i.i.d. batches (sweep.py;
+train.py --classes-per-batch): accuracy_vs_batch_size.png, non_iid.png and
+timing.md's tables by norm, sampling and batch size."""
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import NullLocator
 
 from experiment import histories
 from experiment.histories import (
     field_text, norm_rank, sampling_text, sort_key, test_result)
 from experiment.report import (
     LINESTYLES, MAX_LINES, figure_title, format_percent, legend_below,
-    markdown_table, norm_colors)
+    log2_axis, markdown_table, norm_colors)
 
 
 def tables(runs, groups):
@@ -29,8 +26,8 @@ def tables(runs, groups):
 
 
 def figures(runs, groups):
-    """(file name, figure) of accuracy against batch size where the runs
-    span several, and of non-i.i.d. batches where some runs have them."""
+    """(file name, figure) of accuracy against batch size, and of
+    non-i.i.d. batches, where the runs have them."""
     found = sweep_points(runs)
     if len({p.batch_size for p in found}) > 1:
         yield ("accuracy_vs_batch_size.png",
@@ -43,11 +40,10 @@ def figures(runs, groups):
 class Point:
     """The runs of one norm, sampling and batch size (seeds are repeats)."""
 
-    # A point's own fields (not its rest).
     FIELDS: ClassVar = ("batch_size", "classes_per_batch")
     norm: str
     classes: object  # classes_per_batch: None for i.i.d.
-    rest: tuple  # ((field, value), ...) of other fields that split runs
+    rest: tuple  # ((field, value), ...) of the other splitting fields
     batch_size: object
     runs: list
 
@@ -105,13 +101,6 @@ def sampling_styles(points):
     return linestyles, markers
 
 
-def batch_size_axis(ax, sizes):
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("batch size (log scale)")
-
-
 def accuracy_panels(points):
     """(title, each run's accuracy in percent) of each panel: test accuracy
     first where every run has it, then best and final validation."""
@@ -125,8 +114,8 @@ def accuracy_panels(points):
 
 
 def rest_rows(points):
-    """[(rest, points)]: one row for all where a panel holds no more than
-    MAX_LINES lines, else a row per value of the other splitting fields."""
+    """[(rest, points)]: one row, or one per rest where a panel would hold
+    more than MAX_LINES lines."""
     if len({p.line for p in points}) <= MAX_LINES:
         return [((), points)]
     rests = list(dict.fromkeys(p.rest for p in points))
@@ -152,8 +141,8 @@ def accuracy_lines(ax, points, accuracy, styles):
 
 
 def plot_accuracy_vs_batch_size(points, runs):
-    """Accuracy against batch size, a panel per measure (test accuracy
-    first where there), a row per other setting where lines would crowd."""
+    """Accuracy against batch size, a panel per measure, a line per norm
+    and sampling (and rest), a row per `rest_rows`."""
     panels, rows = accuracy_panels(points), rest_rows(points)
     fig, axes = plt.subplots(
         len(rows), len(panels), squeeze=False, sharey=True,
@@ -165,7 +154,7 @@ def plot_accuracy_vs_batch_size(points, runs):
     for number, (rest, members) in enumerate(rows):
         for ax, (title, accuracy) in zip(axes[number], panels):
             accuracy_lines(ax, members, accuracy, styles)
-            batch_size_axis(ax, sizes)
+            log2_axis(ax, sizes, "batch size (log scale)")
             ax.set_title(", ".join([title] + [field_text(f, v)
                                               for f, v in rest]))
         axes[number, 0].set_ylabel("accuracy (%)")
@@ -218,14 +207,13 @@ def non_iid_drops(ax, points, colors, styles, sizes):
         drawn = True
     ax.axhline(0, color="grey", linewidth=1)
     if drawn:
-        batch_size_axis(ax, sizes)
+        log2_axis(ax, sizes, "batch size (log scale)")
     ax.set(ylabel="percentage points")
 
 
 def plot_non_iid(points, runs):
-    """Bars of best val accuracy per batch size, norm and sampling, and the
-    accuracy each norm loses with non-i.i.d. batches; a row per other
-    setting where bars would crowd."""
+    """Best val accuracy per batch size, norm and sampling, and what each
+    norm loses with non-i.i.d. batches; a row per `rest_rows`."""
     rows = rest_rows(points)
     fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.5 + 3.8 * len(rows)),
                              squeeze=False, layout="constrained")
@@ -245,8 +233,7 @@ def plot_non_iid(points, runs):
 
 
 def batch_table(points, cell):
-    """Markdown: a row per norm, sampling (and other splitting fields), a
-    column per batch size; `cell(point)` is the text of a cell."""
+    """Markdown: a row per line, a column per batch size, `cell(point)`."""
     sizes = sorted({p.batch_size for p in points}, key=sort_key)
     rest_fields = [f for f, _ in points[0].rest]
     header = ("norm", "sampling", *rest_fields,
@@ -261,8 +248,7 @@ def batch_table(points, cell):
 
 
 def sweep_table(points):
-    """Markdown: best / final val accuracy (%) by norm, sampling and batch
-    size."""
+    """Markdown: best / final val accuracy (%) per line and batch size."""
     def cell(point):
         return (f"{format_percent(point.values('best') / 100)} / "
                 f"{format_percent(point.values('final') / 100)}")
@@ -275,9 +261,9 @@ def sweep_table(points):
 
 
 def test_table(points):
-    """Markdown: test accuracy by norm, sampling and batch size, the last
-    weights' (and the best-val weights' where every run has it, as "last /
-    best-val"); "" unless every run has its test result."""
+    """Markdown: test accuracy per line and batch size, the last weights'
+    (and "/ the best-val weights'" where every run has it); "" unless every
+    run has a test result."""
     if any(p.test_values() is None for p in points):
         return ""
     images = set().union(*(p.test_images() for p in points))
