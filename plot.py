@@ -7,11 +7,9 @@ Runs that differ only in their seed (and name, timings, provenance) are
 repeats of one group; labels name the settings that tell groups apart.
 Writes, in PLOTS:
 
-  curves.png             train/val loss and accuracy against epoch, a colour
-                         per norm (a row of panels per setting where lines
-                         would crowd); renorm's warm-up end dotted; the
-                         train/inference gap where runs were also validated
-                         in training mode
+  curves.png             loss and accuracy against epoch, a colour per norm;
+                         the train/inference gap where runs were also
+                         validated in training mode
   seconds_per_epoch.png  median training s/epoch per group, every epoch a
                          dot, the ratio to batchnorm
   timing.md              per group: test accuracy, best and final val
@@ -20,29 +18,25 @@ Writes, in PLOTS:
 and where the runs have them:
   NAME.corrections.png   a renorm run's r and d by layer and epoch, and its
                          bounds (train.py --track-corrections)
-  accuracy_vs_batch_size.png, non_iid.png
+  accuracy_vs_batch_size.png, non_iid.png, and tables
                          accuracy against batch size, i.i.d. against K
-                         classes per batch (several batch sizes or
-                         --classes-per-batch; sweep.py), with their tables
-  microbatch.png         test accuracy against the normalization group V,
-                         and what each norm loses from the largest V to the
-                         smallest, paired by seed (--virtual-batch-size,
-                         --sampling pairs; sweep.py --study microbatch),
-                         with their tables
+                         classes per batch (sweep.py)
+  microbatch.png, and tables
+                         test accuracy against the normalization group V,
+                         and the accuracy lost as V shrinks, paired by seed
+                         (sweep.py --study microbatch)
   the gap's tables       per cell: the train/inference gap and renorm's
-                         corrections, renorm - batchnorm paired by seed
-                         (--train-mode-validation)
+                         corrections (train.py --train-mode-validation)
 
 Figure titles state every setting that departs from the protocol the runs
-name (and the full data set), and the device. A group whose runs come from
-different commits, a dirty tree or code that recorded no provenance is
-flagged on stderr and in timing.md. A partial or malformed history is
-skipped with a warning naming it; a malformed NAME.corrections.csv too (its
-run is kept, without that figure).
+name, and the device. A group whose runs come from different commits, a
+dirty tree or code that recorded no provenance is flagged on stderr and in
+timing.md. A partial or malformed history is skipped with a warning naming
+it; a malformed NAME.corrections.csv too (its run is kept, without that
+figure).
 
 With --readme FILE, the table also replaces what FILE holds between the
-lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`, so that the
-README's figures are the ones the histories give.
+lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`.
 """
 
 import argparse

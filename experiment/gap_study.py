@@ -163,9 +163,10 @@ def tables(runs, groups):
 
 def in_study(run):
     """Whether a run has finished, validated in training mode each epoch."""
-    return bool(run.config.get("train_mode_validation") and run.has_gap
+    epochs = run.config["epochs"]
+    return bool(run.config["train_mode_validation"] and run.has_gap
                 and run.frame[GAP].notna().all()
-                and len(run.frame) >= run.config["epochs"])
+                and isinstance(epochs, int) and len(run.frame) >= epochs)
 
 
 def cell_of(config, variants):
@@ -202,14 +203,12 @@ def cells(runs):
     varying = [key for key in VARIANT_KEYS
                if len({value_text(r.config[key]) for r in runs
                        if r.config["norm"] == "renorm"}) > 1]
-
-    def cell(run):
-        return cell_of(run.config, varying if run.config["norm"] == "renorm"
-                       else [])
     table = {}
     for run in sorted(runs, key=lambda r: (r.config["norm"],
                                            cell_of(r.config, varying))):
-        table.setdefault(cell(run), {})[run.config["seed"]] = measures(run)
+        own = varying if run.config["norm"] == "renorm" else []
+        table.setdefault(cell_of(run.config, own), {})[
+            run.config["seed"]] = measures(run)
     return table
 
 

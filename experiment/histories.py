@@ -71,14 +71,12 @@ class Run:
         return GAP in self.frame
 
     def warmup_epoch(self):
-        """Where a renorm run's bounds start to relax, in epochs
-        (warmup_steps / steps_per_epoch); None for other norms, where either
-        is unknown, or without a warm-up."""
-        if self.config.get("norm") != "renorm":
-            return None
-        steps, per_epoch = (self.config.get("warmup_steps"),
-                            self.config.get("steps_per_epoch"))
-        if (isinstance(steps, (int, float)) and isinstance(per_epoch, int)
+        """Where a renorm run's bounds start to relax, in epochs; None for
+        other norms, without a warm-up, or without steps_per_epoch."""
+        steps = self.config["warmup_steps"]
+        per_epoch = self.config.get("steps_per_epoch")
+        if (self.config["norm"] == "renorm" and isinstance(per_epoch, int)
+                and isinstance(steps, (int, float))
                 and not isinstance(steps, bool) and per_epoch > 0
                 and steps > 0):
             return steps / per_epoch
