@@ -24,10 +24,9 @@ FRAME = pd.DataFrame({"epoch": [1.0, 2.0], "seconds": [1.0, 1.0],
                       "loss": [2.0, 1.0], "accuracy": [0.2, 0.3],
                       "val_loss": [2.1, 1.1], "val_accuracy": [0.2, 0.3]})
 # Every key that must split groups: the configuration's, less the seed and
-# the name, the environment's, and the newer histories' own.
+# the name, and the environment's.
 SPLITTING = ([k for k in CONFIG_KEYS if k not in ("seed", "name")]
-             + ["backend", "device", "precision", "val_from",
-                "virtual_batch_size", "devices"])
+             + ["backend", "device"])
 
 
 def run(name, **changes):
