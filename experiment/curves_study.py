@@ -16,7 +16,7 @@ from experiment.histories import (
     provenance_problems, provenances, sort_key, test_result, warn)
 from experiment.report import (
     BASELINE, LINESTYLES, MAX_LINES, WARMUP_STYLE, figure_title,
-    format_percent, markdown_table, norm_colors)
+    format_percent, markdown_table, norm_colors, test_images_text)
 
 
 def tables(runs, groups):
@@ -339,15 +339,6 @@ def result_text(group, key):
     return text
 
 
-def test_images_text(groups):
-    """How many test images the test accuracies count."""
-    images = {run.config["result"].get("test_images") for g in groups
-              for run in g.runs if isinstance(run.config.get("result"), dict)}
-    images.discard(None)
-    return (f"all {images.pop()} test images" if len(images) == 1
-            else "the whole test set")
-
-
 def validation_text(groups):
     """Where the groups' validation images come from, in words."""
     pairs = sorted({(str(run.value("val_from")), run.value("val_size"))
@@ -403,7 +394,7 @@ def timing_report(groups, runs, history_dirs):
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
         f"group(s).\n\n{markdown_table(header, rows)}\n\n"
         "Test accuracy: mean (± std over runs) of each run's last weights on "
-        f"{test_images_text(groups)}.{best_note} Validation accuracy: mean "
+        f"{test_images_text(runs, 'the whole test set')}.{best_note} Validation accuracy: mean "
         "(± std over runs) of each run's best and final epoch; validation "
         f"images: {validation_text(groups)}. Median s/epoch: median wall time "
         "of an epoch's training steps over all epochs of the group's runs "

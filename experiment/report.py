@@ -121,6 +121,13 @@ def mean_std_text(values):
             f"({len(values)})")
 
 
+def test_images_text(runs, otherwise):
+    """How many test images the runs' test accuracies count."""
+    images = {run.config["result"].get("test_images") for run in runs
+              if isinstance(run.config.get("result"), dict)} - {None}
+    return f"all {images.pop()} test images" if len(images) == 1 else otherwise
+
+
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
 HELD_OUT = TRAIN_IMAGES // 10  # train.py's default --val-size (val_from train)

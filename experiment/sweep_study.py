@@ -13,7 +13,7 @@ from experiment.histories import (
     field_text, norm_rank, sampling_text, sort_key, test_result)
 from experiment.report import (
     LINESTYLES, MAX_LINES, figure_title, format_percent, legend_below,
-    log2_axis, markdown_table, norm_colors)
+    log2_axis, markdown_table, norm_colors, test_images_text)
 
 
 def tables(runs, groups):
@@ -61,9 +61,6 @@ class Point:
         if any(r is None for r in results):
             return None
         return np.array(results) * 100
-
-    def test_images(self):
-        return {run.config["result"].get("test_images") for run in self.runs}
 
     @property
     def line(self):
@@ -266,9 +263,8 @@ def test_table(points):
     run has a test result."""
     if any(p.test_values() is None for p in points):
         return ""
-    images = set().union(*(p.test_images() for p in points))
-    counted = (f"all {images.pop()} test images" if len(images) == 1
-               else "the test set")
+    counted = test_images_text([r for p in points for r in p.runs],
+                               "the test set")
     best = all(p.test_values("best_test_accuracy") is not None
                for p in points)
 
