@@ -12,8 +12,7 @@ from matplotlib.ticker import (
     LogLocator, MaxNLocator, StrMethodFormatter)
 
 from experiment.histories import (
-    GAP, IGNORED, PROVENANCE_WARNINGS, field_text, norm_rank,
-    provenance_problems, provenances, sort_key, test_result, warn)
+    GAP, IGNORED, field_text, norm_rank, sort_key, test_result, warn)
 from experiment.report import (
     BASELINE, LINESTYLES, MAX_LINES, WARMUP_STYLE, figure_title,
     format_percent, markdown_table, norm_colors, test_images_text)
@@ -302,6 +301,41 @@ def format_epochs(group):
         if isinstance(planned, int) and done[0] < planned:
             text += f"/{planned}"
     return text
+
+
+def provenances(group):
+    """Each run's `provenance` record (None where it is not one)."""
+    return [record if isinstance(record := run.config.get("provenance"), dict)
+            else None for run in group.runs]
+
+
+# What a warning says of the groups with each kind of provenance problem.
+PROVENANCE_WARNINGS = {
+    "none": "runs with no provenance (older code)",
+    "unknown": "runs of an unknown commit (not run from a git checkout)",
+    "commits": "runs from different commits",
+    "dirty": "runs from a dirty tree (uncommitted changes)",
+}
+
+
+def provenance_problems(group):
+    """Why a group's runs may not be the same code, as (kind, text) with the
+    kinds of PROVENANCE_WARNINGS; empty for runs of one clean commit."""
+    records = provenances(group)
+    known = [r for r in records if r is not None]
+    problems = []
+    if len(known) < len(records):
+        problems.append(("none", "no provenance" if not known else
+                         f"{len(records) - len(known)} of {len(records)} "
+                         "runs without provenance"))
+    commits = {r.get("commit") for r in known}
+    if None in commits:
+        problems.append(("unknown", "commit unknown"))
+    if len(commits - {None}) > 1:
+        problems.append(("commits", f"{len(commits - {None})} commits"))
+    if any(r.get("dirty") is not False for r in known):
+        problems.append(("dirty", "dirty tree"))
+    return problems
 
 
 def provenance_cell(group):

@@ -1,9 +1,9 @@
 """The training histories that train.py writes, read for analysis: each run
 (its CSV as numbers, with the train/inference gap where it was validated in
 training mode; its JSON configuration; its NAME.corrections.csv where there
-is one), the groups of runs that differ only in their seed (and name,
-timings, provenance), and the provenance checks of a group. The study
-modules (experiment.*_study, experiment.gap_study) draw and tabulate them."""
+is one), and the groups of runs that differ only in their seed (and name,
+timings, provenance). The study modules (experiment.*_study,
+experiment.gap_study) draw and tabulate them."""
 
 import csv
 import json
@@ -351,38 +351,3 @@ def points(runs, make, coordinates, order):
         found[key].runs.append(run)
     return sorted(found.values(), key=order)
 
-
-# ------------------------------------------------------------- provenance
-def provenances(group):
-    """Each run's `provenance` record (None where it is not one)."""
-    return [record if isinstance(record := run.config.get("provenance"), dict)
-            else None for run in group.runs]
-
-
-# What a warning says of the groups with each kind of provenance problem.
-PROVENANCE_WARNINGS = {
-    "none": "runs with no provenance (older code)",
-    "unknown": "runs of an unknown commit (not run from a git checkout)",
-    "commits": "runs from different commits",
-    "dirty": "runs from a dirty tree (uncommitted changes)",
-}
-
-
-def provenance_problems(group):
-    """Why a group's runs may not be the same code, as (kind, text) with the
-    kinds of PROVENANCE_WARNINGS; empty for runs of one clean commit."""
-    records = provenances(group)
-    known = [r for r in records if r is not None]
-    problems = []
-    if len(known) < len(records):
-        problems.append(("none", "no provenance" if not known else
-                         f"{len(records) - len(known)} of {len(records)} "
-                         "runs without provenance"))
-    commits = {r.get("commit") for r in known}
-    if None in commits:
-        problems.append(("unknown", "commit unknown"))
-    if len(commits - {None}) > 1:
-        problems.append(("commits", f"{len(commits - {None})} commits"))
-    if any(r.get("dirty") is not False for r in known):
-        problems.append(("dirty", "dirty tree"))
-    return problems
