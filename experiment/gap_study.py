@@ -1,75 +1,181 @@
-"""The corrections study's tables: for runs with train.py's corrections and
-training-mode validation, what r and d did and how far the training-mode
-outputs were from the inference outputs, per cell (norm, normalization
-group V, sampling, and any other setting that differs), with paired
-differences by seed against batchnorm of the same V and sampling.
+"""The corrections study: what renorm's r and d did, and how far the
+training-mode outputs were from the inference outputs.
 
-Per run: the last epoch's gap `val_accuracy - val_accuracy_train_mode`
-(points; positive: inference is the better of the two), its mean over the
-epochs, and, for renorm, the last epoch's `r_dev`, `d_dev`, `r_clipped` and
-`d_clipped` averaged over the layers (NAME.corrections.csv); the test
-accuracy of the last weights. Means over seeds with 95% t-intervals
-(`report.t_interval`)."""
+NAME.corrections.png, from a renorm run's NAME.corrections.csv (train.py
+--track-corrections): `r_dev` (mean |r - 1|), `d_dev` (mean |d|),
+`r_clipped` and `d_clipped` (the fractions where the bound held r or d) as
+heatmaps, layer by epoch; the bounds after each epoch under them.
 
-import csv
-import json
-from pathlib import Path
+timing.md's tables, of the finished runs validated in training mode too,
+per cell (norm, V, sampling, and any renorm setting that differs): the
+test accuracy, the gap val_accuracy - val_accuracy_train_mode (points;
+positive: inference is the better) at the last epoch and its mean over the
+epochs, renorm's last-epoch corrections over the layers; renorm -
+batchnorm paired by seed."""
 
-from experiment import report
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from experiment.histories import GAP, test_result
+from experiment.report import (
+    WARMUP_STYLE, figure_title, interval_text, markdown_table, mean_std_text,
+    paired_differences)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
 # Settings that make a cell, besides norm, V and sampling (a variant).
 VARIANT_KEYS = ("norm_momentum", "renorm_schedule", "r_max", "d_max")
 
 
-def load(history_dirs):
-    """The runs of `history_dirs` that have training-mode validation: a
-    list of dicts (config, rows, corrections rows, test accuracy)."""
-    runs = []
-    for folder in history_dirs:
-        for path in sorted(Path(folder).glob("*.json")):
-            try:
-                run = load_run(path)
-            except (OSError, ValueError, KeyError, TypeError, csv.Error):
-                continue  # damaged: plot.py names it when it skips it
-            if run is not None:
-                runs.append(run)
-    return runs
+def figures(runs, groups):
+    """(file name, figure) of each run with a usable corrections file."""
+    for run in runs:
+        if run.corrections is not None:
+            yield f"{run.name}.corrections.png", plot_corrections(run)
 
 
-def load_run(path):
-    """The run of the JSON `path`, or None where it has no training-mode
-    validation or has not finished."""
-    config = json.loads(path.read_text())
-    csv_path = path.with_suffix(".csv")
-    if not (isinstance(config, dict) and config.get("train_mode_validation")
-            and csv_path.is_file()):
-        return None
-    rows = read_rows(csv_path)
-    if not rows or len(rows) < config.get("epochs", 0):
-        return None  # unfinished
-    for row in rows:  # numbers, or the run is damaged
-        float(row["val_accuracy"]), float(row["val_accuracy_train_mode"])
-    corrections = path.with_name(f"{path.stem}.corrections.csv")
-    return {"config": config, "rows": rows,
-            "corrections": read_rows(corrections)
-            if corrections.is_file() else [],
-            "test": 100 * (config.get("result") or {}).get(
-                "test_accuracy", float("nan"))}
+# (column, title, colour map, fixed upper end of its scale or None), by
+# figure column (r, then d) and row (deviation, then clipped fraction).
+HEATMAPS = ((("r_dev", "r_dev: mean |r − 1|", "viridis", None),
+             ("r_clipped", "r_clipped: fraction where r is clipped",
+              "magma", 1.0)),
+            (("d_dev", "d_dev: mean |d|", "viridis", None),
+             ("d_clipped", "d_clipped: fraction where d is clipped",
+              "magma", 1.0)))
+BOUNDS = (("r_max", "r_max after the epoch"), ("d_max", "d_max after the epoch"))
+MAX_EPOCH_TICKS = 10
 
 
-def read_rows(path):
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+def epoch_grid(corrections):
+    """The epochs of the columns (every one from the first to the last: an
+    epoch without rows a blank column) and the layers of the rows."""
+    epochs = corrections["epoch"].round().astype(int)
+    return (np.arange(epochs.min(), epochs.max() + 1),
+            list(dict.fromkeys(corrections["layer"])))
+
+
+def matrix(corrections, column, epochs, layers):
+    """`column` as a layers x epochs array (NaN where there is no row)."""
+    table = corrections.assign(epoch=corrections["epoch"].round().astype(int))
+    return (table.pivot(index="layer", columns="epoch", values=column)
+            .reindex(index=layers, columns=epochs).to_numpy(dtype=float))
+
+
+def epoch_ticks(ax, epochs):
+    """At most MAX_EPOCH_TICKS epochs, under the cells' centres (a cell
+    spans its epoch's training, from e - 1 to e)."""
+    first, last = int(epochs[0]), int(epochs[-1])
+    ticks = [int(t) for t in MaxNLocator(MAX_EPOCH_TICKS, integer=True,
+                                         min_n_ticks=1).tick_values(first,
+                                                                    last)
+             if first <= t <= last]
+    ax.set_xticks([t - 0.5 for t in ticks], [str(t) for t in ticks])
+    ax.set_xlim(first - 1, last)
+
+
+def heatmap(fig, ax, values, spec, epochs, layers):
+    """One statistic, a colour bar beside it (from 0; fractions to 1)."""
+    _column, title, cmap, top = spec
+    finite = values[np.isfinite(values)]
+    high = top if top is not None else (
+        float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
+    # Grey: no row for that layer and epoch.
+    colours = plt.get_cmap(cmap).with_extremes(bad="0.85")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=colours,
+                      aspect="auto", interpolation="nearest", vmin=0,
+                      vmax=high, extent=(epochs[0] - 1, epochs[-1],
+                                         len(layers) - 0.5, -0.5))
+    ax.set_title(title, fontsize=10)
+    ax.grid(False)
+    ax.set_yticks(range(len(layers)), layers,
+                  fontsize=9 if len(layers) <= 20 else 7)
+    fig.colorbar(image, ax=ax, pad=0.01, fraction=0.05,
+                 label="fraction" if top == 1.0 else None)
+
+
+def bound_panel(ax, corrections, column, title, epochs):
+    """A bound after each epoch (every layer's), under its epoch's cells."""
+    bound = corrections.groupby("epoch")[column].first()
+    ax.plot(bound.index - 0.5, bound.to_numpy(), color="0.2",
+            marker="o" if len(epochs) <= 25 else None, markersize=3)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("epoch")
+
+
+def mark_warmup(axes, run, epochs):
+    """A dotted line on every panel where the run's warm-up ends (within
+    the epochs drawn); whether drawn."""
+    epoch = run.warmup_epoch()
+    if epoch is None or not epochs[0] - 1 < epoch <= epochs[-1]:
+        return False
+    for ax in axes:
+        ax.axvline(epoch, color="white" if ax.images else "grey",
+                   linestyle=WARMUP_STYLE, linewidth=1.3)
+    return True
+
+
+def plot_corrections(run):
+    """The run's four statistics as heatmaps (layer by epoch), its bounds."""
+    corrections = run.corrections
+    epochs, layers = epoch_grid(corrections)
+    height = 0.9 + 0.24 * len(layers)
+    fig, axes = plt.subplots(
+        3, 2, figsize=(14, 2 * height + 3.2), sharex="col",
+        height_ratios=(height, height, 1.4), layout="constrained")
+    for row in range(2):  # the layers; the bounds have scales of their own
+        axes[row, 1].sharey(axes[row, 0])
+    for number, (maps, (bound, bound_title)) in enumerate(zip(HEATMAPS,
+                                                             BOUNDS)):
+        for row, spec in enumerate(maps):
+            heatmap(fig, axes[row, number], matrix(corrections, spec[0],
+                                                   epochs, layers),
+                    spec, epochs, layers)
+        bound_panel(axes[2, number], corrections, bound, bound_title, epochs)
+        epoch_ticks(axes[2, number], epochs)
+    for ax in axes[:2, 1]:
+        ax.tick_params(labelleft=False)
+    warmup = mark_warmup(axes.flat, run, epochs)
+    seed = run.value("seed")
+    fig.suptitle(figure_title(
+        f"What renorm's corrections did, by layer and epoch: {run.name} "
+        f"(seed {seed}); means over each epoch's training steps"
+        + ("; dotted: the warm-up ends" if warmup else ""), [], [run]),
+        fontsize=11)
+    return fig
+
+
+# ------------------------------------------------------------------ tables
+def tables(runs, groups):
+    """timing.md's section of the study; "" without runs of it."""
+    studied = [run for run in runs if in_study(run)]
+    if not studied:
+        return ""
+    folders = sorted({run.path.parent for run in studied})
+    table = cells(studied)
+    return ("\n### Training and inference outputs, and what r and d did"
+            "\n\n" + cell_table(table) + "\n\n" + paired_table(table)
+            + "\n\nMeans over seeds: `mean ± sd (n)` or `mean [95% "
+            "t-interval] (n)`; the corrections: the last epoch's means over "
+            "the layers and seeds (fractions). Written by "
+            "`experiment/gap_study.py` from "
+            + ", ".join(f"`{d}`" for d in folders) + ".\n")
+
+
+def in_study(run):
+    """Whether a run has finished, validated in training mode each epoch."""
+    epochs = run.config["epochs"]
+    return bool(run.config["train_mode_validation"] and run.has_gap
+                and run.frame[GAP].notna().all()
+                and isinstance(epochs, int) and len(run.frame) >= epochs)
 
 
 def cell_of(config, variants):
     """(norm, V, sampling, variant text) of a run; `variants`: the
-    VARIANT_KEYS whose values differ among the runs of its norm."""
-    group = config.get("virtual_batch_size") or config.get("batch_size")
-    variant = ", ".join(f"{key} {value_text(config.get(key))}"
+    VARIANT_KEYS whose values differ among the renorm runs."""
+    group = config["virtual_batch_size"] or config["batch_size"]
+    variant = ", ".join(f"{key} {value_text(config[key])}"
                         for key in variants)
-    return config["norm"], group, config.get("sampling", "iid"), variant
+    return config["norm"], group, config["sampling"], variant
 
 
 def value_text(value):
@@ -78,76 +184,68 @@ def value_text(value):
 
 
 def measures(run):
-    """The per-run measures (points, and fractions as they are)."""
-    gaps = [100 * (float(r["val_accuracy"])
-                   - float(r["val_accuracy_train_mode"]))
-            for r in run["rows"]]
-    result = {"test": run["test"], "gap_last": gaps[-1],
-              "gap_mean": sum(gaps) / len(gaps)}
-    last_epoch = run["rows"][-1]["epoch"]
-    last = [r for r in run["corrections"] if r["epoch"] == last_epoch]
+    """The run's test accuracy and gaps (points), and its last epoch's
+    corrections, means over the layers."""
+    gaps = [100 * gap for gap in run.frame[GAP]]
+    test = test_result(run)
+    result = {"test": float("nan") if test is None else 100 * test,
+              "gap_last": gaps[-1], "gap_mean": sum(gaps) / len(gaps)}
+    last = (run.corrections[run.corrections["epoch"]
+                            == run.frame["epoch"].iloc[-1]]
+            if run.corrections is not None else ())
     for key in CORRECTIONS:
-        result[key] = (sum(float(r[key]) for r in last) / len(last)
-                       if last else None)
+        result[key] = (sum(last[key]) / len(last) if len(last) else None)
     return result
 
 
 def cells(runs):
     """{cell: {seed: measures}}, cells in a stable order."""
     varying = [key for key in VARIANT_KEYS
-               if len({value_text(r["config"].get(key)) for r in runs
-                       if r["config"]["norm"] == "renorm"}) > 1]
+               if len({value_text(r.config[key]) for r in runs
+                       if r.config["norm"] == "renorm"}) > 1]
     table = {}
-    for run in sorted(runs, key=lambda r: (r["config"]["norm"],
-                                           cell_of(r["config"], varying))):
-        cell = cell_of(run["config"], varying if run["config"]["norm"]
-                       == "renorm" else [])
-        table.setdefault(cell, {})[run["config"].get("seed", 0)] = (
-            measures(run))
+    for run in sorted(runs, key=lambda r: (r.config["norm"],
+                                           cell_of(r.config, varying))):
+        own = varying if run.config["norm"] == "renorm" else []
+        table.setdefault(cell_of(run.config, own), {})[
+            run.config["seed"]] = measures(run)
     return table
 
 
-def tables(history_dirs):
-    """The study's markdown: the cells, then renorm - batchnorm paired by
-    seed; None without runs."""
-    runs = load(history_dirs)
-    if not runs:
-        return None
-    table = cells(runs)
+def cell_table(table):
+    """Markdown: a row per cell, its means over seeds."""
     header = ("norm", "V", "sampling", "variant", "test acc (%)",
               "gap, last epoch (points)", "gap, mean over epochs",
               "r_dev", "d_dev", "r clipped", "d clipped")
-    lines = []
+    rows = []
     for (norm, group, sampling, variant), by_seed in table.items():
         values = list(by_seed.values())
-        corrections = [mean_text([v[key] for v in values])
-                       for key in CORRECTIONS]
-        lines.append([norm, str(group), sampling, variant or "–",
-                      report.mean_std_text([v["test"] for v in values]),
-                      report.interval_text([v["gap_last"] for v in values]),
-                      report.interval_text([v["gap_mean"] for v in values]),
-                      *corrections])
-    paired = [("renorm - batchnorm", "V", "sampling", "variant",
-               "test acc (points)", "gap, last epoch (points)")]
+        rows.append([norm, str(group), sampling, variant or "–",
+                     mean_std_text([v["test"] for v in values]),
+                     interval_text([v["gap_last"] for v in values]),
+                     interval_text([v["gap_mean"] for v in values]),
+                     *[mean_text([v[key] for v in values])
+                       for key in CORRECTIONS]])
+    return markdown_table(header, rows)
+
+
+def paired_table(table):
+    """Markdown: renorm - batchnorm of the same V and sampling, by seed."""
+    rows = []
     for (norm, group, sampling, variant), by_seed in table.items():
         base = table.get(("batchnorm", group, sampling, ""))
         if norm != "renorm" or base is None:
             continue
-        test = report.paired_differences(
-            {s: v["test"] for s, v in by_seed.items()},
-            {s: v["test"] for s, v in base.items()})
-        gap = report.paired_differences(
-            {s: v["gap_last"] for s, v in by_seed.items()},
-            {s: v["gap_last"] for s, v in base.items()})
-        paired.append(("", str(group), sampling, variant or "–",
-                       report.interval_text(test.values()),
-                       report.interval_text(gap.values())))
-    return (report.markdown_table(header, lines) + "\n\n"
-            + report.markdown_table(paired[0], [list(p) for p in paired[1:]])
-            + "\n\nMeans over seeds: `mean ± sd (n)` or `mean [95% t-interval]"
-            " (n)`; the corrections: the last epoch's means over the layers"
-            " and seeds (fractions). Written by `experiment/gap_study.py` "
-            "from " + ", ".join(f"`{d}`" for d in history_dirs) + ".\n")
+        test, gap = (paired_differences(
+            {s: v[key] for s, v in by_seed.items()},
+            {s: v[key] for s, v in base.items()})
+            for key in ("test", "gap_last"))
+        rows.append(["", str(group), sampling, variant or "–",
+                     interval_text(test.values()),
+                     interval_text(gap.values())])
+    return markdown_table(("renorm - batchnorm", "V", "sampling", "variant",
+                           "test acc (points)", "gap, last epoch (points)"),
+                          rows)
 
 
 def mean_text(values):

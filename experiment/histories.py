@@ -1,15 +1,11 @@
-"""The training histories that train.py writes, read for analysis: each
-run (its CSV as numbers, its JSON configuration with the keys older
-histories lack at their legacy values), the groups of runs that differ only
-in their seed (and name, timings, provenance), the provenance checks of a
-group, and the points of a sweep (batch size x sampling) and of the
-microbatch study (normalization group x sampling). A run's training-mode
-validation (where its CSV has it) gives the train/inference gap; a renorm
-run's NAME.corrections.csv (where there is one) what r and d did, by layer
-and epoch. plot.py draws them; experiment.report writes their tables."""
+"""The training histories that train.py writes, read for analysis: each run
+(its CSV as numbers, with the train/inference gap where it was validated in
+training mode; its JSON configuration; its NAME.corrections.csv where there
+is one), and the groups of runs that differ only in their seed (and name,
+timings, provenance). The study modules (experiment.*_study,
+experiment.gap_study) draw and tabulate them."""
 
 import csv
-import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -19,53 +15,35 @@ import numpy as np
 import pandas as pd
 
 from experiment import runfiles
-from experiment.protocols import CONFIG_KEYS
-from experiment.protocols import NORMS
+from experiment.protocols import CONFIG_KEYS, NORMS
 
 PROG = "plot.py"  # the reader whose warnings these are
 
-
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
-# The validation in training mode (batch statistics, batches drawn like the
-# training batches), which older histories lack; read where the CSV has it.
+# The validation in training mode (batch statistics), where the CSV has it.
 TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
-# val_accuracy - val_accuracy_train_mode: the train/inference gap (a
-# fraction; positive where inference is the better of the two), in the
-# frame of a run that has training-mode validation.
+# val_accuracy - val_accuracy_train_mode (a fraction; positive where
+# inference is the better of the two), in the frame of a run that has it.
 GAP = "train_inference_gap"
-# NAME.corrections.csv (train.py --track-corrections): a row per epoch and
-# BatchRenormalization layer, means over the epoch's training steps.
+# NAME.corrections.csv: a row per epoch and BatchRenormalization layer.
 CORRECTIONS_SUFFIX = ".corrections"
 CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
                       "d_clipped", "r_max", "d_max")
-
-
-# Keys that newer histories record besides CONFIG_KEYS, and the environment's
-# keys that split runs too.
-NEW_KEYS = ("precision", "val_from", "val_size", "virtual_batch_size",
-            "devices")
+# The environment's keys, which split runs too; a history lacks none of
+# them nor of CONFIG_KEYS.
 ENVIRONMENT_KEYS = ("device", "backend")
-# The value that a history without one of NEW_KEYS had, beyond what
-# protocols.with_legacy_keys fills in: no virtual batches, one device.
-PLOT_LEGACY = {"virtual_batch_size": None, "devices": 1}
 # Labels name these first, in this order; the other keys follow.
 LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
                "virtual_batch_size", "sampling", "epochs", "lr",
                "train_size", "depth", "width", "augment")
-# Never split groups: the norm is a group's own; seeds are repeats; a name
-# is a name; `mixed_precision` is contained in `precision` (derived from it).
-NOT_GROUPED = ("norm", "seed", "name", "mixed_precision")
-# Every key that splits runs into groups where they differ, in label order.
+# Every key that splits runs into groups where they differ, in label order
+# (not the norm, a group's own; nor seeds, repeats; nor names).
 GROUP_FIELDS = tuple(key for key in dict.fromkeys(
-    LABEL_ORDER + CONFIG_KEYS + NEW_KEYS + ENVIRONMENT_KEYS)
-    if key not in NOT_GROUPED)
-
-
+    LABEL_ORDER + CONFIG_KEYS + ENVIRONMENT_KEYS)
+    if key not in ("norm", "seed", "name"))
 # The settings a norm does not use (train.py records them for every run):
 # they neither split its runs nor name its groups, and its groups compare
 # with others whatever their values.
-# (track_corrections: only renorm's layers track theirs; train.py refuses it
-# for the others.)
 IGNORED_BY = {
     "batchnorm": ("r_max", "d_max", "warmup_steps", "r_max_steps",
                   "d_max_steps", "renorm_schedule", "track_corrections"),
@@ -89,45 +67,30 @@ class Run:
     corrections: pd.DataFrame | None = None
 
     @property
-    def has_gap(self):
-        """Whether the run was validated in training mode too."""
+    def has_gap(self):  # whether it was validated in training mode too
         return GAP in self.frame
 
     def warmup_epoch(self):
-        """Where a renorm run's bounds start to relax, in epochs (its
-        warmup_steps over its steps_per_epoch); None for other norms, or
-        where either is unknown or the warm-up is none."""
-        if self.config.get("norm") != "renorm":
-            return None
-        steps, per_epoch = (self.settings.get("warmup_steps"),
-                            self.settings.get("steps_per_epoch"))
-        if (isinstance(steps, (int, float)) and isinstance(per_epoch, int)
+        """Where a renorm run's bounds start to relax, in epochs; None for
+        other norms, without a warm-up, or without steps_per_epoch."""
+        steps = self.config["warmup_steps"]
+        per_epoch = self.config.get("steps_per_epoch")
+        if (self.config["norm"] == "renorm" and isinstance(per_epoch, int)
+                and isinstance(steps, (int, float))
                 and not isinstance(steps, bool) and per_epoch > 0
                 and steps > 0):
             return steps / per_epoch
         return None
 
-    @functools.cached_property
-    def settings(self):
-        """`config`, each key an older history lacks at its legacy value."""
-        return settings(self.config)
-
     def value(self, field):
-        """The run's setting `field` in a hashable form (None when absent;
-        IGNORED where its norm does not use it)."""
+        """The setting `field` in a hashable form (IGNORED where the run's
+        norm does not use it)."""
         if field in IGNORED_BY.get(self.config.get("norm"), ()):
             return IGNORED
-        value = self.settings.get(field)
+        value = self.config.get(field)
         if isinstance(value, (list, tuple, dict)):
             return json.dumps(value, sort_keys=True)
         return value
-
-
-def settings(config):
-    """A history's configuration, each key it lacks at its legacy value
-    (`protocols.with_legacy_keys`: what --resume fills in; and
-    `PLOT_LEGACY`)."""
-    return {**PLOT_LEGACY, **config}
 
 
 @dataclass
@@ -163,10 +126,30 @@ def field_text(field, value):
     return f"{field}={value}"
 
 
+def sort_key(value):
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
+def norm_rank(norm):
+    return (NORMS.index(norm), "") if norm in NORMS else (len(NORMS), norm)
+
+
+def test_result(run, key="test_accuracy"):
+    """A run's `result[key]` (in [0, 1]), None where it has none."""
+    result = run.config.get("result")
+    value = result.get(key) if isinstance(result, dict) else None
+    return value if isinstance(value, (int, float)) else None
+
+
 def warn(message):
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------- reading
 def history_paths(runs, history_dir):
     """The .csv path of each named run, or of every run in `history_dir`
     (not the runs' NAME.corrections.csv)."""
@@ -185,24 +168,18 @@ def history_paths(runs, history_dir):
 
 
 def is_corrections(path):
-    """Whether `path` is a run's NAME.corrections.csv, not a history: a
-    CSV whose stem ends in .corrections, with no configuration of its own
-    (a run named NAME.corrections would have NAME.corrections.json)."""
+    """Whether `path` is a run's NAME.corrections.csv: a CSV whose stem ends
+    in .corrections, with no configuration of its own (a run named
+    NAME.corrections would have NAME.corrections.json)."""
     return (path.suffix == ".csv" and path.stem.endswith(CORRECTIONS_SUFFIX)
             and not path.with_suffix(".json").is_file())
 
 
 def history_csv(path):
-    """The history CSV of a run named by a path to one of its files: its
-    .csv, its .json, or its .corrections.csv."""
+    """The CSV of a run named by its .csv, .json or .corrections.csv."""
     if is_corrections(path):
         return path.with_name(path.stem[:-len(CORRECTIONS_SUFFIX)] + ".csv")
     return path.with_suffix(".csv")
-
-
-def corrections_path(csv_path):
-    """NAME.corrections.csv beside a run's NAME.csv."""
-    return csv_path.with_name(f"{csv_path.stem}{CORRECTIONS_SUFFIX}.csv")
 
 
 def read_config(path):
@@ -214,12 +191,16 @@ def read_config(path):
         raise BadHistory(str(error)) from None
     if not isinstance(config, dict) or not isinstance(config.get("norm"), str):
         raise BadHistory(f"{path.name} names no norm")
+    missing = [key for key in CONFIG_KEYS + ENVIRONMENT_KEYS
+               if key not in config]
+    if missing:
+        raise BadHistory(f"{path.name} lacks the key(s) {', '.join(missing)}")
     return config
 
 
-def read_csv_rows(path):
-    """The header and the non-blank rows of a CSV file, with the line number
-    each row ends on."""
+def read_cells(path, required):
+    """The header of a CSV and its cells as text (a short row padded with
+    empty cells), with each row's line and its number of fields."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
@@ -228,48 +209,47 @@ def read_csv_rows(path):
         raise BadHistory(f"unreadable CSV ({error})") from None
     if not header:
         raise BadHistory("empty CSV")
-    return header, rows
-
-
-def read_table(path, required, numeric, finite, optional=()):
-    """The `numeric` columns of a CSV (which must have the `required` ones)
-    and those of `optional` that it has as numbers (an empty optional cell
-    is NaN), and the others of `required` as text, in the file's order. A
-    bad last row (a run still writing it) is dropped with a warning; other
-    bad rows (wrong number of fields, missing or non-numeric values, values
-    of the `finite` columns that are not finite, empty text) are fatal."""
-    header, rows = read_csv_rows(path)
     missing = [column for column in required if column not in header]
     if missing:
         raise BadHistory(f"missing column(s) {', '.join(missing)}")
     if len(set(header)) < len(header):
         raise BadHistory("repeated column names")
     width = len(header)
-    text = pd.DataFrame([row[:width] + [""] * (width - len(row))
-                         for _, row in rows], columns=header, dtype=str)
+    cells = pd.DataFrame([row[:width] + [""] * (width - len(row))
+                          for _, row in rows], columns=header, dtype=str)
+    return header, cells, [(line, len(row)) for line, row in rows]
+
+
+def read_table(path, required, numeric, finite, optional=()):
+    """The `numeric` columns of a CSV (which must have the `required` ones)
+    and those of `optional` it has (an empty optional cell is NaN), and the
+    others of `required` as text, in the file's order. A row is bad with
+    the wrong number of fields, a missing or non-numeric value (but "nan",
+    a diverged run's metric), a `finite` column not finite, or empty text:
+    fatal, but for the last row (a run still writing it), dropped with a
+    warning."""
+    header, text, rows = read_cells(path, required)
     optional = [column for column in optional if column in header]
     numbers = text[list(numeric) + optional]
     frame = numbers.apply(pd.to_numeric, errors="coerce").astype(float)
-    # "nan" is a legitimate metric of a diverged run; other non-numbers are not.
-    nan_text = numbers.apply(lambda col: col.str.strip().str.lower() == "nan")
+    allowed = numbers.apply(lambda col: col.str.strip().str.lower() == "nan")
     for column in optional:
-        nan_text[column] |= numbers[column].str.strip() == ""
-    wrong_width = pd.Series([len(r) != width for _, r in rows], dtype=bool)
+        allowed[column] |= numbers[column].str.strip() == ""
     words = [c for c in required if c not in numeric]
-    bad = (wrong_width | (frame.isna() & ~nan_text).any(axis=1)
+    bad = (pd.Series([n != len(header) for _, n in rows], dtype=bool)
+           | (frame.isna() & ~allowed).any(axis=1)
            | ~np.isfinite(frame[list(finite)]).all(axis=1)
            | (text[words].apply(lambda col: col.str.strip() == "")
               .any(axis=1) if words else False))
     bad_lines = [line for (line, _), is_bad in zip(rows, bad) if is_bad]
-    last_line, last_row = rows[-1] if rows else (None, [])
     keep = len(rows)
-    if len(rows) > 1 and bad_lines == [last_line] and len(last_row) <= width:
+    if keep > 1 and bad_lines == [rows[-1][0]] and rows[-1][1] <= len(header):
         warn(f"{path}: dropped incomplete last row (line {bad_lines[0]})")
         keep -= 1
     elif bad_lines:
-        lines = ", ".join(map(str, bad_lines[:5]))
-        raise BadHistory(f"wrong number of fields, missing or non-numeric "
-                         f"values on line(s) {lines}")
+        raise BadHistory("wrong number of fields, missing or non-numeric "
+                         "values on line(s) "
+                         + ", ".join(map(str, bad_lines[:5])))
     if not keep:
         raise BadHistory("no complete epoch")
     for column in words:
@@ -278,26 +258,22 @@ def read_table(path, required, numeric, finite, optional=()):
 
 
 def read_frame(path):
-    """The COLUMNS of a history CSV as numbers, one row per epoch, and its
-    TRAIN_MODE_COLUMNS where it has them (an empty cell: NaN, an epoch not
-    validated so), with the GAP; see `read_table` for its bad rows."""
+    """A history CSV's COLUMNS, and its TRAIN_MODE_COLUMNS with the GAP
+    where it has them; a resumed run's latest row of each epoch."""
     frame = read_table(path, COLUMNS, COLUMNS, ("epoch", "seconds"),
                        TRAIN_MODE_COLUMNS)
     if "val_accuracy_train_mode" in frame:
         frame[GAP] = frame["val_accuracy"] - frame["val_accuracy_train_mode"]
-    # A resumed run may repeat epochs; its latest row for each counts.
     frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
     return frame.reset_index(drop=True)
 
 
 def read_corrections(path):
-    """A NAME.corrections.csv: CORRECTION_COLUMNS, a row per epoch and
-    layer (the layers in the order of their first rows: the model's), the
-    latest row of an epoch and layer written twice."""
+    """A NAME.corrections.csv: a row per epoch and layer (the layers in the
+    model's order, that of their first rows), the latest of each."""
     frame = read_table(path, CORRECTION_COLUMNS,
                        [c for c in CORRECTION_COLUMNS if c != "layer"],
-                       ("epoch",))
-    frame = frame[list(CORRECTION_COLUMNS)]
+                       ("epoch",))[list(CORRECTION_COLUMNS)]
     order = {layer: n for n, layer in enumerate(frame["layer"].unique())}
     frame = frame.drop_duplicates(["epoch", "layer"], keep="last")
     frame = frame.sort_values(["epoch", "layer"],
@@ -307,12 +283,12 @@ def read_corrections(path):
 
 
 def load_run(csv_path):
-    """The run of `csv_path` with its corrections where it has a usable
+    """The run of `csv_path`, with its corrections where it has a usable
     file of them (a damaged one is named on stderr, the run kept)."""
     frame = read_frame(csv_path)
     config = read_config(csv_path.with_suffix(".json"))
     corrections = None
-    path = corrections_path(csv_path)
+    path = csv_path.with_name(f"{csv_path.stem}{CORRECTIONS_SUFFIX}.csv")
     if path.is_file():
         try:
             corrections = read_corrections(path)
@@ -332,32 +308,18 @@ def load_runs(paths):
     return runs
 
 
+# ----------------------------------------------------------------- groups
 def splitting_fields(runs):
-    """GROUP_FIELDS that differ between runs, each kept only if it splits the
-    runs further than the fields kept before it (so a batch size that always
-    goes with a protocol is not repeated in every label), among the runs
-    whose norm uses it."""
+    """GROUP_FIELDS that differ between the runs whose norm uses them, each
+    only if it splits them further than those before it."""
     kept = []
     for field in GROUP_FIELDS:
-        # Among the runs whose norm uses the field.
         using = [run for run in runs if run.value(field) != IGNORED]
         before = {tuple(run.value(f) for f in kept) for run in using}
         after = {tuple(run.value(f) for f in kept + [field]) for run in using}
         if len(after) > len(before):
             kept.append(field)
     return kept
-
-
-def sort_key(value):
-    if value is None:
-        return (0, 0, "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (1, value, "")
-    return (2, 0, str(value))
-
-
-def norm_rank(norm):
-    return (NORMS.index(norm), "") if norm in NORMS else (len(NORMS), norm)
 
 
 def group_runs(runs):
@@ -375,170 +337,17 @@ def group_runs(runs):
         norm_rank(g.norm), [sort_key(v) for _, v in g.key]))
 
 
-# ------------------------------------------------------------- provenance
-def provenances(group):
-    """Each run's `provenance` record, None where it has none (older code)
-    or where it is not a record."""
-    return [record if isinstance(record := run.config.get("provenance"), dict)
-            else None for run in group.runs]
-
-
-# What a warning says of the groups with each kind of provenance problem.
-PROVENANCE_WARNINGS = {
-    "none": "runs with no provenance (older code)",
-    "unknown": "runs of an unknown commit (not run from a git checkout)",
-    "commits": "runs from different commits",
-    "dirty": "runs from a dirty tree (uncommitted changes)",
-}
-
-
-def provenance_problems(group):
-    """Why a group's runs may not be the same code, as (kind, text) with the
-    kinds of PROVENANCE_WARNINGS: none recorded, no commit known, several
-    commits, a dirty tree. Empty for runs of one clean commit."""
-    records = provenances(group)
-    known = [r for r in records if r is not None]
-    problems = []
-    if len(known) < len(records):
-        problems.append(("none", "no provenance" if not known else
-                         f"{len(records) - len(known)} of {len(records)} "
-                         "runs without provenance"))
-    commits = {r.get("commit") for r in known}
-    if None in commits:
-        problems.append(("unknown", "commit unknown"))
-    if len(commits - {None}) > 1:
-        problems.append(("commits", f"{len(commits - {None})} commits"))
-    if any(r.get("dirty") is not False for r in known):
-        problems.append(("dirty", "dirty tree"))
-    return problems
-
-
-# ------------------------------------------- batch sizes and non-i.i.d. runs
-SWEEP_FIELDS = ("batch_size", "classes_per_batch")
-
-
-@dataclass
-class Point:
-    """The runs of one norm, sampling and batch size (seeds are repeats)."""
-
-    norm: str
-    classes: object  # classes_per_batch: None for i.i.d.
-    rest: tuple  # ((field, value), ...) of other fields that split runs
-    batch_size: object
-    runs: list
-
-    def values(self, which):
-        """Each run's best or final validation accuracy, in percent."""
-        column = [run.frame["val_accuracy"] for run in self.runs]
-        return np.array([c.max() if which == "best" else c.iloc[-1]
-                         for c in column]) * 100
-
-    def test_values(self, key="test_accuracy"):
-        """Each run's test accuracy (`key`: test_accuracy, the last weights;
-        best_test_accuracy, the best-val weights), in percent; None when a
-        run has no such result (unfinished, or an older history)."""
-        results = [test_result(run, key) for run in self.runs]
-        if any(r is None for r in results):
-            return None
-        return np.array(results) * 100
-
-    def test_images(self):
-        return {run.config["result"].get("test_images") for run in self.runs}
-
-    @property
-    def line(self):
-        return (self.norm, self.classes, self.rest)
-
-
-def test_result(run, key="test_accuracy"):
-    """A run's `result[key]` (in [0, 1]), None where it has none."""
-    result = run.config.get("result")
-    value = result.get(key) if isinstance(result, dict) else None
-    return value if isinstance(value, (int, float)) else None
-
-
-def sweep_points(runs):
-    """The runs by norm, sampling, other splitting fields and batch size,
-    ordered by norm, sampling (i.i.d. first), those fields, batch size."""
-    rest_fields = [f for f in splitting_fields(runs) if f not in SWEEP_FIELDS]
-    points = {}
+def points(runs, make, coordinates, order):
+    """The runs by norm, sampling, the other splitting fields (the rest:
+    those not in `make.FIELDS`) and x, `(sampling, x) = coordinates(run)`:
+    a `make(norm, sampling, rest, x, runs)` each, sorted by `order`."""
+    rest_fields = [f for f in splitting_fields(runs) if f not in make.FIELDS]
+    found = {}
     for run in sorted(runs, key=lambda r: r.name):
         rest = tuple((f, run.value(f)) for f in rest_fields)
-        key = (run.config["norm"], run.value("classes_per_batch"), rest,
-               run.value("batch_size"))
-        if key not in points:
-            points[key] = Point(*key, [])
-        points[key].runs.append(run)
-    return sorted(points.values(), key=lambda p: (
-        norm_rank(p.norm), sort_key(p.classes),
-        [sort_key(v) for _, v in p.rest], sort_key(p.batch_size)))
+        sampling, x = coordinates(run)
+        key = (run.config["norm"], sampling, rest, x)
+        found.setdefault(key, make(*key, []))
+        found[key].runs.append(run)
+    return sorted(found.values(), key=order)
 
-
-def has_sweep(runs):
-    """Whether the runs span several batch sizes or include non-i.i.d. ones."""
-    return (len({run.value("batch_size") for run in runs}) > 1
-            or any(run.value("classes_per_batch") is not None
-                   for run in runs))
-
-
-# ------------------------------------------------------ the microbatch study
-# The fields that make a point of the microbatch study (the sampling holds
-# classes_per_batch, as kK), not the rest of its line.
-MICRO_FIELDS = ("virtual_batch_size", "sampling", "classes_per_batch")
-
-
-def group_size(run):
-    """The examples a run's normalization statistics come from: its virtual
-    batch, else its whole batch (keras-renorm, or a run without one)."""
-    virtual = run.value("virtual_batch_size")
-    return virtual if virtual is not None else run.value("batch_size")
-
-
-@dataclass
-class MicroPoint:
-    """The runs of one norm, sampling and normalization group (seeds are
-    repeats, and pair the cells)."""
-
-    norm: str
-    sampling: str  # iid, pairs or kK
-    rest: tuple  # ((field, value), ...) of other fields that split runs
-    group: object  # group_size: V, or the batch size
-    runs: list
-
-    def by_seed(self):
-        """Test accuracy of the last weights (%) by seed, of the runs that
-        have one (unfinished runs are left out); the mean where a seed
-        repeats."""
-        found = {}
-        for run in self.runs:
-            value = test_result(run)
-            if value is not None:
-                found.setdefault(run.value("seed"), []).append(value * 100)
-        return {seed: float(np.mean(v)) for seed, v in found.items()}
-
-    @property
-    def line(self):
-        return (self.norm, self.sampling, self.rest)
-
-
-def has_microbatch(runs):
-    """Whether any run has virtual batches or pairs sampling."""
-    return any(run.value("virtual_batch_size") is not None
-               or run.value("sampling") == "pairs" for run in runs)
-
-
-def micro_points(runs):
-    """The runs by norm, sampling, other splitting fields and normalization
-    group, ordered by norm, sampling (i.i.d. first), those fields, group."""
-    rest_fields = [f for f in splitting_fields(runs) if f not in MICRO_FIELDS]
-    points = {}
-    for run in sorted(runs, key=lambda r: r.name):
-        rest = tuple((f, run.value(f)) for f in rest_fields)
-        key = (run.config["norm"], run.value("sampling"), rest,
-               group_size(run))
-        if key not in points:
-            points[key] = MicroPoint(*key, [])
-        points[key].runs.append(run)
-    return sorted(points.values(), key=lambda p: (
-        norm_rank(p.norm), p.sampling != "iid", str(p.sampling),
-        [sort_key(v) for _, v in p.rest], sort_key(p.group)))

@@ -4,22 +4,26 @@ with training-mode validation and corrections (fake files)."""
 import csv
 import json
 
+import pytest
+from test_plot import full_config
 
 from experiment import gap_study
+from experiment import histories
 from experiment import report
 from experiment import runfiles
+
+pytestmark = pytest.mark.backend_independent
 
 
 def write_run(folder, name, norm, seed, gaps, test, epochs=2,
               momentum=0.95, corrections=None):
     """A finished run: its JSON, a CSV whose epochs have the given gaps
     (points) and, for renorm, a corrections CSV of two layers."""
-    config = {"norm": norm, "seed": seed, "epochs": epochs,
-              "batch_size": 128, "virtual_batch_size": 4,
-              "sampling": "pairs", "norm_momentum": momentum,
-              "renorm_schedule": [0.25, 0.5, 0.75],
-              "train_mode_validation": True,
-              "result": {"test_accuracy": test}}
+    config = full_config(
+        norm=norm, name=name, seed=seed, epochs=epochs, batch_size=128,
+        virtual_batch_size=4, sampling="pairs", norm_momentum=momentum,
+        renorm_schedule=[0.25, 0.5, 0.75], train_mode_validation=True,
+        result={"test_accuracy": test})
     (folder / f"{name}.json").write_text(json.dumps(config))
     header = runfiles.columns(config)
     rows = [dict.fromkeys(header, "0.5") | {
@@ -43,6 +47,12 @@ def write_run(folder, name, norm, seed, gaps, test, epochs=2,
                         "r_max": 3, "d_max": 5})
 
 
+def tables(folder):
+    """The study's section of timing.md for the histories in `folder`."""
+    runs = histories.load_runs(histories.history_paths([], folder))
+    return gap_study.tables(runs, histories.group_runs(runs))
+
+
 def test_cells_and_paired_differences(tmp_path):
     for seed in range(3):
         write_run(tmp_path, f"bn-s{seed}", "batchnorm", seed,
@@ -52,7 +62,7 @@ def test_cells_and_paired_differences(tmp_path):
                   corrections=(0.1, 0.3))
     write_run(tmp_path, "unfinished", "renorm", 9, gaps=[5.0], test=0.1,
               epochs=3)  # 1 row of 3 epochs: left out
-    text = gap_study.tables([tmp_path])
+    text = tables(tmp_path)
     lines = text.splitlines()
     bn = next(line for line in lines if line.startswith("| batchnorm"))
     brn = next(line for line in lines if line.startswith("| renorm"))
@@ -79,7 +89,7 @@ def test_a_variant_is_a_cell_of_its_own(tmp_path):
                   0.5, corrections=(0.1, 0.1))
         write_run(tmp_path, f"fast-s{seed}", "renorm", seed, [0.0, 0.0],
                   0.52, momentum=0.8, corrections=(0.1, 0.1))
-    text = gap_study.tables([tmp_path])
+    text = tables(tmp_path)
     assert "norm_momentum 0.8" in text and "norm_momentum 0.95" in text
     paired = [line for line in text.splitlines() if line.startswith("|  ")]
     assert len(paired) == 2
@@ -88,9 +98,9 @@ def test_a_variant_is_a_cell_of_its_own(tmp_path):
 
 
 def test_no_runs(tmp_path):
-    assert gap_study.tables([tmp_path]) is None
+    assert tables(tmp_path) == ""
     write_run(tmp_path, "old", "batchnorm", 0, [1.0, 1.0], 0.5)
     record = json.loads((tmp_path / "old.json").read_text())
     record["train_mode_validation"] = False  # a history from before
     (tmp_path / "old.json").write_text(json.dumps(record))
-    assert gap_study.tables([tmp_path]) is None
+    assert tables(tmp_path) == ""

@@ -1,16 +1,24 @@
 """Tests of plot.py on small fake histories (no Keras involved)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 import plot
+from experiment import curves_study
 from experiment import histories
+from experiment import microbatch_study
+from experiment import sweep_study
+from experiment.protocols import PROTOCOLS, RUN_DEFAULTS
+
+pytestmark = pytest.mark.backend_independent
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,17 +27,26 @@ HEADER = "epoch,seconds,eval_seconds,loss,accuracy,val_loss,val_accuracy,lr"
 PROVENANCE = {"commit": "ab" * 20, "dirty": False, "version": "0.1.0"}
 
 
+def full_config(**changes):
+    """A complete configuration as train.py writes it (protocol seed)."""
+    config = {**dataclasses.asdict(PROTOCOLS["seed"]), **RUN_DEFAULTS,
+              "norm": "renorm", "protocol": "seed", "name": "a",
+              "backend": "tensorflow", "device": "CPU"}
+    config["lr_milestones"] = list(config["lr_milestones"])
+    return {**config, **changes}
+
+
 def write_run(history, name, norm, seconds, val_accuracy, seed=0,
               batch_size=128, **config):
-    """Writes history/<name>.csv and .json as train.py does; returns the
-    per-epoch seconds and validation accuracies written."""
+    """Writes history/<name>.csv and .json as train.py does (validated on
+    the test images); returns the per-epoch seconds and validation
+    accuracies written."""
     history.mkdir(exist_ok=True)
-    config = {"norm": norm, "protocol": "seed", "batch_size": batch_size,
-              "epochs": len(seconds), "lr": 0.1, "seed": seed, "depth": 16,
-              "width": 4, "train_size": 50000, "augment": True,
-              "backend": "jax", "device": "cpu",
-              "versions": {"keras": "3.15.1"}, "provenance": PROVENANCE,
-              **config}
+    config = full_config(**{
+        "norm": norm, "name": name, "batch_size": batch_size,
+        "epochs": len(seconds), "lr": 0.1, "seed": seed, "train_size": 50000,
+        "augment": True, "val_from": "test", "backend": "jax", "device": "cpu",
+        "versions": {"keras": "3.15.1"}, "provenance": PROVENANCE, **config})
     (history / f"{name}.json").write_text(json.dumps(config))
     lines = [HEADER + (",r_max,d_max" if norm == "renorm" else "")]
     for epoch, (sec, acc) in enumerate(zip(seconds, val_accuracy), start=1):
@@ -533,8 +550,8 @@ def overlaps(artists, renderer):
 def test_curves_of_many_groups_are_faceted(tmp_path):
     groups = sweep_groups(tmp_path / "history")
     assert len(groups) == 24
-    assert plot.facet_fields(groups) == ["batch_size"]
-    fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
+    assert curves_study.facet_fields(groups) == ["batch_size"]
+    fig = curves_study.plot_curves(groups, [r for g in groups for r in g.runs])
     axes = fig.axes
     assert len(axes) == 4 * 4  # a row per batch size, a column per metric
     for ax in axes:
@@ -549,23 +566,23 @@ def test_curves_of_many_groups_are_faceted(tmp_path):
                  if len(set(line.get_xdata())) == 1]
         assert [line.get_xdata()[0] for line in marks] == [1.5, 1.5]
     assert "norm momentum" in fig._suptitle.get_text()
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_curves_of_two_groups_keep_one_row(two_norms):
     history, _ = two_norms
     groups = histories.group_runs(histories.load_runs(histories.history_paths([], history)))
-    assert plot.facet_fields(groups) == []
-    fig = plot.plot_curves(groups, [r for g in groups for r in g.runs])
+    assert curves_study.facet_fields(groups) == []
+    fig = curves_study.plot_curves(groups, [r for g in groups for r in g.runs])
     assert len(fig.axes) == 4
     # No steps_per_epoch in these histories: no warm-up mark.
     assert all(len(ax.get_lines()) == 2 for ax in fig.axes)
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_seconds_of_many_groups_are_not_overprinted(tmp_path):
     groups = sweep_groups(tmp_path / "history")
-    fig = plot.plot_seconds(groups, [r for g in groups for r in g.runs])
+    fig = curves_study.plot_seconds(groups, [r for g in groups for r in g.runs])
     (ax,) = fig.axes
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -577,7 +594,7 @@ def test_seconds_of_many_groups_are_not_overprinted(tmp_path):
     assert not overlaps(ax.get_yticklabels(), renderer)
     assert not overlaps(ax.texts, renderer)
     assert len(ax.texts) == 24 and ax.texts[1].get_text() == "2.00 s  ×1.00"
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
@@ -599,15 +616,15 @@ def test_sweep_figures_of_many_lines_get_a_row_per_setting(tmp_path, capsys):
         ["--history-dir", history, "--plots-dir", plots], capsys)
     assert code == 0 and err == ""
     runs = histories.load_runs(histories.history_paths([], history))
-    points = histories.sweep_points(runs)
-    fig = plot.plot_accuracy_vs_batch_size(points, runs)
+    points = sweep_study.sweep_points(runs)
+    fig = sweep_study.plot_accuracy_vs_batch_size(points, runs)
     assert len(fig.axes) == 2 * 3  # a row per lr; test, best, final
     assert fig.axes[0].get_title() == "test accuracy (last weights), lr=0.01"
     assert all(len(ax.containers) == 6 for ax in fig.axes)  # errorbars
-    plot.plt.close(fig)
-    fig = plot.plot_non_iid(points, runs)
+    plt.close(fig)
+    fig = sweep_study.plot_non_iid(points, runs)
     assert len(fig.axes) == 2 * 2
-    plot.plt.close(fig)
+    plt.close(fig)
     for name in ("accuracy_vs_batch_size.png", "non_iid.png", "curves.png"):
         assert_png(plots / name)
 
@@ -766,7 +783,7 @@ def test_microbatch_study_groups_by_virtual_batch_and_sampling(tmp_path):
     assert "batchnorm, virtual batch 4, i.i.d." in labels
     assert "renorm, virtual batch 128, sampling pairs" in labels
     assert "keras-renorm, whole batch, i.i.d." in labels
-    points = histories.micro_points(runs)
+    points = microbatch_study.micro_points(runs)
     assert [(p.norm, p.sampling, p.group) for p in points][:3] == [
         ("batchnorm", "iid", 4), ("batchnorm", "iid", 128),
         ("batchnorm", "pairs", 4)]

@@ -7,21 +7,25 @@ either, and damaged files, as before."""
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 from test_plot import assert_png
+from test_plot import full_config
 from test_plot import overlaps
 from test_plot import PROVENANCE
 from test_plot import run_main
 from test_plot import table
 
-import plot
-from experiment import corrections_figure
+from experiment import curves_study
 from experiment import gap_study
 from experiment import histories
 from experiment import runfiles
 from experiment.report import TITLE_WIDTH
+from experiment.report import norm_colors
+
+pytestmark = pytest.mark.backend_independent
 
 # Layers in a model's order (not alphabetical, nor sorted by number).
 LAYERS = ("stem_norm", "block1_norm", "block2_norm", "block10_norm",
@@ -35,11 +39,12 @@ def write_history(history, name, norm, val_accuracy, train_mode=None,
     runfiles): with `train_mode`, the training-mode validation accuracies
     (train_mode_validation on), else an older history without them."""
     history.mkdir(exist_ok=True)
-    config = {"norm": norm, "protocol": "seed", "batch_size": 128,
-              "epochs": len(val_accuracy), "seed": seed, "name": name,
-              "backend": "jax", "device": "cpu", "provenance": PROVENANCE,
-              "train_mode_validation": train_mode is not None,
-              "track_corrections": norm == "renorm", **config}
+    config = full_config(**{
+        "norm": norm, "batch_size": 128, "epochs": len(val_accuracy),
+        "seed": seed, "name": name, "backend": "jax", "device": "cpu",
+        "provenance": PROVENANCE,
+        "train_mode_validation": train_mode is not None,
+        "track_corrections": norm == "renorm", **config})
     (history / f"{name}.json").write_text(json.dumps(config))
     rows = []
     for epoch, accuracy in enumerate(val_accuracy, start=1):
@@ -132,7 +137,8 @@ def test_figures_for_runs_with_the_new_files(study, tmp_path, capsys):
     # The gap's tables (experiment.gap_study) follow in timing.md.
     timing = (plots / "timing.md").read_text()
     assert "### Training and inference outputs" in timing
-    assert gap_study.tables([history]) in timing
+    runs = histories.load_runs(histories.history_paths([], history))
+    assert gap_study.tables(runs, []) in timing
 
 
 def test_old_histories_only_are_as_before(tmp_path, capsys):
@@ -149,9 +155,9 @@ def test_old_histories_only_are_as_before(tmp_path, capsys):
     runs = histories.load_runs(histories.history_paths([], history))
     assert not any(run.has_gap for run in runs)
     assert all(run.corrections is None for run in runs)
-    fig = plot.plot_curves(histories.group_runs(runs), runs)
+    fig = curves_study.plot_curves(histories.group_runs(runs), runs)
     assert len(fig.axes) == 4
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------- the heatmaps
@@ -178,7 +184,7 @@ def test_heatmaps_hold_the_statistics_by_layer_and_epoch(study):
     history, rows = study
     run = load(history, "brn")
     assert list(run.corrections["layer"].unique()) == list(LAYERS)
-    fig = corrections_figure.plot_corrections(run)
+    fig = gap_study.plot_corrections(run)
     images = heatmaps(fig)
     assert sorted(images) == sorted(STATISTICS)
     for column in STATISTICS:
@@ -205,7 +211,7 @@ def test_heatmaps_hold_the_statistics_by_layer_and_epoch(study):
     title = fig._suptitle.get_text()
     assert "brn (seed 0)" in title and "3 epochs" in title
     assert max(len(line) for line in title.splitlines()[1:]) <= TITLE_WIDTH
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 @pytest.mark.parametrize("epochs, layers", [(3, 13), (100, 13), (100, 30)])
@@ -215,7 +221,7 @@ def test_heatmaps_are_legible(tmp_path, epochs, layers):
                   for n in range(layers))
     write_history(history, "brn", "renorm", [0.5] * epochs)
     write_corrections(history, "brn", corrections_rows(epochs, names))
-    fig = corrections_figure.plot_corrections(load(history, "brn"))
+    fig = gap_study.plot_corrections(load(history, "brn"))
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes[:6]:
@@ -223,13 +229,13 @@ def test_heatmaps_are_legible(tmp_path, epochs, layers):
         assert not overlaps(ax.get_xticklabels(), renderer)
     bottom = fig.axes[4]  # r_max, under the r heatmaps
     ticks = [int(t.get_text()) for t in bottom.get_xticklabels()]
-    assert 2 <= len(ticks) <= corrections_figure.MAX_EPOCH_TICKS + 1
+    assert 2 <= len(ticks) <= gap_study.MAX_EPOCH_TICKS + 1
     assert ticks == sorted(ticks) and 1 <= ticks[0] and ticks[-1] <= epochs
     if epochs == 3:
         assert ticks == [1, 2, 3]
     # No figure taller than a page of them.
     assert fig.get_figheight() < 30
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_a_missing_epoch_is_a_blank_column(tmp_path):
@@ -237,11 +243,11 @@ def test_a_missing_epoch_is_a_blank_column(tmp_path):
     write_history(history, "brn", "renorm", [0.5] * 4)
     rows = [r for r in corrections_rows(4) if r["epoch"] != 3]
     write_corrections(history, "brn", rows)
-    fig = corrections_figure.plot_corrections(load(history, "brn"))
+    fig = gap_study.plot_corrections(load(history, "brn"))
     values = heatmaps(fig)["r_dev"]
     assert values.shape == (len(LAYERS), 4)
     assert values.mask[:, 2].all() and not values.mask[:, [0, 1, 3]].any()
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_a_resumed_run_counts_its_latest_rows(tmp_path):
@@ -330,7 +336,7 @@ def test_the_gap_is_a_panel_beside_the_curves(study):
     history, _ = study
     runs = histories.load_runs(histories.history_paths([], history))
     groups = histories.group_runs(runs)
-    fig = plot.plot_curves(groups, runs)
+    fig = curves_study.plot_curves(groups, runs)
     assert len(fig.axes) == 5
     gap = fig.axes[-1]
     assert "gap" in gap.get_title()
@@ -341,7 +347,7 @@ def test_the_gap_is_a_panel_beside_the_curves(study):
     lines = gap_lines(gap)
     assert len(lines) == 2
     by_color = {line.get_color(): line.get_ydata() for line in lines}
-    colors = plot.norm_colors(["batchnorm", "renorm"])
+    colors = norm_colors(["batchnorm", "renorm"])
     np.testing.assert_allclose(
         by_color[colors["batchnorm"]],
         100 * (np.array([0.3, 0.45, 0.5]) - [0.2, 0.3, 0.35]))
@@ -351,7 +357,7 @@ def test_the_gap_is_a_panel_beside_the_curves(study):
     # Its zero drawn; no band: no group has two runs with the gap.
     assert any(set(line.get_ydata()) == {0} for line in gap.get_lines())
     assert not gap.collections
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_the_gap_of_seeds_is_their_mean_and_range(tmp_path):
@@ -363,7 +369,7 @@ def test_the_gap_of_seeds_is_their_mean_and_range(tmp_path):
     runs = histories.load_runs(histories.history_paths([], history))
     groups = histories.group_runs(runs)
     assert len(groups) == 1
-    fig = plot.plot_curves(groups, runs)
+    fig = curves_study.plot_curves(groups, runs)
     (line,) = gap_lines(fig.axes[-1])
     gaps = 100 * (np.array(accuracy) - np.array(train_mode))
     np.testing.assert_allclose(line.get_ydata(), gaps.mean(axis=0))
@@ -373,7 +379,7 @@ def test_the_gap_of_seeds_is_their_mean_and_range(tmp_path):
     assert np.isclose(vertices[:, 1].min(), low.min())
     assert np.isclose(vertices[:, 1].max(), high.max())
     assert "bands: min–max" in fig._suptitle.get_text()
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_runs_without_the_columns_are_left_out_of_their_groups_gap():
@@ -388,15 +394,15 @@ def test_runs_without_the_columns_are_left_out_of_their_groups_gap():
             for seed, (name, data) in enumerate([("old", frame),
                                                  ("new", with_gap)])]
     (group,) = histories.group_runs(runs)
-    fig, ax = plot.plt.subplots()
+    fig, ax = plt.subplots()
     style = ("C0", "-", None, "batchnorm")
-    plot.plot_group(ax, group, histories.GAP, style, 100)
+    curves_study.plot_group(ax, group, histories.GAP, style, 100)
     (line,) = ax.get_lines()
     np.testing.assert_allclose(line.get_ydata(), [5.0, 10.0])
     assert not ax.collections  # one run: no band
-    plot.plot_group(ax, group, "val_accuracy", style, 100)
+    curves_study.plot_group(ax, group, "val_accuracy", style, 100)
     assert len(ax.collections) == 1  # two runs: their band
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_the_gap_in_faceted_curves(tmp_path):
@@ -412,11 +418,11 @@ def test_the_gap_in_faceted_curves(tmp_path):
     runs = histories.load_runs(histories.history_paths([], history))
     groups = histories.group_runs(runs)
     assert len(groups) == 24
-    fig = plot.plot_curves(groups, runs)
+    fig = curves_study.plot_curves(groups, runs)
     assert len(fig.axes) == 4 * 5
     for row in range(4):
         assert len(gap_lines(fig.axes[5 * row + 4])) == 6
-    plot.plt.close(fig)
+    plt.close(fig)
 
 
 def test_empty_training_mode_cells_leave_epochs_out(tmp_path):

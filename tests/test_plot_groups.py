@@ -3,40 +3,39 @@ seed (and name, timings, provenance) is equal; and its figure titles, which
 state every setting that departs from the protocol (no Keras involved)."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from test_plot import full_config
+from test_plot import write_run
+
+from experiment import curves_study
 from experiment import histories
+from experiment import microbatch_study
 from experiment import report
-from experiment.protocols import CONFIG_KEYS, PROTOCOLS, RUN_DEFAULTS
+from experiment.protocols import CONFIG_KEYS, PROTOCOLS
+
+pytestmark = pytest.mark.backend_independent
 
 FRAME = pd.DataFrame({"epoch": [1.0, 2.0], "seconds": [1.0, 1.0],
                       "loss": [2.0, 1.0], "accuracy": [0.2, 0.3],
                       "val_loss": [2.1, 1.1], "val_accuracy": [0.2, 0.3]})
 # Every key that must split groups: the configuration's, less the seed and
-# the name, the environment's, and the newer histories' own.
+# the name, and the environment's.
 SPLITTING = ([k for k in CONFIG_KEYS if k not in ("seed", "name")]
-             + ["backend", "device", "precision", "val_from",
-                "virtual_batch_size", "devices"])
-
-
-def full_config(**changes):
-    """A complete configuration as train.py writes it (protocol seed)."""
-    config = {**dataclasses.asdict(PROTOCOLS["seed"]), **RUN_DEFAULTS,
-              "norm": "renorm", "protocol": "seed", "name": "a",
-              "backend": "tensorflow", "device": "CPU", "steps_per_epoch": 10,
-              "sessions": [], "result": {"test_accuracy": 0.5},
-              "provenance": {"commit": "0" * 40, "dirty": False,
-                             "version": "0.1.0"}}
-    config["lr_milestones"] = list(config["lr_milestones"])
-    return {**config, **changes}
+             + ["backend", "device"])
 
 
 def run(name, **changes):
-    return histories.Run(name, Path(f"{name}.csv"), full_config(name=name,
-                                                           **changes), FRAME)
+    config = full_config(
+        name=name, steps_per_epoch=10, sessions=[],
+        result={"test_accuracy": 0.5},
+        provenance={"commit": "0" * 40, "dirty": False, "version": "0.1.0"})
+    return histories.Run(name, Path(f"{name}.csv"), {**config, **changes},
+                         FRAME)
 
 
 def another(value):
@@ -55,9 +54,7 @@ def another(value):
 @pytest.mark.parametrize("key", SPLITTING)
 def test_runs_that_differ_in_any_one_key_are_two_groups(key):
     base = run("base")
-    value = base.settings.get(key)
-    if key == "precision":
-        value = "float32"  # derived from mixed_precision False
+    value = base.config[key]
     other = run("other", seed=1, **{key: another(value)})
     groups = histories.group_runs([base, other])
     assert len(groups) == 2, key
@@ -79,30 +76,27 @@ def test_runs_that_differ_only_in_seed_name_timing_provenance_are_repeats():
     assert groups[0].label == "renorm"
 
 
-def test_legacy_histories_equal_their_explicit_values():
-    """A key a history lacks counts as its legacy value: no split."""
-    old = full_config(name="old", mixed_precision=False)
-    for key in ("classes_per_batch", "renorm_schedule", "input",
-                "steps_per_execution", "precision", "val_from"):
-        del old[key]
-    new = full_config(name="new", seed=1, input="host", steps_per_execution=1,
-                      precision="float32", val_from="test", devices=1,
-                      virtual_batch_size=None)
-    runs = [histories.Run(c["name"], Path("x.csv"), c, FRAME) for c in (old, new)]
-    assert [len(g.runs) for g in histories.group_runs(runs)] == [2]
-    old_mixed = full_config(name="mixed", mixed_precision=True)
-    del old_mixed["precision"]
-    mixed = histories.Run("mixed", Path("mixed.csv"), old_mixed, FRAME)
-    assert mixed.settings["precision"] == "mixed_float16"
-    named = run("named", precision="mixed_float16")
-    assert [len(g.runs) for g in histories.group_runs([mixed, named])] == [2]
+def test_a_history_lacking_a_key_is_skipped_and_named(tmp_path, capsys):
+    """Every history carries every configuration key and the environment's;
+    one that lacks some is skipped, with one line that names them."""
+    history = tmp_path / "history"
+    for name in ("full", "old"):
+        write_run(history, name, "renorm", [1.0], [0.5])
+    config = json.loads((history / "old.json").read_text())
+    del config["precision"], config["device"]
+    (history / "old.json").write_text(json.dumps(config))
+    runs = histories.load_runs(histories.history_paths([], history))
+    assert [run.name for run in runs] == ["full"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"plot.py: warning: skipping {history / 'old.csv'}: "
+                    "old.json lacks the key(s) precision, device")
 
 
 def test_the_reported_merge_is_split():
-    """The copy of a run with mixed precision, XLA, no warm-up, momentum 0.9
-    and halved seconds is its own group, labelled by what differs."""
+    """The copy of a run with XLA, no warm-up, momentum 0.9 and halved
+    seconds is its own group, labelled by what differs."""
     base = run("base")
-    copy = run("copy", mixed_precision=True, jit_compile=True,
+    copy = run("copy", jit_compile=True,
                warmup_steps=0, norm_momentum=0.9)
     copy = dataclasses.replace(copy, frame=FRAME.assign(seconds=0.5))
     labels = [g.label for g in histories.group_runs([base, copy])]
@@ -205,7 +199,7 @@ def test_settings_a_norm_does_not_use_neither_split_nor_label_it():
     labels = [g.label for g in groups]
     assert labels == ["batchnorm", "renorm, warmup_steps=50",
                       "renorm, warmup_steps=5000", "keras-renorm"]
-    assert all(r is not None for r in report.ratios_to_baseline(groups))
+    assert all(r is not None for r in curves_study.ratios_to_baseline(groups))
     # A bound that keras-renorm uses still splits it.
     assert len(histories.group_runs([run("a", norm="keras-renorm"),
                                      run("b", norm="keras-renorm", seed=1,
@@ -222,5 +216,5 @@ def test_tracking_corrections_neither_splits_nor_labels_norms_without():
                 sampling="pairs")]
     groups = histories.group_runs(runs)
     assert [g.label for g in groups] == ["batchnorm", "renorm"]
-    assert report.ratios_to_baseline(groups) == [1.0, 1.0]
-    assert [p.rest for p in histories.micro_points(runs)] == [(), ()]
+    assert curves_study.ratios_to_baseline(groups) == [1.0, 1.0]
+    assert [p.rest for p in microbatch_study.micro_points(runs)] == [(), ()]

@@ -1,0 +1,439 @@
+"""The groups of runs: curves.png (loss and accuracy against epoch, the
+train/inference gap where some runs have it), seconds_per_epoch.png, and
+timing.md's table (test and validation accuracy, median seconds per epoch,
+the ratio to batchnorm, the code the runs ran)."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import (
+    LogLocator, MaxNLocator, StrMethodFormatter)
+
+from experiment.histories import (
+    GAP, IGNORED, field_text, norm_rank, sort_key, test_result, warn)
+from experiment.report import (
+    BASELINE, LINESTYLES, MAX_LINES, WARMUP_STYLE, figure_title,
+    format_percent, markdown_table, norm_colors, test_images_text)
+
+
+def tables(runs, groups):
+    """timing.md's head and table; on stderr, the provenance problems."""
+    warn_provenance(groups)
+    return timing_report(groups, runs,
+                         sorted({str(run.path.parent) for run in runs}))
+
+
+def figures(runs, groups):
+    """(file name, figure) of the curves and of the seconds per epoch."""
+    yield "curves.png", plot_curves(groups, runs)
+    yield "seconds_per_epoch.png", plot_seconds(groups, runs)
+
+
+# The panels of a row of curves: (column, title, scale).
+PANELS = (("loss", "train loss", 1), ("val_loss", "validation loss", 1),
+          ("accuracy", "train accuracy (%)", 100),
+          ("val_accuracy", "validation accuracy (%)", 100))
+# The panel beside them where some runs have training-mode validation.
+GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
+                   "accuracy in training mode"), 100)
+
+
+def crowded(groups, facets):
+    """Whether a panel per value of `facets` would hold more than MAX_LINES
+    lines, or more combinations of the other fields than line styles."""
+    panels = {}
+    for group in groups:
+        key = dict(group.key)
+        panels.setdefault(tuple(key[f] for f in facets), []).append(
+            tuple(v for f, v in group.key if f not in facets))
+    return any(len(lines) > MAX_LINES or len(set(lines)) > len(LINESTYLES)
+               for lines in panels.values())
+
+
+def facet_fields(groups):
+    """The key fields that get a row of panels per value (those with the
+    most values first) until every panel is legible (not `crowded`)."""
+    fields, facets = [f for f, _ in groups[0].key], []
+    while crowded(groups, facets) and len(facets) < len(fields):
+        rest = [f for f in fields if f not in facets]
+        facets.append(max(rest, key=lambda f: len(
+            {dict(g.key)[f] for g in groups})))
+    return [f for f in fields if f in facets]  # in label order
+
+
+def facet_rows(groups, facets):
+    """[(facet key, groups)] in the order of the facet fields' values."""
+    rows = {}
+    for group in groups:
+        facet = tuple((f, dict(group.key)[f]) for f in facets)
+        rows.setdefault(facet, []).append(group)
+    return sorted(rows.items(),
+                  key=lambda row: [sort_key(v) for _, v in row[0]])
+
+
+def curve_styles(groups, facets):
+    """Per group label: (colour by norm, line style by the key fields that
+    are not facets, marker on short runs, legend label less the facets)."""
+    colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
+    rests = list(dict.fromkeys(
+        tuple((f, v) for f, v in g.key if f not in facets) for g in groups))
+    short = max(len(run.frame) for g in groups for run in g.runs) <= 25
+    styles = {}
+    for group in groups:
+        rest = tuple((f, v) for f, v in group.key if f not in facets)
+        styles[group.label] = (
+            colors[group.norm],
+            LINESTYLES[rests.index(rest) % len(LINESTYLES)],
+            "o" if short else None,
+            ", ".join([group.norm] + [field_text(f, v) for f, v in rest
+                                      if v != IGNORED]))
+    return styles
+
+
+def plot_group(ax, group, column, style, scale=1.0):
+    """Mean of `column` against epoch over the group's runs that have it,
+    with a min–max band where there are several."""
+    runs = [run for run in group.runs if column in run.frame]
+    if not runs:
+        return
+    frame = pd.concat([run.frame[["epoch", column]] for run in runs])
+    stats = frame.groupby("epoch")[column].agg(["mean", "min", "max"]) * scale
+    color, linestyle, marker, _ = style
+    ax.plot(stats.index, stats["mean"], color=color, linestyle=linestyle,
+            marker=marker, markersize=4)
+    if len(runs) > 1:
+        ax.fill_between(stats.index, stats["min"], stats["max"], color=color,
+                        alpha=0.2, linewidth=0)
+
+
+def mark_warmups(ax, groups, styles):
+    """A vertical line where each renorm group's warm-up ends (within the
+    epochs drawn); whether any."""
+    drawn = False
+    for group in groups:
+        last = max(len(run.frame) for run in group.runs)
+        for epoch in {epoch for run in group.runs if (
+                epoch := run.warmup_epoch()) is not None and epoch <= last}:
+            ax.axvline(epoch, color=styles[group.label][0],
+                       linestyle=WARMUP_STYLE, linewidth=1.3, alpha=0.8)
+            drawn = True
+    return drawn
+
+
+def curve_legend(fig, groups, styles, warmup):
+    """One entry per line style and colour (the facets are in the rows),
+    and the warm-up's mark where drawn."""
+    entries = {style[3]: style for style in
+               (styles[g.label] for g in groups)}
+    handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
+                      label=label) for label, (c, ls, m, _) in entries.items()]
+    norms = list(dict.fromkeys(g.norm for g in groups))
+    per_norm = len(handles) // len(norms)
+    # A column per norm where each has as many entries (the legend fills
+    # columns first), the warm-up's mark in a column of its own.
+    columns = (len(norms) if per_norm * len(norms) == len(handles)
+               and per_norm <= 4 else 3)
+    if warmup:
+        rows = -(-len(handles) // columns)
+        handles.append(Line2D([], [], color="grey", linestyle=WARMUP_STYLE,
+                              label="renorm: warm-up over, the bounds start "
+                                    "to relax"))
+        handles += [Line2D([], [], visible=False, label=" ")] * (rows - 1)
+        columns += 1
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=min(len(handles), columns), frameon=False)
+
+
+def curve_axes(rows, gap=False):
+    """The figure and a list of axes per row in PANELS' order (the gap's
+    last): 2 x 2 for one row (the gap a column beside them), else a row of
+    panels per facet."""
+    columns = len(PANELS) + gap
+    if len(rows) == 1:
+        fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
+                                 sharex=True, sharey="row",
+                                 layout="constrained")
+        panels = list(axes[:, :2].flat)
+        if gap:
+            for ax in axes[:, 2]:
+                ax.remove()
+            panels.append(fig.add_subplot(axes[0, 0].get_gridspec()[:, 2],
+                                          sharex=axes[0, 0]))
+        return fig, [panels]
+    fig, axes = plt.subplots(len(rows), columns,
+                             figsize=(17 + 4 * gap, 1.8 + 2.6 * len(rows)),
+                             sharex=True, sharey="col", squeeze=False,
+                             layout="constrained")
+    return fig, [list(row) for row in axes]
+
+
+def format_curve_axes(grid, rows, specs=PANELS):
+    """Titles, log-scaled losses, integer epochs, the gap's zero; each
+    row's facet named beside its first panel."""
+    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
+        for ax, (column, title, _) in zip(panels, specs):
+            if len(rows) == 1 or number == 0:
+                ax.set_title(title)
+            if column == GAP:
+                ax.axhline(0, color="grey", linewidth=1, zorder=1)
+            if column.endswith("loss"):
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+                ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+                ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        unit = ("loss", "accuracy (%)")
+        if len(rows) == 1:
+            for ax, label in zip((panels[0], panels[2]), unit):
+                ax.set_ylabel(label)
+            if len(panels) > len(PANELS):
+                panels[-1].set_ylabel("percentage points")
+        else:
+            facet_label = ", ".join(field_text(f, v) for f, v in facet
+                                    if v != IGNORED)
+            panels[0].set_ylabel(f"{facet_label}\nloss")
+            panels[2].set_ylabel("accuracy (%)")
+    for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
+        ax.set_xlabel("epoch")
+
+
+def plot_curves(groups, runs):
+    """Loss and accuracy against epoch, a colour per norm, a row of panels
+    per value of the `facet_fields`; the gap beside them where some runs
+    have it."""
+    facets = facet_fields(groups)
+    rows = facet_rows(groups, facets)
+    styles = curve_styles(groups, facets)
+    gap = any(run.has_gap for run in runs)
+    specs = PANELS + ((GAP_PANEL,) if gap else ())
+    fig, grid = curve_axes(rows, gap)
+    warmup = False
+    for panels, (_, members) in zip(grid, rows):
+        for ax, (column, _, scale) in zip(panels, specs):
+            for group in members:
+                plot_group(ax, group, column, styles[group.label], scale)
+            warmup = mark_warmups(ax, members, styles) or warmup
+    format_curve_axes(grid, rows, specs)
+    fig.suptitle(figure_title("Training curves" + (
+        " (a row per " + ", ".join(facets) + ")" if len(rows) > 1 else ""),
+        groups, runs))
+    curve_legend(fig, groups, styles, warmup)
+    return fig
+
+
+# ---------------------------------------------------------------- seconds
+def plot_seconds(groups, runs):
+    """A bar per group (those of one setting together) of its median
+    training seconds per epoch, each epoch a dot (the first, which
+    compiles, hollow), the median and its ratio to batchnorm beside it."""
+    ordered = sorted(groups, key=lambda g: (
+        [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
+    ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
+    colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
+    fig, ax = plt.subplots(figsize=(11, max(4, 2.6 + 0.36 * len(ordered))),
+                           layout="constrained")
+    longest = max(run.frame["seconds"].max() for run in runs)
+    for y, group in enumerate(ordered):
+        seconds_row(ax, y, group, colors[group.norm], ratios[group.label],
+                    longest)
+        if y and ordered[y - 1].key != group.key:  # a new setting
+            ax.axhline(y - 0.5, color="0.8", linewidth=0.8)
+    ax.set_yticks(range(len(ordered)), [g.label for g in ordered],
+                  fontsize=9)
+    ax.set_ylim(len(ordered) - 0.5, -0.5)  # the first group on top
+    ax.set_xlim(0, longest * 1.25)
+    ax.set_xlabel("training seconds per epoch (evaluation excluded)")
+    ax.grid(axis="y", visible=False)
+    handles = [Patch(color=colors[n], alpha=0.55, label=f"{n}: median")
+               for n in colors] + [
+        Line2D([], [], color="grey", marker="o", linestyle="", markersize=4,
+               label="an epoch"),
+        Line2D([], [], color="grey", marker="o", linestyle="",
+               markerfacecolor="none", markersize=6,
+               label="first epoch (compiles)")]
+    fig.legend(handles=handles, loc="outside lower center",
+               ncol=len(handles), frameon=False)
+    fig.suptitle(figure_title("Training seconds per epoch (× = ratio to "
+                              "batchnorm)", [], runs))
+    return fig
+
+
+def seconds_row(ax, y, group, color, ratio, longest):
+    """A group's bar (the median), its epochs as dots, and its numbers."""
+    median = median_seconds(group)
+    ax.barh(y, median, height=0.7, color=color, alpha=0.55)
+    later = [s for run in group.runs for s in run.frame["seconds"].iloc[1:]]
+    firsts = [run.frame["seconds"].iloc[0] for run in group.runs]
+    # A fixed jitter: the same figure from the same histories.
+    jitter = np.random.default_rng(y).uniform(-0.2, 0.2, len(later))
+    ax.scatter(later, y + jitter, s=10, color=color, zorder=3)
+    ax.scatter(firsts, [y] * len(firsts), s=30, facecolors="none",
+               edgecolors=color, zorder=3)
+    right = max([median, *later, *firsts])
+    ax.text(right + longest * 0.015, y, f"{median:.2f} s" + (
+        "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
+
+
+# ---------------------------------------------------------------- timing.md
+def median_seconds(group):
+    """Median training seconds per epoch over all epochs of all its runs."""
+    return float(pd.concat([run.frame["seconds"] for run in group.runs])
+                 .median())
+
+
+def ratios_to_baseline(groups):
+    """Each group's median s/epoch over that of the batchnorm group with the
+    same settings (those batchnorm uses); None where there is none."""
+    baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
+                if g.norm == BASELINE}
+    return [median_seconds(g) / baseline[g.key_for(BASELINE)]
+            if g.key_for(BASELINE) in baseline else None for g in groups]
+
+
+def format_epochs(group):
+    done = sorted({len(run.frame) for run in group.runs})
+    text = str(done[0]) if len(done) == 1 else f"{done[0]}–{done[-1]}"
+    planned = {run.config.get("epochs") for run in group.runs}
+    if len(planned) == 1:
+        planned = planned.pop()
+        if isinstance(planned, int) and done[0] < planned:
+            text += f"/{planned}"
+    return text
+
+
+def provenances(group):
+    """Each run's `provenance` record (None where it is not one)."""
+    return [record if isinstance(record := run.config.get("provenance"), dict)
+            else None for run in group.runs]
+
+
+# What a warning says of the groups with each kind of provenance problem.
+PROVENANCE_WARNINGS = {
+    "none": "runs with no provenance (older code)",
+    "unknown": "runs of an unknown commit (not run from a git checkout)",
+    "commits": "runs from different commits",
+    "dirty": "runs from a dirty tree (uncommitted changes)",
+}
+
+
+def provenance_problems(group):
+    """Why a group's runs may not be the same code, as (kind, text) with the
+    kinds of PROVENANCE_WARNINGS; empty for runs of one clean commit."""
+    records = provenances(group)
+    known = [r for r in records if r is not None]
+    problems = []
+    if len(known) < len(records):
+        problems.append(("none", "no provenance" if not known else
+                         f"{len(records) - len(known)} of {len(records)} "
+                         "runs without provenance"))
+    commits = {r.get("commit") for r in known}
+    if None in commits:
+        problems.append(("unknown", "commit unknown"))
+    if len(commits - {None}) > 1:
+        problems.append(("commits", f"{len(commits - {None})} commits"))
+    if any(r.get("dirty") is not False for r in known):
+        problems.append(("dirty", "dirty tree"))
+    return problems
+
+
+def provenance_cell(group):
+    """timing.md's note beside a group: its commit(s), and its problems."""
+    commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
+                      if r is not None and r.get("commit")})
+    problems = [text for _, text in provenance_problems(group)]
+    text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
+    if problems:
+        text = "⚠ " + "; ".join(problems) + (f" ({text})" if text else "")
+    return text
+
+
+def warn_provenance(groups):
+    """One warning per kind of problem, naming the groups that have it."""
+    flagged = {}
+    for group in groups:
+        for kind, text in provenance_problems(group):
+            flagged.setdefault(kind, []).append(f"{group.label} ({text})")
+    for kind, labels in flagged.items():
+        warn(f"{len(labels)} group(s) of {PROVENANCE_WARNINGS[kind]}; see "
+             f"the code column of timing.md: {' | '.join(labels)}")
+
+
+def result_text(group, key):
+    """format_percent of the runs' `result[key]`, "(k of n runs)" where some
+    lack it, "–" where all do."""
+    values = [test_result(run, key) for run in group.runs]
+    known = [v for v in values if v is not None]
+    if not known:
+        return "–"
+    text = format_percent(known)
+    if len(known) < len(values):
+        text += f" ({len(known)} of {len(values)} runs)"
+    return text
+
+
+def validation_text(groups):
+    """Where the groups' validation images come from, in words."""
+    pairs = sorted({(str(run.value("val_from")), run.value("val_size"))
+                    for group in groups for run in group.runs},
+                   key=lambda pair: (pair[0], sort_key(pair[1])))
+    return "; ".join(validation_source(*pair) for pair in pairs)
+
+
+def validation_source(source, size):
+    if source == "train":
+        count = "images" if size is None else f"{size} images"
+        return (f"{count} held out of the training set (`val_from` train; "
+                "never trained on)")
+    if source == "test":
+        where = ("the whole test set" if size is None
+                 else f"a subset of {size} test images")
+        return (f"{where} (`val_from` test, as in 2017: validation and test "
+                "accuracies are not independent)")
+    return f"{'all' if size is None else size} images from {source}"
+
+
+def group_row(group, ratio, best_weights):
+    """The cells of a group's row in timing.md's table."""
+    frames = [r.frame["val_accuracy"] for r in group.runs]
+    tests = [result_text(group, key) for key in ("test_accuracy",
+             "best_test_accuracy")[:1 + best_weights]]
+    return (group.label, len(group.runs), format_epochs(group), *tests,
+            format_percent([f.max() for f in frames]),
+            format_percent([f.iloc[-1] for f in frames]),
+            f"{median_seconds(group):.2f}",
+            "n/a" if ratio is None else f"{ratio:.2f}",
+            provenance_cell(group),
+            *[", ".join(sorted({str(run.config[key]) for run in group.runs}))
+              for key in ("device", "backend")])
+
+
+def timing_report(groups, runs, history_dirs):
+    """timing.md: a row per group, test accuracy first, then validation
+    accuracy, then speed; a note of what each column counts."""
+    best_weights = any(test_result(run, "best_test_accuracy") is not None
+                       for run in runs)
+    header = ("group", "runs", "epochs", "test acc, last weights (%)",
+              *(["test acc, best-val weights (%)"] if best_weights else []),
+              "best val acc (%)", "final val acc (%)", "median s/epoch",
+              "ratio to batchnorm", "code", "device", "backend")
+    rows = [group_row(group, ratio, best_weights)
+            for group, ratio in zip(groups, ratios_to_baseline(groups))]
+    source = ", ".join(f"`{d}`" for d in history_dirs)
+    best_note = (" Best-val weights: the weights of the epoch with the best "
+                 "validation accuracy, on the same test images."
+                 if best_weights else "")
+    return (
+        f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
+        f"group(s).\n\n{markdown_table(header, rows)}\n\n"
+        "Test accuracy: mean (± std over runs) of each run's last weights on "
+        f"{test_images_text(runs, 'the whole test set')}.{best_note} Validation accuracy: mean "
+        "(± std over runs) of each run's best and final epoch; validation "
+        f"images: {validation_text(groups)}. Median s/epoch: median wall time "
+        "of an epoch's training steps over all epochs of the group's runs "
+        "(evaluation excluded). Ratio: to the batchnorm group with the same "
+        "other settings. Code: the commit the runs ran (⚠: mixed commits, a "
+        "dirty tree, or no provenance recorded).\n")
+
+
