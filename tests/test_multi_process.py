@@ -29,6 +29,7 @@ only_on_jax = pytest.mark.skipif(
 TIMEOUT = 300  # a process left alone waits for the others: never forever
 
 
+@pytest.mark.backend_independent
 def test_the_shares_of_the_processes_make_up_each_batch():
     """Each process's batches, augmented, put together in process order,
     are the batches of one process: the same images, crops and order."""
@@ -100,19 +101,27 @@ def one_process(args):
                           timeout=TIMEOUT, check=False)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(data_dir, tmp_path_factory):
+    """The folder of the run that 1 process trains on 4 devices: what the
+    runs of 2 processes must equal."""
+    out = tmp_path_factory.mktemp("one")
+    one = one_process(args_of(data_dir, out))
+    assert one.returncode == 0, one.stderr[-3000:]
+    return out
+
+
 def files_of(out):
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
                   if p.is_file())
 
 
 @only_on_jax
-def test_two_processes_train_the_run_of_one_on_all_the_devices(data_dir,
-                                                              tmp_path):
+def test_two_processes_train_the_run_of_one_on_all_the_devices(
+        data_dir, one_process_run, tmp_path):
     """2 processes x 2 devices and 1 process x 4 devices: the same history
     and test accuracy, the same last weights; process 0 writes every file
     and prints the table, process 1 writes nothing and prints no table."""
-    one = one_process(args_of(data_dir, tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
     results = run_processes(lambda i: args_of(data_dir, tmp_path / f"p{i}"))
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -120,16 +129,16 @@ def test_two_processes_train_the_run_of_one_on_all_the_devices(data_dir,
     assert "val_acc" in first.stdout and "test accuracy" in first.stdout
     assert second.stdout == ""
     assert not (tmp_path / "p1").exists()
-    assert files_of(tmp_path / "p0") == files_of(tmp_path / "one")
+    assert files_of(tmp_path / "p0") == files_of(one_process_run)
 
     def strip(csv_text):  # the timing columns differ
         return [line.split(",")[3:] for line in csv_text.splitlines()]
 
-    history = [(tmp_path / d / "history" / "run.csv").read_text()
-               for d in ("one", "p0")]
+    history = [(d / "history" / "run.csv").read_text()
+               for d in (one_process_run, tmp_path / "p0")]
     assert strip(history[0]) == strip(history[1])
-    records = [json.loads((tmp_path / d / "history" / "run.json")
-                          .read_text()) for d in ("one", "p0")]
+    records = [json.loads((d / "history" / "run.json").read_text())
+               for d in (one_process_run, tmp_path / "p0")]
     assert records[0]["result"] == records[1]["result"]
     assert (records[1]["processes"], records[1]["per_process_batch"],
             records[1]["per_device_batch"], records[1]["devices"]) == (
@@ -141,20 +150,18 @@ def test_two_processes_train_the_run_of_one_on_all_the_devices(data_dir,
 
 
 @only_on_jax
-def test_resume_continues_both_processes_from_shared_folders(data_dir,
-                                                            tmp_path):
+def test_resume_continues_both_processes_from_shared_folders(
+        data_dir, one_process_run, tmp_path):
     """One epoch, then --resume to two: the history of two epochs at once;
     a process that finds no saved state (folders not shared) stops both,
     naming the epochs each would continue after."""
-    whole = one_process(args_of(data_dir, tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
     shared = tmp_path / "shared"
     for extra in (["--epochs", "1"], ["--resume"]):
         for result in run_processes(
                 lambda i, extra=extra: args_of(data_dir, shared, *extra)):
             assert result.returncode == 0, result.stderr[-3000:]
     rows = [(d / "history" / "run.csv").read_text().splitlines()
-            for d in (tmp_path / "whole", shared)]
+            for d in (one_process_run, shared)]
     assert [r.split(",")[3:] for r in rows[0]] == [
         r.split(",")[3:] for r in rows[1]]
     # Process 1 with folders of its own: it would start from scratch.
