@@ -6,25 +6,20 @@
   python benchmarks/bench.py --level input jit     # input pipeline; jit_compile on / off
   python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
 
-Levels (--level; default layer model):
-  layer   one norm layer after a trainable scale on (B, 32, 32, C), per --channels
-  matrix  the layer per --batch-sizes and --setups; renorm's bounds moving
-          at every step (`@ramp`) and fixed (`@fixed`)
-  model   WRN-DEPTH-WIDTH training steps
-  input   train.py's loop fed by its `host` and `device` pipelines against
-          batches already in memory (`resident`): the share spent waiting
-  jit     WRN steps of batchnorm and renorm with jit_compile off and on
-  devices JAX: one device against data parallel on every device
-  loop    JAX: Keras's loop, one step per call, against the compiled epoch
+Levels (--level; default layer model): layer (a norm layer after a
+trainable scale, per --channels), matrix (the layer per --batch-sizes and
+--setups, renorm's bounds moving `@ramp` or `@fixed`), model (WRN training
+steps), input (train.py's loop fed by its `host` and `device` pipelines
+against `resident` batches), jit (jit_compile off and on), devices (JAX:
+data parallel), loop (JAX: Keras's loop against the compiled epoch).
 
-Each variant is built and warmed up, then the repeats run interleaved
-(A B C A B C ...); a ratio is the median over the repeats of the two times
-of the same repeat. --cpus pins the run to some cores; --processes N pools
-the rounds of N fresh processes. Each run writes RESULTS/BACKEND-DEVICE.json
-and .csv (-xla for TensorFlow with jit_compile on; a rerun of a level
-replaces its rows), then RESULTS/summary.md from every results file, and
-with --readme FILE the block of FILE between `<!-- bench.md begins -->` and
-`<!-- bench.md ends -->`. Variants and method: docs/speed.md.
+Each variant is built and warmed up, then the repeats run interleaved; a
+ratio is the median over the repeats of the two times of the same repeat.
+Each run writes RESULTS/BACKEND-DEVICE.json and .csv (-xla: TensorFlow with
+jit_compile on; a rerun of a level replaces its rows), then
+RESULTS/summary.md from every results file, and with --readme FILE the
+block of FILE between `<!-- bench.md begins -->` and `<!-- bench.md ends
+-->`. Variants and method: docs/speed.md.
 """
 
 import argparse
@@ -47,23 +42,19 @@ LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
 NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
                  "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm",
                  "renorm-tracked")
-# Measured only when --variants names it: the cost of train.py's
-# --track-corrections.
-ON_REQUEST = ("renorm-tracked",)
-# The renorm variants' layer arguments (renorm-groups4: the paper's
-# micro-batches of 4).
-GROUP_SIZE = 4
+ON_REQUEST = ("renorm-tracked",)  # only when --variants names it
+# The renorm variants' layer arguments (groups4: the paper's micro-batches).
 RENORM_OPTIONS = {"renorm-portable": dict(fused=False),
                   "renorm-tracked": dict(track_corrections=True),
-                  "renorm-groups4": dict(virtual_batch_size=GROUP_SIZE)}
+                  "renorm-groups4": dict(virtual_batch_size=4)}
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
            "images_per_s", "ratio", "repeats", "steps")
 EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
-# The matrix level: name -> (the layer after a trainable scale, so that its
-# input gradient is computed; norm layers in a row; a ReLU after each).
+# The matrix level: name -> (after a trainable scale, so that the input
+# gradient is computed; norm layers in a row; a ReLU after each).
 LAYER_SETUPS = {
     "input": (False, 1, False),
     "input-relu": (False, 1, True),
@@ -71,7 +62,6 @@ LAYER_SETUPS = {
     "stack4-relu": (True, 4, True),
 }
 LAYER_BATCH_SIZES = (16, 64, 256)
-# renorm's bounds moving at every step (the schedule's ramp), or fixed.
 LAYER_SCHEDULES = {
     "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
     "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
@@ -253,14 +243,6 @@ def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
                   loss=loss, jit_compile=jit)
 
 
-def to_tensor(api, array):
-    if api is tf_keras():
-        import tensorflow as tf
-
-        return tf.convert_to_tensor(array)
-    return api.ops.convert_to_tensor(array)
-
-
 def stepper(model, api, x, y):
     """A function(n) that runs n training steps of `model` on the batch
     (x, y) with the model's compiled train step, and waits for the device."""
@@ -317,8 +299,9 @@ def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
     """The rows of `variants` on a random batch of `shape`, each renorm
     variant once per schedule of `schedules` (`renorm@ramp`, ...; None: as
     built)."""
-    x = rng.standard_normal(shape, dtype="float32") * 2 + 0.5
-    y = rng.standard_normal(shape, dtype="float32")
+    x, y = map(keras.ops.convert_to_tensor, (
+        rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
+        rng.standard_normal(shape, dtype="float32")))
     print(f"{level}, {label}:", flush=True)
     steppers = {}
     for variant in variants:
@@ -327,29 +310,9 @@ def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
                                      LAYER_SCHEDULES.get(regime))
             compile_model(model, api, jit, loss="mse")
             name = variant + (f"@{regime}" if regime else "")
-            steppers[name] = stepper(model, api, to_tensor(api, x),
-                                     to_tensor(api, y))
+            steppers[name] = stepper(model, api, x, y)
     times = time_interleaved(steppers, steps, repeats, warmup)
     return rows_of(level, label, times, shape[0], steps, "batchnorm")
-
-
-def layer_matrix(channels=64, batch_sizes=LAYER_BATCH_SIZES,
-                 setups=tuple(LAYER_SETUPS), schedules=tuple(LAYER_SCHEDULES),
-                 variants=None, steps=3, repeats=5, warmup=2, jit="auto"):
-    """The matrix level on (B, 32, 32, channels), on the current backend:
-    rows for every batch size, setup and renorm schedule; ratios to
-    `batchnorm` of the same round."""
-    import keras
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    names = available_variants(keras, variants)
-    return [row for batch_size in batch_sizes for setup in setups
-            for row in layer_rows(
-                keras, "matrix", f"{batch_size}x32x32x{channels} {setup}",
-                (batch_size, 32, 32, channels), names, setup, schedules,
-                steps=steps, repeats=repeats, warmup=warmup, jit=jit,
-                rng=rng)]
 
 
 def wrn_model(keras, variant, depth, width):
@@ -394,21 +357,26 @@ def bench_layer(keras, args, variants, jit, rng, environment):
 
 
 def bench_matrix(keras, args, variants, jit, rng, environment):
-    return layer_matrix(args.channels[0], args.batch_sizes, args.setups,
-                        variants=variants, steps=steps_of(args, environment, 3),
-                        repeats=args.repeats, warmup=args.warmup, jit=jit)
+    """Every batch size, setup and renorm schedule on (B, 32, 32, C) for
+    the first --channels C."""
+    c = args.channels[0]
+    return [row for b in args.batch_sizes for setup in args.setups
+            for row in layer_rows(
+                keras, "matrix", f"{b}x32x32x{c} {setup}", (b, 32, 32, c),
+                variants, setup, tuple(LAYER_SCHEDULES),
+                steps=steps_of(args, environment, 3), repeats=args.repeats,
+                warmup=args.warmup, jit=jit, rng=rng)]
 
 
 def bench_model(keras, args, variants, jit, rng, environment):
     print(f"model level, {wrn_name(args)}, batch {args.batch_size}:",
           flush=True)
-    x, y = wrn_batch(args, rng)
+    x, y = map(keras.ops.convert_to_tensor, wrn_batch(args, rng))
     steppers = {}
     for variant in variants:
         model, api = wrn_model(keras, variant, args.depth, args.width)
         compile_model(model, api, jit)
-        steppers[variant] = stepper(model, api, to_tensor(api, x),
-                                    to_tensor(api, y))
+        steppers[variant] = stepper(model, api, x, y)
     return wrn_times("model", args, steps_of(args, environment, 2), steppers,
                      "batchnorm")[0]
 
@@ -416,7 +384,7 @@ def bench_model(keras, args, variants, jit, rng, environment):
 def bench_jit(keras, args, variants, jit, rng, environment):
     """WRN steps of batchnorm and renorm with jit_compile off and on; each
     ratio is to the same norm's jit_compile=off."""
-    x, y = wrn_batch(args, rng)
+    x, y = map(keras.ops.convert_to_tensor, wrn_batch(args, rng))
     rows = []
     for norm in ("batchnorm", "renorm"):
         print(f"jit_compile, {wrn_name(args)} with {norm}:", flush=True)
@@ -425,7 +393,7 @@ def bench_jit(keras, args, variants, jit, rng, environment):
             model, api = wrn_model(keras, norm, args.depth, args.width)
             compile_model(model, api, setting == "on")
             steppers[f"{norm}, jit_compile={setting}"] = stepper(
-                model, api, to_tensor(api, x), to_tensor(api, y))
+                model, api, x, y)
         rows += wrn_times("jit", args, steps_of(args, environment, 2),
                           steppers, f"{norm}, jit_compile=off")[0]
     return rows

@@ -55,7 +55,7 @@ TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "256",
               "--val-size", "100", "--batch-size", "32",
               "--eval-batch-size", "100", "--steps-per-execution", "4"]
 TINY_BENCH = ["--depth", "10", "--width", "1", "--steps", "1", "--repeats",
-              "2", "--batch-size", "16"]
+              "2", "--batch-size", "16", "--variants", "batchnorm", "renorm"]
 HOW_TO_GET_JAX = ("install a CUDA build of JAX first (pip install -U "
                   "'jax[cuda13]', or 'jax[cuda12]' for a CUDA 12 driver), "
                   "or run with --tiny on the CPU")
@@ -135,11 +135,6 @@ class Folders:
     plots: Path
     results: Path
 
-    @classmethod
-    def of(cls, args, where):
-        return cls(args.history_dir / where, args.weights_dir / where,
-                   args.plots_dir / where, args.results_dir / where)
-
     def archived(self, path, where):
         """The path of a file of these folders inside an archive: the
         repository's."""
@@ -212,9 +207,9 @@ class Budget:
 
 @dataclass
 class Cost:
-    """A run as measured while it trained: seconds from its start to its
-    first new CSV row (start-up, compilation, one epoch), per epoch after
-    that (between rows), and from its last row to its exit."""
+    """A run's seconds from its start to its first new CSV row (start-up,
+    compilation, an epoch), per epoch after that, from its last row to its
+    exit."""
 
     start: float
     epoch: float
@@ -235,9 +230,8 @@ class Costs:
         return PLOT_GUESS if self.plot is None else self.plot
 
     def of_norm(self, norm):
-        """The Cost of a run of `norm`: as measured, else the last measured
-        norm's times UNMEASURED; and a note that says which (None before
-        anything is measured)."""
+        """The Cost of a run of `norm` (else the last measured norm's times
+        UNMEASURED; None before any) and a note that says which."""
         if norm in self.runs:
             return self.runs[norm], ""
         if not self.runs:
@@ -249,8 +243,8 @@ class Costs:
 
 
 def rows_done(step, folders):
-    """The epochs in the run's CSV (0 where it is missing or unreadable:
-    train.py --resume repairs it from the saved state)."""
+    """The epochs in the run's CSV (0 where it is unreadable: train.py
+    --resume repairs it)."""
     try:
         return len(runfiles.read_rows(folders.history / f"{step.name}.csv"))
     except (OSError, UnicodeDecodeError, csv.Error):
@@ -278,9 +272,9 @@ def estimate(step, costs, folders):
 
 
 def measured(seen, started, ended, finished):
-    """The Cost of a watched run from the times its CSV grew (`seen`: (rows
-    new in this job, monotonic time) each time it grew); None where no row
-    came. The end of a run that did not finish: an epoch's time."""
+    """The Cost of a watched run from `seen`, (rows new in this job, time)
+    each time its CSV grew; None where none came. An unfinished run's end:
+    an epoch's time."""
     if not seen:
         return None
     (first_rows, first), (last_rows, last) = seen[0], seen[-1]
@@ -300,8 +294,8 @@ def launch(script, argv):
 
 
 def stop(process):
-    """SIGTERM (train.py saves what is finished and exits), then a kill if
-    it does not exit in STOP_WAIT seconds; its exit code."""
+    """SIGTERM (train.py saves and exits), a kill after STOP_WAIT seconds;
+    its exit code."""
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(STOP_WAIT)
@@ -325,30 +319,22 @@ def look(path, before, seen, now=None):
 
 
 def train(step, folders, budget, costs, probe):
-    """Runs train.py for `step`, watching its CSV; stops it where its
-    projected end passes the budget (`probe`: not before PROBE_EPOCHS new
-    epochs). Returns its exit code, its Cost (None where no epoch ended)
-    and, if it was stopped, why."""
+    """Runs train.py for `step`, stopped where `overrun` says; its exit
+    code, Cost (None where no epoch ended) and why it was stopped."""
     csv_path = folders.history / f"{step.name}.csv"
     before = rows_done(step, folders)
     guess = costs.of_norm(step.norm)[0]
-    started = time.monotonic()
-    process = launch(step.script, step.argv)
-    seen, why, code = [], None, None
-    while code is None:
-        try:
-            code = process.wait(POLL)
-        except subprocess.TimeoutExpired:
-            grew = look(csv_path, before, seen)
-            if why is None and (grew or budget.left() <= 0):
-                why = overrun(step, before, seen, started, budget, costs,
-                              guess, probe)
-                if why:
-                    print(f"{PROG}: stopping {step.name}: {why}", flush=True)
-                    code = stop(process)
-    ended = time.monotonic()
+    seen, started = [], time.monotonic()
+
+    def why_stop():
+        if look(csv_path, before, seen) or budget.left() <= 0:
+            return overrun(step, before, seen, started, budget, costs, guess,
+                           probe)
+        return None
+
+    code, step.wall, why = run_watched(step, why_stop)
+    ended = started + step.wall
     look(csv_path, before, seen, ended)
-    step.wall = ended - started
     finished = why is None and code == 0
     return code, measured(seen, started, ended, finished), why
 
@@ -379,21 +365,19 @@ def overrun(step, before, seen, started, budget, costs, guess, probe):
             "left; the same command continues it")
 
 
-def run_timed(script, argv, budget):
-    """Runs a step that is not watched row by row (the bench, plot.py),
-    stopping it if the budget is spent; its exit code, seconds and whether
-    it was stopped."""
+def run_watched(step, why_stop):
+    """Runs `step`, asking `why_stop()` between two looks: a reason stops
+    it. Its exit code, seconds and the reason (None: not stopped)."""
     started = time.monotonic()
-    process = launch(script, argv)
+    process = launch(step.script, step.argv)
     while True:
         try:
-            code = process.wait(POLL)
-            return code, time.monotonic() - started, False
+            return process.wait(POLL), time.monotonic() - started, None
         except subprocess.TimeoutExpired:
-            if budget.left() <= 0:
-                print(f"{PROG}: stopping {script}: the budget is spent",
-                      flush=True)
-                return stop(process), time.monotonic() - started, True
+            why = why_stop()
+            if why:
+                print(f"{PROG}: stopping {step.name}: {why}", flush=True)
+                return stop(process), time.monotonic() - started, why
 
 
 # ------------------------------------------------------------ the output
@@ -402,8 +386,8 @@ class NotFinite(Exception):
 
 
 def check_finite(step, folders):
-    """Raises NotFinite, naming the run, the column and the epoch, where a
-    loss or val_loss of the run's CSV is NaN or infinite."""
+    """NotFinite (naming run, column and epoch) where a loss or val_loss of
+    the run's CSV is NaN or infinite."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
         for column in LOSSES:
@@ -435,7 +419,7 @@ def write_tar(path, members):
 
 def archive_run(out, step, folders, where):
     """The run's best weights, then its history and last weights (the
-    second archive's arrival marks the run as complete in `out`)."""
+    second archive marks the run complete in `out`)."""
     paths = runfiles.Paths.of(step.name, folders.history, folders.weights)
 
     def members(*files):
@@ -460,10 +444,9 @@ def archive_reports(out, folders, where, table):
 
 
 def run_figures(step, folders):
-    """The summary's numbers of a run: epochs done, mean training seconds
-    per epoch (each session's first epoch left out where others exist),
-    best validation accuracy, test accuracy of the best-validation and of
-    the last weights ('-' where unknown)."""
+    """A run's summary cells: epochs, mean training seconds per epoch
+    (without each session's first where others exist), best validation
+    accuracy, test accuracy of the best-validation and last weights."""
     rows = runfiles.read_rows(folders.history / f"{step.name}.csv")
     try:
         record = runfiles.read_json(folders.history / f"{step.name}.json")
@@ -494,8 +477,7 @@ def summary(steps, folders, budget, device, notes):
               "test acc (best-val weights) | test acc (last) | estimate s | "
               "wall s |"), "|" + " --- |" * 9]
     for step in steps:
-        figures = (run_figures(step, folders) if step.is_run
-                   else ("-",) * 5)
+        figures = run_figures(step, folders) if step.is_run else ("-",) * 5
         lines.append("| " + " | ".join(
             (step.name, step.status, *figures, text(step.estimate, ".0f"),
              text(step.wall, ".0f"))) + " |")
@@ -582,8 +564,8 @@ class Job:
     def run_bench(self, step):
         """The bench, stopped where the budget is spent (that is no
         failure): the script and its exit code."""
-        code, step.wall, stopped = run_timed(step.script, step.argv,
-                                             self.budget)
+        code, step.wall, stopped = run_watched(step, lambda: (
+            "the budget is spent" if self.budget.left() <= 0 else None))
         if stopped:
             step.status = "stopped"
             self.notes.append(f"stopped {step.name}: the budget was spent")
@@ -611,10 +593,10 @@ class Job:
         return "plot.py", self.plot()
 
     def plot(self):
-        code, self.costs.plot, _ = run_timed(
-            "plot.py", ["--history-dir", str(self.folders.history),
-                        "--plots-dir", str(self.folders.plots)],
-            Budget(None))
+        plot = Step("plot.py", ["--history-dir", str(self.folders.history),
+                                "--plots-dir", str(self.folders.plots)],
+                    "plot.py")
+        code, self.costs.plot, _ = run_watched(plot, lambda: None)
         return code
 
     def copy_out(self, step=None):
@@ -650,7 +632,8 @@ def main(argv=None):
     where = "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     epochs = args.epochs or (TINY_EPOCHS if args.tiny
                              else protocols.PROTOCOLS["seed"].epochs)
-    folders = Folders.of(args, where)
+    folders = Folders(*(folder / where for folder in (
+        args.history_dir, args.weights_dir, args.plots_dir, args.results_dir)))
     print(f"{PROG}: device {name}; runs in {folders.history}"
           + (f"; budget {args.time_budget:g} s" if args.time_budget else "")
           + (f"; copies in {args.output_dir}" if args.output_dir else ""),
