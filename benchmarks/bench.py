@@ -268,10 +268,8 @@ def stepper(model, api, x, y):
 
 
 def layer_model(keras, variant, shape, setup="scale", schedule=None):
-    """Normalization layers on `shape` as `LAYER_SETUPS[setup]` places them
-    (default: one layer after a trainable scalar, so that its backward pass
-    computes its input gradient, as in a network). `schedule`: renorm
-    keyword arguments (`LAYER_SCHEDULES`), for the renorm variants only."""
+    """Normalization layers on `shape` as `LAYER_SETUPS[setup]` places them;
+    `schedule`: renorm's arguments (`LAYER_SCHEDULES`), renorm only."""
     make, api = norm_factory(keras, variant)
     extra = schedule if schedule and variant.startswith("renorm") else {}
     input_gradient, count, relu = LAYER_SETUPS[setup]
@@ -297,8 +295,7 @@ def layer_model(keras, variant, shape, setup="scale", schedule=None):
 def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
                steps, repeats, warmup, jit, rng):
     """The rows of `variants` on a random batch of `shape`, each renorm
-    variant once per schedule of `schedules` (`renorm@ramp`, ...; None: as
-    built)."""
+    variant once per schedule (`renorm@ramp`, ...; None: as built)."""
     x, y = map(keras.ops.convert_to_tensor, (
         rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
         rng.standard_normal(shape, dtype="float32")))
@@ -368,15 +365,23 @@ def bench_matrix(keras, args, variants, jit, rng, environment):
                 warmup=args.warmup, jit=jit, rng=rng)]
 
 
+def wrn_steppers(keras, args, batch, settings):
+    """name -> stepper of a WRN for each name -> (variant, jit_compile) of
+    `settings`, on `batch`."""
+    x, y = map(keras.ops.convert_to_tensor, batch)
+    steppers = {}
+    for name, (variant, jit) in settings.items():
+        model, api = wrn_model(keras, variant, args.depth, args.width)
+        compile_model(model, api, jit)
+        steppers[name] = stepper(model, api, x, y)
+    return steppers
+
+
 def bench_model(keras, args, variants, jit, rng, environment):
     print(f"model level, {wrn_name(args)}, batch {args.batch_size}:",
           flush=True)
-    x, y = map(keras.ops.convert_to_tensor, wrn_batch(args, rng))
-    steppers = {}
-    for variant in variants:
-        model, api = wrn_model(keras, variant, args.depth, args.width)
-        compile_model(model, api, jit)
-        steppers[variant] = stepper(model, api, x, y)
+    steppers = wrn_steppers(keras, args, wrn_batch(args, rng),
+                            {variant: (variant, jit) for variant in variants})
     return wrn_times("model", args, steps_of(args, environment, 2), steppers,
                      "batchnorm")[0]
 
@@ -384,27 +389,21 @@ def bench_model(keras, args, variants, jit, rng, environment):
 def bench_jit(keras, args, variants, jit, rng, environment):
     """WRN steps of batchnorm and renorm with jit_compile off and on; each
     ratio is to the same norm's jit_compile=off."""
-    x, y = map(keras.ops.convert_to_tensor, wrn_batch(args, rng))
-    rows = []
+    batch, rows = wrn_batch(args, rng), []
     for norm in ("batchnorm", "renorm"):
         print(f"jit_compile, {wrn_name(args)} with {norm}:", flush=True)
-        steppers = {}
-        for setting in ("off", "on"):
-            model, api = wrn_model(keras, norm, args.depth, args.width)
-            compile_model(model, api, setting == "on")
-            steppers[f"{norm}, jit_compile={setting}"] = stepper(
-                model, api, x, y)
+        steppers = wrn_steppers(keras, args, batch, {
+            f"{norm}, jit_compile={setting}": (norm, setting == "on")
+            for setting in ("off", "on")})
         rows += wrn_times("jit", args, steps_of(args, environment, 2),
                           steppers, f"{norm}, jit_compile=off")[0]
     return rows
 
 
 def bench_devices(keras, args, variants, jit, rng, environment):
-    """JAX: WRN steps on one device, data parallel on every local device
-    (the moments of the global batch), and for renorm also with per-device
-    statistics (`virtual_batch_size` = the per-device batch); each ratio is
-    to the same norm on one device. On a CPU, devices come from
-    XLA_FLAGS=--xla_force_host_platform_device_count=N."""
+    """JAX: WRN steps on one device, data parallel on every device (the
+    global batch's moments), and renorm with per-device statistics
+    (virtual_batch_size); ratios to the same norm on one device."""
     if keras.backend.backend() != "jax":
         raise cli.UsageError("--level devices needs the jax backend (Keras's "
                              "distribution API)")
@@ -460,9 +459,8 @@ def in_distribution(distribution, make_stepper):
 
 
 def fitter(keras, model, make_batches, epoch, steps_per_fit=None):
-    """A stepper that trains with model.fit on `make_batches()` (a new
-    epoch's generator: `epoch` counts them), in fits of `steps_per_fit`
-    steps (default: one fit of all)."""
+    """A stepper of model.fit on `make_batches()`, a new epoch's generator
+    (`epoch` counts them), in fits of `steps_per_fit` steps (default: all)."""
     def run(n):
         per_fit = steps_per_fit or n
         for _ in range(-(-n // per_fit)):
@@ -474,11 +472,10 @@ def fitter(keras, model, make_batches, epoch, steps_per_fit=None):
 
 
 def bench_input(keras, args, variants, jit, rng, environment):
-    """train.py's loop (model.fit on an epoch's generator, with its
-    --steps-per-execution) for batchnorm and renorm, fed by its pipelines
-    (`host`: sampling.train_batches, NumPy; `device`: DeviceTrainSet,
-    keras.ops on the device; both augmented) and by batches made
-    beforehand (`resident`: no input work at all)."""
+    """train.py's loop (model.fit on an epoch's generator) for batchnorm
+    and renorm, fed by its pipelines (`host`: NumPy; `device`: keras.ops on
+    the device; both augmented) and by batches made beforehand
+    (`resident`: no input work at all)."""
     from experiment import device_data, sampling
     from experiment.preprocessing import channel_stats
 
@@ -527,10 +524,9 @@ def bench_input(keras, args, variants, jit, rng, environment):
 
 
 def bench_loop(keras, args, variants, jit, rng, environment):
-    """train.py's two loops on JAX, for batchnorm and renorm with Adam and
-    the accuracy metric: Keras's, one step per call (`per-step`), and the
-    compiled epoch (`compiled`), each repeat an epoch of --steps augmented
-    batches kept on the device. Ratios to `batchnorm, per-step`;
+    """train.py's two JAX loops, Keras's (`per-step`) and the compiled
+    epoch (`compiled`), with Adam and the accuracy metric as train.py; a
+    repeat: an epoch of --steps augmented batches kept on the device.
     `norm_ratio`: to batchnorm in the same loop and round."""
     from types import SimpleNamespace
 
@@ -596,9 +592,8 @@ BENCHES = {"layer": bench_layer, "matrix": bench_matrix, "model": bench_model,
 
 
 def training_images(args, rng):
-    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR or the
-    copy in ../shared/data), else random ones of the same shape, and where
-    they came from."""
+    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR,
+    ../shared/data), else random ones, and where they came from."""
     import numpy as np
 
     from experiment import cifar10
@@ -624,8 +619,7 @@ def cycle(batches):
 
 # ---------------------------------------------------------------- files
 def describe(environment, jit, args, argv):
-    """The run's record: train.py's `environment`, threads, settings, and
-    the command (`argv`, bench.py's arguments)."""
+    """The run's record: `environment`, threads, settings, the command."""
     threads = {"cpu_count": os.cpu_count(),
                "cpus": sorted(os.sched_getaffinity(0))}
     backend = environment["backend"]
@@ -676,8 +670,8 @@ def write_results(results_dir, environment, rows):
 
 
 def ratio_text(row):
-    """A row's ratio as the tables show it, with the input level's wait and
-    the loop level's renorm / batchnorm."""
+    """A row's ratio cell, with the input level's wait, the loop level's
+    renorm / batchnorm."""
     text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
     if row["level"] == "input" and "resident" not in row["variant"]:
         text += (f" (waiting {100 * row['wait_share']:.1f}%; "
@@ -688,25 +682,36 @@ def ratio_text(row):
 
 
 SUMMARY_NOTE = (
-    "Ratio: the median over the repeats of the time per step over that "
-    "of the same repeat's `batchnorm` (layer and model levels), "
-    "`batchnorm, resident` (input level; waiting: "
-    "the share of a step spent on input, against the same norm on "
-    "resident batches; s per epoch: ms per step times the steps of "
-    "an epoch of 50,000 images), the same norm with "
-    "`jit_compile=off` (jit level), `batchnorm, per-step` (loop "
-    "level; renorm / batchnorm: in the same loop and repeat); "
-    "measured interleaved in one "
-    "process, or with the rounds of several pooled where the header "
+    "Ratio: the median over the repeats of the time per step over that of the "
+    "same repeat's `batchnorm` (layer and model levels), `batchnorm, "
+    "resident` (input level; waiting: the share of a step spent on input, "
+    "against the same norm on resident batches; s per epoch: ms per step "
+    "times the steps of an epoch of 50,000 images), the same norm with "
+    "`jit_compile=off` (jit level), `batchnorm, per-step` (loop level; "
+    "renorm / batchnorm: in the same loop and repeat); measured interleaved "
+    "in one process, or with the rounds of several pooled where the header "
     "says so. Written by `benchmarks/bench.py` from "
     "`benchmarks/results/*.json`.\n")
+
+
+def table(rows):
+    """The markdown table of `rows`."""
+    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
+              "images/s", "ratio")
+    return "\n".join(
+        ["| " + " | ".join(header) + " |",
+         "|" + "|".join("---" for _ in header) + "|"]
+        + ["| " + " | ".join([
+            row["level"], row["shape"], row["variant"],
+            f"{row['ms_per_step']:.1f}",
+            f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
+            f"{row['images_per_s']:.1f}", ratio_text(row)]) + " |"
+           for row in rows]) + "\n"
 
 
 def summary(results_dir):
     """Markdown tables of every results file."""
     parts = []
-    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
-              "images/s", "ratio")
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
         versions, backend = record.get("versions", {}), record["backend"]
@@ -719,21 +724,12 @@ def summary(results_dir):
             + (f", rounds of {record['processes']} processes"
                if record.get("processes", 1) > 1 else "")
             + f"; {record['date']})\n")
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join([
-            row["level"], row["shape"], row["variant"],
-            f"{row['ms_per_step']:.1f}",
-            f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-            f"{row['images_per_s']:.1f}", ratio_text(row)]) + " |"
-            for row in record["rows"]]
-        parts.append("\n".join(lines) + "\n")
+        parts.append(table(record["rows"]))
     return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
 
 
 def write_summary(args):
-    """summary.md from every results file (and README's block with
-    --readme); returns its text."""
+    """summary.md (and --readme's block) from every results file."""
     text = summary(args.results_dir)
     runfiles.write_file(args.results_dir / "summary.md", text.encode())
     if args.readme:
@@ -745,22 +741,9 @@ def write_summary(args):
     return text
 
 
-def print_rows(rows):
-    width = max([len("variant")] + [len(row["variant"]) for row in rows])
-    print(f"{'level':6} {'shape':26} {'variant':{width}} {'ms/step':>9} "
-          f"{'min-max':>15} {'images/s':>9} {'ratio':>6}")
-    for row in rows:
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
-        print(f"{row['level']:6} {row['shape']:26} {row['variant']:{width}} "
-              f"{row['ms_per_step']:9.1f} "
-              f"{row['ms_min']:7.1f}-{row['ms_max']:<7.1f} "
-              f"{row['images_per_s']:9.1f} {ratio:>6}")
-
-
 # ---------------------------------------------------------------- running
 def measure(args, argv):
-    """Runs the levels of `args` (parsed from `argv`) in this process:
-    (record, rows)."""
+    """Runs the levels in this process: (record, rows)."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
@@ -795,9 +778,8 @@ class WorkerFailed(Exception):
 
 
 def measure_in_processes(args, argv):
-    """Runs this command in `args.processes` fresh processes, one after
-    another (each compiles and warms up anew, so that what one process's
-    memory and code placement do to a ratio is averaged out), and pools
+    """Runs this command in `args.processes` fresh processes in turn (what
+    one process's memory layout does to a ratio averages out) and pools
     their rounds: (record, rows)."""
     import subprocess
     import tempfile
@@ -819,9 +801,8 @@ def measure_in_processes(args, argv):
 
 
 def pin(cpus):
-    """Restricts this process, and the threads its frameworks start, to
-    `cpus` (before any framework is imported: thread pools are sized by
-    the CPUs a process may use); returns the CPUs it had."""
+    """Restricts this process to `cpus` before any framework is imported
+    (their thread pools take its size); returns the CPUs it had."""
     allowed = os.sched_getaffinity(0)
     outside = sorted(set(cpus) - allowed)
     if outside:
@@ -853,7 +834,7 @@ def main(argv=None):
                 {"record": record, "rows": rows}))
             return 0
         path = write_results(args.results_dir, record, rows)
-        print_rows(rows)
+        print(table(rows), end="")
         write_summary(args)
         print(f"results: {path}, {path.with_suffix('.csv')}, "
               f"{args.results_dir / 'summary.md'}")

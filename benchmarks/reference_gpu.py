@@ -60,8 +60,8 @@ HOW_TO_GET_JAX = ("install a CUDA build of JAX first (pip install -U "
                   "'jax[cuda13]', or 'jax[cuda12]' for a CUDA 12 driver), "
                   "or run with --tiny on the CPU")
 PROBE_EPOCHS = 3  # the first compiles; two more give an epoch's time
-# A norm not measured yet costs this times a measured one: the largest
-# renorm / batchnorm ratio of epoch times measured on a GPU (docs/speed.md).
+# A norm not measured yet costs this times a measured one: above the
+# renorm / batchnorm ratios of epoch times measured on GPUs.
 UNMEASURED = 1.35
 # bench.py --level model compiles four variants, each about a run's start-up.
 BENCH_VARIANTS = 4
@@ -243,8 +243,8 @@ class Costs:
 
 
 def rows_done(step, folders):
-    """The epochs in the run's CSV (0 where it is unreadable: train.py
-    --resume repairs it)."""
+    """The epochs in the run's CSV (0 where it is unreadable, as when caught
+    mid-write: train.py --resume repairs it)."""
     try:
         return len(runfiles.read_rows(folders.history / f"{step.name}.csv"))
     except (OSError, UnicodeDecodeError, csv.Error):
@@ -304,15 +304,11 @@ def stop(process):
         return process.wait()
 
 
-def look(path, before, seen, now=None):
-    """Appends (rows new since `before`, the time) to `seen` where the CSV
-    at `path` has grown; whether it has."""
-    last = seen[-1][0] if seen else 0
-    try:
-        new = len(runfiles.read_rows(path)) - before
-    except (OSError, UnicodeDecodeError, csv.Error):  # caught mid-write
-        return False
-    if new <= last:
+def look(step, folders, before, seen, now=None):
+    """Appends (rows new since `before`, the time) to `seen` where the run's
+    CSV has grown; whether it has."""
+    new = rows_done(step, folders) - before
+    if new <= (seen[-1][0] if seen else 0):
         return False
     seen.append((new, time.monotonic() if now is None else now))
     return True
@@ -321,20 +317,19 @@ def look(path, before, seen, now=None):
 def train(step, folders, budget, costs, probe):
     """Runs train.py for `step`, stopped where `overrun` says; its exit
     code, Cost (None where no epoch ended) and why it was stopped."""
-    csv_path = folders.history / f"{step.name}.csv"
     before = rows_done(step, folders)
     guess = costs.of_norm(step.norm)[0]
     seen, started = [], time.monotonic()
 
     def why_stop():
-        if look(csv_path, before, seen) or budget.left() <= 0:
+        if look(step, folders, before, seen) or budget.left() <= 0:
             return overrun(step, before, seen, started, budget, costs, guess,
                            probe)
         return None
 
     code, step.wall, why = run_watched(step, why_stop)
     ended = started + step.wall
-    look(csv_path, before, seen, ended)
+    look(step, folders, before, seen, ended)
     finished = why is None and code == 0
     return code, measured(seen, started, ended, finished), why
 
