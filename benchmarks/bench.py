@@ -18,8 +18,8 @@ ratio is the median over the repeats of the two times of the same repeat.
 Each run writes RESULTS/BACKEND-DEVICE.json and .csv (-xla: TensorFlow with
 jit_compile on; a rerun of a level replaces its rows), then
 RESULTS/summary.md from every results file, and with --readme FILE the
-block of FILE between `<!-- bench.md begins -->` and `<!-- bench.md ends
--->`. Variants and method: docs/speed.md.
+block of FILE between its `bench.md begins` and `bench.md ends` comments.
+Variants and method: docs/speed.md.
 """
 
 import argparse
@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -118,7 +119,7 @@ def build_parser():
     add("--results-dir", type=Path, default=RESULTS_DIR)
     add("--summary", action="store_true",
         help="only rewrite summary.md (and --readme) from the results files")
-    add("--readme", type=Path,
+    add("--readme", type=Path, metavar="FILE",
         help="also replace the bench.md block of FILE (docs/speed.md)")
     return parser
 
@@ -528,8 +529,6 @@ def bench_loop(keras, args, variants, jit, rng, environment):
     epoch (`compiled`), with Adam and the accuracy metric as train.py; a
     repeat: an epoch of --steps augmented batches kept on the device.
     `norm_ratio`: to batchnorm in the same loop and round."""
-    from types import SimpleNamespace
-
     from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
