@@ -3,62 +3,23 @@
 
   python benchmarks/bench.py                       # layer + model level, this backend
   python benchmarks/bench.py --backend jax         # another Keras backend
-  python benchmarks/bench.py --level input         # the input pipeline's share
-  python benchmarks/bench.py --level jit           # jit_compile on / off
+  python benchmarks/bench.py --level input jit     # input pipeline; jit_compile on / off
   python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
 
-Levels (`--level`, several allowed; default `layer model`):
-  layer  forward + backward of one normalization layer on (B, 32, 32, C) for
-         each --channels C, training mode, compiled as model.fit compiles it
-         (train_on_batch of a model: a trainable scalar times the input, so
-         that the layer's backward computes its input gradient, then the
-         layer; MSE loss, SGD).
-  matrix the layer where a user meets it, on (B, 32, 32, C) for each
-         --batch-sizes B and the first --channels C: on the model's input
-         (no input gradient), with a ReLU after it, after a trainable scale
-         (the layer level's setup), and four norm + ReLU after the scale;
-         renorm and renorm-portable with the bounds moving at every step
-         (`@ramp`) and with fixed clipping (`@fixed`).
-  model  WRN-DEPTH-WIDTH (default 16-4) training steps on (B, 32, 32, 3).
-  input  WRN training steps of batchnorm fed by train.py's input pipeline
-         (`host`: sampling.train_batches; `device`: device_data, where it
-         exists) against the same steps on batches already in memory
-         (`resident`): the share of an epoch spent waiting for data.
-  jit    WRN training steps of batchnorm and of renorm with jit_compile off
-         and on (ratios to the same norm with jit_compile off).
-  loop   JAX only: train.py's epochs on the training set kept on the device,
-         run by Keras's loop one step per call (`per-step`) and as one
-         compiled program of the repeat's --steps steps (`compiled`:
-         experiment/compiled_epoch.py), for batchnorm and renorm, Adam and
-         the accuracy metric as train.py (ratios to `batchnorm, per-step`;
-         `norm_ratio`: renorm over batchnorm in the same loop and round).
+Levels (--level; default layer model): layer (a norm layer after a
+trainable scale, per --channels), matrix (the layer per --batch-sizes and
+--setups, renorm's bounds moving `@ramp` or `@fixed`), model (WRN training
+steps), input (train.py's loop fed by its `host` and `device` pipelines
+against `resident` batches), jit (jit_compile off and on), devices (JAX:
+data parallel), loop (JAX: Keras's loop against the compiled epoch).
 
-Every variant of a level is built and warmed up (compilation included)
-first; then the repeats run interleaved (A B C A B C ...), each timing
---steps steps that end with the device done. Reported: median ms per step
-over the repeats, the spread (min-max), images/s, and the ratio to Keras's
-batchnorm: the median over the repeats of the two times of the same repeat.
-Variants: `batchnorm` (keras.layers.BatchNormalization),
-`renorm` (batch_renorm.BatchRenormalization, on its fast path where the
-backend has one), `renorm-tracked` (the same with track_corrections=True;
-only when --variants names it), `renorm-portable` (the same layer on its keras.ops path,
-only where a fast path exists), `keras-renorm` (Keras 3's renorm=True), and,
-on TensorFlow with tf_keras installed, `tf.keras-batchnorm` (tf.keras's fused
-BatchNormalization) and `tf.keras-renorm` (tf.keras's renorm=True, not
-fused) as outside anchors.
-
-On a shared machine a ratio also moves from one process to the next (with
-two threads on two cores, one layer's ratio scattered by +-10% between
-processes, see NOTES.md): `--cpus 0` pins the run, the framework's threads
-included, to one core, and `--processes N` repeats the measurement in N
-fresh processes and pools their rounds.
-
-Each run writes benchmarks/results/BACKEND-DEVICE.csv and .json (-xla
-added for TensorFlow with jit_compile on) with the rows, backend, device,
-versions and thread count (a rerun of a level replaces its rows), then
-rewrites benchmarks/results/summary.md from every results file, and with
---readme FILE (docs/speed.md) the block of FILE between
-`<!-- bench.md begins -->` and `<!-- bench.md ends -->`.
+Each variant is built and warmed up, then the repeats run interleaved; a
+ratio is the median over the repeats of the two times of the same repeat.
+Each run writes RESULTS/BACKEND-DEVICE.json and .csv (-xla: TensorFlow with
+jit_compile on; a rerun of a level replaces its rows), then
+RESULTS/summary.md from every results file, and with --readme FILE the
+block of FILE between its `bench.md begins` and `bench.md ends` comments.
+Variants and method: docs/speed.md.
 """
 
 import argparse
@@ -69,17 +30,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiment import runfiles  # noqa: E402 (after the path)
-from experiment import runtime  # noqa: E402
-from experiment.cli import Parser  # noqa: E402
-from experiment.cli import UsageError  # noqa: E402
-from experiment.cli import nonnegative_int  # noqa: E402
-from experiment.cli import positive_int  # noqa: E402
-from experiment.cli import steps_or_auto  # noqa: E402
+from experiment import cli, runfiles, runtime  # noqa: E402 (after the path)
 from experiment.startup import quiet_startup  # noqa: E402
 
 PROG = "bench.py"
@@ -87,86 +43,84 @@ LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
 NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
                  "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm",
                  "renorm-tracked")
-# Measured only when asked for (--variants): renorm with
-# track_corrections=True, the cost of train.py's --track-corrections.
-ON_REQUEST = ("renorm-tracked",)
-# renorm-groups4: virtual_batch_size=4, the paper's micro-batches.
-GROUP_SIZE = 4
+ON_REQUEST = ("renorm-tracked",)  # only when --variants names it
+# The renorm variants' layer arguments (groups4: the paper's micro-batches).
+RENORM_OPTIONS = {"renorm-portable": dict(fused=False),
+                  "renorm-tracked": dict(track_corrections=True),
+                  "renorm-groups4": dict(virtual_batch_size=4)}
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
            "images_per_s", "ratio", "repeats", "steps")
+EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
+# The matrix level: name -> (after a trainable scale, so that the input
+# gradient is computed; norm layers in a row; a ReLU after each).
+LAYER_SETUPS = {
+    "input": (False, 1, False),
+    "input-relu": (False, 1, True),
+    "scale": (True, 1, False),
+    "stack4-relu": (True, 4, True),
+}
+LAYER_BATCH_SIZES = (16, 64, 256)
+LAYER_SCHEDULES = {
+    "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
+    "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
+}
 
 
 def build_parser():
-    parser = Parser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--backend", choices=("tensorflow", "jax", "torch"),
-                        help="Keras backend (default: KERAS_BACKEND, or "
-                        "Keras's default)")
-    parser.add_argument("--level", nargs="+", choices=LEVELS,
-                        default=["layer", "model"], metavar="LEVEL",
-                        help=f"{', '.join(LEVELS)} (default: layer model)")
-    parser.add_argument("--variants", nargs="+", choices=NORM_VARIANTS,
-                        metavar="VARIANT",
-                        help="normalizations to compare (default: all that "
-                        "this backend has)")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--batch-sizes", type=positive_int, nargs="+",
-                        default=list(LAYER_BATCH_SIZES), metavar="B",
-                        help="matrix level: the batch sizes (default: "
-                        + " ".join(map(str, LAYER_BATCH_SIZES)) + ")")
-    parser.add_argument("--setups", nargs="+", choices=tuple(LAYER_SETUPS),
-                        default=list(LAYER_SETUPS), metavar="SETUP",
-                        help="matrix level: where the layer sits (default: "
-                        + " ".join(LAYER_SETUPS) + ")")
-    parser.add_argument("--channels", type=positive_int, nargs="+",
-                        default=[64, 128, 256], help="layer level: C of "
-                        "(B, 32, 32, C) (default: 64 128 256)")
-    parser.add_argument("--depth", type=positive_int, default=16,
-                        help="model level: WRN depth (default 16)")
-    parser.add_argument("--width", type=positive_int, default=4,
-                        help="model level: WRN width (default 4)")
-    parser.add_argument("--steps", type=positive_int,
-                        help="training steps per timed repeat (default on a "
-                        "CPU: 3 for a layer, 2 for a model; on a GPU: 50)")
-    parser.add_argument("--repeats", type=positive_int, default=5,
-                        help="timed repeats of each variant (default 5)")
-    parser.add_argument("--warmup", type=positive_int, default=2,
-                        help="untimed steps per variant first (default 2)")
-    parser.add_argument("--steps-per-execution", type=steps_or_auto,
-                        default="auto", metavar="N", help="input level: as "
-                        "train.py's (default auto: 1 on a CPU)")
-    parser.add_argument("--dtype-policy", default="float32",
-                        choices=("float32", "mixed_float16", "mixed_bfloat16"),
-                        help="Keras dtype policy of every model (default "
-                        "float32)")
-    parser.add_argument("--jit-compile", choices=("auto", "on", "off"),
-                        default="auto", help="as train.py's (default auto: "
-                        "for TensorFlow on a CPU, on where the CPU lacks "
-                        "AVX-512; Keras's choice elsewhere)")
-    parser.add_argument("--data-dir", type=Path, help="CIFAR-10 for the "
-                        "input level (default: CIFAR10_DIR, ../shared/data, "
-                        "else random images of the same shape)")
-    parser.add_argument("--cpus", type=nonnegative_int, nargs="+",
-                        metavar="CPU", help="run on these CPUs only (the "
-                        "framework's threads too), e.g. `--cpus 0` for one "
-                        "core (default: every CPU this process may use)")
-    parser.add_argument("--processes", type=positive_int, default=1,
-                        metavar="N", help="measure in N fresh processes, one "
-                        "after another, and pool their rounds (default 1); "
-                        "not for the input level")
-    parser.add_argument("--worker-output", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--summary", action="store_true",
-                        help="only rewrite summary.md (and --readme) from "
-                        "the results files")
-    parser.add_argument("--readme", type=Path,
-                        help="also replace the bench.md block of FILE "
-                        "(docs/speed.md)")
+    doc = __doc__.split("\n\n")
+    parser = cli.Parser(prog=PROG, description=doc[0],
+                        epilog="\n\n".join(doc[1:]),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--backend", choices=("tensorflow", "jax", "torch"),
+        help="Keras backend (default: KERAS_BACKEND, or Keras's default)")
+    add("--level", nargs="+", choices=LEVELS, default=["layer", "model"],
+        metavar="LEVEL", help=f"{', '.join(LEVELS)} (default: layer model)")
+    add("--variants", nargs="+", choices=NORM_VARIANTS, metavar="VARIANT",
+        help="normalizations to compare (default: all this backend has)")
+    add("--batch-size", type=cli.positive_int, default=128)
+    add("--batch-sizes", type=cli.positive_int, nargs="+", metavar="B",
+        default=list(LAYER_BATCH_SIZES), help="matrix level (default: "
+        + " ".join(map(str, LAYER_BATCH_SIZES)) + ")")
+    add("--setups", nargs="+", choices=tuple(LAYER_SETUPS), metavar="SETUP",
+        default=list(LAYER_SETUPS), help="matrix level: where the layer sits "
+        "(default: " + " ".join(LAYER_SETUPS) + ")")
+    add("--channels", type=cli.positive_int, nargs="+", default=[64, 128, 256],
+        help="layer level: C of (B, 32, 32, C) (default: 64 128 256)")
+    add("--depth", type=cli.positive_int, default=16,
+        help="WRN depth (default 16)")
+    add("--width", type=cli.positive_int, default=4,
+        help="WRN width (default 4)")
+    add("--steps", type=cli.positive_int, help="training steps per timed "
+        "repeat (default on a CPU: 3 for a layer, 2 for a model; GPU: 50)")
+    add("--repeats", type=cli.positive_int, default=5,
+        help="timed repeats of each variant (default 5)")
+    add("--warmup", type=cli.positive_int, default=2,
+        help="untimed steps per variant first (default 2)")
+    add("--steps-per-execution", type=cli.steps_or_auto, default="auto",
+        metavar="N", help="input level: as train.py's (default auto)")
+    add("--dtype-policy", default="float32",
+        choices=("float32", "mixed_float16", "mixed_bfloat16"),
+        help="Keras dtype policy of every model (default float32)")
+    add("--jit-compile", choices=("auto", "on", "off"), default="auto",
+        help="as train.py's (default auto)")
+    add("--data-dir", type=Path, help="CIFAR-10 for the input and loop "
+        "levels (default: CIFAR10_DIR, ../shared/data, else random images)")
+    add("--cpus", type=cli.nonnegative_int, nargs="+", metavar="CPU",
+        help="run on these CPUs only, the framework's threads too (default: "
+        "every CPU this process may use)")
+    add("--processes", type=cli.positive_int, default=1, metavar="N",
+        help="measure in N fresh processes, one after another, and pool "
+        "their rounds (default 1); not for the input level")
+    add("--worker-output", type=Path, help=argparse.SUPPRESS)
+    add("--results-dir", type=Path, default=RESULTS_DIR)
+    add("--summary", action="store_true",
+        help="only rewrite summary.md (and --readme) from the results files")
+    add("--readme", type=Path, metavar="FILE",
+        help="also replace the bench.md block of FILE (docs/speed.md)")
     return parser
 
 
@@ -192,34 +146,37 @@ def time_interleaved(steppers, steps, repeats, warmup):
     return times
 
 
+def median_ratio(values, baseline):
+    """The median over the rounds of value / baseline of the same round."""
+    return round(statistics.median(
+        [v / b for v, b in zip(values, baseline)]), 4)
+
+
 def rows_of(level, shape, times, batch_size, steps, baseline):
     """A row per variant: median and spread of its seconds per step, and its
-    ratio to `baseline`: the median over the rounds of the two times of the
-    same round (measured next to each other, so that the machine's drift and
-    other load cancel out)."""
+    ratio to `baseline` within each round (so that the machine's drift
+    cancels out)."""
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        ratio = None
-        if baseline in times:
-            ratio = round(statistics.median(
-                [v / b for v, b in zip(values, times[baseline])]), 4)
         rows.append({
             "level": level, "shape": shape, "variant": name,
             "ms_per_step": round(1000 * median, 3),
             "ms_min": round(1000 * min(values), 3),
             "ms_max": round(1000 * max(values), 3),
             "images_per_s": round(batch_size / median, 2),
-            "ratio": ratio, "repeats": len(values), "steps": steps,
+            "ratio": (median_ratio(values, times[baseline])
+                      if baseline in times else None),
+            "repeats": len(values), "steps": steps,
             "ms_repeats": [round(1000 * v, 3) for v in values],
             "baseline": baseline, "batch_size": batch_size})
     return rows
 
 
 def pooled_rows(runs):
-    """The rows of several processes' runs of the same levels (a list of
-    row lists) as one run's: each group's (level, shape) rounds joined in
-    process order, so that every round keeps its own baseline."""
+    """The rows of several processes' runs (a list of row lists) as one
+    run's: each (level, shape)'s rounds joined in process order, so that
+    every round keeps its own baseline."""
     groups = {}
     for rows in runs:
         for row in rows:
@@ -235,7 +192,7 @@ def pooled_rows(runs):
     return pooled
 
 
-# ---------------------------------------------------------------- variants
+# ---------------------------------------------------------------- models
 def available_variants(keras, requested):
     import batch_renorm
 
@@ -245,14 +202,14 @@ def available_variants(keras, requested):
     names += ["renorm-groups4", "keras-renorm"]
     if keras.backend.backend() == "tensorflow" and tf_keras() is not None:
         names += ["tf.keras-batchnorm", "tf.keras-renorm"]
-    if requested:
-        names += list(ON_REQUEST)
-        missing = [v for v in requested if v not in names]
-        if missing:
-            raise UsageError(f"variant(s) {', '.join(missing)} not available "
+    if not requested:
+        return names
+    names += list(ON_REQUEST)
+    missing = [v for v in requested if v not in names]
+    if missing:
+        raise cli.UsageError(f"variant(s) {', '.join(missing)} not available "
                              f"on this backend (available: {', '.join(names)})")
-        names = [v for v in names if v in requested]
-    return names
+    return [v for v in names if v in requested]
 
 
 def tf_keras():
@@ -269,27 +226,17 @@ def norm_factory(keras, variant):
     (keras, or tf_keras for the anchors) that builds the model around it."""
     from models.norms import make_norm
 
-    if variant.startswith("tf.keras-"):
-        api = tf_keras()
-        renorm = variant == "tf.keras-renorm"
-
-        def make(**kwargs):
-            extra = dict(renorm=True, renorm_momentum=0.99, renorm_clipping={
-                "rmin": 1 / 3, "rmax": 3.0, "dmax": 5.0}) if renorm else {}
-            # fused=None: tf.keras fuses where it can (not with renorm).
-            return api.layers.BatchNormalization(momentum=0.99, epsilon=1e-3,
-                                                 **extra, **kwargs)
-        return make, api
-    if variant == "renorm-portable":
-        return (lambda **kwargs: make_norm("renorm", fused=False, **kwargs),
-                keras)
-    if variant == "renorm-tracked":
-        return (lambda **kwargs: make_norm(
-            "renorm", track_corrections=True, **kwargs), keras)
-    if variant == "renorm-groups4":
-        return (lambda **kwargs: make_norm(
-            "renorm", virtual_batch_size=GROUP_SIZE, **kwargs), keras)
-    return (lambda **kwargs: make_norm(variant, **kwargs)), keras
+    if not variant.startswith("tf.keras-"):
+        norm = "renorm" if variant in RENORM_OPTIONS else variant
+        options = RENORM_OPTIONS.get(variant, {})
+        return (lambda **kwargs: make_norm(norm, **options, **kwargs)), keras
+    api = tf_keras()
+    extra = dict(renorm=True, renorm_momentum=0.99, renorm_clipping={
+        "rmin": 1 / 3, "rmax": 3.0, "dmax": 5.0}) if variant.endswith(
+            "renorm") else {}
+    # fused=None: tf.keras fuses where it can (not with renorm).
+    return (lambda **kwargs: api.layers.BatchNormalization(
+        momentum=0.99, epsilon=1e-3, **extra, **kwargs)), api
 
 
 def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
@@ -321,31 +268,9 @@ def stepper(model, api, x, y):
     return run
 
 
-# Layer matrix (`layer_matrix`): where a user meets the layer. name ->
-# (input gradient: the layer after a trainable scale, not on the model's
-# input; how many norm layers in a row; a ReLU after each).
-LAYER_SETUPS = {
-    "input": (False, 1, False),
-    "input-relu": (False, 1, True),
-    "scale": (True, 1, False),
-    "stack4-relu": (True, 4, True),
-}
-LAYER_BATCH_SIZES = (16, 64, 256)
-# The renorm variants' two regimes: bounds that move at every step (the
-# schedule's ramp) and fixed clipping from the first step.
-LAYER_SCHEDULES = {
-    "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
-    "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
-}
-
-
 def layer_model(keras, variant, shape, setup="scale", schedule=None):
-    """Normalization layers on `shape`, as `LAYER_SETUPS[setup]` says; the
-    default, "scale", is one layer after a trainable scalar scale, so that
-    its backward pass computes the gradient with respect to its input, as
-    in a network (the gradients of a model's own inputs are not computed).
-    `schedule`: renorm keyword arguments (`LAYER_SCHEDULES`), for the renorm
-    variants only."""
+    """Normalization layers on `shape` as `LAYER_SETUPS[setup]` places them;
+    `schedule`: renorm's arguments (`LAYER_SCHEDULES`), renorm only."""
     make, api = norm_factory(keras, variant)
     extra = schedule if schedule and variant.startswith("renorm") else {}
     input_gradient, count, relu = LAYER_SETUPS[setup]
@@ -368,42 +293,24 @@ def layer_model(keras, variant, shape, setup="scale", schedule=None):
     return api.Model(inputs, outputs), api
 
 
-def layer_matrix(channels=64, batch_sizes=LAYER_BATCH_SIZES,
-                 setups=tuple(LAYER_SETUPS), schedules=tuple(LAYER_SCHEDULES),
-                 variants=None, steps=3, repeats=5, warmup=2, jit="auto"):
-    """Layer-level rows for every batch size, setup and renorm schedule on
-    (B, 32, 32, channels), on the current Keras backend: what a user meets
-    (the layer on a model's input or inside a stack, with or without a
-    ReLU, bounds moving or fixed). Variants are named `renorm@ramp`,
-    `renorm-portable@fixed`, ...; ratios are to `batchnorm` of the same
-    round. `bench.py --level matrix` runs it."""
-    import numpy as np
-    import keras
-
-    rng = np.random.default_rng(0)
-    names = available_variants(keras, variants)
-    rows = []
-    for batch_size in batch_sizes:
-        shape = (batch_size, 32, 32, channels)
-        x = rng.standard_normal(shape, dtype="float32") * 2 + 0.5
-        y = rng.standard_normal(shape, dtype="float32")
-        for setup in setups:
-            print(f"layer matrix, {shape}, {setup}:", flush=True)
-            steppers = {}
-            for variant in names:
-                regimes = schedules if variant.startswith("renorm") else [None]
-                for regime in regimes:
-                    model, api = layer_model(
-                        keras, variant, shape, setup,
-                        LAYER_SCHEDULES[regime] if regime else None)
-                    compile_model(model, api, jit, loss="mse")
-                    name = variant + (f"@{regime}" if regime else "")
-                    steppers[name] = stepper(model, api, to_tensor(api, x),
-                                             to_tensor(api, y))
-            times = time_interleaved(steppers, steps, repeats, warmup)
-            rows += rows_of("matrix", "x".join(map(str, shape)) + f" {setup}",
-                            times, batch_size, steps, "batchnorm")
-    return rows
+def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
+               steps, repeats, warmup, jit, rng):
+    """The rows of `variants` on a random batch of `shape`, each renorm
+    variant once per schedule (`renorm@ramp`, ...; None: as built)."""
+    x, y = map(keras.ops.convert_to_tensor, (
+        rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
+        rng.standard_normal(shape, dtype="float32")))
+    print(f"{level}, {label}:", flush=True)
+    steppers = {}
+    for variant in variants:
+        for regime in schedules if variant.startswith("renorm") else [None]:
+            model, api = layer_model(keras, variant, shape, setup,
+                                     LAYER_SCHEDULES.get(regime))
+            compile_model(model, api, jit, loss="mse")
+            name = variant + (f"@{regime}" if regime else "")
+            steppers[name] = stepper(model, api, x, y)
+    times = time_interleaved(steppers, steps, repeats, warmup)
+    return rows_of(level, label, times, shape[0], steps, "batchnorm")
 
 
 def wrn_model(keras, variant, depth, width):
@@ -413,42 +320,14 @@ def wrn_model(keras, variant, depth, width):
     return wide_resnet(depth, width, norm=make, keras_api=api), api
 
 
-def to_tensor(api, array):
-    if api is tf_keras():
-        import tensorflow as tf
-
-        return tf.convert_to_tensor(array)
-    return api.ops.convert_to_tensor(array)
+def steps_of(args, environment, on_cpu):
+    """--steps, else `on_cpu` on a CPU and 50 elsewhere."""
+    return args.steps or (on_cpu if environment["device_type"] == "cpu"
+                          else 50)
 
 
-def bench_layer(keras, args, variants, jit, rng, environment):
-    rows = []
-    steps = layer_steps(args, environment)
-    for channels in args.channels:
-        shape = (args.batch_size, 32, 32, channels)
-        print(f"layer level, {shape}:", flush=True)
-        x = (rng.standard_normal(shape, dtype="float32") * 2 + 0.5)
-        y = rng.standard_normal(shape, dtype="float32")
-        steppers = {}
-        for variant in variants:
-            model, api = layer_model(keras, variant, shape)
-            compile_model(model, api, jit, loss="mse")
-            steppers[variant] = stepper(model, api, to_tensor(api, x),
-                                        to_tensor(api, y))
-        times = time_interleaved(steppers, steps, args.repeats, args.warmup)
-        rows += rows_of("layer", "x".join(map(str, shape)), times,
-                        args.batch_size, steps, "batchnorm")
-    return rows
-
-
-def layer_steps(args, environment):
-    return args.steps or (3 if environment["device_type"] == "cpu" else 50)
-
-
-def model_steps(args, environment):
-    if args.steps:
-        return args.steps
-    return 2 if environment["device_type"] == "cpu" else 50
+def wrn_name(args):
+    return f"WRN-{args.depth}-{args.width}"
 
 
 def wrn_batch(args, rng):
@@ -457,80 +336,103 @@ def wrn_batch(args, rng):
     return x, y
 
 
-def bench_model(keras, args, variants, jit, rng, environment):
-    steps = model_steps(args, environment)
-    name = f"WRN-{args.depth}-{args.width}"
-    print(f"model level, {name}, batch {args.batch_size}:", flush=True)
-    x, y = wrn_batch(args, rng)
+def wrn_times(level, args, steps, steppers, baseline, warmup=None):
+    """Times `steppers` (WRN steps on batches of --batch-size): their rows
+    and seconds."""
+    times = time_interleaved(steppers, steps, args.repeats,
+                             warmup or args.warmup)
+    return rows_of(level, f"{wrn_name(args)}, {args.batch_size}x32x32x3",
+                   times, args.batch_size, steps, baseline), times
+
+
+# ---------------------------------------------------------------- levels
+def bench_layer(keras, args, variants, jit, rng, environment):
+    return [row for channels in args.channels for row in layer_rows(
+        keras, "layer", f"{args.batch_size}x32x32x{channels}",
+        (args.batch_size, 32, 32, channels), variants, "scale", [None],
+        steps=steps_of(args, environment, 3), repeats=args.repeats,
+        warmup=args.warmup, jit=jit, rng=rng)]
+
+
+def bench_matrix(keras, args, variants, jit, rng, environment):
+    """Every batch size, setup and renorm schedule on (B, 32, 32, C) for
+    the first --channels C."""
+    c = args.channels[0]
+    return [row for b in args.batch_sizes for setup in args.setups
+            for row in layer_rows(
+                keras, "matrix", f"{b}x32x32x{c} {setup}", (b, 32, 32, c),
+                variants, setup, tuple(LAYER_SCHEDULES),
+                steps=steps_of(args, environment, 3), repeats=args.repeats,
+                warmup=args.warmup, jit=jit, rng=rng)]
+
+
+def wrn_steppers(keras, args, batch, settings):
+    """name -> stepper of a WRN for each name -> (variant, jit_compile) of
+    `settings`, on `batch`."""
+    x, y = map(keras.ops.convert_to_tensor, batch)
     steppers = {}
-    for variant in variants:
+    for name, (variant, jit) in settings.items():
         model, api = wrn_model(keras, variant, args.depth, args.width)
         compile_model(model, api, jit)
-        steppers[variant] = stepper(model, api, to_tensor(api, x),
-                                    to_tensor(api, y))
-    times = time_interleaved(steppers, steps, args.repeats, args.warmup)
-    return rows_of("model", f"{name}, {args.batch_size}x32x32x3", times,
-                   args.batch_size, steps, "batchnorm")
+        steppers[name] = stepper(model, api, x, y)
+    return steppers
 
 
-def bench_jit(keras, args, rng, environment):
+def bench_model(keras, args, variants, jit, rng, environment):
+    print(f"model level, {wrn_name(args)}, batch {args.batch_size}:",
+          flush=True)
+    steppers = wrn_steppers(keras, args, wrn_batch(args, rng),
+                            {variant: (variant, jit) for variant in variants})
+    return wrn_times("model", args, steps_of(args, environment, 2), steppers,
+                     "batchnorm")[0]
+
+
+def bench_jit(keras, args, variants, jit, rng, environment):
     """WRN steps of batchnorm and renorm with jit_compile off and on; each
     ratio is to the same norm's jit_compile=off."""
-    steps = model_steps(args, environment)
-    name = f"WRN-{args.depth}-{args.width}"
-    x, y = wrn_batch(args, rng)
-    rows = []
+    batch, rows = wrn_batch(args, rng), []
     for norm in ("batchnorm", "renorm"):
-        print(f"jit_compile, {name} with {norm}:", flush=True)
-        steppers = {}
-        for setting in ("off", "on"):
-            model, api = wrn_model(keras, norm, args.depth, args.width)
-            compile_model(model, api, setting == "on")
-            steppers[f"{norm}, jit_compile={setting}"] = stepper(
-                model, api, to_tensor(api, x), to_tensor(api, y))
-        times = time_interleaved(steppers, steps, args.repeats, args.warmup)
-        rows += rows_of("jit", f"{name}, {args.batch_size}x32x32x3", times,
-                        args.batch_size, steps, f"{norm}, jit_compile=off")
+        print(f"jit_compile, {wrn_name(args)} with {norm}:", flush=True)
+        steppers = wrn_steppers(keras, args, batch, {
+            f"{norm}, jit_compile={setting}": (norm, setting == "on")
+            for setting in ("off", "on")})
+        rows += wrn_times("jit", args, steps_of(args, environment, 2),
+                          steppers, f"{norm}, jit_compile=off")[0]
     return rows
 
 
-def bench_devices(keras, args, rng, environment):
-    """JAX: WRN steps on one device and data parallel on every local device
-    (`keras.distribution.DataParallel`: the batch split, the moments of the
-    global batch), and on every device with per-device statistics
-    (`virtual_batch_size` = the per-device batch); each ratio is to the same
-    norm on one device. On a CPU, several devices come from
-    XLA_FLAGS=--xla_force_host_platform_device_count=N."""
+def bench_devices(keras, args, variants, jit, rng, environment):
+    """JAX: WRN steps on one device, data parallel on every device (the
+    global batch's moments), and renorm with per-device statistics
+    (virtual_batch_size); ratios to the same norm on one device."""
     if keras.backend.backend() != "jax":
-        raise UsageError("--level devices needs the jax backend (Keras's "
-                         "distribution API)")
+        raise cli.UsageError("--level devices needs the jax backend (Keras's "
+                             "distribution API)")
     devices = keras.distribution.list_devices()
     if len(devices) < 2:
-        raise UsageError(
+        raise cli.UsageError(
             "--level devices needs several devices; JAX sees one (on a CPU: "
             "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
     if args.batch_size % len(devices):
-        raise UsageError(f"--batch-size {args.batch_size} does not split "
-                         f"over {len(devices)} devices")
+        raise cli.UsageError(f"--batch-size {args.batch_size} does not split "
+                             f"over {len(devices)} devices")
     from models import wide_resnet
     from models.norms import make_norm
 
-    steps = model_steps(args, environment)
-    name = f"WRN-{args.depth}-{args.width}"
     # NumPy batches for all: each step moves (and under DataParallel
     # splits) its batch, the same work for every setting.
     x, y = wrn_batch(args, rng)
     parallel = keras.distribution.DataParallel(devices=devices)
-    per_device = args.batch_size // len(devices)
+    many = f"{len(devices)} devices"
     rows = []
     for norm in ("batchnorm", "renorm"):
-        print(f"devices, {name} with {norm}:", flush=True)
+        print(f"devices, {wrn_name(args)} with {norm}:", flush=True)
         settings = {f"{norm}, 1 device": (None, {}),
-                    f"{norm}, {len(devices)} devices": (parallel, {})}
+                    f"{norm}, {many}": (parallel, {})}
         if norm == "renorm":
-            settings[f"{norm}, {len(devices)} devices, per-device "
-                     "statistics"] = (parallel, dict(
-                         virtual_batch_size=per_device))
+            settings[f"{norm}, {many}, per-device statistics"] = (
+                parallel,
+                dict(virtual_batch_size=args.batch_size // len(devices)))
         steppers = {}
         for label, (distribution, extra) in settings.items():
             def make_stepper(extra=extra, norm=norm):
@@ -539,9 +441,8 @@ def bench_devices(keras, args, rng, environment):
                 compile_model(model, keras, True)
                 return stepper(model, keras, x, y)
             steppers[label] = in_distribution(distribution, make_stepper)
-        times = time_interleaved(steppers, steps, args.repeats, args.warmup)
-        rows += rows_of("devices", f"{name}, {args.batch_size}x32x32x3",
-                        times, args.batch_size, steps, f"{norm}, 1 device")
+        rows += wrn_times("devices", args, steps_of(args, environment, 2),
+                          steppers, f"{norm}, 1 device")[0]
     return rows
 
 
@@ -558,48 +459,49 @@ def in_distribution(distribution, make_stepper):
     return run_in_scope
 
 
-def bench_input(keras, args, jit, rng, environment):
-    """train.py's training loop (model.fit on an epoch's generator, with its
-    --steps-per-execution) for batchnorm and renorm, fed by each of its
-    input pipelines (`host`: sampling.train_batches, NumPy; `device`:
-    device_data.DeviceTrainSet, keras.ops on the device; both augmented) and
-    by batches made beforehand (`resident`: no input work at all)."""
-    from experiment import device_data
-    from experiment import sampling
+def fitter(keras, model, make_batches, epoch, steps_per_fit=None):
+    """A stepper of model.fit on `make_batches()`, a new epoch's generator
+    (`epoch` counts them), in fits of `steps_per_fit` steps (default: all)."""
+    def run(n):
+        per_fit = steps_per_fit or n
+        for _ in range(-(-n // per_fit)):
+            epoch[0] += 1
+            model.fit(make_batches(), steps_per_epoch=per_fit, epochs=1,
+                      verbose=0, shuffle=False)
+            keras.ops.convert_to_numpy(model.optimizer.iterations)
+    return run
+
+
+def bench_input(keras, args, variants, jit, rng, environment):
+    """train.py's loop (model.fit on an epoch's generator) for batchnorm
+    and renorm, fed by its pipelines (`host`: NumPy; `device`: keras.ops on
+    the device; both augmented) and by batches made beforehand
+    (`resident`: no input work at all)."""
+    from experiment import device_data, sampling
     from experiment.preprocessing import channel_stats
 
     images, labels, source = training_images(args, rng)
     mean, std = channel_stats(images)
-    steps = model_steps(args, environment)
+    steps = steps_of(args, environment, 2)
     per_execution = runtime.resolve_steps_per_execution(
         args.steps_per_execution, environment, steps)
-    name = f"WRN-{args.depth}-{args.width}"
-    print(f"input level, {name}, {steps} steps per repeat, "
+    print(f"input level, {wrn_name(args)}, {steps} steps per repeat, "
           f"steps_per_execution={per_execution}, data: {source}", flush=True)
     on_device = device_data.DeviceTrainSet(images, labels, mean, std,
                                            augmented=True)
-    resident_batches = [tuple(map(keras.ops.convert_to_tensor, b)) for b in
-                sampling.train_batches(images[:args.batch_size * 2],
-                                      labels[:args.batch_size * 2],
-                                      args.batch_size, mean, std, rng)]
+    two = slice(0, 2 * args.batch_size)
+    resident = [tuple(map(keras.ops.convert_to_tensor, batch))
+                for batch in sampling.train_batches(
+                    images[two], labels[two], args.batch_size, mean, std, rng)]
     epoch = [0]
     pipelines = {
-        "resident": lambda: cycle(resident_batches),
+        "resident": lambda: cycle(resident),
         "host": lambda: sampling.train_batches(
             images, labels, args.batch_size, mean, std,
             sampling.epoch_rng(0, epoch[0]), augmented=True),
         "device": lambda: on_device.train_batches(
             args.batch_size, sampling.epoch_rng(0, epoch[0])),
     }
-
-    def fit_on(model, make_batches):
-        def run(n):
-            epoch[0] += 1
-            model.fit(make_batches(), steps_per_epoch=n, epochs=1,
-                      verbose=0, shuffle=False)
-            keras.ops.convert_to_numpy(model.optimizer.iterations)
-        return run
-
     steppers = {}
     for norm in ("batchnorm", "renorm"):
         model, _ = wrn_model(keras, norm, args.depth, args.width)
@@ -607,66 +509,51 @@ def bench_input(keras, args, jit, rng, environment):
                       loss="sparse_categorical_crossentropy",
                       jit_compile=jit, steps_per_execution=per_execution)
         for pipeline, make in pipelines.items():
-            steppers[f"{norm}, {pipeline}"] = fit_on(model, make)
-    times = time_interleaved(steppers, steps, args.repeats, args.warmup)
-    shape = f"{name}, {args.batch_size}x32x32x3"
-    rows = rows_of("input", shape, times, args.batch_size, steps,
-                   "batchnorm, resident")
+            steppers[f"{norm}, {pipeline}"] = fitter(keras, model, make, epoch)
+    rows, times = wrn_times("input", args, steps, steppers,
+                            "batchnorm, resident")
     steps_per_epoch = -(-len(images) // args.batch_size)
     for row in rows:
-        norm, pipeline = row["variant"].split(", ")
-        resident_times = times[f"{norm}, resident"]
-        # The share of a step spent waiting for data, against the same
+        # The share of a step spent waiting for data: against the same
         # norm's steps on resident batches of the same round.
-        row["wait_share"] = round(1 - statistics.median(
-            [r / v for r, v in zip(resident_times, times[row["variant"]])]), 4)
+        resident_times = times[row["variant"].split(", ")[0] + ", resident"]
+        row["wait_share"] = round(
+            1 - median_ratio(resident_times, times[row["variant"]]), 4)
         row["epoch_s"] = round(row["ms_per_step"] * steps_per_epoch / 1000, 3)
         row["steps_per_execution"] = per_execution
     return rows
 
 
-def bench_loop(keras, args, jit, rng, environment):
-    """train.py's two loops on JAX (see the module's docstring): each repeat
-    an "epoch" of `steps` steps of augmented CIFAR-10 batches."""
-    from types import SimpleNamespace
-
-    from experiment import compiled_epoch
-    from experiment import device_data
-    from experiment import sampling
+def bench_loop(keras, args, variants, jit, rng, environment):
+    """train.py's two JAX loops, Keras's (`per-step`) and the compiled
+    epoch (`compiled`), with Adam and the accuracy metric as train.py; a
+    repeat: an epoch of --steps augmented batches kept on the device.
+    `norm_ratio`: to batchnorm in the same loop and round."""
+    from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
     if environment["backend"] != "jax":
-        raise UsageError("--level loop compares train.py's JAX loops; run "
-                         "it with --backend jax")
-    steps = model_steps(args, environment)
+        raise cli.UsageError("--level loop compares train.py's JAX loops; "
+                             "run it with --backend jax")
+    steps = steps_of(args, environment, 2)
     images, labels, source = training_images(args, rng)
-    images = images[:steps * args.batch_size]  # an epoch of `steps` steps
-    labels = labels[:steps * args.batch_size]
-    arrays = SimpleNamespace(x_train=images, y_train=labels,
-                             **dict(zip(("mean", "std"),
-                                        channel_stats(images))))
+    arrays = SimpleNamespace(x_train=images[:steps * args.batch_size],
+                             y_train=labels[:steps * args.batch_size])
+    arrays.mean, arrays.std = channel_stats(arrays.x_train)
     config = {"batch_size": args.batch_size, "seed": 0, "augment": True,
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
               "eval_batch_size": args.batch_size}
-    name = f"WRN-{args.depth}-{args.width}"
-    print(f"loop level, {name}, epochs of {steps} steps, data: {source}",
-          flush=True)
+    print(f"loop level, {wrn_name(args)}, epochs of {steps} steps, data: "
+          f"{source}", flush=True)
     epoch = [0]
 
     def per_step(model):
         on_device = device_data.DeviceTrainSet(
-            images, labels, arrays.mean, arrays.std, augmented=True)
-
-        def run(n):
-            for _ in range(-(-n // steps)):
-                epoch[0] += 1
-                model.fit(on_device.train_batches(
-                    args.batch_size, sampling.epoch_rng(0, epoch[0])),
-                    steps_per_epoch=steps, epochs=1, verbose=0,
-                    shuffle=False)
-                keras.ops.convert_to_numpy(model.optimizer.iterations)
-        return run
+            arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
+            augmented=True)
+        return fitter(keras, model, lambda: on_device.train_batches(
+            args.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
 
     def compiled(model):
         epochs = compiled_epoch.CompiledEpochs(keras, model, config, arrays,
@@ -687,25 +574,25 @@ def bench_loop(keras, args, jit, rng, environment):
                           loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"], jit_compile=jit)
             model.optimizer.build(model.trainable_variables)
-            x, y = wrn_batch(args, rng)
-            model._symbolic_build(data_batch=(x, y, None))
+            model._symbolic_build(data_batch=(*wrn_batch(args, rng), None))
             steppers[f"{norm}, {loop}"] = make(model)
-    times = time_interleaved(steppers, steps, args.repeats,
-                             max(args.warmup, steps))
-    rows = rows_of("loop", f"{name}, {args.batch_size}x32x32x3", times,
-                   args.batch_size, steps, "batchnorm, per-step")
+    rows, times = wrn_times("loop", args, steps, steppers,
+                            "batchnorm, per-step", max(args.warmup, steps))
     for row in rows:
-        norm, loop = row["variant"].split(", ")
-        baseline = times[f"batchnorm, {loop}"]
-        row["norm_ratio"] = round(statistics.median(
-            [v / b for v, b in zip(times[row["variant"]], baseline)]), 4)
+        loop = row["variant"].split(", ")[1]
+        row["norm_ratio"] = median_ratio(times[row["variant"]],
+                                         times[f"batchnorm, {loop}"])
     return rows
 
 
+BENCHES = {"layer": bench_layer, "matrix": bench_matrix, "model": bench_model,
+           "input": bench_input, "jit": bench_jit, "devices": bench_devices,
+           "loop": bench_loop}
+
+
 def training_images(args, rng):
-    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR or the
-    copy in ../shared/data), else random ones of the same shape, and where
-    they came from."""
+    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR,
+    ../shared/data), else random ones, and where they came from."""
     import numpy as np
 
     from experiment import cifar10
@@ -731,8 +618,7 @@ def cycle(batches):
 
 # ---------------------------------------------------------------- files
 def describe(environment, jit, args, argv):
-    """The run's record: train.py's `environment`, threads, settings, and
-    the command (`argv`, bench.py's arguments)."""
+    """The run's record: `environment`, threads, settings, the command."""
     threads = {"cpu_count": os.cpu_count(),
                "cpus": sorted(os.sched_getaffinity(0))}
     backend = environment["backend"]
@@ -745,14 +631,17 @@ def describe(environment, jit, args, argv):
 
         threads["tf_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
         threads["tf_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
-    if tf_keras() is not None and backend == "tensorflow":
-        environment["versions"]["tf_keras"] = tf_keras().__version__
+        if tf_keras() is not None:
+            environment["versions"]["tf_keras"] = tf_keras().__version__
     return dict(environment, threads=threads, jit_compile=jit,
                 batch_size=args.batch_size, dtype_policy=args.dtype_policy,
                 date=datetime.datetime.now(datetime.timezone.utc)
                 .isoformat(timespec="seconds"),
-                processes=1,
-                command=" ".join(["python", "benchmarks/bench.py", *argv]))
+                processes=1, command=command(argv))
+
+
+def command(argv):
+    return " ".join(["python", "benchmarks/bench.py", *argv])
 
 
 def write_results(results_dir, environment, rows):
@@ -772,13 +661,51 @@ def write_results(results_dir, environment, rows):
                              if k in old}
     runfiles.write_file(json_path,
                         (json.dumps(record, indent=1) + "\n").encode())
-    keys = list(COLUMNS) + ["wait_share", "epoch_s", "steps_per_execution",
-                            "norm_ratio"]
     rows = [dict(row, backend=environment["backend"],
                  device=environment["device"]) for row in record["rows"]]
     runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
-        keys + ["backend", "device"], rows).encode())
+        [*COLUMNS, *EXTRA_COLUMNS, "backend", "device"], rows).encode())
     return json_path
+
+
+def ratio_text(row):
+    """A row's ratio cell, with the input level's wait, the loop level's
+    renorm / batchnorm."""
+    text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+    if row["level"] == "input" and "resident" not in row["variant"]:
+        text += (f" (waiting {100 * row['wait_share']:.1f}%; "
+                 f"{row['epoch_s']:.1f} s per epoch)")
+    if row["level"] == "loop" and row["variant"].startswith("renorm"):
+        text += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
+    return text
+
+
+SUMMARY_NOTE = (
+    "Ratio: the median over the repeats of the time per step over that of the "
+    "same repeat's `batchnorm` (layer and model levels), `batchnorm, "
+    "resident` (input level; waiting: the share of a step spent on input, "
+    "against the same norm on resident batches; s per epoch: ms per step "
+    "times the steps of an epoch of 50,000 images), the same norm with "
+    "`jit_compile=off` (jit level), `batchnorm, per-step` (loop level; "
+    "renorm / batchnorm: in the same loop and repeat); measured interleaved "
+    "in one process, or with the rounds of several pooled where the header "
+    "says so. Written by `benchmarks/bench.py` from "
+    "`benchmarks/results/*.json`.\n")
+
+
+def table(rows):
+    """The markdown table of `rows`."""
+    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
+              "images/s", "ratio")
+    return "\n".join(
+        ["| " + " | ".join(header) + " |",
+         "|" + "|".join("---" for _ in header) + "|"]
+        + ["| " + " | ".join([
+            row["level"], row["shape"], row["variant"],
+            f"{row['ms_per_step']:.1f}",
+            f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
+            f"{row['images_per_s']:.1f}", ratio_text(row)]) + " |"
+           for row in rows]) + "\n"
 
 
 def summary(results_dir):
@@ -786,83 +713,36 @@ def summary(results_dir):
     parts = []
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
-        versions = record.get("versions", {})
-        framework = {"tensorflow": "tensorflow", "jax": "jax",
-                     "torch": "torch"}[record["backend"]]
+        versions, backend = record.get("versions", {}), record["backend"]
         parts.append(
-            f"**{record['backend']}** on {record['device']} (Keras "
-            f"{versions.get('keras')}, {framework} "
-            f"{versions.get(framework)}, jit_compile={record['jit_compile']}, "
+            f"**{backend}** on {record['device']} (Keras "
+            f"{versions.get('keras')}, {backend} {versions.get(backend)}, "
+            f"jit_compile={record['jit_compile']}, "
             f"{record.get('dtype_policy', 'float32')}, "
             f"threads {record['threads']}"
             + (f", rounds of {record['processes']} processes"
                if record.get("processes", 1) > 1 else "")
             + f"; {record['date']})\n")
-        header = ("level", "shape", "variant", "ms/step (median)",
-                  "min-max", "images/s", "ratio")
-        lines = ["| " + " | ".join(header) + " |",
-                 "|" + "|".join("---" for _ in header) + "|"]
-        for row in record["rows"]:
-            ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
-            if row["level"] == "input" and "resident" not in row["variant"]:
-                ratio += (f" (waiting {100 * row['wait_share']:.1f}%; "
-                          f"{row['epoch_s']:.1f} s per epoch)")
-            if row["level"] == "loop" and row["variant"].startswith("renorm"):
-                ratio += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
-            lines.append("| " + " | ".join([
-                row["level"], row["shape"], row["variant"],
-                f"{row['ms_per_step']:.1f}",
-                f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-                f"{row['images_per_s']:.1f}", ratio]) + " |")
-        parts.append("\n".join(lines) + "\n")
-    note = ("Ratio: the median over the repeats of the time per step over that "
-            "of the same repeat's `batchnorm` (layer and model levels), "
-            "`batchnorm, resident` (input level; waiting: "
-            "the share of a step spent on input, against the same norm on "
-            "resident batches; s per epoch: ms per step times the steps of "
-            "an epoch of 50,000 images), the same norm with "
-            "`jit_compile=off` (jit level), `batchnorm, per-step` (loop "
-            "level; renorm / batchnorm: in the same loop and repeat); "
-            "measured interleaved in one "
-            "process, or with the rounds of several pooled where the header "
-            "says so. Written by `benchmarks/bench.py` from "
-            "`benchmarks/results/*.json`.\n")
-    return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + note
-
-
-def update_readme(path, text):
-    try:
-        runfiles.replace_block(path, README_BEGIN, README_END,
-                               text.split("\n", 2)[2])  # less the title
-    except ValueError as error:
-        raise UsageError(error) from None
+        parts.append(table(record["rows"]))
+    return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
 
 
 def write_summary(args):
-    """summary.md from every results file (and README's block with
-    --readme); returns its text."""
+    """summary.md (and --readme's block) from every results file."""
     text = summary(args.results_dir)
     runfiles.write_file(args.results_dir / "summary.md", text.encode())
     if args.readme:
-        update_readme(args.readme, text)
+        try:
+            runfiles.replace_block(args.readme, README_BEGIN, README_END,
+                                   text.split("\n", 2)[2])  # less the title
+        except ValueError as error:
+            raise cli.UsageError(error) from None
     return text
 
 
-def print_rows(rows):
-    width = max([len("variant")] + [len(row["variant"]) for row in rows])
-    print(f"{'level':6} {'shape':26} {'variant':{width}} {'ms/step':>9} "
-          f"{'min-max':>15} {'images/s':>9} {'ratio':>6}")
-    for row in rows:
-        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
-        print(f"{row['level']:6} {row['shape']:26} {row['variant']:{width}} "
-              f"{row['ms_per_step']:9.1f} "
-              f"{row['ms_min']:7.1f}-{row['ms_max']:<7.1f} "
-              f"{row['images_per_s']:9.1f} {ratio:>6}")
-
-
+# ---------------------------------------------------------------- running
 def measure(args, argv):
-    """Runs the levels of `args` (parsed from `argv`) in this process:
-    (record, rows)."""
+    """Runs the levels in this process: (record, rows)."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
@@ -871,8 +751,8 @@ def measure(args, argv):
         import keras
 
     if args.backend and keras.backend.backend() != args.backend:
-        raise UsageError(f"--backend {args.backend}: Keras is already "
-                         f"running on {keras.backend.backend()}")
+        raise cli.UsageError(f"--backend {args.backend}: Keras is already "
+                             f"running on {keras.backend.backend()}")
     environment = runtime.describe_environment(keras)
     jit = runtime.jit_compile(args.jit_compile, environment)
     variants = available_variants(keras, args.variants)
@@ -883,34 +763,22 @@ def measure(args, argv):
           f"{environment['device']}, jit_compile={jit}", flush=True)
     rows = []
     try:
-        if "layer" in args.level:
-            rows += bench_layer(keras, args, variants, jit, rng,
-                                environment)
-        if "matrix" in args.level:
-            rows += layer_matrix(
-                args.channels[0], args.batch_sizes, setups=args.setups,
-                variants=variants, steps=layer_steps(args, environment),
-                repeats=args.repeats, warmup=args.warmup, jit=jit)
-        if "model" in args.level:
-            rows += bench_model(keras, args, variants, jit, rng,
-                                environment)
-        if "input" in args.level:
-            rows += bench_input(keras, args, jit, rng, environment)
-        if "jit" in args.level:
-            rows += bench_jit(keras, args, rng, environment)
-        if "devices" in args.level:
-            rows += bench_devices(keras, args, rng, environment)
-        if "loop" in args.level:
-            rows += bench_loop(keras, args, jit, rng, environment)
+        for level in LEVELS:
+            if level in args.level:
+                rows += BENCHES[level](keras, args, variants, jit, rng,
+                                       environment)
     finally:
         keras.config.set_dtype_policy(policy)
     return describe(environment, jit, args, argv), rows
 
 
+class WorkerFailed(Exception):
+    """A process of --processes ended with a non-zero code (it said why)."""
+
+
 def measure_in_processes(args, argv):
-    """Runs this command in `args.processes` fresh processes, one after
-    another (each compiles and warms up anew, so that what one process's
-    memory and code placement do to a ratio is averaged out), and pools
+    """Runs this command in `args.processes` fresh processes in turn (what
+    one process's memory layout does to a ratio averages out) and pools
     their rounds: (record, rows)."""
     import subprocess
     import tempfile
@@ -927,24 +795,19 @@ def measure_in_processes(args, argv):
                 raise WorkerFailed(code)
             runs.append(json.loads(output.read_text()))
     record = dict(runs[0]["record"], processes=args.processes,
-                  command=" ".join(["python", "benchmarks/bench.py", *argv]))
+                  command=command(argv))
     return record, pooled_rows([run["rows"] for run in runs])
 
 
-class WorkerFailed(Exception):
-    """A process of --processes ended with a non-zero code (it said why)."""
-
-
 def pin(cpus):
-    """Restricts this process, and the threads its frameworks start, to
-    `cpus` (before any framework is imported: thread pools are sized by
-    the CPUs a process may use); returns the CPUs it had."""
+    """Restricts this process to `cpus` before any framework is imported
+    (their thread pools take its size); returns the CPUs it had."""
     allowed = os.sched_getaffinity(0)
     outside = sorted(set(cpus) - allowed)
     if outside:
-        raise UsageError(f"--cpus {' '.join(map(str, outside))}: not among "
-                         f"this process's CPUs "
-                         f"({' '.join(map(str, sorted(allowed)))})")
+        raise cli.UsageError(f"--cpus {' '.join(map(str, outside))}: not "
+                             f"among this process's CPUs "
+                             f"({' '.join(map(str, sorted(allowed)))})")
     os.sched_setaffinity(0, set(cpus))
     return allowed
 
@@ -958,43 +821,37 @@ def main(argv=None):
             print(write_summary(args), end="")
             return 0
         if args.processes > 1 and "input" in args.level:
-            raise UsageError("--processes pools the rounds of the layer, "
-                             "matrix, model, jit and devices levels; run "
-                             "the input level in one process")
+            raise cli.UsageError("--processes pools the rounds of the layer, "
+                                 "matrix, model, jit and devices levels; run "
+                                 "the input level in one process")
         if args.cpus:
             pinned_from = pin(args.cpus)
+        record, rows = (measure_in_processes if args.processes > 1
+                        and not args.worker_output else measure)(args, argv)
         if args.worker_output:
-            record, rows = measure(args, argv)
             args.worker_output.write_text(json.dumps(
                 {"record": record, "rows": rows}))
             return 0
-        if args.processes > 1:
-            record, rows = measure_in_processes(args, argv)
-        else:
-            record, rows = measure(args, argv)
         path = write_results(args.results_dir, record, rows)
-        print_rows(rows)
+        print(table(rows), end="")
         write_summary(args)
         print(f"results: {path}, {path.with_suffix('.csv')}, "
               f"{args.results_dir / 'summary.md'}")
         return 0
-    except UsageError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    except cli.UsageError as error:
+        return cli.fail(PROG, error, 2)
     except WorkerFailed as failed:
-        print(f"{PROG}: error: a measuring process ended with code "
-              f"{failed.args[0]}; nothing written", file=sys.stderr)
-        return 130 if failed.args[0] == 130 else 1
+        return cli.fail(PROG, f"a measuring process ended with code "
+                        f"{failed.args[0]}; nothing written",
+                        130 if failed.args[0] == 130 else 1)
     except runfiles.WriteError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 1
+        return cli.fail(PROG, error, 1)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
     finally:
         if pinned_from:  # a caller of main() keeps its own CPUs
             os.sched_setaffinity(0, pinned_from)
-
 
 if __name__ == "__main__":
     sys.exit(main())

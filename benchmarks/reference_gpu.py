@@ -1,63 +1,27 @@
 #!/usr/bin/env python3
-"""The 2017 reproduction on a GPU, in one command: the `seed` protocol
-(WRN-16-4, Adam, batch 128, 100 epochs, all 50,000 training images,
-validated on the 10,000 test images as the 2017 code did) with batchnorm and
-renorm on JAX, then bench.py's model level, inside a time budget.
+"""The 2017 reproduction on a GPU in one command: the `seed` protocol
+(WRN-16-4, Adam, batch 128, 100 epochs, validated on the 10,000 test images
+as the 2017 code did) with batchnorm and renorm on JAX, then bench.py's
+model level, inside a time budget. What the machine needs, the budget and
+the files that come back: docs/gpu.md.
 
   python benchmarks/reference_gpu.py --time-budget 540 --output-dir OUT
   python benchmarks/reference_gpu.py --seeds 1 ...   # a later window: seed 1
   python benchmarks/reference_gpu.py --tiny          # the same job in small,
                                                      # on any device (CI: CPU)
 
-Checks first that Keras runs on JAX and that JAX sees a GPU (one line and
-exit 1 if not, with how to get a CUDA build of JAX; it never installs or
-replaces one). Each run uses train.py's accelerator path: the training set
-resident on the device (--input device), --steps-per-execution auto (as
-train.py resolves it on a GPU), --precision as given (recorded in each
-run's JSON).
-
-Steps, in priority order: the first seed's runs (batchnorm, then renorm),
-bench.py's model level, the other seeds' runs; plot.py after each run.
-With --time-budget SECONDS, the job ends within about SECONDS of its start:
-  - the first run it trains is the measurement: it starts with all its
-    epochs and is watched; its first 3 epochs always run. The time from its
-    start to its first epoch's CSV row (start-up, data, compilation, one
-    epoch), between rows (an epoch: training, evaluation, its files) and
-    from the last row to its exit, and plot.py's time, estimate each step;
-  - a run with E epochs to go: start-up + (E - 1) x epoch + end + plot, as
-    measured on its norm in this job, else 1.35 x another norm's (the
-    largest renorm / batchnorm ratio of epoch times measured on a GPU);
-    bench.py: 4 x a run's start-up (it compiles four variants);
-  - a step starts only if its estimate fits in the time left; a skipped one
-    is named in one line with its estimate. A run whose projected end
-    passes the budget is stopped (SIGTERM: train.py keeps every finished
-    epoch; the same command continues it later), as is any step still
-    running when the budget is spent.
-A run whose history holds a loss or val_loss that is not finite (NaN, inf)
-fails the job: one line, exit 1, no further step.
-
-Files, named by the GPU (SLUG: its name in lower case, e.g. nvidia-h200):
-  HISTORY/gpu-SLUG/NORM-seed-sSEED.{csv,json}  (default HISTORY: history)
-  WEIGHTS/gpu-SLUG/NORM-seed-sSEED.{weights,best.weights}.h5, .state.npz
-                                              (default WEIGHTS: weights)
-  PLOTS/gpu-SLUG/ curves, seconds per epoch, timing.md (default: plots)
-  RESULTS/gpu-SLUG/jax-gpu.{json,csv}, summary.md  (default:
-                                              benchmarks/results)
-With --output-dir DIR, as each step ends (written to a temporary, then
-renamed: a kill at any moment leaves every finished run complete there):
-  DIR/NAME.tar        a finished run's history (CSV, JSON) and last weights
-  DIR/NAME.best.tar   its best weights (a WRN-16-4 weights file is 11 MB,
-                      so every file of DIR stays under 16 MiB)
-  DIR/reports.tar     the plots, bench.py's results, and summary.md as
-                      plots/gpu-SLUG/reference_gpu.md
-  DIR/summary.md      each run's status, mean seconds per epoch (train.py's
-                      `seconds`, each session's first epoch left out: it
-                      compiles), best validation and test accuracy, wall
-                      time; the steps skipped, with their estimates
-The archives hold the repository's paths (history/gpu-SLUG/..., weights/,
-plots/, benchmarks/results/): `tar -xf` each in a checkout. Resumable: a
-finished run is kept (and archived again), an interrupted or stopped one
-continues (train.py --resume).
+Steps, in priority order: the first seed's runs (train.py --input device
+--resume), bench.py, the other seeds' runs; plot.py after each run. With
+--time-budget SECONDS the first run is the measurement (its first 3 epochs
+always run); a later step starts only if its estimate fits the time left
+(a norm not measured yet: 1.35 x a measured one; bench.py: 4 x a run's
+start-up), else one line names it; a run whose projected end passes the
+budget is stopped (SIGTERM: the same command continues it). A loss or
+val_loss that is not finite fails the job (exit 1). Files go below gpu-SLUG
+(the GPU's name) in each folder; with --output-dir DIR, as each step ends
+and written atomically: NAME.tar (a run's history, last weights),
+NAME.best.tar, reports.tar (plots, bench.py's results, the summary) and
+summary.md.
 """
 
 import argparse
@@ -81,27 +45,25 @@ sys.path.insert(0, str(ROOT))
 from experiment import cli, protocols, runfiles  # noqa: E402 (after the path)
 
 PROG = "reference_gpu.py"
-NORMS = ("batchnorm", "renorm")
-# --tiny: a few hundred images, three epochs of 8 steps, WRN-10-1: the same
-# commands, files and budget logic, in a minute or two on a CPU; 4 steps
-# per execution so that train.py's compiled-epoch path runs too.
+# The 2017 comparison: Keras's BatchNormalization against this layer
+# (keras-renorm, Keras's own renorm=True, is no part of it).
+NORMS = tuple(norm for norm in protocols.NORMS if norm != "keras-renorm")
+# --tiny: the same commands, files and budget logic in a minute or two on a
+# CPU; 4 steps per execution so that train.py's compiled epoch runs too.
 TINY_EPOCHS = 3
 TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "256",
               "--val-size", "100", "--batch-size", "32",
               "--eval-batch-size", "100", "--steps-per-execution", "4"]
+TINY_BENCH = ["--depth", "10", "--width", "1", "--steps", "1", "--repeats",
+              "2", "--batch-size", "16", "--variants", "batchnorm", "renorm"]
 HOW_TO_GET_JAX = ("install a CUDA build of JAX first (pip install -U "
                   "'jax[cuda13]', or 'jax[cuda12]' for a CUDA 12 driver), "
                   "or run with --tiny on the CPU")
-# The estimates (see the docstring). The first run's first epochs are the
-# measurement (the first compiles; two more give an epoch's time).
-PROBE_EPOCHS = 3
-# A norm not measured yet costs this times a measured one: the largest
-# renorm / batchnorm ratio of epoch times measured on a GPU (Keras's loop,
-# one step per call: 1.34).
+PROBE_EPOCHS = 3  # the first compiles; two more give an epoch's time
+# A norm not measured yet costs this times a measured one: above the
+# renorm / batchnorm ratios of epoch times measured on GPUs.
 UNMEASURED = 1.35
-# bench.py --level model on JAX builds and compiles four variants
-# (batchnorm, renorm, renorm-groups4, keras-renorm), each about a run's
-# start-up (its steps are fewer than an epoch's).
+# bench.py --level model compiles four variants, each about a run's start-up.
 BENCH_VARIANTS = 4
 PLOT_GUESS = 10.0  # seconds of plot.py before it has run once
 POLL = 0.25  # seconds between two looks at a run's CSV
@@ -111,45 +73,34 @@ LOSSES = ("loss", "val_loss")
 
 
 def build_parser():
-    parser = cli.Parser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--norms", nargs="+", choices=NORMS,
-                        default=list(NORMS), metavar="NORM",
-                        help="default: batchnorm renorm")
-    parser.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
-                        default=[0], metavar="SEED", help="default: 0")
-    parser.add_argument("--precision", choices=protocols.PRECISIONS,
-                        default="mixed_bfloat16",
-                        help="dtype policy of every run (default: "
-                        "mixed_bfloat16, the GPU target)")
-    parser.add_argument("--epochs", type=cli.positive_int,
-                        help=f"default: the protocol's 100 ({TINY_EPOCHS} "
-                        "with --tiny)")
-    parser.add_argument("--time-budget", type=cli.positive_float,
-                        metavar="SECONDS", help="end within about SECONDS: "
-                        "start only the steps estimated to fit (default: "
-                        "no limit, every step)")
-    parser.add_argument("--output-dir", type=Path, metavar="DIR",
-                        help="copy each finished run, the plots, the "
-                        "benchmark and the summary into DIR as they come "
-                        "(default: none)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"WRN-10-1, 256 images, {TINY_EPOCHS} epochs, on "
-                        "whatever device JAX has (a test of the job itself)")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR",
-                        help="CIFAR-10 (default: $CIFAR10_DIR)")
-    parser.add_argument("--history-dir", type=Path, default=Path("history"),
-                        metavar="DIR")
-    parser.add_argument("--weights-dir", type=Path, default=Path("weights"),
-                        metavar="DIR")
-    parser.add_argument("--plots-dir", type=Path, default=Path("plots"),
-                        metavar="DIR")
-    parser.add_argument("--results-dir", type=Path, metavar="DIR",
-                        default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--bench-repeats", type=cli.positive_int, default=5,
-                        help="bench.py --repeats (default 5)")
+    doc = __doc__.split("\n\n")
+    parser = cli.Parser(prog=PROG, description=doc[0],
+                        epilog="\n\n".join(doc[1:]),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--norms", nargs="+", choices=NORMS, default=list(NORMS),
+        metavar="NORM", help="default: " + " ".join(NORMS))
+    add("--seeds", nargs="+", type=cli.nonnegative_int, default=[0],
+        metavar="SEED", help="default: 0")
+    add("--precision", choices=protocols.PRECISIONS, default="mixed_bfloat16",
+        help="dtype policy of every run (default: mixed_bfloat16)")
+    add("--epochs", type=cli.positive_int, help="default: the protocol's 100 "
+        f"({TINY_EPOCHS} with --tiny)")
+    add("--time-budget", type=cli.positive_float, metavar="SECONDS",
+        help="end within about SECONDS: start only the steps estimated to "
+        "fit (default: no limit)")
+    add("--output-dir", type=Path, metavar="DIR", help="copy each finished "
+        "run, the plots, the benchmark and the summary into DIR as they come")
+    add("--tiny", action="store_true", help=f"WRN-10-1, 256 images, "
+        f"{TINY_EPOCHS} epochs, on whatever device JAX has")
+    add("--data-dir", type=Path, metavar="DIR",
+        help="CIFAR-10 (default: $CIFAR10_DIR)")
+    for name in ("history", "weights", "plots"):
+        add(f"--{name}-dir", type=Path, default=Path(name), metavar="DIR")
+    add("--results-dir", type=Path, metavar="DIR",
+        default=ROOT / "benchmarks" / "results")
+    add("--bench-repeats", type=cli.positive_int, default=5,
+        help="bench.py --repeats (default 5)")
     return parser
 
 
@@ -174,35 +125,22 @@ def gpu_name(tiny):
     return device.device_kind if device.platform == "gpu" else "cpu"
 
 
-def slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 # ------------------------------------------------------------ the steps
 @dataclass
 class Folders:
-    """Where the job's files go (each below gpu-SLUG), and where their
-    copies sit in an archive (the repository's layout)."""
+    """Where the job's files go (each below gpu-SLUG)."""
 
     history: Path
     weights: Path
     plots: Path
     results: Path
 
-    @classmethod
-    def of(cls, args, where):
-        return cls(args.history_dir / where, args.weights_dir / where,
-                   args.plots_dir / where, args.results_dir / where)
-
     def archived(self, path, where):
-        """The path of a file of these folders inside an archive."""
-        for folder, name in ((self.history, "history"),
-                             (self.weights, "weights"),
-                             (self.plots, "plots"),
-                             (self.results, "benchmarks/results")):
-            if path.parent == folder:
-                return f"{name}/{where}/{path.name}"
-        raise ValueError(f"{path} is not in the job's folders")
+        """The path of a file of these folders inside an archive: the
+        repository's."""
+        names = {self.history: "history", self.weights: "weights",
+                 self.plots: "plots", self.results: "benchmarks/results"}
+        return f"{names[path.parent]}/{where}/{path.name}"
 
 
 @dataclass
@@ -223,42 +161,33 @@ class Step:
         return self.norm is not None
 
 
-def train_argv(args, norm, seed, epochs, folders):
-    argv = ["--norm", norm, "--protocol", "seed", "--seed", str(seed),
-            "--name", f"{norm}-seed-s{seed}", "--val-from", "test",
-            "--precision", args.precision, "--input", "device",
-            "--history-dir", str(folders.history),
-            "--weights-dir", str(folders.weights), "--resume",
-            "--epochs", str(epochs)]
-    if args.tiny:
-        argv += TINY_FLAGS
-    if args.data_dir:
-        argv += ["--data-dir", str(args.data_dir)]
-    return argv
-
-
-def bench_argv(args, results):
-    argv = ["--backend", "jax", "--level", "model", "--dtype-policy",
-            args.precision, "--results-dir", str(results)]
-    if args.tiny:
-        return argv + ["--depth", "10", "--width", "1", "--steps", "1",
-                       "--repeats", "2", "--batch-size", "16"]
-    return argv + ["--repeats", str(args.bench_repeats)]
-
-
 def plan(args, folders, epochs):
     """The steps in priority order: the first seed's runs, the bench, the
     other seeds' runs."""
 
     def runs(seeds):
-        return [Step("train.py", train_argv(args, norm, seed, epochs,
-                                            folders),
-                     f"{norm}-seed-s{seed}", norm, epochs)
-                for seed in seeds for norm in args.norms]
+        steps = []
+        for seed in seeds:
+            for norm in args.norms:
+                name = f"{norm}-seed-s{seed}"
+                argv = ["--norm", norm, "--protocol", "seed", "--seed",
+                        str(seed), "--name", name, "--val-from", "test",
+                        "--precision", args.precision, "--input", "device",
+                        "--history-dir", str(folders.history),
+                        "--weights-dir", str(folders.weights), "--resume",
+                        "--epochs", str(epochs)]
+                argv += TINY_FLAGS if args.tiny else []
+                argv += ["--data-dir", str(args.data_dir)] if args.data_dir \
+                    else []
+                steps.append(Step("train.py", argv, name, norm, epochs))
+        return steps
 
-    bench = Step("benchmarks/bench.py", bench_argv(args, folders.results),
-                 "bench")
-    return runs(args.seeds[:1]) + [bench] + runs(args.seeds[1:])
+    bench = ["--backend", "jax", "--level", "model", "--dtype-policy",
+             args.precision, "--results-dir", str(folders.results)]
+    bench += TINY_BENCH if args.tiny else ["--repeats",
+                                           str(args.bench_repeats)]
+    return (runs(args.seeds[:1]) + [Step("benchmarks/bench.py", bench,
+                                         "bench")] + runs(args.seeds[1:]))
 
 
 # ------------------------------------------------------------ the budget
@@ -266,23 +195,21 @@ class Budget:
     """The job's clock: seconds since it started, and those left."""
 
     def __init__(self, seconds):
-        self.seconds = seconds
-        self.started = time.monotonic()
+        self.seconds, self.started = seconds, time.monotonic()
 
     def elapsed(self):
         return time.monotonic() - self.started
 
     def left(self):
-        if self.seconds is None:
-            return math.inf
-        return self.seconds - self.elapsed()
+        return (math.inf if self.seconds is None
+                else self.seconds - self.elapsed())
 
 
 @dataclass
 class Cost:
-    """A run as measured while it trained: seconds from its start to its
-    first new CSV row (start-up, compilation, one epoch), per epoch after
-    that (between rows), and from its last row to its exit."""
+    """A run's seconds from its start to its first new CSV row (start-up,
+    compilation, an epoch), per epoch after that, from its last row to its
+    exit."""
 
     start: float
     epoch: float
@@ -290,10 +217,6 @@ class Cost:
 
     def of(self, epochs_to_go):
         return self.start + max(epochs_to_go - 1, 0) * self.epoch + self.end
-
-    def times(self, factor):
-        return Cost(self.start * factor, self.epoch * factor,
-                    self.end * factor)
 
 
 @dataclass
@@ -307,23 +230,21 @@ class Costs:
         return PLOT_GUESS if self.plot is None else self.plot
 
     def of_norm(self, norm):
-        """The Cost of a run of `norm`: as measured, else the last measured
-        norm's times UNMEASURED; and a note that says which (None before
-        anything is measured)."""
+        """The Cost of a run of `norm` (else the last measured norm's times
+        UNMEASURED; None before any) and a note that says which."""
         if norm in self.runs:
             return self.runs[norm], ""
-        if self.runs:
-            return (list(self.runs.values())[-1].times(UNMEASURED),
-                    f", x{UNMEASURED:g} for a norm not measured yet")
-        return None, ""
-
-    def longest_start(self):
-        return max((cost.start for cost in self.runs.values()), default=None)
+        if not self.runs:
+            return None, ""
+        last = list(self.runs.values())[-1]
+        return (Cost(last.start * UNMEASURED, last.epoch * UNMEASURED,
+                     last.end * UNMEASURED),
+                f", x{UNMEASURED:g} for a norm not measured yet")
 
 
 def rows_done(step, folders):
-    """The epochs in the run's CSV (0 where it is missing or unreadable:
-    train.py --resume repairs it from the saved state)."""
+    """The epochs in the run's CSV (0 where it is unreadable, as when caught
+    mid-write: train.py --resume repairs it)."""
     try:
         return len(runfiles.read_rows(folders.history / f"{step.name}.csv"))
     except (OSError, UnicodeDecodeError, csv.Error):
@@ -334,7 +255,8 @@ def estimate(step, costs, folders):
     """Seconds that `step` should take and how they were reckoned; None
     before anything is measured."""
     if not step.is_run:
-        start = costs.longest_start()
+        start = max((cost.start for cost in costs.runs.values()),
+                    default=None)
         return None if start is None else (
             BENCH_VARIANTS * start,
             f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s")
@@ -350,9 +272,9 @@ def estimate(step, costs, folders):
 
 
 def measured(seen, started, ended, finished):
-    """The Cost of a watched run from the times its CSV grew (`seen`: (rows
-    new in this job, monotonic time) each time it grew); None where no row
-    came. The end of a run that did not finish: an epoch's time."""
+    """The Cost of a watched run from `seen`, (rows new in this job, time)
+    each time its CSV grew; None where none came. An unfinished run's end:
+    an epoch's time."""
     if not seen:
         return None
     (first_rows, first), (last_rows, last) = seen[0], seen[-1]
@@ -365,19 +287,15 @@ def measured(seen, started, ended, finished):
 
 
 # ------------------------------------------------------------ running
-def command_of(script, argv):
-    print(f"{PROG}: {shlex.join(['python', script, *argv])}", flush=True)
-    return [sys.executable, str(ROOT / script), *argv]
-
-
 def launch(script, argv):
-    return subprocess.Popen(command_of(script, argv), cwd=ROOT,
-                            env=dict(os.environ, KERAS_BACKEND="jax"))
+    print(f"{PROG}: {shlex.join(['python', script, *argv])}", flush=True)
+    return subprocess.Popen([sys.executable, str(ROOT / script), *argv],
+                            cwd=ROOT, env=dict(os.environ, KERAS_BACKEND="jax"))
 
 
 def stop(process):
-    """SIGTERM (train.py saves what is finished and exits), then a kill if
-    it does not exit in STOP_WAIT seconds; its exit code."""
+    """SIGTERM (train.py saves and exits), a kill after STOP_WAIT seconds;
+    its exit code."""
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(STOP_WAIT)
@@ -386,45 +304,32 @@ def stop(process):
         return process.wait()
 
 
-def look(path, before, seen, now=None):
-    """Appends (rows new since `before`, the time) to `seen` where the CSV
-    at `path` has grown; whether it has."""
-    last = seen[-1][0] if seen else 0
-    try:
-        new = len(runfiles.read_rows(path)) - before
-    except (OSError, UnicodeDecodeError, csv.Error):  # caught mid-write
-        return False
-    if new <= last:
+def look(step, folders, before, seen, now=None):
+    """Appends (rows new since `before`, the time) to `seen` where the run's
+    CSV has grown; whether it has."""
+    new = rows_done(step, folders) - before
+    if new <= (seen[-1][0] if seen else 0):
         return False
     seen.append((new, time.monotonic() if now is None else now))
     return True
 
 
 def train(step, folders, budget, costs, probe):
-    """Runs train.py for `step`, watching its CSV; stops it where its
-    projected end passes the budget (`probe`: not before PROBE_EPOCHS new
-    epochs). Returns its exit code, its Cost (None where no epoch ended)
-    and, if it was stopped, why."""
-    csv_path = folders.history / f"{step.name}.csv"
+    """Runs train.py for `step`, stopped where `overrun` says; its exit
+    code, Cost (None where no epoch ended) and why it was stopped."""
     before = rows_done(step, folders)
     guess = costs.of_norm(step.norm)[0]
-    started = time.monotonic()
-    process = launch(step.script, step.argv)
-    seen, why, code = [], None, None
-    while code is None:
-        try:
-            code = process.wait(POLL)
-        except subprocess.TimeoutExpired:
-            grew = look(csv_path, before, seen)
-            if why is None and (grew or budget.left() <= 0):
-                why = overrun(step, before, seen, started, budget, costs,
-                              guess, probe)
-                if why:
-                    print(f"{PROG}: stopping {step.name}: {why}", flush=True)
-                    code = stop(process)
-    ended = time.monotonic()
-    look(csv_path, before, seen, ended)
-    step.wall = ended - started
+    seen, started = [], time.monotonic()
+
+    def why_stop():
+        if look(step, folders, before, seen) or budget.left() <= 0:
+            return overrun(step, before, seen, started, budget, costs, guess,
+                           probe)
+        return None
+
+    code, step.wall, why = run_watched(step, why_stop)
+    ended = started + step.wall
+    look(step, folders, before, seen, ended)
     finished = why is None and code == 0
     return code, measured(seen, started, ended, finished), why
 
@@ -455,31 +360,29 @@ def overrun(step, before, seen, started, budget, costs, guess, probe):
             "left; the same command continues it")
 
 
-def run_timed(script, argv, budget):
-    """Runs a step that is not watched row by row (the bench, plot.py),
-    stopping it if the budget is spent; its exit code, seconds and whether
-    it was stopped."""
+def run_watched(step, why_stop):
+    """Runs `step`, asking `why_stop()` between two looks: a reason stops
+    it. Its exit code, seconds and the reason (None: not stopped)."""
     started = time.monotonic()
-    process = launch(script, argv)
+    process = launch(step.script, step.argv)
     while True:
         try:
-            code = process.wait(POLL)
-            return code, time.monotonic() - started, False
+            return process.wait(POLL), time.monotonic() - started, None
         except subprocess.TimeoutExpired:
-            if budget.left() <= 0:
-                print(f"{PROG}: stopping {script}: the budget is spent",
-                      flush=True)
-                return stop(process), time.monotonic() - started, True
+            why = why_stop()
+            if why:
+                print(f"{PROG}: stopping {step.name}: {why}", flush=True)
+                return stop(process), time.monotonic() - started, why
 
 
-# ------------------------------------------------------------ checks
+# ------------------------------------------------------------ the output
 class NotFinite(Exception):
     """A run's history holds a loss that is not finite."""
 
 
 def check_finite(step, folders):
-    """Raises NotFinite, naming the run, the column and the epoch, where a
-    loss or val_loss of the run's CSV is NaN or infinite."""
+    """NotFinite (naming run, column and epoch) where a loss or val_loss of
+    the run's CSV is NaN or infinite."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
         for column in LOSSES:
@@ -494,20 +397,24 @@ def check_finite(step, folders):
                     "finite is no result")
 
 
-# ------------------------------------------------------------ the output
 def write_tar(path, members):
-    """An uncompressed tar of `members` ((file, name inside)) at `path`,
-    made in memory and written atomically."""
+    """An uncompressed tar of `members` ((a file or bytes, name inside)) at
+    `path`, made in memory and written atomically."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for file, name in members:
-            tar.add(file, arcname=name)
+        for source, name in members:
+            if isinstance(source, bytes):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(source), time.time()
+                tar.addfile(info, io.BytesIO(source))
+            else:
+                tar.add(source, arcname=name)
     runfiles.write_file(path, buffer.getvalue())
 
 
 def archive_run(out, step, folders, where):
     """The run's best weights, then its history and last weights (the
-    second archive's arrival marks the run as complete in `out`)."""
+    second archive marks the run complete in `out`)."""
     paths = runfiles.Paths.of(step.name, folders.history, folders.weights)
 
     def members(*files):
@@ -526,21 +433,15 @@ def archive_reports(out, folders, where, table):
     files = sorted(p for folder in (folders.plots, folders.results)
                    if folder.is_dir() for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith("."))
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in files:
-            tar.add(path, arcname=folders.archived(path, where))
-        info = tarfile.TarInfo(f"plots/{where}/{SUMMARY_NAME}")
-        info.size, info.mtime = len(data), time.time()
-        tar.addfile(info, io.BytesIO(data))
-    runfiles.write_file(out / "reports.tar", buffer.getvalue())
+    write_tar(out / "reports.tar",
+              [(p, folders.archived(p, where)) for p in files]
+              + [(data, f"plots/{where}/{SUMMARY_NAME}")])
 
 
 def run_figures(step, folders):
-    """The summary's numbers of a run: epochs done, mean training seconds
-    per epoch (each session's first epoch left out where others exist),
-    best validation accuracy, test accuracy of the best-validation and of
-    the last weights ('-' where unknown)."""
+    """A run's summary cells: epochs, mean training seconds per epoch
+    (without each session's first where others exist), best validation
+    accuracy, test accuracy of the best-validation and last weights."""
     rows = runfiles.read_rows(folders.history / f"{step.name}.csv")
     try:
         record = runfiles.read_json(folders.history / f"{step.name}.json")
@@ -552,15 +453,15 @@ def run_figures(step, folders):
                    float(r["seconds"]) for r in rows]
     result = record.get("result", {})
     best_val = max((float(r["val_accuracy"]) for r in rows), default=None)
-
-    def text(value, form):
-        return "-" if value is None else format(value, form)
-
     return (f"{len(rows)}/{step.epochs}",
             text(sum(seconds) / len(seconds) if seconds else None, ".3f"),
             text(best_val, ".4f"),
             text(result.get("best_test_accuracy"), ".4f"),
             text(result.get("test_accuracy"), ".4f"))
+
+
+def text(value, form):
+    return "-" if value is None else format(value, form)
 
 
 def summary(steps, folders, budget, device, notes):
@@ -571,12 +472,10 @@ def summary(steps, folders, budget, device, notes):
               "test acc (best-val weights) | test acc (last) | estimate s | "
               "wall s |"), "|" + " --- |" * 9]
     for step in steps:
-        figures = (run_figures(step, folders) if step.is_run
-                   else ("-",) * 5)
+        figures = run_figures(step, folders) if step.is_run else ("-",) * 5
         lines.append("| " + " | ".join(
-            (step.name, step.status, *figures,
-             "-" if step.estimate is None else f"{step.estimate:.0f}",
-             "-" if step.wall is None else f"{step.wall:.0f}")) + " |")
+            (step.name, step.status, *figures, text(step.estimate, ".0f"),
+             text(step.wall, ".0f"))) + " |")
     budget_text = ("no budget" if budget.seconds is None
                    else f"a budget of {budget.seconds:g} s")
     lines += ["", (f"Job: {budget.elapsed():.0f} s, {budget_text}. Train "
@@ -613,11 +512,16 @@ class Job:
             elif not self.starts(step):
                 continue
             else:
-                script, code = self.run_step(step)
+                script, code = (self.run_training(step) if step.is_run
+                                else self.run_bench(step))
                 if code:
                     return self.failed(script, code)
             if step.is_run:
-                self.check(step)
+                try:
+                    check_finite(step, self.folders)
+                except NotFinite:
+                    step.status = "not finite"
+                    raise
             self.copy_out(step)
         if self.costs.plot is None:  # no run trained: plot the kept ones
             code = self.plot()
@@ -639,32 +543,24 @@ class Job:
         reckoned = estimate(step, self.costs, self.folders)
         if reckoned is not None:
             step.estimate = reckoned[0]
-        if step.is_run and not self.trained:
+        if (step.is_run and not self.trained) or (
+                reckoned is None and left > 0) or (
+                    reckoned is not None and reckoned[0] <= left):
             return True
-        if reckoned is None:
-            if left > 0:
-                return True
-            why = "nothing measured yet, and the budget is spent"
-        elif reckoned[0] <= left:
-            return True
-        else:
-            why = (f"needs about {reckoned[0]:.0f} s ({reckoned[1]}), "
-                   f"{max(left, 0):.0f} s of the budget left")
+        why = ("nothing measured yet, and the budget is spent"
+               if reckoned is None else
+               f"needs about {reckoned[0]:.0f} s ({reckoned[1]}), "
+               f"{max(left, 0):.0f} s of the budget left")
         step.status = "skipped"
-        self.say(f"skipped {step.name}: {why}")
+        self.notes.append(f"skipped {step.name}: {why}")
+        print(f"{PROG}: {self.notes[-1]}", flush=True)
         return False
 
-    def say(self, note):
-        self.notes.append(note)
-        print(f"{PROG}: {note}", flush=True)
-
-    def run_step(self, step):
-        """Runs one step (and plot.py after a run); the program that failed
-        and its exit code, or a code 0 (a stop for the budget included)."""
-        if step.is_run:
-            return self.run_training(step)
-        code, step.wall, stopped = run_timed(step.script, step.argv,
-                                             self.budget)
+    def run_bench(self, step):
+        """The bench, stopped where the budget is spent (that is no
+        failure): the script and its exit code."""
+        code, step.wall, stopped = run_watched(step, lambda: (
+            "the budget is spent" if self.budget.left() <= 0 else None))
         if stopped:
             step.status = "stopped"
             self.notes.append(f"stopped {step.name}: the budget was spent")
@@ -673,6 +569,8 @@ class Job:
         return step.script, code
 
     def run_training(self, step):
+        """A run, then plot.py: the program that failed and its exit code,
+        or a code 0 (a stop for the budget included)."""
         code, cost, why = train(step, self.folders, self.budget, self.costs,
                                 probe=not self.trained)
         self.trained += 1
@@ -690,18 +588,11 @@ class Job:
         return "plot.py", self.plot()
 
     def plot(self):
-        code, self.costs.plot, _ = run_timed(
-            "plot.py", ["--history-dir", str(self.folders.history),
-                        "--plots-dir", str(self.folders.plots)],
-            Budget(None))
+        plot = Step("plot.py", ["--history-dir", str(self.folders.history),
+                                "--plots-dir", str(self.folders.plots)],
+                    "plot.py")
+        code, self.costs.plot, _ = run_watched(plot, lambda: None)
         return code
-
-    def check(self, step):
-        try:
-            check_finite(step, self.folders)
-        except NotFinite:
-            step.status = "not finite"
-            raise
 
     def copy_out(self, step=None):
         """The finished run `step` (a kept one too) and the reports into
@@ -719,30 +610,25 @@ class Job:
                        self.notes)
 
 
-def resolved(args):
-    """The folders as absolute paths (the scripts run in ROOT); the output
-    folder created and checked."""
-    for key in ("data_dir", "history_dir", "weights_dir", "plots_dir",
-                "results_dir", "output_dir"):
-        if getattr(args, key) is not None:
-            setattr(args, key, getattr(args, key).resolve())
-    if args.output_dir is not None:
-        runfiles.writable_dir(args.output_dir, "output folder")
-    return args
-
-
 def main(argv=None):
     try:
-        args = resolved(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        for key in ("data_dir", "history_dir", "weights_dir", "plots_dir",
+                    "results_dir", "output_dir"):  # the scripts run in ROOT
+            if getattr(args, key) is not None:
+                setattr(args, key, getattr(args, key).resolve())
+        if args.output_dir is not None:
+            runfiles.writable_dir(args.output_dir, "output folder")
         name = gpu_name(args.tiny)
     except cli.UsageError as error:
         return cli.fail(PROG, error, 2)
     except NoGPU as error:
         return cli.fail(PROG, error, 1)
-    where = f"gpu-{slug(name)}"
+    where = "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     epochs = args.epochs or (TINY_EPOCHS if args.tiny
                              else protocols.PROTOCOLS["seed"].epochs)
-    folders = Folders.of(args, where)
+    folders = Folders(*(folder / where for folder in (
+        args.history_dir, args.weights_dir, args.plots_dir, args.results_dir)))
     print(f"{PROG}: device {name}; runs in {folders.history}"
           + (f"; budget {args.time_budget:g} s" if args.time_budget else "")
           + (f"; copies in {args.output_dir}" if args.output_dir else ""),
@@ -760,12 +646,12 @@ def main(argv=None):
         return cli.fail(PROG, "interrupted; rerun the same command to "
                         "continue (finished runs are kept)", 130)
     print(job.table(), end="", flush=True)
-    if args.output_dir is not None:
-        files = sorted(p.name for p in args.output_dir.iterdir()
-                       if p.is_file() and not p.name.startswith("."))
-        print(f"{PROG}: done; in {args.output_dir}: {', '.join(files)}")
-    else:
+    if args.output_dir is None:
         print(f"{PROG}: done")
+        return code
+    files = sorted(p.name for p in args.output_dir.iterdir()
+                   if p.is_file() and not p.name.startswith("."))
+    print(f"{PROG}: done; in {args.output_dir}: {', '.join(files)}")
     return code
 
 
