@@ -556,7 +556,7 @@ def bench_loop(keras, args, variants, jit, rng, environment):
             args.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
 
     def compiled(model):
-        epochs = compiled_epoch.CompiledEpochs(keras, model, config, arrays,
+        epochs = compiled_epoch.CompiledEpochs(model, config, arrays,
                                                steps)
         epochs.progress = False
 
@@ -753,7 +753,7 @@ def measure(args, argv):
     if args.backend and keras.backend.backend() != args.backend:
         raise cli.UsageError(f"--backend {args.backend}: Keras is already "
                              f"running on {keras.backend.backend()}")
-    environment = runtime.describe_environment(keras)
+    environment = runtime.describe_environment()
     jit = runtime.jit_compile(args.jit_compile, environment)
     variants = available_variants(keras, args.variants)
     policy = keras.config.dtype_policy()
