@@ -44,14 +44,11 @@ def make_norm(
 
     Args:
         norm: `"batchnorm"`, `"renorm"` or `"keras-renorm"`.
-        momentum: Momentum of the moving statistics (Keras's convention, the
-            fraction kept at each step), for all three. `keras-renorm` also
-            uses it as `renorm_momentum`.
-        epsilon: Added to the batch variance.
-        r_max, d_max: Final bounds of `r` and `d`. `renorm` reaches them
-            through its schedule; `keras-renorm` clips with
-            `rmin = 1 / r_max`, `rmax = r_max`, `dmax = d_max` from the first
-            step; `batchnorm` ignores them.
+        momentum, epsilon: Of the moving statistics (the fraction kept per
+            step; `keras-renorm`'s `renorm_momentum` too), and added to the
+            batch variance.
+        r_max, d_max: Final bounds of `r` and `d`, reached through `renorm`'s
+            schedule, `keras-renorm`'s from the first step.
         warmup_steps, r_max_steps, d_max_steps: The schedule of `renorm`
             (see `BatchRenormalization`); the other two ignore them.
         virtual_batch_size: None (the whole batch) or V: in training, each
@@ -62,18 +59,14 @@ def make_norm(
             batches); `keras-renorm` refuses it.
         **kwargs: Other arguments of both layers (`gamma_regularizer`,
             `beta_regularizer`, `name`, `dtype`, ...).
-
-    Returns:
-        A `keras.layers.Layer`.
     """
     if norm not in NORMS:
         raise ValueError(f"Unknown normalization {norm!r}; expected one of "
                          f"{', '.join(NORMS)}")
     if norm == "keras-renorm" and virtual_batch_size is not None:
-        raise ValueError(
-            "keras-renorm (keras.layers.BatchNormalization(renorm=True)) has "
-            f"no virtual batches; received virtual_batch_size="
-            f"{virtual_batch_size!r}")
+        raise ValueError("keras-renorm (keras.layers.BatchNormalization("
+                         "renorm=True)) has no virtual batches; received "
+                         f"virtual_batch_size={virtual_batch_size!r}")
     if norm == "batchnorm" and virtual_batch_size is not None:
         # Keras's BatchNormalization has no virtual batches; with r and d
         # clipped to 1 and 0 from the first step, ours is exactly BN.

@@ -45,13 +45,11 @@ def wide_resnet(
             `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`).
         norm_kwargs: Arguments for every normalization layer (`momentum`,
             `epsilon`, `r_max`, `d_max`, `warmup_steps`, ...).
-        dropout: Dropout rate between the two convolutions of each block
-            (0 for none).
+        dropout: Rate between the two convolutions of a block (0: none).
         weight_decay: `lambda` as in the paper and Torch's SGD (each gradient
             gains `lambda * w`) on every trainable weight, as an L2 loss
             `lambda / 2 * sum(w ** 2)`. 0 for none.
-        num_classes: Number of output classes.
-        input_shape: Shape of one input image, channels last.
+        num_classes, input_shape: Classes; one image's shape, channels last.
         name: Model name; default `"wrn-{depth}-{width}"`.
         keras_api: `keras`, or `tf_keras` for the benchmarks' anchors (with
             `norm` a function that makes tf_keras layers).
