@@ -39,7 +39,6 @@ With --readme FILE, the table also replaces what FILE holds between the
 lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -51,6 +50,7 @@ import seaborn as sns
 
 from experiment import (
     curves_study, gap_study, microbatch_study, runfiles, sweep_study)
+from experiment.cli import UsageError, fail, script_parser
 from experiment.histories import group_runs, history_paths, load_runs
 from experiment.report import save_figure
 
@@ -63,11 +63,7 @@ STUDIES = (curves_study, sweep_study, microbatch_study, gap_study)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(PROG, __doc__)
     parser.add_argument(
         "runs", nargs="*", metavar="RUN",
         help="runs to include: a name (file stem in --history-dir) or a path "
@@ -84,12 +80,14 @@ def parse_args(argv):
 
 
 def error(message):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 1
+    return fail(PROG, message, 1)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as problem:
+        return fail(PROG, problem, 2)
     runs = load_runs(history_paths(args.runs, args.history_dir))
     if not runs:
         return error("no usable history " + (

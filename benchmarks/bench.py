@@ -70,10 +70,7 @@ LAYER_SCHEDULES = {
 
 
 def build_parser():
-    doc = __doc__.split("\n\n")
-    parser = cli.Parser(prog=PROG, description=doc[0],
-                        epilog="\n\n".join(doc[1:]),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser(PROG, __doc__)
     add = parser.add_argument
     add("--backend", choices=("tensorflow", "jax", "torch"),
         help="Keras backend (default: KERAS_BACKEND, or Keras's default)")

@@ -24,7 +24,6 @@ NAME.best.tar, reports.tar (plots, bench.py's results, the summary) and
 summary.md.
 """
 
-import argparse
 import csv
 import io
 import math
@@ -73,10 +72,7 @@ LOSSES = ("loss", "val_loss")
 
 
 def build_parser():
-    doc = __doc__.split("\n\n")
-    parser = cli.Parser(prog=PROG, description=doc[0],
-                        epilog="\n\n".join(doc[1:]),
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser(PROG, __doc__)
     add = parser.add_argument
     add("--norms", nargs="+", choices=NORMS, default=list(NORMS),
         metavar="NORM", help="default: " + " ".join(NORMS))

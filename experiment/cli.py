@@ -18,6 +18,14 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def script_parser(prog, doc):
+    """A Parser for the script `prog` whose --help is its docstring `doc`:
+    the first paragraph before the flags, the rest after, as written."""
+    description, _, epilog = doc.partition("\n\n")
+    return Parser(prog=prog, description=description, epilog=epilog,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def fail(prog, message, code):
     """Prints `PROG: error: MESSAGE` on stderr; returns `code`."""
     print(f"{prog}: error: {message}", file=sys.stderr)
