@@ -1,9 +1,9 @@
 """A run's network and optimizer, from its configuration (Keras is
-imported by the caller, after the flags are checked)."""
+imported where it is used: after the flags are checked)."""
 
 
 def build_model(config):
-
+    """The run's Wide ResNet, its normalization layers set as it says."""
     from models import wide_resnet
 
     norm_kwargs = dict(momentum=config["norm_momentum"],
@@ -32,9 +32,9 @@ def build_training_state(model, x, y):
     """Creates the optimizer's and the metrics' variables before the first
     training step. Keras's TensorFlow trainer otherwise creates them while
     it traces that step, and then traces it a second time (tf.function
-    retraces a function that created variables): about 2.5 s more per run
-    with a small network on a CPU. The same variables, only created earlier;
-    the other backends build them before the first step anyway."""
+    retraces a function that created variables). The same variables, only
+    created earlier; the other backends build them before the first step
+    anyway."""
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     if hasattr(model, "_symbolic_build"):  # Keras 3's own pre-build
