@@ -14,6 +14,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The shared helpers' asserts explain their failures as a test's do.
+pytest.register_assert_rewrite("train_runs", "layer_cases")
 
 ONCE_BACKEND = "torch"
 

@@ -22,9 +22,9 @@ from experiment import preprocessing
 import train
 from test_device_data import numbers
 from test_device_data import run_args
-from test_train import read_history
-from test_train import run_main
-from test_train import without_timings
+from train_runs import read_history
+from train_runs import run_main
+from train_runs import without_timings
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
                                 reason="the JAX fast path")

@@ -22,14 +22,14 @@ import keras
 
 from batch_renorm import BatchRenormalization
 from reference import correction_statistics
-from test_batch_renorm import BACKEND
-from test_batch_renorm import PATH_IDS
-from test_batch_renorm import PATHS
-from test_batch_renorm import fast_path_expected
-from test_batch_renorm import init_layer
-from test_batch_renorm import random_batch
-from test_batch_renorm import reference_for
-from test_batch_renorm import to_numpy
+from layer_cases import BACKEND
+from layer_cases import PATH_IDS
+from layer_cases import PATHS
+from layer_cases import fast_path_expected
+from layer_cases import init_layer
+from layer_cases import random_batch
+from layer_cases import reference_for
+from layer_cases import to_numpy
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("r_dev", "d_dev", "r_clipped", "d_clipped")

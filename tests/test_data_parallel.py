@@ -15,9 +15,9 @@ import keras
 import numpy as np
 import pytest
 
-from test_train import one_error_line
-from test_train import run_script
-from test_train import tiny_args
+from train_runs import one_error_line
+from train_runs import run_script
+from train_runs import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR_DEVICES = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT),

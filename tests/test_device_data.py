@@ -20,7 +20,7 @@ from experiment import sampling
 from experiment import cifar10
 from experiment import device_data
 import train
-from test_train import (one_error_line, read_history, run_main, run_script,
+from train_runs import (one_error_line, read_history, run_main, run_script,
                         tiny_args, without_timings)
 
 BACKEND = keras.backend.backend()

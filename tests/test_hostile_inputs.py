@@ -17,15 +17,15 @@ import keras
 from keras import ops
 
 from batch_renorm import BatchRenormalization
-from test_batch_renorm import BACKEND
-from test_batch_renorm import FIXED_CLIP
-from test_batch_renorm import PATH_IDS
-from test_batch_renorm import PATHS
-from test_batch_renorm import assert_close
-from test_batch_renorm import init_layer
-from test_batch_renorm import reference_for
-from test_batch_renorm import to_numpy
-from test_batch_renorm import train_call_with_grads
+from layer_cases import BACKEND
+from layer_cases import FIXED_CLIP
+from layer_cases import PATH_IDS
+from layer_cases import PATHS
+from layer_cases import assert_close
+from layer_cases import init_layer
+from layer_cases import reference_for
+from layer_cases import to_numpy
+from layer_cases import train_call_with_grads
 
 # r_max = 1, d_max = 0 from the first step: batch normalization exactly.
 TRIVIAL = dict(r_max=1.0, d_max=0.0, warmup_steps=0, r_max_steps=0,

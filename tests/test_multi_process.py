@@ -18,8 +18,8 @@ import numpy as np
 
 from experiment import hosts
 from experiment import sampling
-from test_train import one_error_line
-from test_train import tiny_args
+from train_runs import one_error_line
+from train_runs import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 JAX = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT))

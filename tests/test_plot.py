@@ -278,9 +278,8 @@ def test_named_runs_select_only_those(two_norms, tmp_path, capsys):
 def test_bad_arguments_and_help(capsys):
     assert plot.main(["--no-such-flag"]) == 2
     err = capsys.readouterr().err
-    assert err.splitlines() == [
-        "plot.py: error: unrecognized arguments: --no-such-flag "
-        "(see plot.py --help)"]
+    assert err.splitlines() == [("plot.py: error: unrecognized arguments: "
+                                 "--no-such-flag (see plot.py --help)")]
     with pytest.raises(SystemExit) as exit_info:
         plot.main(["--help"])
     assert exit_info.value.code == 0

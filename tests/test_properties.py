@@ -12,11 +12,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from batch_renorm import BatchRenormalization
-from test_batch_renorm import PATHS
-from test_batch_renorm import init_layer
-from test_batch_renorm import reference_for
-from test_batch_renorm import to_numpy
-from test_batch_renorm import train_call_with_grads
+from layer_cases import PATHS
+from layer_cases import init_layer
+from layer_cases import reference_for
+from layer_cases import to_numpy
+from layer_cases import train_call_with_grads
 
 
 def assert_scaled(actual, expected, rtol, err_msg, scale=0.0):

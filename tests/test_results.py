@@ -16,9 +16,9 @@ from experiment import preprocessing
 from experiment import protocols
 from experiment import runtime
 from experiment.cli import UsageError
-from test_train import read_history
-from test_train import run_main
-from test_train import tiny_args
+from train_runs import read_history
+from train_runs import run_main
+from train_runs import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

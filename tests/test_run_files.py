@@ -19,12 +19,12 @@ import pytest
 import train
 from experiment import runfiles
 from experiment import runtime
-from test_train import one_error_line
-from test_train import read_history
-from test_train import run_main
-from test_train import run_script
-from test_train import tiny_args
-from test_train import without_timings
+from train_runs import one_error_line
+from train_runs import read_history
+from train_runs import run_main
+from train_runs import run_script
+from train_runs import tiny_args
+from train_runs import without_timings
 
 pytestmark = pytest.mark.backend_independent
 

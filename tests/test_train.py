@@ -23,43 +23,17 @@ from experiment import runtime
 from experiment import sampling
 
 import train
+from train_runs import ROOT
+from train_runs import one_error_line
+from train_runs import read_history
+from train_runs import run_main
+from train_runs import run_script
+from train_runs import tiny_args
+from train_runs import without_timings
 
-ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["epoch", "seconds", "eval_seconds", "loss", "accuracy", "val_loss",
            "val_accuracy", "val_loss_train_mode", "val_accuracy_train_mode",
            "lr"]
-TIMINGS = ("seconds", "eval_seconds")
-
-
-def tiny_args(data_dir, out, *extra, norm="renorm"):
-    """Flags of a tiny run: WRN-10-1, 100 images in batches of 50."""
-    return ["--norm", norm, "--data-dir", str(data_dir),
-            "--history-dir", str(out / "history"),
-            "--weights-dir", str(out / "weights"),
-            "--depth", "10", "--width", "1", "--train-size", "100",
-            "--batch-size", "50", "--epochs", "1", *extra]
-
-
-def run_main(args):
-    """Runs train.py in this process (no second Keras import)."""
-    return train.main(args)
-
-
-def read_history(out, name):
-    with open(out / "history" / f"{name}.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
-    return rows
-
-
-def without_timings(rows):
-    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
-
-
-def run_script(*args, **kwargs):
-    """Runs `python train.py ARGS` in a subprocess."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
-        capture_output=True, text=True, timeout=600, check=False, **kwargs)
 
 
 # ------------------------------------------------------------ flags, protocols
@@ -120,15 +94,6 @@ def test_help():
 
 
 # ------------------------------------------------------------------ bad input
-def one_error_line(result):
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("train.py: error: ")
-    return lines[0]
-
-
 @pytest.mark.backend_independent
 def test_unknown_norm():
     result = run_script("--norm", "groupnorm")
