@@ -190,7 +190,9 @@ def pooled_rows(runs):
 
 
 # ---------------------------------------------------------------- models
-def available_variants(keras, requested):
+def available_variants(requested):
+    import keras
+
     import batch_renorm
 
     names = ["batchnorm", "renorm"]
@@ -218,9 +220,11 @@ def tf_keras():
     return module
 
 
-def norm_factory(keras, variant):
+def norm_factory(variant):
     """A function(**layer kwargs) -> normalization layer, and the Keras API
     (keras, or tf_keras for the anchors) that builds the model around it."""
+    import keras
+
     from models.norms import make_norm
 
     if not variant.startswith("tf.keras-"):
@@ -265,10 +269,10 @@ def stepper(model, api, x, y):
     return run
 
 
-def layer_model(keras, variant, shape, setup="scale", schedule=None):
+def layer_model(variant, shape, setup="scale", schedule=None):
     """Normalization layers on `shape` as `LAYER_SETUPS[setup]` places them;
     `schedule`: renorm's arguments (`LAYER_SCHEDULES`), renorm only."""
-    make, api = norm_factory(keras, variant)
+    make, api = norm_factory(variant)
     extra = schedule if schedule and variant.startswith("renorm") else {}
     input_gradient, count, relu = LAYER_SETUPS[setup]
 
@@ -290,10 +294,12 @@ def layer_model(keras, variant, shape, setup="scale", schedule=None):
     return api.Model(inputs, outputs), api
 
 
-def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
+def layer_rows(level, label, shape, variants, setup, schedules, *,
                steps, repeats, warmup, jit, rng):
     """The rows of `variants` on a random batch of `shape`, each renorm
     variant once per schedule (`renorm@ramp`, ...; None: as built)."""
+    import keras
+
     x, y = map(keras.ops.convert_to_tensor, (
         rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
         rng.standard_normal(shape, dtype="float32")))
@@ -301,7 +307,7 @@ def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
     steppers = {}
     for variant in variants:
         for regime in schedules if variant.startswith("renorm") else [None]:
-            model, api = layer_model(keras, variant, shape, setup,
+            model, api = layer_model(variant, shape, setup,
                                      LAYER_SCHEDULES.get(regime))
             compile_model(model, api, jit, loss="mse")
             name = variant + (f"@{regime}" if regime else "")
@@ -310,10 +316,10 @@ def layer_rows(keras, level, label, shape, variants, setup, schedules, *,
     return rows_of(level, label, times, shape[0], steps, "batchnorm")
 
 
-def wrn_model(keras, variant, depth, width):
+def wrn_model(variant, depth, width):
     from models import wide_resnet
 
-    make, api = norm_factory(keras, variant)
+    make, api = norm_factory(variant)
     return wide_resnet(depth, width, norm=make, keras_api=api), api
 
 
@@ -343,54 +349,54 @@ def wrn_times(level, args, steps, steppers, baseline, warmup=None):
 
 
 # ---------------------------------------------------------------- levels
-def bench_layer(keras, args, variants, jit, rng, environment):
-    return [row for channels in args.channels for row in layer_rows(
-        keras, "layer", f"{args.batch_size}x32x32x{channels}",
+def bench_layer(args, variants, jit, rng, environment):
+    return [row for channels in args.channels for row in layer_rows("layer", f"{args.batch_size}x32x32x{channels}",
         (args.batch_size, 32, 32, channels), variants, "scale", [None],
         steps=steps_of(args, environment, 3), repeats=args.repeats,
         warmup=args.warmup, jit=jit, rng=rng)]
 
 
-def bench_matrix(keras, args, variants, jit, rng, environment):
+def bench_matrix(args, variants, jit, rng, environment):
     """Every batch size, setup and renorm schedule on (B, 32, 32, C) for
     the first --channels C."""
     c = args.channels[0]
     return [row for b in args.batch_sizes for setup in args.setups
-            for row in layer_rows(
-                keras, "matrix", f"{b}x32x32x{c} {setup}", (b, 32, 32, c),
+            for row in layer_rows("matrix", f"{b}x32x32x{c} {setup}", (b, 32, 32, c),
                 variants, setup, tuple(LAYER_SCHEDULES),
                 steps=steps_of(args, environment, 3), repeats=args.repeats,
                 warmup=args.warmup, jit=jit, rng=rng)]
 
 
-def wrn_steppers(keras, args, batch, settings):
+def wrn_steppers(args, batch, settings):
     """name -> stepper of a WRN for each name -> (variant, jit_compile) of
     `settings`, on `batch`."""
+    import keras
+
     x, y = map(keras.ops.convert_to_tensor, batch)
     steppers = {}
     for name, (variant, jit) in settings.items():
-        model, api = wrn_model(keras, variant, args.depth, args.width)
+        model, api = wrn_model(variant, args.depth, args.width)
         compile_model(model, api, jit)
         steppers[name] = stepper(model, api, x, y)
     return steppers
 
 
-def bench_model(keras, args, variants, jit, rng, environment):
+def bench_model(args, variants, jit, rng, environment):
     print(f"model level, {wrn_name(args)}, batch {args.batch_size}:",
           flush=True)
-    steppers = wrn_steppers(keras, args, wrn_batch(args, rng),
+    steppers = wrn_steppers(args, wrn_batch(args, rng),
                             {variant: (variant, jit) for variant in variants})
     return wrn_times("model", args, steps_of(args, environment, 2), steppers,
                      "batchnorm")[0]
 
 
-def bench_jit(keras, args, variants, jit, rng, environment):
+def bench_jit(args, variants, jit, rng, environment):
     """WRN steps of batchnorm and renorm with jit_compile off and on; each
     ratio is to the same norm's jit_compile=off."""
     batch, rows = wrn_batch(args, rng), []
     for norm in ("batchnorm", "renorm"):
         print(f"jit_compile, {wrn_name(args)} with {norm}:", flush=True)
-        steppers = wrn_steppers(keras, args, batch, {
+        steppers = wrn_steppers(args, batch, {
             f"{norm}, jit_compile={setting}": (norm, setting == "on")
             for setting in ("off", "on")})
         rows += wrn_times("jit", args, steps_of(args, environment, 2),
@@ -398,10 +404,12 @@ def bench_jit(keras, args, variants, jit, rng, environment):
     return rows
 
 
-def bench_devices(keras, args, variants, jit, rng, environment):
+def bench_devices(args, variants, jit, rng, environment):
     """JAX: WRN steps on one device, data parallel on every device (the
     global batch's moments), and renorm with per-device statistics
     (virtual_batch_size); ratios to the same norm on one device."""
+    import keras
+
     if keras.backend.backend() != "jax":
         raise cli.UsageError("--level devices needs the jax backend (Keras's "
                              "distribution API)")
@@ -456,9 +464,11 @@ def in_distribution(distribution, make_stepper):
     return run_in_scope
 
 
-def fitter(keras, model, make_batches, epoch, steps_per_fit=None):
+def fitter(model, make_batches, epoch, steps_per_fit=None):
     """A stepper of model.fit on `make_batches()`, a new epoch's generator
     (`epoch` counts them), in fits of `steps_per_fit` steps (default: all)."""
+    import keras
+
     def run(n):
         per_fit = steps_per_fit or n
         for _ in range(-(-n // per_fit)):
@@ -469,11 +479,13 @@ def fitter(keras, model, make_batches, epoch, steps_per_fit=None):
     return run
 
 
-def bench_input(keras, args, variants, jit, rng, environment):
+def bench_input(args, variants, jit, rng, environment):
     """train.py's loop (model.fit on an epoch's generator) for batchnorm
     and renorm, fed by its pipelines (`host`: NumPy; `device`: keras.ops on
     the device; both augmented) and by batches made beforehand
     (`resident`: no input work at all)."""
+    import keras
+
     from experiment import device_data, sampling
     from experiment.preprocessing import channel_stats
 
@@ -501,12 +513,12 @@ def bench_input(keras, args, variants, jit, rng, environment):
     }
     steppers = {}
     for norm in ("batchnorm", "renorm"):
-        model, _ = wrn_model(keras, norm, args.depth, args.width)
+        model, _ = wrn_model(norm, args.depth, args.width)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy",
                       jit_compile=jit, steps_per_execution=per_execution)
         for pipeline, make in pipelines.items():
-            steppers[f"{norm}, {pipeline}"] = fitter(keras, model, make, epoch)
+            steppers[f"{norm}, {pipeline}"] = fitter(model, make, epoch)
     rows, times = wrn_times("input", args, steps, steppers,
                             "batchnorm, resident")
     steps_per_epoch = -(-len(images) // args.batch_size)
@@ -521,11 +533,13 @@ def bench_input(keras, args, variants, jit, rng, environment):
     return rows
 
 
-def bench_loop(keras, args, variants, jit, rng, environment):
+def bench_loop(args, variants, jit, rng, environment):
     """train.py's two JAX loops, Keras's (`per-step`) and the compiled
     epoch (`compiled`), with Adam and the accuracy metric as train.py; a
     repeat: an epoch of --steps augmented batches kept on the device.
     `norm_ratio`: to batchnorm in the same loop and round."""
+    import keras
+
     from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
@@ -549,7 +563,7 @@ def bench_loop(keras, args, variants, jit, rng, environment):
         on_device = device_data.DeviceTrainSet(
             arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
             augmented=True)
-        return fitter(keras, model, lambda: on_device.train_batches(
+        return fitter(model, lambda: on_device.train_batches(
             args.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
 
     def compiled(model):
@@ -566,7 +580,7 @@ def bench_loop(keras, args, variants, jit, rng, environment):
     steppers = {}
     for norm in ("batchnorm", "renorm"):
         for loop, make in (("per-step", per_step), ("compiled", compiled)):
-            model, _ = wrn_model(keras, norm, args.depth, args.width)
+            model, _ = wrn_model(norm, args.depth, args.width)
             model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"], jit_compile=jit)
@@ -752,7 +766,7 @@ def measure(args, argv):
                              f"running on {keras.backend.backend()}")
     environment = runtime.describe_environment()
     jit = runtime.jit_compile(args.jit_compile, environment)
-    variants = available_variants(keras, args.variants)
+    variants = available_variants(args.variants)
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(args.dtype_policy)
     rng = np.random.default_rng(0)
@@ -762,7 +776,7 @@ def measure(args, argv):
     try:
         for level in LEVELS:
             if level in args.level:
-                rows += BENCHES[level](keras, args, variants, jit, rng,
+                rows += BENCHES[level](args, variants, jit, rng,
                                        environment)
     finally:
         keras.config.set_dtype_policy(policy)
