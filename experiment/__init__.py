@@ -1,7 +1,7 @@
 """The CIFAR-10 experiment behind train.py, sweep.py, plot.py and
 benchmarks/: each concern in one module (ARCHITECTURE.md has the map).
-Nothing here imports Keras at import time but `network` and `device_data`
-(the flags are checked before Keras starts).
+Nothing here imports Keras at import time but `device_data` (the flags are
+checked before Keras starts): functions import it where they use it.
 
   cli            usage errors, the parser that raises them, flag types
   protocols      the protocols, norms and run settings; schedule and resume
@@ -22,7 +22,12 @@ Nothing here imports Keras at import time but `network` and `device_data`
   signals        SIGINT / SIGTERM during a run
   console        what train.py prints
   startup        TensorFlow's C++ start-up lines kept off stderr
-  histories      the histories read for analysis: runs, groups, provenance
-                 checks, sweep points (plot.py)
-  report         timing.md's tables and the figure titles (plot.py)
+  histories      the histories read for analysis: runs, groups, a study's
+                 points (plot.py)
+  report         what plot.py's studies share: titles, colours, tables,
+                 t-intervals
+  curves_study   curves, seconds per epoch, timing.md's table
+  sweep_study    the batch-size / sampling sweep's figures and tables
+  microbatch_study  the microbatch study's figure and tables
+  gap_study      the corrections study: corrections figure, gap tables
 """
