@@ -1,7 +1,7 @@
 """The CIFAR-10 experiment behind train.py, sweep.py, plot.py and
 benchmarks/: each concern in one module (ARCHITECTURE.md has the map).
-Nothing here imports Keras at import time but `device_data` (the flags are
-checked before Keras starts): functions import it where they use it.
+Nothing here imports Keras at import time (the flags are checked before
+Keras starts): functions import it where they use it.
 
   cli            usage errors, the parser that raises them, flag types
   protocols      the protocols, norms and run settings; schedule and resume
