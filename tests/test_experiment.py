@@ -2,6 +2,8 @@
 imports that run one way (scripts import the package, never each other)."""
 
 import ast
+import subprocess
+import sys
 import dataclasses
 import inspect
 from pathlib import Path
@@ -70,6 +72,24 @@ def test_nothing_imports_a_script(path):
                          + [ROOT / "batch_renorm.py"], ids=lambda p: p.name)
 def test_the_library_does_not_import_the_experiment(path):
     assert "experiment" not in imported_modules(path)
+
+
+def test_the_experiment_and_plotting_start_without_keras():
+    """train.py checks its flags, and plot.py draws, before Keras starts
+    (TensorFlow's start-up takes seconds): no module of the package, nor
+    plot.py, imports it at import time."""
+    modules = [f"experiment.{p.stem}" for p in
+               sorted((ROOT / "experiment").glob("*.py"))] + ["plot", "train"]
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('keras', 'tensorflow', 'jax', 'torch')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                            capture_output=True, text=True, check=False,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("parse, text, words", [
