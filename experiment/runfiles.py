@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,11 +76,10 @@ class WriteError(RuntimeError):
     full disk, the space it needs). The file written before is intact."""
 
 
-def temporary_path(path, pid=None):
+def temporary_path(path):
     """Where `path` is written before it replaces `path` (same suffixes)."""
-    suffixes = "".join(path.suffixes)
-    pid = os.getpid() if pid is None else pid
-    return path.with_name(f".{path.name}.{pid}.tmp{suffixes}")
+    return path.with_name(
+        f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
 
 
 def remove_temporaries(paths):
@@ -97,35 +97,41 @@ def write_file(path, data):
     """Replaces `path` with the bytes `data`, atomically: written beside it,
     flushed to disk, then renamed over it. Raises WriteError, `path`
     untouched, where that fails (first checking that the disk has room)."""
-    free = shutil.disk_usage(path.parent).free
-    if free < len(data):
-        raise WriteError(no_room(path, len(data), free))
+    if shutil.disk_usage(path.parent).free < len(data):
+        raise WriteError(no_room(path, len(data)))
     temporary = temporary_path(path)
     try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise WriteError(cannot_write(path, error, len(data))) from None
+        with as_write_error(path, len(data)):
+            write_synced(temporary, data, "wb")
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def no_room(path, size, free):
-    return (f"cannot write {path}: not enough free space ({megabytes(size)} "
-            f"needed, {megabytes(free)} free in {path.parent})")
+def write_synced(path, data, mode):
+    """Writes (mode "wb") or appends ("ab") `data`, flushed to disk."""
+    with open(path, mode) as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
-def cannot_write(path, error, size):
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return no_room(path, size, shutil.disk_usage(path.parent).free)
-    return f"cannot write {path}: {error.strerror or error}"
+@contextmanager
+def as_write_error(path, size):
+    """An OSError in the block as a one-line WriteError naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(no_room(path, size)) from None
+        raise WriteError(
+            f"cannot write {path}: {error.strerror or error}") from None
 
 
-def megabytes(size):
-    return f"{size / 1e6:.2f} MB"
+def no_room(path, size):
+    free = shutil.disk_usage(path.parent).free
+    return (f"cannot write {path}: not enough free space ({size / 1e6:.2f} "
+            f"MB needed, {free / 1e6:.2f} MB free in {path.parent})")
 
 
 def write_json(path, data):
@@ -165,13 +171,8 @@ def append_row(path, header, row):
     where that fails (the state file, written first, has the row: --resume
     rewrites the CSV from it)."""
     data = csv_text(header, [row], with_header=False).encode()
-    try:
-        with open(path, "ab") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except OSError as error:
-        raise WriteError(cannot_write(path, error, len(data))) from None
+    with as_write_error(path, len(data)):
+        write_synced(path, data, "ab")
 
 
 def read_csv(path):
@@ -188,46 +189,46 @@ def read_csv(path):
 
 
 def read_rows(path):
-    """The rows of a history CSV that name their epoch, as dicts by column
-    (as csv.DictReader gives them); none for a missing file."""
+    """The rows of a history CSV that name their epoch, as dicts by column;
+    none for a missing file."""
     try:
-        header, rows = read_csv(path)
+        rows = as_dicts(*read_csv(path))
     except FileNotFoundError:
         return []
-    found = []
+    return [row for row in rows if row.get("epoch")]
+
+
+def as_dicts(header, rows):
+    """`read_csv`'s rows as csv.DictReader gives them (missing fields None,
+    extra ones a list under None)."""
+    dicts = []
     for _, fields in rows:
         row = dict(zip(header, fields))
         row.update(dict.fromkeys(header[len(fields):]))
         if len(fields) > len(header):
             row[None] = fields[len(header):]
-        if row.get("epoch"):
-            found.append(row)
-    return found
+        dicts.append(row)
+    return dicts
 
 
 def resumed_rows(path, header, meta):
     """The rows of the finished epochs, for --resume: the saved state's
-    (`meta["rows"]`, every finished epoch's row; in a state from before it
-    kept them, the CSV's rows up to its epoch and its last row), written to
-    the CSV `path` again. Returns them and a one-line note of what the CSV
-    held where it differed (None where it did not): a cut or repeated row, a
-    row past the state, a missing CSV. An unreadable CSV (not UTF-8, not
-    CSV) is moved aside first, never parsed into an error."""
-    note, unnumbered = None, 0
+    (`meta["rows"]`), written to the CSV `path` again. Returns them and a
+    one-line note of what the CSV held where it differed (None where it did
+    not): a cut or repeated row, a row past the state, a missing CSV. An
+    unreadable CSV (not UTF-8, not CSV) is moved aside first, never parsed
+    into an error."""
+    rows, note, unnumbered = meta["rows"], None, 0
     try:
-        found = read_rows(path) if path.exists() else None
-        if found is not None:  # rows that name no epoch: read_rows skips them
-            unnumbered = len(read_csv(path)[1]) - len(found)
+        found = as_dicts(*read_csv(path))
+    except FileNotFoundError:
+        found = None
     except (UnicodeDecodeError, csv.Error) as error:
-        aside = set_aside(path)
-        found, note = [], f"moved the unreadable {path} ({error}) to {aside}"
-    if "rows" in meta:
-        rows = meta["rows"]
-    else:  # a state written before the rows were kept in it
-        rows = [r for r in found or [] if epoch_of(r) is not None
-                and epoch_of(r) <= meta["epoch"]]
-        if not rows or epoch_of(rows[-1]) != meta["epoch"]:
-            rows.append(meta["row"])  # killed between state and row
+        found, note = [], (f"moved the unreadable {path} ({error}) to "
+                           f"{set_aside(path)}")
+    else:
+        unnumbered = sum(not row.get("epoch") for row in found)
+        found = [row for row in found if row.get("epoch")]
     if note is None and (found is None or unnumbered or as_text(
             found, header) != as_text(rows, header)):
         held = ("was missing" if found is None else "held epochs "
@@ -240,13 +241,6 @@ def resumed_rows(path, header, meta):
     if note:
         note += f"; it now holds epochs 1-{meta['epoch']}"
     return rows, note
-
-
-def epoch_of(row):
-    try:
-        return int(row["epoch"])
-    except (TypeError, ValueError):
-        return None
 
 
 def as_text(rows, header):
@@ -295,23 +289,26 @@ def save_state(model, path, meta):
     write_file(path, buffer.getvalue())
 
 
-def saved_epoch(path):
-    """The epoch of the state that `save_state` saved (only its meta read)."""
+def read_state(path, meta_only=False):
+    """The `meta` and the arrays by name that `save_state` saved."""
     try:
         with np.load(path, allow_pickle=False) as saved:
-            return json.loads(str(saved["meta"]))["epoch"]
+            meta = json.loads(str(saved["meta"]))
+            arrays = {} if meta_only else {
+                key: saved[key] for key in saved.files if key != "meta"}
     except Exception as error:
         raise RuntimeError(f"cannot read {path} ({error})") from None
+    return meta, arrays
+
+
+def saved_epoch(path):
+    """The epoch of the state that `save_state` saved (only its meta read)."""
+    return read_state(path, meta_only=True)[0]["epoch"]
 
 
 def load_state(model, path):
     """Restores what `save_state` saved; returns its `meta`."""
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {key: saved[key] for key in saved.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except Exception as error:
-        raise RuntimeError(f"cannot read {path} ({error})") from None
+    meta, arrays = read_state(path)
     if not model.optimizer.built:  # build() twice adds variables
         model.optimizer.build(model.trainable_variables)
     for prefix, variables in (("model", model.variables),
@@ -329,21 +326,14 @@ def load_state(model, path):
 
 
 def save_weights(model, path, write=True):
-    """The model's weights as Keras's `model.save_weights` writes them (a
-    .weights.h5 file that `model.load_weights` reads), made in memory and
-    then written by `write_file`: h5py never writes to the disk itself, so
-    a full disk is a clean WriteError, not h5py's tracebacks and a crash.
-    `write` False: made, not written; in a multi-process run every process
-    makes them (Keras's saving builds objects whose variables are placed by
-    collectives that all processes must join) and process 0 writes."""
-    data = weights_bytes(model)
-    if write:
-        write_file(path, data)
-
-
-def weights_bytes(model):
-    # Keras's own writer (saving_lib.save_weights_only, pinned Keras) into
-    # a BytesIO, which its H5IOStore accepts.
+    """The model's weights as `model.save_weights` writes them (a
+    .weights.h5 file that `model.load_weights` reads), made in memory by
+    Keras's own writer and then written by `write_file`: h5py never writes
+    to the disk itself, so a full disk is a clean WriteError, not h5py's
+    tracebacks and a crash. `write` False: made, not written; in a
+    multi-process run every process makes them (Keras's saving builds
+    objects whose variables are placed by collectives that all processes
+    must join) and process 0 writes."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -351,7 +341,8 @@ def weights_bytes(model):
     saving_lib._save_state(model, weights_store=store, assets_store=None,
                            inner_path="", visited_saveables=set())
     store.close()
-    return buffer.getvalue()
+    if write:
+        write_file(path, buffer.getvalue())
 
 
 def read_json(path):

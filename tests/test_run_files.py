@@ -323,8 +323,8 @@ def test_an_interruption_that_some_code_swallowed_still_stops_the_run(
     raises it again."""
     original = runtime.epoch_clock
 
-    def swallowing_clock(keras):
-        clock = original(keras)
+    def swallowing_clock(*args):
+        clock = original(*args)
         begin = clock.on_epoch_begin
         epochs = []
 
