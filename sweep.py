@@ -1,17 +1,14 @@
 #!/usr/bin/env python3
 """Where batch renormalization matters: small and non-i.i.d. minibatches.
 
-Two studies (--study), each a grid of train.py runs in --history-dir that
-plot.py then draws into --plots-dir (figures, and timing.md with the tables).
-`batch` (the default): every combination of --norms, --batch-sizes and
---sampling, runs sweep-NORM-bBATCH-SAMPLING (iid, or kK for K classes per
-batch; -sSEED added for seeds other than 0). `microbatch`, the paper's
-design (Ioffe 2017, section 4): the optimizer's batch stays 128 and only the
-normalization shrinks, to groups of V consecutive examples (train.py
---virtual-batch-size) for every V of --virtual-batch-sizes, with i.i.d.
-batches or the paper's pairs, over several --seeds (keras-renorm, which has
-no virtual batches, at V = 128 only); runs micro-NORM-vV-SAMPLING(-sSEED).
-docs/sweep.md describes both studies and their presets.
+Two studies (--study), each a grid of train.py runs in --history-dir, drawn
+by plot.py into --plots-dir (figures, and timing.md with the tables):
+`batch` (the default) trains every --norms x --batch-sizes x --sampling, runs
+sweep-NORM-bBATCH-SAMPLING(-sSEED); `microbatch`, the paper's design (Ioffe
+2017, section 4), keeps the batch at 128 and normalizes it in groups of V
+consecutive examples (train.py --virtual-batch-size) for every V of
+--virtual-batch-sizes over several --seeds, runs micro-NORM-vV-SAMPLING(-sSEED)
+(-sSEED only for seeds other than 0). docs/sweep.md describes both.
 
   python sweep.py                  # the reduced version, for a CPU (defaults)
   python sweep.py --preset gpu     # the full version, for a GPU
@@ -19,18 +16,17 @@ docs/sweep.md describes both studies and their presets.
   python sweep.py --batch-sizes 4 32 --norms batchnorm renorm -- --augment
   python sweep.py --study microbatch --preset gpu
 
-Sampling: `iid` is train.py's usual batches (a random permutation each
-epoch); `kN` builds every batch from N classes (train.py --classes-per-batch
-N); `pairs` from pairs of images of one class, as in the paper (batch study:
-K = batch size / 2; microbatch study: train.py --sampling pairs, V/2 classes
-in each group). A combination that cannot be made is skipped with a note.
+Sampling: `iid` is train.py's usual batches; `kN` builds every batch from N
+classes (train.py --classes-per-batch N); `pairs` from pairs of images of a
+class, as in the paper (batch study: N = batch size / 2; microbatch study:
+train.py --sampling pairs, V/2 classes in each group). A combination that
+cannot be made is skipped with a note.
 
-Every run uses the same optimizer and learning rate, whatever its batch size
-(the seed protocol's Adam, lr 1e-3, unless --lr, or --protocol after `--`,
-says otherwise). The renorm schedule is given as fractions of each run's own
-steps (--renorm-schedule), and the moving statistics average over the same
-number of images at every batch size: norm momentum = 1 - BATCH /
---momentum-images (or a fixed --norm-momentum).
+Every run has the same optimizer and learning rate whatever its batch size
+(the seed protocol's Adam, lr 1e-3, unless --lr, or --protocol after `--`);
+the renorm schedule is given as fractions of each run's steps, and the
+moving statistics average over the same number of images at every batch
+size (norm momentum = 1 - BATCH / --momentum-images, or --norm-momentum).
 
 Resumable: a run whose history has all its epochs is skipped, any other is
 started or continued (train.py --resume); rerun the same command after an
@@ -123,58 +119,36 @@ def joined(values, separator=" "):
     return separator.join(map(str, values))
 
 
-def preset_values(key, show=str):
-    """The presets' values of `key`, for --help."""
-    return "; ".join(f"{study} {name}: {show(preset[key])}"
-                     for study, presets in STUDIES.items()
-                     for name, preset in presets.items() if key in preset)
-
-
-def preset_text(name, preset):
-    """A preset in a few words, for --help."""
-    text = (f"{name}: WRN-{preset['depth']}-{preset['width']}, "
+def preset_text(study, name):
+    """A preset's values, for --help."""
+    preset = STUDIES[study][name]
+    images = preset["momentum_images"]
+    return (f"{study} {name}: WRN-{preset['depth']}-{preset['width']}, "
             f"{preset['train_size'] or 'all 45000'} training images, "
             f"{preset['val_size'] or 5000} validation images, "
-            f"{preset['epochs']} epochs")
-    if "seeds" in preset:
-        text += (f", V {joined(preset['virtual_batch_sizes'])}, "
-                 f"seeds {joined(preset['seeds'])}")
-    return text
+            f"{preset['epochs']} epochs, momentum images {images} (momentum "
+            f"{1 - MICRO_BATCH / images:g} at batch {MICRO_BATCH}), renorm "
+            f"schedule {preset['renorm_schedule']}" + (
+                f", lr milestones {joined(preset['lr_milestones'], ',')}, V "
+                f"{joined(preset['virtual_batch_sizes'])}, seeds "
+                f"{joined(preset['seeds'])}" if "seeds" in preset else ""))
 
 
 def build_parser():
     parser = Parser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
+        prog=PROG, description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_grid_flags(parser)
-    add_run_flags(parser)
-    output = parser.add_argument_group("output")
-    for kind in ("history", "weights", "plots"):
-        output.add_argument(
-            f"--{kind}-dir", type=Path, metavar="DIR",
-            help=f"default: {kind}/{STUDY_DIRS['batch']} (microbatch study: "
-            f"{kind}/{STUDY_DIRS['microbatch']})")
-    output.add_argument("--dry-run", action="store_true",
-                        help="list the runs and their train.py commands; "
-                        "train nothing")
-    return parser
-
-
-def add_grid_flags(parser):
-    grid = parser.add_argument_group("what to sweep (defaults: the preset's)")
+    grid = parser.add_argument_group("what to sweep")
     grid.add_argument(
         "--preset", choices=tuple(PRESETS), default="cpu",
-        help=joined(map(preset_text, PRESETS, PRESETS.values()), "; ")
-        + " (default: cpu); with --study microbatch: "
-        + joined(map(preset_text, MICRO_PRESETS, MICRO_PRESETS.values()),
-                 "; "))
+        help="the defaults of the flags below (default: cpu): " + "; ".join(
+            preset_text(study, name) for study in STUDIES for name in PRESETS))
     grid.add_argument("--study", choices=tuple(STUDIES), default="batch",
                       help="batch: real batches of --batch-sizes; "
-                      "microbatch: the paper's design, batch "
-                      f"{MICRO_BATCH} normalized in virtual batches of "
-                      "--virtual-batch-sizes (default: batch)")
+                      f"microbatch: the paper's design, batch {MICRO_BATCH} "
+                      "normalized in virtual batches of --virtual-batch-sizes "
+                      "(default: batch)")
     grid.add_argument("--norms", nargs="+", choices=NORMS,
                       default=list(NORMS), metavar="NORM",
                       help=f"normalizations: {joined(NORMS, ', ')} (default: "
@@ -193,46 +167,50 @@ def add_grid_flags(parser):
     grid.add_argument("--virtual-batch-sizes", nargs="+", type=positive_int,
                       metavar="V",
                       help="microbatch study only: normalization groups "
-                      f"(train.py --virtual-batch-size), each at most the "
+                      "(train.py --virtual-batch-size), each at most the "
                       f"batch, {MICRO_BATCH}, which is passed as such so that "
-                      "the history records it (keras-renorm records none); "
-                      "default: " + preset_values("virtual_batch_sizes",
-                                                  joined))
+                      "the history records it (keras-renorm records none)")
+    add_run_flags(parser.add_argument_group(
+        "each run (train.py flags; defaults: the preset's)"))
+    output = parser.add_argument_group("output")
+    for kind in ("history", "weights", "plots"):
+        output.add_argument(
+            f"--{kind}-dir", type=Path, metavar="DIR",
+            help=f"default: {kind}/{STUDY_DIRS['batch']} (microbatch study: "
+            f"{kind}/{STUDY_DIRS['microbatch']})")
+    output.add_argument("--dry-run", action="store_true",
+                        help="list the runs and their train.py commands; "
+                        "train nothing")
+    return parser
 
 
-def add_run_flags(parser):
-    run = parser.add_argument_group("each run (train.py flags)")
+def add_run_flags(run):
     run.add_argument("--depth", type=wrn_depth, metavar="D")
     run.add_argument("--width", type=positive_int, metavar="K")
     run.add_argument("--train-size", type=positive_int, metavar="N",
-                     help="stratified training subset (gpu preset: all)")
+                     help="stratified training subset")
     run.add_argument("--val-size", type=positive_int, metavar="N",
                      help="validation images held out of the training set "
-                     "(train.py's --val-from train; gpu preset: its "
-                     "default, 5000); `-- --val-from test` validates on "
-                     "test images as in 2017")
+                     "(train.py's --val-from train); `-- --val-from test` "
+                     "validates on test images as in 2017")
     run.add_argument("--epochs", type=positive_int, metavar="N")
     run.add_argument("--lr", type=positive_float,
                      help="the learning rate of every run, whatever its "
                      "batch size (default: the seed protocol's, 1e-3)")
     run.add_argument("--lr-milestones", type=milestones, metavar="E1,...",
                      help="epochs after which the lr is divided by 10 "
-                     "(train.py --lr-milestones, --lr-gamma 0.1; default: "
-                     "none; " + preset_values("lr_milestones", joined) + ")")
+                     "(train.py --lr-milestones, --lr-gamma 0.1)")
     run.add_argument("--renorm-schedule", type=schedule_fractions,
                      metavar="W,D,R",
                      help="renorm's warm-up end, d_max and r_max steps as "
-                     "fractions of each run's steps (" +
-                     preset_values("renorm_schedule") + f"; {PAPER_SCHEDULE}"
-                     " is the paper's 5k, 25k, 40k of 130k)")
+                     f"fractions of each run's steps ({PAPER_SCHEDULE}: the "
+                     "paper's 5k, 25k, 40k of 130k)")
     momentum = run.add_mutually_exclusive_group()
-    momentum.add_argument(
-        "--momentum-images", type=positive_int, metavar="IMAGES",
-        help="norm momentum 1 - BATCH / IMAGES, so that the moving "
-        "statistics average over about the same number of images at every "
-        "batch size (" + preset_values(
-            "momentum_images", lambda images: f"{images}, i.e. "
-            f"{1 - MICRO_BATCH / images:g} at batch {MICRO_BATCH}") + ")")
+    momentum.add_argument("--momentum-images", type=positive_int,
+                          metavar="IMAGES", help="norm momentum 1 - BATCH / "
+                          "IMAGES, so that the moving statistics average over "
+                          "about the same number of images at every batch "
+                          "size")
     momentum.add_argument("--norm-momentum", type=fraction,
                           metavar="M", help="one norm momentum for all runs")
     run.add_argument("--data-dir", type=Path, metavar="DIR",
