@@ -42,17 +42,8 @@ import sys
 import threading
 from pathlib import Path
 
+from experiment import cli
 from experiment import runfiles
-from experiment.cli import Parser
-from experiment.cli import UsageError
-from experiment.cli import fail
-from experiment.cli import fraction
-from experiment.cli import milestones
-from experiment.cli import nonnegative_int
-from experiment.cli import positive_float
-from experiment.cli import positive_int
-from experiment.cli import schedule_fractions
-from experiment.cli import wrn_depth
 from experiment.protocols import NORMS
 
 PROG = "sweep.py"
@@ -135,7 +126,7 @@ def preset_text(study, name):
 
 
 def build_parser():
-    parser = Parser(
+    parser = cli.Parser(
         prog=PROG, description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,18 +145,18 @@ def build_parser():
                       help=f"normalizations: {joined(NORMS, ', ')} (default: "
                       "all; keras-renorm has no virtual batches, so the "
                       f"microbatch study trains it at V = {MICRO_BATCH} only)")
-    grid.add_argument("--batch-sizes", nargs="+", type=positive_int,
+    grid.add_argument("--batch-sizes", nargs="+", type=cli.positive_int,
                       metavar="N", help="batch study only; default: "
                       + joined(BATCH_SIZES))
     grid.add_argument("--sampling", nargs="+", type=sampling, metavar="S",
                       help="iid, kN (N classes per batch) or pairs; default: "
                       f"{joined(SAMPLINGS)}; microbatch study: iid or pairs, "
                       f"default: {joined(MICRO_SAMPLINGS)}")
-    grid.add_argument("--seeds", nargs="+", type=nonnegative_int,
+    grid.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                       metavar="SEED", help="repeats of each run (default: 0; "
                       "microbatch: the preset's)")
-    grid.add_argument("--virtual-batch-sizes", nargs="+", type=positive_int,
-                      metavar="V",
+    grid.add_argument("--virtual-batch-sizes", nargs="+", metavar="V",
+                      type=cli.positive_int,
                       help="microbatch study only: normalization groups "
                       "(train.py --virtual-batch-size), each at most the "
                       f"batch, {MICRO_BATCH}, which is passed as such so that "
@@ -185,33 +176,33 @@ def build_parser():
 
 
 def add_run_flags(run):
-    run.add_argument("--depth", type=wrn_depth, metavar="D")
-    run.add_argument("--width", type=positive_int, metavar="K")
-    run.add_argument("--train-size", type=positive_int, metavar="N",
+    run.add_argument("--depth", type=cli.wrn_depth, metavar="D")
+    run.add_argument("--width", type=cli.positive_int, metavar="K")
+    run.add_argument("--train-size", type=cli.positive_int, metavar="N",
                      help="stratified training subset")
-    run.add_argument("--val-size", type=positive_int, metavar="N",
+    run.add_argument("--val-size", type=cli.positive_int, metavar="N",
                      help="validation images held out of the training set "
                      "(train.py's --val-from train); `-- --val-from test` "
                      "validates on test images as in 2017")
-    run.add_argument("--epochs", type=positive_int, metavar="N")
-    run.add_argument("--lr", type=positive_float,
+    run.add_argument("--epochs", type=cli.positive_int, metavar="N")
+    run.add_argument("--lr", type=cli.positive_float,
                      help="the learning rate of every run, whatever its "
                      "batch size (default: the seed protocol's, 1e-3)")
-    run.add_argument("--lr-milestones", type=milestones, metavar="E1,...",
+    run.add_argument("--lr-milestones", type=cli.milestones, metavar="E1,...",
                      help="epochs after which the lr is divided by 10 "
                      "(train.py --lr-milestones, --lr-gamma 0.1)")
-    run.add_argument("--renorm-schedule", type=schedule_fractions,
+    run.add_argument("--renorm-schedule", type=cli.schedule_fractions,
                      metavar="W,D,R",
                      help="renorm's warm-up end, d_max and r_max steps as "
                      f"fractions of each run's steps ({PAPER_SCHEDULE}: the "
                      "paper's 5k, 25k, 40k of 130k)")
     momentum = run.add_mutually_exclusive_group()
-    momentum.add_argument("--momentum-images", type=positive_int,
+    momentum.add_argument("--momentum-images", type=cli.positive_int,
                           metavar="IMAGES", help="norm momentum 1 - BATCH / "
                           "IMAGES, so that the moving statistics average over "
                           "about the same number of images at every batch "
                           "size")
-    momentum.add_argument("--norm-momentum", type=fraction,
+    momentum.add_argument("--norm-momentum", type=cli.fraction,
                           metavar="M", help="one norm momentum for all runs")
     run.add_argument("--data-dir", type=Path, metavar="DIR",
                      help="CIFAR-10 folder (default: $CIFAR10_DIR)")
@@ -241,16 +232,16 @@ def parse_args(argv):
             setattr(args, f"{kind}_dir",
                     Path(kind) / STUDY_DIRS[args.study])
     if isinstance(args.renorm_schedule, str):
-        args.renorm_schedule = schedule_fractions(args.renorm_schedule)
+        args.renorm_schedule = cli.schedule_fractions(args.renorm_schedule)
     if args.norm_momentum is not None:
         args.momentum_images = None
     elif args.momentum_images <= max(args.batch_sizes):
-        raise UsageError(
+        raise cli.UsageError(
             f"--momentum-images {args.momentum_images} must be more than the "
             f"largest batch size, {max(args.batch_sizes)}")
     for flag in extra:
         if flag.split("=", 1)[0] in OWN_FLAGS:
-            raise UsageError(
+            raise cli.UsageError(
                 f"{flag.split('=', 1)[0]} after -- is set by {PROG} itself; "
                 f"use {PROG}'s own flag (see {PROG} --help)")
     args.extra = extra
@@ -261,17 +252,17 @@ def check_study_flags(args):
     """Each study's own flags, refused with the other."""
     if args.study == "microbatch":
         if args.batch_sizes is not None:
-            raise UsageError(
+            raise cli.UsageError(
                 "--batch-sizes is the batch study's; the microbatch study "
                 f"trains every run at batch {MICRO_BATCH} and varies "
                 "--virtual-batch-sizes")
         wrong = [s for s in args.sampling or () if s not in MICRO_SAMPLINGS]
         if wrong:
-            raise UsageError(
+            raise cli.UsageError(
                 f"--sampling {wrong[0]} is the batch study's; the microbatch "
                 "study samples " + " or ".join(MICRO_SAMPLINGS))
     elif args.virtual_batch_sizes is not None:
-        raise UsageError("--virtual-batch-sizes needs --study microbatch")
+        raise cli.UsageError("--virtual-batch-sizes needs --study microbatch")
 
 
 def classes_per_batch(spec, batch_size):
@@ -390,9 +381,9 @@ def run_script(script, argv):
                 if threading.current_thread() is threading.main_thread()
                 else {})
     try:
-        forwards = [threading.Thread(target=forward, args=pair) for pair in
-                    ((process.stdout, sys.stdout), (process.stderr, sys.stderr))
-                    if piped]
+        forwards = [threading.Thread(target=forward, args=pair)
+                    for pair in ((process.stdout, sys.stdout),
+                                 (process.stderr, sys.stderr)) if piped]
         for thread in forwards:
             thread.start()
         for thread in forwards:
@@ -426,7 +417,7 @@ def train_all(runs, done):
                       "command to continue", file=sys.stderr)
                 return code
             if code:
-                return fail(PROG, f"run {name} failed (train.py exit "
+                return cli.fail(PROG, f"run {name} failed (train.py exit "
                             f"{code}, see above); rerun the same command to "
                             "continue once fixed (runs of other settings "
                             "need another --history-dir)", code)
@@ -440,13 +431,13 @@ def train_all(runs, done):
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as error:
-        return fail(PROG, error, 2)
+    except cli.UsageError as error:
+        return cli.fail(PROG, error, 2)
     runs, skipped = plan(args)
     for note in skipped:
         print(f"{PROG}: skipping {note}")
     if not runs:
-        return fail(PROG, "no run is possible with these "
+        return cli.fail(PROG, "no run is possible with these "
                     + ("--virtual-batch-sizes, --sampling and --norms"
                        if args.study == "microbatch"
                        else "--batch-sizes and --sampling"), 2)

@@ -1,13 +1,13 @@
 """A run's files, and the one way each is written and read.
 
 A run NAME has HISTORY_DIR/NAME.csv (a row per finished epoch, `columns`),
-HISTORY_DIR/NAME.json (its configuration, environment and result),
-WEIGHTS_DIR/NAME.weights.h5 and NAME.best.weights.h5 (the last and the best
-weights) and WEIGHTS_DIR/NAME.state.npz (what --resume continues from).
-Every file is replaced atomically (`write_file`), but for the CSV, to which
-a row is appended and flushed to disk as an epoch ends; a write that fails
-raises a one-line WriteError naming the file. `replace_block`
-fills a generated block of a text file such as README.md.
+NAME.json (its configuration, environment and result) and, for renorm,
+NAME.corrections.csv (`CORRECTION_COLUMNS`); WEIGHTS_DIR/NAME.weights.h5
+and NAME.best.weights.h5 (the last and the best weights) and NAME.state.npz
+(what --resume continues from). Every file is replaced atomically
+(`write_file`) but the CSV, to which a row is appended and flushed to disk
+as an epoch ends; a write that fails raises a one-line WriteError naming the
+file. `replace_block` fills a generated block of a text file (README.md).
 """
 
 import csv
@@ -29,23 +29,21 @@ PROG = "train.py"
 
 @dataclass
 class Paths:
+    """A run's files (this module's docstring says what each holds)."""
+
     csv: Path
     json: Path
+    corrections: Path
     last: Path
     best: Path
     state: Path
-    corrections: Path
 
     @classmethod
     def of(cls, name, history_dir, weights_dir):
-        return cls(
-            csv=history_dir / f"{name}.csv",
-            json=history_dir / f"{name}.json",
-            last=weights_dir / f"{name}.weights.h5",
-            best=weights_dir / f"{name}.best.weights.h5",
-            state=weights_dir / f"{name}.state.npz",
-            corrections=history_dir / f"{name}.corrections.csv",
-        )
+        return cls(*(history_dir / f"{name}{suffix}" for suffix in (
+            ".csv", ".json", ".corrections.csv")), *(
+                weights_dir / f"{name}{suffix}" for suffix in (
+                    ".weights.h5", ".best.weights.h5", ".state.npz")))
 
     @property
     def lock(self):
@@ -53,8 +51,7 @@ class Paths:
         return self.csv.with_suffix(".lock")
 
     def all(self):
-        return (self.csv, self.json, self.last, self.best, self.state,
-                self.corrections)
+        return tuple(vars(self).values())
 
 
 def writable_dir(path, what):
