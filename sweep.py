@@ -2,13 +2,13 @@
 """Where batch renormalization matters: small and non-i.i.d. minibatches.
 
 Two studies (--study), each a grid of train.py runs in --history-dir, drawn
-by plot.py into --plots-dir (figures, and timing.md with the tables):
+by plot.py into --plots-dir (figures, and timing.md with the tables).
 `batch` (the default) trains every --norms x --batch-sizes x --sampling, runs
-sweep-NORM-bBATCH-SAMPLING(-sSEED); `microbatch`, the paper's design (Ioffe
-2017, section 4), keeps the batch at 128 and normalizes it in groups of V
+sweep-NORM-bBATCH-SAMPLING; `microbatch`, the paper's design (Ioffe 2017,
+section 4), keeps the batch at 128 and normalizes it in groups of V
 consecutive examples (train.py --virtual-batch-size) for every V of
---virtual-batch-sizes over several --seeds, runs micro-NORM-vV-SAMPLING(-sSEED)
-(-sSEED only for seeds other than 0). docs/sweep.md describes both.
+--virtual-batch-sizes, over several --seeds, runs micro-NORM-vV-SAMPLING
+(-sSEED added for seeds other than 0). docs/sweep.md describes both.
 
   python sweep.py                  # the reduced version, for a CPU (defaults)
   python sweep.py --preset gpu     # the full version, for a GPU
@@ -16,24 +16,13 @@ consecutive examples (train.py --virtual-batch-size) for every V of
   python sweep.py --batch-sizes 4 32 --norms batchnorm renorm -- --augment
   python sweep.py --study microbatch --preset gpu
 
-Sampling: `iid` is train.py's usual batches; `kN` builds every batch from N
-classes (train.py --classes-per-batch N); `pairs` from pairs of images of a
-class, as in the paper (batch study: N = batch size / 2; microbatch study:
-train.py --sampling pairs, V/2 classes in each group). A combination that
-cannot be made is skipped with a note.
-
-Every run has the same optimizer and learning rate whatever its batch size
-(the seed protocol's Adam, lr 1e-3, unless --lr, or --protocol after `--`);
-the renorm schedule is given as fractions of each run's steps, and the
-moving statistics average over the same number of images at every batch
-size (norm momentum = 1 - BATCH / --momentum-images, or --norm-momentum).
-
 Resumable: a run whose history has all its epochs is skipped, any other is
 started or continued (train.py --resume); rerun the same command after an
 interruption. Flags after `--` go to every train.py run.
 """
 
 import argparse
+import itertools
 import re
 import shlex
 import signal
@@ -149,9 +138,15 @@ def build_parser():
                       metavar="N", help="batch study only; default: "
                       + joined(BATCH_SIZES))
     grid.add_argument("--sampling", nargs="+", type=sampling, metavar="S",
-                      help="iid, kN (N classes per batch) or pairs; default: "
-                      f"{joined(SAMPLINGS)}; microbatch study: iid or pairs, "
-                      f"default: {joined(MICRO_SAMPLINGS)}")
+                      help="iid: train.py's usual batches; kN: every batch "
+                      "from N classes (train.py --classes-per-batch N); "
+                      "pairs: from pairs of images of a class, as in the "
+                      "paper (N = batch size / 2; microbatch study: train.py "
+                      "--sampling pairs, V/2 classes in each group); a "
+                      "combination that cannot be made is skipped with a "
+                      f"note (default: {joined(SAMPLINGS)}; microbatch "
+                      f"study: iid or pairs, default: "
+                      f"{joined(MICRO_SAMPLINGS)})")
     grid.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                       metavar="SEED", help="repeats of each run (default: 0; "
                       "microbatch: the preset's)")
@@ -187,7 +182,8 @@ def add_run_flags(run):
     run.add_argument("--epochs", type=cli.positive_int, metavar="N")
     run.add_argument("--lr", type=cli.positive_float,
                      help="the learning rate of every run, whatever its "
-                     "batch size (default: the seed protocol's, 1e-3)")
+                     "batch size (default: the seed protocol's Adam, 1e-3; "
+                     "or --protocol after `--`)")
     run.add_argument("--lr-milestones", type=cli.milestones, metavar="E1,...",
                      help="epochs after which the lr is divided by 10 "
                      "(train.py --lr-milestones, --lr-gamma 0.1)")
@@ -210,27 +206,23 @@ def add_run_flags(run):
 
 def parse_args(argv):
     """The options, with the preset's values filled in, and the train.py
-    flags given after `--`."""
+    flags given after `--` (`extra`)."""
     argv = list(argv)
-    extra = []
-    if "--" in argv:
-        split = argv.index("--")
-        argv, extra = argv[:split], argv[split + 1:]
-    args = build_parser().parse_args(argv)
-    micro = args.study == "microbatch"
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = build_parser().parse_args(argv[:split])
+    args.extra = argv[split + 1:]
     check_study_flags(args)
-    defaults = dict(lr_milestones=(), seeds=[0], batch_sizes=BATCH_SIZES,
-                    sampling=SAMPLINGS)
-    if micro:
-        defaults.update(batch_sizes=[MICRO_BATCH], sampling=MICRO_SAMPLINGS)
+    micro = args.study == "microbatch"
+    defaults = dict(lr_milestones=(), seeds=[0],
+                    batch_sizes=[MICRO_BATCH] if micro else BATCH_SIZES,
+                    sampling=MICRO_SAMPLINGS if micro else SAMPLINGS)
     for key, value in {**defaults, **STUDIES[args.study][args.preset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, list(value) if isinstance(value, tuple)
                     else value)
     for kind in ("history", "weights", "plots"):
         if getattr(args, f"{kind}_dir") is None:
-            setattr(args, f"{kind}_dir",
-                    Path(kind) / STUDY_DIRS[args.study])
+            setattr(args, f"{kind}_dir", Path(kind) / STUDY_DIRS[args.study])
     if isinstance(args.renorm_schedule, str):
         args.renorm_schedule = cli.schedule_fractions(args.renorm_schedule)
     if args.norm_momentum is not None:
@@ -239,12 +231,11 @@ def parse_args(argv):
         raise cli.UsageError(
             f"--momentum-images {args.momentum_images} must be more than the "
             f"largest batch size, {max(args.batch_sizes)}")
-    for flag in extra:
-        if flag.split("=", 1)[0] in OWN_FLAGS:
+    for flag in (text.split("=", 1)[0] for text in args.extra):
+        if flag in OWN_FLAGS:
             raise cli.UsageError(
-                f"{flag.split('=', 1)[0]} after -- is set by {PROG} itself; "
-                f"use {PROG}'s own flag (see {PROG} --help)")
-    args.extra = extra
+                f"{flag} after -- is set by {PROG} itself; use {PROG}'s own "
+                f"flag (see {PROG} --help)")
     return args
 
 
@@ -292,23 +283,24 @@ def momentum_for(args, batch_size):
 
 
 def plan(args):
-    """The runs as (name, train.py argv), and the skipped combinations."""
+    """The runs as (name, train.py argv), and the combinations skipped,
+    each said once."""
     if args.study == "microbatch":
         return micro_plan(args)
-    runs, skipped = {}, []
-    for batch_size in args.batch_sizes:
-        for spec in args.sampling:
-            classes, why = classes_per_batch(spec, batch_size)
-            if why:
-                skipped.append(f"batch {batch_size}, {spec}: {why}")
-                continue
-            for norm, seed in ((n, s) for n in args.norms for s in args.seeds):
-                name = (f"sweep-{norm}-b{batch_size}-"
-                        + ("iid" if classes is None else f"k{classes}")
-                        + (f"-s{seed}" if seed else ""))
-                runs.setdefault(name, train_argv(
-                    args, name, norm, batch_size, seed, classes=classes))
-    return list(runs.items()), skipped
+    runs, skipped = {}, {}
+    for batch_size, spec, norm, seed in itertools.product(
+            args.batch_sizes, args.sampling, args.norms, args.seeds):
+        classes, why = classes_per_batch(spec, batch_size)
+        if why:
+            skipped.setdefault((batch_size, spec),
+                               f"batch {batch_size}, {spec}: {why}")
+            continue
+        name = (f"sweep-{norm}-b{batch_size}-"
+                + ("iid" if classes is None else f"k{classes}")
+                + (f"-s{seed}" if seed else ""))
+        runs.setdefault(name, train_argv(args, name, norm, batch_size, seed,
+                                         classes=classes))
+    return list(runs.items()), list(skipped.values())
 
 
 def micro_plan(args):
@@ -316,30 +308,25 @@ def micro_plan(args):
     holds whole seeds, each cell paired), then V, sampling and norm; and
     the combinations skipped, each said once."""
     runs, skipped = [], {}
-    for seed in dict.fromkeys(args.seeds):
-        for virtual in dict.fromkeys(args.virtual_batch_sizes):
-            if virtual > MICRO_BATCH:
-                skipped[virtual] = (f"V {virtual}: more than the batch, "
-                                    f"{MICRO_BATCH}")
-                continue
-            for spec in dict.fromkeys(args.sampling):
-                if spec == "pairs" and virtual % 2:
-                    skipped[virtual, spec] = (
-                        f"V {virtual}, pairs: a group of pairs needs an even "
-                        "V")
-                    continue
-                for norm in args.norms:
-                    if norm == "keras-renorm" and virtual != MICRO_BATCH:
-                        skipped[virtual, norm] = (
-                            f"V {virtual}, keras-renorm: it has no virtual "
-                            f"batches (trained at V = {MICRO_BATCH} only)")
-                        continue
-                    name = (f"micro-{norm}-v{virtual}-{spec}"
-                            + (f"-s{seed}" if seed else ""))
-                    runs.append((name, train_argv(
-                        args, name, norm, MICRO_BATCH, seed, sampling=spec,
-                        # keras-renorm's whole batch is recorded as none.
-                        virtual=None if norm == "keras-renorm" else virtual)))
+    for seed, virtual, spec, norm in itertools.product(*map(dict.fromkeys, (
+            args.seeds, args.virtual_batch_sizes, args.sampling)), args.norms):
+        if virtual > MICRO_BATCH:
+            skipped[virtual] = (f"V {virtual}: more than the batch, "
+                                f"{MICRO_BATCH}")
+        elif spec == "pairs" and virtual % 2:
+            skipped[virtual, spec] = (f"V {virtual}, pairs: a group of pairs "
+                                      "needs an even V")
+        elif norm == "keras-renorm" and virtual != MICRO_BATCH:
+            skipped[virtual, norm] = (
+                f"V {virtual}, keras-renorm: it has no virtual batches "
+                f"(trained at V = {MICRO_BATCH} only)")
+        else:
+            name = f"micro-{norm}-v{virtual}-{spec}" + (
+                f"-s{seed}" if seed else "")
+            runs.append((name, train_argv(
+                args, name, norm, MICRO_BATCH, seed, sampling=spec,
+                # keras-renorm's whole batch is recorded as none.
+                virtual=None if norm == "keras-renorm" else virtual)))
     return runs, list(skipped.values())
 
 
