@@ -274,11 +274,15 @@ def finished(history_dir, name, epochs):
             and len(read_rows(history_dir / f"{name}.csv")) >= epochs)
 
 
+def state_variables(model):
+    return (("model", model.variables),
+            ("optimizer", model.optimizer.variables))
+
+
 def save_state(model, path, meta):
     """Model variables, optimizer variables and `meta`, in one .npz."""
     arrays = {"meta": np.array(json.dumps(meta))}
-    for prefix, variables in (("model", model.variables),
-                              ("optimizer", model.optimizer.variables)):
+    for prefix, variables in state_variables(model):
         for i, variable in enumerate(variables):
             arrays[f"{prefix}/{i:04d}"] = np.asarray(variable.numpy())
     buffer = io.BytesIO()
@@ -308,8 +312,7 @@ def load_state(model, path):
     meta, arrays = read_state(path)
     if not model.optimizer.built:  # build() twice adds variables
         model.optimizer.build(model.trainable_variables)
-    for prefix, variables in (("model", model.variables),
-                              ("optimizer", model.optimizer.variables)):
+    for prefix, variables in state_variables(model):
         keys = sorted(k for k in arrays if k.startswith(prefix + "/"))
         shapes = [tuple(arrays[k].shape) for k in keys]
         if shapes != [tuple(v.shape) for v in variables]:
@@ -323,14 +326,12 @@ def load_state(model, path):
 
 
 def save_weights(model, path, write=True):
-    """The model's weights as `model.save_weights` writes them (a
-    .weights.h5 file that `model.load_weights` reads), made in memory by
-    Keras's own writer and then written by `write_file`: h5py never writes
-    to the disk itself, so a full disk is a clean WriteError, not h5py's
-    tracebacks and a crash. `write` False: made, not written; in a
-    multi-process run every process makes them (Keras's saving builds
-    objects whose variables are placed by collectives that all processes
-    must join) and process 0 writes."""
+    """The model's weights as `model.save_weights` writes them, made in
+    memory by Keras's own writer and written by `write_file`, so that a full
+    disk is a clean WriteError rather than h5py's tracebacks. `write` False:
+    made, not written; in a multi-process run every process makes them
+    (Keras's saving places variables by collectives that all processes must
+    join) and process 0 writes."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -343,8 +344,7 @@ def save_weights(model, path, write=True):
 
 
 def read_json(path):
-    """A JSON file's content; RuntimeError where it is not JSON (or not
-    text)."""
+    """A JSON file's content; RuntimeError where it is not JSON."""
     try:
         return json.loads(path.read_text())
     except ValueError as error:
@@ -353,11 +353,7 @@ def read_json(path):
 
 def replace_block(path, begin, end, body):
     """Replaces the text of `path` between the lines `begin` and `end` with
-    `body`, atomically.
-
-    Raises:
-        ValueError: `path` has no such block.
-    """
+    `body`, atomically; ValueError where `path` has no such block."""
     text = path.read_text()
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:
