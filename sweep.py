@@ -350,6 +350,10 @@ def train_argv(args, name, norm, batch_size, seed, classes=None,
             for text in (flag, str(value))] + ["--resume", *args.extra]
 
 
+def train_command(argv):
+    return shlex.join(["python", "train.py", *argv])
+
+
 def run_script(script, argv):
     """Runs `python SCRIPT ARGV` (train.py, plot.py) in its own process (a
     fresh Keras session for each run) and returns its exit code. On a
@@ -396,18 +400,18 @@ def train_all(runs, done):
                       "skipped")
                 continue
             print(f"{PROG}: [{number}/{len(runs)}] {name}: "
-                  f"{shlex.join(['python', 'train.py', *run_argv])}",
-                  flush=True)
+                  f"{train_command(run_argv)}", flush=True)
             code = run_script(TRAIN, run_argv)
             if code >= 128:
                 print(f"{PROG}: interrupted in run {name}; rerun the same "
                       "command to continue", file=sys.stderr)
                 return code
             if code:
-                return cli.fail(PROG, f"run {name} failed (train.py exit "
-                            f"{code}, see above); rerun the same command to "
-                            "continue once fixed (runs of other settings "
-                            "need another --history-dir)", code)
+                return cli.fail(
+                    PROG, f"run {name} failed (train.py exit {code}, see "
+                    "above); rerun the same command to continue once fixed "
+                    "(runs of other settings need another --history-dir)",
+                    code)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to continue",
               file=sys.stderr)
@@ -424,10 +428,10 @@ def main(argv=None):
     for note in skipped:
         print(f"{PROG}: skipping {note}")
     if not runs:
-        return cli.fail(PROG, "no run is possible with these "
-                    + ("--virtual-batch-sizes, --sampling and --norms"
-                       if args.study == "microbatch"
-                       else "--batch-sizes and --sampling"), 2)
+        return cli.fail(PROG, "no run is possible with these " + (
+            "--virtual-batch-sizes, --sampling and --norms"
+            if args.study == "microbatch" else "--batch-sizes and --sampling"),
+            2)
     done = [name for name, _ in runs
             if runfiles.finished(args.history_dir, name, args.epochs)]
     print(f"{PROG}: {len(runs)} runs ({len(done)} finished, "
@@ -435,8 +439,7 @@ def main(argv=None):
     if args.dry_run:
         for name, run_argv in runs:
             state = "finished" if name in done else "to train"
-            command = shlex.join(["python", "train.py", *run_argv])
-            print(f"{name} ({state}): {command}")
+            print(f"{name} ({state}): {train_command(run_argv)}")
         return 0
     code = train_all(runs, done)
     if code:
