@@ -10,33 +10,27 @@ PROG = "train.py"
 class Table:
     """The per-epoch table on stdout."""
 
-    FORMATS = {"epoch": ("epoch", 5), "seconds": ("train_s", 8),
-               "eval_seconds": ("eval_s", 7), "loss": ("loss", 7),
-               "accuracy": ("acc", 6), "val_loss": ("val_loss", 8),
-               "val_accuracy": ("val_acc", 7),
-               "val_loss_train_mode": ("val_loss_t", 10),
-               "val_accuracy_train_mode": ("val_acc_t", 9), "lr": ("lr", 8),
-               "r_max": ("r_max", 5), "d_max": ("d_max", 5)}
+    # Each column's title, width and number format.
+    COLUMNS = {"epoch": ("epoch", 5, ""), "seconds": ("train_s", 8, ".1f"),
+               "eval_seconds": ("eval_s", 7, ".1f"),
+               "loss": ("loss", 7, ".4f"), "accuracy": ("acc", 6, ".4f"),
+               "val_loss": ("val_loss", 8, ".4f"),
+               "val_accuracy": ("val_acc", 7, ".4f"),
+               "val_loss_train_mode": ("val_loss_t", 10, ".4f"),
+               "val_accuracy_train_mode": ("val_acc_t", 9, ".4f"),
+               "lr": ("lr", 8, ".2e"), "r_max": ("r_max", 5, ".2f"),
+               "d_max": ("d_max", 5, ".2f")}
 
     def __init__(self, header):
         self.header = header
-        print("  ".join(self.FORMATS[c][0].rjust(self.FORMATS[c][1])
+        print("  ".join(self.COLUMNS[c][0].rjust(self.COLUMNS[c][1])
                         for c in header), flush=True)
 
     def print_row(self, row):
-        cells = []
-        for column in self.header:
-            value = row[column]
-            if column in ("seconds", "eval_seconds"):
-                value = f"{float(value):.1f}"
-            elif column == "lr":
-                value = f"{float(value):.2e}"
-            elif column in ("r_max", "d_max"):
-                value = f"{float(value):.2f}"
-            elif column != "epoch":
-                value = f"{float(value):.4f}"
-            cells.append(str(value).rjust(self.FORMATS[column][1]))
-        print("  ".join(cells), flush=True)
+        print("  ".join(
+            format(float(row[c]) if spec else row[c], spec).rjust(width)
+            for c in self.header for _, width, spec in [self.COLUMNS[c]]),
+            flush=True)
 
 
 def describe_run(config, model, environment, source, steps):

@@ -1,13 +1,13 @@
 """A run's files, and the one way each is written and read.
 
 A run NAME has HISTORY_DIR/NAME.csv (a row per finished epoch, `columns`),
-HISTORY_DIR/NAME.json (its configuration, environment and result),
-WEIGHTS_DIR/NAME.weights.h5 and NAME.best.weights.h5 (the last and the best
-weights) and WEIGHTS_DIR/NAME.state.npz (what --resume continues from).
-Every file is replaced atomically (`write_file`), but for the CSV, to which
-a row is appended and flushed to disk as an epoch ends; a write that fails
-raises a one-line WriteError naming the file. `replace_block`
-fills a generated block of a text file such as README.md.
+NAME.json (its configuration, environment and result) and, for renorm,
+NAME.corrections.csv (`CORRECTION_COLUMNS`); WEIGHTS_DIR/NAME.weights.h5
+and NAME.best.weights.h5 (the last and the best weights) and NAME.state.npz
+(what --resume continues from). Every file is replaced atomically
+(`write_file`) but the CSV, to which a row is appended and flushed to disk
+as an epoch ends; a write that fails raises a one-line WriteError naming the
+file. `replace_block` fills a generated block of a text file (README.md).
 """
 
 import csv
@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,23 +29,21 @@ PROG = "train.py"
 
 @dataclass
 class Paths:
+    """A run's files (this module's docstring says what each holds)."""
+
     csv: Path
     json: Path
+    corrections: Path
     last: Path
     best: Path
     state: Path
-    corrections: Path
 
     @classmethod
     def of(cls, name, history_dir, weights_dir):
-        return cls(
-            csv=history_dir / f"{name}.csv",
-            json=history_dir / f"{name}.json",
-            last=weights_dir / f"{name}.weights.h5",
-            best=weights_dir / f"{name}.best.weights.h5",
-            state=weights_dir / f"{name}.state.npz",
-            corrections=history_dir / f"{name}.corrections.csv",
-        )
+        return cls(*(history_dir / f"{name}{suffix}" for suffix in (
+            ".csv", ".json", ".corrections.csv")), *(
+                weights_dir / f"{name}{suffix}" for suffix in (
+                    ".weights.h5", ".best.weights.h5", ".state.npz")))
 
     @property
     def lock(self):
@@ -52,8 +51,7 @@ class Paths:
         return self.csv.with_suffix(".lock")
 
     def all(self):
-        return (self.csv, self.json, self.last, self.best, self.state,
-                self.corrections)
+        return tuple(vars(self).values())
 
 
 def writable_dir(path, what):
@@ -75,11 +73,10 @@ class WriteError(RuntimeError):
     full disk, the space it needs). The file written before is intact."""
 
 
-def temporary_path(path, pid=None):
+def temporary_path(path):
     """Where `path` is written before it replaces `path` (same suffixes)."""
-    suffixes = "".join(path.suffixes)
-    pid = os.getpid() if pid is None else pid
-    return path.with_name(f".{path.name}.{pid}.tmp{suffixes}")
+    return path.with_name(
+        f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
 
 
 def remove_temporaries(paths):
@@ -97,35 +94,41 @@ def write_file(path, data):
     """Replaces `path` with the bytes `data`, atomically: written beside it,
     flushed to disk, then renamed over it. Raises WriteError, `path`
     untouched, where that fails (first checking that the disk has room)."""
-    free = shutil.disk_usage(path.parent).free
-    if free < len(data):
-        raise WriteError(no_room(path, len(data), free))
+    if shutil.disk_usage(path.parent).free < len(data):
+        raise WriteError(no_room(path, len(data)))
     temporary = temporary_path(path)
     try:
-        with open(temporary, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise WriteError(cannot_write(path, error, len(data))) from None
+        with as_write_error(path, len(data)):
+            write_synced(temporary, data, "wb")
+            os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def no_room(path, size, free):
-    return (f"cannot write {path}: not enough free space ({megabytes(size)} "
-            f"needed, {megabytes(free)} free in {path.parent})")
+def write_synced(path, data, mode):
+    """Writes (mode "wb") or appends ("ab") `data`, flushed to disk."""
+    with open(path, mode) as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
 
 
-def cannot_write(path, error, size):
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return no_room(path, size, shutil.disk_usage(path.parent).free)
-    return f"cannot write {path}: {error.strerror or error}"
+@contextmanager
+def as_write_error(path, size):
+    """An OSError in the block as a one-line WriteError naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(no_room(path, size)) from None
+        raise WriteError(
+            f"cannot write {path}: {error.strerror or error}") from None
 
 
-def megabytes(size):
-    return f"{size / 1e6:.2f} MB"
+def no_room(path, size):
+    free = shutil.disk_usage(path.parent).free
+    return (f"cannot write {path}: not enough free space ({size / 1e6:.2f} "
+            f"MB needed, {free / 1e6:.2f} MB free in {path.parent})")
 
 
 def write_json(path, data):
@@ -165,13 +168,8 @@ def append_row(path, header, row):
     where that fails (the state file, written first, has the row: --resume
     rewrites the CSV from it)."""
     data = csv_text(header, [row], with_header=False).encode()
-    try:
-        with open(path, "ab") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-    except OSError as error:
-        raise WriteError(cannot_write(path, error, len(data))) from None
+    with as_write_error(path, len(data)):
+        write_synced(path, data, "ab")
 
 
 def read_csv(path):
@@ -188,46 +186,46 @@ def read_csv(path):
 
 
 def read_rows(path):
-    """The rows of a history CSV that name their epoch, as dicts by column
-    (as csv.DictReader gives them); none for a missing file."""
+    """The rows of a history CSV that name their epoch, as dicts by column;
+    none for a missing file."""
     try:
-        header, rows = read_csv(path)
+        rows = as_dicts(*read_csv(path))
     except FileNotFoundError:
         return []
-    found = []
+    return [row for row in rows if row.get("epoch")]
+
+
+def as_dicts(header, rows):
+    """`read_csv`'s rows as csv.DictReader gives them (missing fields None,
+    extra ones a list under None)."""
+    dicts = []
     for _, fields in rows:
         row = dict(zip(header, fields))
         row.update(dict.fromkeys(header[len(fields):]))
         if len(fields) > len(header):
             row[None] = fields[len(header):]
-        if row.get("epoch"):
-            found.append(row)
-    return found
+        dicts.append(row)
+    return dicts
 
 
 def resumed_rows(path, header, meta):
     """The rows of the finished epochs, for --resume: the saved state's
-    (`meta["rows"]`, every finished epoch's row; in a state from before it
-    kept them, the CSV's rows up to its epoch and its last row), written to
-    the CSV `path` again. Returns them and a one-line note of what the CSV
-    held where it differed (None where it did not): a cut or repeated row, a
-    row past the state, a missing CSV. An unreadable CSV (not UTF-8, not
-    CSV) is moved aside first, never parsed into an error."""
-    note, unnumbered = None, 0
+    (`meta["rows"]`), written to the CSV `path` again. Returns them and a
+    one-line note of what the CSV held where it differed (None where it did
+    not): a cut or repeated row, a row past the state, a missing CSV. An
+    unreadable CSV (not UTF-8, not CSV) is moved aside first, never parsed
+    into an error."""
+    rows, note, unnumbered = meta["rows"], None, 0
     try:
-        found = read_rows(path) if path.exists() else None
-        if found is not None:  # rows that name no epoch: read_rows skips them
-            unnumbered = len(read_csv(path)[1]) - len(found)
+        found = as_dicts(*read_csv(path))
+    except FileNotFoundError:
+        found = None
     except (UnicodeDecodeError, csv.Error) as error:
-        aside = set_aside(path)
-        found, note = [], f"moved the unreadable {path} ({error}) to {aside}"
-    if "rows" in meta:
-        rows = meta["rows"]
-    else:  # a state written before the rows were kept in it
-        rows = [r for r in found or [] if epoch_of(r) is not None
-                and epoch_of(r) <= meta["epoch"]]
-        if not rows or epoch_of(rows[-1]) != meta["epoch"]:
-            rows.append(meta["row"])  # killed between state and row
+        found, note = [], (f"moved the unreadable {path} ({error}) to "
+                           f"{set_aside(path)}")
+    else:
+        unnumbered = sum(not row.get("epoch") for row in found)
+        found = [row for row in found if row.get("epoch")]
     if note is None and (found is None or unnumbered or as_text(
             found, header) != as_text(rows, header)):
         held = ("was missing" if found is None else "held epochs "
@@ -240,13 +238,6 @@ def resumed_rows(path, header, meta):
     if note:
         note += f"; it now holds epochs 1-{meta['epoch']}"
     return rows, note
-
-
-def epoch_of(row):
-    try:
-        return int(row["epoch"])
-    except (TypeError, ValueError):
-        return None
 
 
 def as_text(rows, header):
@@ -283,11 +274,15 @@ def finished(history_dir, name, epochs):
             and len(read_rows(history_dir / f"{name}.csv")) >= epochs)
 
 
+def state_variables(model):
+    return (("model", model.variables),
+            ("optimizer", model.optimizer.variables))
+
+
 def save_state(model, path, meta):
     """Model variables, optimizer variables and `meta`, in one .npz."""
     arrays = {"meta": np.array(json.dumps(meta))}
-    for prefix, variables in (("model", model.variables),
-                              ("optimizer", model.optimizer.variables)):
+    for prefix, variables in state_variables(model):
         for i, variable in enumerate(variables):
             arrays[f"{prefix}/{i:04d}"] = np.asarray(variable.numpy())
     buffer = io.BytesIO()
@@ -295,27 +290,29 @@ def save_state(model, path, meta):
     write_file(path, buffer.getvalue())
 
 
-def saved_epoch(path):
-    """The epoch of the state that `save_state` saved (only its meta read)."""
+def read_state(path, meta_only=False):
+    """The `meta` and the arrays by name that `save_state` saved."""
     try:
         with np.load(path, allow_pickle=False) as saved:
-            return json.loads(str(saved["meta"]))["epoch"]
+            meta = json.loads(str(saved["meta"]))
+            arrays = {} if meta_only else {
+                key: saved[key] for key in saved.files if key != "meta"}
     except Exception as error:
         raise RuntimeError(f"cannot read {path} ({error})") from None
+    return meta, arrays
+
+
+def saved_epoch(path):
+    """The epoch of the state that `save_state` saved (only its meta read)."""
+    return read_state(path, meta_only=True)[0]["epoch"]
 
 
 def load_state(model, path):
     """Restores what `save_state` saved; returns its `meta`."""
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            arrays = {key: saved[key] for key in saved.files}
-        meta = json.loads(str(arrays.pop("meta")))
-    except Exception as error:
-        raise RuntimeError(f"cannot read {path} ({error})") from None
+    meta, arrays = read_state(path)
     if not model.optimizer.built:  # build() twice adds variables
         model.optimizer.build(model.trainable_variables)
-    for prefix, variables in (("model", model.variables),
-                              ("optimizer", model.optimizer.variables)):
+    for prefix, variables in state_variables(model):
         keys = sorted(k for k in arrays if k.startswith(prefix + "/"))
         shapes = [tuple(arrays[k].shape) for k in keys]
         if shapes != [tuple(v.shape) for v in variables]:
@@ -329,21 +326,12 @@ def load_state(model, path):
 
 
 def save_weights(model, path, write=True):
-    """The model's weights as Keras's `model.save_weights` writes them (a
-    .weights.h5 file that `model.load_weights` reads), made in memory and
-    then written by `write_file`: h5py never writes to the disk itself, so
-    a full disk is a clean WriteError, not h5py's tracebacks and a crash.
-    `write` False: made, not written; in a multi-process run every process
-    makes them (Keras's saving builds objects whose variables are placed by
-    collectives that all processes must join) and process 0 writes."""
-    data = weights_bytes(model)
-    if write:
-        write_file(path, data)
-
-
-def weights_bytes(model):
-    # Keras's own writer (saving_lib.save_weights_only, pinned Keras) into
-    # a BytesIO, which its H5IOStore accepts.
+    """The model's weights as `model.save_weights` writes them, made in
+    memory by Keras's own writer and written by `write_file`, so that a full
+    disk is a clean WriteError rather than h5py's tracebacks. `write` False:
+    made, not written; in a multi-process run every process makes them
+    (Keras's saving places variables by collectives that all processes must
+    join) and process 0 writes."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -351,12 +339,12 @@ def weights_bytes(model):
     saving_lib._save_state(model, weights_store=store, assets_store=None,
                            inner_path="", visited_saveables=set())
     store.close()
-    return buffer.getvalue()
+    if write:
+        write_file(path, buffer.getvalue())
 
 
 def read_json(path):
-    """A JSON file's content; RuntimeError where it is not JSON (or not
-    text)."""
+    """A JSON file's content; RuntimeError where it is not JSON."""
     try:
         return json.loads(path.read_text())
     except ValueError as error:
@@ -365,11 +353,7 @@ def read_json(path):
 
 def replace_block(path, begin, end, body):
     """Replaces the text of `path` between the lines `begin` and `end` with
-    `body`, atomically.
-
-    Raises:
-        ValueError: `path` has no such block.
-    """
+    `body`, atomically; ValueError where `path` has no such block."""
     text = path.read_text()
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:

@@ -16,29 +16,6 @@ from experiment.cli import UsageError
 EMPTY_LOCK_SECONDS = 10.0
 
 
-def holder_alive(holder):
-    """Whether the holder's process still runs (unknown on another host:
-    assumed to)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def read_holder(path):
-    """The lock's holder, or None where the file is empty or unreadable."""
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) and "pid" in holder else None
-
-
 @contextmanager
 def run_lock(path, name, command, say):
     """Holds the lock file `path` of run `name` for the block; `say` prints
@@ -52,17 +29,25 @@ def run_lock(path, name, command, say):
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
         except FileExistsError:
             take_over(path, name, say)  # or raises: the holder lives
-            continue  # and try again
-        with os.fdopen(fd, "w") as file:
-            file.write(json.dumps(me) + "\n")
-        break
+    with os.fdopen(fd, "w") as file:
+        file.write(json.dumps(me) + "\n")
     try:
         yield
     finally:
         if (read_holder(path) or {}).get("pid") == me["pid"]:
             path.unlink(missing_ok=True)
+
+
+def read_holder(path):
+    """The lock's holder, or None where the file is empty or unreadable."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
 
 
 def take_over(path, name, say):
@@ -88,3 +73,17 @@ def take_over(path, name, say):
         say(f"removing the stale lock {path} of process {holder['pid']}, "
             "which is no longer running")
     path.unlink(missing_ok=True)
+
+
+def holder_alive(holder):
+    """Whether the holder's process still runs (on another host: assumed
+    to)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True

@@ -1,11 +1,7 @@
-"""SIGINT and SIGTERM during a run: the first raises an exception while it
-trains (held back while an epoch is written to disk); any later one is
-ignored, so that the shutdown that the first began (saving, the message,
-the exit code) finishes. The training loop raises it again where the code
-it interrupted swallowed it (raise_if_interrupted). Should the main thread
-not come back from the framework to take the first one (Python runs
-handlers only between its bytecodes), a watchdog ends the process after
-STUCK_SECONDS."""
+"""SIGINT and SIGTERM during a run: the first raises `Interrupted` while it
+trains (held back while an epoch is written to disk); later ones are
+ignored, so that the shutdown the first began (saving, the message, the
+exit code) finishes."""
 
 import os
 import signal
@@ -13,12 +9,11 @@ import threading
 from contextlib import contextmanager
 
 # How long a signal may wait for the main thread before the watchdog ends
-# the process: the later signals are ignored by design, so nothing else
-# would end a main thread that never comes back from the framework.
+# the process: later signals are ignored, so nothing else would end a main
+# thread that never comes back from the framework.
 STUCK_SECONDS = 30.0
 
-# The signals that arrived inside interrupts_as_exceptions (the first one
-# raised; the others are ignored).
+# The signals that arrived inside interrupts_as_exceptions.
 _arrived = []
 # Set by the Python-level handlers: the main thread took a signal.
 _taken = threading.Event()
@@ -35,14 +30,15 @@ class Interrupted(BaseException):
 @contextmanager
 def interrupts_as_exceptions(exiting=False, on_stuck=None):
     """The first SIGINT or SIGTERM raises `Interrupted`; later ones are
-    ignored. The previous handlers are restored on exit; with `exiting`
-    (a process that ends after the block), not once one has arrived: the
-    later ones stay ignored, also between the block and the exit.
+    ignored. The previous handlers are restored on exit; with `exiting` (a
+    process that ends after the block) not once one has arrived, so that
+    later ones stay ignored until the exit.
 
     `on_stuck(signum, seconds)`, if given, is called from a watchdog thread
-    when the main thread has not taken a signal STUCK_SECONDS after it came;
-    the process then ends at once with exit code 128 + signum (finished
-    epochs are safe: every file is written to a temporary and renamed)."""
+    when the main thread has not taken a signal STUCK_SECONDS after it came
+    (Python runs handlers only between its bytecodes); the process then
+    ends at once with exit code 128 + signum. Finished epochs are safe:
+    every file is written to a temporary and renamed."""
 
     def handler(signum, frame):
         _taken.set()
@@ -64,10 +60,9 @@ def interrupts_as_exceptions(exiting=False, on_stuck=None):
 
 def raise_if_interrupted():
     """Raises `Interrupted` again for a signal that arrived inside
-    interrupts_as_exceptions: for the training loop to call between steps,
-    in case the code that the handler interrupted swallowed the exception
-    (a finalizer or a callback from C catches everything), which would
-    leave the run training with later signals ignored."""
+    interrupts_as_exceptions, for the training loop to call between steps:
+    the code that the handler interrupted may have swallowed the exception
+    (a finalizer or a callback from C catches everything)."""
     if _arrived:
         raise Interrupted(_arrived[0])
 
@@ -96,7 +91,7 @@ def interrupts_deferred():
 @contextmanager
 def _watchdog(on_stuck):
     """A thread that learns of each signal from Python's wakeup fd (written
-    by the C-level handler, whatever the main thread is doing) and calls
+    by the C-level handler, whatever the main thread does) and calls
     `on_stuck` and ends the process if no Python-level handler has run
     STUCK_SECONDS later."""
     if on_stuck is None:
@@ -104,11 +99,9 @@ def _watchdog(on_stuck):
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
-
     seconds = STUCK_SECONDS
-    # A new event for each watchdog: a thread of an earlier block (a run
-    # before this one in the same process) that reads its last byte late
-    # waits on its own event, which this block does not clear.
+    # A new event for each watchdog: the thread of an earlier block that
+    # reads its last byte late waits on its own event, not on this one.
     global _taken
     _taken = taken = threading.Event()
 
