@@ -1,20 +1,13 @@
-"""CIFAR-10 for the experiment: finding, reading and checking the files.
-NumPy only (Keras is imported only to download). What a run makes of the
-images is `experiment.preprocessing`; its batches are `experiment.sampling`.
+"""CIFAR-10 for the experiment: finding, reading and checking the files (NumPy
+only; Keras is imported only to download).
 
-The data is read from a folder in the official python layout
-(`cifar-10-batches-py`: `data_batch_1` ... `data_batch_5`, `test_batch`,
-each a pickled dict with `data`, an `(N, 3072)` uint8 array of channel-major
-32x32 RGB images, and `labels`, N integers in 0..9), found in this order:
-
-1. the `data_dir` argument (`--data-dir`),
-2. the `CIFAR10_DIR` environment variable,
-3. Keras's downloader (`keras.datasets.cifar10`, which caches it in
-   `~/.keras/datasets`), where a network exists.
-
-A folder that holds `cifar-10-batches-py` may be given for that folder. Every
-file is checked; a missing, truncated or wrong-shaped one raises `DataError`
-with a one-line message naming it.
+The official python layout (`cifar-10-batches-py`: `data_batch_1` ...
+`data_batch_5`, `test_batch`, each a pickled dict of `data`, an `(N, 3072)`
+uint8 array of channel-major 32x32 RGB images, and `labels`, N integers in
+0..9) is read from the `data_dir` argument (`--data-dir`), else the
+`CIFAR10_DIR` environment variable, else Keras's downloader (cached in
+`~/.keras/datasets`). A folder holding `cifar-10-batches-py` stands for it.
+A missing, truncated or wrong file raises `DataError`, one line naming it.
 """
 
 import os
@@ -26,18 +19,7 @@ import numpy as np
 
 from experiment.startup import quiet_startup
 
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+NUM_CLASSES = 10
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 FOLDER = "cifar-10-batches-py"
@@ -46,7 +28,6 @@ HOW_TO_GET_IT = (
     f"download {URL}, extract it (tar xzf cifar-10-python.tar.gz) and pass "
     f"--data-dir /path/to/{FOLDER} or set CIFAR10_DIR to that folder"
 )
-IMAGE_SHAPE = (32, 32, 3)
 
 
 class DataError(Exception):
@@ -62,9 +43,6 @@ class Cifar10:
     x_test: np.ndarray
     y_test: np.ndarray
     source: str  # the folder it was read from, or how it was obtained
-
-
-# --------------------------------------------------------------------- loading
 
 
 def load(data_dir=None):
@@ -106,17 +84,12 @@ class _BatchUnpickler(pickle.Unpickler):
     """Unpickles only what a CIFAR-10 batch holds (dicts, lists, strings,
     numbers and NumPy arrays), so that a wrong file cannot run code."""
 
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-    }
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED |= {(f"numpy.{core}.{module}", name)
+                for core in ("core", "_core")
+                for module, name in (("multiarray", "_reconstruct"),
+                                     ("multiarray", "scalar"),
+                                     ("numeric", "_frombuffer"))}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -127,6 +100,36 @@ class _BatchUnpickler(pickle.Unpickler):
 def read_batch(path):
     """Reads one batch file: uint8 images `(N, 32, 32, 3)`, int32 labels."""
     path = Path(path)
+    data, labels = _unpickle(path)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
+            or data.ndim != 2 or data.shape[1] != 32 * 32 * 3
+            or data.shape[0] == 0):
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(
+            f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
+            f"(N, 3072) uint8 array with N > 0"
+        )
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # ragged or odd objects
+        labels = np.asarray([], dtype=object)
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: 'labels' has shape {labels.shape} and type "
+            f"{labels.dtype}; expected {len(data)} integers, one per image"
+        )
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(
+            f"{path}: labels range over {labels.min()}..{labels.max()}; "
+            f"expected 0..{NUM_CLASSES - 1}"
+        )
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _unpickle(path):
+    """A batch file's `data` and `labels`, unchecked."""
     if not path.is_file():
         raise DataError(
             f"missing file {path} (a CIFAR-10 folder holds "
@@ -147,44 +150,13 @@ def read_batch(path):
             f"{path} is not a CIFAR-10 python batch (a {type(batch).__name__}, "
             f"not a dict)"
         )
-    batch = {
-        key.decode("latin1") if isinstance(key, bytes) else key: value
-        for key, value in batch.items()
-    }
+    batch = {key.decode("latin1") if isinstance(key, bytes) else key: value
+             for key, value in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise DataError(
             f"{path} is not a CIFAR-10 python batch (no 'data' and 'labels')"
         )
-    data = batch["data"]
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != 32 * 32 * 3
-        or data.shape[0] == 0
-    ):
-        shape = getattr(data, "shape", None)
-        dtype = getattr(data, "dtype", type(data).__name__)
-        raise DataError(
-            f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
-            f"(N, 3072) uint8 array with N > 0"
-        )
-    try:
-        labels = np.asarray(batch["labels"])
-    except Exception:  # ragged or odd objects
-        labels = np.asarray([], dtype=object)
-    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise DataError(
-            f"{path}: 'labels' has shape {labels.shape} and type "
-            f"{labels.dtype}; expected {len(data)} integers, one per image"
-        )
-    if labels.min() < 0 or labels.max() >= len(CLASSES):
-        raise DataError(
-            f"{path}: labels range over {labels.min()}..{labels.max()}; "
-            f"expected 0..{len(CLASSES) - 1}"
-        )
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int32)
+    return batch["data"], batch["labels"]
 
 
 def download():

@@ -1,7 +1,6 @@
-"""What a run makes of CIFAR-10 before training: the subsets it trains and
-validates on, the channel statistics and normalization, the augmentation, and
-`prepare`, which gives the run's arrays (uint8 images, int32 labels) from its
-configuration. NumPy only."""
+"""What a run makes of CIFAR-10 before training: its subsets, the channel
+statistics and normalization, the augmentation, and `prepare`, the run's
+arrays from its configuration. NumPy only."""
 
 from dataclasses import dataclass
 
@@ -12,8 +11,8 @@ from experiment import protocols
 from experiment.cli import UsageError
 from experiment.cifar10 import DataError
 
+PAD = 4  # the augmentation's zero padding, in pixels
 
-# --------------------------------------------------------------------- subsets
 
 def stratified_subset(labels, size, seed=0):
     """Indices (sorted) of `size` examples with the classes as balanced as
@@ -39,8 +38,6 @@ def stratified_subset(labels, size, seed=0):
         chosen.append(rng.permutation(members)[:count])
     return np.sort(np.concatenate(chosen))
 
-# ---------------------------------------------------------------- normalization
-
 
 def channel_stats(images):
     """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]
@@ -58,36 +55,39 @@ def channel_stats(images):
     )
 
 
+def normalization(mean, std):
+    """The float32 `scale` and `offset` of `normalize` (x * scale + offset)."""
+    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
+    offset = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
+    return scale, offset
+
+
 def normalize(images, mean, std):
     """uint8 images -> float32, scaled to [0, 1], then `(x - mean) / std` per
     channel."""
-    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
-    offset = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
+    scale, offset = normalization(mean, std)
     return images.astype(np.float32) * scale + offset
 
-# ----------------------------------------------------------------- augmentation
 
-
-def augment(images, rng, pad=4):
+def augment(images, rng, pad=PAD):
     """The standard CIFAR augmentation of uint8 images `(N, H, W, C)`: zero
-    (black) padding by `pad` pixels, a random HxW crop, and a horizontal flip
-    with probability 1/2, drawn independently per image from `rng`. One
-    gather, so cheap next to a training step."""
+    padding by `pad` pixels, a random HxW crop, and a horizontal flip with
+    probability 1/2, drawn independently per image from `rng`."""
     return crop(images, *crop_offsets(len(images), rng, pad), pad=pad)
 
 
-def crop_offsets(n, rng, pad=4):
-    """What `augment` draws from `rng` for `n` images, in this order: the top
-    and left offsets of each crop in the padded image (0..2 * pad) and whether
-    it is flipped. Drawn apart from the pixels so that device_data.py can make
-    the same crops on the accelerator."""
+def crop_offsets(n, rng, pad=PAD):
+    """What `augment` draws from `rng` for `n` images, in this order: each
+    crop's top and left offsets in the padded image (0..2 * pad) and whether
+    it is flipped; apart from the pixels, so that device_data.py can make the
+    same crops on the device."""
     top = rng.integers(0, 2 * pad + 1, n)
     left = rng.integers(0, 2 * pad + 1, n)
     flip = rng.random(n) < 0.5
     return top, left, flip
 
 
-def crop(images, top, left, flip, pad=4):
+def crop(images, top, left, flip, pad=PAD):
     """The crops of `crop_offsets` from uint8 images `(N, H, W, C)` padded
     with `pad` zeros on each side, mirrored where `flip`."""
     n, height, width, _ = images.shape
@@ -96,9 +96,6 @@ def crop(images, top, left, flip, pad=4):
     cols = left[:, None] + np.arange(width)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-
-# ------------------------------------------------------------- a run's arrays
 
 
 @dataclass
@@ -124,15 +121,13 @@ DEFAULT_VAL_SHARE = 10  # 1 in 10: 5,000 of CIFAR-10's 50,000
 
 
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays. Validation: with
-    `val_from` "train", `val_size` images held out of the training set (a
-    stratified split drawn with the run's seed: the same for every run of a
-    seed, never trained on); with "test", a stratified subset of the test
-    set, the same for every run (the 2017 code's choice). Training: a
-    stratified subset of `train_size` of the other training images, drawn
-    with the seed. Fills in `config`'s sizes where they are None (default:
-    a tenth of the training set held out; all test images; all the
-    training images left).
+    """Loads CIFAR-10 and cuts the run's arrays. Validation: with `val_from`
+    "train", `val_size` images held out of the training set (stratified,
+    drawn with the run's seed, never trained on); with "test", a stratified
+    subset of the test set, the same for every run. Training: a stratified
+    subset of `train_size` of the other training images, drawn with the
+    seed. Fills in `config`'s sizes where they are None (default: a tenth of
+    the training set held out; all test images; all training images left).
 
     Raises:
         DataError: the data cannot be read.
@@ -201,9 +196,9 @@ def check_batches(config, labels):
 
 
 def check_devices(config, arrays):
-    """With data parallel training on N devices, every batch that a device
-    share gets must divide by N: the training batches (the epoch's last,
-    smaller one too), the evaluation batches, the validation and test sets.
+    """With data parallel training on N devices, every batch that devices
+    share must divide by N: the training batches (the epoch's last too), the
+    evaluation batches, the validation and test sets.
 
     Raises:
         UsageError: naming the size that does not divide.
