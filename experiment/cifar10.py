@@ -26,8 +26,7 @@ FOLDER = "cifar-10-batches-py"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 HOW_TO_GET_IT = (
     f"download {URL}, extract it (tar xzf cifar-10-python.tar.gz) and pass "
-    f"--data-dir /path/to/{FOLDER} or set CIFAR10_DIR to that folder"
-)
+    f"--data-dir /path/to/{FOLDER} or set CIFAR10_DIR to that folder")
 
 
 class DataError(Exception):
@@ -65,19 +64,14 @@ def load_folder(folder, origin="--data-dir"):
     if not folder.is_dir():
         raise DataError(
             f"CIFAR-10 folder {str(folder)!r} (from {origin}) does not exist "
-            f"or is not a folder; {HOW_TO_GET_IT}"
-        )
+            f"or is not a folder; {HOW_TO_GET_IT}")
     if not (folder / TEST_FILE).exists() and (folder / FOLDER).is_dir():
         folder = folder / FOLDER
     train = [read_batch(folder / name) for name in TRAIN_FILES]
     x_test, y_test = read_batch(folder / TEST_FILE)
-    return Cifar10(
-        x_train=np.concatenate([x for x, _ in train]),
-        y_train=np.concatenate([y for _, y in train]),
-        x_test=x_test,
-        y_test=y_test,
-        source=str(folder),
-    )
+    return Cifar10(np.concatenate([x for x, _ in train]),
+                   np.concatenate([y for _, y in train]), x_test, y_test,
+                   source=str(folder))
 
 
 class _BatchUnpickler(pickle.Unpickler):
@@ -108,8 +102,7 @@ def read_batch(path):
         dtype = getattr(data, "dtype", type(data).__name__)
         raise DataError(
             f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
-            f"(N, 3072) uint8 array with N > 0"
-        )
+            f"(N, 3072) uint8 array with N > 0")
     try:
         labels = np.asarray(labels)
     except Exception:  # ragged or odd objects
@@ -117,13 +110,11 @@ def read_batch(path):
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
         raise DataError(
             f"{path}: 'labels' has shape {labels.shape} and type "
-            f"{labels.dtype}; expected {len(data)} integers, one per image"
-        )
+            f"{labels.dtype}; expected {len(data)} integers, one per image")
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DataError(
             f"{path}: labels range over {labels.min()}..{labels.max()}; "
-            f"expected 0..{NUM_CLASSES - 1}"
-        )
+            f"expected 0..{NUM_CLASSES - 1}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels.astype(np.int32)
 
@@ -133,8 +124,7 @@ def _unpickle(path):
     if not path.is_file():
         raise DataError(
             f"missing file {path} (a CIFAR-10 folder holds "
-            f"{', '.join(TRAIN_FILES)} and {TEST_FILE}); {HOW_TO_GET_IT}"
-        )
+            f"{', '.join(TRAIN_FILES)} and {TEST_FILE}); {HOW_TO_GET_IT}")
     try:
         with open(path, "rb") as file:
             batch = _BatchUnpickler(file, encoding="bytes").load()
@@ -143,19 +133,16 @@ def _unpickle(path):
     except Exception as error:  # any unpickling failure: a broken file
         raise DataError(
             f"{path} is truncated or not a CIFAR-10 python batch "
-            f"({type(error).__name__}: {error})"
-        ) from None
+            f"({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict):
         raise DataError(
             f"{path} is not a CIFAR-10 python batch (a {type(batch).__name__}, "
-            f"not a dict)"
-        )
+            f"not a dict)")
     batch = {key.decode("latin1") if isinstance(key, bytes) else key: value
              for key, value in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise DataError(
-            f"{path} is not a CIFAR-10 python batch (no 'data' and 'labels')"
-        )
+            f"{path} is not a CIFAR-10 python batch (no 'data' and 'labels')")
     return batch["data"], batch["labels"]
 
 
@@ -171,15 +158,12 @@ def download():
         raise DataError(
             "CIFAR-10 not found: no --data-dir was given, CIFAR10_DIR is not "
             f"set, and Keras could not download it ({reason[:200]}); "
-            f"{HOW_TO_GET_IT}"
-        ) from None
+            f"{HOW_TO_GET_IT}") from None
     if x_train.shape[1:] == (3, 32, 32):  # channels_first Keras config
         x_train = x_train.transpose(0, 2, 3, 1)
         x_test = x_test.transpose(0, 2, 3, 1)
-    return Cifar10(
-        x_train=np.ascontiguousarray(x_train),
-        y_train=y_train.reshape(-1).astype(np.int32),
-        x_test=np.ascontiguousarray(x_test),
-        y_test=y_test.reshape(-1).astype(np.int32),
-        source="keras.datasets.cifar10 (~/.keras/datasets)",
-    )
+    return Cifar10(np.ascontiguousarray(x_train),
+                   y_train.reshape(-1).astype(np.int32),
+                   np.ascontiguousarray(x_test),
+                   y_test.reshape(-1).astype(np.int32),
+                   source="keras.datasets.cifar10 (~/.keras/datasets)")

@@ -17,12 +17,15 @@ PAD = 4  # the augmentation's zero padding, in pixels
 def stratified_subset(labels, size, seed=0):
     """Indices (sorted) of `size` examples with the classes as balanced as
     possible: `size // 10` of each class, one more for `size % 10` classes
-    chosen at random; the examples of each class are drawn at random.
+    chosen at random; the examples of each class are drawn at random. All of
+    them where `size` is their number.
 
     Raises:
         DataError: if a class has too few examples.
     """
     labels = np.asarray(labels)
+    if size == len(labels):
+        return np.arange(size)
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
     per_class = np.full(len(classes), size // len(classes))
@@ -33,8 +36,7 @@ def stratified_subset(labels, size, seed=0):
         if count > len(members):
             raise DataError(
                 f"cannot take {size} examples stratified: class {label} has "
-                f"only {len(members)} (need {count})"
-            )
+                f"only {len(members)} (need {count})")
         chosen.append(rng.permutation(members)[:count])
     return np.sort(np.concatenate(chosen))
 
@@ -49,10 +51,8 @@ def channel_stats(images):
         counts = np.bincount(pixels[:, channel], minlength=256) / len(pixels)
         mean.append(counts @ values)
         std.append(np.sqrt(max(counts @ values**2 - mean[-1] ** 2, 0.0)))
-    return (
-        np.asarray(mean, np.float32),
-        np.maximum(np.asarray(std, np.float32), 1e-3),
-    )
+    return (np.asarray(mean, np.float32),
+            np.maximum(np.asarray(std, np.float32), 1e-3))
 
 
 def normalization(mean, std):
@@ -102,8 +102,7 @@ def crop(images, top, left, flip, pad=PAD):
 class RunData:
     """The arrays of a run: its training subset (uint8), its validation
     images (normalized float32), the whole test set (uint8) and the
-    normalization, computed on the images it may train on (the training
-    set less the held-out validation images)."""
+    normalization, computed on the images it may train on."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -116,8 +115,7 @@ class RunData:
     source: str
 
 
-# --val-from train without --val-size: this share of the training set.
-DEFAULT_VAL_SHARE = 10  # 1 in 10: 5,000 of CIFAR-10's 50,000
+DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
@@ -143,10 +141,7 @@ def prepare(config, data_dir):
             + (f" less the {config['val_size']} held out for validation"
                if config["val_from"] == "train" else ""))
     mean, std = channel_stats(x_pool)
-    chosen = np.arange(len(x_pool))
-    if config["train_size"] < len(x_pool):
-        chosen = stratified_subset(y_pool, config["train_size"],
-                                   seed=config["seed"])
+    chosen = stratified_subset(y_pool, config["train_size"], config["seed"])
     x_train, y_train = x_pool[chosen], y_pool[chosen]
     check_batches(config, y_train)
     return RunData(
@@ -170,10 +165,8 @@ def validation_split(config, data):
             f"{'training' if train_from else 'test'} images in {data.source}"
             + (" that can be held out (some must be left to train on)"
                if train_from else ""))
-    chosen = np.arange(len(images))
-    if config["val_size"] < len(images):
-        chosen = stratified_subset(labels, config["val_size"],
-                                   seed=config["seed"] if train_from else 0)
+    chosen = stratified_subset(labels, config["val_size"],
+                               config["seed"] if train_from else 0)
     if not train_from:
         return data.x_train, data.y_train, images[chosen], labels[chosen]
     rest = np.setdiff1d(np.arange(len(images)), chosen)

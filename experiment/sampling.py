@@ -135,23 +135,20 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
     labels = np.asarray(labels)
     check_classes_per_batch(labels, batch_size, classes_per_batch)
     per_group = batch_size // classes_per_batch
-    class_groups = []
+    counts, groups = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        class_groups.append([members[start:start + per_group]
-                             for start in range(0, len(members), per_group)])
-    used = [0] * len(class_groups)
-    batches, holders = [], [[] for _ in class_groups]
-    for chosen in _greedy_batches(list(map(len, class_groups)),
-                                  classes_per_batch, rng):
-        batches.append([])
+        starts = range(0, len(members), per_group)
+        counts.append(len(starts))
+        groups.append(iter([members[i:i + per_group] for i in starts]))
+    batches, holders = [], [[] for _ in groups]
+    for chosen in _greedy_batches(counts, classes_per_batch, rng):
         for position in chosen:
-            batches[-1].append(class_groups[position][used[position]])
-            used[position] += 1
-            holders[position].append(len(batches) - 1)
+            holders[position].append(len(batches))
+        batches.append([next(groups[position]) for position in chosen])
     extended = set()
-    for position, groups in enumerate(class_groups):
-        for group in groups[used[position]:]:
+    for position, rest in enumerate(groups):
+        for group in rest:
             candidates = [b for b in holders[position] if b not in extended]
             target = int(rng.choice(candidates or holders[position]))
             extended.add(target)
@@ -235,14 +232,8 @@ def pair_batches(labels, batch_size, group_size, rng):
     check_pairs(batch_size, group_size)
     classes, counts = np.unique(labels, return_counts=True)
     classes, pairs = classes[counts >= 2], counts[counts >= 2] // 2
-    members = [rng.permutation(np.flatnonzero(labels == label))
-               for label in classes]
-    used = [0] * len(classes)
-    batches = []
-    for plan in _pair_plan(pairs, batch_size, group_size, rng):
-        parts = []
-        for position in plan:
-            parts.append(members[position][2 * used[position]:][:2])
-            used[position] += 1
-        batches.append(np.concatenate(parts))
-    return batches
+    members = [iter(rng.permutation(np.flatnonzero(labels == label))
+                    [:2 * count].reshape(-1, 2))
+               for label, count in zip(classes, pairs)]
+    return [np.concatenate([next(members[position]) for position in plan])
+            for plan in _pair_plan(pairs, batch_size, group_size, rng)]

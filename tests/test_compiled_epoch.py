@@ -53,10 +53,7 @@ def test_one_program_with_a_loop_around_the_whole_step(epochs):
     XLA_FLAGS=--xla_dump_to would write it)."""
     import jax
 
-    model = epochs.model
-    state = compiled_epoch.variable_values(
-        model.trainable_variables, model.non_trainable_variables,
-        model.optimizer.variables, model.metrics_variables)
+    state = epochs.state()
     plan = np.zeros((3, 4, 20), np.int32)
     epochs.unrolled = False  # as on a GPU (a CPU unrolls the steps)
     loop = jax.jit(epochs._train_steps).lower(
