@@ -55,8 +55,8 @@ class CompiledEpochs:
                      for group in self.variables(training))
 
     def train_epoch(self, epoch):
-        """Trains one epoch; its logs (Keras's metrics over the epoch) and
-        seconds (the plan drawn, the steps run, the device finished)."""
+        """Trains one epoch: its logs (Keras's metrics) and seconds (the plan
+        drawn, the steps run, the device finished)."""
         import jax
         import keras
 

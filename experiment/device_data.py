@@ -40,8 +40,8 @@ class DeviceTrainSet:
     def train_batches(self, batch_size, rng, classes_per_batch=None,
                       pairs=None):
         """One epoch of normalized batches `(x float32, y int32)` on the
-        device: those of `sampling.train_batches` with the same arguments and
-        `rng` (augmented if this set is)."""
+        device: those of `sampling.train_batches` with the same arguments
+        (augmented if this set is)."""
         from keras import ops
 
         for plan in self.epoch_plan(batch_size, rng, classes_per_batch,
@@ -70,8 +70,8 @@ class DeviceTrainSet:
                 for start in range(0, len(run), cut)]
 
     def tensors(self):
-        """The set's device arrays, for a compiled function to take as
-        arguments (closed over, they would be compiled in as constants)."""
+        """The device arrays, for a compiled function to take as arguments
+        (closed over, they would be compiled in as constants)."""
         return self.images, self.labels, self.scale, self.offset
 
     def batch(self, plan, tensors=None):

@@ -1,13 +1,11 @@
-"""How a run's epochs execute, behind one interface for train.py: Keras's
-own loop (`model.fit` and `model.evaluate`, on every backend), or, on JAX
-with the training set on the device and several steps per execution, whole
-compiled epochs (`compiled_epoch.CompiledEpochs`, the JAX fast path).
-
-A loop has `train_epoch(epoch)` -> (the epoch's training logs, its
-seconds), `resident(x, y)` -> the data in the form `evaluate` takes,
-`evaluate(data)` -> (logs, seconds), and `evaluate_train_mode(batches)` ->
-logs (`train_mode`). Logs are dicts of floats (`loss`, `accuracy`); seconds
-are measured after the device finished."""
+"""How a run's epochs execute: Keras's loop (`model.fit`, `model.evaluate`;
+every backend) or, on JAX with the training set on the device and several
+steps per execution, `compiled_epoch.CompiledEpochs`. A loop has
+`train_epoch(epoch)` -> (logs, seconds), `resident(x, y)` -> the data as
+`evaluate` takes it, `evaluate(data)` -> (logs, seconds) and
+`evaluate_train_mode(batches)` -> logs (`train_mode`). Logs are dicts of
+floats (`loss`, `accuracy`); seconds are measured after the device
+finished."""
 
 import sys
 import time
@@ -91,9 +89,8 @@ class KerasLoop:
 
 
 def epoch_batches(config, arrays, processes):
-    """A function of the epoch that gives its training batches: made with
-    NumPy on the host (this process's share of each), or from the training
-    set kept on the device (the same batches; one device)."""
+    """A function of the epoch that gives its training batches: made on the
+    host (this process's share of each) or on the device (one device)."""
     options = sampling.options(config)
     if config["input"] == "device":
         from experiment import device_data

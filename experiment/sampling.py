@@ -81,23 +81,6 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
 # ------------------------------------------------------ K classes per batch
 
 
-def check_classes_per_batch(labels, batch_size, classes_per_batch):
-    """Raises ValueError unless batches of `batch_size` examples can be drawn
-    from exactly `classes_per_batch` of the classes in `labels`."""
-    k = classes_per_batch
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"classes_per_batch must be a positive integer, "
-                         f"not {k!r}")
-    if batch_size % k:
-        raise ValueError(f"classes_per_batch {k} must divide batch_size "
-                         f"{batch_size} (each class gives batch_size / "
-                         f"classes_per_batch examples to a batch)")
-    present = len(np.unique(np.asarray(labels)))
-    if k > present:
-        raise ValueError(f"classes_per_batch {k} is more than the {present} "
-                         f"classes in the training data")
-
-
 def _greedy_batches(groups, classes_per_batch, rng):
     """Which classes (positions in `groups`) give a group to each batch: the
     `classes_per_batch` classes with the most groups left, until fewer than
@@ -129,12 +112,22 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
     The paper's pairs of one class are K = batch_size / 2.
 
     Raises:
-        ValueError: if K does not divide batch_size, or there are fewer than K
-            classes in `labels`.
+        ValueError: if K is not a positive integer that divides batch_size,
+            or there are fewer than K classes in `labels`.
     """
-    labels = np.asarray(labels)
-    check_classes_per_batch(labels, batch_size, classes_per_batch)
-    per_group = batch_size // classes_per_batch
+    k, labels = classes_per_batch, np.asarray(labels)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"classes_per_batch must be a positive integer, "
+                         f"not {k!r}")
+    if batch_size % k:
+        raise ValueError(f"classes_per_batch {k} must divide batch_size "
+                         f"{batch_size} (each class gives batch_size / "
+                         f"classes_per_batch examples to a batch)")
+    if k > len(np.unique(labels)):
+        raise ValueError(f"classes_per_batch {k} is more than the "
+                         f"{len(np.unique(labels))} classes in the training "
+                         "data")
+    per_group = batch_size // k
     counts, groups = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
@@ -142,7 +135,7 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
         counts.append(len(starts))
         groups.append(iter([members[i:i + per_group] for i in starts]))
     batches, holders = [], [[] for _ in groups]
-    for chosen in _greedy_batches(counts, classes_per_batch, rng):
+    for chosen in _greedy_batches(counts, k, rng):
         for position in chosen:
             holders[position].append(len(batches))
         batches.append([next(groups[position]) for position in chosen])
@@ -157,17 +150,6 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
 
 
 # ------------------------------------------------ pairs in normalization groups
-
-
-def check_pairs(batch_size, group_size):
-    """Raises ValueError unless batches of `batch_size` and normalization
-    groups of `group_size` examples can be made of whole pairs."""
-    for name, value in (("batch_size", batch_size),
-                        ("group_size", group_size)):
-        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                or value < 2 or value % 2):
-            raise ValueError(f"pairs need an even {name} >= 2, not "
-                             f"{value!r}")
 
 
 def _group_pairs(left, pairs_wanted, rng):
@@ -228,8 +210,13 @@ def pair_batches(labels, batch_size, group_size, rng):
     Raises:
         ValueError: if batch_size or group_size is not an even number >= 2.
     """
+    for name, value in (("batch_size", batch_size),
+                        ("group_size", group_size)):
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                or value < 2 or value % 2):
+            raise ValueError(f"pairs need an even {name} >= 2, not "
+                             f"{value!r}")
     labels = np.asarray(labels)
-    check_pairs(batch_size, group_size)
     classes, counts = np.unique(labels, return_counts=True)
     classes, pairs = classes[counts >= 2], counts[counts >= 2] // 2
     members = [iter(rng.permutation(np.flatnonzero(labels == label))
