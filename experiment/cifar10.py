@@ -1,14 +1,9 @@
-"""CIFAR-10 for the experiment: finding, reading and checking the files (NumPy
-only; Keras is imported only to download).
-
-The official python layout (`cifar-10-batches-py`: `data_batch_1` ...
-`data_batch_5`, `test_batch`, each a pickled dict of `data`, an `(N, 3072)`
-uint8 array of channel-major 32x32 RGB images, and `labels`, N integers in
-0..9) is read from the `data_dir` argument (`--data-dir`), else the
-`CIFAR10_DIR` environment variable, else Keras's downloader (cached in
-`~/.keras/datasets`). A folder holding `cifar-10-batches-py` stands for it.
-A missing, truncated or wrong file raises `DataError`, one line naming it.
-"""
+"""CIFAR-10: finding, reading and checking the official python layout
+(`cifar-10-batches-py`: `data_batch_1` ... `data_batch_5`, `test_batch`,
+each a pickled dict of `data`, `(N, 3072)` uint8 channel-major 32x32 RGB
+images, and `labels`, N integers in 0..9) in `--data-dir`, else
+`$CIFAR10_DIR`, else through Keras's downloader. A missing, truncated or
+wrong file raises `DataError`, one line naming it."""
 
 import os
 import pickle
@@ -53,13 +48,12 @@ def load(data_dir=None):
     """
     if data_dir is None and os.environ.get("CIFAR10_DIR"):
         return load_folder(os.environ["CIFAR10_DIR"], origin="CIFAR10_DIR")
-    if data_dir is not None:
-        return load_folder(data_dir, origin="--data-dir")
-    return download()
+    return download() if data_dir is None else load_folder(data_dir)
 
 
 def load_folder(folder, origin="--data-dir"):
-    """Loads and checks the official python layout in `folder`."""
+    """Loads and checks the official python layout in `folder` (or in its
+    `cifar-10-batches-py`)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(

@@ -1,19 +1,12 @@
 """The JAX fast path of train.py: an epoch's training steps, and each
 evaluation pass, as a few compiled programs instead of a Python call per
-step (Keras's JAX trainer dispatches every step from the host).
-
-The training set is on the device (`device_data`), the host draws the
-epoch's batch plan (that of `--input host`), and one jitted call runs up to
-N steps with `jax.lax.scan` over Keras's own stateless `model.train_step`:
-the same batches, loss, optimizer, metrics and variables. The state goes in
-and comes back (donated) between calls and is written to the model's
-variables once the epoch ends, so an interrupted epoch leaves nothing half
-done for train.py to save. Evaluation is one call a pass.
-
-On a CPU the N steps are unrolled: XLA:CPU runs a convolution's weight
-gradient inside a loop much slower (docs/speed.md). Elsewhere the program is
-one loop around the whole step.
-"""
+step. The training set is on the device (`device_data`); one jitted call
+runs up to N steps of the epoch's batch plan with `jax.lax.scan` over
+Keras's own stateless `model.train_step` (the same batches, loss, optimizer,
+metrics and variables). The state is written to the model's variables once
+the epoch ends, so an interrupted epoch leaves nothing half done. On a CPU
+the N steps are unrolled: XLA:CPU runs a convolution's weight gradient
+inside a loop much slower (docs/speed.md)."""
 
 import sys
 import time

@@ -1,8 +1,8 @@
-"""The training set resident on the device (GPU or TPU): train.py's
-`--input device`. The uint8 images and the labels go to the device once;
-each epoch, the host draws the plan of `sampling.batch_plan` (the same as
-`--input host`) and sends those few integers in one copy; the device
-gathers, crops, flips and normalizes each batch. `keras.ops` only."""
+"""The training set resident on the device: train.py's `--input device`. The
+uint8 images and labels go to the device once; each epoch the host draws
+`sampling.batch_plan` (as `--input host` does) and sends those integers in
+one copy; the device gathers, crops, flips and normalizes. `keras.ops`
+only."""
 
 import numpy as np
 

@@ -1,9 +1,7 @@
 """The train/inference gap: the held-out images evaluated once more with the
-normalization layers in training mode (their batch's or group's statistics
-and, for renorm, r and d), as in a training step but without changing any
-state (Keras's stateless call; dropout off, so that the gap is the
-normalization's alone). Batch renormalization's r and d make the two
-evaluations agree wherever their bounds do not bind (Ioffe 2017)."""
+normalization layers in training mode (batch statistics and, for renorm,
+r and d), as in a training step but changing no state (Keras's stateless
+call; dropout off, so that the gap is the normalization's alone)."""
 
 from contextlib import contextmanager
 
