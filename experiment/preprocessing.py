@@ -119,13 +119,12 @@ DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays. Validation: with `val_from`
-    "train", `val_size` images held out of the training set (stratified,
-    drawn with the run's seed, never trained on); with "test", a stratified
-    subset of the test set, the same for every run. Training: a stratified
-    subset of `train_size` of the other training images, drawn with the
-    seed. Fills in `config`'s sizes where they are None (default: a tenth of
-    the training set held out; all test images; all training images left).
+    """Loads CIFAR-10 and cuts the run's arrays: `val_size` validation
+    images held out of the training set (`val_from` "train": stratified,
+    drawn with the seed) or of the test set ("test": stratified, the same
+    for every run), and a stratified subset of `train_size` of the other
+    training images, drawn with the seed. Fills in the sizes that are None
+    (a tenth of the training set held out; all test images; all the rest).
 
     Raises:
         DataError: the data cannot be read.
@@ -142,12 +141,9 @@ def prepare(config, data_dir):
                if config["val_from"] == "train" else ""))
     mean, std = channel_stats(x_pool)
     chosen = stratified_subset(y_pool, config["train_size"], config["seed"])
-    x_train, y_train = x_pool[chosen], y_pool[chosen]
-    check_batches(config, y_train)
-    return RunData(
-        x_train=x_train, y_train=y_train, x_val=normalize(x_val, mean, std),
-        y_val=y_val, x_test=data.x_test, y_test=data.y_test, mean=mean,
-        std=std, source=data.source)
+    check_batches(config, y_pool[chosen])
+    return RunData(x_pool[chosen], y_pool[chosen], normalize(x_val, mean, std),
+                   y_val, data.x_test, data.y_test, mean, std, data.source)
 
 
 def validation_split(config, data):
@@ -167,10 +163,10 @@ def validation_split(config, data):
                if train_from else ""))
     chosen = stratified_subset(labels, config["val_size"],
                                config["seed"] if train_from else 0)
-    if not train_from:
-        return data.x_train, data.y_train, images[chosen], labels[chosen]
     rest = np.setdiff1d(np.arange(len(images)), chosen)
-    return images[rest], labels[rest], images[chosen], labels[chosen]
+    pool = (images[rest], labels[rest]) if train_from else (data.x_train,
+                                                             data.y_train)
+    return *pool, images[chosen], labels[chosen]
 
 
 def check_batches(config, labels):
@@ -208,14 +204,13 @@ def check_devices(config, arrays):
                          "left, whatever their number)")
     # Again with the number of devices resolved (--devices all).
     protocols.check_virtual_batch_size(config)
-    last = len(arrays.y_train) % config["batch_size"]
-    sizes = [("--batch-size", config["batch_size"]),
-             ("the epoch's last batch (--train-size modulo --batch-size)",
-              last),
-             ("--eval-batch-size", config["eval_batch_size"]),
-             ("--val-size", len(arrays.y_val)),
-             ("the test set", len(arrays.y_test))]
-    for what, size in sizes:
+    for what, size in [
+            ("--batch-size", config["batch_size"]),
+            ("the epoch's last batch (--train-size modulo --batch-size)",
+             len(arrays.y_train) % config["batch_size"]),
+            ("--eval-batch-size", config["eval_batch_size"]),
+            ("--val-size", len(arrays.y_val)),
+            ("the test set", len(arrays.y_test))]:
         if size % n:
             raise UsageError(
                 f"{what} {size} does not divide by --devices {n}: each "
