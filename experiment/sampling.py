@@ -109,13 +109,13 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
     last groups, it holds batch_size examples. Groups left when fewer than K
     classes have any each join a different random batch that holds their
     class (which grows beyond batch_size). The batches come in random order.
-    The paper's pairs of one class are K = batch_size / 2.
 
     Raises:
         ValueError: if K is not a positive integer that divides batch_size,
             or there are fewer than K classes in `labels`.
     """
     k, labels = classes_per_batch, np.asarray(labels)
+    classes = np.unique(labels)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"classes_per_batch must be a positive integer, "
                          f"not {k!r}")
@@ -123,13 +123,12 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
         raise ValueError(f"classes_per_batch {k} must divide batch_size "
                          f"{batch_size} (each class gives batch_size / "
                          f"classes_per_batch examples to a batch)")
-    if k > len(np.unique(labels)):
+    if k > len(classes):
         raise ValueError(f"classes_per_batch {k} is more than the "
-                         f"{len(np.unique(labels))} classes in the training "
-                         "data")
+                         f"{len(classes)} classes in the training data")
     per_group = batch_size // k
     counts, groups = [], []
-    for label in np.unique(labels):
+    for label in classes:
         members = rng.permutation(np.flatnonzero(labels == label))
         starts = range(0, len(members), per_group)
         counts.append(len(starts))
