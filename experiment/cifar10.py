@@ -1,21 +1,9 @@
-"""CIFAR-10 for the experiment: finding, reading and checking the files.
-NumPy only (Keras is imported only to download). What a run makes of the
-images is `experiment.preprocessing`; its batches are `experiment.sampling`.
-
-The data is read from a folder in the official python layout
+"""CIFAR-10: finding, reading and checking the official python layout
 (`cifar-10-batches-py`: `data_batch_1` ... `data_batch_5`, `test_batch`,
-each a pickled dict with `data`, an `(N, 3072)` uint8 array of channel-major
-32x32 RGB images, and `labels`, N integers in 0..9), found in this order:
-
-1. the `data_dir` argument (`--data-dir`),
-2. the `CIFAR10_DIR` environment variable,
-3. Keras's downloader (`keras.datasets.cifar10`, which caches it in
-   `~/.keras/datasets`), where a network exists.
-
-A folder that holds `cifar-10-batches-py` may be given for that folder. Every
-file is checked; a missing, truncated or wrong-shaped one raises `DataError`
-with a one-line message naming it.
-"""
+each a pickled dict of `data`, `(N, 3072)` uint8 channel-major 32x32 RGB
+images, and `labels`, N integers in 0..9) in `--data-dir`, else
+`$CIFAR10_DIR`, else through Keras's downloader. A missing, truncated or
+wrong file raises `DataError`, one line naming it."""
 
 import os
 import pickle
@@ -26,27 +14,14 @@ import numpy as np
 
 from experiment.startup import quiet_startup
 
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+NUM_CLASSES = 10
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 FOLDER = "cifar-10-batches-py"
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 HOW_TO_GET_IT = (
     f"download {URL}, extract it (tar xzf cifar-10-python.tar.gz) and pass "
-    f"--data-dir /path/to/{FOLDER} or set CIFAR10_DIR to that folder"
-)
-IMAGE_SHAPE = (32, 32, 3)
+    f"--data-dir /path/to/{FOLDER} or set CIFAR10_DIR to that folder")
 
 
 class DataError(Exception):
@@ -64,9 +39,6 @@ class Cifar10:
     source: str  # the folder it was read from, or how it was obtained
 
 
-# --------------------------------------------------------------------- loading
-
-
 def load(data_dir=None):
     """Loads CIFAR-10 from `data_dir`, `$CIFAR10_DIR` or Keras's downloader.
 
@@ -76,47 +48,36 @@ def load(data_dir=None):
     """
     if data_dir is None and os.environ.get("CIFAR10_DIR"):
         return load_folder(os.environ["CIFAR10_DIR"], origin="CIFAR10_DIR")
-    if data_dir is not None:
-        return load_folder(data_dir, origin="--data-dir")
-    return download()
+    return download() if data_dir is None else load_folder(data_dir)
 
 
 def load_folder(folder, origin="--data-dir"):
-    """Loads and checks the official python layout in `folder`."""
+    """Loads and checks the official python layout in `folder` (or in its
+    `cifar-10-batches-py`)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(
             f"CIFAR-10 folder {str(folder)!r} (from {origin}) does not exist "
-            f"or is not a folder; {HOW_TO_GET_IT}"
-        )
+            f"or is not a folder; {HOW_TO_GET_IT}")
     if not (folder / TEST_FILE).exists() and (folder / FOLDER).is_dir():
         folder = folder / FOLDER
     train = [read_batch(folder / name) for name in TRAIN_FILES]
     x_test, y_test = read_batch(folder / TEST_FILE)
-    return Cifar10(
-        x_train=np.concatenate([x for x, _ in train]),
-        y_train=np.concatenate([y for _, y in train]),
-        x_test=x_test,
-        y_test=y_test,
-        source=str(folder),
-    )
+    return Cifar10(np.concatenate([x for x, _ in train]),
+                   np.concatenate([y for _, y in train]), x_test, y_test,
+                   source=str(folder))
 
 
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles only what a CIFAR-10 batch holds (dicts, lists, strings,
     numbers and NumPy arrays), so that a wrong file cannot run code."""
 
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),
-    }
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED |= {(f"numpy.{core}.{module}", name)
+                for core in ("core", "_core")
+                for module, name in (("multiarray", "_reconstruct"),
+                                     ("multiarray", "scalar"),
+                                     ("numeric", "_frombuffer"))}
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -127,11 +88,37 @@ class _BatchUnpickler(pickle.Unpickler):
 def read_batch(path):
     """Reads one batch file: uint8 images `(N, 32, 32, 3)`, int32 labels."""
     path = Path(path)
+    data, labels = _unpickle(path)
+    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
+            or data.ndim != 2 or data.shape[1] != 32 * 32 * 3
+            or data.shape[0] == 0):
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(
+            f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
+            f"(N, 3072) uint8 array with N > 0")
+    try:
+        labels = np.asarray(labels)
+    except Exception:  # ragged or odd objects
+        labels = np.asarray([], dtype=object)
+    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
+        raise DataError(
+            f"{path}: 'labels' has shape {labels.shape} and type "
+            f"{labels.dtype}; expected {len(data)} integers, one per image")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(
+            f"{path}: labels range over {labels.min()}..{labels.max()}; "
+            f"expected 0..{NUM_CLASSES - 1}")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _unpickle(path):
+    """A batch file's `data` and `labels`, unchecked."""
     if not path.is_file():
         raise DataError(
             f"missing file {path} (a CIFAR-10 folder holds "
-            f"{', '.join(TRAIN_FILES)} and {TEST_FILE}); {HOW_TO_GET_IT}"
-        )
+            f"{', '.join(TRAIN_FILES)} and {TEST_FILE}); {HOW_TO_GET_IT}")
     try:
         with open(path, "rb") as file:
             batch = _BatchUnpickler(file, encoding="bytes").load()
@@ -140,51 +127,17 @@ def read_batch(path):
     except Exception as error:  # any unpickling failure: a broken file
         raise DataError(
             f"{path} is truncated or not a CIFAR-10 python batch "
-            f"({type(error).__name__}: {error})"
-        ) from None
+            f"({type(error).__name__}: {error})") from None
     if not isinstance(batch, dict):
         raise DataError(
             f"{path} is not a CIFAR-10 python batch (a {type(batch).__name__}, "
-            f"not a dict)"
-        )
-    batch = {
-        key.decode("latin1") if isinstance(key, bytes) else key: value
-        for key, value in batch.items()
-    }
+            f"not a dict)")
+    batch = {key.decode("latin1") if isinstance(key, bytes) else key: value
+             for key, value in batch.items()}
     if "data" not in batch or "labels" not in batch:
         raise DataError(
-            f"{path} is not a CIFAR-10 python batch (no 'data' and 'labels')"
-        )
-    data = batch["data"]
-    if (
-        not isinstance(data, np.ndarray)
-        or data.dtype != np.uint8
-        or data.ndim != 2
-        or data.shape[1] != 32 * 32 * 3
-        or data.shape[0] == 0
-    ):
-        shape = getattr(data, "shape", None)
-        dtype = getattr(data, "dtype", type(data).__name__)
-        raise DataError(
-            f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
-            f"(N, 3072) uint8 array with N > 0"
-        )
-    try:
-        labels = np.asarray(batch["labels"])
-    except Exception:  # ragged or odd objects
-        labels = np.asarray([], dtype=object)
-    if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise DataError(
-            f"{path}: 'labels' has shape {labels.shape} and type "
-            f"{labels.dtype}; expected {len(data)} integers, one per image"
-        )
-    if labels.min() < 0 or labels.max() >= len(CLASSES):
-        raise DataError(
-            f"{path}: labels range over {labels.min()}..{labels.max()}; "
-            f"expected 0..{len(CLASSES) - 1}"
-        )
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int32)
+            f"{path} is not a CIFAR-10 python batch (no 'data' and 'labels')")
+    return batch["data"], batch["labels"]
 
 
 def download():
@@ -199,15 +152,12 @@ def download():
         raise DataError(
             "CIFAR-10 not found: no --data-dir was given, CIFAR10_DIR is not "
             f"set, and Keras could not download it ({reason[:200]}); "
-            f"{HOW_TO_GET_IT}"
-        ) from None
+            f"{HOW_TO_GET_IT}") from None
     if x_train.shape[1:] == (3, 32, 32):  # channels_first Keras config
         x_train = x_train.transpose(0, 2, 3, 1)
         x_test = x_test.transpose(0, 2, 3, 1)
-    return Cifar10(
-        x_train=np.ascontiguousarray(x_train),
-        y_train=y_train.reshape(-1).astype(np.int32),
-        x_test=np.ascontiguousarray(x_test),
-        y_test=y_test.reshape(-1).astype(np.int32),
-        source="keras.datasets.cifar10 (~/.keras/datasets)",
-    )
+    return Cifar10(np.ascontiguousarray(x_train),
+                   y_train.reshape(-1).astype(np.int32),
+                   np.ascontiguousarray(x_test),
+                   y_test.reshape(-1).astype(np.int32),
+                   source="keras.datasets.cifar10 (~/.keras/datasets)")

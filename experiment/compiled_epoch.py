@@ -1,32 +1,17 @@
 """The JAX fast path of train.py: an epoch's training steps, and each
 evaluation pass, as a few compiled programs instead of a Python call per
-step.
-
-Keras's JAX trainer runs `steps_per_execution` steps as a Python loop around
-a one-step compiled function: every step is a dispatch from the host, which
-on a fast GPU takes longer than the step (the epoch then times Keras's loop,
-not the network). Here the training set is on the device (`device_data`),
-the host draws the epoch's batch plan (the same plan as `--input host` and
-Keras's loop on the device), and one jitted call runs up to N steps with
-`jax.lax.scan` over Keras's own stateless `model.train_step`: the same
-batches, loss, optimizer, metrics and variables. The model's state goes in
-and comes back (donated) between calls and is written to the model's
-variables once the epoch ends, so an interrupted epoch leaves nothing half
-done behind that train.py would save. Evaluation: the images on the device,
-one call per pass (`lax.scan` over `model.test_step`, then the smaller last
-batch in the same program).
-
-On a CPU the steps are unrolled (the program is the N steps one after the
-other): XLA:CPU runs the weight gradient of a convolution inside a loop
-many times slower than outside one (docs/speed.md). Elsewhere the
-program is one loop around the whole step.
-"""
+step. The training set is on the device (`device_data`); one jitted call
+runs up to N steps of the epoch's batch plan with `jax.lax.scan` over
+Keras's own stateless `model.train_step` (the same batches, loss, optimizer,
+metrics and variables). The state is written to the model's variables once
+the epoch ends, so an interrupted epoch leaves nothing half done. On a CPU
+the N steps are unrolled: XLA:CPU runs a convolution's weight gradient
+inside a loop much slower (docs/speed.md)."""
 
 import sys
 import time
 
 from experiment import device_data
-from experiment import protocols
 from experiment import sampling
 from experiment import train_mode
 from experiment.signals import raise_if_interrupted
@@ -34,16 +19,13 @@ from experiment.signals import raise_if_interrupted
 
 class CompiledEpochs:
     """train.py's loop (see `loops`) with compiled epochs: the model,
-    compiled with its optimizer and metrics built; `config`: the run's
-    (batch size, sampling, augmentation, seed, `steps_per_execution`
-    steps per call, `eval_batch_size`); `arrays`: the run's data; `steps`:
-    the steps of an epoch."""
+    compiled with its optimizer and metrics built; `config`: the run's;
+    `arrays`: its data; `steps`: the steps of an epoch."""
 
     def __init__(self, model, config, arrays, steps):
         import jax
 
-        self.model, self.config = model, config
-        self.steps = steps
+        self.model, self.config, self.steps = model, config, steps
         self.train_set = device_data.DeviceTrainSet(
             arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
             augmented=config["augment"])
@@ -54,40 +36,45 @@ class CompiledEpochs:
         self.train_mode_sums = jax.jit(
             lambda *args: train_mode.batch_sums(model, *args))
 
-    # -------------------------------------------------------------- training
-    def train_epoch(self, epoch):
-        """Trains one epoch; its logs (Keras's metrics over the epoch) and
-        seconds (the plan drawn, the steps run, the device finished)."""
-        import jax
+    def variables(self, training=True):
+        """The variable groups of Keras's stateless train (or test) step."""
+        model = self.model
+        return ([model.trainable_variables, model.non_trainable_variables]
+                + ([model.optimizer.variables] if training else [])
+                + [model.metrics_variables])
 
-        config, model = self.config, self.model
+    def state(self, training=True):
+        return tuple([variable.value for variable in group]
+                     for group in self.variables(training))
+
+    def train_epoch(self, epoch):
+        """Trains one epoch: its logs (Keras's metrics) and seconds (the plan
+        drawn, the steps run, the device finished)."""
+        import jax
+        import keras
+
         start = time.perf_counter()
         plans = self.train_set.epoch_plan(
-            config["batch_size"], sampling.epoch_rng(config["seed"], epoch),
-            classes_per_batch=config["classes_per_batch"],
-            pairs=protocols.pairs_group(config),
-            steps_per_call=config["steps_per_execution"])
-        model.reset_metrics()
-        state = variable_values(model.trainable_variables,
-                                model.non_trainable_variables,
-                                model.optimizer.variables,
-                                model.metrics_variables)
-        data = self.train_set.tensors()
-        bar = self.progress_bar()
-        done = 0
+            rng=sampling.epoch_rng(self.config["seed"], epoch),
+            steps_per_call=self.config["steps_per_execution"],
+            **sampling.options(self.config))
+        self.model.reset_metrics()
+        state, data, done = self.state(), self.train_set.tensors(), 0
+        bar = self.progress and keras.utils.Progbar(
+            self.steps, stateful_metrics=["loss", "accuracy"])
         for plan in plans:
             raise_if_interrupted()
             logs, state = self.train_steps(state, plan, data)
             done += len(plan)
-            if bar is not None:  # waits for the device: a terminal only
+            if bar:  # waits for the device: a terminal only
                 bar.update(done, [(k, float(v)) for k, v in logs.items()])
         logs = {key: float(value) for key, value in logs.items()}
         jax.block_until_ready(state)
         seconds = time.perf_counter() - start
-        assign(state, model.trainable_variables,
-               model.non_trainable_variables, model.optimizer.variables,
-               model.metrics_variables)
-        if bar is not None:
+        for values, group in zip(state, self.variables()):
+            for variable, value in zip(group, values):
+                variable.assign(value)
+        if bar:
             print("\x1b[1A\x1b[2K", end="")  # the bar gives way
         return logs, seconds
 
@@ -105,15 +92,6 @@ class CompiledEpochs:
                                    unroll=self.unrolled or 1)
         return {key: value[-1] for key, value in logs.items()}, state
 
-    def progress_bar(self):
-        if not self.progress:
-            return None
-        import keras
-
-        return keras.utils.Progbar(
-            self.steps, stateful_metrics=["loss", "accuracy"])
-
-    # ------------------------------------------------------------ evaluation
     def resident(self, x, y):
         """Normalized images and their labels, on the device once."""
         from keras import ops
@@ -124,26 +102,19 @@ class CompiledEpochs:
         """Keras's metrics over `data` (from `resident`) in inference mode,
         in batches of `eval_batch_size`: logs and seconds."""
         start = time.perf_counter()
-        model = self.model
-        model.reset_metrics()
-        state = variable_values(model.trainable_variables,
-                                model.non_trainable_variables,
-                                model.metrics_variables)
-        logs = self.evaluation(state, *data)
+        self.model.reset_metrics()
+        logs = self.evaluation(self.state(training=False), *data)
         logs = {key: float(value) for key, value in logs.items()}
         raise_if_interrupted()
         return logs, time.perf_counter() - start
 
     def evaluate_train_mode(self, batches):
         """`train_mode.evaluate`, a compiled call per batch."""
-        logs = train_mode.evaluate(self.model, batches, self.train_mode_sums)
-        raise_if_interrupted()
-        return logs
+        return train_mode.evaluate(self.model, batches, self.train_mode_sums)
 
     def _evaluation(self, state, x, y):
         """`model.test_step` over whole batches, then the smaller last one:
-        the logs after the last (shapes are static: one program per data
-        size)."""
+        the logs after the last (one program per data size)."""
         import jax
 
         size = self.config["eval_batch_size"]
@@ -162,14 +133,3 @@ class CompiledEpochs:
             logs, state = self.model.test_step(
                 state, (x[whole * size:], y[whole * size:]))
         return logs
-
-
-def variable_values(*groups):
-    """The state Keras's stateless steps take: each group's values."""
-    return tuple([variable.value for variable in group] for group in groups)
-
-
-def assign(state, *groups):
-    for values, group in zip(state, groups):
-        for variable, value in zip(group, values):
-            variable.assign(value)

@@ -1,18 +1,15 @@
-"""How a run's epochs execute, behind one interface for train.py: Keras's
-own loop (`model.fit` and `model.evaluate`, on every backend), or, on JAX
-with the training set on the device and several steps per execution, whole
-compiled epochs (`compiled_epoch.CompiledEpochs`, the JAX fast path).
-
-A loop has `train_epoch(epoch)` -> (the epoch's training logs, its
-seconds), `resident(x, y)` -> the data in the form `evaluate` takes,
-`evaluate(data)` -> (logs, seconds), and `evaluate_train_mode(batches)` ->
-logs (`train_mode`: the normalization layers on batch statistics). Logs are dicts of floats (`loss`,
-`accuracy`); seconds are measured after the device finished."""
+"""How a run's epochs execute: Keras's loop (`model.fit`, `model.evaluate`;
+every backend) or, on JAX with the training set on the device and several
+steps per execution, `compiled_epoch.CompiledEpochs`. A loop has
+`train_epoch(epoch)` -> (logs, seconds), `resident(x, y)` -> the data as
+`evaluate` takes it, `evaluate(data)` -> (logs, seconds) and
+`evaluate_train_mode(batches)` -> logs (`train_mode`). Logs are dicts of
+floats (`loss`, `accuracy`); seconds are measured after the device
+finished."""
 
 import sys
 import time
 
-from experiment import protocols
 from experiment import runtime
 from experiment import sampling
 from experiment import train_mode
@@ -50,8 +47,7 @@ def make(name, model, config, arrays, steps, processes):
     if name == COMPILED:
         from experiment import compiled_epoch
 
-        return compiled_epoch.CompiledEpochs(model, config, arrays,
-                                             steps)
+        return compiled_epoch.CompiledEpochs(model, config, arrays, steps)
     return KerasLoop(model, config, arrays, steps, processes)
 
 
@@ -89,16 +85,13 @@ class KerasLoop:
         return logs, time.perf_counter() - start
 
     def evaluate_train_mode(self, batches):
-        logs = train_mode.evaluate(self.model, batches)
-        raise_if_interrupted()
-        return logs
+        return train_mode.evaluate(self.model, batches)
 
 
 def epoch_batches(config, arrays, processes):
-    """A function of the epoch that gives its training batches: made with
-    NumPy on the host (this process's share of each), or from the training
-    set kept on the device (the same batches, from the same per-epoch rng;
-    one device)."""
+    """A function of the epoch that gives its training batches: made on the
+    host (this process's share of each) or on the device (one device)."""
+    options = sampling.options(config)
     if config["input"] == "device":
         from experiment import device_data
 
@@ -106,12 +99,8 @@ def epoch_batches(config, arrays, processes):
             arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
             augmented=config["augment"])
         return lambda epoch: resident.train_batches(
-            config["batch_size"], sampling.epoch_rng(config["seed"], epoch),
-            classes_per_batch=config["classes_per_batch"],
-            pairs=protocols.pairs_group(config))
+            rng=sampling.epoch_rng(config["seed"], epoch), **options)
     return lambda epoch: sampling.train_batches(
-        arrays.x_train, arrays.y_train, config["batch_size"], arrays.mean,
-        arrays.std, sampling.epoch_rng(config["seed"], epoch),
-        augmented=config["augment"],
-        classes_per_batch=config["classes_per_batch"],
-        pairs=protocols.pairs_group(config), share=processes.share)
+        arrays.x_train, arrays.y_train, mean=arrays.mean, std=arrays.std,
+        rng=sampling.epoch_rng(config["seed"], epoch),
+        augmented=config["augment"], share=processes.share, **options)

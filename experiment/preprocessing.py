@@ -1,7 +1,6 @@
-"""What a run makes of CIFAR-10 before training: the subsets it trains and
-validates on, the channel statistics and normalization, the augmentation, and
-`prepare`, which gives the run's arrays (uint8 images, int32 labels) from its
-configuration. NumPy only."""
+"""What a run makes of CIFAR-10 before training: its subsets, the channel
+statistics and normalization, the augmentation, and `prepare`, the run's
+arrays from its configuration. NumPy only."""
 
 from dataclasses import dataclass
 
@@ -12,18 +11,21 @@ from experiment import protocols
 from experiment.cli import UsageError
 from experiment.cifar10 import DataError
 
+PAD = 4  # the augmentation's zero padding, in pixels
 
-# --------------------------------------------------------------------- subsets
 
 def stratified_subset(labels, size, seed=0):
     """Indices (sorted) of `size` examples with the classes as balanced as
     possible: `size // 10` of each class, one more for `size % 10` classes
-    chosen at random; the examples of each class are drawn at random.
+    chosen at random; the examples of each class are drawn at random. All of
+    them where `size` is their number.
 
     Raises:
         DataError: if a class has too few examples.
     """
     labels = np.asarray(labels)
+    if size == len(labels):
+        return np.arange(size)
     classes = np.unique(labels)
     rng = np.random.default_rng(seed)
     per_class = np.full(len(classes), size // len(classes))
@@ -34,12 +36,9 @@ def stratified_subset(labels, size, seed=0):
         if count > len(members):
             raise DataError(
                 f"cannot take {size} examples stratified: class {label} has "
-                f"only {len(members)} (need {count})"
-            )
+                f"only {len(members)} (need {count})")
         chosen.append(rng.permutation(members)[:count])
     return np.sort(np.concatenate(chosen))
-
-# ---------------------------------------------------------------- normalization
 
 
 def channel_stats(images):
@@ -52,42 +51,43 @@ def channel_stats(images):
         counts = np.bincount(pixels[:, channel], minlength=256) / len(pixels)
         mean.append(counts @ values)
         std.append(np.sqrt(max(counts @ values**2 - mean[-1] ** 2, 0.0)))
-    return (
-        np.asarray(mean, np.float32),
-        np.maximum(np.asarray(std, np.float32), 1e-3),
-    )
+    return (np.asarray(mean, np.float32),
+            np.maximum(np.asarray(std, np.float32), 1e-3))
+
+
+def normalization(mean, std):
+    """The float32 `scale` and `offset` of `normalize` (x * scale + offset)."""
+    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
+    offset = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
+    return scale, offset
 
 
 def normalize(images, mean, std):
     """uint8 images -> float32, scaled to [0, 1], then `(x - mean) / std` per
     channel."""
-    scale = (1.0 / (255.0 * np.asarray(std))).astype(np.float32)
-    offset = (-np.asarray(mean) / np.asarray(std)).astype(np.float32)
+    scale, offset = normalization(mean, std)
     return images.astype(np.float32) * scale + offset
 
-# ----------------------------------------------------------------- augmentation
 
-
-def augment(images, rng, pad=4):
+def augment(images, rng, pad=PAD):
     """The standard CIFAR augmentation of uint8 images `(N, H, W, C)`: zero
-    (black) padding by `pad` pixels, a random HxW crop, and a horizontal flip
-    with probability 1/2, drawn independently per image from `rng`. One
-    gather, so cheap next to a training step."""
+    padding by `pad` pixels, a random HxW crop, and a horizontal flip with
+    probability 1/2, drawn independently per image from `rng`."""
     return crop(images, *crop_offsets(len(images), rng, pad), pad=pad)
 
 
-def crop_offsets(n, rng, pad=4):
-    """What `augment` draws from `rng` for `n` images, in this order: the top
-    and left offsets of each crop in the padded image (0..2 * pad) and whether
-    it is flipped. Drawn apart from the pixels so that device_data.py can make
-    the same crops on the accelerator."""
+def crop_offsets(n, rng, pad=PAD):
+    """What `augment` draws from `rng` for `n` images, in this order: each
+    crop's top and left offsets in the padded image (0..2 * pad) and whether
+    it is flipped; apart from the pixels, so that device_data.py can make the
+    same crops on the device."""
     top = rng.integers(0, 2 * pad + 1, n)
     left = rng.integers(0, 2 * pad + 1, n)
     flip = rng.random(n) < 0.5
     return top, left, flip
 
 
-def crop(images, top, left, flip, pad=4):
+def crop(images, top, left, flip, pad=PAD):
     """The crops of `crop_offsets` from uint8 images `(N, H, W, C)` padded
     with `pad` zeros on each side, mirrored where `flip`."""
     n, height, width, _ = images.shape
@@ -98,15 +98,11 @@ def crop(images, top, left, flip, pad=4):
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-# ------------------------------------------------------------- a run's arrays
-
-
 @dataclass
 class RunData:
     """The arrays of a run: its training subset (uint8), its validation
     images (normalized float32), the whole test set (uint8) and the
-    normalization, computed on the images it may train on (the training
-    set less the held-out validation images)."""
+    normalization, computed on the images it may train on."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -119,20 +115,16 @@ class RunData:
     source: str
 
 
-# --val-from train without --val-size: this share of the training set.
-DEFAULT_VAL_SHARE = 10  # 1 in 10: 5,000 of CIFAR-10's 50,000
+DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays. Validation: with
-    `val_from` "train", `val_size` images held out of the training set (a
-    stratified split drawn with the run's seed: the same for every run of a
-    seed, never trained on); with "test", a stratified subset of the test
-    set, the same for every run (the 2017 code's choice). Training: a
-    stratified subset of `train_size` of the other training images, drawn
-    with the seed. Fills in `config`'s sizes where they are None (default:
-    a tenth of the training set held out; all test images; all the
-    training images left).
+    """Loads CIFAR-10 and cuts the run's arrays: `val_size` validation
+    images held out of the training set (`val_from` "train": stratified,
+    drawn with the seed) or of the test set ("test": stratified, the same
+    for every run), and a stratified subset of `train_size` of the other
+    training images, drawn with the seed. Fills in the sizes that are None
+    (a tenth of the training set held out; all test images; all the rest).
 
     Raises:
         DataError: the data cannot be read.
@@ -148,16 +140,10 @@ def prepare(config, data_dir):
             + (f" less the {config['val_size']} held out for validation"
                if config["val_from"] == "train" else ""))
     mean, std = channel_stats(x_pool)
-    chosen = np.arange(len(x_pool))
-    if config["train_size"] < len(x_pool):
-        chosen = stratified_subset(y_pool, config["train_size"],
-                                   seed=config["seed"])
-    x_train, y_train = x_pool[chosen], y_pool[chosen]
-    check_batches(config, y_train)
-    return RunData(
-        x_train=x_train, y_train=y_train, x_val=normalize(x_val, mean, std),
-        y_val=y_val, x_test=data.x_test, y_test=data.y_test, mean=mean,
-        std=std, source=data.source)
+    chosen = stratified_subset(y_pool, config["train_size"], config["seed"])
+    check_batches(config, y_pool[chosen])
+    return RunData(x_pool[chosen], y_pool[chosen], normalize(x_val, mean, std),
+                   y_val, data.x_test, data.y_test, mean, std, data.source)
 
 
 def validation_split(config, data):
@@ -175,14 +161,12 @@ def validation_split(config, data):
             f"{'training' if train_from else 'test'} images in {data.source}"
             + (" that can be held out (some must be left to train on)"
                if train_from else ""))
-    chosen = np.arange(len(images))
-    if config["val_size"] < len(images):
-        chosen = stratified_subset(labels, config["val_size"],
-                                   seed=config["seed"] if train_from else 0)
-    if not train_from:
-        return data.x_train, data.y_train, images[chosen], labels[chosen]
+    chosen = stratified_subset(labels, config["val_size"],
+                               config["seed"] if train_from else 0)
     rest = np.setdiff1d(np.arange(len(images)), chosen)
-    return images[rest], labels[rest], images[chosen], labels[chosen]
+    pool = (images[rest], labels[rest]) if train_from else (data.x_train,
+                                                             data.y_train)
+    return *pool, images[chosen], labels[chosen]
 
 
 def check_batches(config, labels):
@@ -201,9 +185,9 @@ def check_batches(config, labels):
 
 
 def check_devices(config, arrays):
-    """With data parallel training on N devices, every batch that a device
-    share gets must divide by N: the training batches (the epoch's last,
-    smaller one too), the evaluation batches, the validation and test sets.
+    """With data parallel training on N devices, every batch that devices
+    share must divide by N: the training batches (the epoch's last too), the
+    evaluation batches, the validation and test sets.
 
     Raises:
         UsageError: naming the size that does not divide.
@@ -220,14 +204,13 @@ def check_devices(config, arrays):
                          "left, whatever their number)")
     # Again with the number of devices resolved (--devices all).
     protocols.check_virtual_batch_size(config)
-    last = len(arrays.y_train) % config["batch_size"]
-    sizes = [("--batch-size", config["batch_size"]),
-             ("the epoch's last batch (--train-size modulo --batch-size)",
-              last),
-             ("--eval-batch-size", config["eval_batch_size"]),
-             ("--val-size", len(arrays.y_val)),
-             ("the test set", len(arrays.y_test))]
-    for what, size in sizes:
+    for what, size in [
+            ("--batch-size", config["batch_size"]),
+            ("the epoch's last batch (--train-size modulo --batch-size)",
+             len(arrays.y_train) % config["batch_size"]),
+            ("--eval-batch-size", config["eval_batch_size"]),
+            ("--val-size", len(arrays.y_val)),
+            ("the test set", len(arrays.y_test))]:
         if size % n:
             raise UsageError(
                 f"{what} {size} does not divide by --devices {n}: each "

@@ -1,20 +1,14 @@
-"""The train/inference gap: the held-out images evaluated once more with
-the normalization layers in training mode, i.e. normalized with their
-batch's (or group's) statistics and, for renorm, corrected by r and d, as in
-a training step, but without changing any state (Keras's stateless call;
-dropout off, so that the gap is the normalization's alone).
-
-For batch normalization the two evaluations differ where a batch's
-statistics differ from the moving averages (small or non-i.i.d. groups);
-batch renormalization's r and d make them agree wherever their bounds do
-not bind (Ioffe 2017)."""
+"""The train/inference gap: the held-out images evaluated once more with the
+normalization layers in training mode (batch statistics and, for renorm,
+r and d), as in a training step but changing no state (Keras's stateless
+call; dropout off, so that the gap is the normalization's alone)."""
 
 from contextlib import contextmanager
 
 import numpy as np
 
-from experiment import protocols
 from experiment import sampling
+from experiment.signals import raise_if_interrupted
 
 # The seed sequence's second word for the validation batches' plan: one
 # plan a run, distinct from every epoch's (sampling.epoch_rng).
@@ -23,13 +17,10 @@ PLAN_STREAM = 2**32 - 1
 
 def batches(config, arrays):
     """The validation images `(x, y)` in batches drawn like the training
-    batches (--batch-size, the run's sampling; virtual batches are the
-    layers' own groups), the same plan every epoch."""
+    batches (the run's sampling; virtual batches are the layers' own groups),
+    the same plan every epoch."""
     rng = np.random.default_rng([config["seed"], PLAN_STREAM])
-    plan = sampling.batch_plan(
-        arrays.y_val, config["batch_size"], rng,
-        classes_per_batch=config["classes_per_batch"],
-        pairs=protocols.pairs_group(config))
+    plan = sampling.batch_plan(arrays.y_val, rng=rng, **sampling.options(config))
     return [(arrays.x_val[index], arrays.y_val[index]) for index, _ in plan]
 
 
@@ -62,14 +53,13 @@ def evaluate(model, batches, sums=None):
     sums = sums or (lambda *args: batch_sums(model, *args))
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    total = correct = count = 0.0
-    penalty = 0.0
+    total = correct = count = penalty = 0.0
     for x, y in batches:
-        batch = sums(trainable, non_trainable, x, y)
-        total += float(ops.convert_to_numpy(batch[0]))
-        correct += float(ops.convert_to_numpy(batch[1]))
-        penalty = float(ops.convert_to_numpy(batch[2]))
+        batch = [float(ops.convert_to_numpy(value))
+                 for value in sums(trainable, non_trainable, x, y)]
+        total, correct, penalty = total + batch[0], correct + batch[1], batch[2]
         count += len(y)
+    raise_if_interrupted()
     if not count:
         return {"loss": float("nan"), "accuracy": float("nan")}
     return {"loss": total / count + penalty, "accuracy": correct / count}

@@ -53,14 +53,13 @@ def test_one_program_with_a_loop_around_the_whole_step(epochs):
     XLA_FLAGS=--xla_dump_to would write it)."""
     import jax
 
-    model = epochs.model
-    state = compiled_epoch.variable_values(
-        model.trainable_variables, model.non_trainable_variables,
-        model.optimizer.variables, model.metrics_variables)
+    state = epochs.state()
     plan = np.zeros((3, 4, 20), np.int32)
-    epochs.unrolled = False  # as on a GPU (a CPU unrolls the steps)
+    epochs.unrolled = False  # as on a GPU (a CPU unrolls the steps, as the
+    # runs below do)
     loop = jax.jit(epochs._train_steps).lower(
         state, plan, epochs.train_set.tensors()).compile().as_text()
+    epochs.unrolled = True
     assert loop.count("HloModule ") == 1
     body = re.search(r"\bwhile\(.*?body=%?([\w.\-]+)", loop).group(1)
     body_text = computation(loop, body)
@@ -68,10 +67,6 @@ def test_one_program_with_a_loop_around_the_whole_step(epochs):
         assert op in body_text or any(
             op in computation(loop, called)
             for called in re.findall(r"calls=%?([\w.\-]+)", body_text)), op
-    epochs.unrolled = True
-    unrolled = jax.jit(epochs._train_steps).lower(
-        state, plan, epochs.train_set.tensors()).compile().as_text()
-    assert unrolled.count("HloModule ") == 1
 
 
 def computation(hlo, name):
@@ -115,23 +110,35 @@ def test_which_loop_runs():
     assert "--jit-compile off" in choose(jit=False)[1]
 
 
-@pytest.mark.parametrize("sampling", [
-    ("--sampling", "pairs", "--virtual-batch-size", "4"),
-    ("--classes-per-batch", "5", "--norm-momentum", "0.5"),
-])
-def test_samplings_and_virtual_batches_compiled(data_dir, tmp_path,
-                                                sampling):
+SAMPLINGS = {"pairs": ("--sampling", "pairs", "--virtual-batch-size", "4"),
+             "classes": ("--classes-per-batch", "5", "--norm-momentum", "0.5")}
+LOOPS = {"keras": ("--input", "host"),
+         "compiled": ("--input", "device", "--steps-per-execution", "2")}
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory):
+    """Runs a sampling on a loop once for the module; the runs' folder."""
+    out = tmp_path_factory.mktemp("runs")
+
+    def run_once(sampling, loop):
+        if not (out / "history" / f"{sampling}-{loop}.csv").exists():
+            assert run_main(run_args(data_dir, out, f"{sampling}-{loop}",
+                                     *SAMPLINGS[sampling], *LOOPS[loop])) == 0
+        return out
+    return run_once
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_samplings_and_virtual_batches_compiled(run, sampling):
     """The compiled path trains what Keras's loop trains, also with pairs,
     virtual batches and K classes per batch (float rounding apart)."""
-    for name, flags in (("keras", ("--input", "host")),
-                        ("compiled", ("--input", "device",
-                                      "--steps-per-execution", "2"))):
-        assert run_main(run_args(data_dir, tmp_path, name, *sampling,
-                                 *flags)) == 0
-    compiled = read_history(tmp_path, "compiled")
+    out = run(sampling, "keras")
+    compiled = read_history(run(sampling, "compiled"), f"{sampling}-compiled")
     assert numbers(compiled) == pytest.approx(
-        numbers(read_history(tmp_path, "keras")), rel=1e-3)
-    record = json.loads((tmp_path / "history" / "compiled.json").read_text())
+        numbers(read_history(out, f"{sampling}-keras")), rel=1e-3)
+    record = json.loads(
+        (out / "history" / f"{sampling}-compiled.json").read_text())
     session = record["sessions"][0]
     assert session["training_loop"] == (
         "2 steps per compiled call (jax.lax.scan)")
@@ -142,28 +149,29 @@ def test_samplings_and_virtual_batches_compiled(data_dir, tmp_path,
         BatchRenormalization().statistics_formulation)
 
 
-def test_interrupt_in_a_compiled_epoch_and_resume(data_dir, tmp_path,
+def test_interrupt_in_a_compiled_epoch_and_resume(data_dir, tmp_path, run,
                                                   monkeypatch, capsys):
     """SIGINT after the first call of epoch 2: epoch 1 is saved, epoch 2
-    is not, and --resume gives the uninterrupted run's history."""
-    args = run_args(data_dir, tmp_path, "run", "--input", "device",
-                    "--steps-per-execution", "3")  # 2 calls an epoch
+    is not, and --resume gives the uninterrupted run's history (pairs in
+    virtual batches, several calls an epoch)."""
+    args = run_args(data_dir, tmp_path, "run", *SAMPLINGS["pairs"],
+                    *LOOPS["compiled"])
     original = compiled_epoch.CompiledEpochs.__init__
-    calls = []
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        steps = self.train_steps
+        steps, train_epoch, epochs = self.train_steps, self.train_epoch, []
 
-        def counted(*args):
-            calls.append(1)
+        def interrupting(*args):
             result = steps(*args)
-            if len(calls) == 3:
+            if len(epochs) == 2:  # the second epoch
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1)  # the handler runs here
             return result
 
-        self.train_steps = counted
+        self.train_steps = interrupting
+        self.train_epoch = lambda epoch: (epochs.append(epoch),
+                                          train_epoch(epoch))[1]
 
     monkeypatch.setattr(compiled_epoch.CompiledEpochs, "__init__", init)
     assert run_main(args) == 130
@@ -175,7 +183,5 @@ def test_interrupt_in_a_compiled_epoch_and_resume(data_dir, tmp_path,
 
     assert run_main(args + ["--resume"]) == 0
     assert "resuming run run after epoch 1 of 2" in capsys.readouterr().out
-    assert run_main(run_args(data_dir, tmp_path, "whole", "--input",
-                             "device", "--steps-per-execution", "3")) == 0
-    assert without_timings(read_history(tmp_path, "run")) == (
-        without_timings(read_history(tmp_path, "whole")))
+    assert without_timings(read_history(tmp_path, "run")) == without_timings(
+        read_history(run("pairs", "compiled"), "pairs-compiled"))

@@ -29,9 +29,9 @@ STEPS_PER_EXECUTION = 1 if BACKEND == "torch" else 3
 
 
 # ------------------------------------------------------------------ batches
-@pytest.mark.parametrize("classes_per_batch, pairs", [(None, None), (5, None),
-                                                      (None, 6)])
-@pytest.mark.parametrize("augmented", [False, True])
+# Each sampling once, with and without augmentation (independent paths).
+@pytest.mark.parametrize("augmented, classes_per_batch, pairs", [
+    (True, None, None), (False, 5, None), (True, None, 6)])
 def test_device_batches_are_the_host_batches(data_dir, augmented,
                                              classes_per_batch, pairs):
     data = cifar10.load(data_dir)

@@ -25,8 +25,8 @@ def check_epoch(labels, batch_size, classes, batches):
     used = np.concatenate(batches)
     assert len(used) == len(labels)
     assert np.array_equal(np.sort(used), np.arange(len(labels)))
-    assert len(batches) == sampling.num_class_batches(labels, batch_size,
-                                                     classes)
+    assert len(batches) == sampling.steps_per_epoch(labels, batch_size,
+                                                    classes)
 
 
 BALANCED = [
@@ -135,7 +135,7 @@ def test_number_of_batches_does_not_depend_on_the_rng():
         lengths = {len(sampling.class_batches(labels, 4, 2,
                                              np.random.default_rng(seed)))
                    for seed in range(5)}
-        assert lengths == {sampling.num_class_batches(labels, 4, 2)}
+        assert lengths == {sampling.steps_per_epoch(labels, 4, 2)}
 
 
 @pytest.mark.parametrize("batch_size, classes, words", [
@@ -148,8 +148,8 @@ def test_bad_classes_per_batch(batch_size, classes, words):
     labels = labels_with(10 * [20])
     for call in (lambda: sampling.class_batches(
                      labels, batch_size, classes, np.random.default_rng(0)),
-                 lambda: sampling.num_class_batches(labels, batch_size,
-                                                   classes)):
+                 lambda: sampling.steps_per_epoch(labels, batch_size,
+                                                  classes)):
         with pytest.raises(ValueError) as error:
             call()
         for word in words:
@@ -228,8 +228,8 @@ def check_pairs(labels, batch_size, group, batches):
     assert all(len(b) == batch_size for b in batches[:-1])
     used = np.concatenate(batches)
     assert len(np.unique(used)) == len(used)  # each example at most once
-    assert len(batches) == sampling.num_pair_batches(labels, batch_size,
-                                                     group)
+    assert len(batches) == sampling.steps_per_epoch(labels, batch_size,
+                                                    pairs=group)
     return used
 
 
