@@ -90,14 +90,14 @@ def stop(process):
 
 
 # ------------------------------------------------------------ two writers
-@pytest.mark.parametrize("second", ["--resume", "--overwrite"])
-def test_a_second_writer_of_a_run_is_refused(data_dir, tmp_path, second):
+def test_a_second_writer_of_a_run_is_refused(data_dir, tmp_path):
     first, args = start_long_run(data_dir, tmp_path)
     try:
         lock = json.loads((tmp_path / "history" / "run.lock").read_text())
         assert lock["pid"] == first.pid
-        line = one_error_line(run_script(*args, second))
-        assert f"process {first.pid}" in line and "run.lock" in line
+        for second in ("--resume", "--overwrite"):
+            line = one_error_line(run_script(*args, second))
+            assert f"process {first.pid}" in line and "run.lock" in line
     finally:
         err = stop(first)
     assert first.returncode == 130, err
@@ -323,8 +323,8 @@ def test_an_interruption_that_some_code_swallowed_still_stops_the_run(
     raises it again."""
     original = runtime.epoch_clock
 
-    def swallowing_clock():
-        clock = original()
+    def swallowing_clock(*args):
+        clock = original(*args)
         begin = clock.on_epoch_begin
         epochs = []
 
