@@ -32,13 +32,13 @@ import threading
 from pathlib import Path
 
 from experiment import cli
+from experiment.cifar10 import NUM_CLASSES
 from experiment import runfiles
 from experiment.protocols import NORMS
 
 PROG = "sweep.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported
 PLOT = TRAIN.with_name("plot.py")
-NUM_CLASSES = 10  # CIFAR-10
 PAPER_SCHEDULE = "0.04,0.19,0.31"  # 5k, 25k, 40k of the paper's 130k steps
 # Why each preset is sized as it is: docs/sweep.md.
 PRESETS = {
@@ -115,10 +115,7 @@ def preset_text(study, name):
 
 
 def build_parser():
-    parser = cli.Parser(
-        prog=PROG, description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.script_parser(PROG, __doc__)
     grid = parser.add_argument_group("what to sweep")
     grid.add_argument(
         "--preset", choices=tuple(PRESETS), default="cpu",

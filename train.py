@@ -201,9 +201,8 @@ def run_training(config, options, explicit, argv, paths):
 
     # 2. Data: uint8 images in memory, normalized batch by batch.
     run.arrays = preprocessing.prepare(config, options.data_dir)
-    run.steps = sampling.steps_per_epoch(
-        run.arrays.y_train, config["batch_size"], config["classes_per_batch"],
-        pairs=protocols.pairs_group(config))
+    run.steps = sampling.steps_per_epoch(run.arrays.y_train,
+                                         **sampling.options(config))
     if not resuming:  # a resumed run keeps the steps it started with
         protocols.resolve_schedule(config, run.steps)
 
@@ -333,12 +332,12 @@ def restore(run, saved_config, session):
     model, paths, writer = run.model, run.paths, run.processes.writer
     meta = runfiles.load_state(model, paths.state)
     start, best = meta["epoch"], meta["best"]
-    corrections = meta.get("corrections", [])
+    corrections = meta["corrections"]
     if best["epoch"] == start:
         runfiles.save_weights(model, paths.best, write=writer)
     runfiles.save_weights(model, paths.last, write=writer)
-    if not writer:  # (a state before the rows: its last row)
-        return start, best, meta.get("rows") or [meta["row"]], corrections
+    if not writer:
+        return start, best, meta["rows"], corrections
     rows, repaired = runfiles.resumed_rows(paths.csv, run.header, meta)
     if repaired:
         note(repaired)
