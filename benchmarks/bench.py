@@ -535,11 +535,10 @@ def bench_input(args, variants, jit, rng, environment):
 
 def bench_loop(args, variants, jit, rng, environment):
     """train.py's two JAX loops, Keras's (`per-step`) and the compiled
-    epoch (`compiled`), with Adam and the accuracy metric as train.py; a
-    repeat: an epoch of --steps augmented batches kept on the device.
-    `norm_ratio`: to batchnorm in the same loop and round."""
+    epoch (`compiled`), with Adam and accuracy as train.py; a repeat: an
+    epoch of --steps augmented batches kept on the device. `norm_ratio`: to
+    batchnorm in the same loop and round."""
     import keras
-
     from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
