@@ -402,72 +402,45 @@ class BatchRenormalization(keras.layers.Layer):
                 f"input_shape={tuple(input_shape)}, axis={self.axis}"
             )
         shape = (channels,)
+
+        def variable(name, initializer, trainable=False, shape=shape,
+                     **kwargs):
+            return self.add_weight(shape=shape, name=name,
+                                   initializer=initializer,
+                                   trainable=trainable, autocast=False,
+                                   **kwargs)
+
         if self.scale:
-            self.gamma = self.add_weight(
-                shape=shape,
-                name="gamma",
-                initializer=self.gamma_initializer,
+            self.gamma = variable(
+                "gamma", self.gamma_initializer, True,
                 regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                trainable=True,
-                autocast=False,
-            )
+                constraint=self.gamma_constraint)
         if self.center:
-            self.beta = self.add_weight(
-                shape=shape,
-                name="beta",
-                initializer=self.beta_initializer,
+            self.beta = variable(
+                "beta", self.beta_initializer, True,
                 regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                trainable=True,
-                autocast=False,
-            )
-        self.moving_mean = self.add_weight(
-            shape=shape,
-            name="moving_mean",
-            initializer=self.moving_mean_initializer,
-            trainable=False,
-            autocast=False,
-            # Under tf.distribute each replica assigns its own update; the
-            # variable takes their mean (with "none", as BatchNormalization
-            # has, the replicas' copies silently drift apart).
-            aggregation="mean",
-        )
-        self.moving_stddev = self.add_weight(
-            shape=shape,
-            name="moving_stddev",
-            initializer=self.moving_stddev_initializer,
-            trainable=False,
-            autocast=False,
-            aggregation="mean",
-        )
-        # "int" is int64 where the backend allows it and int32 on JAX, as for
-        # the optimizers' iteration counter.
-        self.step = self.add_weight(
-            shape=(),
-            name="step",
-            initializer="zeros",
-            dtype="int",
-            trainable=False,
-            autocast=False,
-            # As the optimizers' iteration counter.
-            aggregation="only_first_replica",
-        )
+                constraint=self.beta_constraint)
+        # Under tf.distribute each replica assigns its own update; the
+        # variables take their mean (with "none", as BatchNormalization has,
+        # the replicas' copies silently drift apart).
+        self.moving_mean = variable(
+            "moving_mean", self.moving_mean_initializer, aggregation="mean")
+        self.moving_stddev = variable(
+            "moving_stddev", self.moving_stddev_initializer,
+            aggregation="mean")
+        # "int" is int64 where the backend allows it and int32 on JAX; the
+        # first replica's, as the optimizers' iteration counter.
+        self.step = variable("step", "zeros", shape=(), dtype="int",
+                             aggregation="only_first_replica")
         if self.track_corrections:
             # One variable, one assignment per call: the sums over training
             # calls of each call's four means (`corrections`), then the
-            # number of calls. Not saved (`save_own_variables`).
-            self.correction_sums = self.add_weight(
-                shape=(len(_CORRECTION_KEYS) + 1,),
-                name="correction_sums",
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                autocast=False,
-                # Under tf.distribute: the mean of the replicas' sums, as if
-                # each replica were a group.
-                aggregation="mean",
-            )
+            # number of calls. Not saved (`save_own_variables`). Under
+            # tf.distribute: the mean of the replicas' sums, as if each
+            # replica were a group.
+            self.correction_sums = variable(
+                "correction_sums", "zeros", dtype="float32",
+                shape=(len(_CORRECTION_KEYS) + 1,), aggregation="mean")
         self.input_spec = keras.layers.InputSpec(
             ndim=ndim, axes={self.axis: channels}
         )
