@@ -50,6 +50,8 @@ CPU_FLAGS ?= --depth 16 --width 2 --train-size 3200 --val-size 1000 \
   --epochs 10 --norm-momentum 0.9 --renorm-schedule 0.2,0.5,0.8
 NORMS ?= batchnorm renorm
 export KERAS_BACKEND ?= tensorflow
+# Each pass ends with its ten slowest tests: where the suite's time goes.
+PYTEST_ARGS ?= --durations=10
 
 .PHONY: setup test run reference-cpu reference-gpu sweep-cpu sweep-gpu \
   study-cpu study-gpu bench
