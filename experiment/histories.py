@@ -337,10 +337,26 @@ def group_runs(runs):
         norm_rank(g.norm), [sort_key(v) for _, v in g.key]))
 
 
+@dataclass
+class Point:
+    """The runs of one norm, sampling and x (seeds are repeats); `rest`:
+    ((field, value), ...) of the other splitting fields."""
+
+    norm: str
+    sampling: object
+    rest: tuple
+    x: object
+    runs: list
+
+    @property
+    def line(self):
+        return (self.norm, self.sampling, self.rest)
+
+
 def points(runs, make, coordinates, order):
-    """The runs by norm, sampling, the other splitting fields (the rest:
-    those not in `make.FIELDS`) and x, `(sampling, x) = coordinates(run)`:
-    a `make(norm, sampling, rest, x, runs)` each, sorted by `order`."""
+    """The runs by norm, sampling, the other splitting fields (those not in
+    `make.FIELDS`) and x, `(sampling, x) = coordinates(run)`: a `make`
+    (a Point) each, sorted by `order`."""
     rest_fields = [f for f in splitting_fields(runs) if f not in make.FIELDS]
     found = {}
     for run in sorted(runs, key=lambda r: r.name):
@@ -351,3 +367,14 @@ def points(runs, make, coordinates, order):
         found[key].runs.append(run)
     return sorted(found.values(), key=order)
 
+
+def lines(points):
+    """{(norm, sampling, rest): {x: point}}, in the points' order."""
+    found = {}
+    for point in points:
+        found.setdefault(point.line, {})[point.x] = point
+    return found
+
+
+def x_values(points):
+    return sorted({p.x for p in points}, key=sort_key)

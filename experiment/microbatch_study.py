@@ -9,11 +9,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiment import histories
-from experiment.histories import field_text, norm_rank, sort_key, test_result
+from experiment.histories import (
+    lines, norm_rank, sort_key, test_result, x_values)
 from experiment.report import (
-    CONFIDENCE, figure_title, interval_text, legend_below, log2_axis,
-    markdown_table, mean_std_text, norm_colors, paired_differences,
-    t_interval)
+    CONFIDENCE, figure_title, interval_text, legend_below, line_label,
+    line_table, log2_axis, markdown_table, mean_std_text, norm_colors,
+    paired_differences, rest_markers, t_interval)
 
 LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
 
@@ -43,17 +44,15 @@ def group_size(run):
 
 
 @dataclass
-class MicroPoint:
-    """The runs of one norm, sampling and normalization group (seeds are
-    repeats, and pair the cells)."""
+class MicroPoint(histories.Point):
+    """x: the normalization group V (`group_size`); sampling: iid, pairs or
+    kK (classes_per_batch K); seeds pair the cells."""
 
-    # Its own fields (the sampling holds classes_per_batch, as kK).
     FIELDS: ClassVar = ("virtual_batch_size", "sampling", "classes_per_batch")
-    norm: str
-    sampling: str  # iid, pairs or kK
-    rest: tuple  # ((field, value), ...) of the other splitting fields
-    group: object  # group_size: V, or the batch size
-    runs: list
+
+    @property
+    def group(self):
+        return self.x
 
     def by_seed(self):
         """Test accuracy of the last weights (%) by seed, of the runs that
@@ -64,10 +63,6 @@ class MicroPoint:
             if value is not None:
                 found.setdefault(run.value("seed"), []).append(value * 100)
         return {seed: float(np.mean(v)) for seed, v in found.items()}
-
-    @property
-    def line(self):
-        return (self.norm, self.sampling, self.rest)
 
 
 def micro_points(runs):
@@ -83,19 +78,11 @@ def micro_points(runs):
                    [sort_key(v) for _, v in p.rest], sort_key(p.group)))
 
 
-def micro_lines(points):
-    """{(norm, sampling, rest): {group: point}}, in the points' order."""
-    lines = {}
-    for point in points:
-        lines.setdefault(point.line, {})[point.group] = point
-    return lines
-
-
 def group_losses(points):
     """Per line with several groups: (line, smallest, largest, {seed:
     accuracy at the largest - at the smallest}), what the norm loses."""
     found = []
-    for line, cells in micro_lines(points).items():
+    for line, cells in lines(points).items():
         if len(cells) < 2:
             continue
         small, large = min(cells, key=sort_key), max(cells, key=sort_key)
@@ -108,11 +95,11 @@ def renorm_gains(points):
     """(sampling, rest, group, {seed: MORE - LESS}) of each cell with
     both."""
     found = []
-    lines = micro_lines(points)
-    for (norm, sampling, rest), cells in lines.items():
+    by_line = lines(points)
+    for (norm, sampling, rest), cells in by_line.items():
         if norm != MORE:
             continue
-        baseline = lines.get((LESS, sampling, rest), {})
+        baseline = by_line.get((LESS, sampling, rest), {})
         for group, point in cells.items():
             if group in baseline:
                 found.append((sampling, rest, group, paired_differences(
@@ -127,19 +114,15 @@ def micro_sampling_text(sampling):
 def microbatch_tables(points):
     """Markdown: test accuracy per line and V (mean ± std (n) over seeds),
     then `gains_table` and `losses_table`."""
-    groups = sorted({p.group for p in points}, key=sort_key)
     rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields, *[f"V={g}" for g in groups])
-    rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
-             *[mean_std_text(cells[g].by_seed().values())
-               if g in cells else "–" for g in groups])
-            for (norm, sampling, rest), cells in micro_lines(points).items()]
     return (
         "**Test accuracy by normalization group V and sampling** (%, the "
         "last weights; mean ± std (number of seeds); V: the virtual batch, "
         "or the whole batch where none was set; pairs: every batch made of "
         "pairs of images of a class, V/2 distinct classes per group, "
-        "`--sampling pairs`):\n\n" + markdown_table(header, rows) + "\n"
+        "`--sampling pairs`):\n\n" + line_table(
+            points, micro_sampling_text, "V={}".format,
+            lambda p: mean_std_text(p.by_seed().values())) + "\n"
         + gains_table(points, rest_fields) + losses_table(points, rest_fields))
 
 
@@ -188,20 +171,16 @@ def micro_linestyle(sampling):
 
 
 def micro_label(line):
-    norm, sampling, rest = line
-    return ", ".join([norm, micro_sampling_text(sampling)]
-                     + [field_text(f, v) for f, v in rest])
+    return line_label(line, micro_sampling_text)
 
 
 def micro_accuracy(ax, points, colors):
     """Test accuracy against V, a line per norm and sampling: the mean over
     seeds and its t-interval (a line of one group, a marker)."""
-    rests = list(dict.fromkeys(p.rest for p in points))
-    markers = dict(zip(rests, "osD^v<>px*"))
-    lines = micro_lines(points)
-    for number, (line, cells) in enumerate(lines.items()):
-        groups = [g for g in sorted(cells, key=sort_key)
-                  if cells[g].by_seed()]
+    markers = rest_markers(points)
+    found = lines(points)
+    for number, (line, cells) in enumerate(found.items()):
+        groups = [g for g in cells if cells[g].by_seed()]
         if not groups:
             continue
         stats = [t_interval(cells[g].by_seed().values()) for g in groups]
@@ -209,14 +188,13 @@ def micro_accuracy(ax, points, colors):
         norm, sampling, rest = line
         # Each line a little to the side (on the log axis), so that the
         # intervals at one V do not hide each other.
-        dodge = 2 ** (0.03 * (number - (len(lines) - 1) / 2))
+        dodge = 2 ** (0.03 * (number - (len(found) - 1) / 2))
         ax.errorbar([g * dodge for g in groups], [mean for mean, _ in stats],
                     yerr=errors if any(errors) else None,
                     color=colors[norm], linestyle=micro_linestyle(sampling),
                     marker=markers[rest], markersize=5, capsize=3,
                     label=micro_label(line))
-    log2_axis(ax, sorted({p.group for p in points}, key=sort_key),
-              "normalization group V (examples; log scale)")
+    log2_axis(ax, x_values(points), "normalization group V (examples; log scale)")
     ax.set(ylabel="test accuracy, last weights (%)",
            title="test accuracy against V")
 

@@ -14,7 +14,8 @@ import seaborn as sns
 from matplotlib.ticker import NullLocator
 
 from experiment import runfiles
-from experiment.histories import IGNORED, field_text, sampling_text, sort_key
+from experiment.histories import (
+    IGNORED, field_text, lines, sampling_text, sort_key, x_values)
 from experiment.protocols import (
     NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
 
@@ -58,6 +59,17 @@ def legend_below(fig, axes, columns=3):
                frameon=False)
 
 
+def line_label(line, sampling_text):
+    norm, sampling, rest = line
+    return ", ".join([norm, sampling_text(sampling)]
+                     + [field_text(f, v) for f, v in rest])
+
+
+def rest_markers(points):
+    """A marker per value of the points' other splitting fields."""
+    return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))
+
+
 # ---------------------------------------------------------------- tables
 def markdown_table(header, rows):
     widths = [max(len(str(cell)) for cell in column)
@@ -68,6 +80,18 @@ def markdown_table(header, rows):
                                  for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def line_table(points, sampling_text, column, cell):
+    """Markdown: a row per line of the points, a column `column(x)` per x,
+    the cells `cell(point)`."""
+    xs = x_values(points)
+    header = ("norm", "sampling", *[f for f, _ in points[0].rest],
+              *map(column, xs))
+    rows = [(norm, sampling_text(sampling), *[v for _, v in rest],
+             *[cell(cells[x]) if x in cells else "–" for x in xs])
+            for (norm, sampling, rest), cells in lines(points).items()]
+    return markdown_table(header, rows)
 
 
 def format_percent(values):

@@ -10,10 +10,12 @@ import numpy as np
 
 from experiment import histories
 from experiment.histories import (
-    field_text, norm_rank, sampling_text, sort_key, test_result)
+    field_text, lines, norm_rank, sampling_text, sort_key, test_result,
+    x_values)
 from experiment.report import (
     LINESTYLES, MAX_LINES, figure_title, format_percent, legend_below,
-    log2_axis, markdown_table, norm_colors, test_images_text)
+    line_label, line_table, log2_axis, norm_colors, rest_markers,
+    test_images_text)
 
 
 def tables(runs, groups):
@@ -29,23 +31,18 @@ def figures(runs, groups):
     """(file name, figure) of accuracy against batch size, and of
     non-i.i.d. batches, where the runs have them."""
     found = sweep_points(runs)
-    if len({p.batch_size for p in found}) > 1:
+    if len({p.x for p in found}) > 1:
         yield ("accuracy_vs_batch_size.png",
                plot_accuracy_vs_batch_size(found, runs))
-    if any(p.classes is not None for p in found):
+    if any(p.sampling is not None for p in found):
         yield "non_iid.png", plot_non_iid(found, runs)
 
 
 @dataclass
-class Point:
-    """The runs of one norm, sampling and batch size (seeds are repeats)."""
+class Point(histories.Point):
+    """x: the batch size; sampling: classes_per_batch (None: i.i.d.)."""
 
     FIELDS: ClassVar = ("batch_size", "classes_per_batch")
-    norm: str
-    classes: object  # classes_per_batch: None for i.i.d.
-    rest: tuple  # ((field, value), ...) of the other splitting fields
-    batch_size: object
-    runs: list
 
     def values(self, which):
         """Each run's best or final validation accuracy, in percent."""
@@ -62,10 +59,6 @@ class Point:
             return None
         return np.array(results) * 100
 
-    @property
-    def line(self):
-        return (self.norm, self.classes, self.rest)
-
 
 def sweep_points(runs):
     """The runs by norm, sampling, other splitting fields and batch size
@@ -77,25 +70,18 @@ def sweep_points(runs):
     return histories.points(
         runs, Point, lambda run: (run.value("classes_per_batch"),
                                   run.value("batch_size")),
-        lambda p: (norm_rank(p.norm), sort_key(p.classes),
-                   [sort_key(v) for _, v in p.rest], sort_key(p.batch_size)))
-
-
-def line_label(norm, classes, rest):
-    return ", ".join([norm, sampling_text(classes)]
-                     + [field_text(f, v) for f, v in rest])
+        lambda p: (norm_rank(p.norm), sort_key(p.sampling),
+                   [sort_key(v) for _, v in p.rest], sort_key(p.x)))
 
 
 def sampling_styles(points):
     """Line style per sampling (solid for i.i.d.) and marker per rest."""
-    samplings = sorted({p.classes for p in points}, key=sort_key)
+    samplings = sorted({p.sampling for p in points}, key=sort_key)
     non_iid = [c for c in samplings if c is not None]
     linestyles = {None: "-"}
     linestyles.update({c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
                        for i, c in enumerate(non_iid)})
-    rests = list(dict.fromkeys(p.rest for p in points))
-    markers = dict(zip(rests, "osD^v<>px*"))
-    return linestyles, markers
+    return linestyles, rest_markers(points)
 
 
 def accuracy_panels(points):
@@ -119,22 +105,24 @@ def rest_rows(points):
     return [(rest, [p for p in points if p.rest == rest]) for rest in rests]
 
 
+def label(line):
+    return line_label(line, sampling_text)
+
+
 def accuracy_lines(ax, points, accuracy, styles):
     """A line per norm and sampling (and rest) against batch size, with
     min–max bars where there are several runs."""
     colors, linestyles, markers = styles
-    for line in dict.fromkeys(p.line for p in points):
-        members = [p for p in points if p.line == line]
-        values = [accuracy(p) for p in members]
+    for line, cells in lines(points).items():
+        values = [accuracy(p) for p in cells.values()]
         mean = np.array([v.mean() for v in values])
         errors = np.array([[v.mean() - v.min() for v in values],
                            [v.max() - v.mean() for v in values]])
         norm, classes, rest = line
-        ax.errorbar([p.batch_size for p in members], mean,
-                    yerr=errors if errors.any() else None,
+        ax.errorbar(list(cells), mean, yerr=errors if errors.any() else None,
                     color=colors[norm], linestyle=linestyles[classes],
                     marker=markers[rest], markersize=5, capsize=3,
-                    label=line_label(*line))
+                    label=label(line))
 
 
 def plot_accuracy_vs_batch_size(points, runs):
@@ -147,11 +135,10 @@ def plot_accuracy_vs_batch_size(points, runs):
         layout="constrained")
     styles = (norm_colors(list(dict.fromkeys(p.norm for p in points))),
               *sampling_styles(points))
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
     for number, (rest, members) in enumerate(rows):
         for ax, (title, accuracy) in zip(axes[number], panels):
             accuracy_lines(ax, members, accuracy, styles)
-            log2_axis(ax, sizes, "batch size (log scale)")
+            log2_axis(ax, x_values(points), "batch size (log scale)")
             ax.set_title(", ".join([title] + [field_text(f, v)
                                               for f, v in rest]))
         axes[number, 0].set_ylabel("accuracy (%)")
@@ -166,17 +153,15 @@ def plot_accuracy_vs_batch_size(points, runs):
 
 def non_iid_bars(ax, points, colors, sizes):
     """Bars of best val accuracy per batch size, norm and sampling."""
-    bars = list(dict.fromkeys(p.line for p in points))
+    bars = lines(points)
     width = 0.8 / len(bars)
-    for number, line in enumerate(bars):
-        norm, classes, _rest = line
-        members = {p.batch_size: p for p in points if p.line == line}
+    for number, (line, members) in enumerate(bars.items()):
+        iid = line[1] is None
         x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
         heights = [p.values("best").mean() for p in members.values()]
-        ax.bar(x, heights, width, color=colors[norm],
-               alpha=0.45 if classes is None else 0.9,
-               hatch=None if classes is None else "//",
-               edgecolor="white", label=line_label(*line))
+        ax.bar(x, heights, width, color=colors[line[0]],
+               alpha=0.45 if iid else 0.9, hatch=None if iid else "//",
+               edgecolor="white", label=label(line))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set(xlabel="batch size", ylabel="best validation accuracy (%)")
 
@@ -186,21 +171,17 @@ def non_iid_drops(ax, points, colors, styles, sizes):
     i.i.d., against batch size."""
     linestyles, markers = styles
     drawn = False
-    for line in dict.fromkeys(p.line for p in points):
-        norm, classes, rest = line
-        if classes is None:
+    found = lines(points)
+    for (norm, classes, rest), cells in found.items():
+        iid = found.get((norm, None, rest), {})
+        members = [size for size in cells if size in iid]
+        if classes is None or not members:
             continue
-        iid = {p.batch_size: p for p in points
-               if p.line == (norm, None, rest)}
-        members = [p for p in points
-                   if p.line == line and p.batch_size in iid]
-        if not members:
-            continue
-        drops = [p.values("best").mean() - iid[p.batch_size]
-                 .values("best").mean() for p in members]
-        ax.plot([p.batch_size for p in members], drops,
-                color=colors[norm], linestyle=linestyles[classes],
-                marker=markers[rest], label=line_label(*line))
+        drops = [cells[size].values("best").mean()
+                 - iid[size].values("best").mean() for size in members]
+        ax.plot(members, drops, color=colors[norm],
+                linestyle=linestyles[classes], marker=markers[rest],
+                label=label((norm, classes, rest)))
         drawn = True
     ax.axhline(0, color="grey", linewidth=1)
     if drawn:
@@ -216,13 +197,12 @@ def plot_non_iid(points, runs):
                              squeeze=False, layout="constrained")
     colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
     styles = sampling_styles(points)
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
     for (rest, members), (left, right) in zip(rows, axes):
         where = "".join(", " + field_text(f, v) for f, v in rest)
-        non_iid_bars(left, members, colors, sizes)
+        non_iid_bars(left, members, colors, x_values(points))
         left.set_title("i.i.d. (light) and non-i.i.d. (hatched) batches"
                        + where)
-        non_iid_drops(right, members, colors, styles, sizes)
+        non_iid_drops(right, members, colors, styles, x_values(points))
         right.set_title("best val accuracy: non-i.i.d. minus i.i.d." + where)
     fig.suptitle(figure_title("Non-i.i.d. minibatches", [], runs))
     legend_below(fig, axes[:, 0])
@@ -231,17 +211,7 @@ def plot_non_iid(points, runs):
 
 def batch_table(points, cell):
     """Markdown: a row per line, a column per batch size, `cell(point)`."""
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
-    rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields,
-              *[f"batch {s}" for s in sizes])
-    rows = []
-    for line in dict.fromkeys(p.line for p in points):
-        norm, classes, rest = line
-        cells = {p.batch_size: p for p in points if p.line == line}
-        rows.append((norm, sampling_text(classes), *[v for _, v in rest],
-                     *[cell(cells[s]) if s in cells else "–" for s in sizes]))
-    return markdown_table(header, rows)
+    return line_table(points, sampling_text, "batch {}".format, cell)
 
 
 def sweep_table(points):
