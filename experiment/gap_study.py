@@ -1,17 +1,9 @@
-"""The corrections study: what renorm's r and d did, and how far the
-training-mode outputs were from the inference outputs.
-
-NAME.corrections.png, from a renorm run's NAME.corrections.csv (train.py
---track-corrections): `r_dev` (mean |r - 1|), `d_dev` (mean |d|),
-`r_clipped` and `d_clipped` (the fractions where the bound held r or d) as
-heatmaps, layer by epoch; the bounds after each epoch under them.
-
-timing.md's tables, of the finished runs validated in training mode too,
-per cell (norm, V, sampling, and any renorm setting that differs): the
-test accuracy, the gap val_accuracy - val_accuracy_train_mode (points;
-positive: inference is the better) at the last epoch and its mean over the
-epochs, renorm's last-epoch corrections over the layers; renorm -
-batchnorm paired by seed."""
+"""The corrections study: NAME.corrections.png, renorm's r and d by layer
+and epoch (train.py --track-corrections), with its bounds; and timing.md's
+tables of the finished runs validated in training mode, per cell (norm, V,
+sampling, a renorm variant): test accuracy, the gap val_accuracy -
+val_accuracy_train_mode (points; positive: inference is the better), the
+last epoch's corrections; renorm - batchnorm paired by seed."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -28,7 +20,6 @@ VARIANT_KEYS = ("norm_momentum", "renorm_schedule", "r_max", "d_max")
 
 
 def figures(runs, groups):
-    """(file name, figure) of each run with a usable corrections file."""
     for run in runs:
         if run.corrections is not None:
             yield f"{run.name}.corrections.png", plot_corrections(run)
@@ -47,8 +38,7 @@ MAX_EPOCH_TICKS = 10
 
 
 def epoch_grid(corrections):
-    """The epochs of the columns (every one from the first to the last: an
-    epoch without rows a blank column) and the layers of the rows."""
+    """Every epoch from the first to the last (columns), the layers (rows)."""
     epochs = corrections["epoch"].round().astype(int)
     return (np.arange(epochs.min(), epochs.max() + 1),
             list(dict.fromkeys(corrections["layer"])))
@@ -103,8 +93,7 @@ def bound_panel(ax, corrections, column, title, epochs):
 
 
 def mark_warmup(axes, run, epochs):
-    """A dotted line on every panel where the run's warm-up ends (within
-    the epochs drawn); whether drawn."""
+    """A dotted line where the run's warm-up ends, if drawn; whether."""
     epoch = run.warmup_epoch()
     if epoch is None or not epochs[0] - 1 < epoch <= epochs[-1]:
         return False
@@ -170,8 +159,7 @@ def in_study(run):
 
 
 def cell_of(config, variants):
-    """(norm, V, sampling, variant text) of a run; `variants`: the
-    VARIANT_KEYS whose values differ among the renorm runs."""
+    """(norm, V, sampling, the text of the `variants` keys) of a run."""
     group = config["virtual_batch_size"] or config["batch_size"]
     variant = ", ".join(f"{key} {value_text(config[key])}"
                         for key in variants)
@@ -184,8 +172,7 @@ def value_text(value):
 
 
 def measures(run):
-    """The run's test accuracy and gaps (points), and its last epoch's
-    corrections, means over the layers."""
+    """Test accuracy and gaps (points), the last epoch's mean corrections."""
     gaps = [100 * gap for gap in run.frame[GAP]]
     test = test_result(run)
     result = {"test": float("nan") if test is None else 100 * test,

@@ -1,9 +1,6 @@
-"""The training histories that train.py writes, read for analysis: each run
-(its CSV as numbers, with the train/inference gap where it was validated in
-training mode; its JSON configuration; its NAME.corrections.csv where there
-is one), and the groups of runs that differ only in their seed (and name,
-timings, provenance). The study modules (experiment.*_study,
-experiment.gap_study) draw and tabulate them."""
+"""The histories train.py writes, read for the studies (experiment.*_study):
+each run's CSV, JSON configuration and NAME.corrections.csv; the groups of
+runs that differ only in their seed (and name, timings, provenance)."""
 
 import csv
 import json
@@ -29,8 +26,7 @@ GAP = "train_inference_gap"
 CORRECTIONS_SUFFIX = ".corrections"
 CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
                       "d_clipped", "r_max", "d_max")
-# The environment's keys, which split runs too; a history lacks none of
-# them nor of CONFIG_KEYS.
+# The environment's keys, which split runs too.
 ENVIRONMENT_KEYS = ("device", "backend")
 # Labels name these first, in this order; the other keys follow.
 LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
@@ -41,9 +37,7 @@ LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
 GROUP_FIELDS = tuple(key for key in dict.fromkeys(
     LABEL_ORDER + CONFIG_KEYS + ENVIRONMENT_KEYS)
     if key not in ("norm", "seed", "name"))
-# The settings a norm does not use (train.py records them for every run):
-# they neither split its runs nor name its groups, and its groups compare
-# with others whatever their values.
+# The settings a norm does not use: they neither split nor name its groups.
 IGNORED_BY = {
     "batchnorm": ("r_max", "d_max", "warmup_steps", "r_max_steps",
                   "d_max_steps", "renorm_schedule", "track_corrections"),
@@ -71,8 +65,7 @@ class Run:
         return GAP in self.frame
 
     def warmup_epoch(self):
-        """Where a renorm run's bounds start to relax, in epochs; None for
-        other norms, without a warm-up, or without steps_per_epoch."""
+        """Where a renorm run's bounds start to relax, in epochs, or None."""
         steps = self.config["warmup_steps"]
         per_epoch = self.config.get("steps_per_epoch")
         if (self.config["norm"] == "renorm" and isinstance(per_epoch, int)
@@ -105,8 +98,7 @@ class Group:
                                         if v != IGNORED])
 
     def key_for(self, norm):
-        """The key less the settings that `norm` does not use: groups of
-        different norms with equal such keys compare (ratios, tables)."""
+        """The key less the settings that `norm` does not use."""
         return tuple((f, v) for f, v in self.key
                      if f not in IGNORED_BY.get(norm, ()))
 
@@ -151,8 +143,7 @@ def warn(message):
 
 # ---------------------------------------------------------------- reading
 def history_paths(runs, history_dir):
-    """The .csv path of each named run, or of every run in `history_dir`
-    (not the runs' NAME.corrections.csv)."""
+    """The .csv path of each named run, or of every run in `history_dir`."""
     if runs:
         paths = [history_csv(Path(run)) if Path(run).suffix in (".csv",
                                                                 ".json")
@@ -199,8 +190,8 @@ def read_config(path):
 
 
 def read_cells(path, required):
-    """The header of a CSV and its cells as text (a short row padded with
-    empty cells), with each row's line and its number of fields."""
+    """A CSV's header, its cells as text (short rows padded), and each
+    row's (line, number of fields)."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
@@ -283,8 +274,8 @@ def read_corrections(path):
 
 
 def load_run(csv_path):
-    """The run of `csv_path`, with its corrections where it has a usable
-    file of them (a damaged one is named on stderr, the run kept)."""
+    """The run of `csv_path`; a damaged corrections file is named on stderr
+    and left out."""
     frame = read_frame(csv_path)
     config = read_config(csv_path.with_suffix(".json"))
     corrections = None
@@ -310,8 +301,8 @@ def load_runs(paths):
 
 # ----------------------------------------------------------------- groups
 def splitting_fields(runs):
-    """GROUP_FIELDS that differ between the runs whose norm uses them, each
-    only if it splits them further than those before it."""
+    """GROUP_FIELDS that split the runs (whose norm uses them) further than
+    those before them."""
     kept = []
     for field in GROUP_FIELDS:
         using = [run for run in runs if run.value(field) != IGNORED]
@@ -323,9 +314,8 @@ def splitting_fields(runs):
 
 
 def group_runs(runs):
-    """Groups of runs equal in every GROUP_FIELDS key (runs that differ only
-    in their seed are repeats), batchnorm first, then by the splitting
-    fields; a group's key holds only those, which tell the groups apart."""
+    """Groups of runs equal in every GROUP_FIELDS key, batchnorm first, then
+    by their keys (the splitting fields only)."""
     fields = splitting_fields(runs)
     groups = {}
     for run in sorted(runs, key=lambda r: r.name):
