@@ -1,6 +1,5 @@
-"""The sweep over batch sizes and i.i.d. / non-i.i.d. batches (sweep.py;
-train.py --classes-per-batch): accuracy_vs_batch_size.png, non_iid.png and
-timing.md's tables by norm, sampling and batch size."""
+"""The sweep over batch sizes and K classes per batch (sweep.py):
+accuracy_vs_batch_size.png, non_iid.png and timing.md's tables."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,8 +27,6 @@ def tables(runs, groups):
 
 
 def figures(runs, groups):
-    """(file name, figure) of accuracy against batch size, and of
-    non-i.i.d. batches, where the runs have them."""
     found = sweep_points(runs)
     if len({p.x for p in found}) > 1:
         yield ("accuracy_vs_batch_size.png",
@@ -51,9 +48,7 @@ class Point(histories.Point):
                          for c in column]) * 100
 
     def test_values(self, key="test_accuracy"):
-        """Each run's test accuracy in percent (`key`: test_accuracy, the
-        last weights; best_test_accuracy, the best-val weights); None where
-        a run has none."""
+        """Each run's `result[key]` in percent; None where a run has none."""
         results = [test_result(run, key) for run in self.runs]
         if any(r is None for r in results):
             return None
@@ -61,8 +56,7 @@ class Point(histories.Point):
 
 
 def sweep_points(runs):
-    """The runs by norm, sampling, other splitting fields and batch size
-    (in that order, i.i.d. first); none unless the runs span several batch
+    """The Points, i.i.d. first; none unless the runs span several batch
     sizes or include non-i.i.d. ones."""
     if (len({run.value("batch_size") for run in runs}) == 1
             and all(run.value("classes_per_batch") is None for run in runs)):
@@ -85,8 +79,8 @@ def sampling_styles(points):
 
 
 def accuracy_panels(points):
-    """(title, each run's accuracy in percent) of each panel: test accuracy
-    first where every run has it, then best and final validation."""
+    """(title, accuracy(point)) of each panel: test accuracy where every
+    run has it, best and final validation."""
     panels = []
     if all(p.test_values() is not None for p in points):
         panels.append(("test accuracy (last weights)", Point.test_values))
@@ -110,8 +104,8 @@ def label(line):
 
 
 def accuracy_lines(ax, points, accuracy, styles):
-    """A line per norm and sampling (and rest) against batch size, with
-    min–max bars where there are several runs."""
+    """A line per norm, sampling and rest against batch size, min–max
+    bars."""
     colors, linestyles, markers = styles
     for line, cells in lines(points).items():
         values = [accuracy(p) for p in cells.values()]
@@ -126,8 +120,8 @@ def accuracy_lines(ax, points, accuracy, styles):
 
 
 def plot_accuracy_vs_batch_size(points, runs):
-    """Accuracy against batch size, a panel per measure, a line per norm
-    and sampling (and rest), a row per `rest_rows`."""
+    """Accuracy against batch size, a panel per measure, a row per
+    `rest_rows`."""
     panels, rows = accuracy_panels(points), rest_rows(points)
     fig, axes = plt.subplots(
         len(rows), len(panels), squeeze=False, sharey=True,
@@ -190,8 +184,7 @@ def non_iid_drops(ax, points, colors, styles, sizes):
 
 
 def plot_non_iid(points, runs):
-    """Best val accuracy per batch size, norm and sampling, and what each
-    norm loses with non-i.i.d. batches; a row per `rest_rows`."""
+    """`non_iid_bars` and `non_iid_drops`, a row per `rest_rows`."""
     rows = rest_rows(points)
     fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.5 + 3.8 * len(rows)),
                              squeeze=False, layout="constrained")
@@ -209,28 +202,23 @@ def plot_non_iid(points, runs):
     return fig
 
 
-def batch_table(points, cell):
-    """Markdown: a row per line, a column per batch size, `cell(point)`."""
-    return line_table(points, sampling_text, "batch {}".format, cell)
-
-
 def sweep_table(points):
     """Markdown: best / final val accuracy (%) per line and batch size."""
     def cell(point):
-        return (f"{format_percent(point.values('best') / 100)} / "
-                f"{format_percent(point.values('final') / 100)}")
+        return " / ".join(format_percent(point.values(which) / 100)
+                          for which in ("best", "final"))
 
     return (
         "**Validation accuracy by batch size and sampling** (best / final, %; "
         "mean ± std over runs where there are several; i.i.d.: random "
         "batches, K classes/batch: every training batch from K classes, "
-        "`--classes-per-batch`):\n\n" + batch_table(points, cell) + "\n")
+        "`--classes-per-batch`):\n\n"
+        + line_table(points, sampling_text, "batch {}".format, cell) + "\n")
 
 
 def test_table(points):
-    """Markdown: test accuracy per line and batch size, the last weights'
-    (and "/ the best-val weights'" where every run has it); "" unless every
-    run has a test result."""
+    """Markdown: test accuracy per line and batch size, the last (/ the
+    best-val) weights'; "" unless every run has one."""
     if any(p.test_values() is None for p in points):
         return ""
     counted = test_images_text([r for p in points for r in p.runs],
@@ -239,17 +227,14 @@ def test_table(points):
                for p in points)
 
     def cell(point):
-        text = format_percent(point.test_values() / 100)
-        if best:
-            text += " / " + format_percent(
-                point.test_values("best_test_accuracy") / 100)
-        return text
+        return " / ".join(format_percent(point.test_values(key) / 100) for key
+                          in ("test_accuracy", "best_test_accuracy")[:1 + best])
 
     weights = ("the last / the best-val weights" if best
                else "the last weights")
     return (
         f"**Test accuracy by batch size and sampling** (%, {weights} on "
         f"{counted}; mean ± std over runs where there are several):\n\n"
-        + batch_table(points, cell) + "\n")
+        + line_table(points, sampling_text, "batch {}".format, cell) + "\n")
 
 
