@@ -1,6 +1,5 @@
-"""The microbatch study (sweep.py --study microbatch; train.py
---virtual-batch-size, --sampling pairs): microbatch.png and timing.md's
-tables, by norm, sampling and normalization group V."""
+"""The microbatch study (sweep.py --study microbatch): microbatch.png and
+timing.md's tables, by norm, sampling and normalization group V."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -14,7 +13,7 @@ from experiment.histories import (
 from experiment.report import (
     CONFIDENCE, figure_title, interval_text, legend_below, line_label,
     line_table, log2_axis, markdown_table, mean_std_text, norm_colors,
-    paired_differences, rest_markers, t_interval)
+    bar_style, paired_differences, rest_markers, t_interval)
 
 LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
 
@@ -26,7 +25,6 @@ def tables(runs, groups):
 
 
 def figures(runs, groups):
-    """(file name, figure) of the study where it has results."""
     found = micro_points(runs)
     if has_results(found):
         yield "microbatch.png", plot_microbatch(found, runs)
@@ -66,8 +64,7 @@ class MicroPoint(histories.Point):
 
 
 def micro_points(runs):
-    """The runs by norm, sampling, other splitting fields and normalization
-    group (in that order, i.i.d. first); none unless some run has virtual
+    """The MicroPoints, i.i.d. first; none unless some run has virtual
     batches or pairs sampling."""
     if not any(run.value("virtual_batch_size") is not None
                or run.value("sampling") == "pairs" for run in runs):
@@ -92,18 +89,15 @@ def group_losses(points):
 
 
 def renorm_gains(points):
-    """(sampling, rest, group, {seed: MORE - LESS}) of each cell with
-    both."""
-    found = []
-    by_line = lines(points)
+    """{(sampling, rest): {V: {seed: MORE - LESS}}} of the cells with both."""
+    by_line, found = lines(points), {}
     for (norm, sampling, rest), cells in by_line.items():
-        if norm != MORE:
-            continue
         baseline = by_line.get((LESS, sampling, rest), {})
         for group, point in cells.items():
-            if group in baseline:
-                found.append((sampling, rest, group, paired_differences(
-                    point.by_seed(), baseline[group].by_seed())))
+            if norm == MORE and group in baseline:
+                found.setdefault((sampling, rest), {})[group] = (
+                    paired_differences(point.by_seed(),
+                                       baseline[group].by_seed()))
     return found
 
 
@@ -112,8 +106,8 @@ def micro_sampling_text(sampling):
 
 
 def microbatch_tables(points):
-    """Markdown: test accuracy per line and V (mean ± std (n) over seeds),
-    then `gains_table` and `losses_table`."""
+    """Markdown: test accuracy per line and V, `gains_table`,
+    `losses_table`."""
     rest_fields = [f for f, _ in points[0].rest]
     return (
         "**Test accuracy by normalization group V and sampling** (%, the "
@@ -131,14 +125,12 @@ def gains_table(points, rest_fields):
     gains = renorm_gains(points)
     if not gains:
         return ""
-    columns = sorted({g for _, _, g, _ in gains}, key=sort_key)
-    by_line = {}
-    for sampling, rest, group, differences in gains:
-        by_line.setdefault((sampling, rest), {})[group] = differences
+    columns = sorted({g for cells in gains.values() for g in cells},
+                     key=sort_key)
     rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
              *[interval_text(cells[g].values()) if g in cells else "–"
                for g in columns])
-            for (sampling, rest), cells in by_line.items()]
+            for (sampling, rest), cells in gains.items()]
     return (
         f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
         "test accuracy: the mean difference of the runs of one seed, "
@@ -176,7 +168,7 @@ def micro_label(line):
 
 def micro_accuracy(ax, points, colors):
     """Test accuracy against V, a line per norm and sampling: the mean over
-    seeds and its t-interval (a line of one group, a marker)."""
+    seeds and its t-interval."""
     markers = rest_markers(points)
     found = lines(points)
     for number, (line, cells) in enumerate(found.items()):
@@ -194,7 +186,8 @@ def micro_accuracy(ax, points, colors):
                     color=colors[norm], linestyle=micro_linestyle(sampling),
                     marker=markers[rest], markersize=5, capsize=3,
                     label=micro_label(line))
-    log2_axis(ax, x_values(points), "normalization group V (examples; log scale)")
+    log2_axis(ax, x_values(points),
+              "normalization group V (examples; log scale)")
     ax.set(ylabel="test accuracy, last weights (%)",
            title="test accuracy against V")
 
@@ -205,10 +198,8 @@ def micro_losses(ax, points, colors):
     for number, (line, _small, _large, differences) in enumerate(losses):
         mean, half = t_interval(differences.values())
         norm, sampling, _ = line
-        ax.bar(number, mean, 0.7, color=colors[norm],
-               alpha=0.45 if sampling == "iid" else 0.9,
-               hatch=None if sampling == "iid" else "//", edgecolor="white",
-               yerr=half, capsize=4)
+        ax.bar(number, mean, 0.7, color=colors[norm], yerr=half, capsize=4,
+               **bar_style(sampling == "iid"))
     ax.axhline(0, color="grey", linewidth=1)
     ax.set_xticks(range(len(losses)),
                   [micro_label(line).replace(", ", "\n", 1)

@@ -63,6 +63,12 @@ def line_label(line, sampling_words):
                      + [field_text(f, v) for f, v in rest])
 
 
+def bar_style(iid):
+    """Light bars for i.i.d. batches, hatched ones for the others."""
+    return {"alpha": 0.45 if iid else 0.9, "hatch": None if iid else "//",
+            "edgecolor": "white"}
+
+
 def rest_markers(points):
     """A marker per value of the points' other splitting fields."""
     return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))

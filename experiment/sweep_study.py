@@ -12,9 +12,9 @@ from experiment.histories import (
     field_text, lines, norm_rank, sampling_text, sort_key, test_result,
     x_values)
 from experiment.report import (
-    LINESTYLES, MAX_LINES, figure_title, format_percent, legend_below,
-    line_label, line_table, log2_axis, norm_colors, rest_markers,
-    test_images_text)
+    LINESTYLES, MAX_LINES, bar_style, figure_title, format_percent,
+    legend_below, line_label, line_table, log2_axis, norm_colors,
+    rest_markers, test_images_text)
 
 
 def tables(runs, groups):
@@ -150,12 +150,10 @@ def non_iid_bars(ax, points, colors, sizes):
     bars = lines(points)
     width = 0.8 / len(bars)
     for number, (line, members) in enumerate(bars.items()):
-        iid = line[1] is None
         x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
         heights = [p.values("best").mean() for p in members.values()]
-        ax.bar(x, heights, width, color=colors[line[0]],
-               alpha=0.45 if iid else 0.9, hatch=None if iid else "//",
-               edgecolor="white", label=label(line))
+        ax.bar(x, heights, width, color=colors[line[0]], label=label(line),
+               **bar_style(line[1] is None))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set(xlabel="batch size", ylabel="best validation accuracy (%)")
 
