@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from experiment.histories import GAP, test_result
+from experiment.histories import GAP, group_size, test_result
 from experiment.report import (
     WARMUP_STYLE, figure_title, interval_text, markdown_table, mean_std_text,
     paired_differences)
@@ -25,15 +25,8 @@ def figures(runs, groups):
             yield f"{run.name}.corrections.png", plot_corrections(run)
 
 
-# (column, title, colour map, fixed upper end of its scale or None), by
-# figure column (r, then d) and row (deviation, then clipped fraction).
-HEATMAPS = ((("r_dev", "r_dev: mean |r − 1|", "viridis", None),
-             ("r_clipped", "r_clipped: fraction where r is clipped",
-              "magma", 1.0)),
-            (("d_dev", "d_dev: mean |d|", "viridis", None),
-             ("d_clipped", "d_clipped: fraction where d is clipped",
-              "magma", 1.0)))
-BOUNDS = (("r_max", "r_max after the epoch"), ("d_max", "d_max after the epoch"))
+# What each figure column's deviation (first row) is the mean of.
+DEVIATIONS = (("r", "mean |r − 1|"), ("d", "mean |d|"))
 MAX_EPOCH_TICKS = 10
 
 
@@ -42,13 +35,6 @@ def epoch_grid(corrections):
     epochs = corrections["epoch"].round().astype(int)
     return (np.arange(epochs.min(), epochs.max() + 1),
             list(dict.fromkeys(corrections["layer"])))
-
-
-def matrix(corrections, column, epochs, layers):
-    """`column` as a layers x epochs array (NaN where there is no row)."""
-    table = corrections.assign(epoch=corrections["epoch"].round().astype(int))
-    return (table.pivot(index="layer", columns="epoch", values=column)
-            .reindex(index=layers, columns=epochs).to_numpy(dtype=float))
 
 
 def epoch_ticks(ax, epochs):
@@ -63,14 +49,18 @@ def epoch_ticks(ax, epochs):
     ax.set_xlim(first - 1, last)
 
 
-def heatmap(fig, ax, values, spec, epochs, layers):
-    """One statistic, a colour bar beside it (from 0; fractions to 1)."""
-    _column, title, cmap, top = spec
+def heatmap(fig, ax, corrections, column, title, top, epochs, layers):
+    """One statistic, layer by epoch, a colour bar from 0 to `top` (None:
+    its largest value)."""
+    table = corrections.assign(epoch=corrections["epoch"].round().astype(int))
+    values = (table.pivot(index="layer", columns="epoch", values=column)
+              .reindex(index=layers, columns=epochs).to_numpy(dtype=float))
     finite = values[np.isfinite(values)]
     high = top if top is not None else (
         float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
     # Grey: no row for that layer and epoch.
-    colours = plt.get_cmap(cmap).with_extremes(bad="0.85")
+    colours = plt.get_cmap("viridis" if top is None else "magma")
+    colours = colours.with_extremes(bad="0.85")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=colours,
                       aspect="auto", interpolation="nearest", vmin=0,
                       vmax=high, extent=(epochs[0] - 1, epochs[-1],
@@ -113,13 +103,14 @@ def plot_corrections(run):
         height_ratios=(height, height, 1.4), layout="constrained")
     for row in range(2):  # the layers; the bounds have scales of their own
         axes[row, 1].sharey(axes[row, 0])
-    for number, (maps, (bound, bound_title)) in enumerate(zip(HEATMAPS,
-                                                             BOUNDS)):
-        for row, spec in enumerate(maps):
-            heatmap(fig, axes[row, number], matrix(corrections, spec[0],
-                                                   epochs, layers),
-                    spec, epochs, layers)
-        bound_panel(axes[2, number], corrections, bound, bound_title, epochs)
+    for number, (x, deviation) in enumerate(DEVIATIONS):
+        heatmap(fig, axes[0, number], corrections, f"{x}_dev",
+                f"{x}_dev: {deviation}", None, epochs, layers)
+        heatmap(fig, axes[1, number], corrections, f"{x}_clipped",
+                f"{x}_clipped: fraction where {x} is clipped", 1.0, epochs,
+                layers)
+        bound_panel(axes[2, number], corrections, f"{x}_max",
+                    f"{x}_max after the epoch", epochs)
         epoch_ticks(axes[2, number], epochs)
     for ax in axes[:2, 1]:
         ax.tick_params(labelleft=False)
@@ -160,10 +151,9 @@ def in_study(run):
 
 def cell_of(config, variants):
     """(norm, V, sampling, the text of the `variants` keys) of a run."""
-    group = config["virtual_batch_size"] or config["batch_size"]
     variant = ", ".join(f"{key} {value_text(config[key])}"
                         for key in variants)
-    return config["norm"], group, config["sampling"], variant
+    return config["norm"], group_size(config), config["sampling"], variant
 
 
 def value_text(value):

@@ -126,6 +126,12 @@ def sort_key(value):
     return (2, 0, str(value))
 
 
+def group_size(config):
+    """V: the examples a run's normalization statistics come from (its
+    virtual batch, else its whole batch)."""
+    return config["virtual_batch_size"] or config["batch_size"]
+
+
 def norm_rank(norm):
     return (NORMS.index(norm), "") if norm in NORMS else (len(NORMS), norm)
 

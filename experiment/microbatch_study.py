@@ -9,7 +9,7 @@ import numpy as np
 
 from experiment import histories
 from experiment.histories import (
-    lines, norm_rank, sort_key, test_result, x_values)
+    group_size, lines, norm_rank, sort_key, test_result, x_values)
 from experiment.report import (
     CONFIDENCE, figure_title, interval_text, legend_below, line_label,
     line_table, log2_axis, markdown_table, mean_std_text, norm_colors,
@@ -32,13 +32,6 @@ def figures(runs, groups):
 
 def has_results(points):
     return any(p.by_seed() for p in points)
-
-
-def group_size(run):
-    """V: the examples a run's normalization statistics come from (its
-    virtual batch, else its whole batch)."""
-    virtual = run.value("virtual_batch_size")
-    return virtual if virtual is not None else run.value("batch_size")
 
 
 @dataclass
@@ -70,7 +63,8 @@ def micro_points(runs):
                or run.value("sampling") == "pairs" for run in runs):
         return []
     return histories.points(
-        runs, MicroPoint, lambda run: (run.value("sampling"), group_size(run)),
+        runs, MicroPoint,
+        lambda run: (run.value("sampling"), group_size(run.config)),
         lambda p: (norm_rank(p.norm), p.sampling != "iid", str(p.sampling),
                    [sort_key(v) for _, v in p.rest], sort_key(p.group)))
 
