@@ -151,11 +151,6 @@ def losses_table(points, rest_fields):
                          rows) + "\n")
 
 
-def micro_linestyle(sampling):
-    """Solid for i.i.d., dashed for pairs, dotted for K classes per batch."""
-    return {"iid": "-", "pairs": "--"}.get(sampling, ":")
-
-
 def micro_label(line):
     return line_label(line, micro_sampling_text)
 
@@ -177,7 +172,8 @@ def micro_accuracy(ax, points, colors):
         dodge = 2 ** (0.03 * (number - (len(found) - 1) / 2))
         ax.errorbar([g * dodge for g in groups], [mean for mean, _ in stats],
                     yerr=errors if any(errors) else None,
-                    color=colors[norm], linestyle=micro_linestyle(sampling),
+                    color=colors[norm],  # dotted: K classes per batch
+                    linestyle={"iid": "-", "pairs": "--"}.get(sampling, ":"),
                     marker=markers[rest], markersize=5, capsize=3,
                     label=micro_label(line))
     log2_axis(ax, x_values(points),

@@ -47,13 +47,13 @@ def log2_axis(ax, sizes, label):
     ax.set_xlabel(label)
 
 
-def legend_below(fig, axes, columns=3):
+def legend_below(fig, axes):
     """One legend under the figure of every line of `axes`, each once."""
     handles = {}
     for ax in axes:
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(list(handles.values()), list(handles),
-               loc="outside lower center", ncol=min(len(handles), columns),
+               loc="outside lower center", ncol=min(len(handles), 3),
                frameon=False)
 
 
