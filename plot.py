@@ -3,20 +3,12 @@
 
 Each run is a pair `<run>.csv` (one row per epoch) and `<run>.json` (its
 configuration); runs that differ only in their seed (and name, timings,
-provenance) are repeats of one group. Writes, in PLOTS:
-
-  curves.png             loss and accuracy against epoch, a colour per norm,
-                         and the train/inference gap where runs have it
-  seconds_per_epoch.png  median training s/epoch per group, its ratio to
-                         batchnorm
-  timing.md              per group: test, best and final val accuracy,
-                         s/epoch, the ratio, the code the runs ran (also
-                         printed); the studies' tables below
-  NAME.corrections.png   a renorm run's r and d by layer and epoch
-                         (train.py --track-corrections)
-  accuracy_vs_batch_size.png, non_iid.png   the sweep (sweep.py)
-  microbatch.png         accuracy against the normalization group V
-                         (sweep.py --study microbatch)
+provenance) are repeats of one group. Writes, in PLOTS, timing.md (a row
+per group: accuracy, s/epoch, its ratio to batchnorm, the code the runs
+ran; also printed; the studies' tables below) and the figures the runs
+have: curves.png, seconds_per_epoch.png; accuracy_vs_batch_size.png and
+non_iid.png (sweep.py); microbatch.png (sweep.py --study microbatch);
+NAME.corrections.png (train.py --track-corrections).
 
 Titles state every setting that departs from the runs' protocol, and the
 device. Groups of mixed or unknown code are flagged; a partial or malformed

@@ -70,12 +70,10 @@ def sweep_points(runs):
 
 def sampling_styles(points):
     """Line style per sampling (solid for i.i.d.) and marker per rest."""
-    samplings = sorted({p.sampling for p in points}, key=sort_key)
-    non_iid = [c for c in samplings if c is not None]
-    linestyles = {None: "-"}
-    linestyles.update({c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
-                       for i, c in enumerate(non_iid)})
-    return linestyles, rest_markers(points)
+    non_iid = sorted({p.sampling for p in points} - {None}, key=sort_key)
+    return ({None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
+                           for i, c in enumerate(non_iid)}},
+            rest_markers(points))
 
 
 def accuracy_panels(points):
