@@ -11,8 +11,8 @@ from matplotlib.ticker import MaxNLocator
 
 from experiment.histories import GAP, group_size, test_result
 from experiment.report import (
-    WARMUP_STYLE, figure_title, interval_text, markdown_table, mean_std_text,
-    paired_differences)
+    BASELINE, WARMUP_STYLE, figure_title, interval_text, markdown_table,
+    mean_std_text, paired_differences)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
 # Settings that make a cell, besides norm, V and sampling (a variant).
@@ -210,7 +210,7 @@ def paired_table(table):
     """Markdown: renorm - batchnorm of the same V and sampling, by seed."""
     rows = []
     for (norm, group, sampling, variant), by_seed in table.items():
-        base = table.get(("batchnorm", group, sampling, ""))
+        base = table.get((BASELINE, group, sampling, ""))
         if norm != "renorm" or base is None:
             continue
         test, gap = (paired_differences(

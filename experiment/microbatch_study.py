@@ -11,11 +11,11 @@ from experiment import histories
 from experiment.histories import (
     group_size, lines, norm_rank, sort_key, test_result, x_values)
 from experiment.report import (
-    CONFIDENCE, figure_title, interval_text, legend_below, line_label,
-    line_table, log2_axis, markdown_table, mean_std_text, norm_colors,
-    bar_style, paired_differences, rest_markers, t_interval)
+    BASELINE, CONFIDENCE, bar_style, figure_title, interval_text,
+    legend_below, line_label, line_table, log2_axis, markdown_table,
+    mean_std_text, norm_colors, paired_differences, rest_markers, t_interval)
 
-LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
+LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
 
 
 def tables(runs, groups):

@@ -14,6 +14,7 @@ from matplotlib.ticker import NullLocator
 from experiment import runfiles
 from experiment.histories import (
     IGNORED, field_text, lines, sort_key, x_values)
+from experiment.preprocessing import DEFAULT_VAL_SHARE
 from experiment.protocols import (
     NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
 
@@ -158,7 +159,7 @@ def test_images_text(runs, otherwise):
 
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
-HELD_OUT = TRAIN_IMAGES // 10  # train.py's default --val-size (val_from train)
+HELD_OUT = TRAIN_IMAGES // DEFAULT_VAL_SHARE
 # How a title names a protocol key's value where a run departs from it
 # (other keys: the key's words, then the value).
 DEPARTURE_TEXT = {
