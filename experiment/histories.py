@@ -22,10 +22,8 @@ TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
 # val_accuracy - val_accuracy_train_mode (a fraction; positive where
 # inference is the better of the two), in the frame of a run that has it.
 GAP = "train_inference_gap"
-# NAME.corrections.csv: a row per epoch and BatchRenormalization layer.
-CORRECTIONS_SUFFIX = ".corrections"
-CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
-                      "d_clipped", "r_max", "d_max")
+CORRECTIONS_SUFFIX = ".corrections"  # NAME.corrections.csv
+CORRECTION_COLUMNS = runfiles.CORRECTION_COLUMNS
 # The environment's keys, which split runs too.
 ENVIRONMENT_KEYS = ("device", "backend")
 # Labels name these first, in this order; the other keys follow.
