@@ -151,12 +151,12 @@ def in_study(run):
 
 def cell_of(config, variants):
     """(norm, V, sampling, the text of the `variants` keys) of a run."""
-    variant = ", ".join(f"{key} {value_text(config[key])}"
+    variant = ", ".join(f"{key} {variant_value(config[key])}"
                         for key in variants)
     return config["norm"], group_size(config), config["sampling"], variant
 
 
-def value_text(value):
+def variant_value(value):
     return ",".join(map(str, value)) if isinstance(value, list) else str(
         value)
 
@@ -178,7 +178,7 @@ def measures(run):
 def cells(runs):
     """{cell: {seed: measures}}, cells in a stable order."""
     varying = [key for key in VARIANT_KEYS
-               if len({value_text(r.config[key]) for r in runs
+               if len({variant_value(r.config[key]) for r in runs
                        if r.config["norm"] == "renorm"}) > 1]
     table = {}
     for run in sorted(runs, key=lambda r: (r.config["norm"],

@@ -254,16 +254,14 @@ def setting_text(key, runs):
     if key == "network":
         return "network " + ", ".join(sorted({
             f"WRN-{r.value('depth')}-{r.value('width')}" for r in runs}))
+    values = {r.value(key) for r in runs}
     if key in ("classes_per_batch", "virtual_batch_size"):
         return ("sampling " if key == "classes_per_batch"
                 else "normalization group ") + ", ".join(
-            field_text(key, v) for v in sorted({r.value(key) for r in runs},
-                                               key=sort_key))
+            field_text(key, v) for v in sorted(values, key=sort_key))
     if key == "sampling":
-        return "sampling " + ", ".join(sorted({str(r.value(key))
-                                               for r in runs}))
-    used = (r.value(key) for r in runs if r.value(key) != IGNORED)
-    return f"{key.replace('_', ' ')} {values_text(used)}"
+        return "sampling " + ", ".join(sorted(map(str, values)))
+    return f"{key.replace('_', ' ')} {values_text(values - {IGNORED})}"
 
 
 def describe_runs(runs):
