@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from experiment import runfiles
-from experiment.protocols import CONFIG_KEYS, NORMS
+from experiment.protocols import CONFIG_KEYS, NORMS, SCHEDULE_STEPS
 
 PROG = "plot.py"  # the reader whose warnings these are
 
@@ -36,12 +36,9 @@ GROUP_FIELDS = tuple(key for key in dict.fromkeys(
     LABEL_ORDER + CONFIG_KEYS + ENVIRONMENT_KEYS)
     if key not in ("norm", "seed", "name"))
 # The settings a norm does not use: they neither split nor name its groups.
-IGNORED_BY = {
-    "batchnorm": ("r_max", "d_max", "warmup_steps", "r_max_steps",
-                  "d_max_steps", "renorm_schedule", "track_corrections"),
-    "keras-renorm": ("warmup_steps", "r_max_steps", "d_max_steps",
-                     "renorm_schedule", "track_corrections"),
-}
+RENORM_ONLY = (*SCHEDULE_STEPS, "renorm_schedule", "track_corrections")
+IGNORED_BY = {"batchnorm": ("r_max", "d_max", *RENORM_ONLY),
+              "keras-renorm": RENORM_ONLY}
 IGNORED = "(not used)"  # the value of such a setting
 
 
