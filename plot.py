@@ -1,39 +1,18 @@
 #!/usr/bin/env python3
 """Plot and tabulate the training histories written by train.py.
 
-Each run is a pair `<run>.csv` (one row per epoch: epoch, seconds, loss,
-accuracy, val_loss, val_accuracy, ...) and `<run>.json` (its configuration).
-Runs that differ only in their seed (and name, timings, provenance) are
-repeats of one group; labels name the settings that tell groups apart.
-Writes, in PLOTS:
+Each run is a pair `<run>.csv` (one row per epoch) and `<run>.json` (its
+configuration); runs that differ only in their seed (and name, timings,
+provenance) are repeats of one group. Writes, in PLOTS, timing.md (a row
+per group: accuracy, s/epoch, its ratio to batchnorm, the code the runs
+ran; also printed; the studies' tables below) and the figures the runs
+have: curves.png, seconds_per_epoch.png; accuracy_vs_batch_size.png and
+non_iid.png (sweep.py); microbatch.png (sweep.py --study microbatch);
+NAME.corrections.png (train.py --track-corrections).
 
-  curves.png             loss and accuracy against epoch, a colour per norm;
-                         the train/inference gap where runs were also
-                         validated in training mode
-  seconds_per_epoch.png  median training s/epoch per group, every epoch a
-                         dot, the ratio to batchnorm
-  timing.md              per group: test accuracy, best and final val
-                         accuracy, median s/epoch, ratio to batchnorm, the
-                         code the runs ran (also printed); the tables below
-and where the runs have them:
-  NAME.corrections.png   a renorm run's r and d by layer and epoch, and its
-                         bounds (train.py --track-corrections)
-  accuracy_vs_batch_size.png, non_iid.png, and tables
-                         accuracy against batch size, i.i.d. against K
-                         classes per batch (sweep.py)
-  microbatch.png, and tables
-                         test accuracy against the normalization group V,
-                         and the accuracy lost as V shrinks, paired by seed
-                         (sweep.py --study microbatch)
-  the gap's tables       per cell: the train/inference gap and renorm's
-                         corrections (train.py --train-mode-validation)
-
-Figure titles state every setting that departs from the protocol the runs
-name, and the device. A group whose runs come from different commits, a
-dirty tree or code that recorded no provenance is flagged on stderr and in
-timing.md. A partial or malformed history is skipped with a warning naming
-it; a malformed NAME.corrections.csv too (its run is kept, without that
-figure).
+Titles state every setting that departs from the runs' protocol, and the
+device. Groups of mixed or unknown code are flagged; a partial or malformed
+history is skipped with a warning naming it.
 
 With --readme FILE, the table also replaces what FILE holds between the
 lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`.
@@ -57,8 +36,7 @@ from experiment.report import save_figure
 PROG = "plot.py"
 README_BEGIN = "<!-- timing.md begins -->"
 README_END = "<!-- timing.md ends -->"
-# Each writes its section of timing.md (`tables`) and draws its figures
-# (`figures`), where the runs have what it studies.
+# Each writes its section of timing.md (`tables`) and its `figures`.
 STUDIES = (curves_study, sweep_study, microbatch_study, gap_study)
 
 

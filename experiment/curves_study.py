@@ -1,7 +1,5 @@
-"""The groups of runs: curves.png (loss and accuracy against epoch, the
-train/inference gap where some runs have it), seconds_per_epoch.png, and
-timing.md's table (test and validation accuracy, median seconds per epoch,
-the ratio to batchnorm, the code the runs ran)."""
+"""The groups of runs: curves.png, seconds_per_epoch.png and timing.md's
+table (accuracy, seconds per epoch, the code the runs ran)."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -21,12 +19,10 @@ from experiment.report import (
 def tables(runs, groups):
     """timing.md's head and table; on stderr, the provenance problems."""
     warn_provenance(groups)
-    return timing_report(groups, runs,
-                         sorted({str(run.path.parent) for run in runs}))
+    return timing_report(groups, runs)
 
 
 def figures(runs, groups):
-    """(file name, figure) of the curves and of the seconds per epoch."""
     yield "curves.png", plot_curves(groups, runs)
     yield "seconds_per_epoch.png", plot_seconds(groups, runs)
 
@@ -42,7 +38,7 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
 
 def crowded(groups, facets):
     """Whether a panel per value of `facets` would hold more than MAX_LINES
-    lines, or more combinations of the other fields than line styles."""
+    lines, or more other keys than line styles."""
     panels = {}
     for group in groups:
         key = dict(group.key)
@@ -53,8 +49,8 @@ def crowded(groups, facets):
 
 
 def facet_fields(groups):
-    """The key fields that get a row of panels per value (those with the
-    most values first) until every panel is legible (not `crowded`)."""
+    """The key fields that get a row of panels per value, those of most
+    values first, until no panel is `crowded`."""
     fields, facets = [f for f, _ in groups[0].key], []
     while crowded(groups, facets) and len(facets) < len(fields):
         rest = [f for f in fields if f not in facets]
@@ -74,15 +70,16 @@ def facet_rows(groups, facets):
 
 
 def curve_styles(groups, facets):
-    """Per group label: (colour by norm, line style by the key fields that
-    are not facets, marker on short runs, legend label less the facets)."""
+    """Per group label: (colour by norm, line style by the other key
+    fields, marker on short runs, label less the facets)."""
     colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
-    rests = list(dict.fromkeys(
-        tuple((f, v) for f, v in g.key if f not in facets) for g in groups))
+    rest_of = {g.label: tuple((f, v) for f, v in g.key if f not in facets)
+               for g in groups}
+    rests = list(dict.fromkeys(rest_of.values()))
     short = max(len(run.frame) for g in groups for run in g.runs) <= 25
     styles = {}
     for group in groups:
-        rest = tuple((f, v) for f, v in group.key if f not in facets)
+        rest = rest_of[group.label]
         styles[group.label] = (
             colors[group.norm],
             LINESTYLES[rests.index(rest) % len(LINESTYLES)],
@@ -94,7 +91,7 @@ def curve_styles(groups, facets):
 
 def plot_group(ax, group, column, style, scale=1.0):
     """Mean of `column` against epoch over the group's runs that have it,
-    with a min–max band where there are several."""
+    a min–max band."""
     runs = [run for run in group.runs if column in run.frame]
     if not runs:
         return
@@ -109,8 +106,7 @@ def plot_group(ax, group, column, style, scale=1.0):
 
 
 def mark_warmups(ax, groups, styles):
-    """A vertical line where each renorm group's warm-up ends (within the
-    epochs drawn); whether any."""
+    """A line where each renorm group's warm-up ends; whether any."""
     drawn = False
     for group in groups:
         last = max(len(run.frame) for run in group.runs)
@@ -123,8 +119,7 @@ def mark_warmups(ax, groups, styles):
 
 
 def curve_legend(fig, groups, styles, warmup):
-    """One entry per line style and colour (the facets are in the rows),
-    and the warm-up's mark where drawn."""
+    """An entry per line style and colour, and the warm-up's mark."""
     entries = {style[3]: style for style in
                (styles[g.label] for g in groups)}
     handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
@@ -147,9 +142,8 @@ def curve_legend(fig, groups, styles, warmup):
 
 
 def curve_axes(rows, gap=False):
-    """The figure and a list of axes per row in PANELS' order (the gap's
-    last): 2 x 2 for one row (the gap a column beside them), else a row of
-    panels per facet."""
+    """The figure and a list of axes per row, in PANELS' order and the
+    gap's: 2 x 2 (the gap beside) for one row."""
     columns = len(PANELS) + gap
     if len(rows) == 1:
         fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
@@ -170,8 +164,8 @@ def curve_axes(rows, gap=False):
 
 
 def format_curve_axes(grid, rows, specs=PANELS):
-    """Titles, log-scaled losses, integer epochs, the gap's zero; each
-    row's facet named beside its first panel."""
+    """Titles, log-scaled losses, integer epochs, the gap's zero, each
+    row's facet."""
     for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
         for ax, (column, title, _) in zip(panels, specs):
             if len(rows) == 1 or number == 0:
@@ -184,25 +178,20 @@ def format_curve_axes(grid, rows, specs=PANELS):
                 ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
                 ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        unit = ("loss", "accuracy (%)")
-        if len(rows) == 1:
-            for ax, label in zip((panels[0], panels[2]), unit):
-                ax.set_ylabel(label)
-            if len(panels) > len(PANELS):
-                panels[-1].set_ylabel("percentage points")
-        else:
-            facet_label = ", ".join(field_text(f, v) for f, v in facet
-                                    if v != IGNORED)
-            panels[0].set_ylabel(f"{facet_label}\nloss")
-            panels[2].set_ylabel("accuracy (%)")
+        facet_label = ", ".join(field_text(f, v) for f, v in facet
+                                if v != IGNORED)
+        panels[0].set_ylabel(f"{facet_label}\nloss" if len(rows) > 1
+                             else "loss")
+        panels[2].set_ylabel("accuracy (%)")
+        if len(rows) == 1 and len(panels) > len(PANELS):
+            panels[-1].set_ylabel("percentage points")
     for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
         ax.set_xlabel("epoch")
 
 
 def plot_curves(groups, runs):
-    """Loss and accuracy against epoch, a colour per norm, a row of panels
-    per value of the `facet_fields`; the gap beside them where some runs
-    have it."""
+    """Loss, accuracy (and the gap) against epoch, a row of panels per
+    value of the `facet_fields`."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
@@ -225,9 +214,8 @@ def plot_curves(groups, runs):
 
 # ---------------------------------------------------------------- seconds
 def plot_seconds(groups, runs):
-    """A bar per group (those of one setting together) of its median
-    training seconds per epoch, each epoch a dot (the first, which
-    compiles, hollow), the median and its ratio to batchnorm beside it."""
+    """A bar per group of its median training seconds per epoch, each epoch
+    a dot (the first, which compiles, hollow), the ratio to batchnorm."""
     ordered = sorted(groups, key=lambda g: (
         [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
     ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
@@ -284,8 +272,8 @@ def median_seconds(group):
 
 
 def ratios_to_baseline(groups):
-    """Each group's median s/epoch over that of the batchnorm group with the
-    same settings (those batchnorm uses); None where there is none."""
+    """Each group's median s/epoch over that of its batchnorm group, or
+    None."""
     baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
                 if g.norm == BASELINE}
     return [median_seconds(g) / baseline[g.key_for(BASELINE)]
@@ -304,9 +292,9 @@ def format_epochs(group):
 
 
 def provenances(group):
-    """Each run's `provenance` record (None where it is not one)."""
-    return [record if isinstance(record := run.config.get("provenance"), dict)
-            else None for run in group.runs]
+    """The runs' `provenance` records (not those that are none)."""
+    return [record for run in group.runs
+            if isinstance(record := run.config.get("provenance"), dict)]
 
 
 # What a warning says of the groups with each kind of provenance problem.
@@ -319,15 +307,14 @@ PROVENANCE_WARNINGS = {
 
 
 def provenance_problems(group):
-    """Why a group's runs may not be the same code, as (kind, text) with the
-    kinds of PROVENANCE_WARNINGS; empty for runs of one clean commit."""
-    records = provenances(group)
-    known = [r for r in records if r is not None]
+    """(kind of PROVENANCE_WARNINGS, text) of why a group's runs may not be
+    the same code."""
+    known, total = provenances(group), len(group.runs)
     problems = []
-    if len(known) < len(records):
+    if len(known) < total:
         problems.append(("none", "no provenance" if not known else
-                         f"{len(records) - len(known)} of {len(records)} "
-                         "runs without provenance"))
+                         f"{total - len(known)} of {total} runs without "
+                         "provenance"))
     commits = {r.get("commit") for r in known}
     if None in commits:
         problems.append(("unknown", "commit unknown"))
@@ -341,7 +328,7 @@ def provenance_problems(group):
 def provenance_cell(group):
     """timing.md's note beside a group: its commit(s), and its problems."""
     commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
-                      if r is not None and r.get("commit")})
+                      if r.get("commit")})
     problems = [text for _, text in provenance_problems(group)]
     text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
     if problems:
@@ -361,8 +348,7 @@ def warn_provenance(groups):
 
 
 def result_text(group, key):
-    """format_percent of the runs' `result[key]`, "(k of n runs)" where some
-    lack it, "–" where all do."""
+    """format_percent of the runs' `result[key]`, "(k of n runs)"."""
     values = [test_result(run, key) for run in group.runs]
     known = [v for v in values if v is not None]
     if not known:
@@ -409,9 +395,8 @@ def group_row(group, ratio, best_weights):
               for key in ("device", "backend")])
 
 
-def timing_report(groups, runs, history_dirs):
-    """timing.md: a row per group, test accuracy first, then validation
-    accuracy, then speed; a note of what each column counts."""
+def timing_report(groups, runs):
+    """timing.md: a row per group, and what each column counts."""
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)
     header = ("group", "runs", "epochs", "test acc, last weights (%)",
@@ -420,7 +405,8 @@ def timing_report(groups, runs, history_dirs):
               "ratio to batchnorm", "code", "device", "backend")
     rows = [group_row(group, ratio, best_weights)
             for group, ratio in zip(groups, ratios_to_baseline(groups))]
-    source = ", ".join(f"`{d}`" for d in history_dirs)
+    source = ", ".join(f"`{d}`" for d in sorted({str(run.path.parent)
+                                                 for run in runs}))
     best_note = (" Best-val weights: the weights of the epoch with the best "
                  "validation accuracy, on the same test images."
                  if best_weights else "")
@@ -428,8 +414,8 @@ def timing_report(groups, runs, history_dirs):
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
         f"group(s).\n\n{markdown_table(header, rows)}\n\n"
         "Test accuracy: mean (± std over runs) of each run's last weights on "
-        f"{test_images_text(runs, 'the whole test set')}.{best_note} Validation accuracy: mean "
-        "(± std over runs) of each run's best and final epoch; validation "
+        f"{test_images_text(runs, 'the whole test set')}.{best_note} "
+        "Validation accuracy: mean (± std over runs) of each run's best and final epoch; validation "
         f"images: {validation_text(groups)}. Median s/epoch: median wall time "
         "of an epoch's training steps over all epochs of the group's runs "
         "(evaluation excluded). Ratio: to the batchnorm group with the same "

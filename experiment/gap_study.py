@@ -1,26 +1,18 @@
-"""The corrections study: what renorm's r and d did, and how far the
-training-mode outputs were from the inference outputs.
-
-NAME.corrections.png, from a renorm run's NAME.corrections.csv (train.py
---track-corrections): `r_dev` (mean |r - 1|), `d_dev` (mean |d|),
-`r_clipped` and `d_clipped` (the fractions where the bound held r or d) as
-heatmaps, layer by epoch; the bounds after each epoch under them.
-
-timing.md's tables, of the finished runs validated in training mode too,
-per cell (norm, V, sampling, and any renorm setting that differs): the
-test accuracy, the gap val_accuracy - val_accuracy_train_mode (points;
-positive: inference is the better) at the last epoch and its mean over the
-epochs, renorm's last-epoch corrections over the layers; renorm -
-batchnorm paired by seed."""
+"""The corrections study: NAME.corrections.png, renorm's r and d by layer
+and epoch (train.py --track-corrections), with its bounds; and timing.md's
+tables of the finished runs validated in training mode, per cell (norm, V,
+sampling, a renorm variant): test accuracy, the gap val_accuracy -
+val_accuracy_train_mode (points; positive: inference is the better), the
+last epoch's corrections; renorm - batchnorm paired by seed."""
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from experiment.histories import GAP, test_result
+from experiment.histories import GAP, group_size, test_result
 from experiment.report import (
-    WARMUP_STYLE, figure_title, interval_text, markdown_table, mean_std_text,
-    paired_differences)
+    BASELINE, WARMUP_STYLE, figure_title, interval_text, markdown_table,
+    mean_std_text, paired_differences)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
 # Settings that make a cell, besides norm, V and sampling (a variant).
@@ -28,37 +20,21 @@ VARIANT_KEYS = ("norm_momentum", "renorm_schedule", "r_max", "d_max")
 
 
 def figures(runs, groups):
-    """(file name, figure) of each run with a usable corrections file."""
     for run in runs:
         if run.corrections is not None:
             yield f"{run.name}.corrections.png", plot_corrections(run)
 
 
-# (column, title, colour map, fixed upper end of its scale or None), by
-# figure column (r, then d) and row (deviation, then clipped fraction).
-HEATMAPS = ((("r_dev", "r_dev: mean |r − 1|", "viridis", None),
-             ("r_clipped", "r_clipped: fraction where r is clipped",
-              "magma", 1.0)),
-            (("d_dev", "d_dev: mean |d|", "viridis", None),
-             ("d_clipped", "d_clipped: fraction where d is clipped",
-              "magma", 1.0)))
-BOUNDS = (("r_max", "r_max after the epoch"), ("d_max", "d_max after the epoch"))
+# What each figure column's deviation (first row) is the mean of.
+DEVIATIONS = (("r", "mean |r − 1|"), ("d", "mean |d|"))
 MAX_EPOCH_TICKS = 10
 
 
 def epoch_grid(corrections):
-    """The epochs of the columns (every one from the first to the last: an
-    epoch without rows a blank column) and the layers of the rows."""
+    """Every epoch from the first to the last (columns), the layers (rows)."""
     epochs = corrections["epoch"].round().astype(int)
     return (np.arange(epochs.min(), epochs.max() + 1),
             list(dict.fromkeys(corrections["layer"])))
-
-
-def matrix(corrections, column, epochs, layers):
-    """`column` as a layers x epochs array (NaN where there is no row)."""
-    table = corrections.assign(epoch=corrections["epoch"].round().astype(int))
-    return (table.pivot(index="layer", columns="epoch", values=column)
-            .reindex(index=layers, columns=epochs).to_numpy(dtype=float))
 
 
 def epoch_ticks(ax, epochs):
@@ -73,14 +49,18 @@ def epoch_ticks(ax, epochs):
     ax.set_xlim(first - 1, last)
 
 
-def heatmap(fig, ax, values, spec, epochs, layers):
-    """One statistic, a colour bar beside it (from 0; fractions to 1)."""
-    _column, title, cmap, top = spec
+def heatmap(fig, ax, corrections, column, title, top, epochs, layers):
+    """One statistic, layer by epoch, a colour bar from 0 to `top` (None:
+    its largest value)."""
+    table = corrections.assign(epoch=corrections["epoch"].round().astype(int))
+    values = (table.pivot(index="layer", columns="epoch", values=column)
+              .reindex(index=layers, columns=epochs).to_numpy(dtype=float))
     finite = values[np.isfinite(values)]
     high = top if top is not None else (
         float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
     # Grey: no row for that layer and epoch.
-    colours = plt.get_cmap(cmap).with_extremes(bad="0.85")
+    colours = plt.get_cmap("viridis" if top is None else "magma")
+    colours = colours.with_extremes(bad="0.85")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=colours,
                       aspect="auto", interpolation="nearest", vmin=0,
                       vmax=high, extent=(epochs[0] - 1, epochs[-1],
@@ -103,8 +83,7 @@ def bound_panel(ax, corrections, column, title, epochs):
 
 
 def mark_warmup(axes, run, epochs):
-    """A dotted line on every panel where the run's warm-up ends (within
-    the epochs drawn); whether drawn."""
+    """A dotted line where the run's warm-up ends, if drawn; whether."""
     epoch = run.warmup_epoch()
     if epoch is None or not epochs[0] - 1 < epoch <= epochs[-1]:
         return False
@@ -124,13 +103,14 @@ def plot_corrections(run):
         height_ratios=(height, height, 1.4), layout="constrained")
     for row in range(2):  # the layers; the bounds have scales of their own
         axes[row, 1].sharey(axes[row, 0])
-    for number, (maps, (bound, bound_title)) in enumerate(zip(HEATMAPS,
-                                                             BOUNDS)):
-        for row, spec in enumerate(maps):
-            heatmap(fig, axes[row, number], matrix(corrections, spec[0],
-                                                   epochs, layers),
-                    spec, epochs, layers)
-        bound_panel(axes[2, number], corrections, bound, bound_title, epochs)
+    for number, (x, deviation) in enumerate(DEVIATIONS):
+        heatmap(fig, axes[0, number], corrections, f"{x}_dev",
+                f"{x}_dev: {deviation}", None, epochs, layers)
+        heatmap(fig, axes[1, number], corrections, f"{x}_clipped",
+                f"{x}_clipped: fraction where {x} is clipped", 1.0, epochs,
+                layers)
+        bound_panel(axes[2, number], corrections, f"{x}_max",
+                    f"{x}_max after the epoch", epochs)
         epoch_ticks(axes[2, number], epochs)
     for ax in axes[:2, 1]:
         ax.tick_params(labelleft=False)
@@ -170,22 +150,19 @@ def in_study(run):
 
 
 def cell_of(config, variants):
-    """(norm, V, sampling, variant text) of a run; `variants`: the
-    VARIANT_KEYS whose values differ among the renorm runs."""
-    group = config["virtual_batch_size"] or config["batch_size"]
-    variant = ", ".join(f"{key} {value_text(config[key])}"
+    """(norm, V, sampling, the text of the `variants` keys) of a run."""
+    variant = ", ".join(f"{key} {variant_value(config[key])}"
                         for key in variants)
-    return config["norm"], group, config["sampling"], variant
+    return config["norm"], group_size(config), config["sampling"], variant
 
 
-def value_text(value):
+def variant_value(value):
     return ",".join(map(str, value)) if isinstance(value, list) else str(
         value)
 
 
 def measures(run):
-    """The run's test accuracy and gaps (points), and its last epoch's
-    corrections, means over the layers."""
+    """Test accuracy and gaps (points), the last epoch's mean corrections."""
     gaps = [100 * gap for gap in run.frame[GAP]]
     test = test_result(run)
     result = {"test": float("nan") if test is None else 100 * test,
@@ -201,7 +178,7 @@ def measures(run):
 def cells(runs):
     """{cell: {seed: measures}}, cells in a stable order."""
     varying = [key for key in VARIANT_KEYS
-               if len({value_text(r.config[key]) for r in runs
+               if len({variant_value(r.config[key]) for r in runs
                        if r.config["norm"] == "renorm"}) > 1]
     table = {}
     for run in sorted(runs, key=lambda r: (r.config["norm"],
@@ -233,7 +210,7 @@ def paired_table(table):
     """Markdown: renorm - batchnorm of the same V and sampling, by seed."""
     rows = []
     for (norm, group, sampling, variant), by_seed in table.items():
-        base = table.get(("batchnorm", group, sampling, ""))
+        base = table.get((BASELINE, group, sampling, ""))
         if norm != "renorm" or base is None:
             continue
         test, gap = (paired_differences(

@@ -1,9 +1,6 @@
-"""The training histories that train.py writes, read for analysis: each run
-(its CSV as numbers, with the train/inference gap where it was validated in
-training mode; its JSON configuration; its NAME.corrections.csv where there
-is one), and the groups of runs that differ only in their seed (and name,
-timings, provenance). The study modules (experiment.*_study,
-experiment.gap_study) draw and tabulate them."""
+"""The histories train.py writes, read for the studies (experiment.*_study):
+each run's CSV, JSON configuration and NAME.corrections.csv; the groups of
+runs that differ only in their seed (and name, timings, provenance)."""
 
 import csv
 import json
@@ -15,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from experiment import runfiles
-from experiment.protocols import CONFIG_KEYS, NORMS
+from experiment.protocols import CONFIG_KEYS, NORMS, SCHEDULE_STEPS
 
 PROG = "plot.py"  # the reader whose warnings these are
 
@@ -25,12 +22,9 @@ TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
 # val_accuracy - val_accuracy_train_mode (a fraction; positive where
 # inference is the better of the two), in the frame of a run that has it.
 GAP = "train_inference_gap"
-# NAME.corrections.csv: a row per epoch and BatchRenormalization layer.
-CORRECTIONS_SUFFIX = ".corrections"
-CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
-                      "d_clipped", "r_max", "d_max")
-# The environment's keys, which split runs too; a history lacks none of
-# them nor of CONFIG_KEYS.
+CORRECTIONS_SUFFIX = ".corrections"  # NAME.corrections.csv
+CORRECTION_COLUMNS = runfiles.CORRECTION_COLUMNS
+# The environment's keys, which split runs too.
 ENVIRONMENT_KEYS = ("device", "backend")
 # Labels name these first, in this order; the other keys follow.
 LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
@@ -41,15 +35,10 @@ LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
 GROUP_FIELDS = tuple(key for key in dict.fromkeys(
     LABEL_ORDER + CONFIG_KEYS + ENVIRONMENT_KEYS)
     if key not in ("norm", "seed", "name"))
-# The settings a norm does not use (train.py records them for every run):
-# they neither split its runs nor name its groups, and its groups compare
-# with others whatever their values.
-IGNORED_BY = {
-    "batchnorm": ("r_max", "d_max", "warmup_steps", "r_max_steps",
-                  "d_max_steps", "renorm_schedule", "track_corrections"),
-    "keras-renorm": ("warmup_steps", "r_max_steps", "d_max_steps",
-                     "renorm_schedule", "track_corrections"),
-}
+# The settings a norm does not use: they neither split nor name its groups.
+RENORM_ONLY = (*SCHEDULE_STEPS, "renorm_schedule", "track_corrections")
+IGNORED_BY = {"batchnorm": ("r_max", "d_max", *RENORM_ONLY),
+              "keras-renorm": RENORM_ONLY}
 IGNORED = "(not used)"  # the value of such a setting
 
 
@@ -71,8 +60,7 @@ class Run:
         return GAP in self.frame
 
     def warmup_epoch(self):
-        """Where a renorm run's bounds start to relax, in epochs; None for
-        other norms, without a warm-up, or without steps_per_epoch."""
+        """Where a renorm run's bounds start to relax, in epochs, or None."""
         steps = self.config["warmup_steps"]
         per_epoch = self.config.get("steps_per_epoch")
         if (self.config["norm"] == "renorm" and isinstance(per_epoch, int)
@@ -105,8 +93,7 @@ class Group:
                                         if v != IGNORED])
 
     def key_for(self, norm):
-        """The key less the settings that `norm` does not use: groups of
-        different norms with equal such keys compare (ratios, tables)."""
+        """The key less the settings that `norm` does not use."""
         return tuple((f, v) for f, v in self.key
                      if f not in IGNORED_BY.get(norm, ()))
 
@@ -134,6 +121,12 @@ def sort_key(value):
     return (2, 0, str(value))
 
 
+def group_size(config):
+    """V: the examples a run's normalization statistics come from (its
+    virtual batch, else its whole batch)."""
+    return config["virtual_batch_size"] or config["batch_size"]
+
+
 def norm_rank(norm):
     return (NORMS.index(norm), "") if norm in NORMS else (len(NORMS), norm)
 
@@ -151,8 +144,7 @@ def warn(message):
 
 # ---------------------------------------------------------------- reading
 def history_paths(runs, history_dir):
-    """The .csv path of each named run, or of every run in `history_dir`
-    (not the runs' NAME.corrections.csv)."""
+    """The .csv path of each named run, or of every run in `history_dir`."""
     if runs:
         paths = [history_csv(Path(run)) if Path(run).suffix in (".csv",
                                                                 ".json")
@@ -199,8 +191,8 @@ def read_config(path):
 
 
 def read_cells(path, required):
-    """The header of a CSV and its cells as text (a short row padded with
-    empty cells), with each row's line and its number of fields."""
+    """A CSV's header, its cells as text (short rows padded), and each
+    row's (line, number of fields)."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
@@ -283,8 +275,8 @@ def read_corrections(path):
 
 
 def load_run(csv_path):
-    """The run of `csv_path`, with its corrections where it has a usable
-    file of them (a damaged one is named on stderr, the run kept)."""
+    """The run of `csv_path`; a damaged corrections file is named on stderr
+    and left out."""
     frame = read_frame(csv_path)
     config = read_config(csv_path.with_suffix(".json"))
     corrections = None
@@ -310,8 +302,8 @@ def load_runs(paths):
 
 # ----------------------------------------------------------------- groups
 def splitting_fields(runs):
-    """GROUP_FIELDS that differ between the runs whose norm uses them, each
-    only if it splits them further than those before it."""
+    """GROUP_FIELDS that split the runs (whose norm uses them) further than
+    those before them."""
     kept = []
     for field in GROUP_FIELDS:
         using = [run for run in runs if run.value(field) != IGNORED]
@@ -323,9 +315,8 @@ def splitting_fields(runs):
 
 
 def group_runs(runs):
-    """Groups of runs equal in every GROUP_FIELDS key (runs that differ only
-    in their seed are repeats), batchnorm first, then by the splitting
-    fields; a group's key holds only those, which tell the groups apart."""
+    """Groups of runs equal in every GROUP_FIELDS key, batchnorm first, then
+    by their keys (the splitting fields only)."""
     fields = splitting_fields(runs)
     groups = {}
     for run in sorted(runs, key=lambda r: r.name):
@@ -337,10 +328,26 @@ def group_runs(runs):
         norm_rank(g.norm), [sort_key(v) for _, v in g.key]))
 
 
+@dataclass
+class Point:
+    """The runs of one norm, sampling and x (seeds are repeats); `rest`:
+    ((field, value), ...) of the other splitting fields."""
+
+    norm: str
+    sampling: object
+    rest: tuple
+    x: object
+    runs: list
+
+    @property
+    def line(self):
+        return (self.norm, self.sampling, self.rest)
+
+
 def points(runs, make, coordinates, order):
-    """The runs by norm, sampling, the other splitting fields (the rest:
-    those not in `make.FIELDS`) and x, `(sampling, x) = coordinates(run)`:
-    a `make(norm, sampling, rest, x, runs)` each, sorted by `order`."""
+    """The runs by norm, sampling, the other splitting fields (those not in
+    `make.FIELDS`) and x, `(sampling, x) = coordinates(run)`: a `make`
+    (a Point) each, sorted by `order`."""
     rest_fields = [f for f in splitting_fields(runs) if f not in make.FIELDS]
     found = {}
     for run in sorted(runs, key=lambda r: r.name):
@@ -351,3 +358,14 @@ def points(runs, make, coordinates, order):
         found[key].runs.append(run)
     return sorted(found.values(), key=order)
 
+
+def lines(points):
+    """{(norm, sampling, rest): {x: point}}, in the points' order."""
+    found = {}
+    for point in points:
+        found.setdefault(point.line, {})[point.x] = point
+    return found
+
+
+def x_values(points):
+    return sorted({p.x for p in points}, key=sort_key)

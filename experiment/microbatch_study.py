@@ -1,6 +1,5 @@
-"""The microbatch study (sweep.py --study microbatch; train.py
---virtual-batch-size, --sampling pairs): microbatch.png and timing.md's
-tables, by norm, sampling and normalization group V."""
+"""The microbatch study (sweep.py --study microbatch): microbatch.png and
+timing.md's tables, by norm, sampling and normalization group V."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -9,13 +8,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from experiment import histories
-from experiment.histories import field_text, norm_rank, sort_key, test_result
+from experiment.histories import (
+    group_size, lines, norm_rank, sort_key, test_result, x_values)
 from experiment.report import (
-    CONFIDENCE, figure_title, interval_text, legend_below, log2_axis,
-    markdown_table, mean_std_text, norm_colors, paired_differences,
-    t_interval)
+    BASELINE, CONFIDENCE, bar_style, figure_title, interval_text,
+    legend_below, line_label, line_table, log2_axis, markdown_table,
+    mean_std_text, norm_colors, paired_differences, rest_markers, t_interval)
 
-LESS, MORE = "batchnorm", "renorm"  # the paired difference is MORE - LESS
+LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
 
 
 def tables(runs, groups):
@@ -25,7 +25,6 @@ def tables(runs, groups):
 
 
 def figures(runs, groups):
-    """(file name, figure) of the study where it has results."""
     found = micro_points(runs)
     if has_results(found):
         yield "microbatch.png", plot_microbatch(found, runs)
@@ -35,25 +34,16 @@ def has_results(points):
     return any(p.by_seed() for p in points)
 
 
-def group_size(run):
-    """V: the examples a run's normalization statistics come from (its
-    virtual batch, else its whole batch)."""
-    virtual = run.value("virtual_batch_size")
-    return virtual if virtual is not None else run.value("batch_size")
-
-
 @dataclass
-class MicroPoint:
-    """The runs of one norm, sampling and normalization group (seeds are
-    repeats, and pair the cells)."""
+class MicroPoint(histories.Point):
+    """x: the normalization group V (`group_size`); sampling: iid, pairs or
+    kK (classes_per_batch K); seeds pair the cells."""
 
-    # Its own fields (the sampling holds classes_per_batch, as kK).
     FIELDS: ClassVar = ("virtual_batch_size", "sampling", "classes_per_batch")
-    norm: str
-    sampling: str  # iid, pairs or kK
-    rest: tuple  # ((field, value), ...) of the other splitting fields
-    group: object  # group_size: V, or the batch size
-    runs: list
+
+    @property
+    def group(self):
+        return self.x
 
     def by_seed(self):
         """Test accuracy of the last weights (%) by seed, of the runs that
@@ -65,37 +55,25 @@ class MicroPoint:
                 found.setdefault(run.value("seed"), []).append(value * 100)
         return {seed: float(np.mean(v)) for seed, v in found.items()}
 
-    @property
-    def line(self):
-        return (self.norm, self.sampling, self.rest)
-
 
 def micro_points(runs):
-    """The runs by norm, sampling, other splitting fields and normalization
-    group (in that order, i.i.d. first); none unless some run has virtual
+    """The MicroPoints, i.i.d. first; none unless some run has virtual
     batches or pairs sampling."""
     if not any(run.value("virtual_batch_size") is not None
                or run.value("sampling") == "pairs" for run in runs):
         return []
     return histories.points(
-        runs, MicroPoint, lambda run: (run.value("sampling"), group_size(run)),
+        runs, MicroPoint,
+        lambda run: (run.value("sampling"), group_size(run.config)),
         lambda p: (norm_rank(p.norm), p.sampling != "iid", str(p.sampling),
                    [sort_key(v) for _, v in p.rest], sort_key(p.group)))
-
-
-def micro_lines(points):
-    """{(norm, sampling, rest): {group: point}}, in the points' order."""
-    lines = {}
-    for point in points:
-        lines.setdefault(point.line, {})[point.group] = point
-    return lines
 
 
 def group_losses(points):
     """Per line with several groups: (line, smallest, largest, {seed:
     accuracy at the largest - at the smallest}), what the norm loses."""
     found = []
-    for line, cells in micro_lines(points).items():
+    for line, cells in lines(points).items():
         if len(cells) < 2:
             continue
         small, large = min(cells, key=sort_key), max(cells, key=sort_key)
@@ -105,18 +83,15 @@ def group_losses(points):
 
 
 def renorm_gains(points):
-    """(sampling, rest, group, {seed: MORE - LESS}) of each cell with
-    both."""
-    found = []
-    lines = micro_lines(points)
-    for (norm, sampling, rest), cells in lines.items():
-        if norm != MORE:
-            continue
-        baseline = lines.get((LESS, sampling, rest), {})
+    """{(sampling, rest): {V: {seed: MORE - LESS}}} of the cells with both."""
+    by_line, found = lines(points), {}
+    for (norm, sampling, rest), cells in by_line.items():
+        baseline = by_line.get((LESS, sampling, rest), {})
         for group, point in cells.items():
-            if group in baseline:
-                found.append((sampling, rest, group, paired_differences(
-                    point.by_seed(), baseline[group].by_seed())))
+            if norm == MORE and group in baseline:
+                found.setdefault((sampling, rest), {})[group] = (
+                    paired_differences(point.by_seed(),
+                                       baseline[group].by_seed()))
     return found
 
 
@@ -125,21 +100,17 @@ def micro_sampling_text(sampling):
 
 
 def microbatch_tables(points):
-    """Markdown: test accuracy per line and V (mean ± std (n) over seeds),
-    then `gains_table` and `losses_table`."""
-    groups = sorted({p.group for p in points}, key=sort_key)
+    """Markdown: test accuracy per line and V, `gains_table`,
+    `losses_table`."""
     rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields, *[f"V={g}" for g in groups])
-    rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
-             *[mean_std_text(cells[g].by_seed().values())
-               if g in cells else "–" for g in groups])
-            for (norm, sampling, rest), cells in micro_lines(points).items()]
     return (
         "**Test accuracy by normalization group V and sampling** (%, the "
         "last weights; mean ± std (number of seeds); V: the virtual batch, "
         "or the whole batch where none was set; pairs: every batch made of "
         "pairs of images of a class, V/2 distinct classes per group, "
-        "`--sampling pairs`):\n\n" + markdown_table(header, rows) + "\n"
+        "`--sampling pairs`):\n\n" + line_table(
+            points, micro_sampling_text, "V={}".format,
+            lambda p: mean_std_text(p.by_seed().values())) + "\n"
         + gains_table(points, rest_fields) + losses_table(points, rest_fields))
 
 
@@ -148,14 +119,12 @@ def gains_table(points, rest_fields):
     gains = renorm_gains(points)
     if not gains:
         return ""
-    columns = sorted({g for _, _, g, _ in gains}, key=sort_key)
-    by_line = {}
-    for sampling, rest, group, differences in gains:
-        by_line.setdefault((sampling, rest), {})[group] = differences
+    columns = sorted({g for cells in gains.values() for g in cells},
+                     key=sort_key)
     rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
              *[interval_text(cells[g].values()) if g in cells else "–"
                for g in columns])
-            for (sampling, rest), cells in by_line.items()]
+            for (sampling, rest), cells in gains.items()]
     return (
         f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
         "test accuracy: the mean difference of the runs of one seed, "
@@ -182,26 +151,17 @@ def losses_table(points, rest_fields):
                          rows) + "\n")
 
 
-def micro_linestyle(sampling):
-    """Solid for i.i.d., dashed for pairs, dotted for K classes per batch."""
-    return {"iid": "-", "pairs": "--"}.get(sampling, ":")
-
-
 def micro_label(line):
-    norm, sampling, rest = line
-    return ", ".join([norm, micro_sampling_text(sampling)]
-                     + [field_text(f, v) for f, v in rest])
+    return line_label(line, micro_sampling_text)
 
 
 def micro_accuracy(ax, points, colors):
     """Test accuracy against V, a line per norm and sampling: the mean over
-    seeds and its t-interval (a line of one group, a marker)."""
-    rests = list(dict.fromkeys(p.rest for p in points))
-    markers = dict(zip(rests, "osD^v<>px*"))
-    lines = micro_lines(points)
-    for number, (line, cells) in enumerate(lines.items()):
-        groups = [g for g in sorted(cells, key=sort_key)
-                  if cells[g].by_seed()]
+    seeds and its t-interval."""
+    markers = rest_markers(points)
+    found = lines(points)
+    for number, (line, cells) in enumerate(found.items()):
+        groups = [g for g in cells if cells[g].by_seed()]
         if not groups:
             continue
         stats = [t_interval(cells[g].by_seed().values()) for g in groups]
@@ -209,13 +169,14 @@ def micro_accuracy(ax, points, colors):
         norm, sampling, rest = line
         # Each line a little to the side (on the log axis), so that the
         # intervals at one V do not hide each other.
-        dodge = 2 ** (0.03 * (number - (len(lines) - 1) / 2))
+        dodge = 2 ** (0.03 * (number - (len(found) - 1) / 2))
         ax.errorbar([g * dodge for g in groups], [mean for mean, _ in stats],
                     yerr=errors if any(errors) else None,
-                    color=colors[norm], linestyle=micro_linestyle(sampling),
+                    color=colors[norm],  # dotted: K classes per batch
+                    linestyle={"iid": "-", "pairs": "--"}.get(sampling, ":"),
                     marker=markers[rest], markersize=5, capsize=3,
                     label=micro_label(line))
-    log2_axis(ax, sorted({p.group for p in points}, key=sort_key),
+    log2_axis(ax, x_values(points),
               "normalization group V (examples; log scale)")
     ax.set(ylabel="test accuracy, last weights (%)",
            title="test accuracy against V")
@@ -227,10 +188,8 @@ def micro_losses(ax, points, colors):
     for number, (line, _small, _large, differences) in enumerate(losses):
         mean, half = t_interval(differences.values())
         norm, sampling, _ = line
-        ax.bar(number, mean, 0.7, color=colors[norm],
-               alpha=0.45 if sampling == "iid" else 0.9,
-               hatch=None if sampling == "iid" else "//", edgecolor="white",
-               yerr=half, capsize=4)
+        ax.bar(number, mean, 0.7, color=colors[norm], yerr=half, capsize=4,
+               **bar_style(sampling == "iid"))
     ax.axhline(0, color="grey", linewidth=1)
     ax.set_xticks(range(len(losses)),
                   [micro_label(line).replace(", ", "\n", 1)

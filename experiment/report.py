@@ -1,7 +1,5 @@
-"""What the studies share: the figure titles, which state every setting
-that departs from the protocol; the norms' colours and line styles; saving
-a figure; Markdown tables; means with their t-intervals and differences
-paired by seed."""
+"""What the studies share: figure titles (every setting that departs from
+the protocol), colours and styles, Markdown tables, t-intervals."""
 
 import io
 import math
@@ -14,7 +12,9 @@ import seaborn as sns
 from matplotlib.ticker import NullLocator
 
 from experiment import runfiles
-from experiment.histories import IGNORED, field_text, sampling_text, sort_key
+from experiment.histories import (
+    IGNORED, field_text, lines, sort_key, x_values)
+from experiment.preprocessing import DEFAULT_VAL_SHARE
 from experiment.protocols import (
     NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
 
@@ -48,14 +48,31 @@ def log2_axis(ax, sizes, label):
     ax.set_xlabel(label)
 
 
-def legend_below(fig, axes, columns=3):
+def legend_below(fig, axes):
     """One legend under the figure of every line of `axes`, each once."""
     handles = {}
     for ax in axes:
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(list(handles.values()), list(handles),
-               loc="outside lower center", ncol=min(len(handles), columns),
+               loc="outside lower center", ncol=min(len(handles), 3),
                frameon=False)
+
+
+def line_label(line, sampling_words):
+    norm, sampling, rest = line
+    return ", ".join([norm, sampling_words(sampling)]
+                     + [field_text(f, v) for f, v in rest])
+
+
+def bar_style(iid):
+    """Light bars for i.i.d. batches, hatched ones for the others."""
+    return {"alpha": 0.45 if iid else 0.9, "hatch": None if iid else "//",
+            "edgecolor": "white"}
+
+
+def rest_markers(points):
+    """A marker per value of the points' other splitting fields."""
+    return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))
 
 
 # ---------------------------------------------------------------- tables
@@ -68,6 +85,18 @@ def markdown_table(header, rows):
                                  for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def line_table(points, sampling_words, column, cell):
+    """Markdown: a row per line of the points, a column `column(x)` per x,
+    the cells `cell(point)`."""
+    xs = x_values(points)
+    header = ("norm", "sampling", *[f for f, _ in points[0].rest],
+              *map(column, xs))
+    rows = [(norm, sampling_words(sampling), *[v for _, v in rest],
+             *[cell(cells[x]) if x in cells else "–" for x in xs])
+            for (norm, sampling, rest), cells in lines(points).items()]
+    return markdown_table(header, rows)
 
 
 def format_percent(values):
@@ -130,7 +159,7 @@ def test_images_text(runs, otherwise):
 
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
-HELD_OUT = TRAIN_IMAGES // 10  # train.py's default --val-size (val_from train)
+HELD_OUT = TRAIN_IMAGES // DEFAULT_VAL_SHARE
 # How a title names a protocol key's value where a run departs from it
 # (other keys: the key's words, then the value).
 DEPARTURE_TEXT = {
@@ -165,9 +194,9 @@ def same(value, reference):
 
 
 def protocol_departures(config):
-    """(key, text) of each protocol key in which a run departs from the
-    protocol it names; the network as one (WRN-d-k); the schedule's steps
-    not where --renorm-schedule set them."""
+    """(key, text) of each protocol key in which a run departs from its
+    protocol; the network as one (WRN-d-k); not the schedule's steps where
+    --renorm-schedule set them."""
     name = config.get("protocol")
     if not isinstance(name, str) or name not in PROTOCOLS:
         return [("protocol", f"protocol {name!r} unknown: not compared")]
@@ -184,15 +213,10 @@ def protocol_departures(config):
 
 
 def run_departures(config):
-    """(key, text) of each setting of a run that departs from its protocol
-    run on the full data set: the network, the data, the other protocol
-    keys, the precision, the normalization groups and sampling, the
-    devices."""
+    """`protocol_departures`, the data set's, then the run settings'."""
     found = protocol_departures(config)
     train, val = config["train_size"], config["val_size"]
     data = []
-    # The protocol's data: a tenth of the training set held out for
-    # validation (train.py's default), the rest trained on.
     held_out = config["val_from"] == "train"
     if train not in (None, TRAIN_IMAGES - HELD_OUT if held_out
                      else TRAIN_IMAGES):
@@ -230,23 +254,19 @@ def setting_text(key, runs):
     if key == "network":
         return "network " + ", ".join(sorted({
             f"WRN-{r.value('depth')}-{r.value('width')}" for r in runs}))
-    if key == "classes_per_batch":
-        return "sampling " + ", ".join(sampling_text(c) for c in sorted(
-            {r.value(key) for r in runs}, key=sort_key))
-    if key == "virtual_batch_size":
-        return "normalization group " + ", ".join(
-            field_text(key, v) for v in sorted({r.value(key) for r in runs},
-                                               key=sort_key))
+    values = {r.value(key) for r in runs}
+    if key in ("classes_per_batch", "virtual_batch_size"):
+        return ("sampling " if key == "classes_per_batch"
+                else "normalization group ") + ", ".join(
+            field_text(key, v) for v in sorted(values, key=sort_key))
     if key == "sampling":
-        return "sampling " + ", ".join(sorted({str(r.value(key))
-                                               for r in runs}))
-    used = (r.value(key) for r in runs if r.value(key) != IGNORED)
-    return f"{key.replace('_', ' ')} {values_text(used)}"
+        return "sampling " + ", ".join(sorted(map(str, values)))
+    return f"{key.replace('_', ' ')} {values_text(values - {IGNORED})}"
 
 
 def describe_runs(runs):
-    """Lines for a figure's title: the protocol(s) and every departure from
-    them that all runs share; those that differ between runs; the device."""
+    """A title's lines: the protocol(s) and the departures all runs share;
+    those that differ between runs; the device."""
     found = [dict(run_departures(run.config)) for run in runs]
     keys = list(dict.fromkeys(k for f in found for k in f))
     common = [k for k in keys if all(f.get(k) == found[0].get(k)

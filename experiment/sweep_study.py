@@ -1,6 +1,5 @@
-"""The sweep over batch sizes and i.i.d. / non-i.i.d. batches (sweep.py;
-train.py --classes-per-batch): accuracy_vs_batch_size.png, non_iid.png and
-timing.md's tables by norm, sampling and batch size."""
+"""The sweep over batch sizes and K classes per batch (sweep.py):
+accuracy_vs_batch_size.png, non_iid.png and timing.md's tables."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -10,10 +9,12 @@ import numpy as np
 
 from experiment import histories
 from experiment.histories import (
-    field_text, norm_rank, sampling_text, sort_key, test_result)
+    field_text, lines, norm_rank, sampling_text, sort_key, test_result,
+    x_values)
 from experiment.report import (
-    LINESTYLES, MAX_LINES, figure_title, format_percent, legend_below,
-    log2_axis, markdown_table, norm_colors, test_images_text)
+    LINESTYLES, MAX_LINES, bar_style, figure_title, format_percent,
+    legend_below, line_label, line_table, log2_axis, norm_colors,
+    rest_markers, test_images_text)
 
 
 def tables(runs, groups):
@@ -26,26 +27,19 @@ def tables(runs, groups):
 
 
 def figures(runs, groups):
-    """(file name, figure) of accuracy against batch size, and of
-    non-i.i.d. batches, where the runs have them."""
     found = sweep_points(runs)
-    if len({p.batch_size for p in found}) > 1:
+    if len({p.x for p in found}) > 1:
         yield ("accuracy_vs_batch_size.png",
                plot_accuracy_vs_batch_size(found, runs))
-    if any(p.classes is not None for p in found):
+    if any(p.sampling is not None for p in found):
         yield "non_iid.png", plot_non_iid(found, runs)
 
 
 @dataclass
-class Point:
-    """The runs of one norm, sampling and batch size (seeds are repeats)."""
+class Point(histories.Point):
+    """x: the batch size; sampling: classes_per_batch (None: i.i.d.)."""
 
     FIELDS: ClassVar = ("batch_size", "classes_per_batch")
-    norm: str
-    classes: object  # classes_per_batch: None for i.i.d.
-    rest: tuple  # ((field, value), ...) of the other splitting fields
-    batch_size: object
-    runs: list
 
     def values(self, which):
         """Each run's best or final validation accuracy, in percent."""
@@ -54,22 +48,15 @@ class Point:
                          for c in column]) * 100
 
     def test_values(self, key="test_accuracy"):
-        """Each run's test accuracy in percent (`key`: test_accuracy, the
-        last weights; best_test_accuracy, the best-val weights); None where
-        a run has none."""
+        """Each run's `result[key]` in percent; None where a run has none."""
         results = [test_result(run, key) for run in self.runs]
         if any(r is None for r in results):
             return None
         return np.array(results) * 100
 
-    @property
-    def line(self):
-        return (self.norm, self.classes, self.rest)
-
 
 def sweep_points(runs):
-    """The runs by norm, sampling, other splitting fields and batch size
-    (in that order, i.i.d. first); none unless the runs span several batch
+    """The Points, i.i.d. first; none unless the runs span several batch
     sizes or include non-i.i.d. ones."""
     if (len({run.value("batch_size") for run in runs}) == 1
             and all(run.value("classes_per_batch") is None for run in runs)):
@@ -77,30 +64,21 @@ def sweep_points(runs):
     return histories.points(
         runs, Point, lambda run: (run.value("classes_per_batch"),
                                   run.value("batch_size")),
-        lambda p: (norm_rank(p.norm), sort_key(p.classes),
-                   [sort_key(v) for _, v in p.rest], sort_key(p.batch_size)))
-
-
-def line_label(norm, classes, rest):
-    return ", ".join([norm, sampling_text(classes)]
-                     + [field_text(f, v) for f, v in rest])
+        lambda p: (norm_rank(p.norm), sort_key(p.sampling),
+                   [sort_key(v) for _, v in p.rest], sort_key(p.x)))
 
 
 def sampling_styles(points):
     """Line style per sampling (solid for i.i.d.) and marker per rest."""
-    samplings = sorted({p.classes for p in points}, key=sort_key)
-    non_iid = [c for c in samplings if c is not None]
-    linestyles = {None: "-"}
-    linestyles.update({c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
-                       for i, c in enumerate(non_iid)})
-    rests = list(dict.fromkeys(p.rest for p in points))
-    markers = dict(zip(rests, "osD^v<>px*"))
-    return linestyles, markers
+    non_iid = sorted({p.sampling for p in points} - {None}, key=sort_key)
+    return ({None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
+                           for i, c in enumerate(non_iid)}},
+            rest_markers(points))
 
 
 def accuracy_panels(points):
-    """(title, each run's accuracy in percent) of each panel: test accuracy
-    first where every run has it, then best and final validation."""
+    """(title, accuracy(point)) of each panel: test accuracy where every
+    run has it, best and final validation."""
     panels = []
     if all(p.test_values() is not None for p in points):
         panels.append(("test accuracy (last weights)", Point.test_values))
@@ -119,27 +97,29 @@ def rest_rows(points):
     return [(rest, [p for p in points if p.rest == rest]) for rest in rests]
 
 
+def label(line):
+    return line_label(line, sampling_text)
+
+
 def accuracy_lines(ax, points, accuracy, styles):
-    """A line per norm and sampling (and rest) against batch size, with
-    min–max bars where there are several runs."""
+    """A line per norm, sampling and rest against batch size, min–max
+    bars."""
     colors, linestyles, markers = styles
-    for line in dict.fromkeys(p.line for p in points):
-        members = [p for p in points if p.line == line]
-        values = [accuracy(p) for p in members]
+    for line, cells in lines(points).items():
+        values = [accuracy(p) for p in cells.values()]
         mean = np.array([v.mean() for v in values])
         errors = np.array([[v.mean() - v.min() for v in values],
                            [v.max() - v.mean() for v in values]])
         norm, classes, rest = line
-        ax.errorbar([p.batch_size for p in members], mean,
-                    yerr=errors if errors.any() else None,
+        ax.errorbar(list(cells), mean, yerr=errors if errors.any() else None,
                     color=colors[norm], linestyle=linestyles[classes],
                     marker=markers[rest], markersize=5, capsize=3,
-                    label=line_label(*line))
+                    label=label(line))
 
 
 def plot_accuracy_vs_batch_size(points, runs):
-    """Accuracy against batch size, a panel per measure, a line per norm
-    and sampling (and rest), a row per `rest_rows`."""
+    """Accuracy against batch size, a panel per measure, a row per
+    `rest_rows`."""
     panels, rows = accuracy_panels(points), rest_rows(points)
     fig, axes = plt.subplots(
         len(rows), len(panels), squeeze=False, sharey=True,
@@ -147,11 +127,10 @@ def plot_accuracy_vs_batch_size(points, runs):
         layout="constrained")
     styles = (norm_colors(list(dict.fromkeys(p.norm for p in points))),
               *sampling_styles(points))
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
     for number, (rest, members) in enumerate(rows):
         for ax, (title, accuracy) in zip(axes[number], panels):
             accuracy_lines(ax, members, accuracy, styles)
-            log2_axis(ax, sizes, "batch size (log scale)")
+            log2_axis(ax, x_values(points), "batch size (log scale)")
             ax.set_title(", ".join([title] + [field_text(f, v)
                                               for f, v in rest]))
         axes[number, 0].set_ylabel("accuracy (%)")
@@ -166,17 +145,13 @@ def plot_accuracy_vs_batch_size(points, runs):
 
 def non_iid_bars(ax, points, colors, sizes):
     """Bars of best val accuracy per batch size, norm and sampling."""
-    bars = list(dict.fromkeys(p.line for p in points))
+    bars = lines(points)
     width = 0.8 / len(bars)
-    for number, line in enumerate(bars):
-        norm, classes, _rest = line
-        members = {p.batch_size: p for p in points if p.line == line}
+    for number, (line, members) in enumerate(bars.items()):
         x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
         heights = [p.values("best").mean() for p in members.values()]
-        ax.bar(x, heights, width, color=colors[norm],
-               alpha=0.45 if classes is None else 0.9,
-               hatch=None if classes is None else "//",
-               edgecolor="white", label=line_label(*line))
+        ax.bar(x, heights, width, color=colors[line[0]], label=label(line),
+               **bar_style(line[1] is None))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set(xlabel="batch size", ylabel="best validation accuracy (%)")
 
@@ -186,21 +161,17 @@ def non_iid_drops(ax, points, colors, styles, sizes):
     i.i.d., against batch size."""
     linestyles, markers = styles
     drawn = False
-    for line in dict.fromkeys(p.line for p in points):
-        norm, classes, rest = line
-        if classes is None:
+    found = lines(points)
+    for (norm, classes, rest), cells in found.items():
+        iid = found.get((norm, None, rest), {})
+        members = [size for size in cells if size in iid]
+        if classes is None or not members:
             continue
-        iid = {p.batch_size: p for p in points
-               if p.line == (norm, None, rest)}
-        members = [p for p in points
-                   if p.line == line and p.batch_size in iid]
-        if not members:
-            continue
-        drops = [p.values("best").mean() - iid[p.batch_size]
-                 .values("best").mean() for p in members]
-        ax.plot([p.batch_size for p in members], drops,
-                color=colors[norm], linestyle=linestyles[classes],
-                marker=markers[rest], label=line_label(*line))
+        drops = [cells[size].values("best").mean()
+                 - iid[size].values("best").mean() for size in members]
+        ax.plot(members, drops, color=colors[norm],
+                linestyle=linestyles[classes], marker=markers[rest],
+                label=label((norm, classes, rest)))
         drawn = True
     ax.axhline(0, color="grey", linewidth=1)
     if drawn:
@@ -209,58 +180,41 @@ def non_iid_drops(ax, points, colors, styles, sizes):
 
 
 def plot_non_iid(points, runs):
-    """Best val accuracy per batch size, norm and sampling, and what each
-    norm loses with non-i.i.d. batches; a row per `rest_rows`."""
+    """`non_iid_bars` and `non_iid_drops`, a row per `rest_rows`."""
     rows = rest_rows(points)
     fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.5 + 3.8 * len(rows)),
                              squeeze=False, layout="constrained")
     colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
     styles = sampling_styles(points)
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
     for (rest, members), (left, right) in zip(rows, axes):
         where = "".join(", " + field_text(f, v) for f, v in rest)
-        non_iid_bars(left, members, colors, sizes)
+        non_iid_bars(left, members, colors, x_values(points))
         left.set_title("i.i.d. (light) and non-i.i.d. (hatched) batches"
                        + where)
-        non_iid_drops(right, members, colors, styles, sizes)
+        non_iid_drops(right, members, colors, styles, x_values(points))
         right.set_title("best val accuracy: non-i.i.d. minus i.i.d." + where)
     fig.suptitle(figure_title("Non-i.i.d. minibatches", [], runs))
     legend_below(fig, axes[:, 0])
     return fig
 
 
-def batch_table(points, cell):
-    """Markdown: a row per line, a column per batch size, `cell(point)`."""
-    sizes = sorted({p.batch_size for p in points}, key=sort_key)
-    rest_fields = [f for f, _ in points[0].rest]
-    header = ("norm", "sampling", *rest_fields,
-              *[f"batch {s}" for s in sizes])
-    rows = []
-    for line in dict.fromkeys(p.line for p in points):
-        norm, classes, rest = line
-        cells = {p.batch_size: p for p in points if p.line == line}
-        rows.append((norm, sampling_text(classes), *[v for _, v in rest],
-                     *[cell(cells[s]) if s in cells else "–" for s in sizes]))
-    return markdown_table(header, rows)
-
-
 def sweep_table(points):
     """Markdown: best / final val accuracy (%) per line and batch size."""
     def cell(point):
-        return (f"{format_percent(point.values('best') / 100)} / "
-                f"{format_percent(point.values('final') / 100)}")
+        return " / ".join(format_percent(point.values(which) / 100)
+                          for which in ("best", "final"))
 
     return (
         "**Validation accuracy by batch size and sampling** (best / final, %; "
         "mean ± std over runs where there are several; i.i.d.: random "
         "batches, K classes/batch: every training batch from K classes, "
-        "`--classes-per-batch`):\n\n" + batch_table(points, cell) + "\n")
+        "`--classes-per-batch`):\n\n"
+        + line_table(points, sampling_text, "batch {}".format, cell) + "\n")
 
 
 def test_table(points):
-    """Markdown: test accuracy per line and batch size, the last weights'
-    (and "/ the best-val weights'" where every run has it); "" unless every
-    run has a test result."""
+    """Markdown: test accuracy per line and batch size, the last (/ the
+    best-val) weights'; "" unless every run has one."""
     if any(p.test_values() is None for p in points):
         return ""
     counted = test_images_text([r for p in points for r in p.runs],
@@ -269,17 +223,14 @@ def test_table(points):
                for p in points)
 
     def cell(point):
-        text = format_percent(point.test_values() / 100)
-        if best:
-            text += " / " + format_percent(
-                point.test_values("best_test_accuracy") / 100)
-        return text
+        return " / ".join(format_percent(point.test_values(key) / 100) for key
+                          in ("test_accuracy", "best_test_accuracy")[:1 + best])
 
     weights = ("the last / the best-val weights" if best
                else "the last weights")
     return (
         f"**Test accuracy by batch size and sampling** (%, {weights} on "
         f"{counted}; mean ± std over runs where there are several):\n\n"
-        + batch_table(points, cell) + "\n")
+        + line_table(points, sampling_text, "batch {}".format, cell) + "\n")
 
 
