@@ -99,10 +99,6 @@ def study(tmp_path):
     return history, rows
 
 
-def test_corrections_columns_are_train_pys():
-    assert histories.CORRECTION_COLUMNS == runfiles.CORRECTION_COLUMNS
-
-
 def test_a_corrections_file_is_not_a_history(study, tmp_path):
     history, _ = study
     paths = histories.history_paths([], history)
