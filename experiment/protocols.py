@@ -268,11 +268,9 @@ def schedule_warnings(config, steps_per_epoch):
             f"the run's {total} steps end before the renorm warm-up "
             f"({config['warmup_steps']} steps): r_max stays 1 and d_max 0, "
             f"plain batch normalization throughout{fix}")
-    elif min(ramp_progress(config, "r_max_steps", total),
-             ramp_progress(config, "d_max_steps", total)) < 0.5:
-        r_end = 1 + (config["r_max"] - 1) * ramp_progress(
-            config, "r_max_steps", total)
-        d_end = config["d_max"] * ramp_progress(config, "d_max_steps", total)
+    elif min(ramp_progress(config, key, total) for key in (
+            "r_max_steps", "d_max_steps")) < 0.5:
+        r_end, d_end = bounds_at(config, total)
         warnings.append(
             f"the run's {total} steps end early in the renorm schedule: by "
             f"its end r_max reaches only {r_end:.2f} of {config['r_max']:g} "
@@ -294,8 +292,23 @@ def ramp_progress(config, ramp, total):
     from batch_renorm import renorm_ramp  # imports Keras: only train.py's
 
     return renorm_ramp(total, config["warmup_steps"], config[ramp],
-                       clip=lambda value, low, high: min(max(value, low),
-                                                         high))
+                       clip=_clip)
+
+
+def bounds_at(config, total):
+    """`(r_max, d_max)` after `total` steps (the layer's `renorm_bounds`),
+    as floats."""
+    from batch_renorm import renorm_bounds
+
+    return renorm_bounds(total, config["r_max"], config["d_max"],
+                         *(config[key] for key in ("warmup_steps",
+                                                   "r_max_steps",
+                                                   "d_max_steps")),
+                         clip=_clip)
+
+
+def _clip(value, low, high):
+    return min(max(value, low), high)
 
 
 def protocols_table():
