@@ -313,7 +313,7 @@ def parse_args(argv, doc):
     config["lr_milestones"] = list(config["lr_milestones"])
     if config["renorm_schedule"] is not None:
         config["renorm_schedule"] = list(config["renorm_schedule"])
-    check_config(config, explicit)
+    processes = check_config(config, explicit)
     resolve_measurements(config, explicit)
     options = argparse.Namespace(
         resume=explicit.get("resume", False),
@@ -321,7 +321,7 @@ def parse_args(argv, doc):
         data_dir=explicit.get("data_dir"),
         history_dir=explicit.get("history_dir", Path("history")),
         weights_dir=explicit.get("weights_dir", Path("weights")),
-        processes=hosts.from_environment(),
+        processes=processes,
     )
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
@@ -330,7 +330,8 @@ def parse_args(argv, doc):
 
 def check_config(config, explicit):
     """Sets the run's sampling and name; refuses flags that contradict each
-    other or the backend."""
+    other, the backend or the launcher's processes; returns the processes
+    (`hosts.from_environment`)."""
     classes = config["classes_per_batch"]
     if classes and "sampling" in explicit:
         raise UsageError(
@@ -368,6 +369,7 @@ def check_config(config, explicit):
         raise UsageError(f"--input device needs one device, not --devices "
                          f"{config['devices']} (leave --input at auto or "
                          "host)")
+    return processes
 
 
 def resolve_measurements(config, explicit):
