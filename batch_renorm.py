@@ -662,9 +662,7 @@ class BatchRenormalization(keras.layers.Layer):
         n, rest = shape[0], tuple(shape[1:])
         padding = (-n) % size
         padded = not isinstance(padding, int) or padding > 0
-        selected = None  # None: every position counts
-        if mask is not None:
-            selected = ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
+        selected = _selection(mask)  # None: every position counts
         if padded:
             x = ops.concatenate([x, ops.zeros((padding,) + rest, x.dtype)])
             if selected is not None:
@@ -867,8 +865,7 @@ class BatchRenormalization(keras.layers.Layer):
                 scaled_square - ops.stop_gradient(scaled_square)
             ) / _SQUARE_SCALE - 2.0 * mean_constant * (mean - mean_constant)
             return mean, exact + carrier
-        selected = ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
-        mean, variance, _ = _selected_moments(x, selected, axes)
+        mean, variance, _ = _selected_moments(x, _selection(mask), axes)
         return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
 
     def get_config(self):
@@ -959,14 +956,20 @@ def _synchronized_moments(layer, x, mask):
     import tensorflow as tf
 
     context = _replica_context()
-    selected = None
-    if mask is not None:
-        selected = ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
     axes = layer._reduction_axes
     mean, variance, _ = _selected_moments(
-        x, selected, axes, all_reduce=lambda values: context.all_reduce(
+        x, _selection(mask), axes,
+        all_reduce=lambda values: context.all_reduce(
             tf.distribute.ReduceOp.SUM, values))
     return ops.squeeze(mean, axes), ops.squeeze(variance, axes)
+
+
+def _selection(mask):
+    """A Keras mask (examples, positions) as a selection that broadcasts
+    against the input's channel axis; None for no mask."""
+    if mask is None:
+        return None
+    return ops.expand_dims(ops.cast(mask, "bool"), axis=-1)
 
 
 def _selected_moments(x, selected, axes, all_reduce=None):
