@@ -1,14 +1,9 @@
 #!/usr/bin/env python3
 """The 2017 reproduction on a GPU in one command: the `seed` protocol with
 batchnorm and renorm on JAX, bench.py's model level and plot.py, within a
-time budget, each finished step copied out as it ends. docs/gpu.md: what
-the machine needs, the order of the steps, the budget, the files.
-
-  python benchmarks/reference_gpu.py --time-budget 540 --output-dir OUT
-  python benchmarks/reference_gpu.py --seeds 1 ...   # a later window: seed 1
-  python benchmarks/reference_gpu.py --tiny          # the same job in small,
-                                                     # on any device (CI: CPU)
-"""
+time budget, each finished step copied out as it ends; --tiny: the same job
+in small, on any device. docs/gpu.md: what the machine needs, the steps, the
+budget, the files that come back."""
 
 import csv
 import io
@@ -33,8 +28,7 @@ from experiment import cli, protocols, runfiles  # noqa: E402 (after the path)
 PROG = "reference_gpu.py"
 # The 2017 comparison: Keras's BatchNormalization against this layer.
 NORMS = tuple(norm for norm in protocols.NORMS if norm != "keras-renorm")
-# --tiny: the same commands, files and budget logic in a minute or two on a
-# CPU; 4 steps per execution so that train.py's compiled epoch runs too.
+# --tiny: a minute or two on a CPU; 4 steps per execution: a compiled epoch.
 TINY_EPOCHS = 3
 TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "256",
               "--val-size", "100", "--batch-size", "32",
@@ -52,6 +46,8 @@ POLL = 0.25  # seconds between two looks at a run's CSV
 STOP_WAIT = 120  # seconds a stopped step has to exit before it is killed
 SUMMARY_NAME = "reference_gpu.md"  # summary.md inside reports.tar
 LOSSES = ("loss", "val_loss")
+CONTINUES = "the same command continues it"
+RERUN = "rerun the same command to continue (finished runs are kept)"
 
 
 def absolute(text):
@@ -92,8 +88,8 @@ class NoGPU(Exception):
 
 
 def gpu_name(tiny):
-    """The name of JAX's device; NoGPU unless Keras runs on JAX and JAX has
-    a GPU (any device with `tiny`)."""
+    """JAX's device's name; NoGPU unless Keras runs on a JAX GPU (`tiny`: any
+    device)."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         raise NoGPU(f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']}; "
                     "this job runs on jax (unset it or set it to jax)")
@@ -137,10 +133,6 @@ class Step:
     estimate: object = None  # seconds, as reckoned before it started
     wall: object = None  # seconds it ran in this job
 
-    @property
-    def is_run(self):
-        return self.norm is not None
-
 
 def plan(args, folders, epochs):
     """The steps in priority order: the first seed's runs, the bench, the
@@ -165,9 +157,8 @@ def plan(args, folders, epochs):
 
 
 class Cost(NamedTuple):
-    """A run's seconds from its start to its first new CSV row (start-up,
-    compilation, an epoch), per epoch after that, from its last row to its
-    exit."""
+    """A run's seconds to its first new CSV row (start-up, compilation, an
+    epoch), per epoch after that, and from its last row to its exit."""
 
     start: float
     epoch: float
@@ -175,8 +166,7 @@ class Cost(NamedTuple):
 
 
 def rows_done(step, folders):
-    """The epochs in the run's CSV (0 where it is unreadable, as when caught
-    mid-write: train.py --resume repairs it)."""
+    """The epochs in the run's CSV (0 where caught unreadable mid-write)."""
     try:
         return len(runfiles.read_rows(folders.history / f"{step.name}.csv"))
     except (OSError, UnicodeDecodeError, csv.Error):
@@ -198,9 +188,8 @@ def measured(seen, started, ended, finished):
 
 
 def run_watched(step, why_stop):
-    """Runs `step`, asking `why_stop()` between two looks: a reason stops it
-    (SIGTERM: train.py saves and exits; a kill after STOP_WAIT s). Its exit
-    code, seconds and the reason (None: not stopped)."""
+    """Runs `step`, stopped (SIGTERM: train.py saves and exits) where
+    `why_stop()` gives a reason; its exit code, seconds and the reason."""
     print(f"{PROG}: {shlex.join(['python', step.script, *step.argv])}",
           flush=True)
     started = time.monotonic()
@@ -223,13 +212,9 @@ def run_watched(step, why_stop):
     return code, time.monotonic() - started, why
 
 
-class NotFinite(Exception):
-    """A run's history holds a loss that is not finite."""
-
-
-def check_finite(step, folders):
-    """NotFinite (naming run, column and epoch) where a loss or val_loss of
-    the run's CSV is NaN or infinite."""
+def not_finite(step, folders):
+    """Where a loss or val_loss of the run's CSV is NaN or infinite, a line
+    that names run, column and epoch; else None."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
         for column in LOSSES:
@@ -238,31 +223,14 @@ def check_finite(step, folders):
             except ValueError:
                 value = math.nan
             if not math.isfinite(value):
-                raise NotFinite(
-                    f"{step.name}: {column} is {row.get(column)!r} in epoch "
-                    f"{row['epoch']} ({path}); a run whose numbers are not "
-                    "finite is no result")
-
-
-def write_tar(path, members):
-    """An uncompressed tar of `members` ((a file or bytes, name inside)) at
-    `path`, made in memory and written atomically."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for source, name in members:
-            if isinstance(source, bytes):
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime = len(source), time.time()
-                tar.addfile(info, io.BytesIO(source))
-            else:
-                tar.add(source, arcname=name)
-    runfiles.write_file(path, buffer.getvalue())
+                return (f"{step.name}: {column} is {row.get(column)!r} in "
+                        f"epoch {row['epoch']} ({path}); a run whose numbers "
+                        "are not finite is no result")
+    return None
 
 
 def run_figures(step, folders):
-    """A run's summary cells: epochs, mean train seconds per epoch (without
-    each session's first where others exist), best validation accuracy,
-    test accuracy of the best-validation and last weights."""
+    """A run's cells of the summary (docs/gpu.md says what each holds)."""
     rows = runfiles.read_rows(folders.history / f"{step.name}.csv")
     try:
         record = runfiles.read_json(folders.history / f"{step.name}.json")
@@ -290,8 +258,9 @@ class Job:
     to `output_dir` (None: nowhere) as they end."""
 
     def __init__(self, folders, device, budget=None, output_dir=None):
-        self.folders, self.device, self.output_dir = folders, device, output_dir
-        self.budget, self.started = budget, time.monotonic()
+        self.folders, self.device = folders, device
+        self.budget, self.output_dir = budget, output_dir
+        self.started = time.monotonic()
         self.costs, self.plot_seconds = {}, PLOT_GUESS  # runs' by norm
         self.steps, self.notes = [], []  # notes: what was skipped, stopped
         self.trained = 0  # runs started in this job (the first: the probe)
@@ -302,11 +271,11 @@ class Job:
                 else self.budget - time.monotonic() + self.started)
 
     def run(self, steps):
-        """Every step that fits, in order; the job's exit code. Raises
-        NotFinite after the first run whose losses are not finite."""
+        """Every step that fits, in order; the job's exit code (1 after a
+        run whose losses are not finite)."""
         self.steps = steps
         for step in steps:
-            if step.is_run and runfiles.finished(
+            if step.norm and runfiles.finished(
                     self.folders.history, step.name, step.epochs):
                 print(f"{PROG}: {step.name}: finished, kept", flush=True)
                 step.status = "kept"
@@ -315,24 +284,21 @@ class Job:
             else:
                 script, code = self.run_step(step)
                 if code:
-                    return self.failed(script, code)
-            if step.is_run:
-                try:
-                    check_finite(step, self.folders)
-                except NotFinite:
-                    step.status = "not finite"
-                    raise
+                    return self.failed(f"{script} exited {code}; {RERUN}",
+                                       code)
+            error = step.norm and not_finite(step, self.folders)
+            if error:
+                step.status = "not finite"
+                return self.failed(error, 1)
             self.copy_out(step)
-        if not self.trained:  # plot the kept runs
-            code = self.plot()
-            if code:
-                return self.failed("plot.py", code)
+        code = 0 if self.trained else self.plot()  # else: plot the kept runs
+        if code:
+            return self.failed(f"plot.py exited {code}; {RERUN}", code)
         self.copy_out()
         return 0
 
-    def failed(self, script, code):
-        print(f"{PROG}: {script} exited {code}; rerun the same command to "
-              "continue (finished runs are kept)", file=sys.stderr)
+    def failed(self, message, code):
+        cli.fail(PROG, message, code)
         self.copy_out()
         return code
 
@@ -350,7 +316,7 @@ class Job:
         before anything is measured."""
         if not self.costs:
             return None
-        if not step.is_run:
+        if not step.norm:
             start = max(cost.start for cost in self.costs.values())
             return BENCH_VARIANTS * start, (
                 f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s")
@@ -368,9 +334,8 @@ class Job:
         left, reckoned = self.left(), self.estimate(step)
         if reckoned is not None:
             step.estimate = reckoned[0]
-        if (step.is_run and not self.trained) or (
-                reckoned is None and left > 0) or (
-                    reckoned is not None and reckoned[0] <= left):
+        fits = reckoned[0] <= left if reckoned else left > 0
+        if fits or (step.norm and not self.trained):
             return True
         why = ("nothing measured yet, and the budget is spent"
                if reckoned is None else
@@ -384,7 +349,7 @@ class Job:
     def run_step(self, step):
         """A run then plot.py, or the bench: the program that failed and its
         exit code, or a code 0 (a stop for the budget is no failure)."""
-        if step.is_run:
+        if step.norm:
             code, why = self.train(step)
         else:
             code, step.wall, why = run_watched(step, lambda: (
@@ -392,18 +357,18 @@ class Job:
         if why:
             step.status = "stopped" + (
                 f" after epoch {rows_done(step, self.folders)}"
-                if step.is_run else "")
+                if step.norm else "")
             self.notes.append(f"stopped {step.name}: {why}")
         elif code:
             step.status = f"failed (exit {code})"
             return step.script, code
         else:
             step.status = "finished"
-        return ("plot.py", self.plot()) if step.is_run else (step.script, 0)
+        return ("plot.py", self.plot()) if step.norm else (step.script, 0)
 
     def train(self, step):
-        """Runs train.py for `step`, stopped where `overrun` says, noting
-        its Cost where an epoch ended; its exit code and why it stopped."""
+        """Runs train.py for `step`, noting its Cost where an epoch ended;
+        its exit code and why it was stopped (None: it was not)."""
         probe, before = not self.trained, rows_done(step, self.folders)
         guess = self.cost_of(step.norm)[0]
         seen, started = [], time.monotonic()
@@ -415,13 +380,33 @@ class Job:
             seen.append((new, now))
             return True
 
-        def why_stop():
-            if look(time.monotonic()) or self.left() <= 0:
-                return self.overrun(step, before, seen, started, guess,
-                                    probe)
-            return None
+        def overrun():
+            """Why the run should stop, or None: the budget is spent, or its
+            projected end (at its own pace once two rows came, else
+            `guess`'s) passes it; never with no epoch to go, nor for the
+            probe before its PROBE_EPOCHS."""
+            if not look(time.monotonic()) and self.left() > 0:
+                return None
+            new = seen[-1][0] if seen else 0
+            to_go, left = step.epochs - before - new, self.left()
+            if self.budget is None or to_go <= 0 or (
+                    probe and new < PROBE_EPOCHS):
+                return None
+            if left <= 0:
+                return (f"the budget is spent, {before + new} of "
+                        f"{step.epochs} epochs done; {CONTINUES}")
+            pace = (measured(seen, started, time.monotonic(), False)
+                    if len(seen) > 1 else guess)
+            if pace is None:
+                return None
+            needed = to_go * pace.epoch + pace.end + self.plot_seconds
+            if needed <= left:
+                return None
+            return (f"its {to_go} epochs to go need about {needed:.0f} s "
+                    f"({pace.epoch:.2f} s an epoch), {left:.0f} s of the "
+                    f"budget left; {CONTINUES}")
 
-        code, step.wall, why = run_watched(step, why_stop)
+        code, step.wall, why = run_watched(step, overrun)
         look(started + step.wall)
         self.trained += 1
         cost = measured(seen, started, started + step.wall,
@@ -429,30 +414,6 @@ class Job:
         if cost is not None and (why or not code):
             self.costs[step.norm] = cost
         return code, why
-    def overrun(self, step, before, seen, started, guess, probe):
-        """Why the run should stop now, or None: the budget is spent, or its
-        projected end (at its own pace once two rows came, else `guess`'s)
-        passes it; never with no epoch to go, nor for the `probe` before its
-        PROBE_EPOCHS."""
-        new = seen[-1][0] if seen else 0
-        to_go = step.epochs - before - new
-        if self.budget is None or to_go <= 0 or (
-                probe and new < PROBE_EPOCHS):
-            return None
-        left = self.left()
-        if left <= 0:
-            return (f"the budget is spent, {before + new} of {step.epochs} "
-                    "epochs done; the same command continues it")
-        pace = (measured(seen, started, time.monotonic(), False)
-                if len(seen) > 1 else guess)
-        if pace is None:
-            return None
-        needed = to_go * pace.epoch + pace.end + self.plot_seconds
-        if needed <= left:
-            return None
-        return (f"its {to_go} epochs to go need about {needed:.0f} s "
-                f"({pace.epoch:.2f} s an epoch), {left:.0f} s of the budget "
-                "left; the same command continues it")
 
     def plot(self):
         plot = Step("plot.py", ["--history-dir", str(self.folders.history),
@@ -468,27 +429,34 @@ class Job:
         if self.output_dir is None:
             return
         out, folders = self.output_dir, self.folders
-
-        def members(files):
-            return [(p, folders.archived(p)) for p in files]
-
-        if step is not None and step.is_run and step.status in (
+        if step is not None and step.norm and step.status in (
                 "finished", "kept"):
             paths = runfiles.Paths.of(step.name, folders.history,
                                       folders.weights)
-            for suffix, files in (
-                    (".best", [paths.best]),
-                    ("", [paths.csv, paths.json, paths.corrections,
-                          paths.last])):
-                write_tar(out / f"{step.name}{suffix}.tar",
-                          members(p for p in files if p.exists()))
+            self.write_tar(out / f"{step.name}.best.tar", [paths.best])
+            self.write_tar(out / f"{step.name}.tar", [
+                paths.csv, paths.json, paths.corrections, paths.last])
         table = self.table().encode()
         runfiles.write_file(out / "summary.md", table)
-        reports = sorted(p for folder in (folders.plots, folders.results)
-                         if folder.is_dir() for p in folder.iterdir()
-                         if p.is_file() and not p.name.startswith("."))
-        write_tar(out / "reports.tar", members(reports)
-                  + [(table, folders.archived(folders.plots / SUMMARY_NAME))])
+        self.write_tar(out / "reports.tar", sorted(
+            p for folder in (folders.plots, folders.results)
+            if folder.is_dir() for p in folder.iterdir()
+            if p.is_file() and not p.name.startswith(".")), table)
+
+    def write_tar(self, path, files, summary=None):
+        """Writes atomically a tar of the `files` that exist and of the
+        bytes `summary`, each at its path in the repository."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for file in files:
+                if file.exists():
+                    tar.add(file, arcname=self.folders.archived(file))
+            if summary is not None:
+                info = tarfile.TarInfo(self.folders.archived(
+                    self.folders.plots / SUMMARY_NAME))
+                info.size, info.mtime = len(summary), time.time()
+                tar.addfile(info, io.BytesIO(summary))
+        runfiles.write_file(path, buffer.getvalue())
 
     def table(self):
         """The summary (markdown): a row per step, the job's time, then
@@ -498,7 +466,7 @@ class Job:
                   "test acc (best-val weights) | test acc (last) | "
                   "estimate s | wall s |"), "|" + " --- |" * 9]
         for step in self.steps:
-            figures = (run_figures(step, self.folders) if step.is_run
+            figures = (run_figures(step, self.folders) if step.norm
                        else ("-",) * 5)
             lines.append("| " + " | ".join(
                 (step.name, step.status, *figures, text(step.estimate, ".0f"),
@@ -537,22 +505,15 @@ def main(argv=None):
     job = Job(folders, name, args.time_budget, args.output_dir)
     try:
         code = job.run(plan(args, folders, epochs))
-    except NotFinite as error:
-        job.copy_out()
-        print(job.table(), end="", flush=True)
-        return cli.fail(PROG, error, 1)
     except runfiles.WriteError as error:
         return cli.fail(PROG, error, 1)
     except KeyboardInterrupt:  # the step took the signal too, and saves
-        return cli.fail(PROG, "interrupted; rerun the same command to "
-                        "continue (finished runs are kept)", 130)
+        return cli.fail(PROG, f"interrupted; {RERUN}", 130)
     print(job.table(), end="", flush=True)
-    if args.output_dir is None:
-        print(f"{PROG}: done")
-        return code
-    files = sorted(p.name for p in args.output_dir.iterdir()
-                   if p.is_file() and not p.name.startswith("."))
-    print(f"{PROG}: done; in {args.output_dir}: {', '.join(files)}")
+    out = args.output_dir
+    files = sorted(p.name for p in out.iterdir() if p.is_file()
+                   and not p.name.startswith(".")) if out else []
+    print(f"{PROG}: done" + (f"; in {out}: {', '.join(files)}" if out else ""))
     return code
 
 
