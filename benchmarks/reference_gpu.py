@@ -2,8 +2,8 @@
 """The 2017 reproduction on a GPU in one command: the `seed` protocol with
 batchnorm and renorm on JAX, bench.py's model level and plot.py, within a
 time budget, each finished step copied out as it ends; --tiny: the same job
-in small, on any device. docs/gpu.md: what the machine needs, the steps, the
-budget, the files that come back."""
+in small, on any device. docs/gpu.md: what the machine needs, the steps,
+each flag and its default, the budget, the files that come back."""
 
 import csv
 import io
@@ -58,50 +58,40 @@ def build_parser():
     parser = cli.script_parser(PROG, __doc__)
     add = parser.add_argument
     add("--norms", nargs="+", choices=NORMS, default=list(NORMS),
-        metavar="NORM", help="default: " + " ".join(NORMS))
+        metavar="NORM")
     add("--seeds", nargs="+", type=cli.nonnegative_int, default=[0],
-        metavar="SEED", help="default: 0")
-    add("--precision", choices=protocols.PRECISIONS, default="mixed_bfloat16",
-        help="dtype policy of every run (default: mixed_bfloat16)")
-    add("--epochs", type=cli.positive_int, help="default: the protocol's 100 "
-        f"({TINY_EPOCHS} with --tiny)")
+        metavar="SEED")
+    add("--precision", choices=protocols.PRECISIONS, default="mixed_bfloat16")
+    add("--epochs", type=cli.positive_int, help="default: the protocol's")
     add("--time-budget", type=cli.positive_float, metavar="SECONDS",
-        help="end within about SECONDS: start only the steps estimated to "
-        "fit (default: no limit)")
-    add("--output-dir", type=absolute, metavar="DIR", help="copy each "
-        "finished run, the plots, the benchmark and the summary into DIR")
-    add("--tiny", action="store_true", help=f"WRN-10-1, 256 images, "
-        f"{TINY_EPOCHS} epochs, on whatever device JAX has")
-    add("--data-dir", type=absolute, metavar="DIR",
-        help="CIFAR-10 (default: $CIFAR10_DIR)")
-    for name in ("history", "weights", "plots"):
-        add(f"--{name}-dir", type=absolute, default=name, metavar="DIR")
-    add("--results-dir", type=absolute, metavar="DIR",
-        default=ROOT / "benchmarks" / "results")
-    add("--bench-repeats", type=cli.positive_int, default=5,
-        help="bench.py --repeats (default 5)")
+        help="start only the steps estimated to fit")
+    add("--output-dir", type=absolute, metavar="DIR",
+        help="copy each finished run and the reports into DIR")
+    add("--tiny", action="store_true", help="the same job in small")
+    for name, default in (("data", None), ("history", "history"),
+                          ("weights", "weights"), ("plots", "plots"),
+                          ("results", ROOT / "benchmarks" / "results")):
+        add(f"--{name}-dir", type=absolute, default=default, metavar="DIR")
+    add("--bench-repeats", type=cli.positive_int, default=5)
     return parser
 
 
-class NoGPU(Exception):
-    """Keras cannot run here on a JAX GPU; the message says what to do."""
-
-
 def gpu_name(tiny):
-    """JAX's device's name; NoGPU unless Keras runs on a JAX GPU (`tiny`: any
-    device)."""
+    """JAX's device's name and None, or None and why Keras cannot run here
+    on a JAX GPU (`tiny`: on any device)."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
-        raise NoGPU(f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']}; "
-                    "this job runs on jax (unset it or set it to jax)")
+        return None, (f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']}; "
+                      "this job runs on jax (unset it or set it to jax)")
     try:
         import jax
     except ImportError:
-        raise NoGPU(f"JAX is not installed; {HOW_TO_GET_JAX}") from None
+        return None, f"JAX is not installed; {HOW_TO_GET_JAX}"
     device = jax.devices()[0]
-    if device.platform != "gpu" and not tiny:
-        raise NoGPU(f"JAX sees no GPU (its devices: {device.platform}); "
-                    f"{HOW_TO_GET_JAX}")
-    return device.device_kind if device.platform == "gpu" else "cpu"
+    if device.platform == "gpu" or tiny:
+        return (device.device_kind if device.platform == "gpu" else "cpu",
+                None)
+    return None, (f"JAX sees no GPU (its devices: {device.platform}); "
+                  f"{HOW_TO_GET_JAX}")
 
 
 @dataclass
@@ -135,8 +125,7 @@ class Step:
 
 
 def plan(args, folders, epochs):
-    """The steps in priority order: the first seed's runs, the bench, the
-    other seeds' runs."""
+    """The steps: the first seed's runs, the bench, the other seeds' runs."""
     extra = (TINY_FLAGS if args.tiny else []) + (
         ["--data-dir", str(args.data_dir)] if args.data_dir else [])
     runs = [Step("train.py", [
@@ -174,8 +163,8 @@ def rows_done(step, folders):
 
 
 def measured(seen, started, ended, finished):
-    """The Cost of a run from `seen`, (rows new in this job, time) each time
-    its CSV grew; None where none came. An unfinished run's end: an epoch."""
+    """The Cost of a run from `seen`: (rows new in this job, time) each time
+    its CSV grew (an unfinished run's end: an epoch)."""
     if not seen:
         return None
     (first_rows, first), (last_rows, last) = seen[0], seen[-1]
@@ -213,8 +202,8 @@ def run_watched(step, why_stop):
 
 
 def not_finite(step, folders):
-    """Where a loss or val_loss of the run's CSV is NaN or infinite, a line
-    that names run, column and epoch; else None."""
+    """A line naming the first loss or val_loss of the run that is NaN or
+    infinite; None where there is none."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
         for column in LOSSES:
@@ -271,8 +260,7 @@ class Job:
                 else self.budget - time.monotonic() + self.started)
 
     def run(self, steps):
-        """Every step that fits, in order; the job's exit code (1 after a
-        run whose losses are not finite)."""
+        """Every step that fits, in order; the job's exit code."""
         self.steps = steps
         for step in steps:
             if step.norm and runfiles.finished(
@@ -291,8 +279,7 @@ class Job:
                 step.status = "not finite"
                 return self.failed(error, 1)
             self.copy_out(step)
-        code = 0 if self.trained else self.plot()  # else: plot the kept runs
-        if code:
+        if not self.trained and (code := self.plot()):  # the kept runs
             return self.failed(f"plot.py exited {code}; {RERUN}", code)
         self.copy_out()
         return 0
@@ -397,10 +384,8 @@ class Job:
                         f"{step.epochs} epochs done; {CONTINUES}")
             pace = (measured(seen, started, time.monotonic(), False)
                     if len(seen) > 1 else guess)
-            if pace is None:
-                return None
-            needed = to_go * pace.epoch + pace.end + self.plot_seconds
-            if needed <= left:
+            needed = pace and to_go * pace.epoch + pace.end + self.plot_seconds
+            if not needed or needed <= left:
                 return None
             return (f"its {to_go} epochs to go need about {needed:.0f} s "
                     f"({pace.epoch:.2f} s an epoch), {left:.0f} s of the "
@@ -459,8 +444,8 @@ class Job:
         runfiles.write_file(path, buffer.getvalue())
 
     def table(self):
-        """The summary (markdown): a row per step, the job's time, then
-        what was skipped or stopped and why."""
+        """summary.md: a row per step, the job's time, what was skipped or
+        stopped and why."""
         lines = [f"# {PROG} on {self.device}", "",
                  ("| step | status | epochs | train s/epoch | best val acc | "
                   "test acc (best-val weights) | test acc (last) | "
@@ -488,11 +473,11 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         if args.output_dir is not None:
             runfiles.writable_dir(args.output_dir, "output folder")
-        name = gpu_name(args.tiny)
     except cli.UsageError as error:
         return cli.fail(PROG, error, 2)
-    except NoGPU as error:
-        return cli.fail(PROG, error, 1)
+    name, problem = gpu_name(args.tiny)
+    if problem:
+        return cli.fail(PROG, problem, 1)
     where = "gpu-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     epochs = args.epochs or (TINY_EPOCHS if args.tiny
                              else protocols.PROTOCOLS["seed"].epochs)
