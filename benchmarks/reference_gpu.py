@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -94,20 +94,9 @@ def gpu_name(tiny):
                   f"{HOW_TO_GET_JAX}")
 
 
-@dataclass
-class Folders:
-    """Where the job's files go (each below gpu-SLUG)."""
-
-    history: Path
-    weights: Path
-    plots: Path
-    results: Path
-
-    def archived(self, path):
-        """A file's name inside an archive: its path in the repository."""
-        names = {self.history: "history", self.weights: "weights",
-                 self.plots: "plots", self.results: "benchmarks/results"}
-        return f"{names[path.parent]}/{path.parent.name}/{path.name}"
+# Where the job's files go (each below gpu-SLUG), and their repository paths.
+Folders = namedtuple("Folders", "history weights plots results")
+IN_REPOSITORY = Folders("history", "weights", "plots", "benchmarks/results")
 
 
 @dataclass
@@ -140,18 +129,13 @@ def plan(args, folders, epochs):
              args.precision, "--results-dir", str(folders.results),
              *(TINY_BENCH if args.tiny else
                ["--repeats", str(args.bench_repeats)])]
-    first = len(args.norms)
-    return (runs[:first] + [Step("benchmarks/bench.py", bench, "bench")]
-            + runs[first:])
+    runs.insert(len(args.norms), Step("benchmarks/bench.py", bench, "bench"))
+    return runs
 
 
-class Cost(NamedTuple):
-    """A run's seconds to its first new CSV row (start-up, compilation, an
-    epoch), per epoch after that, and from its last row to its exit."""
-
-    start: float
-    epoch: float
-    end: float
+# A run's seconds to its first new CSV row (start-up, compilation, an epoch),
+# per epoch after that, and from its last row to its exit.
+Cost = namedtuple("Cost", "start epoch end")
 
 
 def rows_done(step, folders):
@@ -202,8 +186,7 @@ def run_watched(step, why_stop):
 
 
 def not_finite(step, folders):
-    """A line naming the first loss or val_loss of the run that is NaN or
-    infinite; None where there is none."""
+    """A line naming the run's first loss or val_loss not finite, or None."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
         for column in LOSSES:
@@ -243,8 +226,7 @@ def text(value, form):
 
 
 class Job:
-    """The steps in order, within `budget` seconds (None: no limit), copied
-    to `output_dir` (None: nowhere) as they end."""
+    """The steps in order, within `budget` s, copied to `output_dir`."""
 
     def __init__(self, folders, device, budget=None, output_dir=None):
         self.folders, self.device = folders, device
@@ -290,8 +272,7 @@ class Job:
         return code
 
     def cost_of(self, norm):
-        """A run of `norm`'s Cost (else the last measured norm's times
-        UNMEASURED; None before any) and a note that says which."""
+        """`norm`'s Cost, else the last measured one's x UNMEASURED; a note."""
         if norm in self.costs or not self.costs:
             return self.costs.get(norm), ""
         last = list(self.costs.values())[-1]
@@ -299,8 +280,7 @@ class Job:
                 f", x{UNMEASURED:g} for a norm not measured yet")
 
     def estimate(self, step):
-        """Seconds that `step` should take and how they were reckoned; None
-        before anything is measured."""
+        """Seconds that `step` should take and how (None: nothing measured)."""
         if not self.costs:
             return None
         if not step.norm:
@@ -368,10 +348,7 @@ class Job:
             return True
 
         def overrun():
-            """Why the run should stop, or None: the budget is spent, or its
-            projected end (at its own pace once two rows came, else
-            `guess`'s) passes it; never with no epoch to go, nor for the
-            probe before its PROBE_EPOCHS."""
+            """Why the run should stop, or None (the rules: docs/gpu.md)."""
             if not look(time.monotonic()) and self.left() > 0:
                 return None
             new = seen[-1][0] if seen else 0
@@ -408,9 +385,8 @@ class Job:
         return code
 
     def copy_out(self, step=None):
-        """Into the output folder: the finished (or kept) run `step`, its
-        best weights first (NAME.tar marks it complete), then summary.md
-        and reports.tar (the plots, bench.py's results, the summary)."""
+        """Into the output folder: the finished (or kept) run `step`, then
+        summary.md and reports.tar (docs/gpu.md)."""
         if self.output_dir is None:
             return
         out, folders = self.output_dir, self.folders
@@ -431,21 +407,25 @@ class Job:
     def write_tar(self, path, files, summary=None):
         """Writes atomically a tar of the `files` that exist and of the
         bytes `summary`, each at its path in the repository."""
+
+        def archived(file):
+            folder = IN_REPOSITORY[self.folders.index(file.parent)]
+            return f"{folder}/{file.parent.name}/{file.name}"
+
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for file in files:
                 if file.exists():
-                    tar.add(file, arcname=self.folders.archived(file))
+                    tar.add(file, arcname=archived(file))
             if summary is not None:
-                info = tarfile.TarInfo(self.folders.archived(
-                    self.folders.plots / SUMMARY_NAME))
+                info = tarfile.TarInfo(
+                    archived(self.folders.plots / SUMMARY_NAME))
                 info.size, info.mtime = len(summary), time.time()
                 tar.addfile(info, io.BytesIO(summary))
         runfiles.write_file(path, buffer.getvalue())
 
     def table(self):
-        """summary.md: a row per step, the job's time, what was skipped or
-        stopped and why."""
+        """summary.md (docs/gpu.md says what it holds)."""
         lines = [f"# {PROG} on {self.device}", "",
                  ("| step | status | epochs | train s/epoch | best val acc | "
                   "test acc (best-val weights) | test acc (last) | "
@@ -459,10 +439,9 @@ class Job:
         budget = ("no budget" if self.budget is None
                   else f"a budget of {self.budget:g} s")
         elapsed = time.monotonic() - self.started
-        lines += ["", (f"Job: {elapsed:.0f} s, {budget}. Train "
-                       "s/epoch: the mean of train.py's `seconds` (training "
-                       "steps only) without each session's first epoch "
-                       "(compilation).")]
+        lines += ["", (f"Job: {elapsed:.0f} s, {budget}. Train s/epoch: the "
+                       "mean of train.py's `seconds` (training only), each "
+                       "session's first epoch (compilation) left out.")]
         if self.notes:
             lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
