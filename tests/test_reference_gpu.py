@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -192,19 +193,73 @@ def test_a_loss_that_is_not_finite_fails_the_job(tmp_path):
     assert table_row(summary, "batchnorm-seed-s0")[1] == "not finite"
 
 
-def test_finite_losses_pass_the_check(tmp_path):
+def load_module():
     spec = importlib.util.spec_from_file_location("reference_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_finite_losses_pass_the_check(tmp_path):
+    module = load_module()
     history = tmp_path / "h"
     write_finished_run(history, "run", [("2.3", "2.4"), ("1e-08", "3e+02")])
     step = module.Step("train.py", [], "run", "batchnorm", 2)
     place = module.Folders(history, tmp_path / "w", tmp_path / "p",
                            tmp_path / "r")
-    module.check_finite(step, place)  # raises nothing
+    assert module.not_finite(step, place) is None
     write_finished_run(history, "run", [("2.3", "2.4"), ("-inf", "3")])
-    with pytest.raises(module.NotFinite, match="loss is '-inf' in epoch 2"):
-        module.check_finite(step, place)
+    assert "run: loss is '-inf' in epoch 2" in module.not_finite(step, place)
+
+
+# Stands for train.py (and bench.py) in the budget test: a CSV row every
+# 0.2 s until a signal ends it.
+STEADY_RUN = """import sys, time
+with open(sys.argv[1], "w") as file:
+    file.write("epoch,seconds\\n")
+for epoch in range(1, 250):
+    time.sleep(0.2)
+    with open(sys.argv[1], "a") as file:
+        file.write(f"{epoch},0.2\\n")
+"""
+
+
+def test_the_budget_stops_a_run_and_the_bench(tmp_path):
+    module = load_module()
+    script = tmp_path / "steady_run.py"
+    script.write_text(STEADY_RUN)
+    history = tmp_path / "h"
+    history.mkdir()
+    place = module.Folders(history, tmp_path / "w", tmp_path / "p",
+                           tmp_path / "r")
+
+    def train(name, budget, trained):
+        job = module.Job(place, "cpu", budget)
+        job.trained = trained
+        step = module.Step(str(script), [str(history / f"{name}.csv")], name,
+                           "batchnorm", 200)
+        code, why = job.train(step)
+        assert code == -signal.SIGTERM and step.wall < 30
+        return job, step, why
+
+    # The first run (the probe) runs its PROBE_EPOCHS; then its own pace
+    # projects its end past the budget: stopped, and its pace noted.
+    job, step, why = train("probe", 40, 0)
+    assert re.fullmatch(r"its \d+ epochs to go need about \d+ s \(0\.\d\d s "
+                        r"an epoch\), \d+ s of the budget left; the same "
+                        "command continues it", why), why
+    assert module.rows_done(step, place) >= module.PROBE_EPOCHS
+    assert 0.1 < job.costs["batchnorm"].epoch < 1
+    # A later run, once the budget is spent: stopped at the first look.
+    job, step, why = train("later", 1e-3, 1)
+    assert re.fullmatch(r"the budget is spent, \d of 200 epochs done; the "
+                        "same command continues it", why), why
+    # The bench likewise, and that is no failure.
+    job = module.Job(place, "cpu", 1e-3)
+    bench = module.Step(str(script), [str(tmp_path / "bench.csv")], "bench")
+    assert job.run_step(bench) == (str(script), 0)
+    assert bench.status == "stopped"
+    assert job.notes == ["stopped bench: the budget is spent"]
 
 
 def one_error_line(result):
