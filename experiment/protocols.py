@@ -12,72 +12,39 @@ NORMS = ("batchnorm", "renorm", "keras-renorm")
 
 @dataclass(frozen=True)
 class Protocol:
-    """Every hyperparameter of a training protocol; each has its flag
-    (`--batch-size` for `batch_size`, ...), which overrides it."""
+    """Every hyperparameter of a protocol (each flag overrides its own). The
+    defaults are `seed`: the 2017 reference run (titu1994/BatchRenormalization,
+    Keras 1) with the paper's renorm schedule, the layer's default."""
 
-    epochs: int
-    batch_size: int
-    classes_per_batch: object  # None: i.i.d. batches; K: K classes per batch
-    optimizer: str  # "adam" or "sgd"
-    lr: float  # not scaled with batch_size: the same for every batch size
-    lr_milestones: tuple  # epochs after which the lr is multiplied by lr_gamma
-    lr_gamma: float
-    sgd_momentum: float  # SGD only
-    nesterov: bool  # SGD only
-    weight_decay: float  # lambda: each gradient gains lambda * w (L2 loss)
-    augment: bool  # 4-pixel pad, random 32x32 crop, horizontal flip
-    depth: int  # WRN-depth-width
-    width: int
-    dropout: float
-    norm_momentum: float  # of the moving statistics, Keras's convention
-    norm_epsilon: float
-    r_max: float  # renorm: final bounds and schedule (in steps) ...
-    d_max: float  # ... keras-renorm: fixed clipping at r_max, d_max
-    warmup_steps: int
-    r_max_steps: int
-    d_max_steps: int
-    renorm_schedule: object  # None, or (W, D, R): the warmup_steps,
-    # d_max_steps, r_max_steps as fractions of the run's steps (all epochs)
+    epochs: int = 100
+    batch_size: int = 128
+    classes_per_batch: object = None  # K: K classes per batch
+    optimizer: str = "adam"  # or "sgd"
+    lr: float = 1e-3  # not scaled with batch_size
+    lr_milestones: tuple = ()  # epochs after which lr is multiplied by gamma
+    lr_gamma: float = 1.0
+    sgd_momentum: float = 0.0  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 0.0  # lambda: each gradient gains lambda * w
+    augment: bool = False  # 4-pixel pad, random 32x32 crop, horizontal flip
+    depth: int = 16  # WRN-depth-width
+    width: int = 4
+    dropout: float = 0.0
+    norm_momentum: float = 0.99  # of the moving statistics, Keras's
+    norm_epsilon: float = 1e-3
+    r_max: float = 3.0  # renorm: final bounds and schedule (in steps) ...
+    d_max: float = 5.0  # ... keras-renorm: fixed clipping at r_max, d_max
+    warmup_steps: int = 5000
+    r_max_steps: int = 40000
+    d_max_steps: int = 25000
+    renorm_schedule: object = None  # W,D,R: fractions of the run's steps
 
 
-# The 2017 reference run (titu1994/BatchRenormalization, Keras 1): WRN-16-4,
-# Adam with Keras's defaults, batch 128, 100 epochs, no augmentation, no
-# dropout, no weight decay, Keras's BN momentum and epsilon; BRN's schedule
-# as in the paper (the run has 391 * 100 = 39,100 steps), which is also
-# BatchRenormalization's default (a test checks that they agree).
-SEED = Protocol(
-    epochs=100,
-    batch_size=128,
-    classes_per_batch=None,
-    optimizer="adam",
-    lr=1e-3,
-    lr_milestones=(),
-    lr_gamma=1.0,
-    sgd_momentum=0.0,
-    nesterov=False,
-    weight_decay=0.0,
-    augment=False,
-    depth=16,
-    width=4,
-    dropout=0.0,
-    norm_momentum=0.99,
-    norm_epsilon=1e-3,
-    r_max=3.0,
-    d_max=5.0,
-    warmup_steps=5000,
-    r_max_steps=40000,
-    d_max_steps=25000,
-    renorm_schedule=None,
-)
 PROTOCOLS = {
-    "seed": SEED,
-    # The Wide ResNet paper's CIFAR recipe (Zagoruyko & Komodakis 2016):
-    # SGD, momentum 0.9, Nesterov, lr 0.1 times 0.2 after epochs 60, 120,
-    # 160, weight decay 5e-4, batch 128, 200 epochs, pad-crop-flip
-    # augmentation; Torch's BN momentum (0.1, i.e. 0.9 here) and epsilon.
-    # The rest (network, renorm schedule) as the seed.
-    "wrn": dataclasses.replace(
-        SEED,
+    "seed": Protocol(),
+    # The Wide ResNet paper's CIFAR recipe (Zagoruyko & Komodakis 2016),
+    # with Torch's BN momentum (0.1, i.e. 0.9 here) and epsilon.
+    "wrn": Protocol(
         epochs=200,
         optimizer="sgd",
         lr=0.1,
@@ -142,9 +109,8 @@ def sampling_of(classes_per_batch, sampling="iid"):
 
 def pairs_group(config):
     """The normalization group that --sampling pairs fills, else None."""
-    if config["sampling"] != "pairs":
-        return None
-    return config["virtual_batch_size"] or config["batch_size"]
+    if config["sampling"] == "pairs":
+        return config["virtual_batch_size"] or config["batch_size"]
 
 
 def check_virtual_batch_size(config):
@@ -189,19 +155,16 @@ def resolve_schedule(config, steps_per_epoch):
 def check_schedule(config):
     for key in ("r_max_steps", "d_max_steps"):
         if 0 < config[key] < config["warmup_steps"]:
-            raise UsageError(
-                f"{flag(key)} {config[key]} must be 0 or >= "
-                f"--warmup-steps {config['warmup_steps']}"
-            )
+            raise UsageError(f"{flag(key)} {config[key]} must be 0 or >= "
+                             f"--warmup-steps {config['warmup_steps']}")
 
 
 def resumed_config(config, saved, explicit):
     """The saved configuration, with the changes --resume allows."""
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:
-        raise RuntimeError(
-            f"cannot resume: the saved configuration lacks {', '.join(missing)}"
-        )
+        raise RuntimeError("cannot resume: the saved configuration lacks "
+                           + ", ".join(missing))
     resumed = {key: saved[key] for key in CONFIG_KEYS}
     for key, value in explicit.items():
         if key not in CONFIG_KEYS or key in RESUMABLE_CHANGES:

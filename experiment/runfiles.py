@@ -1,7 +1,5 @@
 """A run's files (docs/experiment.md, "Files of a run") and the one way each
-is written and read: atomically (`write_file`) but the CSV, to which each
-epoch's row is appended and flushed; a failed write is a one-line WriteError.
-"""
+is written (atomically, but the CSV's appended rows) and read."""
 
 import csv
 import errno
@@ -52,10 +50,8 @@ def writable_dir(path, what):
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise UsageError(
-            f"cannot write to the {what} {str(path)!r}: "
-            f"{error.strerror or error}"
-        ) from None
+        raise UsageError(f"cannot write to the {what} {str(path)!r}: "
+                         f"{error.strerror or error}") from None
 
 
 class WriteError(RuntimeError):
@@ -63,20 +59,17 @@ class WriteError(RuntimeError):
 
 
 def remove_temporaries(paths):
-    """Removes what `write_file` left of these paths in killed processes;
-    returns the paths removed."""
-    removed = []
-    for path in paths:
-        for temporary in path.parent.glob(f".{path.name}.*.tmp*"):
-            temporary.unlink(missing_ok=True)
-            removed.append(temporary)
+    """Removes (and returns) what killed writers of these paths left."""
+    removed = [temporary for path in paths
+               for temporary in path.parent.glob(f".{path.name}.*.tmp*")]
+    for temporary in removed:
+        temporary.unlink(missing_ok=True)
     return removed
 
 
 def write_file(path, data):
-    """Replaces `path` with the bytes `data`: written beside it, flushed to
-    disk, renamed over it. Raises WriteError, `path` untouched, where that
-    fails (first checking that the disk has room)."""
+    """Replaces `path` with `data` (written beside it, flushed, renamed);
+    WriteError, `path` untouched, where that fails or the disk is full."""
     if shutil.disk_usage(path.parent).free < len(data):
         raise WriteError(no_room(path, len(data)))
     temporary = path.with_name(
@@ -145,8 +138,7 @@ def write_rows(path, header, rows):
 
 
 def append_row(path, header, row):
-    """Appends a row, flushed to disk (a failure is a WriteError; the state
-    file, written first, has the row)."""
+    """Appends a row, flushed (the state, written first, has it too)."""
     data = csv_text(header, [row], with_header=False).encode()
     with as_write_error(path, len(data)):
         write_synced(path, data, "ab")
@@ -169,8 +161,7 @@ def read_dicts(path):
 
 
 def read_rows(path):
-    """A history CSV's rows that name their epoch, as dicts; none for a
-    missing file."""
+    """A history CSV's rows that name their epoch ([] if it is missing)."""
     try:
         return [row for row in read_dicts(path) if row.get("epoch")]
     except FileNotFoundError:
@@ -178,9 +169,8 @@ def read_rows(path):
 
 
 def resumed_rows(path, header, meta):
-    """The state's rows (`meta["rows"]`), written to the CSV again for
-    --resume; returns them and a one-line note of what the CSV held where it
-    differed, else None (an unreadable CSV is moved aside first)."""
+    """--resume: writes the state's rows to the CSV again; returns them and
+    a note of what the CSV held where it differed (else None)."""
     note = None
     try:
         found = read_dicts(path)
@@ -191,11 +181,14 @@ def resumed_rows(path, header, meta):
     else:
         epochs = [row for row in found if row.get("epoch")]
         unnumbered = len(found) - len(epochs)
-        if unnumbered or as_text(epochs, header) != as_text(meta["rows"],
-                                                            header):
+        if unnumbered or any(None in row for row in epochs) or csv_text(
+                header, epochs) != csv_text(header, meta["rows"]):
+            incomplete = sum(None in row or any(
+                row.get(c) in (None, "") for c in header) for row in epochs)
             note = (f"repaired {path} from the saved state: it held epochs "
                     + (",".join(row["epoch"] for row in epochs) or "none")
-                    + incomplete_rows(epochs, header)
+                    + (f" ({incomplete} of its rows incomplete)"
+                       if incomplete else "")
                     + (f" and {unnumbered} row(s) without an epoch"
                        if unnumbered else ""))
     write_rows(path, header, meta["rows"])
@@ -204,21 +197,8 @@ def resumed_rows(path, header, meta):
     return meta["rows"], note
 
 
-def as_text(rows, header):
-    """Rows as the CSV holds them, to compare (extra fields included)."""
-    return [tuple("" if row.get(c) is None else str(row[c]) for c in header)
-            + tuple(row.get(None, ())) for row in rows]
-
-
-def incomplete_rows(rows, header):
-    count = sum(any(row.get(c) in (None, "") for c in header) or None in row
-                for row in rows)
-    return f" ({count} of its rows incomplete)" if count else ""
-
-
 def set_aside(path):
-    """Renames `path` to PATH.unreadable (or .unreadable.N, never over an
-    earlier one); returns the new path."""
+    """Renames `path` to PATH.unreadable[.N], never over an earlier one."""
     aside, number = path.with_name(path.name + ".unreadable"), 1
     while aside.exists():
         aside = path.with_name(f"{path.name}.unreadable.{number}")
@@ -279,18 +259,16 @@ def load_state(model, path):
         if shapes != [tuple(v.shape) for v in variables]:
             raise RuntimeError(
                 f"{path} does not fit this model and optimizer ({prefix} "
-                f"variables differ); was the run's configuration changed?"
-            )
+                f"variables differ); was the run's configuration changed?")
         for key, variable in zip(keys, variables):
             variable.assign(arrays[key])
     return meta
 
 
 def save_weights(model, path, write=True):
-    """The file `model.save_weights` writes, made in memory by Keras's own
-    writer and written by `write_file` (a full disk is a WriteError, not
-    h5py's tracebacks). `write` False: made, not written (in a multi-process
-    run every process joins the collectives that saving uses)."""
+    """`model.save_weights`'s file, made in memory (by every process: saving
+    joins collectives) and written by `write_file` (a full disk is then a
+    WriteError, not h5py's tracebacks) unless `write` is False."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -311,8 +289,7 @@ def read_json(path):
 
 
 def replace_block(path, begin, end, body):
-    """Replaces the text of `path` between the lines `begin` and `end` with
-    `body`, atomically; ValueError where `path` has no such block."""
+    """Replaces the text between `begin` and `end` (ValueError if none)."""
     text = path.read_text()
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:

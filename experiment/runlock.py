@@ -15,8 +15,8 @@ EMPTY_LOCK_SECONDS = 10.0
 
 @contextmanager
 def run_lock(path, name, command, say):
-    """Holds the lock `path` of run `name` for the block (UsageError where
-    a live process holds it); `say` prints a note of a stale lock."""
+    """Holds the lock `path` of run `name` (UsageError where a live process
+    does); `say` prints a note of a stale lock."""
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
     while True:

@@ -1,7 +1,7 @@
-"""Where and how a run computes: the backend, device and versions, the speed
-settings resolved for them, the run's Keras session and the epoch clock."""
+"""Where and how a run computes: environment, speed settings, Keras session."""
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -34,31 +34,24 @@ def describe_environment():
     backend = keras.backend.backend()
     versions = {"python": platform.python_version(), "keras": keras.__version__,
                 "numpy": np.__version__, "batch_renorm": batch_renorm.__version__}
+    framework = importlib.import_module(backend)  # tensorflow, jax, torch
+    versions[backend] = framework.__version__
     device_type, device = "cpu", None
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-        gpus = tf.config.list_physical_devices("GPU")
+        gpus = framework.config.list_physical_devices("GPU")
         if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
+            details = framework.config.experimental.get_device_details(gpus[0])
             device_type = "gpu"
             device = details.get("device_name", gpus[0].name)
     elif backend == "jax":
-        import jax
         import jaxlib
 
-        versions["jax"] = jax.__version__
         versions["jaxlib"] = jaxlib.__version__
-        first = jax.devices()[0]
+        first = framework.devices()[0]
         if first.platform != "cpu":
             device_type, device = first.platform, first.device_kind
-    elif backend == "torch":
-        import torch
-
-        versions["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            device_type, device = "gpu", torch.cuda.get_device_name(0)
+    elif backend == "torch" and framework.cuda.is_available():
+        device_type, device = "gpu", framework.cuda.get_device_name(0)
     if device is None:
         cores = (len(os.sched_getaffinity(0))
                  if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -100,15 +93,12 @@ def resolve_input(choice, environment, devices=1):
                          f"{devices} (leave --input at auto or host)")
     if choice != "auto":
         return choice
-    if (environment["device_type"] == "cpu" or devices > 1
-            or environment["backend"] == "tensorflow"):
-        return "host"
-    return "device"
+    return "host" if (environment["device_type"] == "cpu" or devices > 1 or
+                      environment["backend"] == "tensorflow") else "device"
 
 
 def configured_backend():
-    """The backend Keras will run on, by Keras's rule, without importing it
-    (which starts the backend)."""
+    """The backend Keras will run on, found without importing Keras."""
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
     home = Path(os.environ.get("KERAS_HOME",
@@ -128,10 +118,8 @@ def resolve_devices(choice, processes=1):
     if choice == 1 and processes == 1:
         return 1
     if backend != "jax":
-        raise UsageError(
-            f"--devices {choice} needs the jax backend (Keras's "
-            f"distribution API for data parallel training); the backend is "
-            f"{backend}")
+        raise UsageError(f"--devices {choice} needs the jax backend (Keras's "
+                         f"distribution API); the backend is {backend}")
     available = len(keras.distribution.list_devices())
     if choice == "all":
         return available
@@ -157,17 +145,16 @@ def resolve_steps_per_execution(choice, environment, steps, input="host"):
             return steps
         return min(steps, AUTO_STEPS_PER_EXECUTION)
     if choice > 1 and environment["backend"] == "torch":
-        raise UsageError(
-            f"--steps-per-execution {choice} needs the tensorflow or jax "
-            "backend (Keras's torch trainer runs one step per call); use 1 "
-            "or auto")
+        raise UsageError(f"--steps-per-execution {choice} needs tensorflow or "
+                         "jax (Keras's torch trainer runs one step per call); "
+                         "use 1 or auto")
     return choice
 
 
 @contextmanager
 def keras_settings(config):
-    """A fresh Keras session with the run's seed, dtype policy and data
-    parallel distribution (the last two restored afterwards)."""
+    """A fresh Keras session with the run's seed, policy and distribution
+    (the last two restored afterwards)."""
     import keras
 
     policy = keras.config.dtype_policy()
@@ -176,8 +163,8 @@ def keras_settings(config):
         keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
     if config["devices"] > 1:
-        # auto_shard_dataset: Keras would shard only a tf.data.Dataset (and
-        # refuse train.py's generator); each process feeds its own share.
+        # Keras would shard only a tf.data.Dataset; each process feeds its
+        # own share.
         keras.distribution.set_distribution(keras.distribution.DataParallel(
             devices=keras.distribution.list_devices()[:config["devices"]],
             auto_shard_dataset=False))
@@ -190,8 +177,7 @@ def keras_settings(config):
 
 
 def epoch_clock():
-    """A Keras callback that times an epoch's training steps until the
-    device is done."""
+    """A callback timing an epoch's steps until the device is done."""
     import keras
 
     class EpochClock(keras.callbacks.Callback):
@@ -211,17 +197,15 @@ def epoch_clock():
 
 
 def interruption_checks():
-    """A Keras callback that raises, before each batch, an interruption that
-    the code it interrupted swallowed (batch-begin hooks run on the main
-    thread and keep Keras's asynchronous batch-end dispatch)."""
+    """A callback raising, before each batch, an interruption that some code
+    swallowed (batch-begin hooks run on the main thread; ends stay async)."""
     import keras
 
     class InterruptionChecks(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             raise_if_interrupted()
 
-        def on_test_batch_begin(self, batch, logs=None):
-            raise_if_interrupted()
+        on_test_batch_begin = on_train_batch_begin
 
     return InterruptionChecks()
 

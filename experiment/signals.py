@@ -26,10 +26,9 @@ class Interrupted(BaseException):
 @contextmanager
 def interrupts_as_exceptions(exiting=False, on_stuck=None):
     """The first SIGINT or SIGTERM raises `Interrupted`, later ones are
-    ignored; the previous handlers come back on exit (with `exiting`, not
-    once one arrived). `on_stuck(signum, seconds)` is called, and the
-    process ends with 128 + signum, where the main thread has not taken a
-    signal STUCK_SECONDS after it came."""
+    ignored (still after the block with `exiting`). Where the main thread
+    has not taken one STUCK_SECONDS later, `on_stuck(signum, seconds)` is
+    called and the process ends with 128 + signum."""
 
     def handler(signum, frame):
         _taken.set()
@@ -79,9 +78,8 @@ def interrupts_deferred():
 
 @contextmanager
 def _watchdog(on_stuck):
-    """A thread that learns of each signal from Python's wakeup fd (written
-    whatever the main thread does) and ends the process if no Python-level
-    handler has run STUCK_SECONDS later."""
+    """A thread told of each signal by Python's wakeup fd (written whatever
+    the main thread does)."""
     if on_stuck is None:
         yield
         return
