@@ -192,6 +192,8 @@ def schedule_warnings(config, steps_per_epoch):
     (docs/experiment.md, "Schedule warnings")."""
     if config["norm"] != "renorm":
         return []
+    from numpy import clip
+
     from batch_renorm import renorm_bounds, renorm_ramp  # imports Keras
     total = config["epochs"] * steps_per_epoch
     warmup, steps = config["warmup_steps"], ("r_max_steps", "d_max_steps")
@@ -203,11 +205,11 @@ def schedule_warnings(config, steps_per_epoch):
             f"the run's {total} steps end before the renorm warm-up "
             f"({warmup} steps): r_max stays 1 and d_max 0, "
             f"plain batch normalization throughout{fix}")
-    elif min(renorm_ramp(total, warmup, config[key], clip=_clip)
+    elif min(renorm_ramp(total, warmup, config[key], clip=clip)
              for key in steps) < 0.5:
         r_end, d_end = renorm_bounds(
             total, config["r_max"], config["d_max"], warmup,
-            *(config[key] for key in steps), clip=_clip)
+            *(config[key] for key in steps), clip=clip)
         warnings.append(
             f"the run's {total} steps end early in the renorm schedule: by "
             f"its end r_max reaches only {r_end:.2f} of {config['r_max']:g} "
@@ -221,10 +223,6 @@ def schedule_warnings(config, steps_per_epoch):
             "would correct towards statistics that have not settled; "
             "lengthen the warm-up or lower --norm-momentum")
     return warnings
-
-
-def _clip(value, low, high):
-    return min(max(value, low), high)
 
 
 def protocols_table():
