@@ -1,87 +1,50 @@
 """The experiment's configuration: the training protocols (every
-hyperparameter in one place), the normalizations compared, the other
-settings of a run, and the rules that derive or check them (the learning
-rate schedule, the renorm schedule from fractions, what --resume may change).
-A run's configuration is a dict of CONFIG_KEYS, as its history JSON stores it.
-"""
+hyperparameter in one place), the other settings of a run, and the rules
+that derive or check them. A run's configuration is a dict of CONFIG_KEYS."""
 
 import dataclasses
 from dataclasses import dataclass
 
 from experiment.cli import UsageError
 
-# The layers the experiment compares (models.make_norm builds them).
 NORMS = ("batchnorm", "renorm", "keras-renorm")
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """Every hyperparameter of a training protocol; each has its flag
-    (`--batch-size` for `batch_size`, ...), which overrides it."""
+    """Every hyperparameter of a protocol (each flag overrides its own). The
+    defaults are `seed`: the 2017 reference run (titu1994/BatchRenormalization,
+    Keras 1) with the paper's renorm schedule, the layer's default."""
 
-    epochs: int
-    batch_size: int
-    classes_per_batch: object  # None: i.i.d. batches; K: K classes per batch
-    optimizer: str  # "adam" or "sgd"
-    lr: float  # not scaled with batch_size: the same for every batch size
-    lr_milestones: tuple  # epochs after which the lr is multiplied by lr_gamma
-    lr_gamma: float
-    sgd_momentum: float  # SGD only
-    nesterov: bool  # SGD only
-    weight_decay: float  # lambda: each gradient gains lambda * w (L2 loss)
-    augment: bool  # 4-pixel pad, random 32x32 crop, horizontal flip
-    depth: int  # WRN-depth-width
-    width: int
-    dropout: float
-    norm_momentum: float  # of the moving statistics, Keras's convention
-    norm_epsilon: float
-    r_max: float  # renorm: final bounds and schedule (in steps) ...
-    d_max: float  # ... keras-renorm: fixed clipping at r_max, d_max
-    warmup_steps: int
-    r_max_steps: int
-    d_max_steps: int
-    renorm_schedule: object  # None, or (W, D, R): the warmup_steps,
-    # d_max_steps, r_max_steps as fractions of the run's steps (all epochs)
+    epochs: int = 100
+    batch_size: int = 128
+    classes_per_batch: object = None  # K: K classes per batch
+    optimizer: str = "adam"  # or "sgd"
+    lr: float = 1e-3  # not scaled with batch_size
+    lr_milestones: tuple = ()  # epochs after which lr is multiplied by gamma
+    lr_gamma: float = 1.0
+    sgd_momentum: float = 0.0  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 0.0  # lambda: each gradient gains lambda * w
+    augment: bool = False  # 4-pixel pad, random 32x32 crop, horizontal flip
+    depth: int = 16  # WRN-depth-width
+    width: int = 4
+    dropout: float = 0.0
+    norm_momentum: float = 0.99  # of the moving statistics, Keras's
+    norm_epsilon: float = 1e-3
+    r_max: float = 3.0  # renorm: final bounds and schedule (in steps) ...
+    d_max: float = 5.0  # ... keras-renorm: fixed clipping at r_max, d_max
+    warmup_steps: int = 5000
+    r_max_steps: int = 40000
+    d_max_steps: int = 25000
+    renorm_schedule: object = None  # W,D,R: fractions of the run's steps
 
 
-# The 2017 reference run (titu1994/BatchRenormalization, Keras 1): WRN-16-4,
-# Adam with Keras's defaults, batch 128, 100 epochs, no augmentation, no
-# dropout, no weight decay, Keras's BN momentum and epsilon; BRN's schedule
-# as in the paper (the run has 391 * 100 = 39,100 steps), which is also
-# BatchRenormalization's default (a test checks that they agree).
-SEED = Protocol(
-    epochs=100,
-    batch_size=128,
-    classes_per_batch=None,
-    optimizer="adam",
-    lr=1e-3,
-    lr_milestones=(),
-    lr_gamma=1.0,
-    sgd_momentum=0.0,
-    nesterov=False,
-    weight_decay=0.0,
-    augment=False,
-    depth=16,
-    width=4,
-    dropout=0.0,
-    norm_momentum=0.99,
-    norm_epsilon=1e-3,
-    r_max=3.0,
-    d_max=5.0,
-    warmup_steps=5000,
-    r_max_steps=40000,
-    d_max_steps=25000,
-    renorm_schedule=None,
-)
 PROTOCOLS = {
-    "seed": SEED,
-    # The Wide ResNet paper's CIFAR recipe (Zagoruyko & Komodakis 2016):
-    # SGD, momentum 0.9, Nesterov, lr 0.1 times 0.2 after epochs 60, 120,
-    # 160, weight decay 5e-4, batch 128, 200 epochs, pad-crop-flip
-    # augmentation; Torch's BN momentum (0.1, i.e. 0.9 here) and epsilon.
-    # The rest (network, renorm schedule) as the seed.
-    "wrn": dataclasses.replace(
-        SEED,
+    "seed": Protocol(),
+    # The Wide ResNet paper's CIFAR recipe (Zagoruyko & Komodakis 2016),
+    # with Torch's BN momentum (0.1, i.e. 0.9 here) and epsilon.
+    "wrn": Protocol(
         epochs=200,
         optimizer="sgd",
         lr=0.1,
@@ -96,8 +59,7 @@ PROTOCOLS = {
     ),
 }
 PROTOCOL_KEYS = tuple(f.name for f in dataclasses.fields(Protocol))
-# Settings of a run besides its protocol's: --norm (required), --protocol
-# (default seed), --name (default default_name()) and these defaults.
+# A run's settings besides --norm, --protocol, --name and its protocol's.
 RUN_DEFAULTS = {
     "seed": 0,
     "train_size": None,  # all the training images not held out
@@ -109,18 +71,10 @@ RUN_DEFAULTS = {
     "input": "auto",
     "steps_per_execution": "auto",
     "devices": 1,  # data parallel on this many local devices (JAX), or "all"
-    # None: each normalization's statistics are those of the whole batch;
-    # V: of each group of V consecutive examples (batchnorm and renorm).
-    "virtual_batch_size": None,
-    # "iid" (a permutation), "pairs" (pairs of images of a class, distinct
-    # classes within each normalization group: sampling.pair_batches), or
-    # "kK", set from classes_per_batch K (it is a sampling of its own).
-    "sampling": "iid",
-    # renorm: the layers accumulate what r and d did (NAME.corrections.csv);
-    # None: on for renorm runs (its cost is within the noise of a step).
-    "track_corrections": None,
-    # After each epoch, the held-out images once more with batch statistics
-    # (the val_*_train_mode columns); None: on with one device.
+    "virtual_batch_size": None,  # V: statistics of groups of V examples
+    "sampling": "iid",  # or "pairs"; "kK" from classes_per_batch K
+    "track_corrections": None,  # NAME.corrections.csv; None: on for renorm
+    # The val_*_train_mode columns (batch statistics); None: on with 1 device
     "train_mode_validation": None,
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
@@ -129,22 +83,17 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 SAMPLINGS = ("iid", "pairs")  # --sampling; --classes-per-batch K is kK
 VAL_FROM = ("train", "test")
 SCHEDULE_STEPS = ("warmup_steps", "d_max_steps", "r_max_steps")
-# What --resume may change in a run's saved configuration (the speed
-# settings: they do not change the math; data parallel devices compute the
-# statistics of the whole batch, as one device does).
+# What --resume may change: --epochs and the settings that leave the math.
 RESUMABLE_CHANGES = ("epochs", "jit_compile", "eval_batch_size", "input",
                      "steps_per_execution", "devices")
 
 
 def flag(key):
-    """The command-line flag of a configuration key."""
     return "--" + key.replace("_", "-")
 
 
 def default_name(config):
-    """NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED: -kK for K classes per
-    batch or -pairs for --sampling pairs, then -vV for virtual batches of
-    V."""
+    """NORM-PROTOCOL-bBATCH[-kK|-pairs][-vV]-sSEED."""
     classes = config["classes_per_batch"]
     virtual = config["virtual_batch_size"]
     return (f"{config['norm']}-{config['protocol']}-b{config['batch_size']}"
@@ -155,23 +104,17 @@ def default_name(config):
 
 
 def sampling_of(classes_per_batch, sampling="iid"):
-    """The run's `sampling`: kK for K classes per batch, else as given."""
     return sampling if classes_per_batch is None else f"k{classes_per_batch}"
 
 
 def pairs_group(config):
-    """The normalization group that the pairs sampling builds its batches
-    for (the virtual batch, else the whole batch); None for other
-    samplings."""
-    if config["sampling"] != "pairs":
-        return None
-    return config["virtual_batch_size"] or config["batch_size"]
+    """The normalization group that --sampling pairs fills, else None."""
+    if config["sampling"] == "pairs":
+        return config["virtual_batch_size"] or config["batch_size"]
 
 
 def check_virtual_batch_size(config):
-    """The virtual batch fits the run: not with keras-renorm, at most the
-    batch, and with several devices a divisor of each device's share, so
-    that no group straddles two devices."""
+    """--virtual-batch-size fits --norm, --batch-size and --devices."""
     virtual = config["virtual_batch_size"]
     if virtual is None:
         return
@@ -195,15 +138,13 @@ def check_virtual_batch_size(config):
 
 
 def lr_at(config, epoch):
-    """The learning rate of 0-based `epoch`: a step schedule."""
+    """The learning rate of 0-based `epoch`."""
     drops = sum(epoch >= milestone for milestone in config["lr_milestones"])
     return config["lr"] * config["lr_gamma"] ** drops
 
 
 def resolve_schedule(config, steps_per_epoch):
-    """With --renorm-schedule W,D,R: sets warmup_steps, d_max_steps and
-    r_max_steps to those fractions of the run's epochs * steps_per_epoch
-    training steps, rounded to the nearest step."""
+    """--renorm-schedule W,D,R: those fractions of the run's steps."""
     if config["renorm_schedule"] is None:
         return
     total = config["epochs"] * steps_per_epoch
@@ -212,23 +153,18 @@ def resolve_schedule(config, steps_per_epoch):
 
 
 def check_schedule(config):
-    """The ramps end at 0 (no ramp) or after the warm-up."""
     for key in ("r_max_steps", "d_max_steps"):
         if 0 < config[key] < config["warmup_steps"]:
-            raise UsageError(
-                f"{flag(key)} {config[key]} must be 0 or >= "
-                f"--warmup-steps {config['warmup_steps']}"
-            )
+            raise UsageError(f"{flag(key)} {config[key]} must be 0 or >= "
+                             f"--warmup-steps {config['warmup_steps']}")
 
 
 def resumed_config(config, saved, explicit):
-    """The saved configuration, with the changes that --resume allows: the
-    speed settings, and more --epochs (the saved number without the flag)."""
+    """The saved configuration, with the changes --resume allows."""
     missing = [key for key in CONFIG_KEYS if key not in saved]
     if missing:
-        raise RuntimeError(
-            f"cannot resume: the saved configuration lacks {', '.join(missing)}"
-        )
+        raise RuntimeError("cannot resume: the saved configuration lacks "
+                           + ", ".join(missing))
     resumed = {key: saved[key] for key in CONFIG_KEYS}
     for key, value in explicit.items():
         if key not in CONFIG_KEYS or key in RESUMABLE_CHANGES:
@@ -252,33 +188,36 @@ def resumed_config(config, saved, explicit):
 
 
 def schedule_warnings(config, steps_per_epoch):
-    """Where the renorm schedule does not fit the run, one line each: a run
-    that ends before the warm-up does (plain BN throughout) or before the
-    bounds are half way to their final values, and a warm-up shorter than three time constants of
-    the moving averages (1 / (1 - momentum) steps), after which r and d
-    would correct towards statistics that have not settled."""
+    """Where the renorm schedule does not fit the run, one line each
+    (docs/experiment.md, "Schedule warnings")."""
     if config["norm"] != "renorm":
         return []
+    from numpy import clip
+
+    from batch_renorm import renorm_bounds, renorm_ramp  # imports Keras
     total = config["epochs"] * steps_per_epoch
+    warmup, steps = config["warmup_steps"], ("r_max_steps", "d_max_steps")
     fix = ("; fit it to the run with --renorm-schedule 0.04,0.19,0.31 (the "
            "paper's fractions of its steps)")
     warnings = []
-    if total <= config["warmup_steps"]:
+    if total <= warmup:
         warnings.append(
             f"the run's {total} steps end before the renorm warm-up "
-            f"({config['warmup_steps']} steps): r_max stays 1 and d_max 0, "
+            f"({warmup} steps): r_max stays 1 and d_max 0, "
             f"plain batch normalization throughout{fix}")
-    elif min(ramp_progress(config, key, total) for key in (
-            "r_max_steps", "d_max_steps")) < 0.5:
-        r_end, d_end = bounds_at(config, total)
+    elif min(renorm_ramp(total, warmup, config[key], clip=clip)
+             for key in steps) < 0.5:
+        r_end, d_end = renorm_bounds(
+            total, config["r_max"], config["d_max"], warmup,
+            *(config[key] for key in steps), clip=clip)
         warnings.append(
             f"the run's {total} steps end early in the renorm schedule: by "
             f"its end r_max reaches only {r_end:.2f} of {config['r_max']:g} "
             f"and d_max {d_end:.2f} of {config['d_max']:g}{fix}")
     settle = 3 / (1 - config["norm_momentum"])
-    if 0 < total and config["warmup_steps"] < min(settle, total):
+    if 0 < total and warmup < min(settle, total):
         warnings.append(
-            f"the renorm warm-up ({config['warmup_steps']} steps) is shorter "
+            f"the renorm warm-up ({warmup} steps) is shorter "
             f"than 3 time constants of the moving averages ({settle:.0f} "
             f"steps at --norm-momentum {config['norm_momentum']:g}): r and d "
             "would correct towards statistics that have not settled; "
@@ -286,46 +225,18 @@ def schedule_warnings(config, steps_per_epoch):
     return warnings
 
 
-def ramp_progress(config, ramp, total):
-    """How far (0 to 1) a bound's linear ramp (`ramp`: r_max_steps or
-    d_max_steps) has gone after `total` steps (the layer's `renorm_ramp`)."""
-    from batch_renorm import renorm_ramp  # imports Keras: only train.py's
-
-    return renorm_ramp(total, config["warmup_steps"], config[ramp],
-                       clip=_clip)
-
-
-def bounds_at(config, total):
-    """`(r_max, d_max)` after `total` steps (the layer's `renorm_bounds`),
-    as floats."""
-    from batch_renorm import renorm_bounds
-
-    return renorm_bounds(total, config["r_max"], config["d_max"],
-                         *(config[key] for key in ("warmup_steps",
-                                                   "r_max_steps",
-                                                   "d_max_steps")),
-                         clip=_clip)
-
-
-def _clip(value, low, high):
-    return min(max(value, low), high)
-
-
 def protocols_table():
     """The protocols side by side, a row per flag (for --help)."""
-    rows = [("flag", *PROTOCOLS)]
-    for key in PROTOCOL_KEYS:
-        values = []
-        for protocol in PROTOCOLS.values():
-            value = getattr(protocol, key)
-            if isinstance(value, tuple):
-                value = ",".join(map(str, value)) or "none"
-            elif value is None:
-                value = "none"
-            elif isinstance(value, bool):
-                value = "on" if value else "off"
-            values.append(str(value))
-        rows.append((flag(key), *values))
+    def text(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(map(str, value)) or "none"
+        return "none" if value is None else str(value)
+
+    rows = [("flag", *PROTOCOLS)] + [
+        (flag(key), *(text(getattr(p, key)) for p in PROTOCOLS.values()))
+        for key in PROTOCOL_KEYS]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()

@@ -1,14 +1,5 @@
-"""A run's files, and the one way each is written and read.
-
-A run NAME has HISTORY_DIR/NAME.csv (a row per finished epoch, `columns`),
-NAME.json (its configuration, environment and result) and, for renorm,
-NAME.corrections.csv (`CORRECTION_COLUMNS`); WEIGHTS_DIR/NAME.weights.h5
-and NAME.best.weights.h5 (the last and the best weights) and NAME.state.npz
-(what --resume continues from). Every file is replaced atomically
-(`write_file`) but the CSV, to which a row is appended and flushed to disk
-as an epoch ends; a write that fails raises a one-line WriteError naming the
-file. `replace_block` fills a generated block of a text file (README.md).
-"""
+"""A run's files (docs/experiment.md, "Files of a run") and the one way each
+is written (atomically, but the CSV's appended rows) and read."""
 
 import csv
 import errno
@@ -24,12 +15,10 @@ import numpy as np
 
 from experiment.cli import UsageError
 
-PROG = "train.py"
-
 
 @dataclass
 class Paths:
-    """A run's files (this module's docstring says what each holds)."""
+    """A run's files, by what each holds."""
 
     csv: Path
     json: Path
@@ -47,7 +36,6 @@ class Paths:
 
     @property
     def lock(self):
-        """Held while a process writes the run (experiment.runlock)."""
         return self.csv.with_suffix(".lock")
 
     def all(self):
@@ -58,45 +46,34 @@ def writable_dir(path, what):
     """Creates `path` if needed and checks that a file can be written there."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".{PROG}.{os.getpid()}.probe"
+        probe = path / f".train.py.{os.getpid()}.probe"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise UsageError(
-            f"cannot write to the {what} {str(path)!r}: "
-            f"{error.strerror or error}"
-        ) from None
+        raise UsageError(f"cannot write to the {what} {str(path)!r}: "
+                         f"{error.strerror or error}") from None
 
 
 class WriteError(RuntimeError):
-    """A run's file could not be written; the message names it (and, for a
-    full disk, the space it needs). The file written before is intact."""
-
-
-def temporary_path(path):
-    """Where `path` is written before it replaces `path` (same suffixes)."""
-    return path.with_name(
-        f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
+    """A run's file could not be written (the earlier one is intact)."""
 
 
 def remove_temporaries(paths):
-    """Removes what writers of these paths left behind when killed
-    (`temporary_path` of any process); returns the paths removed."""
-    removed = []
-    for path in paths:
-        for temporary in path.parent.glob(f".{path.name}.*.tmp*"):
-            temporary.unlink(missing_ok=True)
-            removed.append(temporary)
+    """Removes (and returns) what killed writers of these paths left."""
+    removed = [temporary for path in paths
+               for temporary in path.parent.glob(f".{path.name}.*.tmp*")]
+    for temporary in removed:
+        temporary.unlink(missing_ok=True)
     return removed
 
 
 def write_file(path, data):
-    """Replaces `path` with the bytes `data`, atomically: written beside it,
-    flushed to disk, then renamed over it. Raises WriteError, `path`
-    untouched, where that fails (first checking that the disk has room)."""
+    """Replaces `path` with `data` (written beside it, flushed, renamed);
+    WriteError, `path` untouched, where that fails or the disk is full."""
     if shutil.disk_usage(path.parent).free < len(data):
         raise WriteError(no_room(path, len(data)))
-    temporary = temporary_path(path)
+    temporary = path.with_name(
+        f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
     try:
         with as_write_error(path, len(data)):
             write_synced(temporary, data, "wb")
@@ -106,7 +83,6 @@ def write_file(path, data):
 
 
 def write_synced(path, data, mode):
-    """Writes (mode "wb") or appends ("ab") `data`, flushed to disk."""
     with open(path, mode) as file:
         file.write(data)
         file.flush()
@@ -144,7 +120,6 @@ def columns(config):
     return names + (["r_max", "d_max"] if config["norm"] == "renorm" else [])
 
 
-# NAME.corrections.csv: one row per epoch and BatchRenormalization layer.
 CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
                       "d_clipped", "r_max", "d_max")
 
@@ -159,24 +134,19 @@ def csv_text(header, rows, with_header=True):
 
 
 def write_rows(path, header, rows):
-    """Replaces the CSV with `rows`, atomically."""
     write_file(path, csv_text(header, rows).encode())
 
 
 def append_row(path, header, row):
-    """Appends a row to the CSV and flushes it to disk. Raises WriteError
-    where that fails (the state file, written first, has the row: --resume
-    rewrites the CSV from it)."""
+    """Appends a row, flushed (the state, written first, has it too)."""
     data = csv_text(header, [row], with_header=False).encode()
     with as_write_error(path, len(data)):
         write_synced(path, data, "ab")
 
 
 def read_csv(path):
-    """The header and the non-blank rows of a CSV file, each row with the
-    line number it ends on: `(header, [(line, fields), ...])`; `([], [])`
-    for an empty file. Raises what reading raises (OSError,
-    UnicodeDecodeError, csv.Error)."""
+    """`(header, [(line, fields), ...])`: the non-blank rows, each with the
+    line it ends on; `([], [])` for an empty file."""
     with open(path, newline="") as file:
         reader = csv.reader(file)
         rows = [(reader.line_num, row) for row in reader if row]
@@ -185,76 +155,50 @@ def read_csv(path):
     return rows[0][1], rows[1:]
 
 
+def read_dicts(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
 def read_rows(path):
-    """The rows of a history CSV that name their epoch, as dicts by column;
-    none for a missing file."""
+    """A history CSV's rows that name their epoch ([] if it is missing)."""
     try:
-        rows = as_dicts(*read_csv(path))
+        return [row for row in read_dicts(path) if row.get("epoch")]
     except FileNotFoundError:
         return []
-    return [row for row in rows if row.get("epoch")]
-
-
-def as_dicts(header, rows):
-    """`read_csv`'s rows as csv.DictReader gives them (missing fields None,
-    extra ones a list under None)."""
-    dicts = []
-    for _, fields in rows:
-        row = dict(zip(header, fields))
-        row.update(dict.fromkeys(header[len(fields):]))
-        if len(fields) > len(header):
-            row[None] = fields[len(header):]
-        dicts.append(row)
-    return dicts
 
 
 def resumed_rows(path, header, meta):
-    """The rows of the finished epochs, for --resume: the saved state's
-    (`meta["rows"]`), written to the CSV `path` again. Returns them and a
-    one-line note of what the CSV held where it differed (None where it did
-    not): a cut or repeated row, a row past the state, a missing CSV. An
-    unreadable CSV (not UTF-8, not CSV) is moved aside first, never parsed
-    into an error."""
-    rows, note, unnumbered = meta["rows"], None, 0
+    """--resume: writes the state's rows to the CSV again; returns them and
+    a note of what the CSV held where it differed (else None)."""
+    note = None
     try:
-        found = as_dicts(*read_csv(path))
+        found = read_dicts(path)
     except FileNotFoundError:
-        found = None
+        note = f"repaired {path} from the saved state: it was missing"
     except (UnicodeDecodeError, csv.Error) as error:
-        found, note = [], (f"moved the unreadable {path} ({error}) to "
-                           f"{set_aside(path)}")
+        note = f"moved the unreadable {path} ({error}) to {set_aside(path)}"
     else:
-        unnumbered = sum(not row.get("epoch") for row in found)
-        found = [row for row in found if row.get("epoch")]
-    if note is None and (found is None or unnumbered or as_text(
-            found, header) != as_text(rows, header)):
-        held = ("was missing" if found is None else "held epochs "
-                + (",".join(str(r.get("epoch")) for r in found) or "none")
-                + incomplete_rows(found, header)
-                + (f" and {unnumbered} row(s) without an epoch"
-                   if unnumbered else ""))
-        note = f"repaired {path} from the saved state: it {held}"
-    write_rows(path, header, rows)
+        epochs = [row for row in found if row.get("epoch")]
+        unnumbered = len(found) - len(epochs)
+        if unnumbered or any(None in row for row in epochs) or csv_text(
+                header, epochs) != csv_text(header, meta["rows"]):
+            incomplete = sum(None in row or any(
+                row.get(c) in (None, "") for c in header) for row in epochs)
+            note = (f"repaired {path} from the saved state: it held epochs "
+                    + (",".join(row["epoch"] for row in epochs) or "none")
+                    + (f" ({incomplete} of its rows incomplete)"
+                       if incomplete else "")
+                    + (f" and {unnumbered} row(s) without an epoch"
+                       if unnumbered else ""))
+    write_rows(path, header, meta["rows"])
     if note:
         note += f"; it now holds epochs 1-{meta['epoch']}"
-    return rows, note
-
-
-def as_text(rows, header):
-    """Rows as the CSV holds them, to compare (extra fields included)."""
-    return [tuple("" if row.get(c) is None else str(row[c]) for c in header)
-            + tuple(row.get(None, ())) for row in rows]
-
-
-def incomplete_rows(rows, header):
-    count = sum(any(row.get(c) in (None, "") for c in header) or None in row
-                for row in rows)
-    return f" ({count} of its rows incomplete)" if count else ""
+    return meta["rows"], note
 
 
 def set_aside(path):
-    """Renames `path` to PATH.unreadable (or .unreadable.N, never over an
-    earlier one); returns the new path."""
+    """Renames `path` to PATH.unreadable[.N], never over an earlier one."""
     aside, number = path.with_name(path.name + ".unreadable"), 1
     while aside.exists():
         aside = path.with_name(f"{path.name}.unreadable.{number}")
@@ -264,8 +208,7 @@ def set_aside(path):
 
 
 def finished(history_dir, name, epochs):
-    """Whether run `name` in `history_dir` has `epochs` epochs (or more)
-    and its final result: what a resumable job skips."""
+    """Whether run `name` has `epochs` epochs (or more) and its result."""
     try:
         record = read_json(history_dir / f"{name}.json")
     except (OSError, RuntimeError):
@@ -291,7 +234,6 @@ def save_state(model, path, meta):
 
 
 def read_state(path, meta_only=False):
-    """The `meta` and the arrays by name that `save_state` saved."""
     try:
         with np.load(path, allow_pickle=False) as saved:
             meta = json.loads(str(saved["meta"]))
@@ -303,7 +245,6 @@ def read_state(path, meta_only=False):
 
 
 def saved_epoch(path):
-    """The epoch of the state that `save_state` saved (only its meta read)."""
     return read_state(path, meta_only=True)[0]["epoch"]
 
 
@@ -318,20 +259,16 @@ def load_state(model, path):
         if shapes != [tuple(v.shape) for v in variables]:
             raise RuntimeError(
                 f"{path} does not fit this model and optimizer ({prefix} "
-                f"variables differ); was the run's configuration changed?"
-            )
+                f"variables differ); was the run's configuration changed?")
         for key, variable in zip(keys, variables):
             variable.assign(arrays[key])
     return meta
 
 
 def save_weights(model, path, write=True):
-    """The model's weights as `model.save_weights` writes them, made in
-    memory by Keras's own writer and written by `write_file`, so that a full
-    disk is a clean WriteError rather than h5py's tracebacks. `write` False:
-    made, not written; in a multi-process run every process makes them
-    (Keras's saving places variables by collectives that all processes must
-    join) and process 0 writes."""
+    """`model.save_weights`'s file, made in memory (by every process: saving
+    joins collectives) and written by `write_file` (a full disk is then a
+    WriteError, not h5py's tracebacks) unless `write` is False."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -352,8 +289,7 @@ def read_json(path):
 
 
 def replace_block(path, begin, end, body):
-    """Replaces the text of `path` between the lines `begin` and `end` with
-    `body`, atomically; ValueError where `path` has no such block."""
+    """Replaces the text between `begin` and `end` (ValueError if none)."""
     text = path.read_text()
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:

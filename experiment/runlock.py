@@ -1,7 +1,5 @@
-"""One writer per run: an exclusive lock file beside the run's history,
-holding the writer's pid, host and command. A second writer of the same run
-gets one line naming the holder; a lock whose process is gone (killed) is
-reported and taken over."""
+"""One writer per run: an exclusive lock file holding the writer's pid, host
+and command; a lock whose process is gone is reported and taken over."""
 
 import json
 import os
@@ -11,19 +9,14 @@ from contextlib import contextmanager
 
 from experiment.cli import UsageError
 
-# A lock file still empty this long after it was made was left by a process
-# killed between creating it and writing its holder.
+# An empty lock this old was left by a process killed as it made it.
 EMPTY_LOCK_SECONDS = 10.0
 
 
 @contextmanager
 def run_lock(path, name, command, say):
-    """Holds the lock file `path` of run `name` for the block; `say` prints
-    a note (a stale lock taken over).
-
-    Raises:
-        UsageError: another live process holds it.
-    """
+    """Holds the lock `path` of run `name` (UsageError where a live process
+    does); `say` prints a note of a stale lock."""
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
     while True:
@@ -42,7 +35,6 @@ def run_lock(path, name, command, say):
 
 
 def read_holder(path):
-    """The lock's holder, or None where the file is empty or unreadable."""
     try:
         holder = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -51,8 +43,6 @@ def read_holder(path):
 
 
 def take_over(path, name, say):
-    """Removes the lock `path` if its holder is gone (saying so); raises
-    UsageError if it lives."""
     holder = read_holder(path)
     if holder is None:
         try:
@@ -76,8 +66,7 @@ def take_over(path, name, say):
 
 
 def holder_alive(holder):
-    """Whether the holder's process still runs (on another host: assumed
-    to)."""
+    """Whether the holder's process runs (on another host: assumed to)."""
     if holder.get("host") != socket.gethostname():
         return True
     try:

@@ -1,9 +1,7 @@
-"""Where and how a run computes: the backend, device and versions, the
-speed settings resolved for them (jit_compile, --input,
---steps-per-execution), the Keras session of a run, and the clock of its
-epochs."""
+"""Where and how a run computes: environment, speed settings, Keras session."""
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -20,53 +18,40 @@ from experiment.startup import quiet_startup
 
 INPUTS = ("auto", "host", "device")
 ROOT = Path(__file__).resolve().parents[1]
-# What counts as the code for `provenance`'s "dirty" (not the histories and
-# plots that runs rewrite).
+# The code for `provenance`'s "dirty" (not the histories and plots).
 CODE_FILES = (":(glob)**/*.py", "requirements.txt", "pyproject.toml",
               "Makefile")
-# --steps-per-execution auto on an accelerator, where Keras's loop runs the
-# steps: at most this many steps per call from Python into the backend.
+# --steps-per-execution auto's most on an accelerator with Keras's loop.
 AUTO_STEPS_PER_EXECUTION = 64
 
 
 def describe_environment():
-    """Backend, device and versions: the one framework-specific fast path."""
+    """Backend, device and versions."""
     import keras
+
+    import batch_renorm
 
     backend = keras.backend.backend()
     versions = {"python": platform.python_version(), "keras": keras.__version__,
-                "numpy": np.__version__}
-    try:
-        import batch_renorm
-
-        versions["batch_renorm"] = batch_renorm.__version__
-    except (ImportError, AttributeError):
-        pass
+                "numpy": np.__version__, "batch_renorm": batch_renorm.__version__}
+    framework = importlib.import_module(backend)  # tensorflow, jax, torch
+    versions[backend] = framework.__version__
     device_type, device = "cpu", None
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        versions["tensorflow"] = tf.__version__
-        gpus = tf.config.list_physical_devices("GPU")
+        gpus = framework.config.list_physical_devices("GPU")
         if gpus:
-            details = tf.config.experimental.get_device_details(gpus[0])
+            details = framework.config.experimental.get_device_details(gpus[0])
             device_type = "gpu"
             device = details.get("device_name", gpus[0].name)
     elif backend == "jax":
-        import jax
         import jaxlib
 
-        versions["jax"] = jax.__version__
         versions["jaxlib"] = jaxlib.__version__
-        first = jax.devices()[0]
+        first = framework.devices()[0]
         if first.platform != "cpu":
             device_type, device = first.platform, first.device_kind
-    elif backend == "torch":
-        import torch
-
-        versions["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            device_type, device = "gpu", torch.cuda.get_device_name(0)
+    elif backend == "torch" and framework.cuda.is_available():
+        device_type, device = "gpu", framework.cuda.get_device_name(0)
     if device is None:
         cores = (len(os.sched_getaffinity(0))
                  if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -89,10 +74,8 @@ def cpu_name():
 
 
 def jit_compile(choice, environment):
-    """--jit-compile: `auto` is Keras's choice, except for TensorFlow on a
-    CPU (where Keras turns XLA off): XLA there where the CPU lacks AVX-512,
-    TensorFlow's own (oneDNN) kernels where it has it or where its flags
-    cannot be read (docs/speed.md)."""
+    """--jit-compile: `auto` is Keras's choice, but on TensorFlow on a CPU
+    XLA where the CPU lacks AVX-512 (docs/speed.md)."""
     if choice in ("on", "off"):
         return choice == "on"
     if (environment["backend"], environment["device_type"]) == (
@@ -103,29 +86,19 @@ def jit_compile(choice, environment):
 
 
 def resolve_input(choice, environment, devices=1):
-    """--input: `auto` is `device` on an accelerator (GPU, TPU), where it
-    spares the host loop the pixel work and the copies, and `host` on a CPU,
-    where the device is the host and NumPy is as fast, and with TensorFlow,
-    whose Keras trainer feeds a generator through tf.data.from_generator:
-    that copies every device batch back to the host (slower on a CPU,
-    docs/speed.md); `host` for data parallel training (Keras
-    splits host batches across the devices)."""
+    """--input: `auto` is `device` on one accelerator but with TensorFlow,
+    else `host` (docs/experiment.md, "Input pipeline")."""
     if choice == "device" and devices > 1:  # --devices all, resolved
         raise UsageError(f"--input device needs one device, not --devices "
                          f"{devices} (leave --input at auto or host)")
     if choice != "auto":
         return choice
-    if (environment["device_type"] == "cpu" or devices > 1
-            or environment["backend"] == "tensorflow"):
-        return "host"
-    return "device"
+    return "host" if (environment["device_type"] == "cpu" or devices > 1 or
+                      environment["backend"] == "tensorflow") else "device"
 
 
 def configured_backend():
-    """The backend Keras will run on, by Keras's own rule but without
-    importing it (which starts the backend): $KERAS_BACKEND, else the
-    "backend" of keras.json in $KERAS_HOME (default ~/.keras), else
-    tensorflow."""
+    """The backend Keras will run on, found without importing Keras."""
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
     home = Path(os.environ.get("KERAS_HOME",
@@ -138,19 +111,15 @@ def configured_backend():
 
 
 def resolve_devices(choice, processes=1):
-    """--devices as a number: `all` is every device (of every process, with
-    several); more than one needs the jax backend (Keras's distribution API)
-    and that many devices."""
+    """--devices as a number (`all`: every device of every process)."""
     import keras
 
     backend = keras.backend.backend()
     if choice == 1 and processes == 1:
         return 1
     if backend != "jax":
-        raise UsageError(
-            f"--devices {choice} needs the jax backend (Keras's "
-            f"distribution API for data parallel training); the backend is "
-            f"{backend}")
+        raise UsageError(f"--devices {choice} needs the jax backend (Keras's "
+                         f"distribution API); the backend is {backend}")
     available = len(keras.distribution.list_devices())
     if choice == "all":
         return available
@@ -165,13 +134,9 @@ def resolve_devices(choice, processes=1):
 
 
 def resolve_steps_per_execution(choice, environment, steps, input="host"):
-    """--steps-per-execution: `auto` is 1 on a CPU (a step takes long next
-    to the Python loop) and with torch (whose Keras trainer runs one step per
-    call); on an accelerator, the whole epoch with jax and the training set
-    on the device (`input`; one compiled program an epoch:
-    experiment/compiled_epoch.py), else enough steps per call to amortize
-    the loop, at most an epoch's. The same `steps` steps are trained
-    whatever the value: the last call of an epoch runs the steps left."""
+    """--steps-per-execution: `auto` is 1 on a CPU and with torch; on an
+    accelerator the epoch's `steps` with jax and --input device, else at
+    most AUTO_STEPS_PER_EXECUTION (docs/experiment.md, "Input pipeline")."""
     if choice == "auto":
         if environment["device_type"] == "cpu" or (
                 environment["backend"] == "torch"):
@@ -180,19 +145,16 @@ def resolve_steps_per_execution(choice, environment, steps, input="host"):
             return steps
         return min(steps, AUTO_STEPS_PER_EXECUTION)
     if choice > 1 and environment["backend"] == "torch":
-        raise UsageError(
-            f"--steps-per-execution {choice} needs the tensorflow or jax "
-            "backend (Keras's torch trainer runs one step per call); use 1 "
-            "or auto")
+        raise UsageError(f"--steps-per-execution {choice} needs tensorflow or "
+                         "jax (Keras's torch trainer runs one step per call); "
+                         "use 1 or auto")
     return choice
 
 
 @contextmanager
 def keras_settings(config):
-    """A fresh Keras session with the run's seed, dtype policy and, with
-    several devices, the data parallel distribution; the policy and the
-    distribution are restored afterwards (for callers in the same process,
-    like tests)."""
+    """A fresh Keras session with the run's seed, policy and distribution
+    (the last two restored afterwards)."""
     import keras
 
     policy = keras.config.dtype_policy()
@@ -201,8 +163,8 @@ def keras_settings(config):
         keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
     if config["devices"] > 1:
-        # auto_shard_dataset: Keras would shard only a tf.data.Dataset (and
-        # refuse train.py's generator); each process feeds its own share.
+        # Keras would shard only a tf.data.Dataset; each process feeds its
+        # own share.
         keras.distribution.set_distribution(keras.distribution.DataParallel(
             devices=keras.distribution.list_devices()[:config["devices"]],
             auto_shard_dataset=False))
@@ -215,8 +177,7 @@ def keras_settings(config):
 
 
 def epoch_clock():
-    """A Keras callback that times an epoch's training steps, stopping the
-    clock once the device is done (defined here so Keras is imported late)."""
+    """A callback timing an epoch's steps until the device is done."""
     import keras
 
     class EpochClock(keras.callbacks.Callback):
@@ -236,18 +197,15 @@ def epoch_clock():
 
 
 def interruption_checks():
-    """A Keras callback that, before each training and evaluation batch,
-    raises a signal's interruption that the code it interrupted swallowed
-    (signals.raise_if_interrupted). Batch-begin hooks run on the main
-    thread and leave Keras's asynchronous batch-end dispatch on."""
+    """A callback raising, before each batch, an interruption that some code
+    swallowed (batch-begin hooks run on the main thread; ends stay async)."""
     import keras
 
     class InterruptionChecks(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             raise_if_interrupted()
 
-        def on_test_batch_begin(self, batch, logs=None):
-            raise_if_interrupted()
+        on_test_batch_begin = on_train_batch_begin
 
     return InterruptionChecks()
 
@@ -258,9 +216,7 @@ def now():
 
 
 def provenance(environment):
-    """Which code made a run: the git commit of this checkout (None outside
-    git), whether the code differed from it (`dirty`: uncommitted changes to
-    CODE_FILES), and the package version."""
+    """Which code made a run (docs/experiment.md, "Provenance")."""
     commit = git("rev-parse", "HEAD")
     changes = git("status", "--porcelain", "--untracked-files=no", "--",
                   *CODE_FILES)

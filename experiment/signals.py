@@ -1,16 +1,14 @@
-"""SIGINT and SIGTERM during a run: the first raises `Interrupted` while it
-trains (held back while an epoch is written to disk); later ones are
-ignored, so that the shutdown the first began (saving, the message, the
-exit code) finishes."""
+"""SIGINT and SIGTERM during a run: the first raises `Interrupted` (held back
+while an epoch is written); later ones are ignored, so that the shutdown the
+first began finishes (docs/experiment.md, "Files of a run")."""
 
 import os
 import signal
 import threading
 from contextlib import contextmanager
 
-# How long a signal may wait for the main thread before the watchdog ends
-# the process: later signals are ignored, so nothing else would end a main
-# thread that never comes back from the framework.
+# How long a signal waits for the main thread before the watchdog ends the
+# process (later signals are ignored: nothing else would).
 STUCK_SECONDS = 30.0
 
 # The signals that arrived inside interrupts_as_exceptions.
@@ -20,8 +18,6 @@ _taken = threading.Event()
 
 
 class Interrupted(BaseException):
-    """A SIGINT or SIGTERM arrived."""
-
     def __init__(self, signum):
         super().__init__(signum)
         self.signum = signum
@@ -29,16 +25,10 @@ class Interrupted(BaseException):
 
 @contextmanager
 def interrupts_as_exceptions(exiting=False, on_stuck=None):
-    """The first SIGINT or SIGTERM raises `Interrupted`; later ones are
-    ignored. The previous handlers are restored on exit; with `exiting` (a
-    process that ends after the block) not once one has arrived, so that
-    later ones stay ignored until the exit.
-
-    `on_stuck(signum, seconds)`, if given, is called from a watchdog thread
-    when the main thread has not taken a signal STUCK_SECONDS after it came
-    (Python runs handlers only between its bytecodes); the process then
-    ends at once with exit code 128 + signum. Finished epochs are safe:
-    every file is written to a temporary and renamed."""
+    """The first SIGINT or SIGTERM raises `Interrupted`, later ones are
+    ignored (still after the block with `exiting`). Where the main thread
+    has not taken one STUCK_SECONDS later, `on_stuck(signum, seconds)` is
+    called and the process ends with 128 + signum."""
 
     def handler(signum, frame):
         _taken.set()
@@ -59,18 +49,16 @@ def interrupts_as_exceptions(exiting=False, on_stuck=None):
 
 
 def raise_if_interrupted():
-    """Raises `Interrupted` again for a signal that arrived inside
-    interrupts_as_exceptions, for the training loop to call between steps:
-    the code that the handler interrupted may have swallowed the exception
-    (a finalizer or a callback from C catches everything)."""
+    """Raises `Interrupted` again for a signal that arrived, for the loop to
+    call between steps (the code it interrupted may have swallowed it)."""
     if _arrived:
         raise Interrupted(_arrived[0])
 
 
 @contextmanager
 def interrupts_deferred():
-    """SIGINT and SIGTERM wait until the block (an epoch's commit) is done;
-    then the first of them raises `Interrupted` (if none came before)."""
+    """SIGINT and SIGTERM wait until the block is done; then the first
+    raises `Interrupted` (if none came before)."""
     pending = []
 
     def defer(signum, frame):
@@ -90,18 +78,15 @@ def interrupts_deferred():
 
 @contextmanager
 def _watchdog(on_stuck):
-    """A thread that learns of each signal from Python's wakeup fd (written
-    by the C-level handler, whatever the main thread does) and calls
-    `on_stuck` and ends the process if no Python-level handler has run
-    STUCK_SECONDS later."""
+    """A thread told of each signal by Python's wakeup fd (written whatever
+    the main thread does)."""
     if on_stuck is None:
         yield
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
     seconds = STUCK_SECONDS
-    # A new event for each watchdog: the thread of an earlier block that
-    # reads its last byte late waits on its own event, not on this one.
+    # A new event for each watchdog: an earlier block's thread keeps its own.
     global _taken
     _taken = taken = threading.Event()
 

@@ -18,7 +18,9 @@ import pytest
 
 import train
 from experiment import runfiles
+from experiment import runlock
 from experiment import runtime
+from experiment.cli import UsageError
 from train_runs import one_error_line
 from train_runs import read_history
 from train_runs import run_main
@@ -119,6 +121,34 @@ def test_a_stale_lock_is_reported_and_taken_over(finished, data_dir,
     assert "removing the stale lock" in capsys.readouterr().err
     assert not lock.exists()
     assert without_timings(read_history(out, "run")) == finished[1]
+
+
+@pytest.mark.parametrize("age, holder, words", [
+    (0, "", "is being started by another process"),
+    (60, "", None),
+    (0, {"pid": 1, "host": "elsewhere", "since": "then"},
+     "is being written by process 1 on elsewhere since then"),
+])
+def test_an_empty_lock_or_one_of_another_host(tmp_path, age, holder, words):
+    """An empty lock is a process starting, or one killed as it started it
+    (taken over once older than EMPTY_LOCK_SECONDS); a holder on another
+    host cannot be checked, so it is taken as alive."""
+    lock = tmp_path / "run.lock"
+    lock.write_text(json.dumps(holder) if holder else "")
+    then = time.time() - age
+    os.utime(lock, (then, then))
+    notes = []
+    taking = runlock.run_lock(lock, "run", "train.py", notes.append)
+    if words:
+        with pytest.raises(UsageError, match=words), taking:
+            pass
+        assert lock.exists() and not notes
+        return
+    with taking:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert notes == [
+        f"removing the empty lock {lock} (left by a killed process)"]
+    assert not lock.exists()
 
 
 # ---------------------------------------------------------- damaged CSV
