@@ -36,7 +36,7 @@ from experiment.protocols import NORMS
 PROG = "sweep.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported
 PLOT = TRAIN.with_name("plot.py")
-PAPER_SCHEDULE = "0.04,0.19,0.31"  # 5k, 25k, 40k of the paper's 130k steps
+PAPER_SCHEDULE = (0.04, 0.19, 0.31)  # 5k, 25k, 40k of the paper's 130k steps
 MICRO_BATCH = 128  # the microbatch study's batch: V = 128 is all of it
 # Each study's defaults, then its presets' (why so: docs/sweep.md); where
 # a preset has no train_size or val_size, train.py's defaults.
@@ -45,7 +45,7 @@ STUDIES = {
                   seeds=(0,), lr_milestones=()),
     "microbatch": dict(batch_sizes=(MICRO_BATCH,), sampling=("iid", "pairs")),
 }
-CPU = dict(depth=10, width=1, val_size=1000, renorm_schedule="0.25,0.5,0.75")
+CPU = dict(depth=10, width=1, val_size=1000, renorm_schedule=(0.25, 0.5, 0.75))
 GPU = dict(depth=16, width=4, momentum_images=12800,
            renorm_schedule=PAPER_SCHEDULE)
 PRESETS = {
@@ -61,13 +61,6 @@ PRESETS = {
 # Where each study's runs and figures go (history/NAME, weights/NAME,
 # plots/NAME).
 STUDY_DIRS = {"batch": "sweep", "microbatch": "microbatch"}
-# train.py flags that the sweep sets itself and `--` may not override.
-OWN_FLAGS = ("--norm", "--name", "--batch-size", "--classes-per-batch",
-             "--history-dir", "--weights-dir", "--resume", "--overwrite",
-             "--seed", "--epochs", "--depth", "--width", "--train-size",
-             "--val-size", "--norm-momentum", "--renorm-schedule", "--lr",
-             "--data-dir", "--virtual-batch-size", "--sampling",
-             "--lr-milestones")
 
 
 def sampling(text):
@@ -79,6 +72,29 @@ def sampling(text):
 
 def joined(values, separator=" "):
     return separator.join(map(str, values))
+
+
+# Each run's flags, train.py's (defaults: the preset's): type, metavar, help.
+RUN_FLAGS = {
+    "--depth": (cli.wrn_depth, "D", None),
+    "--width": (cli.positive_int, "K", None),
+    "--train-size": (cli.positive_int, "N", "stratified training subset"),
+    "--val-size": (cli.positive_int, "N", "held-out validation images"),
+    "--epochs": (cli.positive_int, "N", None),
+    "--lr": (cli.positive_float, "LR", "at every batch size"),
+    "--lr-milestones": (cli.milestones, "E1,...",
+                        "epochs after which the lr is divided by 10"),
+    "--renorm-schedule": (cli.schedule_fractions, "W,D,R",
+                          "warm-up end, d_max, r_max: fractions of the steps"),
+    "--data-dir": (Path, "DIR", "CIFAR-10 folder (default: $CIFAR10_DIR)"),
+}
+
+
+# train.py flags that the sweep sets itself and `--` may not override.
+OWN_FLAGS = (*RUN_FLAGS, "--norm", "--name", "--batch-size", "--seed",
+             "--classes-per-batch", "--virtual-batch-size", "--sampling",
+             "--norm-momentum", "--history-dir", "--weights-dir", "--resume",
+             "--overwrite")
 
 
 def build_parser():
@@ -112,8 +128,17 @@ def build_parser():
                       type=cli.positive_int,
                       help="microbatch study only: the normalization groups "
                       f"(train.py --virtual-batch-size), each <= {MICRO_BATCH}")
-    add_run_flags(parser.add_argument_group(
-        "each run (train.py flags; defaults: the preset's)"))
+    run = parser.add_argument_group(
+        "each run (train.py flags; defaults: the preset's)")
+    for flag, (kind, metavar, text) in RUN_FLAGS.items():
+        run.add_argument(flag, type=kind, metavar=metavar, help=text)
+    momentum = run.add_mutually_exclusive_group()
+    momentum.add_argument("--momentum-images", type=cli.positive_int,
+                          metavar="IMAGES", help="norm momentum 1 - BATCH / "
+                          "IMAGES: the same images averaged at every batch "
+                          "size")
+    momentum.add_argument("--norm-momentum", type=cli.fraction,
+                          metavar="M", help="one norm momentum for all runs")
     output = parser.add_argument_group("output")
     for kind in ("history", "weights", "plots"):
         output.add_argument(
@@ -124,36 +149,6 @@ def build_parser():
                         help="list the runs and their train.py commands; "
                         "train nothing")
     return parser
-
-
-def add_run_flags(run):
-    run.add_argument("--depth", type=cli.wrn_depth, metavar="D")
-    run.add_argument("--width", type=cli.positive_int, metavar="K")
-    run.add_argument("--train-size", type=cli.positive_int, metavar="N",
-                     help="stratified training subset")
-    run.add_argument("--val-size", type=cli.positive_int, metavar="N",
-                     help="validation images held out of the training set "
-                     "(`-- --val-from test`: test images, as in 2017)")
-    run.add_argument("--epochs", type=cli.positive_int, metavar="N")
-    run.add_argument("--lr", type=cli.positive_float,
-                     help="the learning rate at every batch size (default: "
-                     "the protocol's)")
-    run.add_argument("--lr-milestones", type=cli.milestones, metavar="E1,...",
-                     help="epochs after which the lr is divided by 10")
-    run.add_argument("--renorm-schedule", type=cli.schedule_fractions,
-                     metavar="W,D,R",
-                     help="renorm's warm-up end, d_max and r_max steps as "
-                     f"fractions of each run's steps (the paper's: "
-                     f"{PAPER_SCHEDULE})")
-    momentum = run.add_mutually_exclusive_group()
-    momentum.add_argument("--momentum-images", type=cli.positive_int,
-                          metavar="IMAGES", help="norm momentum 1 - BATCH / "
-                          "IMAGES: the same images averaged at every batch "
-                          "size")
-    momentum.add_argument("--norm-momentum", type=cli.fraction,
-                          metavar="M", help="one norm momentum for all runs")
-    run.add_argument("--data-dir", type=Path, metavar="DIR",
-                     help="CIFAR-10 folder (default: $CIFAR10_DIR)")
 
 
 def parse_args(argv):
@@ -167,13 +162,10 @@ def parse_args(argv):
     for key, value in {**STUDIES[args.study],
                        **PRESETS[args.study][args.preset]}.items():
         if getattr(args, key, None) is None:
-            setattr(args, key, list(value) if isinstance(value, tuple)
-                    else value)
+            setattr(args, key, value)
     for kind in ("history", "weights", "plots"):
         if getattr(args, f"{kind}_dir") is None:
             setattr(args, f"{kind}_dir", Path(kind) / STUDY_DIRS[args.study])
-    if isinstance(args.renorm_schedule, str):
-        args.renorm_schedule = cli.schedule_fractions(args.renorm_schedule)
     if args.norm_momentum is not None:
         args.momentum_images = None
     elif args.momentum_images <= max(args.batch_sizes):

@@ -23,11 +23,26 @@ PANELS = (("test accuracy (last weights)", "test_accuracy"),
 
 
 def tables(runs, groups):
+    """Test accuracy where every run has it, then best / final validation
+    accuracy, by norm, sampling and batch size."""
     found = sweep_points(runs)
     if not found:
         return ""
-    return "".join("\n" + text for text in (test_table(found),
-                                            sweep_table(found)) if text)
+    text, several = "", "mean ± std over runs where there are several"
+    if all(p.values("test_accuracy") is not None for p in found):
+        keys = [key for key in ("test_accuracy", "best_test_accuracy")
+                if all(p.values(key) is not None for p in found)]
+        weights = " / ".join(("the last", "the best-val")[:len(keys)])
+        counted = test_images_text([r for p in found for r in p.runs],
+                                   "the test set")
+        text = "\n" + accuracy_table(
+            found, "Test accuracy by batch size and sampling",
+            f"%, {weights} weights on {counted}; {several}", keys)
+    return text + "\n" + accuracy_table(
+        found, "Validation accuracy by batch size and sampling",
+        f"best / final, %; {several}; i.i.d.: random batches, K "
+        "classes/batch: every training batch from K classes, "
+        "`--classes-per-batch`", ("best", "final"))
 
 
 def figures(runs, groups):
@@ -200,32 +215,10 @@ def plot_non_iid(points, runs):
     return fig
 
 
-def sweep_table(points):
-    """Markdown: best / final val accuracy (%) per line and batch size."""
-    return (
-        "**Validation accuracy by batch size and sampling** (best / final, %; "
-        "mean ± std over runs where there are several; i.i.d.: random "
-        "batches, K classes/batch: every training batch from K classes, "
-        "`--classes-per-batch`):\n\n" + line_table(
-            points, sampling_text, "batch {}".format,
-            lambda p: " / ".join(format_percent(p.values(which) / 100)
-                                 for which in ("best", "final"))) + "\n")
-
-
-def test_table(points):
-    """Markdown: test accuracy per line and batch size, the last (/ the
-    best-val) weights'; "" unless every run has one."""
-    if any(p.values("test_accuracy") is None for p in points):
-        return ""
-    counted = test_images_text([r for p in points for r in p.runs],
-                               "the test set")
-    keys = ("test_accuracy", "best_test_accuracy")
-    if any(p.values(keys[1]) is None for p in points):
-        keys = keys[:1]
-    weights = " / ".join(("the last", "the best-val")[:len(keys)])
-    return (
-        f"**Test accuracy by batch size and sampling** (%, {weights} weights "
-        f"on {counted}; mean ± std over runs where there are several):\n\n"
-        + line_table(points, sampling_text, "batch {}".format,
-                     lambda p: " / ".join(format_percent(p.values(key) / 100)
-                                          for key in keys)) + "\n")
+def accuracy_table(points, title, notes, keys):
+    """Markdown: `values(key)` (%) per line and batch size, for each of
+    `keys`, joined by " / "."""
+    return f"**{title}** ({notes}):\n\n" + line_table(
+        points, sampling_text, "batch {}".format,
+        lambda p: " / ".join(format_percent(p.values(key) / 100)
+                             for key in keys)) + "\n"

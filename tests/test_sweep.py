@@ -259,14 +259,14 @@ def test_microbatch_plan_presets_and_skips(tmp_path, capsys):
     assert (args.depth, args.width, args.train_size, args.epochs) == (
         preset["depth"], preset["width"], preset["train_size"],
         preset["epochs"])
-    assert args.virtual_batch_sizes == list(preset["virtual_batch_sizes"])
-    assert args.seeds == list(preset["seeds"])
+    assert args.virtual_batch_sizes == preset["virtual_batch_sizes"]
+    assert args.seeds == preset["seeds"]
     assert args.history_dir == sweep.Path("history/microbatch")
     assert args.plots_dir == sweep.Path("plots/microbatch")
     assert sweep.parse_args([]).history_dir == sweep.Path("history/sweep")
     gpu = sweep.parse_args(["--study", "microbatch", "--preset", "gpu"])
     assert (gpu.depth, gpu.width, gpu.train_size) == (16, 4, None)
-    assert gpu.virtual_batch_sizes == [2, 4, 8, 16, 128]
+    assert gpu.virtual_batch_sizes == (2, 4, 8, 16, 128)
     assert len(gpu.seeds) >= 3
     assert sweep.momentum_for(gpu, 128) == pytest.approx(0.99)
     runs, skipped = sweep.plan(args)
