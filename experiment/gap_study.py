@@ -152,9 +152,8 @@ def measures(run):
     last = (run.corrections[run.corrections["epoch"]
                             == run.frame["epoch"].iloc[-1]]
             if run.corrections is not None else ())
-    for key in CORRECTIONS:
-        result[key] = (sum(last[key]) / len(last) if len(last) else None)
-    return result
+    return result | {key: sum(last[key]) / len(last) if len(last) else None
+                     for key in CORRECTIONS}
 
 
 def cells(runs):
@@ -209,6 +208,4 @@ def paired_table(table):
 
 def mean_text(values):
     values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    return f"{sum(values) / len(values):.3g}"
+    return f"{sum(values) / len(values):.3g}" if values else "–"
