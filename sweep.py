@@ -1,14 +1,11 @@
 #!/usr/bin/env python3
 """Where batch renormalization matters: small and non-i.i.d. minibatches.
-
-Two studies (--study), each a grid of train.py runs in --history-dir, drawn
-by plot.py into --plots-dir (figures, and timing.md with the tables).
-`batch` (the default) trains every --norms x --batch-sizes x --sampling, runs
-sweep-NORM-bBATCH-SAMPLING; `microbatch`, the paper's design (Ioffe 2017,
-section 4), keeps the batch at 128 and normalizes it in groups of V
-consecutive examples (train.py --virtual-batch-size) for every V of
---virtual-batch-sizes, over several --seeds, runs micro-NORM-vV-SAMPLING
-(-sSEED added for seeds other than 0). docs/sweep.md describes both.
+Trains a grid of train.py runs one after another in --history-dir, then
+plot.py draws them into --plots-dir. --study batch (the default) varies the
+batch size and sampling, runs sweep-NORM-bBATCH-SAMPLING; --study microbatch
+keeps batch 128 and normalizes it in groups of V examples, runs
+micro-NORM-vV-SAMPLING (-sSEED for seeds other than 0). Method, presets and
+results: docs/sweep.md.
 
   python sweep.py                  # the reduced version, for a CPU (defaults)
   python sweep.py --preset gpu     # the full version, for a GPU
@@ -16,9 +13,9 @@ consecutive examples (train.py --virtual-batch-size) for every V of
   python sweep.py --batch-sizes 4 32 --norms batchnorm renorm -- --augment
   python sweep.py --study microbatch --preset gpu
 
-Resumable: a run whose history has all its epochs is skipped, any other is
-started or continued (train.py --resume); rerun the same command after an
-interruption. Flags after `--` go to every train.py run.
+Resumable: a finished run is skipped, any other started or continued
+(train.py --resume); rerun the same command after an interruption. Flags
+after `--` go to every train.py run.
 """
 
 import argparse
@@ -39,53 +36,31 @@ from experiment.protocols import NORMS
 PROG = "sweep.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported
 PLOT = TRAIN.with_name("plot.py")
-PAPER_SCHEDULE = "0.04,0.19,0.31"  # 5k, 25k, 40k of the paper's 130k steps
-# Why each preset is sized as it is: docs/sweep.md.
+PAPER_SCHEDULE = (0.04, 0.19, 0.31)  # 5k, 25k, 40k of the paper's 130k steps
+MICRO_BATCH = 128  # the microbatch study's batch: V = 128 is all of it
+# Each study's defaults, then its presets' (why so: docs/sweep.md); where
+# a preset has no train_size or val_size, train.py's defaults.
+STUDIES = {
+    "batch": dict(batch_sizes=(4, 8, 32, 128), sampling=("iid", "k2"),
+                  seeds=(0,), lr_milestones=()),
+    "microbatch": dict(batch_sizes=(MICRO_BATCH,), sampling=("iid", "pairs")),
+}
+CPU = dict(depth=10, width=1, val_size=1000, renorm_schedule=(0.25, 0.5, 0.75))
+GPU = dict(depth=16, width=4, momentum_images=12800,
+           renorm_schedule=PAPER_SCHEDULE)
 PRESETS = {
-    # WRN-10-1 on 1280 images (128 of each class: every default batch is
-    # full). The renorm warm-up spans the first quarter of the steps, about
-    # 3 time constants of the moving averages: the paper's 4% would end
-    # before they settle in so short a run.
-    "cpu": dict(depth=10, width=1, train_size=1280, val_size=1000, epochs=3,
-                momentum_images=320, renorm_schedule="0.25,0.5,0.75"),
-    # WRN-16-4 on the 45,000 training images not held out; Keras's momentum
-    # 0.99 at batch 128 and the paper's schedule.
-    "gpu": dict(depth=16, width=4, train_size=None, val_size=None, epochs=30,
-                momentum_images=12800, renorm_schedule=PAPER_SCHEDULE),
+    "batch": {"cpu": dict(CPU, train_size=1280, epochs=3, momentum_images=320),
+              "gpu": dict(GPU, epochs=30)},
+    "microbatch": {
+        "cpu": dict(CPU, train_size=5000, epochs=10, lr_milestones=(8,),
+                    momentum_images=2560, virtual_batch_sizes=(4, 128),
+                    seeds=tuple(range(5))),
+        "gpu": dict(GPU, epochs=4, lr_milestones=(3,),
+                    virtual_batch_sizes=(2, 4, 8, 16, 128), seeds=(0, 1, 2))},
 }
-BATCH_SIZES = (4, 8, 32, 128)
-SAMPLINGS = ("iid", "k2")
-# The microbatch study: the optimizer's batch is fixed, the normalization
-# group (virtual batch) V varies; V = MICRO_BATCH is the whole batch.
-MICRO_BATCH = 128
-MICRO_SAMPLINGS = ("iid", "pairs")
-MICRO_PRESETS = {
-    # Sized by the 95% intervals of paired differences rather than by the
-    # grid: two values of V and five seeds. The lr drops tenfold for the
-    # last epochs, so that the last weights are not one noisy Adam step
-    # among others.
-    "cpu": dict(depth=10, width=1, train_size=5000, val_size=1000, epochs=10,
-                lr_milestones=(8,), momentum_images=2560,
-                renorm_schedule="0.25,0.5,0.75",
-                virtual_batch_sizes=(4, 128), seeds=tuple(range(5))),
-    # The paper's grid of V, 3 seeds, momentum and schedule as the batch
-    # study's gpu preset.
-    "gpu": dict(depth=16, width=4, train_size=None, val_size=None, epochs=4,
-                lr_milestones=(3,), momentum_images=12800,
-                renorm_schedule=PAPER_SCHEDULE,
-                virtual_batch_sizes=(2, 4, 8, 16, 128), seeds=(0, 1, 2)),
-}
-STUDIES = {"batch": PRESETS, "microbatch": MICRO_PRESETS}
 # Where each study's runs and figures go (history/NAME, weights/NAME,
 # plots/NAME).
 STUDY_DIRS = {"batch": "sweep", "microbatch": "microbatch"}
-# train.py flags that the sweep sets itself and `--` may not override.
-OWN_FLAGS = ("--norm", "--name", "--batch-size", "--classes-per-batch",
-             "--history-dir", "--weights-dir", "--resume", "--overwrite",
-             "--seed", "--epochs", "--depth", "--width", "--train-size",
-             "--val-size", "--norm-momentum", "--renorm-schedule", "--lr",
-             "--data-dir", "--virtual-batch-size", "--sampling",
-             "--lr-milestones")
 
 
 def sampling(text):
@@ -99,62 +74,71 @@ def joined(values, separator=" "):
     return separator.join(map(str, values))
 
 
-def preset_text(study, name):
-    """A preset's values, for --help."""
-    preset = STUDIES[study][name]
-    images = preset["momentum_images"]
-    return (f"{study} {name}: WRN-{preset['depth']}-{preset['width']}, "
-            f"{preset['train_size'] or 'all 45000'} training images, "
-            f"{preset['val_size'] or 5000} validation images, "
-            f"{preset['epochs']} epochs, momentum images {images} (momentum "
-            f"{1 - MICRO_BATCH / images:g} at batch {MICRO_BATCH}), renorm "
-            f"schedule {preset['renorm_schedule']}" + (
-                f", lr milestones {joined(preset['lr_milestones'], ',')}, V "
-                f"{joined(preset['virtual_batch_sizes'])}, seeds "
-                f"{joined(preset['seeds'])}" if "seeds" in preset else ""))
+# Each run's flags, train.py's (defaults: the preset's): type, metavar, help.
+RUN_FLAGS = {
+    "--depth": (cli.wrn_depth, "D", None),
+    "--width": (cli.positive_int, "K", None),
+    "--train-size": (cli.positive_int, "N", "stratified training subset"),
+    "--val-size": (cli.positive_int, "N", "held-out validation images"),
+    "--epochs": (cli.positive_int, "N", None),
+    "--lr": (cli.positive_float, "LR", "at every batch size"),
+    "--lr-milestones": (cli.milestones, "E1,...",
+                        "epochs after which the lr is divided by 10"),
+    "--renorm-schedule": (cli.schedule_fractions, "W,D,R",
+                          "warm-up end, d_max, r_max: fractions of the steps"),
+    "--data-dir": (Path, "DIR", "CIFAR-10 folder (default: $CIFAR10_DIR)"),
+}
+
+
+# train.py flags that the sweep sets itself and `--` may not override.
+OWN_FLAGS = (*RUN_FLAGS, "--norm", "--name", "--batch-size", "--seed",
+             "--classes-per-batch", "--virtual-batch-size", "--sampling",
+             "--norm-momentum", "--history-dir", "--weights-dir", "--resume",
+             "--overwrite")
 
 
 def build_parser():
     parser = cli.script_parser(PROG, __doc__)
     grid = parser.add_argument_group("what to sweep")
-    grid.add_argument(
-        "--preset", choices=tuple(PRESETS), default="cpu",
-        help="the defaults of the flags below (default: cpu): " + "; ".join(
-            preset_text(study, name) for study in STUDIES for name in PRESETS))
+    grid.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
+                      help="the defaults of the flags below (default: cpu; "
+                      "docs/sweep.md lists them)")
     grid.add_argument("--study", choices=tuple(STUDIES), default="batch",
-                      help="batch: real batches of --batch-sizes; "
-                      f"microbatch: the paper's design, batch {MICRO_BATCH} "
-                      "normalized in virtual batches of --virtual-batch-sizes "
-                      "(default: batch)")
+                      help="batch (default): batches of --batch-sizes; "
+                      f"microbatch: batches of {MICRO_BATCH} normalized in "
+                      "groups of --virtual-batch-sizes")
     grid.add_argument("--norms", nargs="+", choices=NORMS,
                       default=list(NORMS), metavar="NORM",
-                      help=f"normalizations: {joined(NORMS, ', ')} (default: "
-                      "all; keras-renorm has no virtual batches, so the "
-                      f"microbatch study trains it at V = {MICRO_BATCH} only)")
+                      help=f"{joined(NORMS, ', ')} (default: all; the "
+                      "microbatch study trains keras-renorm, which has no "
+                      f"virtual batches, at V = {MICRO_BATCH} only)")
     grid.add_argument("--batch-sizes", nargs="+", type=cli.positive_int,
                       metavar="N", help="batch study only; default: "
-                      + joined(BATCH_SIZES))
+                      + joined(STUDIES["batch"]["batch_sizes"]))
     grid.add_argument("--sampling", nargs="+", type=sampling, metavar="S",
-                      help="iid: train.py's usual batches; kN: every batch "
-                      "from N classes (train.py --classes-per-batch N); "
-                      "pairs: from pairs of images of a class, as in the "
-                      "paper (N = batch size / 2; microbatch study: train.py "
-                      "--sampling pairs, V/2 classes in each group); a "
-                      "combination that cannot be made is skipped with a "
-                      f"note (default: {joined(SAMPLINGS)}; microbatch "
-                      f"study: iid or pairs, default: "
-                      f"{joined(MICRO_SAMPLINGS)})")
+                      help="iid; kN: every batch from N classes; pairs: "
+                      "pairs of images of a class (N = batch / 2, or V/2 "
+                      "classes per group); a combination that cannot be "
+                      "made is skipped with a note (default: iid k2; the "
+                      "microbatch study: iid or pairs, default both)")
     grid.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                       metavar="SEED", help="repeats of each run (default: 0; "
                       "microbatch: the preset's)")
     grid.add_argument("--virtual-batch-sizes", nargs="+", metavar="V",
                       type=cli.positive_int,
-                      help="microbatch study only: normalization groups "
-                      "(train.py --virtual-batch-size), each at most the "
-                      f"batch, {MICRO_BATCH}, which is passed as such so that "
-                      "the history records it (keras-renorm records none)")
-    add_run_flags(parser.add_argument_group(
-        "each run (train.py flags; defaults: the preset's)"))
+                      help="microbatch study only: the normalization groups "
+                      f"(train.py --virtual-batch-size), each <= {MICRO_BATCH}")
+    run = parser.add_argument_group(
+        "each run (train.py flags; defaults: the preset's)")
+    for flag, (kind, metavar, text) in RUN_FLAGS.items():
+        run.add_argument(flag, type=kind, metavar=metavar, help=text)
+    momentum = run.add_mutually_exclusive_group()
+    momentum.add_argument("--momentum-images", type=cli.positive_int,
+                          metavar="IMAGES", help="norm momentum 1 - BATCH / "
+                          "IMAGES: the same images averaged at every batch "
+                          "size")
+    momentum.add_argument("--norm-momentum", type=cli.fraction,
+                          metavar="M", help="one norm momentum for all runs")
     output = parser.add_argument_group("output")
     for kind in ("history", "weights", "plots"):
         output.add_argument(
@@ -167,61 +151,21 @@ def build_parser():
     return parser
 
 
-def add_run_flags(run):
-    run.add_argument("--depth", type=cli.wrn_depth, metavar="D")
-    run.add_argument("--width", type=cli.positive_int, metavar="K")
-    run.add_argument("--train-size", type=cli.positive_int, metavar="N",
-                     help="stratified training subset")
-    run.add_argument("--val-size", type=cli.positive_int, metavar="N",
-                     help="validation images held out of the training set "
-                     "(train.py's --val-from train); `-- --val-from test` "
-                     "validates on test images as in 2017")
-    run.add_argument("--epochs", type=cli.positive_int, metavar="N")
-    run.add_argument("--lr", type=cli.positive_float,
-                     help="the learning rate of every run, whatever its "
-                     "batch size (default: the seed protocol's Adam, 1e-3; "
-                     "or --protocol after `--`)")
-    run.add_argument("--lr-milestones", type=cli.milestones, metavar="E1,...",
-                     help="epochs after which the lr is divided by 10 "
-                     "(train.py --lr-milestones, --lr-gamma 0.1)")
-    run.add_argument("--renorm-schedule", type=cli.schedule_fractions,
-                     metavar="W,D,R",
-                     help="renorm's warm-up end, d_max and r_max steps as "
-                     f"fractions of each run's steps ({PAPER_SCHEDULE}: the "
-                     "paper's 5k, 25k, 40k of 130k)")
-    momentum = run.add_mutually_exclusive_group()
-    momentum.add_argument("--momentum-images", type=cli.positive_int,
-                          metavar="IMAGES", help="norm momentum 1 - BATCH / "
-                          "IMAGES, so that the moving statistics average over "
-                          "about the same number of images at every batch "
-                          "size")
-    momentum.add_argument("--norm-momentum", type=cli.fraction,
-                          metavar="M", help="one norm momentum for all runs")
-    run.add_argument("--data-dir", type=Path, metavar="DIR",
-                     help="CIFAR-10 folder (default: $CIFAR10_DIR)")
-
-
 def parse_args(argv):
-    """The options, with the preset's values filled in, and the train.py
-    flags given after `--` (`extra`)."""
+    """The options, the study's and preset's defaults filled in, and the
+    train.py flags given after `--` (`extra`)."""
     argv = list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:split])
     args.extra = argv[split + 1:]
     check_study_flags(args)
-    micro = args.study == "microbatch"
-    defaults = dict(lr_milestones=(), seeds=[0],
-                    batch_sizes=[MICRO_BATCH] if micro else BATCH_SIZES,
-                    sampling=MICRO_SAMPLINGS if micro else SAMPLINGS)
-    for key, value in {**defaults, **STUDIES[args.study][args.preset]}.items():
+    for key, value in {**STUDIES[args.study],
+                       **PRESETS[args.study][args.preset]}.items():
         if getattr(args, key, None) is None:
-            setattr(args, key, list(value) if isinstance(value, tuple)
-                    else value)
+            setattr(args, key, value)
     for kind in ("history", "weights", "plots"):
         if getattr(args, f"{kind}_dir") is None:
             setattr(args, f"{kind}_dir", Path(kind) / STUDY_DIRS[args.study])
-    if isinstance(args.renorm_schedule, str):
-        args.renorm_schedule = cli.schedule_fractions(args.renorm_schedule)
     if args.norm_momentum is not None:
         args.momentum_images = None
     elif args.momentum_images <= max(args.batch_sizes):
@@ -244,11 +188,11 @@ def check_study_flags(args):
                 "--batch-sizes is the batch study's; the microbatch study "
                 f"trains every run at batch {MICRO_BATCH} and varies "
                 "--virtual-batch-sizes")
-        wrong = [s for s in args.sampling or () if s not in MICRO_SAMPLINGS]
+        wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
         if wrong:
             raise cli.UsageError(
                 f"--sampling {wrong[0]} is the batch study's; the microbatch "
-                "study samples " + " or ".join(MICRO_SAMPLINGS))
+                "study samples iid or pairs")
     elif args.virtual_batch_sizes is not None:
         raise cli.UsageError("--virtual-batch-sizes needs --study microbatch")
 
@@ -280,8 +224,8 @@ def momentum_for(args, batch_size):
 
 
 def plan(args):
-    """The runs as (name, train.py argv), and the combinations skipped,
-    each said once."""
+    """The runs as (name, train.py argv), and the notes of the combinations
+    skipped, each once."""
     if args.study == "microbatch":
         return micro_plan(args)
     runs, skipped = {}, {}
@@ -301,9 +245,8 @@ def plan(args):
 
 
 def micro_plan(args):
-    """The microbatch study's runs, seed by seed (so that a study cut short
-    holds whole seeds, each cell paired), then V, sampling and norm; and
-    the combinations skipped, each said once."""
+    """`plan` of the microbatch study, the seeds outermost (a study cut
+    short holds whole seeds)."""
     runs, skipped = [], {}
     for seed, virtual, spec, norm in itertools.product(*map(dict.fromkeys, (
             args.seeds, args.virtual_batch_sizes, args.sampling)), args.norms):
@@ -352,12 +295,9 @@ def train_command(argv):
 
 
 def run_script(script, argv):
-    """Runs `python SCRIPT ARGV` (train.py, plot.py) in its own process (a
-    fresh Keras session for each run) and returns its exit code. On a
-    terminal it writes there itself; else its output goes line by line
-    through this process's stdout and stderr. A Ctrl-C reaches it from the
-    terminal and a SIGTERM is passed on: it saves its last epoch and exits
-    128 + the signal, and so does the sweep."""
+    """Runs `python SCRIPT ARGV` in a process of its own; returns its exit
+    code. Its output goes through ours unless on a terminal; a Ctrl-C
+    reaches it from the terminal, a SIGTERM is passed on."""
     piped = not sys.stdout.isatty()
     pipe = subprocess.PIPE if piped else None
     process = subprocess.Popen([sys.executable, str(script), *argv],

@@ -1,9 +1,6 @@
-"""The corrections study: NAME.corrections.png, renorm's r and d by layer
-and epoch (train.py --track-corrections), with its bounds; and timing.md's
-tables of the finished runs validated in training mode, per cell (norm, V,
-sampling, a renorm variant): test accuracy, the gap val_accuracy -
-val_accuracy_train_mode (points; positive: inference is the better), the
-last epoch's corrections; renorm - batchnorm paired by seed."""
+"""The corrections study (docs/sweep.md): NAME.corrections.png, renorm's r
+and d by layer and epoch, and timing.md's tables of the train/inference gap
+and the corrections per cell (norm, V, sampling, renorm variant)."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,7 +9,7 @@ from matplotlib.ticker import MaxNLocator
 from experiment.histories import GAP, group_size, test_result
 from experiment.report import (
     BASELINE, WARMUP_STYLE, figure_title, interval_text, markdown_table,
-    mean_std_text, paired_differences)
+    mean_std_text, paired_differences, value_text)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
 # Settings that make a cell, besides norm, V and sampling (a variant).
@@ -30,16 +27,15 @@ DEVIATIONS = (("r", "mean |r − 1|"), ("d", "mean |d|"))
 MAX_EPOCH_TICKS = 10
 
 
-def epoch_grid(corrections):
-    """Every epoch from the first to the last (columns), the layers (rows)."""
-    epochs = corrections["epoch"].round().astype(int)
-    return (np.arange(epochs.min(), epochs.max() + 1),
-            list(dict.fromkeys(corrections["layer"])))
-
-
-def epoch_ticks(ax, epochs):
-    """At most MAX_EPOCH_TICKS epochs, under the cells' centres (a cell
-    spans its epoch's training, from e - 1 to e)."""
+def bound_panel(ax, corrections, x, epochs):
+    """`x`_max after each epoch (every layer's); at most MAX_EPOCH_TICKS
+    epochs, under the cells' centres (a cell spans its epoch's training,
+    from e - 1 to e)."""
+    bound = corrections.groupby("epoch")[f"{x}_max"].first()
+    ax.plot(bound.index - 0.5, bound.to_numpy(), color="0.2",
+            marker="o" if len(epochs) <= 25 else None, markersize=3)
+    ax.set_title(f"{x}_max after the epoch", fontsize=10)
+    ax.set_xlabel("epoch")
     first, last = int(epochs[0]), int(epochs[-1])
     ticks = [int(t) for t in MaxNLocator(MAX_EPOCH_TICKS, integer=True,
                                          min_n_ticks=1).tick_values(first,
@@ -52,8 +48,7 @@ def epoch_ticks(ax, epochs):
 def heatmap(fig, ax, corrections, column, title, top, epochs, layers):
     """One statistic, layer by epoch, a colour bar from 0 to `top` (None:
     its largest value)."""
-    table = corrections.assign(epoch=corrections["epoch"].round().astype(int))
-    values = (table.pivot(index="layer", columns="epoch", values=column)
+    values = (corrections.pivot(index="layer", columns="epoch", values=column)
               .reindex(index=layers, columns=epochs).to_numpy(dtype=float))
     finite = values[np.isfinite(values)]
     high = top if top is not None else (
@@ -73,15 +68,6 @@ def heatmap(fig, ax, corrections, column, title, top, epochs, layers):
                  label="fraction" if top == 1.0 else None)
 
 
-def bound_panel(ax, corrections, column, title, epochs):
-    """A bound after each epoch (every layer's), under its epoch's cells."""
-    bound = corrections.groupby("epoch")[column].first()
-    ax.plot(bound.index - 0.5, bound.to_numpy(), color="0.2",
-            marker="o" if len(epochs) <= 25 else None, markersize=3)
-    ax.set_title(title, fontsize=10)
-    ax.set_xlabel("epoch")
-
-
 def mark_warmup(axes, run, epochs):
     """A dotted line where the run's warm-up ends, if drawn; whether."""
     epoch = run.warmup_epoch()
@@ -95,8 +81,11 @@ def mark_warmup(axes, run, epochs):
 
 def plot_corrections(run):
     """The run's four statistics as heatmaps (layer by epoch), its bounds."""
-    corrections = run.corrections
-    epochs, layers = epoch_grid(corrections)
+    corrections = run.corrections.assign(
+        epoch=run.corrections["epoch"].round().astype(int))
+    epochs = np.arange(corrections["epoch"].min(),
+                       corrections["epoch"].max() + 1)
+    layers = list(dict.fromkeys(corrections["layer"]))
     height = 0.9 + 0.24 * len(layers)
     fig, axes = plt.subplots(
         3, 2, figsize=(14, 2 * height + 3.2), sharex="col",
@@ -109,9 +98,7 @@ def plot_corrections(run):
         heatmap(fig, axes[1, number], corrections, f"{x}_clipped",
                 f"{x}_clipped: fraction where {x} is clipped", 1.0, epochs,
                 layers)
-        bound_panel(axes[2, number], corrections, f"{x}_max",
-                    f"{x}_max after the epoch", epochs)
-        epoch_ticks(axes[2, number], epochs)
+        bound_panel(axes[2, number], corrections, x, epochs)
     for ax in axes[:2, 1]:
         ax.tick_params(labelleft=False)
     warmup = mark_warmup(axes.flat, run, epochs)
@@ -151,14 +138,9 @@ def in_study(run):
 
 def cell_of(config, variants):
     """(norm, V, sampling, the text of the `variants` keys) of a run."""
-    variant = ", ".join(f"{key} {variant_value(config[key])}"
+    variant = ", ".join(f"{key} {value_text(config[key])}"
                         for key in variants)
     return config["norm"], group_size(config), config["sampling"], variant
-
-
-def variant_value(value):
-    return ",".join(map(str, value)) if isinstance(value, list) else str(
-        value)
 
 
 def measures(run):
@@ -170,15 +152,14 @@ def measures(run):
     last = (run.corrections[run.corrections["epoch"]
                             == run.frame["epoch"].iloc[-1]]
             if run.corrections is not None else ())
-    for key in CORRECTIONS:
-        result[key] = (sum(last[key]) / len(last) if len(last) else None)
-    return result
+    return result | {key: sum(last[key]) / len(last) if len(last) else None
+                     for key in CORRECTIONS}
 
 
 def cells(runs):
     """{cell: {seed: measures}}, cells in a stable order."""
     varying = [key for key in VARIANT_KEYS
-               if len({variant_value(r.config[key]) for r in runs
+               if len({value_text(r.config[key]) for r in runs
                        if r.config["norm"] == "renorm"}) > 1]
     table = {}
     for run in sorted(runs, key=lambda r: (r.config["norm"],
@@ -227,6 +208,4 @@ def paired_table(table):
 
 def mean_text(values):
     values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    return f"{sum(values) / len(values):.3g}"
+    return f"{sum(values) / len(values):.3g}" if values else "–"

@@ -1,5 +1,6 @@
 """The microbatch study (sweep.py --study microbatch): microbatch.png and
-timing.md's tables, by norm, sampling and normalization group V."""
+timing.md's tables by norm, sampling and normalization group V
+(docs/sweep.md)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -13,25 +14,23 @@ from experiment.histories import (
 from experiment.report import (
     BASELINE, CONFIDENCE, bar_style, figure_title, interval_text,
     legend_below, line_label, line_table, log2_axis, markdown_table,
-    mean_std_text, norm_colors, paired_differences, rest_markers, t_interval)
+    mean_std_text, paired_differences, t_interval)
+from experiment.sweep_study import interval_lines, styles_of
 
 LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
 
 
 def tables(runs, groups):
-    """timing.md's tables of the study; "" without results of it."""
     found = micro_points(runs)
-    return "\n" + microbatch_tables(found) if has_results(found) else ""
+    if not any(p.by_seed() for p in found):
+        return ""
+    return "\n" + microbatch_tables(found)
 
 
 def figures(runs, groups):
     found = micro_points(runs)
-    if has_results(found):
+    if any(p.by_seed() for p in found):
         yield "microbatch.png", plot_microbatch(found, runs)
-
-
-def has_results(points):
-    return any(p.by_seed() for p in points)
 
 
 @dataclass
@@ -71,14 +70,13 @@ def micro_points(runs):
 
 def group_losses(points):
     """Per line with several groups: (line, smallest, largest, {seed:
-    accuracy at the largest - at the smallest}), what the norm loses."""
+    accuracy at the largest - at the smallest})."""
     found = []
     for line, cells in lines(points).items():
-        if len(cells) < 2:
-            continue
-        small, large = min(cells, key=sort_key), max(cells, key=sort_key)
-        found.append((line, small, large, paired_differences(
-            cells[large].by_seed(), cells[small].by_seed())))
+        if len(cells) > 1:
+            small, large = min(cells, key=sort_key), max(cells, key=sort_key)
+            found.append((line, small, large, paired_differences(
+                cells[large].by_seed(), cells[small].by_seed())))
     return found
 
 
@@ -100,9 +98,20 @@ def micro_sampling_text(sampling):
 
 
 def microbatch_tables(points):
-    """Markdown: test accuracy per line and V, `gains_table`,
-    `losses_table`."""
+    """Markdown: test accuracy per line and V, `renorm_gains` and
+    `group_losses` with their t-intervals."""
     rest_fields = [f for f, _ in points[0].rest]
+    gains, losses = renorm_gains(points), group_losses(points)
+    columns = sorted({g for cells in gains.values() for g in cells},
+                     key=sort_key)
+    gain_rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
+                  *[interval_text(cells[g].values()) if g in cells else "–"
+                    for g in columns])
+                 for (sampling, rest), cells in gains.items()]
+    loss_rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
+                  f"{large} → {small}", interval_text(differences.values()))
+                 for (norm, sampling, rest), small, large, differences
+                 in losses]
     return (
         "**Test accuracy by normalization group V and sampling** (%, the "
         "last weights; mean ± std (number of seeds); V: the virtual batch, "
@@ -111,75 +120,26 @@ def microbatch_tables(points):
         "`--sampling pairs`):\n\n" + line_table(
             points, micro_sampling_text, "V={}".format,
             lambda p: mean_std_text(p.by_seed().values())) + "\n"
-        + gains_table(points, rest_fields) + losses_table(points, rest_fields))
+        + (f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
+           "test accuracy: the mean difference of the runs of one seed, "
+           f"[its {CONFIDENCE:.0%} t-interval] (number of pairs); an "
+           "interval that excludes 0 is a difference these seeds "
+           "resolve):\n\n" + markdown_table(
+               ("sampling", *rest_fields, *[f"V={g}" for g in columns]),
+               gain_rows) + "\n" if gains else "")
+        + ("\n**Accuracy lost as the groups shrink** (test accuracy at the "
+           "largest V minus at the smallest, paired by seed, percentage "
+           f"points, [{CONFIDENCE:.0%} t-interval] (pairs)):\n\n"
+           + markdown_table(("norm", "sampling", *rest_fields, "V", "lost"),
+                            loss_rows) + "\n" if losses else ""))
 
 
-def gains_table(points, rest_fields):
-    """Markdown: MORE - LESS paired by seed, per sampling and V."""
-    gains = renorm_gains(points)
-    if not gains:
-        return ""
-    columns = sorted({g for cells in gains.values() for g in cells},
-                     key=sort_key)
-    rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
-             *[interval_text(cells[g].values()) if g in cells else "–"
-               for g in columns])
-            for (sampling, rest), cells in gains.items()]
-    return (
-        f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
-        "test accuracy: the mean difference of the runs of one seed, "
-        f"[its {CONFIDENCE:.0%} t-interval] (number of pairs); an "
-        "interval that excludes 0 is a difference these seeds "
-        "resolve):\n\n" + markdown_table(
-            ("sampling", *rest_fields, *[f"V={g}" for g in columns]),
-            rows) + "\n")
-
-
-def losses_table(points, rest_fields):
-    """Markdown: `group_losses` with their t-intervals."""
-    losses = group_losses(points)
-    if not losses:
-        return ""
-    rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
-             f"{large} → {small}", interval_text(differences.values()))
-            for (norm, sampling, rest), small, large, differences in losses]
-    return (
-        "\n**Accuracy lost as the groups shrink** (test accuracy at the "
-        "largest V minus at the smallest, paired by seed, percentage "
-        f"points, [{CONFIDENCE:.0%} t-interval] (pairs)):\n\n"
-        + markdown_table(("norm", "sampling", *rest_fields, "V", "lost"),
-                         rows) + "\n")
-
-
-def micro_label(line):
-    return line_label(line, micro_sampling_text)
-
-
-def micro_accuracy(ax, points, colors):
-    """Test accuracy against V, a line per norm and sampling: the mean over
-    seeds and its t-interval."""
-    markers = rest_markers(points)
-    found = lines(points)
-    for number, (line, cells) in enumerate(found.items()):
-        groups = [g for g in cells if cells[g].by_seed()]
-        if not groups:
-            continue
-        stats = [t_interval(cells[g].by_seed().values()) for g in groups]
-        errors = [half or 0.0 for _, half in stats]
-        norm, sampling, rest = line
-        # Each line a little to the side (on the log axis), so that the
-        # intervals at one V do not hide each other.
-        dodge = 2 ** (0.03 * (number - (len(found) - 1) / 2))
-        ax.errorbar([g * dodge for g in groups], [mean for mean, _ in stats],
-                    yerr=errors if any(errors) else None,
-                    color=colors[norm],  # dotted: K classes per batch
-                    linestyle={"iid": "-", "pairs": "--"}.get(sampling, ":"),
-                    marker=markers[rest], markersize=5, capsize=3,
-                    label=micro_label(line))
-    log2_axis(ax, x_values(points),
-              "normalization group V (examples; log scale)")
-    ax.set(ylabel="test accuracy, last weights (%)",
-           title="test accuracy against V")
+def seed_interval(point):
+    """(mean, half, half) of the t-interval over seeds; None without any."""
+    if not point.by_seed():
+        return None
+    mean, half = t_interval(point.by_seed().values())
+    return mean, half or 0.0, half or 0.0
 
 
 def micro_losses(ax, points, colors):
@@ -191,9 +151,9 @@ def micro_losses(ax, points, colors):
         ax.bar(number, mean, 0.7, color=colors[norm], yerr=half, capsize=4,
                **bar_style(sampling == "iid"))
     ax.axhline(0, color="grey", linewidth=1)
-    ax.set_xticks(range(len(losses)),
-                  [micro_label(line).replace(", ", "\n", 1)
-                   for line, *_ in losses], fontsize=8)
+    ax.set_xticks(range(len(losses)), [
+        line_label(line, micro_sampling_text).replace(", ", "\n", 1)
+        for line, *_ in losses], fontsize=8)
     spans = sorted({f"{large} → {small}" for _, small, large, _ in losses})
     ax.set(ylabel="percentage points",
            title="accuracy lost, V " + ", ".join(spans)
@@ -201,13 +161,22 @@ def micro_losses(ax, points, colors):
 
 
 def plot_microbatch(points, runs):
-    """`micro_accuracy`, and `micro_losses` beside it where there are."""
+    """Test accuracy against V, a line per norm and sampling (the mean over
+    seeds, its t-interval); `micro_losses` beside it where there are."""
     losses = group_losses(points)
     fig, axes = plt.subplots(1, 2 if losses else 1, squeeze=False,
                              figsize=(13 if losses else 7, 5.5),
                              layout="constrained")
-    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
-    micro_accuracy(axes[0, 0], points, colors)
+    colors, _, markers = styles_of(points)
+    linestyles = {p.sampling: {"iid": "-", "pairs": "--"}.get(p.sampling, ":")
+                  for p in points}  # dotted: K classes per batch
+    interval_lines(axes[0, 0], points, seed_interval,
+                   (colors, linestyles, markers), micro_sampling_text,
+                   spread=0.03)
+    log2_axis(axes[0, 0], x_values(points),
+              "normalization group V (examples; log scale)")
+    axes[0, 0].set(ylabel="test accuracy, last weights (%)",
+                   title="test accuracy against V")
     if losses:
         micro_losses(axes[0, 1], points, colors)
     seeds = sorted({len(p.by_seed()) for p in points})
@@ -218,5 +187,3 @@ def plot_microbatch(points, runs):
            else str(seeds[0])) + " seeds", [], runs))
     legend_below(fig, axes[:1, 0])
     return fig
-
-

@@ -1,5 +1,5 @@
-"""The sweep over batch sizes and K classes per batch (sweep.py):
-accuracy_vs_batch_size.png, non_iid.png and timing.md's tables."""
+"""The batch study (sweep.py): accuracy_vs_batch_size.png, non_iid.png and
+timing.md's tables, by norm, sampling and batch size (docs/sweep.md)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -16,14 +16,33 @@ from experiment.report import (
     legend_below, line_label, line_table, log2_axis, norm_colors,
     rest_markers, test_images_text)
 
+# Each panel of accuracy_vs_batch_size.png: its title, what `values` gives.
+PANELS = (("test accuracy (last weights)", "test_accuracy"),
+          ("best validation accuracy", "best"),
+          ("final validation accuracy", "final"))
+
 
 def tables(runs, groups):
-    """timing.md's tables of the sweep; "" where the runs are none."""
+    """Test accuracy where every run has it, then best / final validation
+    accuracy, by norm, sampling and batch size."""
     found = sweep_points(runs)
     if not found:
         return ""
-    tests = test_table(found)
-    return ("\n" + tests if tests else "") + "\n" + sweep_table(found)
+    text, several = "", "mean ± std over runs where there are several"
+    if all(p.values("test_accuracy") is not None for p in found):
+        keys = [key for key in ("test_accuracy", "best_test_accuracy")
+                if all(p.values(key) is not None for p in found)]
+        weights = " / ".join(("the last", "the best-val")[:len(keys)])
+        counted = test_images_text([r for p in found for r in p.runs],
+                                   "the test set")
+        text = "\n" + accuracy_table(
+            found, "Test accuracy by batch size and sampling",
+            f"%, {weights} weights on {counted}; {several}", keys)
+    return text + "\n" + accuracy_table(
+        found, "Validation accuracy by batch size and sampling",
+        f"best / final, %; {several}; i.i.d.: random batches, K "
+        "classes/batch: every training batch from K classes, "
+        "`--classes-per-batch`", ("best", "final"))
 
 
 def figures(runs, groups):
@@ -42,17 +61,15 @@ class Point(histories.Point):
     FIELDS: ClassVar = ("batch_size", "classes_per_batch")
 
     def values(self, which):
-        """Each run's best or final validation accuracy, in percent."""
-        column = [run.frame["val_accuracy"] for run in self.runs]
-        return np.array([c.max() if which == "best" else c.iloc[-1]
-                         for c in column]) * 100
-
-    def test_values(self, key="test_accuracy"):
-        """Each run's `result[key]` in percent; None where a run has none."""
-        results = [test_result(run, key) for run in self.runs]
-        if any(r is None for r in results):
-            return None
-        return np.array(results) * 100
+        """Each run's best or final validation accuracy, or its
+        `result[which]` (None unless every run has it), in percent."""
+        if which in ("best", "final"):
+            return np.array([
+                c.max() if which == "best" else c.iloc[-1]
+                for c in (run.frame["val_accuracy"] for run in self.runs)
+            ]) * 100
+        results = [test_result(run, which) for run in self.runs]
+        return None if None in results else np.array(results) * 100
 
 
 def sweep_points(runs):
@@ -68,24 +85,14 @@ def sweep_points(runs):
                    [sort_key(v) for _, v in p.rest], sort_key(p.x)))
 
 
-def sampling_styles(points):
-    """Line style per sampling (solid for i.i.d.) and marker per rest."""
+def styles_of(points):
+    """Colour per norm, line style per sampling (solid: i.i.d.), marker per
+    rest."""
     non_iid = sorted({p.sampling for p in points} - {None}, key=sort_key)
-    return ({None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
+    return (norm_colors(list(dict.fromkeys(p.norm for p in points))),
+            {None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
                            for i, c in enumerate(non_iid)}},
             rest_markers(points))
-
-
-def accuracy_panels(points):
-    """(title, accuracy(point)) of each panel: test accuracy where every
-    run has it, best and final validation."""
-    panels = []
-    if all(p.test_values() is not None for p in points):
-        panels.append(("test accuracy (last weights)", Point.test_values))
-    return panels + [("best validation accuracy",
-                      lambda p: p.values("best")),
-                     ("final validation accuracy",
-                      lambda p: p.values("final"))]
 
 
 def rest_rows(points):
@@ -97,39 +104,49 @@ def rest_rows(points):
     return [(rest, [p for p in points if p.rest == rest]) for rest in rests]
 
 
-def label(line):
-    return line_label(line, sampling_text)
-
-
-def accuracy_lines(ax, points, accuracy, styles):
-    """A line per norm, sampling and rest against batch size, min–max
-    bars."""
+def interval_lines(ax, points, interval, styles, words, spread=0.0):
+    """A line per norm, sampling and rest: at each x where `interval(point)`
+    is (mean, below, above), not None, the mean with a bar; `styles` as
+    `styles_of`; the lines `spread` apart (log2 units) so that the bars at
+    one x do not hide each other."""
     colors, linestyles, markers = styles
-    for line, cells in lines(points).items():
-        values = [accuracy(p) for p in cells.values()]
-        mean = np.array([v.mean() for v in values])
-        errors = np.array([[v.mean() - v.min() for v in values],
-                           [v.max() - v.mean() for v in values]])
-        norm, classes, rest = line
-        ax.errorbar(list(cells), mean, yerr=errors if errors.any() else None,
-                    color=colors[norm], linestyle=linestyles[classes],
-                    marker=markers[rest], markersize=5, capsize=3,
-                    label=label(line))
+    found = lines(points)
+    for number, (line, cells) in enumerate(found.items()):
+        drawn = {x: interval(p) for x, p in cells.items()}
+        drawn = {x: value for x, value in drawn.items() if value is not None}
+        if not drawn:
+            continue
+        mean, below, above = np.array(list(drawn.values())).T
+        dodge = 2 ** (spread * (number - (len(found) - 1) / 2))
+        norm, sampling, rest = line
+        ax.errorbar([x * dodge for x in drawn], mean,
+                    yerr=[below, above] if below.any() or above.any()
+                    else None, color=colors[norm],
+                    linestyle=linestyles[sampling], marker=markers[rest],
+                    markersize=5, capsize=3, label=line_label(line, words))
+
+
+def min_max(values):
+    return values.mean(), values.mean() - values.min(), (values.max()
+                                                         - values.mean())
 
 
 def plot_accuracy_vs_batch_size(points, runs):
-    """Accuracy against batch size, a panel per measure, a row per
-    `rest_rows`."""
-    panels, rows = accuracy_panels(points), rest_rows(points)
+    """A panel per measure (PANELS), a row per `rest_rows`."""
+    panels = [(title, which) for title, which in PANELS
+              if which != "test_accuracy"
+              or all(p.values(which) is not None for p in points)]
+    rows = rest_rows(points)
     fig, axes = plt.subplots(
         len(rows), len(panels), squeeze=False, sharey=True,
         figsize=(5.5 * len(panels), 1.5 + 3.8 * len(rows)),
         layout="constrained")
-    styles = (norm_colors(list(dict.fromkeys(p.norm for p in points))),
-              *sampling_styles(points))
+    styles = styles_of(points)
     for number, (rest, members) in enumerate(rows):
-        for ax, (title, accuracy) in zip(axes[number], panels):
-            accuracy_lines(ax, members, accuracy, styles)
+        for ax, (title, which) in zip(axes[number], panels):
+            interval_lines(ax, members,
+                           lambda p, which=which: min_max(p.values(which)),
+                           styles, sampling_text)
             log2_axis(ax, x_values(points), "batch size (log scale)")
             ax.set_title(", ".join([title] + [field_text(f, v)
                                               for f, v in rest]))
@@ -150,18 +167,19 @@ def non_iid_bars(ax, points, colors, sizes):
     for number, (line, members) in enumerate(bars.items()):
         x = [sizes.index(b) - 0.4 + (number + 0.5) * width for b in members]
         heights = [p.values("best").mean() for p in members.values()]
-        ax.bar(x, heights, width, color=colors[line[0]], label=label(line),
+        ax.bar(x, heights, width, color=colors[line[0]],
+               label=line_label(line, sampling_text),
                **bar_style(line[1] is None))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     ax.set(xlabel="batch size", ylabel="best validation accuracy (%)")
 
 
-def non_iid_drops(ax, points, colors, styles, sizes):
-    """Per norm and K: best val accuracy with K classes per batch minus
-    i.i.d., against batch size."""
-    linestyles, markers = styles
-    drawn = False
+def non_iid_drops(ax, points, styles, sizes):
+    """Best val accuracy with K classes per batch minus i.i.d., against
+    batch size."""
+    colors, linestyles, markers = styles
     found = lines(points)
+    drawn = False
     for (norm, classes, rest), cells in found.items():
         iid = found.get((norm, None, rest), {})
         members = [size for size in cells if size in iid]
@@ -171,7 +189,7 @@ def non_iid_drops(ax, points, colors, styles, sizes):
                  - iid[size].values("best").mean() for size in members]
         ax.plot(members, drops, color=colors[norm],
                 linestyle=linestyles[classes], marker=markers[rest],
-                label=label((norm, classes, rest)))
+                label=line_label((norm, classes, rest), sampling_text))
         drawn = True
     ax.axhline(0, color="grey", linewidth=1)
     if drawn:
@@ -184,53 +202,23 @@ def plot_non_iid(points, runs):
     rows = rest_rows(points)
     fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.5 + 3.8 * len(rows)),
                              squeeze=False, layout="constrained")
-    colors = norm_colors(list(dict.fromkeys(p.norm for p in points)))
-    styles = sampling_styles(points)
+    styles = styles_of(points)
     for (rest, members), (left, right) in zip(rows, axes):
         where = "".join(", " + field_text(f, v) for f, v in rest)
-        non_iid_bars(left, members, colors, x_values(points))
+        non_iid_bars(left, members, styles[0], x_values(points))
         left.set_title("i.i.d. (light) and non-i.i.d. (hatched) batches"
                        + where)
-        non_iid_drops(right, members, colors, styles, x_values(points))
+        non_iid_drops(right, members, styles, x_values(points))
         right.set_title("best val accuracy: non-i.i.d. minus i.i.d." + where)
     fig.suptitle(figure_title("Non-i.i.d. minibatches", [], runs))
     legend_below(fig, axes[:, 0])
     return fig
 
 
-def sweep_table(points):
-    """Markdown: best / final val accuracy (%) per line and batch size."""
-    def cell(point):
-        return " / ".join(format_percent(point.values(which) / 100)
-                          for which in ("best", "final"))
-
-    return (
-        "**Validation accuracy by batch size and sampling** (best / final, %; "
-        "mean ± std over runs where there are several; i.i.d.: random "
-        "batches, K classes/batch: every training batch from K classes, "
-        "`--classes-per-batch`):\n\n"
-        + line_table(points, sampling_text, "batch {}".format, cell) + "\n")
-
-
-def test_table(points):
-    """Markdown: test accuracy per line and batch size, the last (/ the
-    best-val) weights'; "" unless every run has one."""
-    if any(p.test_values() is None for p in points):
-        return ""
-    counted = test_images_text([r for p in points for r in p.runs],
-                               "the test set")
-    best = all(p.test_values("best_test_accuracy") is not None
-               for p in points)
-
-    def cell(point):
-        return " / ".join(format_percent(point.test_values(key) / 100) for key
-                          in ("test_accuracy", "best_test_accuracy")[:1 + best])
-
-    weights = ("the last / the best-val weights" if best
-               else "the last weights")
-    return (
-        f"**Test accuracy by batch size and sampling** (%, {weights} on "
-        f"{counted}; mean ± std over runs where there are several):\n\n"
-        + line_table(points, sampling_text, "batch {}".format, cell) + "\n")
-
-
+def accuracy_table(points, title, notes, keys):
+    """Markdown: `values(key)` (%) per line and batch size, for each of
+    `keys`, joined by " / "."""
+    return f"**{title}** ({notes}):\n\n" + line_table(
+        points, sampling_text, "batch {}".format,
+        lambda p: " / ".join(format_percent(p.values(key) / 100)
+                             for key in keys)) + "\n"

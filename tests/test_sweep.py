@@ -17,6 +17,7 @@ NORMS = ("renorm",)  # the microbatch study's runs have batchnorm too
 BATCH_SIZES = (10, 20)
 SCHEDULE = (0.25, 0.5, 0.75)  # the cpu preset's
 MOMENTUM_IMAGES = 320  # the cpu preset's
+CPU = sweep.PRESETS["batch"]["cpu"]
 
 
 def sweep_args(data_dir, out, *extra):
@@ -149,8 +150,8 @@ def test_plan_pairs_skips_and_names(tmp_path, capsys):
                 if text.startswith("sweep-renorm-b8-k4-s1 "))
     for flag in ("--batch-size 8", "--classes-per-batch 4", "--seed 1",
                  "--norm-momentum 0.975", "--renorm-schedule 0.25,0.5,0.75",
-                 f"--depth {sweep.PRESETS['cpu']['depth']}",
-                 f"--width {sweep.PRESETS['cpu']['width']}", "--resume"):
+                 f"--depth {CPU['depth']}", f"--width {CPU['width']}",
+                 "--resume"):
         assert flag in line, flag
 
 
@@ -166,7 +167,7 @@ def test_presets_and_momentum():
     assert sweep.momentum_for(args, 128) == pytest.approx(0.6)
     assert args.renorm_schedule == SCHEDULE
     args = sweep.parse_args(["--norm-momentum", "0.9", "--width", "3"])
-    assert (args.depth, args.width) == (sweep.PRESETS["cpu"]["depth"], 3)
+    assert (args.depth, args.width) == (CPU["depth"], 3)
     assert sweep.momentum_for(args, 4) == sweep.momentum_for(args, 128) == 0.9
     runs, _ = sweep.plan(sweep.parse_args(["--", "--augment"]))
     assert len(runs) == 24
@@ -254,18 +255,18 @@ def test_tiny_microbatch_study_end_to_end(data_dir, tmp_path, capsys):
 
 def test_microbatch_plan_presets_and_skips(tmp_path, capsys):
     args = sweep.parse_args(["--study", "microbatch"])
-    preset = sweep.MICRO_PRESETS["cpu"]
+    preset = sweep.PRESETS["microbatch"]["cpu"]
     assert (args.depth, args.width, args.train_size, args.epochs) == (
         preset["depth"], preset["width"], preset["train_size"],
         preset["epochs"])
-    assert args.virtual_batch_sizes == list(preset["virtual_batch_sizes"])
-    assert args.seeds == list(preset["seeds"])
+    assert args.virtual_batch_sizes == preset["virtual_batch_sizes"]
+    assert args.seeds == preset["seeds"]
     assert args.history_dir == sweep.Path("history/microbatch")
     assert args.plots_dir == sweep.Path("plots/microbatch")
     assert sweep.parse_args([]).history_dir == sweep.Path("history/sweep")
     gpu = sweep.parse_args(["--study", "microbatch", "--preset", "gpu"])
     assert (gpu.depth, gpu.width, gpu.train_size) == (16, 4, None)
-    assert gpu.virtual_batch_sizes == [2, 4, 8, 16, 128]
+    assert gpu.virtual_batch_sizes == (2, 4, 8, 16, 128)
     assert len(gpu.seeds) >= 3
     assert sweep.momentum_for(gpu, 128) == pytest.approx(0.99)
     runs, skipped = sweep.plan(args)
