@@ -6,24 +6,13 @@
   python benchmarks/bench.py --level input jit     # input pipeline; jit_compile on / off
   python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
 
-Levels (--level; default layer model): layer (a norm layer after a
-trainable scale, per --channels), matrix (the layer per --batch-sizes and
---setups, renorm's bounds moving `@ramp` or `@fixed`), model (WRN training
-steps), input (train.py's loop fed by its `host` and `device` pipelines
-against `resident` batches), jit (jit_compile off and on), devices (JAX:
-data parallel), loop (JAX: Keras's loop against the compiled epoch).
-
-Each variant is built and warmed up, then the repeats run interleaved; a
-ratio is the median over the repeats of the two times of the same repeat.
-Each run writes RESULTS/BACKEND-DEVICE.json and .csv (-xla: TensorFlow with
-jit_compile on; a rerun of a level replaces its rows), then
-RESULTS/summary.md from every results file, and with --readme FILE the
-block of FILE between its `bench.md begins` and `bench.md ends` comments.
-Variants and method: docs/speed.md.
+Levels, variants, method and results files: docs/speed.md.
 """
 
 import argparse
+import contextlib
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -40,21 +29,28 @@ from experiment.startup import quiet_startup  # noqa: E402
 
 PROG = "bench.py"
 LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
-NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
-                 "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm",
-                 "renorm-tracked")
+# variant -> (models.norms's name, None for tf.keras's layer; its arguments)
+VARIANTS = {
+    "batchnorm": ("batchnorm", {}),
+    "renorm": ("renorm", {}),
+    "renorm-portable": ("renorm", dict(fused=False)),
+    "renorm-groups4": ("renorm", dict(virtual_batch_size=4)),
+    "keras-renorm": ("keras-renorm", {}),
+    "tf.keras-batchnorm": (None, {}),
+    "tf.keras-renorm": (None, dict(renorm=True, renorm_momentum=0.99,
+                                   renorm_clipping={"rmin": 1 / 3,
+                                                    "rmax": 3.0,
+                                                    "dmax": 5.0})),
+    "renorm-tracked": ("renorm", dict(track_corrections=True)),
+}
 ON_REQUEST = ("renorm-tracked",)  # only when --variants names it
-# The renorm variants' layer arguments (groups4: the paper's micro-batches).
-RENORM_OPTIONS = {"renorm-portable": dict(fused=False),
-                  "renorm-tracked": dict(track_corrections=True),
-                  "renorm-groups4": dict(virtual_batch_size=4)}
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
            "images_per_s", "ratio", "repeats", "steps")
 EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
-# The matrix level: name -> (after a trainable scale, so that the input
+# The matrix level's setups: (after a trainable scale, so that the input
 # gradient is computed; norm layers in a row; a ReLU after each).
 LAYER_SETUPS = {
     "input": (False, 1, False),
@@ -62,7 +58,6 @@ LAYER_SETUPS = {
     "scale": (True, 1, False),
     "stack4-relu": (True, 4, True),
 }
-LAYER_BATCH_SIZES = (16, 64, 256)
 LAYER_SCHEDULES = {
     "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
     "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
@@ -73,59 +68,53 @@ def build_parser():
     parser = cli.script_parser(PROG, __doc__)
     add = parser.add_argument
     add("--backend", choices=("tensorflow", "jax", "torch"),
-        help="Keras backend (default: KERAS_BACKEND, or Keras's default)")
+        help="Keras backend (default: KERAS_BACKEND)")
     add("--level", nargs="+", choices=LEVELS, default=["layer", "model"],
         metavar="LEVEL", help=f"{', '.join(LEVELS)} (default: layer model)")
-    add("--variants", nargs="+", choices=NORM_VARIANTS, metavar="VARIANT",
-        help="normalizations to compare (default: all this backend has)")
+    add("--variants", nargs="+", choices=tuple(VARIANTS), metavar="VARIANT",
+        help=f"{', '.join(VARIANTS)} (default: what this backend has, "
+        "but renorm-tracked)")
     add("--batch-size", type=cli.positive_int, default=128)
     add("--batch-sizes", type=cli.positive_int, nargs="+", metavar="B",
-        default=list(LAYER_BATCH_SIZES), help="matrix level (default: "
-        + " ".join(map(str, LAYER_BATCH_SIZES)) + ")")
+        default=[16, 64, 256], help="matrix level (default: 16 64 256)")
     add("--setups", nargs="+", choices=tuple(LAYER_SETUPS), metavar="SETUP",
-        default=list(LAYER_SETUPS), help="matrix level: where the layer sits "
-        "(default: " + " ".join(LAYER_SETUPS) + ")")
+        default=list(LAYER_SETUPS),
+        help=f"matrix level (default: {' '.join(LAYER_SETUPS)})")
     add("--channels", type=cli.positive_int, nargs="+", default=[64, 128, 256],
-        help="layer level: C of (B, 32, 32, C) (default: 64 128 256)")
-    add("--depth", type=cli.positive_int, default=16,
-        help="WRN depth (default 16)")
-    add("--width", type=cli.positive_int, default=4,
-        help="WRN width (default 4)")
-    add("--steps", type=cli.positive_int, help="training steps per timed "
-        "repeat (default on a CPU: 3 for a layer, 2 for a model; GPU: 50)")
-    add("--repeats", type=cli.positive_int, default=5,
-        help="timed repeats of each variant (default 5)")
+        help="C of (B, 32, 32, C) (default: 64 128 256; matrix: the first)")
+    add("--depth", type=cli.positive_int, default=16, help="WRN's (16)")
+    add("--width", type=cli.positive_int, default=4, help="WRN's (4)")
+    add("--steps", type=cli.positive_int, help="steps per timed repeat "
+        "(default: 50; on a CPU 3 for a layer, 2 for a WRN)")
+    add("--repeats", type=cli.positive_int, default=5, help="(default 5)")
     add("--warmup", type=cli.positive_int, default=2,
-        help="untimed steps per variant first (default 2)")
+        help="untimed steps first (default 2)")
     add("--steps-per-execution", type=cli.steps_or_auto, default="auto",
         metavar="N", help="input level: as train.py's (default auto)")
     add("--dtype-policy", default="float32",
-        choices=("float32", "mixed_float16", "mixed_bfloat16"),
-        help="Keras dtype policy of every model (default float32)")
+        choices=("float32", "mixed_float16", "mixed_bfloat16"))
     add("--jit-compile", choices=("auto", "on", "off"), default="auto",
         help="as train.py's (default auto)")
     add("--data-dir", type=Path, help="CIFAR-10 for the input and loop "
         "levels (default: CIFAR10_DIR, ../shared/data, else random images)")
     add("--cpus", type=cli.nonnegative_int, nargs="+", metavar="CPU",
-        help="run on these CPUs only, the framework's threads too (default: "
-        "every CPU this process may use)")
+        help="run on these CPUs only, the framework's threads too")
     add("--processes", type=cli.positive_int, default=1, metavar="N",
-        help="measure in N fresh processes, one after another, and pool "
-        "their rounds (default 1); not for the input level")
+        help="pool the rounds of N fresh processes in turn (default 1)")
     add("--worker-output", type=Path, help=argparse.SUPPRESS)
     add("--results-dir", type=Path, default=RESULTS_DIR)
     add("--summary", action="store_true",
         help="only rewrite summary.md (and --readme) from the results files")
     add("--readme", type=Path, metavar="FILE",
-        help="also replace the bench.md block of FILE (docs/speed.md)")
+        help="also rewrite FILE's bench.md block (docs/speed.md)")
     return parser
 
 
 # ---------------------------------------------------------------- timing
 def time_interleaved(steppers, steps, repeats, warmup):
-    """`steppers`: name -> function(n) that runs n training steps and returns
-    once the device is done. Warms each up, then times `repeats` rounds of
-    every stepper in turn; returns name -> list of seconds per step."""
+    """Warms up each of `steppers` (name -> function(n) that runs n steps
+    and waits for the device), then times `repeats` rounds of them in turn:
+    name -> seconds per step, one per round."""
     for name, run in steppers.items():
         started = time.perf_counter()
         run(warmup)
@@ -150,9 +139,8 @@ def median_ratio(values, baseline):
 
 
 def rows_of(level, shape, times, batch_size, steps, baseline):
-    """A row per variant: median and spread of its seconds per step, and its
-    ratio to `baseline` within each round (so that the machine's drift
-    cancels out)."""
+    """A row per variant of `times`: its median, spread and ratio to
+    `baseline` round by round (the machine's drift cancels out)."""
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -171,9 +159,8 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
 
 
 def pooled_rows(runs):
-    """The rows of several processes' runs (a list of row lists) as one
-    run's: each (level, shape)'s rounds joined in process order, so that
-    every round keeps its own baseline."""
+    """Several processes' rows (a list of row lists) as one run's: each
+    (level, shape)'s rounds joined, each round keeping its own baseline."""
     groups = {}
     for rows in runs:
         for row in rows:
@@ -189,21 +176,37 @@ def pooled_rows(runs):
     return pooled
 
 
+def timed(level, shape, steppers, baseline, args, steps, batch_size=None,
+          warmup=None):
+    """Every level's measurement: `steppers` timed interleaved; their rows
+    (batches of `batch_size`, default --batch-size) and seconds."""
+    print(f"{level}, {shape}:", flush=True)
+    times = time_interleaved(steppers, steps, args.repeats,
+                             warmup or args.warmup)
+    return rows_of(level, shape, times, batch_size or args.batch_size, steps,
+                   baseline), times
+
+
+def steps_of(args, environment, on_cpu):
+    """--steps, else `on_cpu` on a CPU and 50 elsewhere."""
+    return args.steps or (on_cpu if environment["device_type"] == "cpu"
+                          else 50)
+
+
 # ---------------------------------------------------------------- models
 def available_variants(requested):
+    """This backend's variants in VARIANTS's order: those `requested` (an
+    error names any it lacks), else all but ON_REQUEST."""
     import keras
 
     import batch_renorm
 
-    names = ["batchnorm", "renorm"]
-    if batch_renorm.has_fast_path():
-        names.append("renorm-portable")
-    names += ["renorm-groups4", "keras-renorm"]
-    if keras.backend.backend() == "tensorflow" and tf_keras() is not None:
-        names += ["tf.keras-batchnorm", "tf.keras-renorm"]
+    lacking = set() if batch_renorm.has_fast_path() else {"renorm-portable"}
+    if keras.backend.backend() != "tensorflow" or tf_keras() is None:
+        lacking |= {"tf.keras-batchnorm", "tf.keras-renorm"}
+    names = [v for v in VARIANTS if v not in lacking]
     if not requested:
-        return names
-    names += list(ON_REQUEST)
+        return [v for v in names if v not in ON_REQUEST]
     missing = [v for v in requested if v not in names]
     if missing:
         raise cli.UsageError(f"variant(s) {', '.join(missing)} not available "
@@ -221,23 +224,19 @@ def tf_keras():
 
 
 def norm_factory(variant):
-    """A function(**layer kwargs) -> normalization layer, and the Keras API
-    (keras, or tf_keras for the anchors) that builds the model around it."""
+    """A function(**layer arguments) -> a `variant` layer, and the Keras
+    API (keras; tf_keras for the tf.keras anchors) to build a model with."""
     import keras
 
     from models.norms import make_norm
 
-    if not variant.startswith("tf.keras-"):
-        norm = "renorm" if variant in RENORM_OPTIONS else variant
-        options = RENORM_OPTIONS.get(variant, {})
+    norm, options = VARIANTS[variant]
+    if norm is not None:
         return (lambda **kwargs: make_norm(norm, **options, **kwargs)), keras
     api = tf_keras()
-    extra = dict(renorm=True, renorm_momentum=0.99, renorm_clipping={
-        "rmin": 1 / 3, "rmax": 3.0, "dmax": 5.0}) if variant.endswith(
-            "renorm") else {}
     # fused=None: tf.keras fuses where it can (not with renorm).
     return (lambda **kwargs: api.layers.BatchNormalization(
-        momentum=0.99, epsilon=1e-3, **extra, **kwargs)), api
+        momentum=0.99, epsilon=1e-3, **options, **kwargs)), api
 
 
 def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
@@ -246,8 +245,8 @@ def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
 
 
 def stepper(model, api, x, y):
-    """A function(n) that runs n training steps of `model` on the batch
-    (x, y) with the model's compiled train step, and waits for the device."""
+    """A function(n) that runs n compiled training steps of `model` on the
+    batch (x, y) and waits for the device."""
     if api is tf_keras():
         # tf.keras's train_on_batch builds a tf.data pipeline at each call;
         # fit's own path is its train_function on an iterator.
@@ -269,8 +268,8 @@ def stepper(model, api, x, y):
     return run
 
 
-def layer_model(variant, shape, setup="scale", schedule=None):
-    """Normalization layers on `shape` as `LAYER_SETUPS[setup]` places them;
+def layer_model(variant, shape, setup, schedule=None):
+    """Norm layers on `shape` as `LAYER_SETUPS[setup]` places them;
     `schedule`: renorm's arguments (`LAYER_SCHEDULES`), renorm only."""
     make, api = norm_factory(variant)
     extra = schedule if schedule and variant.startswith("renorm") else {}
@@ -294,120 +293,90 @@ def layer_model(variant, shape, setup="scale", schedule=None):
     return api.Model(inputs, outputs), api
 
 
-def layer_rows(level, label, shape, variants, setup, schedules, *,
-               steps, repeats, warmup, jit, rng):
-    """The rows of `variants` on a random batch of `shape`, each renorm
-    variant once per schedule (`renorm@ramp`, ...; None: as built)."""
-    import keras
-
-    x, y = map(keras.ops.convert_to_tensor, (
-        rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
-        rng.standard_normal(shape, dtype="float32")))
-    print(f"{level}, {label}:", flush=True)
-    steppers = {}
-    for variant in variants:
-        for regime in schedules if variant.startswith("renorm") else [None]:
-            model, api = layer_model(variant, shape, setup,
-                                     LAYER_SCHEDULES.get(regime))
-            compile_model(model, api, jit, loss="mse")
-            name = variant + (f"@{regime}" if regime else "")
-            steppers[name] = stepper(model, api, x, y)
-    times = time_interleaved(steppers, steps, repeats, warmup)
-    return rows_of(level, label, times, shape[0], steps, "batchnorm")
-
-
-def wrn_model(variant, depth, width):
+def wrn(args, variant, **options):
+    """WRN-depth-width with `variant` (`options`: more layer arguments), and
+    its Keras API."""
     from models import wide_resnet
 
     make, api = norm_factory(variant)
-    return wide_resnet(depth, width, norm=make, keras_api=api), api
+    return wide_resnet(args.depth, args.width, norm=make, norm_kwargs=options,
+                       keras_api=api), api
 
 
-def steps_of(args, environment, on_cpu):
-    """--steps, else `on_cpu` on a CPU and 50 elsewhere."""
-    return args.steps or (on_cpu if environment["device_type"] == "cpu"
-                          else 50)
+def wrn_stepper(args, variant, jit, batch, **options):
+    model, api = wrn(args, variant, **options)
+    compile_model(model, api, jit)
+    return stepper(model, api, *batch)
 
 
-def wrn_name(args):
-    return f"WRN-{args.depth}-{args.width}"
+def wrn_shape(args):
+    return f"WRN-{args.depth}-{args.width}, {args.batch_size}x32x32x3"
 
 
-def wrn_batch(args, rng):
+def wrn_batch(args, rng, tensors=True):
+    import keras
+
     x = rng.standard_normal((args.batch_size, 32, 32, 3), dtype="float32")
     y = rng.integers(0, 10, args.batch_size).astype("int32")
-    return x, y
-
-
-def wrn_times(level, args, steps, steppers, baseline, warmup=None):
-    """Times `steppers` (WRN steps on batches of --batch-size): their rows
-    and seconds."""
-    times = time_interleaved(steppers, steps, args.repeats,
-                             warmup or args.warmup)
-    return rows_of(level, f"{wrn_name(args)}, {args.batch_size}x32x32x3",
-                   times, args.batch_size, steps, baseline), times
+    return tuple(map(keras.ops.convert_to_tensor, (x, y))) if tensors \
+        else (x, y)
 
 
 # ---------------------------------------------------------------- levels
-def bench_layer(args, variants, jit, rng, environment):
-    return [row for channels in args.channels for row in layer_rows("layer", f"{args.batch_size}x32x32x{channels}",
-        (args.batch_size, 32, 32, channels), variants, "scale", [None],
-        steps=steps_of(args, environment, 3), repeats=args.repeats,
-        warmup=args.warmup, jit=jit, rng=rng)]
-
-
-def bench_matrix(args, variants, jit, rng, environment):
-    """Every batch size, setup and renorm schedule on (B, 32, 32, C) for
-    the first --channels C."""
-    c = args.channels[0]
-    return [row for b in args.batch_sizes for setup in args.setups
-            for row in layer_rows("matrix", f"{b}x32x32x{c} {setup}", (b, 32, 32, c),
-                variants, setup, tuple(LAYER_SCHEDULES),
-                steps=steps_of(args, environment, 3), repeats=args.repeats,
-                warmup=args.warmup, jit=jit, rng=rng)]
-
-
-def wrn_steppers(args, batch, settings):
-    """name -> stepper of a WRN for each name -> (variant, jit_compile) of
-    `settings`, on `batch`."""
+def bench_layers(args, variants, jit, rng, environment, level="layer"):
+    """The layer level (per --channels, after a scale) or the matrix level
+    (the first --channels per --batch-sizes and --setups, each renorm
+    variant per schedule: `renorm@ramp`, ...); ratios to batchnorm."""
     import keras
 
-    x, y = map(keras.ops.convert_to_tensor, batch)
-    steppers = {}
-    for name, (variant, jit) in settings.items():
-        model, api = wrn_model(variant, args.depth, args.width)
-        compile_model(model, api, jit)
-        steppers[name] = stepper(model, api, x, y)
-    return steppers
+    if level == "layer":
+        cases = [(args.batch_size, c, "scale", [None]) for c in args.channels]
+    else:
+        cases = [(b, args.channels[0], setup, list(LAYER_SCHEDULES))
+                 for b in args.batch_sizes for setup in args.setups]
+    rows = []
+    for b, c, setup, schedules in cases:
+        shape = (b, 32, 32, c)
+        x, y = map(keras.ops.convert_to_tensor, (
+            rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
+            rng.standard_normal(shape, dtype="float32")))
+        steppers = {}
+        for variant in variants:
+            for regime in schedules if variant.startswith("renorm") else [None]:
+                model, api = layer_model(variant, shape, setup,
+                                         LAYER_SCHEDULES.get(regime))
+                compile_model(model, api, jit, loss="mse")
+                name = variant + (f"@{regime}" if regime else "")
+                steppers[name] = stepper(model, api, x, y)
+        label = f"{b}x32x32x{c}" + (f" {setup}" if level == "matrix" else "")
+        rows += timed(level, label, steppers, "batchnorm", args,
+                      steps_of(args, environment, 3), b)[0]
+    return rows
 
 
 def bench_model(args, variants, jit, rng, environment):
-    print(f"model level, {wrn_name(args)}, batch {args.batch_size}:",
-          flush=True)
-    steppers = wrn_steppers(args, wrn_batch(args, rng),
-                            {variant: (variant, jit) for variant in variants})
-    return wrn_times("model", args, steps_of(args, environment, 2), steppers,
-                     "batchnorm")[0]
+    batch = wrn_batch(args, rng)
+    steppers = {v: wrn_stepper(args, v, jit, batch) for v in variants}
+    return timed("model", wrn_shape(args), steppers, "batchnorm", args,
+                 steps_of(args, environment, 2))[0]
 
 
 def bench_jit(args, variants, jit, rng, environment):
-    """WRN steps of batchnorm and renorm with jit_compile off and on; each
-    ratio is to the same norm's jit_compile=off."""
+    """Each norm with jit_compile off and on; ratios to off."""
     batch, rows = wrn_batch(args, rng), []
     for norm in ("batchnorm", "renorm"):
-        print(f"jit_compile, {wrn_name(args)} with {norm}:", flush=True)
-        steppers = wrn_steppers(args, batch, {
-            f"{norm}, jit_compile={setting}": (norm, setting == "on")
-            for setting in ("off", "on")})
-        rows += wrn_times("jit", args, steps_of(args, environment, 2),
-                          steppers, f"{norm}, jit_compile=off")[0]
+        steppers = {f"{norm}, jit_compile={setting}":
+                    wrn_stepper(args, norm, setting == "on", batch)
+                    for setting in ("off", "on")}
+        rows += timed("jit", wrn_shape(args), steppers,
+                      f"{norm}, jit_compile=off", args,
+                      steps_of(args, environment, 2))[0]
     return rows
 
 
 def bench_devices(args, variants, jit, rng, environment):
-    """JAX: WRN steps on one device, data parallel on every device (the
-    global batch's moments), and renorm with per-device statistics
-    (virtual_batch_size); ratios to the same norm on one device."""
+    """JAX: each norm on one device and data parallel on all, renorm also
+    with per-device statistics; ratios to the same norm on one device."""
     import keras
 
     if keras.backend.backend() != "jax":
@@ -421,45 +390,36 @@ def bench_devices(args, variants, jit, rng, environment):
     if args.batch_size % len(devices):
         raise cli.UsageError(f"--batch-size {args.batch_size} does not split "
                              f"over {len(devices)} devices")
-    from models import wide_resnet
-    from models.norms import make_norm
-
     # NumPy batches for all: each step moves (and under DataParallel
     # splits) its batch, the same work for every setting.
-    x, y = wrn_batch(args, rng)
+    batch = wrn_batch(args, rng, tensors=False)
     parallel = keras.distribution.DataParallel(devices=devices)
     many = f"{len(devices)} devices"
     rows = []
     for norm in ("batchnorm", "renorm"):
-        print(f"devices, {wrn_name(args)} with {norm}:", flush=True)
         settings = {f"{norm}, 1 device": (None, {}),
                     f"{norm}, {many}": (parallel, {})}
         if norm == "renorm":
             settings[f"{norm}, {many}, per-device statistics"] = (
                 parallel,
                 dict(virtual_batch_size=args.batch_size // len(devices)))
-        steppers = {}
-        for label, (distribution, extra) in settings.items():
-            def make_stepper(extra=extra, norm=norm):
-                model = wide_resnet(args.depth, args.width, norm=lambda **kw:
-                                    make_norm(norm, **kw, **extra))
-                compile_model(model, keras, True)
-                return stepper(model, keras, x, y)
-            steppers[label] = in_distribution(distribution, make_stepper)
-        rows += wrn_times("devices", args, steps_of(args, environment, 2),
-                          steppers, f"{norm}, 1 device")[0]
+        steppers = {name: in_scope(distribution, functools.partial(
+            wrn_stepper, args, norm, True, batch, **options))
+            for name, (distribution, options) in settings.items()}
+        rows += timed("devices", wrn_shape(args), steppers,
+                      f"{norm}, 1 device", args,
+                      steps_of(args, environment, 2))[0]
     return rows
 
 
-def in_distribution(distribution, make_stepper):
+def in_scope(distribution, make_stepper):
     """A stepper built and run under `distribution` (None: one device)."""
-    if distribution is None:
-        return make_stepper()
-    with distribution.scope():
+    scope = distribution.scope if distribution else contextlib.nullcontext
+    with scope():
         run = make_stepper()
 
     def run_in_scope(steps):
-        with distribution.scope():
+        with scope():
             run(steps)
     return run_in_scope
 
@@ -480,10 +440,8 @@ def fitter(model, make_batches, epoch, steps_per_fit=None):
 
 
 def bench_input(args, variants, jit, rng, environment):
-    """train.py's loop (model.fit on an epoch's generator) for batchnorm
-    and renorm, fed by its pipelines (`host`: NumPy; `device`: keras.ops on
-    the device; both augmented) and by batches made beforehand
-    (`resident`: no input work at all)."""
+    """train.py's loop (model.fit on an epoch's generator) fed by its `host`
+    and `device` pipelines and by `resident` batches, for each norm."""
     import keras
 
     from experiment import device_data, sampling
@@ -494,8 +452,8 @@ def bench_input(args, variants, jit, rng, environment):
     steps = steps_of(args, environment, 2)
     per_execution = runtime.resolve_steps_per_execution(
         args.steps_per_execution, environment, steps)
-    print(f"input level, {wrn_name(args)}, {steps} steps per repeat, "
-          f"steps_per_execution={per_execution}, data: {source}", flush=True)
+    print(f"input level: steps_per_execution={per_execution}, data: "
+          f"{source}", flush=True)
     on_device = device_data.DeviceTrainSet(images, labels, mean, std,
                                            augmented=True)
     two = slice(0, 2 * args.batch_size)
@@ -513,18 +471,16 @@ def bench_input(args, variants, jit, rng, environment):
     }
     steppers = {}
     for norm in ("batchnorm", "renorm"):
-        model, _ = wrn_model(norm, args.depth, args.width)
+        model, _ = wrn(args, norm)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy",
                       jit_compile=jit, steps_per_execution=per_execution)
         for pipeline, make in pipelines.items():
             steppers[f"{norm}, {pipeline}"] = fitter(model, make, epoch)
-    rows, times = wrn_times("input", args, steps, steppers,
-                            "batchnorm, resident")
+    rows, times = timed("input", wrn_shape(args), steppers,
+                        "batchnorm, resident", args, steps)
     steps_per_epoch = -(-len(images) // args.batch_size)
-    for row in rows:
-        # The share of a step spent waiting for data: against the same
-        # norm's steps on resident batches of the same round.
+    for row in rows:  # waiting: against the same norm's resident steps
         resident_times = times[row["variant"].split(", ")[0] + ", resident"]
         row["wait_share"] = round(
             1 - median_ratio(resident_times, times[row["variant"]]), 4)
@@ -535,10 +491,10 @@ def bench_input(args, variants, jit, rng, environment):
 
 def bench_loop(args, variants, jit, rng, environment):
     """train.py's two JAX loops, Keras's (`per-step`) and the compiled
-    epoch (`compiled`), with Adam and accuracy as train.py; a repeat: an
-    epoch of --steps augmented batches kept on the device. `norm_ratio`: to
-    batchnorm in the same loop and round."""
+    epoch (`compiled`), for each norm; a repeat: an epoch of --steps
+    augmented batches kept on the device."""
     import keras
+
     from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
@@ -554,8 +510,7 @@ def bench_loop(args, variants, jit, rng, environment):
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
               "eval_batch_size": args.batch_size}
-    print(f"loop level, {wrn_name(args)}, epochs of {steps} steps, data: "
-          f"{source}", flush=True)
+    print(f"loop level: epochs of {steps} steps, data: {source}", flush=True)
     epoch = [0]
 
     def per_step(model):
@@ -566,8 +521,7 @@ def bench_loop(args, variants, jit, rng, environment):
             args.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
 
     def compiled(model):
-        epochs = compiled_epoch.CompiledEpochs(model, config, arrays,
-                                               steps)
+        epochs = compiled_epoch.CompiledEpochs(model, config, arrays, steps)
         epochs.progress = False
 
         def run(n):
@@ -579,15 +533,16 @@ def bench_loop(args, variants, jit, rng, environment):
     steppers = {}
     for norm in ("batchnorm", "renorm"):
         for loop, make in (("per-step", per_step), ("compiled", compiled)):
-            model, _ = wrn_model(norm, args.depth, args.width)
+            model, _ = wrn(args, norm)
             model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss="sparse_categorical_crossentropy",
                           metrics=["accuracy"], jit_compile=jit)
             model.optimizer.build(model.trainable_variables)
             model._symbolic_build(data_batch=(*wrn_batch(args, rng), None))
             steppers[f"{norm}, {loop}"] = make(model)
-    rows, times = wrn_times("loop", args, steps, steppers,
-                            "batchnorm, per-step", max(args.warmup, steps))
+    rows, times = timed("loop", wrn_shape(args), steppers,
+                        "batchnorm, per-step", args, steps,
+                        warmup=max(args.warmup, steps))
     for row in rows:
         loop = row["variant"].split(", ")[1]
         row["norm_ratio"] = median_ratio(times[row["variant"]],
@@ -595,9 +550,10 @@ def bench_loop(args, variants, jit, rng, environment):
     return rows
 
 
-BENCHES = {"layer": bench_layer, "matrix": bench_matrix, "model": bench_model,
-           "input": bench_input, "jit": bench_jit, "devices": bench_devices,
-           "loop": bench_loop}
+BENCHES = {"layer": bench_layers,
+           "matrix": functools.partial(bench_layers, level="matrix"),
+           "model": bench_model, "input": bench_input, "jit": bench_jit,
+           "devices": bench_devices, "loop": bench_loop}
 
 
 def training_images(args, rng):
@@ -631,16 +587,16 @@ def describe(environment, jit, args, argv):
     """The run's record: `environment`, threads, settings, the command."""
     threads = {"cpu_count": os.cpu_count(),
                "cpus": sorted(os.sched_getaffinity(0))}
-    backend = environment["backend"]
-    if backend == "torch":
+    if environment["backend"] == "torch":
         import torch
 
         threads["torch_threads"] = torch.get_num_threads()
-    elif backend == "tensorflow":
+    elif environment["backend"] == "tensorflow":
         import tensorflow as tf
 
-        threads["tf_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
-        threads["tf_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+        pools = tf.config.threading
+        threads["tf_intra_op"] = pools.get_intra_op_parallelism_threads()
+        threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
         if tf_keras() is not None:
             environment["versions"]["tf_keras"] = tf_keras().__version__
     return dict(environment, threads=threads, jit_compile=jit,
@@ -654,15 +610,16 @@ def command(argv):
     return " ".join(["python", "benchmarks/bench.py", *argv])
 
 
-def write_results(results_dir, environment, rows):
+def write_results(results_dir, record, rows):
+    """BACKEND-DEVICE[-xla].json and .csv: `record` with `rows` in place of
+    the earlier rows of their levels."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{environment['backend']}-{environment['device_type']}"
-    if (environment["backend"], environment["jit_compile"]) == (
-            "tensorflow", True):
+    stem = f"{record['backend']}-{record['device_type']}"
+    if record["backend"] == "tensorflow" and record["jit_compile"] is True:
         stem += "-xla"  # TensorFlow with and without XLA side by side
-    record = dict(environment, rows=rows)
     json_path = results_dir / f"{stem}.json"
-    if json_path.is_file():  # keep the levels this run did not measure
+    record = dict(record, rows=rows)
+    if json_path.is_file():
         old = json.loads(json_path.read_text())
         levels = {row["level"] for row in rows}
         record["rows"] = [r for r in old.get("rows", [])
@@ -671,15 +628,15 @@ def write_results(results_dir, environment, rows):
                              if k in old}
     runfiles.write_file(json_path,
                         (json.dumps(record, indent=1) + "\n").encode())
-    rows = [dict(row, backend=environment["backend"],
-                 device=environment["device"]) for row in record["rows"]]
+    rows = [dict(row, backend=record["backend"], device=record["device"])
+            for row in record["rows"]]
     runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
         [*COLUMNS, *EXTRA_COLUMNS, "backend", "device"], rows).encode())
     return json_path
 
 
 def ratio_text(row):
-    """A row's ratio cell, with the input level's wait, the loop level's
+    """A row's ratio cell, with the input level's wait and the loop level's
     renorm / batchnorm."""
     text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
     if row["level"] == "input" and "resident" not in row["variant"]:
@@ -691,31 +648,23 @@ def ratio_text(row):
 
 
 SUMMARY_NOTE = (
-    "Ratio: the median over the repeats of the time per step over that of the "
-    "same repeat's `batchnorm` (layer and model levels), `batchnorm, "
-    "resident` (input level; waiting: the share of a step spent on input, "
-    "against the same norm on resident batches; s per epoch: ms per step "
-    "times the steps of an epoch of 50,000 images), the same norm with "
-    "`jit_compile=off` (jit level), `batchnorm, per-step` (loop level; "
-    "renorm / batchnorm: in the same loop and repeat); measured interleaved "
-    "in one process, or with the rounds of several pooled where the header "
-    "says so. Written by `benchmarks/bench.py` from "
+    "Ratio: the median over the repeats of the time per step over the "
+    "baseline's in the same repeat; baseline: `batchnorm` (layer, matrix, "
+    "model), `batchnorm, resident` (input), the same norm with "
+    "`jit_compile=off` (jit) or on 1 device (devices), `batchnorm, "
+    "per-step` (loop). Waiting, s per epoch and renorm / batchnorm: "
+    "docs/speed.md. Written by `benchmarks/bench.py` from "
     "`benchmarks/results/*.json`.\n")
 
 
 def table(rows):
-    """The markdown table of `rows`."""
     header = ("level", "shape", "variant", "ms/step (median)", "min-max",
               "images/s", "ratio")
-    return "\n".join(
-        ["| " + " | ".join(header) + " |",
-         "|" + "|".join("---" for _ in header) + "|"]
-        + ["| " + " | ".join([
-            row["level"], row["shape"], row["variant"],
-            f"{row['ms_per_step']:.1f}",
-            f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-            f"{row['images_per_s']:.1f}", ratio_text(row)]) + " |"
-           for row in rows]) + "\n"
+    lines = [header, ["---"] * len(header)] + [[
+        row["level"], row["shape"], row["variant"],
+        f"{row['ms_per_step']:.1f}", f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
+        f"{row['images_per_s']:.1f}", ratio_text(row)] for row in rows]
+    return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
 
 
 def summary(results_dir):
@@ -724,14 +673,14 @@ def summary(results_dir):
     for path in sorted(results_dir.glob("*.json")):
         record = json.loads(path.read_text())
         versions, backend = record.get("versions", {}), record["backend"]
+        processes = record.get("processes", 1)
         parts.append(
             f"**{backend}** on {record['device']} (Keras "
             f"{versions.get('keras')}, {backend} {versions.get(backend)}, "
             f"jit_compile={record['jit_compile']}, "
             f"{record.get('dtype_policy', 'float32')}, "
             f"threads {record['threads']}"
-            + (f", rounds of {record['processes']} processes"
-               if record.get("processes", 1) > 1 else "")
+            + (f", rounds of {processes} processes" if processes > 1 else "")
             + f"; {record['date']})\n")
         parts.append(table(record["rows"]))
     return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
@@ -775,8 +724,7 @@ def measure(args, argv):
     try:
         for level in LEVELS:
             if level in args.level:
-                rows += BENCHES[level](args, variants, jit, rng,
-                                       environment)
+                rows += BENCHES[level](args, variants, jit, rng, environment)
     finally:
         keras.config.set_dtype_policy(policy)
     return describe(environment, jit, args, argv), rows
@@ -787,9 +735,8 @@ class WorkerFailed(Exception):
 
 
 def measure_in_processes(args, argv):
-    """Runs this command in `args.processes` fresh processes in turn (what
-    one process's memory layout does to a ratio averages out) and pools
-    their rounds: (record, rows)."""
+    """Runs this command in `args.processes` fresh processes in turn and
+    pools their rounds: (record, rows)."""
     import subprocess
     import tempfile
 
@@ -830,10 +777,11 @@ def main(argv=None):
         if args.summary:
             print(write_summary(args), end="")
             return 0
-        if args.processes > 1 and "input" in args.level:
+        if args.processes > 1 and {"input", "loop"} & set(args.level):
+            # Their extra columns are of one process's rounds.
             raise cli.UsageError("--processes pools the rounds of the layer, "
                                  "matrix, model, jit and devices levels; run "
-                                 "the input level in one process")
+                                 "the input and loop levels in one process")
         if args.cpus:
             pinned_from = pin(args.cpus)
         record, rows = (measure_in_processes if args.processes > 1
@@ -862,6 +810,7 @@ def main(argv=None):
     finally:
         if pinned_from:  # a caller of main() keeps its own CPUs
             os.sched_setaffinity(0, pinned_from)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -104,7 +104,8 @@ def test_layer_and_model_levels_write_results(tmp_path, capsys):
     (["--processes", "0"], "positive integer"),
     (["--cpus", "-1"], "integer >= 0"),
     (["--cpus", "100000"], "--cpus 100000: not among this process's CPUs"),
-    (["--level", "input", "--processes", "2"], "run the input level in one"),
+    (["--level", "input", "--processes", "2"], "run the input and loop"),
+    (["--level", "loop", "--processes", "2"], "run the input and loop"),
 ])
 def test_bad_arguments_are_one_line(argv, words, tmp_path, capsys):
     assert bench.main(argv + ["--results-dir", str(tmp_path)]) == 2
