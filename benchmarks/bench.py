@@ -2,8 +2,7 @@
 """Speed of BatchRenormalization against BatchNormalization, side by side.
 
   python benchmarks/bench.py                       # layer + model level, this backend
-  python benchmarks/bench.py --backend jax         # another Keras backend
-  python benchmarks/bench.py --level input jit     # input pipeline; jit_compile on / off
+  python benchmarks/bench.py --backend jax --level input jit
   python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
 
 Levels, variants, method and results files: docs/speed.md.
@@ -12,7 +11,7 @@ Levels, variants, method and results files: docs/speed.md.
 import argparse
 import contextlib
 import datetime
-import functools
+import itertools
 import json
 import os
 import statistics
@@ -29,6 +28,7 @@ from experiment.startup import quiet_startup  # noqa: E402
 
 PROG = "bench.py"
 LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
+NORMS = ("batchnorm", "renorm")  # the input, jit, devices and loop levels'
 # variant -> (models.norms's name, None for tf.keras's layer; its arguments)
 VARIANTS = {
     "batchnorm": ("batchnorm", {}),
@@ -38,9 +38,8 @@ VARIANTS = {
     "keras-renorm": ("keras-renorm", {}),
     "tf.keras-batchnorm": (None, {}),
     "tf.keras-renorm": (None, dict(renorm=True, renorm_momentum=0.99,
-                                   renorm_clipping={"rmin": 1 / 3,
-                                                    "rmax": 3.0,
-                                                    "dmax": 5.0})),
+                                   renorm_clipping=dict(rmin=1 / 3, rmax=3.0,
+                                                        dmax=5.0))),
     "renorm-tracked": ("renorm", dict(track_corrections=True)),
 }
 ON_REQUEST = ("renorm-tracked",)  # only when --variants names it
@@ -71,21 +70,21 @@ def build_parser():
         help="Keras backend (default: KERAS_BACKEND)")
     add("--level", nargs="+", choices=LEVELS, default=["layer", "model"],
         metavar="LEVEL", help=f"{', '.join(LEVELS)} (default: layer model)")
-    add("--variants", nargs="+", choices=tuple(VARIANTS), metavar="VARIANT",
-        help=f"{', '.join(VARIANTS)} (default: what this backend has, "
-        "but renorm-tracked)")
+    add("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+        help=f"{', '.join(VARIANTS)} (default: those this backend has, but "
+        "renorm-tracked)")
     add("--batch-size", type=cli.positive_int, default=128)
     add("--batch-sizes", type=cli.positive_int, nargs="+", metavar="B",
         default=[16, 64, 256], help="matrix level (default: 16 64 256)")
-    add("--setups", nargs="+", choices=tuple(LAYER_SETUPS), metavar="SETUP",
+    add("--setups", nargs="+", choices=LAYER_SETUPS, metavar="SETUP",
         default=list(LAYER_SETUPS),
-        help=f"matrix level (default: {' '.join(LAYER_SETUPS)})")
+        help=f"matrix level: {', '.join(LAYER_SETUPS)} (default: all)")
     add("--channels", type=cli.positive_int, nargs="+", default=[64, 128, 256],
-        help="C of (B, 32, 32, C) (default: 64 128 256; matrix: the first)")
+        help="C of (B, 32, 32, C); matrix: the first (default: 64 128 256)")
     add("--depth", type=cli.positive_int, default=16, help="WRN's (16)")
     add("--width", type=cli.positive_int, default=4, help="WRN's (4)")
     add("--steps", type=cli.positive_int, help="steps per timed repeat "
-        "(default: 50; on a CPU 3 for a layer, 2 for a WRN)")
+        "(default 50; on a CPU 3 for a layer, 2 for a WRN)")
     add("--repeats", type=cli.positive_int, default=5, help="(default 5)")
     add("--warmup", type=cli.positive_int, default=2,
         help="untimed steps first (default 2)")
@@ -111,25 +110,28 @@ def build_parser():
 
 
 # ---------------------------------------------------------------- timing
-def time_interleaved(steppers, steps, repeats, warmup):
+def timed(run, level, shape, steppers, baseline, steps, batch_size=None,
+          warmup=None):
     """Warms up each of `steppers` (name -> function(n) that runs n steps
-    and waits for the device), then times `repeats` rounds of them in turn:
-    name -> seconds per step, one per round."""
-    for name, run in steppers.items():
+    and waits for the device), then times --repeats rounds of them in turn:
+    their rows, and name -> seconds per step, one per round."""
+    print(f"{level}, {shape}:", flush=True)
+    for name, step in steppers.items():
         started = time.perf_counter()
-        run(warmup)
+        step(warmup or run.warmup)
         print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s",
               flush=True)
     times = {name: [] for name in steppers}
-    for repeat in range(repeats):
-        for name, run in steppers.items():
+    for repeat in range(run.repeats):
+        for name, step in steppers.items():
             started = time.perf_counter()
-            run(steps)
+            step(steps)
             times[name].append((time.perf_counter() - started) / steps)
-        print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(
+        print(f"  repeat {repeat + 1}/{run.repeats}: " + ", ".join(
             f"{n} {1000 * t[-1]:.1f} ms" for n, t in times.items()),
             flush=True)
-    return times
+    return rows_of(level, shape, times, batch_size or run.batch_size, steps,
+                   baseline), times
 
 
 def median_ratio(values, baseline):
@@ -174,23 +176,6 @@ def pooled_rows(runs):
         pooled += rows_of(level, shape, times, row["batch_size"],
                           row["steps"], row["baseline"])
     return pooled
-
-
-def timed(level, shape, steppers, baseline, args, steps, batch_size=None,
-          warmup=None):
-    """Every level's measurement: `steppers` timed interleaved; their rows
-    (batches of `batch_size`, default --batch-size) and seconds."""
-    print(f"{level}, {shape}:", flush=True)
-    times = time_interleaved(steppers, steps, args.repeats,
-                             warmup or args.warmup)
-    return rows_of(level, shape, times, batch_size or args.batch_size, steps,
-                   baseline), times
-
-
-def steps_of(args, environment, on_cpu):
-    """--steps, else `on_cpu` on a CPU and 50 elsewhere."""
-    return args.steps or (on_cpu if environment["device_type"] == "cpu"
-                          else 50)
 
 
 # ---------------------------------------------------------------- models
@@ -239,14 +224,12 @@ def norm_factory(variant):
         momentum=0.99, epsilon=1e-3, **options, **kwargs)), api
 
 
-def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
+def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
+            scope=contextlib.nullcontext):
+    """A function(n) that runs n training steps of `model` (compiled here,
+    with SGD) on the batch (x, y) in `scope` and waits for the device."""
     model.compile(optimizer=api.optimizers.SGD(learning_rate=1e-3),
                   loss=loss, jit_compile=jit)
-
-
-def stepper(model, api, x, y):
-    """A function(n) that runs n compiled training steps of `model` on the
-    batch (x, y) and waits for the device."""
     if api is tf_keras():
         # tf.keras's train_on_batch builds a tf.data pipeline at each call;
         # fit's own path is its train_function on an iterator.
@@ -262,8 +245,9 @@ def stepper(model, api, x, y):
         return run_tf_keras
 
     def run(steps):
-        for _ in range(steps):
-            loss = model.train_on_batch(x, y)
+        with scope():
+            for _ in range(steps):
+                loss = model.train_on_batch(x, y)
         float(loss if not isinstance(loss, list) else loss[0])
     return run
 
@@ -293,93 +277,99 @@ def layer_model(variant, shape, setup, schedule=None):
     return api.Model(inputs, outputs), api
 
 
-def wrn(args, variant, **options):
+def wrn(run, variant, **options):
     """WRN-depth-width with `variant` (`options`: more layer arguments), and
     its Keras API."""
     from models import wide_resnet
 
     make, api = norm_factory(variant)
-    return wide_resnet(args.depth, args.width, norm=make, norm_kwargs=options,
+    return wide_resnet(run.depth, run.width, norm=make, norm_kwargs=options,
                        keras_api=api), api
 
 
-def wrn_stepper(args, variant, jit, batch, **options):
-    model, api = wrn(args, variant, **options)
-    compile_model(model, api, jit)
-    return stepper(model, api, *batch)
-
-
-def wrn_shape(args):
-    return f"WRN-{args.depth}-{args.width}, {args.batch_size}x32x32x3"
-
-
-def wrn_batch(args, rng, tensors=True):
+def wrn_batch(run, tensors=True):
     import keras
 
-    x = rng.standard_normal((args.batch_size, 32, 32, 3), dtype="float32")
-    y = rng.integers(0, 10, args.batch_size).astype("int32")
+    x = run.rng.standard_normal((run.batch_size, 32, 32, 3), dtype="float32")
+    y = run.rng.integers(0, 10, run.batch_size).astype("int32")
     return tuple(map(keras.ops.convert_to_tensor, (x, y))) if tensors \
         else (x, y)
 
 
 # ---------------------------------------------------------------- levels
-def bench_layers(args, variants, jit, rng, environment, level="layer"):
-    """The layer level (per --channels, after a scale) or the matrix level
-    (the first --channels per --batch-sizes and --setups, each renorm
-    variant per schedule: `renorm@ramp`, ...); ratios to batchnorm."""
+def bench_layers(run, level):
+    """layer: per --channels, after a scale; matrix: the first --channels
+    per --batch-sizes and --setups, each renorm variant per schedule
+    (`renorm@ramp`, ...)."""
     import keras
 
     if level == "layer":
-        cases = [(args.batch_size, c, "scale", [None]) for c in args.channels]
+        cases = [(run.batch_size, c, "scale", [None]) for c in run.channels]
     else:
-        cases = [(b, args.channels[0], setup, list(LAYER_SCHEDULES))
-                 for b in args.batch_sizes for setup in args.setups]
+        cases = [(b, run.channels[0], setup, list(LAYER_SCHEDULES))
+                 for b in run.batch_sizes for setup in run.setups]
     rows = []
     for b, c, setup, schedules in cases:
         shape = (b, 32, 32, c)
         x, y = map(keras.ops.convert_to_tensor, (
-            rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
-            rng.standard_normal(shape, dtype="float32")))
+            run.rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
+            run.rng.standard_normal(shape, dtype="float32")))
         steppers = {}
-        for variant in variants:
+        for variant in run.variants:
             for regime in schedules if variant.startswith("renorm") else [None]:
                 model, api = layer_model(variant, shape, setup,
                                          LAYER_SCHEDULES.get(regime))
-                compile_model(model, api, jit, loss="mse")
                 name = variant + (f"@{regime}" if regime else "")
-                steppers[name] = stepper(model, api, x, y)
+                steppers[name] = stepper(model, api, run.jit, x, y, "mse")
         label = f"{b}x32x32x{c}" + (f" {setup}" if level == "matrix" else "")
-        rows += timed(level, label, steppers, "batchnorm", args,
-                      steps_of(args, environment, 3), b)[0]
+        rows += timed(run, level, label, steppers, "batchnorm",
+                      run.layer_steps, b)[0]
     return rows
 
 
-def bench_model(args, variants, jit, rng, environment):
-    batch = wrn_batch(args, rng)
-    steppers = {v: wrn_stepper(args, v, jit, batch) for v in variants}
-    return timed("model", wrn_shape(args), steppers, "batchnorm", args,
-                 steps_of(args, environment, 2))[0]
-
-
-def bench_jit(args, variants, jit, rng, environment):
-    """Each norm with jit_compile off and on; ratios to off."""
-    batch, rows = wrn_batch(args, rng), []
-    for norm in ("batchnorm", "renorm"):
-        steppers = {f"{norm}, jit_compile={setting}":
-                    wrn_stepper(args, norm, setting == "on", batch)
-                    for setting in ("off", "on")}
-        rows += timed("jit", wrn_shape(args), steppers,
-                      f"{norm}, jit_compile=off", args,
-                      steps_of(args, environment, 2))[0]
+def bench_wrn(run, level):
+    """model: every variant; jit: each norm with jit_compile off and on;
+    devices (JAX): each norm on one device and data parallel on all, renorm
+    also with per-device statistics."""
+    # baseline -> name -> (variant, jit_compile, distribution, options)
+    if level == "model":
+        settings = {"batchnorm": {v: (v, run.jit, None, {})
+                                  for v in run.variants}}
+    elif level == "jit":
+        settings = {f"{n}, jit_compile=off": {
+            f"{n}, jit_compile={s}": (n, s == "on", None, {})
+            for s in ("off", "on")} for n in NORMS}
+    else:
+        parallel, count = data_parallel(run)
+        many = f"{count} devices"
+        settings = {f"{n}, 1 device": {
+            f"{n}, 1 device": (n, True, None, {}),
+            f"{n}, {many}": (n, True, parallel, {})} for n in NORMS}
+        settings["renorm, 1 device"][f"renorm, {many}, per-device statistics"] \
+            = ("renorm", True, parallel,
+               dict(virtual_batch_size=run.batch_size // count))
+    # devices: NumPy batches for all, as each step moves (and under
+    # DataParallel splits) its batch: the same work for every setting.
+    x, y = wrn_batch(run, tensors=level != "devices")
+    rows = []
+    for baseline, group in settings.items():
+        steppers = {}
+        for name, (variant, jit, distribution, options) in group.items():
+            scope = distribution.scope if distribution else \
+                contextlib.nullcontext
+            with scope():
+                model, api = wrn(run, variant, **options)
+                steppers[name] = stepper(model, api, jit, x, y, scope=scope)
+        rows += timed(run, level, run.wrn_shape, steppers, baseline,
+                      run.wrn_steps)[0]
     return rows
 
 
-def bench_devices(args, variants, jit, rng, environment):
-    """JAX: each norm on one device and data parallel on all, renorm also
-    with per-device statistics; ratios to the same norm on one device."""
+def data_parallel(run):
+    """Keras's DataParallel over every JAX device, and their count."""
     import keras
 
-    if keras.backend.backend() != "jax":
+    if run.environment["backend"] != "jax":
         raise cli.UsageError("--level devices needs the jax backend (Keras's "
                              "distribution API)")
     devices = keras.distribution.list_devices()
@@ -387,41 +377,10 @@ def bench_devices(args, variants, jit, rng, environment):
         raise cli.UsageError(
             "--level devices needs several devices; JAX sees one (on a CPU: "
             "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    if args.batch_size % len(devices):
-        raise cli.UsageError(f"--batch-size {args.batch_size} does not split "
+    if run.batch_size % len(devices):
+        raise cli.UsageError(f"--batch-size {run.batch_size} does not split "
                              f"over {len(devices)} devices")
-    # NumPy batches for all: each step moves (and under DataParallel
-    # splits) its batch, the same work for every setting.
-    batch = wrn_batch(args, rng, tensors=False)
-    parallel = keras.distribution.DataParallel(devices=devices)
-    many = f"{len(devices)} devices"
-    rows = []
-    for norm in ("batchnorm", "renorm"):
-        settings = {f"{norm}, 1 device": (None, {}),
-                    f"{norm}, {many}": (parallel, {})}
-        if norm == "renorm":
-            settings[f"{norm}, {many}, per-device statistics"] = (
-                parallel,
-                dict(virtual_batch_size=args.batch_size // len(devices)))
-        steppers = {name: in_scope(distribution, functools.partial(
-            wrn_stepper, args, norm, True, batch, **options))
-            for name, (distribution, options) in settings.items()}
-        rows += timed("devices", wrn_shape(args), steppers,
-                      f"{norm}, 1 device", args,
-                      steps_of(args, environment, 2))[0]
-    return rows
-
-
-def in_scope(distribution, make_stepper):
-    """A stepper built and run under `distribution` (None: one device)."""
-    scope = distribution.scope if distribution else contextlib.nullcontext
-    with scope():
-        run = make_stepper()
-
-    def run_in_scope(steps):
-        with scope():
-            run(steps)
-    return run_in_scope
+    return keras.distribution.DataParallel(devices=devices), len(devices)
 
 
 def fitter(model, make_batches, epoch, steps_per_fit=None):
@@ -439,7 +398,7 @@ def fitter(model, make_batches, epoch, steps_per_fit=None):
     return run
 
 
-def bench_input(args, variants, jit, rng, environment):
+def bench_input(run, level):
     """train.py's loop (model.fit on an epoch's generator) fed by its `host`
     and `device` pipelines and by `resident` batches, for each norm."""
     import keras
@@ -447,39 +406,39 @@ def bench_input(args, variants, jit, rng, environment):
     from experiment import device_data, sampling
     from experiment.preprocessing import channel_stats
 
-    images, labels, source = training_images(args, rng)
+    images, labels, source = training_images(run)
     mean, std = channel_stats(images)
-    steps = steps_of(args, environment, 2)
     per_execution = runtime.resolve_steps_per_execution(
-        args.steps_per_execution, environment, steps)
+        run.steps_per_execution, run.environment, run.wrn_steps)
     print(f"input level: steps_per_execution={per_execution}, data: "
           f"{source}", flush=True)
     on_device = device_data.DeviceTrainSet(images, labels, mean, std,
                                            augmented=True)
-    two = slice(0, 2 * args.batch_size)
+    two = slice(0, 2 * run.batch_size)
     resident = [tuple(map(keras.ops.convert_to_tensor, batch))
-                for batch in sampling.train_batches(
-                    images[two], labels[two], args.batch_size, mean, std, rng)]
+                for batch in sampling.train_batches(images[two], labels[two],
+                                                    run.batch_size, mean, std,
+                                                    run.rng)]
     epoch = [0]
-    pipelines = {
-        "resident": lambda: cycle(resident),
+    pipelines = {  # each a new epoch's generator, as fit takes
+        "resident": lambda: (batch for batch in itertools.cycle(resident)),
         "host": lambda: sampling.train_batches(
-            images, labels, args.batch_size, mean, std,
+            images, labels, run.batch_size, mean, std,
             sampling.epoch_rng(0, epoch[0]), augmented=True),
         "device": lambda: on_device.train_batches(
-            args.batch_size, sampling.epoch_rng(0, epoch[0])),
+            run.batch_size, sampling.epoch_rng(0, epoch[0])),
     }
     steppers = {}
-    for norm in ("batchnorm", "renorm"):
-        model, _ = wrn(args, norm)
+    for norm in NORMS:
+        model, _ = wrn(run, norm)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy",
-                      jit_compile=jit, steps_per_execution=per_execution)
+                      jit_compile=run.jit, steps_per_execution=per_execution)
         for pipeline, make in pipelines.items():
             steppers[f"{norm}, {pipeline}"] = fitter(model, make, epoch)
-    rows, times = timed("input", wrn_shape(args), steppers,
-                        "batchnorm, resident", args, steps)
-    steps_per_epoch = -(-len(images) // args.batch_size)
+    rows, times = timed(run, level, run.wrn_shape, steppers,
+                        "batchnorm, resident", run.wrn_steps)
+    steps_per_epoch = -(-len(images) // run.batch_size)
     for row in rows:  # waiting: against the same norm's resident steps
         resident_times = times[row["variant"].split(", ")[0] + ", resident"]
         row["wait_share"] = round(
@@ -489,7 +448,7 @@ def bench_input(args, variants, jit, rng, environment):
     return rows
 
 
-def bench_loop(args, variants, jit, rng, environment):
+def bench_loop(run, level):
     """train.py's two JAX loops, Keras's (`per-step`) and the compiled
     epoch (`compiled`), for each norm; a repeat: an epoch of --steps
     augmented batches kept on the device."""
@@ -498,51 +457,51 @@ def bench_loop(args, variants, jit, rng, environment):
     from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
-    if environment["backend"] != "jax":
+    if run.environment["backend"] != "jax":
         raise cli.UsageError("--level loop compares train.py's JAX loops; "
                              "run it with --backend jax")
-    steps = steps_of(args, environment, 2)
-    images, labels, source = training_images(args, rng)
-    arrays = SimpleNamespace(x_train=images[:steps * args.batch_size],
-                             y_train=labels[:steps * args.batch_size])
+    steps = run.wrn_steps
+    images, labels, source = training_images(run)
+    arrays = SimpleNamespace(x_train=images[:steps * run.batch_size],
+                             y_train=labels[:steps * run.batch_size])
     arrays.mean, arrays.std = channel_stats(arrays.x_train)
-    config = {"batch_size": args.batch_size, "seed": 0, "augment": True,
+    config = {"batch_size": run.batch_size, "seed": 0, "augment": True,
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
-              "eval_batch_size": args.batch_size}
+              "eval_batch_size": run.batch_size}
     print(f"loop level: epochs of {steps} steps, data: {source}", flush=True)
+    on_device = device_data.DeviceTrainSet(
+        arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
+        augmented=True)
     epoch = [0]
 
     def per_step(model):
-        on_device = device_data.DeviceTrainSet(
-            arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
-            augmented=True)
         return fitter(model, lambda: on_device.train_batches(
-            args.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
+            run.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
 
     def compiled(model):
         epochs = compiled_epoch.CompiledEpochs(model, config, arrays, steps)
         epochs.progress = False
 
-        def run(n):
+        def step(n):
             for _ in range(-(-n // steps)):
                 epoch[0] += 1
                 epochs.train_epoch(epoch[0])
-        return run
+        return step
 
     steppers = {}
-    for norm in ("batchnorm", "renorm"):
+    for norm in NORMS:
         for loop, make in (("per-step", per_step), ("compiled", compiled)):
-            model, _ = wrn(args, norm)
+            model, _ = wrn(run, norm)
             model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss="sparse_categorical_crossentropy",
-                          metrics=["accuracy"], jit_compile=jit)
+                          metrics=["accuracy"], jit_compile=run.jit)
             model.optimizer.build(model.trainable_variables)
-            model._symbolic_build(data_batch=(*wrn_batch(args, rng), None))
+            model._symbolic_build(data_batch=(*wrn_batch(run), None))
             steppers[f"{norm}, {loop}"] = make(model)
-    rows, times = timed("loop", wrn_shape(args), steppers,
-                        "batchnorm, per-step", args, steps,
-                        warmup=max(args.warmup, steps))
+    rows, times = timed(run, level, run.wrn_shape, steppers,
+                        "batchnorm, per-step", steps,
+                        warmup=max(run.warmup, steps))
     for row in rows:
         loop = row["variant"].split(", ")[1]
         row["norm_ratio"] = median_ratio(times[row["variant"]],
@@ -550,20 +509,19 @@ def bench_loop(args, variants, jit, rng, environment):
     return rows
 
 
-BENCHES = {"layer": bench_layers,
-           "matrix": functools.partial(bench_layers, level="matrix"),
-           "model": bench_model, "input": bench_input, "jit": bench_jit,
-           "devices": bench_devices, "loop": bench_loop}
+BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
+           "input": bench_input, "jit": bench_wrn, "devices": bench_wrn,
+           "loop": bench_loop}
 
 
-def training_images(args, rng):
+def training_images(run):
     """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR,
     ../shared/data), else random ones, and where they came from."""
     import numpy as np
 
     from experiment import cifar10
 
-    data_dir = args.data_dir
+    data_dir = run.data_dir
     beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
     if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
             beside / "data_batch_1").is_file():
@@ -572,19 +530,15 @@ def training_images(args, rng):
         data = cifar10.load(data_dir)
         return data.x_train, data.y_train, data.source
     except cifar10.DataError:
-        images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, 50000).astype(np.int32)
+        images = run.rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
+        labels = run.rng.integers(0, 10, 50000).astype(np.int32)
         return images, labels, "random uint8 images (CIFAR-10 not found)"
 
 
-def cycle(batches):
-    while True:
-        yield from batches
-
-
 # ---------------------------------------------------------------- files
-def describe(environment, jit, args, argv):
-    """The run's record: `environment`, threads, settings, the command."""
+def describe(run, argv):
+    """The run's record: its environment, threads, settings, command."""
+    environment = run.environment
     threads = {"cpu_count": os.cpu_count(),
                "cpus": sorted(os.sched_getaffinity(0))}
     if environment["backend"] == "torch":
@@ -599,8 +553,8 @@ def describe(environment, jit, args, argv):
         threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
         if tf_keras() is not None:
             environment["versions"]["tf_keras"] = tf_keras().__version__
-    return dict(environment, threads=threads, jit_compile=jit,
-                batch_size=args.batch_size, dtype_policy=args.dtype_policy,
+    return dict(environment, threads=threads, jit_compile=run.jit,
+                batch_size=run.batch_size, dtype_policy=run.dtype_policy,
                 date=datetime.datetime.now(datetime.timezone.utc)
                 .isoformat(timespec="seconds"),
                 processes=1, command=command(argv))
@@ -622,10 +576,9 @@ def write_results(results_dir, record, rows):
     if json_path.is_file():
         old = json.loads(json_path.read_text())
         levels = {row["level"] for row in rows}
-        record["rows"] = [r for r in old.get("rows", [])
-                          if r["level"] not in levels] + rows
-        record["earlier"] = {k: old[k] for k in ("date", "command")
-                             if k in old}
+        record["rows"] = [r for r in old["rows"] if r["level"] not in levels]
+        record["rows"] += rows
+        record["earlier"] = {k: old[k] for k in ("date", "command")}
     runfiles.write_file(json_path,
                         (json.dumps(record, indent=1) + "\n").encode())
     rows = [dict(row, backend=record["backend"], device=record["device"])
@@ -647,16 +600,6 @@ def ratio_text(row):
     return text
 
 
-SUMMARY_NOTE = (
-    "Ratio: the median over the repeats of the time per step over the "
-    "baseline's in the same repeat; baseline: `batchnorm` (layer, matrix, "
-    "model), `batchnorm, resident` (input), the same norm with "
-    "`jit_compile=off` (jit) or on 1 device (devices), `batchnorm, "
-    "per-step` (loop). Waiting, s per epoch and renorm / batchnorm: "
-    "docs/speed.md. Written by `benchmarks/bench.py` from "
-    "`benchmarks/results/*.json`.\n")
-
-
 def table(rows):
     header = ("level", "shape", "variant", "ms/step (median)", "min-max",
               "images/s", "ratio")
@@ -667,28 +610,32 @@ def table(rows):
     return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
 
 
-def summary(results_dir):
-    """Markdown tables of every results file."""
+SUMMARY_NOTE = (
+    "Ratio: the median over the repeats of the time per step over the "
+    "baseline's in the same repeat; baseline: `batchnorm` (layer, matrix, "
+    "model), `batchnorm, resident` (input), the same norm with "
+    "`jit_compile=off` (jit) or on 1 device (devices), `batchnorm, "
+    "per-step` (loop). Waiting, s per epoch and renorm / batchnorm: "
+    "docs/speed.md. Written by `benchmarks/bench.py` from "
+    "`benchmarks/results/*.json`.\n")
+
+
+def write_summary(args):
+    """summary.md (and --readme's block): a table per results file."""
     parts = []
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(args.results_dir.glob("*.json")):
         record = json.loads(path.read_text())
-        versions, backend = record.get("versions", {}), record["backend"]
-        processes = record.get("processes", 1)
+        versions, backend = record["versions"], record["backend"]
+        processes = record.get("processes", 1)  # not in the earliest files
         parts.append(
             f"**{backend}** on {record['device']} (Keras "
-            f"{versions.get('keras')}, {backend} {versions.get(backend)}, "
-            f"jit_compile={record['jit_compile']}, "
-            f"{record.get('dtype_policy', 'float32')}, "
+            f"{versions['keras']}, {backend} {versions[backend]}, "
+            f"jit_compile={record['jit_compile']}, {record['dtype_policy']}, "
             f"threads {record['threads']}"
             + (f", rounds of {processes} processes" if processes > 1 else "")
             + f"; {record['date']})\n")
         parts.append(table(record["rows"]))
-    return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
-
-
-def write_summary(args):
-    """summary.md (and --readme's block) from every results file."""
-    text = summary(args.results_dir)
+    text = "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
     runfiles.write_file(args.results_dir / "summary.md", text.encode())
     if args.readme:
         try:
@@ -713,21 +660,29 @@ def measure(args, argv):
         raise cli.UsageError(f"--backend {args.backend}: Keras is already "
                              f"running on {keras.backend.backend()}")
     environment = runtime.describe_environment()
-    jit = runtime.jit_compile(args.jit_compile, environment)
-    variants = available_variants(args.variants)
+    cpu = environment["device_type"] == "cpu"
+    # The flags, with the variants this backend has and the steps of a
+    # repeat resolved (`layer_steps` for a layer, `wrn_steps` for a WRN).
+    run = SimpleNamespace(**dict(
+        vars(args), environment=environment,
+        jit=runtime.jit_compile(args.jit_compile, environment),
+        variants=available_variants(args.variants),
+        rng=np.random.default_rng(0),
+        layer_steps=args.steps or (3 if cpu else 50),
+        wrn_steps=args.steps or (2 if cpu else 50),
+        wrn_shape=f"WRN-{args.depth}-{args.width}, {args.batch_size}x32x32x3"))
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(args.dtype_policy)
-    rng = np.random.default_rng(0)
     print(f"{PROG}: backend {environment['backend']}, "
-          f"{environment['device']}, jit_compile={jit}", flush=True)
+          f"{environment['device']}, jit_compile={run.jit}", flush=True)
     rows = []
     try:
         for level in LEVELS:
             if level in args.level:
-                rows += BENCHES[level](args, variants, jit, rng, environment)
+                rows += BENCHES[level](run, level)
     finally:
         keras.config.set_dtype_policy(policy)
-    return describe(environment, jit, args, argv), rows
+    return describe(run, argv), rows
 
 
 class WorkerFailed(Exception):
@@ -735,8 +690,8 @@ class WorkerFailed(Exception):
 
 
 def measure_in_processes(args, argv):
-    """Runs this command in `args.processes` fresh processes in turn and
-    pools their rounds: (record, rows)."""
+    """Runs this command in --processes fresh processes in turn and pools
+    their rounds: (record, rows)."""
     import subprocess
     import tempfile
 
