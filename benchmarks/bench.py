@@ -27,6 +27,7 @@ from experiment import cli, runfiles, runtime  # noqa: E402 (after the path)
 from experiment.startup import quiet_startup  # noqa: E402
 
 PROG = "bench.py"
+COMMAND = "python benchmarks/bench.py"  # a record's command: COMMAND ARGV
 LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
 NORMS = ("batchnorm", "renorm")  # the input, jit, devices and loop levels'
 # variant -> (models.norms's name, None for tf.keras's layer; its arguments)
@@ -109,24 +110,24 @@ def build_parser():
     return parser
 
 
-# ---------------------------------------------------------------- timing
 def timed(run, level, shape, steppers, baseline, steps, batch_size=None,
           warmup=None):
     """Warms up each of `steppers` (name -> function(n) that runs n steps
     and waits for the device), then times --repeats rounds of them in turn:
     their rows, and name -> seconds per step, one per round."""
+    def seconds(step, n):
+        started = time.perf_counter()
+        step(n)
+        return time.perf_counter() - started
+
     print(f"{level}, {shape}:", flush=True)
     for name, step in steppers.items():
-        started = time.perf_counter()
-        step(warmup or run.warmup)
-        print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s",
+        print(f"  warm-up {name}: {seconds(step, warmup or run.warmup):.1f} s",
               flush=True)
     times = {name: [] for name in steppers}
     for repeat in range(run.repeats):
         for name, step in steppers.items():
-            started = time.perf_counter()
-            step(steps)
-            times[name].append((time.perf_counter() - started) / steps)
+            times[name].append(seconds(step, steps) / steps)
         print(f"  repeat {repeat + 1}/{run.repeats}: " + ", ".join(
             f"{n} {1000 * t[-1]:.1f} ms" for n, t in times.items()),
             flush=True)
@@ -161,8 +162,8 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
 
 
 def pooled_rows(runs):
-    """Several processes' rows (a list of row lists) as one run's: each
-    (level, shape)'s rounds joined, each round keeping its own baseline."""
+    """Several processes' row lists as one run's: each round keeps its own
+    baseline."""
     groups = {}
     for rows in runs:
         for row in rows:
@@ -178,10 +179,8 @@ def pooled_rows(runs):
     return pooled
 
 
-# ---------------------------------------------------------------- models
 def available_variants(requested):
-    """This backend's variants in VARIANTS's order: those `requested` (an
-    error names any it lacks), else all but ON_REQUEST."""
+    """This backend's variants: those `requested`, else all but ON_REQUEST."""
     import keras
 
     import batch_renorm
@@ -209,8 +208,7 @@ def tf_keras():
 
 
 def norm_factory(variant):
-    """A function(**layer arguments) -> a `variant` layer, and the Keras
-    API (keras; tf_keras for the tf.keras anchors) to build a model with."""
+    """A function(**layer arguments) -> layer, and its Keras API."""
     import keras
 
     from models.norms import make_norm
@@ -226,8 +224,7 @@ def norm_factory(variant):
 
 def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
             scope=contextlib.nullcontext):
-    """A function(n) that runs n training steps of `model` (compiled here,
-    with SGD) on the batch (x, y) in `scope` and waits for the device."""
+    """A function(n): n SGD steps of `model` on (x, y) in `scope`."""
     model.compile(optimizer=api.optimizers.SGD(learning_rate=1e-3),
                   loss=loss, jit_compile=jit)
     if api is tf_keras():
@@ -253,8 +250,7 @@ def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
 
 
 def layer_model(variant, shape, setup, schedule=None):
-    """Norm layers on `shape` as `LAYER_SETUPS[setup]` places them;
-    `schedule`: renorm's arguments (`LAYER_SCHEDULES`), renorm only."""
+    """Norm layers on `shape` placed as `setup` says, with `schedule`."""
     make, api = norm_factory(variant)
     extra = schedule if schedule and variant.startswith("renorm") else {}
     input_gradient, count, relu = LAYER_SETUPS[setup]
@@ -278,8 +274,7 @@ def layer_model(variant, shape, setup, schedule=None):
 
 
 def wrn(run, variant, **options):
-    """WRN-depth-width with `variant` (`options`: more layer arguments), and
-    its Keras API."""
+    """A WRN with `variant` (and layer arguments `options`), and its API."""
     from models import wide_resnet
 
     make, api = norm_factory(variant)
@@ -296,7 +291,6 @@ def wrn_batch(run, tensors=True):
         else (x, y)
 
 
-# ---------------------------------------------------------------- levels
 def bench_layers(run, level):
     """layer: per --channels, after a scale; matrix: the first --channels
     per --batch-sizes and --setups, each renorm variant per schedule
@@ -340,8 +334,21 @@ def bench_wrn(run, level):
             f"{n}, jit_compile={s}": (n, s == "on", None, {})
             for s in ("off", "on")} for n in NORMS}
     else:
-        parallel, count = data_parallel(run)
-        many = f"{count} devices"
+        import keras
+
+        if run.environment["backend"] != "jax":
+            raise cli.UsageError("--level devices needs the jax backend "
+                                 "(Keras's distribution API)")
+        devices = keras.distribution.list_devices()
+        count, many = len(devices), f"{len(devices)} devices"
+        if count < 2:
+            raise cli.UsageError(
+                "--level devices needs several devices; JAX sees one (on a "
+                "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+        if run.batch_size % count:
+            raise cli.UsageError(f"--batch-size {run.batch_size} does not "
+                                 f"split over {many}")
+        parallel = keras.distribution.DataParallel(devices=devices)
         settings = {f"{n}, 1 device": {
             f"{n}, 1 device": (n, True, None, {}),
             f"{n}, {many}": (n, True, parallel, {})} for n in NORMS}
@@ -365,27 +372,9 @@ def bench_wrn(run, level):
     return rows
 
 
-def data_parallel(run):
-    """Keras's DataParallel over every JAX device, and their count."""
-    import keras
-
-    if run.environment["backend"] != "jax":
-        raise cli.UsageError("--level devices needs the jax backend (Keras's "
-                             "distribution API)")
-    devices = keras.distribution.list_devices()
-    if len(devices) < 2:
-        raise cli.UsageError(
-            "--level devices needs several devices; JAX sees one (on a CPU: "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    if run.batch_size % len(devices):
-        raise cli.UsageError(f"--batch-size {run.batch_size} does not split "
-                             f"over {len(devices)} devices")
-    return keras.distribution.DataParallel(devices=devices), len(devices)
-
-
 def fitter(model, make_batches, epoch, steps_per_fit=None):
     """A stepper of model.fit on `make_batches()`, a new epoch's generator
-    (`epoch` counts them), in fits of `steps_per_fit` steps (default: all)."""
+    (`epoch` counts them), `steps_per_fit` steps a fit (default: all)."""
     import keras
 
     def run(n):
@@ -515,8 +504,7 @@ BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
 
 
 def training_images(run):
-    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR,
-    ../shared/data), else random ones, and where they came from."""
+    """CIFAR-10's training images and labels, else random ones; the source."""
     import numpy as np
 
     from experiment import cifar10
@@ -535,7 +523,6 @@ def training_images(run):
         return images, labels, "random uint8 images (CIFAR-10 not found)"
 
 
-# ---------------------------------------------------------------- files
 def describe(run, argv):
     """The run's record: its environment, threads, settings, command."""
     environment = run.environment
@@ -557,16 +544,11 @@ def describe(run, argv):
                 batch_size=run.batch_size, dtype_policy=run.dtype_policy,
                 date=datetime.datetime.now(datetime.timezone.utc)
                 .isoformat(timespec="seconds"),
-                processes=1, command=command(argv))
-
-
-def command(argv):
-    return " ".join(["python", "benchmarks/bench.py", *argv])
+                processes=1, command=" ".join([COMMAND, *argv]))
 
 
 def write_results(results_dir, record, rows):
-    """BACKEND-DEVICE[-xla].json and .csv: `record` with `rows` in place of
-    the earlier rows of their levels."""
+    """BACKEND-DEVICE[-xla].json and .csv, `rows` replacing their levels'."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{record['backend']}-{record['device_type']}"
     if record["backend"] == "tensorflow" and record["jit_compile"] is True:
@@ -589,8 +571,7 @@ def write_results(results_dir, record, rows):
 
 
 def ratio_text(row):
-    """A row's ratio cell, with the input level's wait and the loop level's
-    renorm / batchnorm."""
+    """A row's ratio, with the input and loop levels' own figures."""
     text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
     if row["level"] == "input" and "resident" not in row["variant"]:
         text += (f" (waiting {100 * row['wait_share']:.1f}%; "
@@ -601,13 +582,15 @@ def ratio_text(row):
 
 
 def table(rows):
+    def line(cells):
+        return "| " + " | ".join(cells) + " |\n"
+
     header = ("level", "shape", "variant", "ms/step (median)", "min-max",
               "images/s", "ratio")
-    lines = [header, ["---"] * len(header)] + [[
+    return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line([
         row["level"], row["shape"], row["variant"],
         f"{row['ms_per_step']:.1f}", f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-        f"{row['images_per_s']:.1f}", ratio_text(row)] for row in rows]
-    return "".join("| " + " | ".join(cells) + " |\n" for cells in lines)
+        f"{row['images_per_s']:.1f}", ratio_text(row)]) for row in rows)
 
 
 SUMMARY_NOTE = (
@@ -646,7 +629,6 @@ def write_summary(args):
     return text
 
 
-# ---------------------------------------------------------------- running
 def measure(args, argv):
     """Runs the levels in this process: (record, rows)."""
     if args.backend:
@@ -690,8 +672,7 @@ class WorkerFailed(Exception):
 
 
 def measure_in_processes(args, argv):
-    """Runs this command in --processes fresh processes in turn and pools
-    their rounds: (record, rows)."""
+    """This command in --processes fresh processes, rounds pooled."""
     import subprocess
     import tempfile
 
@@ -707,13 +688,13 @@ def measure_in_processes(args, argv):
                 raise WorkerFailed(code)
             runs.append(json.loads(output.read_text()))
     record = dict(runs[0]["record"], processes=args.processes,
-                  command=command(argv))
+                  command=" ".join([COMMAND, *argv]))
     return record, pooled_rows([run["rows"] for run in runs])
 
 
 def pin(cpus):
-    """Restricts this process to `cpus` before any framework is imported
-    (their thread pools take its size); returns the CPUs it had."""
+    """Pins this process to `cpus` (before a framework sizes its thread
+    pools); returns the CPUs it had."""
     allowed = os.sched_getaffinity(0)
     outside = sorted(set(cpus) - allowed)
     if outside:
