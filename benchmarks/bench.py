@@ -164,19 +164,14 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
 def pooled_rows(runs):
     """Several processes' row lists as one run's: each round keeps its own
     baseline."""
-    groups = {}
-    for rows in runs:
-        for row in rows:
-            times = groups.setdefault((row["level"], row["shape"]), {})
-            times.setdefault(row["variant"], []).extend(
-                ms / 1000 for ms in row["ms_repeats"])
-    first = {(row["level"], row["shape"]): row for row in runs[0]}
-    pooled = []
-    for (level, shape), times in groups.items():
-        row = first[level, shape]
-        pooled += rows_of(level, shape, times, row["batch_size"],
-                          row["steps"], row["baseline"])
-    return pooled
+    groups = {}  # (level, shape) -> (its first row, variant -> seconds)
+    for row in itertools.chain(*runs):
+        _, times = groups.setdefault((row["level"], row["shape"]), (row, {}))
+        times.setdefault(row["variant"], []).extend(
+            ms / 1000 for ms in row["ms_repeats"])
+    return [pooled for (level, shape), (row, times) in groups.items()
+            for pooled in rows_of(level, shape, times, row["batch_size"],
+                                  row["steps"], row["baseline"])]
 
 
 def available_variants(requested):
@@ -249,10 +244,9 @@ def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
     return run
 
 
-def layer_model(variant, shape, setup, schedule=None):
+def layer_model(variant, shape, setup, **schedule):
     """Norm layers on `shape` placed as `setup` says, with `schedule`."""
     make, api = norm_factory(variant)
-    extra = schedule if schedule and variant.startswith("renorm") else {}
     input_gradient, count, relu = LAYER_SETUPS[setup]
 
     class Scale(api.layers.Layer):
@@ -267,7 +261,7 @@ def layer_model(variant, shape, setup, schedule=None):
     outputs = Scale(name="scale")(inputs) if input_gradient else inputs
     for i in range(count):
         outputs = make(name="norm" if count == 1 else f"norm{i}",
-                       **extra)(outputs)
+                       **schedule)(outputs)
         if relu:
             outputs = api.layers.ReLU()(outputs)
     return api.Model(inputs, outputs), api
@@ -312,7 +306,7 @@ def bench_layers(run, level):
         for variant in run.variants:
             for regime in schedules if variant.startswith("renorm") else [None]:
                 model, api = layer_model(variant, shape, setup,
-                                         LAYER_SCHEDULES.get(regime))
+                                         **LAYER_SCHEDULES.get(regime, {}))
                 name = variant + (f"@{regime}" if regime else "")
                 steppers[name] = stepper(model, api, run.jit, x, y, "mse")
         label = f"{b}x32x32x{c}" + (f" {setup}" if level == "matrix" else "")
