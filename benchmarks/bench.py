@@ -39,8 +39,7 @@ VARIANTS = {
     "keras-renorm": ("keras-renorm", {}),
     "tf.keras-batchnorm": (None, {}),
     "tf.keras-renorm": (None, dict(renorm=True, renorm_momentum=0.99,
-                                   renorm_clipping=dict(rmin=1 / 3, rmax=3.0,
-                                                        dmax=5.0))),
+        renorm_clipping=dict(rmin=1 / 3, rmax=3.0, dmax=5.0))),
     "renorm-tracked": ("renorm", dict(track_corrections=True)),
 }
 ON_REQUEST = ("renorm-tracked",)  # only when --variants names it
@@ -52,12 +51,8 @@ COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
 EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
 # The matrix level's setups: (after a trainable scale, so that the input
 # gradient is computed; norm layers in a row; a ReLU after each).
-LAYER_SETUPS = {
-    "input": (False, 1, False),
-    "input-relu": (False, 1, True),
-    "scale": (True, 1, False),
-    "stack4-relu": (True, 4, True),
-}
+LAYER_SETUPS = {"input": (False, 1, False), "input-relu": (False, 1, True),
+                "scale": (True, 1, False), "stack4-relu": (True, 4, True)}
 LAYER_SCHEDULES = {
     "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
     "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
