@@ -2,28 +2,16 @@
 """Speed of BatchRenormalization against BatchNormalization, side by side.
 
   python benchmarks/bench.py                       # layer + model level, this backend
-  python benchmarks/bench.py --backend jax         # another Keras backend
-  python benchmarks/bench.py --level input jit     # input pipeline; jit_compile on / off
+  python benchmarks/bench.py --backend jax --level input jit
   python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
 
-Levels (--level; default layer model): layer (a norm layer after a
-trainable scale, per --channels), matrix (the layer per --batch-sizes and
---setups, renorm's bounds moving `@ramp` or `@fixed`), model (WRN training
-steps), input (train.py's loop fed by its `host` and `device` pipelines
-against `resident` batches), jit (jit_compile off and on), devices (JAX:
-data parallel), loop (JAX: Keras's loop against the compiled epoch).
-
-Each variant is built and warmed up, then the repeats run interleaved; a
-ratio is the median over the repeats of the two times of the same repeat.
-Each run writes RESULTS/BACKEND-DEVICE.json and .csv (-xla: TensorFlow with
-jit_compile on; a rerun of a level replaces its rows), then
-RESULTS/summary.md from every results file, and with --readme FILE the
-block of FILE between its `bench.md begins` and `bench.md ends` comments.
-Variants and method: docs/speed.md.
+Levels, variants, method and results files: docs/speed.md.
 """
 
 import argparse
+import contextlib
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -39,30 +27,32 @@ from experiment import cli, runfiles, runtime  # noqa: E402 (after the path)
 from experiment.startup import quiet_startup  # noqa: E402
 
 PROG = "bench.py"
+COMMAND = "python benchmarks/bench.py"  # a record's command: COMMAND ARGV
 LEVELS = ("layer", "matrix", "model", "input", "jit", "devices", "loop")
-NORM_VARIANTS = ("batchnorm", "renorm", "renorm-portable", "renorm-groups4",
-                 "keras-renorm", "tf.keras-batchnorm", "tf.keras-renorm",
-                 "renorm-tracked")
+NORMS = ("batchnorm", "renorm")  # the input, jit, devices and loop levels'
+# variant -> (models.norms's name, None for tf.keras's layer; its arguments)
+VARIANTS = {
+    "batchnorm": ("batchnorm", {}),
+    "renorm": ("renorm", {}),
+    "renorm-portable": ("renorm", dict(fused=False)),
+    "renorm-groups4": ("renorm", dict(virtual_batch_size=4)),
+    "keras-renorm": ("keras-renorm", {}),
+    "tf.keras-batchnorm": (None, {}),
+    "tf.keras-renorm": (None, dict(renorm=True, renorm_momentum=0.99,
+        renorm_clipping=dict(rmin=1 / 3, rmax=3.0, dmax=5.0))),
+    "renorm-tracked": ("renorm", dict(track_corrections=True)),
+}
 ON_REQUEST = ("renorm-tracked",)  # only when --variants names it
-# The renorm variants' layer arguments (groups4: the paper's micro-batches).
-RENORM_OPTIONS = {"renorm-portable": dict(fused=False),
-                  "renorm-tracked": dict(track_corrections=True),
-                  "renorm-groups4": dict(virtual_batch_size=4)}
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
            "images_per_s", "ratio", "repeats", "steps")
 EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
-# The matrix level: name -> (after a trainable scale, so that the input
+# The matrix level's setups: (after a trainable scale, so that the input
 # gradient is computed; norm layers in a row; a ReLU after each).
-LAYER_SETUPS = {
-    "input": (False, 1, False),
-    "input-relu": (False, 1, True),
-    "scale": (True, 1, False),
-    "stack4-relu": (True, 4, True),
-}
-LAYER_BATCH_SIZES = (16, 64, 256)
+LAYER_SETUPS = {"input": (False, 1, False), "input-relu": (False, 1, True),
+                "scale": (True, 1, False), "stack4-relu": (True, 4, True)}
 LAYER_SCHEDULES = {
     "ramp": dict(warmup_steps=0, r_max_steps=10**6, d_max_steps=10**6),
     "fixed": dict(warmup_steps=0, r_max_steps=0, d_max_steps=0),
@@ -73,74 +63,71 @@ def build_parser():
     parser = cli.script_parser(PROG, __doc__)
     add = parser.add_argument
     add("--backend", choices=("tensorflow", "jax", "torch"),
-        help="Keras backend (default: KERAS_BACKEND, or Keras's default)")
+        help="Keras backend (default: KERAS_BACKEND)")
     add("--level", nargs="+", choices=LEVELS, default=["layer", "model"],
         metavar="LEVEL", help=f"{', '.join(LEVELS)} (default: layer model)")
-    add("--variants", nargs="+", choices=NORM_VARIANTS, metavar="VARIANT",
-        help="normalizations to compare (default: all this backend has)")
+    add("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
+        help=f"{', '.join(VARIANTS)} (default: those this backend has, but "
+        "renorm-tracked)")
     add("--batch-size", type=cli.positive_int, default=128)
     add("--batch-sizes", type=cli.positive_int, nargs="+", metavar="B",
-        default=list(LAYER_BATCH_SIZES), help="matrix level (default: "
-        + " ".join(map(str, LAYER_BATCH_SIZES)) + ")")
-    add("--setups", nargs="+", choices=tuple(LAYER_SETUPS), metavar="SETUP",
-        default=list(LAYER_SETUPS), help="matrix level: where the layer sits "
-        "(default: " + " ".join(LAYER_SETUPS) + ")")
+        default=[16, 64, 256], help="matrix level (default: 16 64 256)")
+    add("--setups", nargs="+", choices=LAYER_SETUPS, metavar="SETUP",
+        default=list(LAYER_SETUPS),
+        help=f"matrix level: {', '.join(LAYER_SETUPS)} (default: all)")
     add("--channels", type=cli.positive_int, nargs="+", default=[64, 128, 256],
-        help="layer level: C of (B, 32, 32, C) (default: 64 128 256)")
-    add("--depth", type=cli.positive_int, default=16,
-        help="WRN depth (default 16)")
-    add("--width", type=cli.positive_int, default=4,
-        help="WRN width (default 4)")
-    add("--steps", type=cli.positive_int, help="training steps per timed "
-        "repeat (default on a CPU: 3 for a layer, 2 for a model; GPU: 50)")
-    add("--repeats", type=cli.positive_int, default=5,
-        help="timed repeats of each variant (default 5)")
+        help="C of (B, 32, 32, C); matrix: the first (default: 64 128 256)")
+    add("--depth", type=cli.positive_int, default=16, help="WRN's (16)")
+    add("--width", type=cli.positive_int, default=4, help="WRN's (4)")
+    add("--steps", type=cli.positive_int, help="steps per timed repeat "
+        "(default 50; on a CPU 3 for a layer, 2 for a WRN)")
+    add("--repeats", type=cli.positive_int, default=5, help="(default 5)")
     add("--warmup", type=cli.positive_int, default=2,
-        help="untimed steps per variant first (default 2)")
+        help="untimed steps first (default 2)")
     add("--steps-per-execution", type=cli.steps_or_auto, default="auto",
         metavar="N", help="input level: as train.py's (default auto)")
     add("--dtype-policy", default="float32",
-        choices=("float32", "mixed_float16", "mixed_bfloat16"),
-        help="Keras dtype policy of every model (default float32)")
+        choices=("float32", "mixed_float16", "mixed_bfloat16"))
     add("--jit-compile", choices=("auto", "on", "off"), default="auto",
         help="as train.py's (default auto)")
     add("--data-dir", type=Path, help="CIFAR-10 for the input and loop "
         "levels (default: CIFAR10_DIR, ../shared/data, else random images)")
     add("--cpus", type=cli.nonnegative_int, nargs="+", metavar="CPU",
-        help="run on these CPUs only, the framework's threads too (default: "
-        "every CPU this process may use)")
+        help="run on these CPUs only, the framework's threads too")
     add("--processes", type=cli.positive_int, default=1, metavar="N",
-        help="measure in N fresh processes, one after another, and pool "
-        "their rounds (default 1); not for the input level")
+        help="pool the rounds of N fresh processes in turn (default 1)")
     add("--worker-output", type=Path, help=argparse.SUPPRESS)
     add("--results-dir", type=Path, default=RESULTS_DIR)
     add("--summary", action="store_true",
         help="only rewrite summary.md (and --readme) from the results files")
     add("--readme", type=Path, metavar="FILE",
-        help="also replace the bench.md block of FILE (docs/speed.md)")
+        help="also rewrite FILE's bench.md block (docs/speed.md)")
     return parser
 
 
-# ---------------------------------------------------------------- timing
-def time_interleaved(steppers, steps, repeats, warmup):
-    """`steppers`: name -> function(n) that runs n training steps and returns
-    once the device is done. Warms each up, then times `repeats` rounds of
-    every stepper in turn; returns name -> list of seconds per step."""
-    for name, run in steppers.items():
+def timed(run, level, shape, steppers, baseline, steps, batch_size=None,
+          warmup=None):
+    """Warms up each of `steppers` (name -> function(n) that runs n steps
+    and waits for the device), then times --repeats rounds of them in turn:
+    their rows, and name -> seconds per step, one per round."""
+    def seconds(step, n):
         started = time.perf_counter()
-        run(warmup)
-        print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s",
+        step(n)
+        return time.perf_counter() - started
+
+    print(f"{level}, {shape}:", flush=True)
+    for name, step in steppers.items():
+        print(f"  warm-up {name}: {seconds(step, warmup or run.warmup):.1f} s",
               flush=True)
     times = {name: [] for name in steppers}
-    for repeat in range(repeats):
-        for name, run in steppers.items():
-            started = time.perf_counter()
-            run(steps)
-            times[name].append((time.perf_counter() - started) / steps)
-        print(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(
+    for repeat in range(run.repeats):
+        for name, step in steppers.items():
+            times[name].append(seconds(step, steps) / steps)
+        print(f"  repeat {repeat + 1}/{run.repeats}: " + ", ".join(
             f"{n} {1000 * t[-1]:.1f} ms" for n, t in times.items()),
             flush=True)
-    return times
+    return rows_of(level, shape, times, batch_size or run.batch_size, steps,
+                   baseline), times
 
 
 def median_ratio(values, baseline):
@@ -150,9 +137,8 @@ def median_ratio(values, baseline):
 
 
 def rows_of(level, shape, times, batch_size, steps, baseline):
-    """A row per variant: median and spread of its seconds per step, and its
-    ratio to `baseline` within each round (so that the machine's drift
-    cancels out)."""
+    """A row per variant of `times`: its median, spread and ratio to
+    `baseline` round by round (the machine's drift cancels out)."""
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -171,39 +157,30 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
 
 
 def pooled_rows(runs):
-    """The rows of several processes' runs (a list of row lists) as one
-    run's: each (level, shape)'s rounds joined in process order, so that
-    every round keeps its own baseline."""
-    groups = {}
-    for rows in runs:
-        for row in rows:
-            times = groups.setdefault((row["level"], row["shape"]), {})
-            times.setdefault(row["variant"], []).extend(
-                ms / 1000 for ms in row["ms_repeats"])
-    first = {(row["level"], row["shape"]): row for row in runs[0]}
-    pooled = []
-    for (level, shape), times in groups.items():
-        row = first[level, shape]
-        pooled += rows_of(level, shape, times, row["batch_size"],
-                          row["steps"], row["baseline"])
-    return pooled
+    """Several processes' row lists as one run's: each round keeps its own
+    baseline."""
+    groups = {}  # (level, shape) -> (its first row, variant -> seconds)
+    for row in itertools.chain(*runs):
+        _, times = groups.setdefault((row["level"], row["shape"]), (row, {}))
+        times.setdefault(row["variant"], []).extend(
+            ms / 1000 for ms in row["ms_repeats"])
+    return [pooled for (level, shape), (row, times) in groups.items()
+            for pooled in rows_of(level, shape, times, row["batch_size"],
+                                  row["steps"], row["baseline"])]
 
 
-# ---------------------------------------------------------------- models
 def available_variants(requested):
+    """This backend's variants: those `requested`, else all but ON_REQUEST."""
     import keras
 
     import batch_renorm
 
-    names = ["batchnorm", "renorm"]
-    if batch_renorm.has_fast_path():
-        names.append("renorm-portable")
-    names += ["renorm-groups4", "keras-renorm"]
-    if keras.backend.backend() == "tensorflow" and tf_keras() is not None:
-        names += ["tf.keras-batchnorm", "tf.keras-renorm"]
+    lacking = set() if batch_renorm.has_fast_path() else {"renorm-portable"}
+    if keras.backend.backend() != "tensorflow" or tf_keras() is None:
+        lacking |= {"tf.keras-batchnorm", "tf.keras-renorm"}
+    names = [v for v in VARIANTS if v not in lacking]
     if not requested:
-        return names
-    names += list(ON_REQUEST)
+        return [v for v in names if v not in ON_REQUEST]
     missing = [v for v in requested if v not in names]
     if missing:
         raise cli.UsageError(f"variant(s) {', '.join(missing)} not available "
@@ -221,33 +198,25 @@ def tf_keras():
 
 
 def norm_factory(variant):
-    """A function(**layer kwargs) -> normalization layer, and the Keras API
-    (keras, or tf_keras for the anchors) that builds the model around it."""
+    """A function(**layer arguments) -> layer, and its Keras API."""
     import keras
 
     from models.norms import make_norm
 
-    if not variant.startswith("tf.keras-"):
-        norm = "renorm" if variant in RENORM_OPTIONS else variant
-        options = RENORM_OPTIONS.get(variant, {})
+    norm, options = VARIANTS[variant]
+    if norm is not None:
         return (lambda **kwargs: make_norm(norm, **options, **kwargs)), keras
     api = tf_keras()
-    extra = dict(renorm=True, renorm_momentum=0.99, renorm_clipping={
-        "rmin": 1 / 3, "rmax": 3.0, "dmax": 5.0}) if variant.endswith(
-            "renorm") else {}
     # fused=None: tf.keras fuses where it can (not with renorm).
     return (lambda **kwargs: api.layers.BatchNormalization(
-        momentum=0.99, epsilon=1e-3, **extra, **kwargs)), api
+        momentum=0.99, epsilon=1e-3, **options, **kwargs)), api
 
 
-def compile_model(model, api, jit, loss="sparse_categorical_crossentropy"):
+def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
+            scope=contextlib.nullcontext):
+    """A function(n): n SGD steps of `model` on (x, y) in `scope`."""
     model.compile(optimizer=api.optimizers.SGD(learning_rate=1e-3),
                   loss=loss, jit_compile=jit)
-
-
-def stepper(model, api, x, y):
-    """A function(n) that runs n training steps of `model` on the batch
-    (x, y) with the model's compiled train step, and waits for the device."""
     if api is tf_keras():
         # tf.keras's train_on_batch builds a tf.data pipeline at each call;
         # fit's own path is its train_function on an iterator.
@@ -263,17 +232,16 @@ def stepper(model, api, x, y):
         return run_tf_keras
 
     def run(steps):
-        for _ in range(steps):
-            loss = model.train_on_batch(x, y)
+        with scope():
+            for _ in range(steps):
+                loss = model.train_on_batch(x, y)
         float(loss if not isinstance(loss, list) else loss[0])
     return run
 
 
-def layer_model(variant, shape, setup="scale", schedule=None):
-    """Normalization layers on `shape` as `LAYER_SETUPS[setup]` places them;
-    `schedule`: renorm's arguments (`LAYER_SCHEDULES`), renorm only."""
+def layer_model(variant, shape, setup, **schedule):
+    """Norm layers on `shape` placed as `setup` says, with `schedule`."""
     make, api = norm_factory(variant)
-    extra = schedule if schedule and variant.startswith("renorm") else {}
     input_gradient, count, relu = LAYER_SETUPS[setup]
 
     class Scale(api.layers.Layer):
@@ -288,185 +256,114 @@ def layer_model(variant, shape, setup="scale", schedule=None):
     outputs = Scale(name="scale")(inputs) if input_gradient else inputs
     for i in range(count):
         outputs = make(name="norm" if count == 1 else f"norm{i}",
-                       **extra)(outputs)
+                       **schedule)(outputs)
         if relu:
             outputs = api.layers.ReLU()(outputs)
     return api.Model(inputs, outputs), api
 
 
-def layer_rows(level, label, shape, variants, setup, schedules, *,
-               steps, repeats, warmup, jit, rng):
-    """The rows of `variants` on a random batch of `shape`, each renorm
-    variant once per schedule (`renorm@ramp`, ...; None: as built)."""
-    import keras
-
-    x, y = map(keras.ops.convert_to_tensor, (
-        rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
-        rng.standard_normal(shape, dtype="float32")))
-    print(f"{level}, {label}:", flush=True)
-    steppers = {}
-    for variant in variants:
-        for regime in schedules if variant.startswith("renorm") else [None]:
-            model, api = layer_model(variant, shape, setup,
-                                     LAYER_SCHEDULES.get(regime))
-            compile_model(model, api, jit, loss="mse")
-            name = variant + (f"@{regime}" if regime else "")
-            steppers[name] = stepper(model, api, x, y)
-    times = time_interleaved(steppers, steps, repeats, warmup)
-    return rows_of(level, label, times, shape[0], steps, "batchnorm")
-
-
-def wrn_model(variant, depth, width):
+def wrn(run, variant, **options):
+    """A WRN with `variant` (and layer arguments `options`), and its API."""
     from models import wide_resnet
 
     make, api = norm_factory(variant)
-    return wide_resnet(depth, width, norm=make, keras_api=api), api
+    return wide_resnet(run.depth, run.width, norm=make, norm_kwargs=options,
+                       keras_api=api), api
 
 
-def steps_of(args, environment, on_cpu):
-    """--steps, else `on_cpu` on a CPU and 50 elsewhere."""
-    return args.steps or (on_cpu if environment["device_type"] == "cpu"
-                          else 50)
-
-
-def wrn_name(args):
-    return f"WRN-{args.depth}-{args.width}"
-
-
-def wrn_batch(args, rng):
-    x = rng.standard_normal((args.batch_size, 32, 32, 3), dtype="float32")
-    y = rng.integers(0, 10, args.batch_size).astype("int32")
-    return x, y
-
-
-def wrn_times(level, args, steps, steppers, baseline, warmup=None):
-    """Times `steppers` (WRN steps on batches of --batch-size): their rows
-    and seconds."""
-    times = time_interleaved(steppers, steps, args.repeats,
-                             warmup or args.warmup)
-    return rows_of(level, f"{wrn_name(args)}, {args.batch_size}x32x32x3",
-                   times, args.batch_size, steps, baseline), times
-
-
-# ---------------------------------------------------------------- levels
-def bench_layer(args, variants, jit, rng, environment):
-    return [row for channels in args.channels for row in layer_rows("layer", f"{args.batch_size}x32x32x{channels}",
-        (args.batch_size, 32, 32, channels), variants, "scale", [None],
-        steps=steps_of(args, environment, 3), repeats=args.repeats,
-        warmup=args.warmup, jit=jit, rng=rng)]
-
-
-def bench_matrix(args, variants, jit, rng, environment):
-    """Every batch size, setup and renorm schedule on (B, 32, 32, C) for
-    the first --channels C."""
-    c = args.channels[0]
-    return [row for b in args.batch_sizes for setup in args.setups
-            for row in layer_rows("matrix", f"{b}x32x32x{c} {setup}", (b, 32, 32, c),
-                variants, setup, tuple(LAYER_SCHEDULES),
-                steps=steps_of(args, environment, 3), repeats=args.repeats,
-                warmup=args.warmup, jit=jit, rng=rng)]
-
-
-def wrn_steppers(args, batch, settings):
-    """name -> stepper of a WRN for each name -> (variant, jit_compile) of
-    `settings`, on `batch`."""
+def wrn_batch(run, tensors=True):
     import keras
 
-    x, y = map(keras.ops.convert_to_tensor, batch)
-    steppers = {}
-    for name, (variant, jit) in settings.items():
-        model, api = wrn_model(variant, args.depth, args.width)
-        compile_model(model, api, jit)
-        steppers[name] = stepper(model, api, x, y)
-    return steppers
+    x = run.rng.standard_normal((run.batch_size, 32, 32, 3), dtype="float32")
+    y = run.rng.integers(0, 10, run.batch_size).astype("int32")
+    return tuple(map(keras.ops.convert_to_tensor, (x, y))) if tensors \
+        else (x, y)
 
 
-def bench_model(args, variants, jit, rng, environment):
-    print(f"model level, {wrn_name(args)}, batch {args.batch_size}:",
-          flush=True)
-    steppers = wrn_steppers(args, wrn_batch(args, rng),
-                            {variant: (variant, jit) for variant in variants})
-    return wrn_times("model", args, steps_of(args, environment, 2), steppers,
-                     "batchnorm")[0]
-
-
-def bench_jit(args, variants, jit, rng, environment):
-    """WRN steps of batchnorm and renorm with jit_compile off and on; each
-    ratio is to the same norm's jit_compile=off."""
-    batch, rows = wrn_batch(args, rng), []
-    for norm in ("batchnorm", "renorm"):
-        print(f"jit_compile, {wrn_name(args)} with {norm}:", flush=True)
-        steppers = wrn_steppers(args, batch, {
-            f"{norm}, jit_compile={setting}": (norm, setting == "on")
-            for setting in ("off", "on")})
-        rows += wrn_times("jit", args, steps_of(args, environment, 2),
-                          steppers, f"{norm}, jit_compile=off")[0]
-    return rows
-
-
-def bench_devices(args, variants, jit, rng, environment):
-    """JAX: WRN steps on one device, data parallel on every device (the
-    global batch's moments), and renorm with per-device statistics
-    (virtual_batch_size); ratios to the same norm on one device."""
+def bench_layers(run, level):
+    """layer: per --channels, after a scale; matrix: the first --channels
+    per --batch-sizes and --setups, each renorm variant per schedule
+    (`renorm@ramp`, ...)."""
     import keras
 
-    if keras.backend.backend() != "jax":
-        raise cli.UsageError("--level devices needs the jax backend (Keras's "
-                             "distribution API)")
-    devices = keras.distribution.list_devices()
-    if len(devices) < 2:
-        raise cli.UsageError(
-            "--level devices needs several devices; JAX sees one (on a CPU: "
-            "XLA_FLAGS=--xla_force_host_platform_device_count=4)")
-    if args.batch_size % len(devices):
-        raise cli.UsageError(f"--batch-size {args.batch_size} does not split "
-                             f"over {len(devices)} devices")
-    from models import wide_resnet
-    from models.norms import make_norm
-
-    # NumPy batches for all: each step moves (and under DataParallel
-    # splits) its batch, the same work for every setting.
-    x, y = wrn_batch(args, rng)
-    parallel = keras.distribution.DataParallel(devices=devices)
-    many = f"{len(devices)} devices"
+    if level == "layer":
+        cases = [(run.batch_size, c, "scale", [None]) for c in run.channels]
+    else:
+        cases = [(b, run.channels[0], setup, list(LAYER_SCHEDULES))
+                 for b in run.batch_sizes for setup in run.setups]
     rows = []
-    for norm in ("batchnorm", "renorm"):
-        print(f"devices, {wrn_name(args)} with {norm}:", flush=True)
-        settings = {f"{norm}, 1 device": (None, {}),
-                    f"{norm}, {many}": (parallel, {})}
-        if norm == "renorm":
-            settings[f"{norm}, {many}, per-device statistics"] = (
-                parallel,
-                dict(virtual_batch_size=args.batch_size // len(devices)))
+    for b, c, setup, schedules in cases:
+        shape = (b, 32, 32, c)
+        x, y = map(keras.ops.convert_to_tensor, (
+            run.rng.standard_normal(shape, dtype="float32") * 2 + 0.5,
+            run.rng.standard_normal(shape, dtype="float32")))
         steppers = {}
-        for label, (distribution, extra) in settings.items():
-            def make_stepper(extra=extra, norm=norm):
-                model = wide_resnet(args.depth, args.width, norm=lambda **kw:
-                                    make_norm(norm, **kw, **extra))
-                compile_model(model, keras, True)
-                return stepper(model, keras, x, y)
-            steppers[label] = in_distribution(distribution, make_stepper)
-        rows += wrn_times("devices", args, steps_of(args, environment, 2),
-                          steppers, f"{norm}, 1 device")[0]
+        for variant in run.variants:
+            for regime in schedules if variant.startswith("renorm") else [None]:
+                model, api = layer_model(variant, shape, setup,
+                                         **LAYER_SCHEDULES.get(regime, {}))
+                name = variant + (f"@{regime}" if regime else "")
+                steppers[name] = stepper(model, api, run.jit, x, y, "mse")
+        label = f"{b}x32x32x{c}" + (f" {setup}" if level == "matrix" else "")
+        rows += timed(run, level, label, steppers, "batchnorm",
+                      run.layer_steps, b)[0]
     return rows
 
 
-def in_distribution(distribution, make_stepper):
-    """A stepper built and run under `distribution` (None: one device)."""
-    if distribution is None:
-        return make_stepper()
-    with distribution.scope():
-        run = make_stepper()
+def bench_wrn(run, level):
+    """model: every variant; jit: each norm with jit_compile off and on;
+    devices (JAX): each norm on one device and data parallel on all, renorm
+    also with per-device statistics."""
+    # baseline -> name -> (variant, jit_compile, distribution, options)
+    if level == "model":
+        settings = {"batchnorm": {v: (v, run.jit, None, {})
+                                  for v in run.variants}}
+    elif level == "jit":
+        settings = {f"{n}, jit_compile=off": {
+            f"{n}, jit_compile={s}": (n, s == "on", None, {})
+            for s in ("off", "on")} for n in NORMS}
+    else:
+        import keras
 
-    def run_in_scope(steps):
-        with distribution.scope():
-            run(steps)
-    return run_in_scope
+        if run.environment["backend"] != "jax":
+            raise cli.UsageError("--level devices needs the jax backend "
+                                 "(Keras's distribution API)")
+        devices = keras.distribution.list_devices()
+        count, many = len(devices), f"{len(devices)} devices"
+        if count < 2:
+            raise cli.UsageError(
+                "--level devices needs several devices; JAX sees one (on a "
+                "CPU: XLA_FLAGS=--xla_force_host_platform_device_count=4)")
+        if run.batch_size % count:
+            raise cli.UsageError(f"--batch-size {run.batch_size} does not "
+                                 f"split over {many}")
+        parallel = keras.distribution.DataParallel(devices=devices)
+        settings = {f"{n}, 1 device": {
+            f"{n}, 1 device": (n, True, None, {}),
+            f"{n}, {many}": (n, True, parallel, {})} for n in NORMS}
+        settings["renorm, 1 device"][f"renorm, {many}, per-device statistics"] \
+            = ("renorm", True, parallel,
+               dict(virtual_batch_size=run.batch_size // count))
+    # devices: NumPy batches for all, as each step moves (and under
+    # DataParallel splits) its batch: the same work for every setting.
+    x, y = wrn_batch(run, tensors=level != "devices")
+    rows = []
+    for baseline, group in settings.items():
+        steppers = {}
+        for name, (variant, jit, distribution, options) in group.items():
+            scope = distribution.scope if distribution else \
+                contextlib.nullcontext
+            with scope():
+                model, api = wrn(run, variant, **options)
+                steppers[name] = stepper(model, api, jit, x, y, scope=scope)
+        rows += timed(run, level, run.wrn_shape, steppers, baseline,
+                      run.wrn_steps)[0]
+    return rows
 
 
 def fitter(model, make_batches, epoch, steps_per_fit=None):
     """A stepper of model.fit on `make_batches()`, a new epoch's generator
-    (`epoch` counts them), in fits of `steps_per_fit` steps (default: all)."""
+    (`epoch` counts them), `steps_per_fit` steps a fit (default: all)."""
     import keras
 
     def run(n):
@@ -479,52 +376,48 @@ def fitter(model, make_batches, epoch, steps_per_fit=None):
     return run
 
 
-def bench_input(args, variants, jit, rng, environment):
-    """train.py's loop (model.fit on an epoch's generator) for batchnorm
-    and renorm, fed by its pipelines (`host`: NumPy; `device`: keras.ops on
-    the device; both augmented) and by batches made beforehand
-    (`resident`: no input work at all)."""
+def bench_input(run, level):
+    """train.py's loop (model.fit on an epoch's generator) fed by its `host`
+    and `device` pipelines and by `resident` batches, for each norm."""
     import keras
 
     from experiment import device_data, sampling
     from experiment.preprocessing import channel_stats
 
-    images, labels, source = training_images(args, rng)
+    images, labels, source = training_images(run)
     mean, std = channel_stats(images)
-    steps = steps_of(args, environment, 2)
     per_execution = runtime.resolve_steps_per_execution(
-        args.steps_per_execution, environment, steps)
-    print(f"input level, {wrn_name(args)}, {steps} steps per repeat, "
-          f"steps_per_execution={per_execution}, data: {source}", flush=True)
+        run.steps_per_execution, run.environment, run.wrn_steps)
+    print(f"input level: steps_per_execution={per_execution}, data: "
+          f"{source}", flush=True)
     on_device = device_data.DeviceTrainSet(images, labels, mean, std,
                                            augmented=True)
-    two = slice(0, 2 * args.batch_size)
+    two = slice(0, 2 * run.batch_size)
     resident = [tuple(map(keras.ops.convert_to_tensor, batch))
-                for batch in sampling.train_batches(
-                    images[two], labels[two], args.batch_size, mean, std, rng)]
+                for batch in sampling.train_batches(images[two], labels[two],
+                                                    run.batch_size, mean, std,
+                                                    run.rng)]
     epoch = [0]
-    pipelines = {
-        "resident": lambda: cycle(resident),
+    pipelines = {  # each a new epoch's generator, as fit takes
+        "resident": lambda: (batch for batch in itertools.cycle(resident)),
         "host": lambda: sampling.train_batches(
-            images, labels, args.batch_size, mean, std,
+            images, labels, run.batch_size, mean, std,
             sampling.epoch_rng(0, epoch[0]), augmented=True),
         "device": lambda: on_device.train_batches(
-            args.batch_size, sampling.epoch_rng(0, epoch[0])),
+            run.batch_size, sampling.epoch_rng(0, epoch[0])),
     }
     steppers = {}
-    for norm in ("batchnorm", "renorm"):
-        model, _ = wrn_model(norm, args.depth, args.width)
+    for norm in NORMS:
+        model, _ = wrn(run, norm)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1e-3),
                       loss="sparse_categorical_crossentropy",
-                      jit_compile=jit, steps_per_execution=per_execution)
+                      jit_compile=run.jit, steps_per_execution=per_execution)
         for pipeline, make in pipelines.items():
             steppers[f"{norm}, {pipeline}"] = fitter(model, make, epoch)
-    rows, times = wrn_times("input", args, steps, steppers,
-                            "batchnorm, resident")
-    steps_per_epoch = -(-len(images) // args.batch_size)
-    for row in rows:
-        # The share of a step spent waiting for data: against the same
-        # norm's steps on resident batches of the same round.
+    rows, times = timed(run, level, run.wrn_shape, steppers,
+                        "batchnorm, resident", run.wrn_steps)
+    steps_per_epoch = -(-len(images) // run.batch_size)
+    for row in rows:  # waiting: against the same norm's resident steps
         resident_times = times[row["variant"].split(", ")[0] + ", resident"]
         row["wait_share"] = round(
             1 - median_ratio(resident_times, times[row["variant"]]), 4)
@@ -533,61 +426,60 @@ def bench_input(args, variants, jit, rng, environment):
     return rows
 
 
-def bench_loop(args, variants, jit, rng, environment):
+def bench_loop(run, level):
     """train.py's two JAX loops, Keras's (`per-step`) and the compiled
-    epoch (`compiled`), with Adam and accuracy as train.py; a repeat: an
-    epoch of --steps augmented batches kept on the device. `norm_ratio`: to
-    batchnorm in the same loop and round."""
+    epoch (`compiled`), for each norm; a repeat: an epoch of --steps
+    augmented batches kept on the device."""
     import keras
+
     from experiment import compiled_epoch, device_data, sampling
     from experiment.preprocessing import channel_stats
 
-    if environment["backend"] != "jax":
+    if run.environment["backend"] != "jax":
         raise cli.UsageError("--level loop compares train.py's JAX loops; "
                              "run it with --backend jax")
-    steps = steps_of(args, environment, 2)
-    images, labels, source = training_images(args, rng)
-    arrays = SimpleNamespace(x_train=images[:steps * args.batch_size],
-                             y_train=labels[:steps * args.batch_size])
+    steps = run.wrn_steps
+    images, labels, source = training_images(run)
+    arrays = SimpleNamespace(x_train=images[:steps * run.batch_size],
+                             y_train=labels[:steps * run.batch_size])
     arrays.mean, arrays.std = channel_stats(arrays.x_train)
-    config = {"batch_size": args.batch_size, "seed": 0, "augment": True,
+    config = {"batch_size": run.batch_size, "seed": 0, "augment": True,
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
-              "eval_batch_size": args.batch_size}
-    print(f"loop level, {wrn_name(args)}, epochs of {steps} steps, data: "
-          f"{source}", flush=True)
+              "eval_batch_size": run.batch_size}
+    print(f"loop level: epochs of {steps} steps, data: {source}", flush=True)
+    on_device = device_data.DeviceTrainSet(
+        arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
+        augmented=True)
     epoch = [0]
 
     def per_step(model):
-        on_device = device_data.DeviceTrainSet(
-            arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
-            augmented=True)
         return fitter(model, lambda: on_device.train_batches(
-            args.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
+            run.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
 
     def compiled(model):
-        epochs = compiled_epoch.CompiledEpochs(model, config, arrays,
-                                               steps)
+        epochs = compiled_epoch.CompiledEpochs(model, config, arrays, steps)
         epochs.progress = False
 
-        def run(n):
+        def step(n):
             for _ in range(-(-n // steps)):
                 epoch[0] += 1
                 epochs.train_epoch(epoch[0])
-        return run
+        return step
 
     steppers = {}
-    for norm in ("batchnorm", "renorm"):
+    for norm in NORMS:
         for loop, make in (("per-step", per_step), ("compiled", compiled)):
-            model, _ = wrn_model(norm, args.depth, args.width)
+            model, _ = wrn(run, norm)
             model.compile(optimizer=keras.optimizers.Adam(1e-3),
                           loss="sparse_categorical_crossentropy",
-                          metrics=["accuracy"], jit_compile=jit)
+                          metrics=["accuracy"], jit_compile=run.jit)
             model.optimizer.build(model.trainable_variables)
-            model._symbolic_build(data_batch=(*wrn_batch(args, rng), None))
+            model._symbolic_build(data_batch=(*wrn_batch(run), None))
             steppers[f"{norm}, {loop}"] = make(model)
-    rows, times = wrn_times("loop", args, steps, steppers,
-                            "batchnorm, per-step", max(args.warmup, steps))
+    rows, times = timed(run, level, run.wrn_shape, steppers,
+                        "batchnorm, per-step", steps,
+                        warmup=max(run.warmup, steps))
     for row in rows:
         loop = row["variant"].split(", ")[1]
         row["norm_ratio"] = median_ratio(times[row["variant"]],
@@ -595,19 +487,18 @@ def bench_loop(args, variants, jit, rng, environment):
     return rows
 
 
-BENCHES = {"layer": bench_layer, "matrix": bench_matrix, "model": bench_model,
-           "input": bench_input, "jit": bench_jit, "devices": bench_devices,
+BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
+           "input": bench_input, "jit": bench_wrn, "devices": bench_wrn,
            "loop": bench_loop}
 
 
-def training_images(args, rng):
-    """CIFAR-10's training images and labels (--data-dir, CIFAR10_DIR,
-    ../shared/data), else random ones, and where they came from."""
+def training_images(run):
+    """CIFAR-10's training images and labels, else random ones; the source."""
     import numpy as np
 
     from experiment import cifar10
 
-    data_dir = args.data_dir
+    data_dir = run.data_dir
     beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
     if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
             beside / "data_batch_1").is_file():
@@ -616,71 +507,60 @@ def training_images(args, rng):
         data = cifar10.load(data_dir)
         return data.x_train, data.y_train, data.source
     except cifar10.DataError:
-        images = rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, 50000).astype(np.int32)
+        images = run.rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
+        labels = run.rng.integers(0, 10, 50000).astype(np.int32)
         return images, labels, "random uint8 images (CIFAR-10 not found)"
 
 
-def cycle(batches):
-    while True:
-        yield from batches
-
-
-# ---------------------------------------------------------------- files
-def describe(environment, jit, args, argv):
-    """The run's record: `environment`, threads, settings, the command."""
+def describe(run, argv):
+    """The run's record: its environment, threads, settings, command."""
+    environment = run.environment
     threads = {"cpu_count": os.cpu_count(),
                "cpus": sorted(os.sched_getaffinity(0))}
-    backend = environment["backend"]
-    if backend == "torch":
+    if environment["backend"] == "torch":
         import torch
 
         threads["torch_threads"] = torch.get_num_threads()
-    elif backend == "tensorflow":
+    elif environment["backend"] == "tensorflow":
         import tensorflow as tf
 
-        threads["tf_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
-        threads["tf_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+        pools = tf.config.threading
+        threads["tf_intra_op"] = pools.get_intra_op_parallelism_threads()
+        threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
         if tf_keras() is not None:
             environment["versions"]["tf_keras"] = tf_keras().__version__
-    return dict(environment, threads=threads, jit_compile=jit,
-                batch_size=args.batch_size, dtype_policy=args.dtype_policy,
+    return dict(environment, threads=threads, jit_compile=run.jit,
+                batch_size=run.batch_size, dtype_policy=run.dtype_policy,
                 date=datetime.datetime.now(datetime.timezone.utc)
                 .isoformat(timespec="seconds"),
-                processes=1, command=command(argv))
+                processes=1, command=" ".join([COMMAND, *argv]))
 
 
-def command(argv):
-    return " ".join(["python", "benchmarks/bench.py", *argv])
-
-
-def write_results(results_dir, environment, rows):
+def write_results(results_dir, record, rows):
+    """BACKEND-DEVICE[-xla].json and .csv, `rows` replacing their levels'."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{environment['backend']}-{environment['device_type']}"
-    if (environment["backend"], environment["jit_compile"]) == (
-            "tensorflow", True):
+    stem = f"{record['backend']}-{record['device_type']}"
+    if record["backend"] == "tensorflow" and record["jit_compile"] is True:
         stem += "-xla"  # TensorFlow with and without XLA side by side
-    record = dict(environment, rows=rows)
     json_path = results_dir / f"{stem}.json"
-    if json_path.is_file():  # keep the levels this run did not measure
+    record = dict(record, rows=rows)
+    if json_path.is_file():
         old = json.loads(json_path.read_text())
         levels = {row["level"] for row in rows}
-        record["rows"] = [r for r in old.get("rows", [])
-                          if r["level"] not in levels] + rows
-        record["earlier"] = {k: old[k] for k in ("date", "command")
-                             if k in old}
+        record["rows"] = [r for r in old["rows"] if r["level"] not in levels]
+        record["rows"] += rows
+        record["earlier"] = {k: old[k] for k in ("date", "command")}
     runfiles.write_file(json_path,
                         (json.dumps(record, indent=1) + "\n").encode())
-    rows = [dict(row, backend=environment["backend"],
-                 device=environment["device"]) for row in record["rows"]]
+    rows = [dict(row, backend=record["backend"], device=record["device"])
+            for row in record["rows"]]
     runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
         [*COLUMNS, *EXTRA_COLUMNS, "backend", "device"], rows).encode())
     return json_path
 
 
 def ratio_text(row):
-    """A row's ratio cell, with the input level's wait, the loop level's
-    renorm / batchnorm."""
+    """A row's ratio, with the input and loop levels' own figures."""
     text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
     if row["level"] == "input" and "resident" not in row["variant"]:
         text += (f" (waiting {100 * row['wait_share']:.1f}%; "
@@ -690,56 +570,44 @@ def ratio_text(row):
     return text
 
 
+def table(rows):
+    def line(cells):
+        return "| " + " | ".join(cells) + " |\n"
+
+    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
+              "images/s", "ratio")
+    return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line([
+        row["level"], row["shape"], row["variant"],
+        f"{row['ms_per_step']:.1f}", f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
+        f"{row['images_per_s']:.1f}", ratio_text(row)]) for row in rows)
+
+
 SUMMARY_NOTE = (
-    "Ratio: the median over the repeats of the time per step over that of the "
-    "same repeat's `batchnorm` (layer and model levels), `batchnorm, "
-    "resident` (input level; waiting: the share of a step spent on input, "
-    "against the same norm on resident batches; s per epoch: ms per step "
-    "times the steps of an epoch of 50,000 images), the same norm with "
-    "`jit_compile=off` (jit level), `batchnorm, per-step` (loop level; "
-    "renorm / batchnorm: in the same loop and repeat); measured interleaved "
-    "in one process, or with the rounds of several pooled where the header "
-    "says so. Written by `benchmarks/bench.py` from "
+    "Ratio: the median over the repeats of the time per step over the "
+    "baseline's in the same repeat; baseline: `batchnorm` (layer, matrix, "
+    "model), `batchnorm, resident` (input), the same norm with "
+    "`jit_compile=off` (jit) or on 1 device (devices), `batchnorm, "
+    "per-step` (loop). Waiting, s per epoch and renorm / batchnorm: "
+    "docs/speed.md. Written by `benchmarks/bench.py` from "
     "`benchmarks/results/*.json`.\n")
 
 
-def table(rows):
-    """The markdown table of `rows`."""
-    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
-              "images/s", "ratio")
-    return "\n".join(
-        ["| " + " | ".join(header) + " |",
-         "|" + "|".join("---" for _ in header) + "|"]
-        + ["| " + " | ".join([
-            row["level"], row["shape"], row["variant"],
-            f"{row['ms_per_step']:.1f}",
-            f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-            f"{row['images_per_s']:.1f}", ratio_text(row)]) + " |"
-           for row in rows]) + "\n"
-
-
-def summary(results_dir):
-    """Markdown tables of every results file."""
+def write_summary(args):
+    """summary.md (and --readme's block): a table per results file."""
     parts = []
-    for path in sorted(results_dir.glob("*.json")):
+    for path in sorted(args.results_dir.glob("*.json")):
         record = json.loads(path.read_text())
-        versions, backend = record.get("versions", {}), record["backend"]
+        versions, backend = record["versions"], record["backend"]
+        processes = record.get("processes", 1)  # not in the earliest files
         parts.append(
             f"**{backend}** on {record['device']} (Keras "
-            f"{versions.get('keras')}, {backend} {versions.get(backend)}, "
-            f"jit_compile={record['jit_compile']}, "
-            f"{record.get('dtype_policy', 'float32')}, "
+            f"{versions['keras']}, {backend} {versions[backend]}, "
+            f"jit_compile={record['jit_compile']}, {record['dtype_policy']}, "
             f"threads {record['threads']}"
-            + (f", rounds of {record['processes']} processes"
-               if record.get("processes", 1) > 1 else "")
+            + (f", rounds of {processes} processes" if processes > 1 else "")
             + f"; {record['date']})\n")
         parts.append(table(record["rows"]))
-    return "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
-
-
-def write_summary(args):
-    """summary.md (and --readme's block) from every results file."""
-    text = summary(args.results_dir)
+    text = "# Benchmarks\n\n" + "\n".join(parts) + "\n" + SUMMARY_NOTE
     runfiles.write_file(args.results_dir / "summary.md", text.encode())
     if args.readme:
         try:
@@ -750,7 +618,6 @@ def write_summary(args):
     return text
 
 
-# ---------------------------------------------------------------- running
 def measure(args, argv):
     """Runs the levels in this process: (record, rows)."""
     if args.backend:
@@ -764,22 +631,29 @@ def measure(args, argv):
         raise cli.UsageError(f"--backend {args.backend}: Keras is already "
                              f"running on {keras.backend.backend()}")
     environment = runtime.describe_environment()
-    jit = runtime.jit_compile(args.jit_compile, environment)
-    variants = available_variants(args.variants)
+    cpu = environment["device_type"] == "cpu"
+    # The flags, with the variants this backend has and the steps of a
+    # repeat resolved (`layer_steps` for a layer, `wrn_steps` for a WRN).
+    run = SimpleNamespace(**dict(
+        vars(args), environment=environment,
+        jit=runtime.jit_compile(args.jit_compile, environment),
+        variants=available_variants(args.variants),
+        rng=np.random.default_rng(0),
+        layer_steps=args.steps or (3 if cpu else 50),
+        wrn_steps=args.steps or (2 if cpu else 50),
+        wrn_shape=f"WRN-{args.depth}-{args.width}, {args.batch_size}x32x32x3"))
     policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(args.dtype_policy)
-    rng = np.random.default_rng(0)
     print(f"{PROG}: backend {environment['backend']}, "
-          f"{environment['device']}, jit_compile={jit}", flush=True)
+          f"{environment['device']}, jit_compile={run.jit}", flush=True)
     rows = []
     try:
         for level in LEVELS:
             if level in args.level:
-                rows += BENCHES[level](args, variants, jit, rng,
-                                       environment)
+                rows += BENCHES[level](run, level)
     finally:
         keras.config.set_dtype_policy(policy)
-    return describe(environment, jit, args, argv), rows
+    return describe(run, argv), rows
 
 
 class WorkerFailed(Exception):
@@ -787,9 +661,7 @@ class WorkerFailed(Exception):
 
 
 def measure_in_processes(args, argv):
-    """Runs this command in `args.processes` fresh processes in turn (what
-    one process's memory layout does to a ratio averages out) and pools
-    their rounds: (record, rows)."""
+    """This command in --processes fresh processes, rounds pooled."""
     import subprocess
     import tempfile
 
@@ -805,13 +677,13 @@ def measure_in_processes(args, argv):
                 raise WorkerFailed(code)
             runs.append(json.loads(output.read_text()))
     record = dict(runs[0]["record"], processes=args.processes,
-                  command=command(argv))
+                  command=" ".join([COMMAND, *argv]))
     return record, pooled_rows([run["rows"] for run in runs])
 
 
 def pin(cpus):
-    """Restricts this process to `cpus` before any framework is imported
-    (their thread pools take its size); returns the CPUs it had."""
+    """Pins this process to `cpus` (before a framework sizes its thread
+    pools); returns the CPUs it had."""
     allowed = os.sched_getaffinity(0)
     outside = sorted(set(cpus) - allowed)
     if outside:
@@ -830,10 +702,11 @@ def main(argv=None):
         if args.summary:
             print(write_summary(args), end="")
             return 0
-        if args.processes > 1 and "input" in args.level:
+        if args.processes > 1 and {"input", "loop"} & set(args.level):
+            # Their extra columns are of one process's rounds.
             raise cli.UsageError("--processes pools the rounds of the layer, "
                                  "matrix, model, jit and devices levels; run "
-                                 "the input level in one process")
+                                 "the input and loop levels in one process")
         if args.cpus:
             pinned_from = pin(args.cpus)
         record, rows = (measure_in_processes if args.processes > 1
@@ -862,6 +735,7 @@ def main(argv=None):
     finally:
         if pinned_from:  # a caller of main() keeps its own CPUs
             os.sched_setaffinity(0, pinned_from)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -104,7 +104,8 @@ def test_layer_and_model_levels_write_results(tmp_path, capsys):
     (["--processes", "0"], "positive integer"),
     (["--cpus", "-1"], "integer >= 0"),
     (["--cpus", "100000"], "--cpus 100000: not among this process's CPUs"),
-    (["--level", "input", "--processes", "2"], "run the input level in one"),
+    (["--level", "input", "--processes", "2"], "run the input and loop"),
+    (["--level", "loop", "--processes", "2"], "run the input and loop"),
 ])
 def test_bad_arguments_are_one_line(argv, words, tmp_path, capsys):
     assert bench.main(argv + ["--results-dir", str(tmp_path)]) == 2
@@ -254,3 +255,29 @@ def test_tensorflow_with_xla_has_its_own_results_file(tmp_path):
     assert record["jit_compile"] is True
     assert not (results / "tensorflow-cpu.json").exists()
     assert "jit_compile=True" in (results / "summary.md").read_text()
+
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="the loop level runs on JAX")
+def test_loop_level_needs_jax(tmp_path, capsys):
+    assert bench.main(TINY + ["--level", "loop",
+                              "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--backend jax" in err
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="train.py's JAX loops")
+def test_loop_level_times_both_loops(tmp_path, data_dir):
+    """Four WRN-10-1 compilations: about 25 s of CPU."""
+    results = tmp_path / "results"
+    assert bench.main(TINY + ["--level", "loop", "--data-dir", str(data_dir),
+                              "--results-dir", str(results)]) == 0
+    rows = json.loads((results / "jax-cpu.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == [
+        f"{norm}, {loop}" for norm in ("batchnorm", "renorm")
+        for loop in ("per-step", "compiled")]
+    for row in rows:
+        assert row["level"] == "loop" and row["ms_per_step"] > 0
+        # renorm / batchnorm: to the same loop's batchnorm, round by round.
+        assert (row["norm_ratio"] == 1.0) == row["variant"].startswith("batch")
+    assert "(renorm / batchnorm " in (results / "summary.md").read_text()
