@@ -10,71 +10,21 @@ renormalization, and keep a per-epoch history that can be plotted and resumed.
       --renorm-schedule 0.04,0.19,0.31 --epochs 10   # pairs of images of a
                               # class; the schedule scaled to the run's steps
   python train.py --norm batchnorm --virtual-batch-size 4 --sampling pairs
-                              # the paper's micro-batches: batches of 128,
-                              # normalized in groups of 4 (2 pairs of 2
-                              # classes), ghost batch normalization
+                              # the paper's micro-batches: ghost batch
+                              # normalization of groups of 2 pairs
   KERAS_BACKEND=jax python train.py --norm renorm --devices all
-                              # data parallel on every local device
-  KERAS_DISTRIBUTION_JOB_ADDRESSES=host0:12345 \\
-  KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 \\
-  KERAS_BACKEND=jax python train.py --norm renorm --devices all
-                              # process 0 of 2 hosts (the same on host 1
-                              # with PROCESS_ID=1); process 0 writes
+                              # data parallel on every local device; several
+                              # hosts: docs/experiment.md
 
---lr is used as given for every --batch-size (no automatic scaling);
-sweep.py trains all batch sizes with the same Adam learning rate.
-
-Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED
--kK for --classes-per-batch K or -pairs for --sampling pairs, then -vV for
---virtual-batch-size V):
-  HISTORY_DIR/NAME.csv                one row per epoch, written as it ends:
-                                      epoch, seconds (training steps only,
-                                      measured after the device finished),
-                                      eval_seconds, loss, accuracy, val_loss,
-                                      val_accuracy, (--train-mode-validation)
-                                      val_loss_train_mode,
-                                      val_accuracy_train_mode, lr (and
-                                      r_max, d_max of the first renorm layer
-                                      after the epoch)
-  HISTORY_DIR/NAME.json               the configuration (keys named as the
-                                      flags; classes_per_batch null for
-                                      i.i.d. batches; sampling iid, pairs
-                                      or kK; virtual_batch_size null for
-                                      the whole batch; the renorm steps as
-                                      used, also with --renorm-schedule),
-                                      --input and --steps-per-execution as
-                                      resolved, steps_per_epoch, which
-                                      statistics the norms compute
-                                      (statistics), backend, device,
-                                      versions; per session, what ran the
-                                      steps (training_loop) and how the
-                                      renorm layers computed their batch
-                                      statistics (statistics_formulation)
-  WEIGHTS_DIR/NAME.weights.h5         the last weights
-  WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
-  WEIGHTS_DIR/NAME.state.npz          weights, optimizer state, epoch and
-                                      every finished epoch's row: what
-                                      --resume continues from (it rewrites
-                                      the CSV from it, saying what it
-                                      repaired)
-  HISTORY_DIR/NAME.corrections.csv    renorm (--track-corrections): one row
-                                      per epoch and layer: epoch, layer,
-                                      r_dev and d_dev (means of |r - 1| and
-                                      |d| over the epoch's steps, channels
-                                      and groups), r_clipped and d_clipped
-                                      (the fractions clipped), r_max, d_max
-                                      (the layer's bounds after the epoch)
-  HISTORY_DIR/NAME.lock               while a process writes the run: its
-                                      pid and host (a second writer of the
-                                      run is refused)
-At the end of each epoch the state and weights files are replaced atomically
-and the CSV row is appended and flushed, so Ctrl-C or a kill loses at most the
-epoch in progress; --resume continues after the last finished epoch. A Keras
-progress bar shows on a terminal. `loss` includes the L2 penalty of
---weight-decay. Validation uses --val-size images held out of the training
-set (--val-from train, the default; never trained on) or taken from the test
-set (--val-from test, as the 2017 code did); at the end, the last weights and
-the best validation epoch's weights are each tested on the whole test set.
+Files of a run NAME (see --name), formats in docs/experiment.md:
+  HISTORY_DIR/NAME.csv       one row per epoch, appended as it ends
+  HISTORY_DIR/NAME.json      the configuration, sessions and test accuracies
+  HISTORY_DIR/NAME.corrections.csv   renorm's r and d per epoch and layer
+  HISTORY_DIR/NAME.lock      while a process writes the run
+  WEIGHTS_DIR/NAME.weights.h5, NAME.best.weights.h5   last and best weights
+  WEIGHTS_DIR/NAME.state.npz what --resume continues from
+Each epoch is saved as it ends: Ctrl-C or a kill loses at most the epoch in
+progress, and --resume continues after the last finished one.
 """
 
 import gc

@@ -588,8 +588,8 @@ def test_help_names_virtual_batches_and_sampling():
     result = run_script("--help")
     text = " ".join(result.stdout.split())
     for words in ("--virtual-batch-size V", "--sampling {iid,pairs}",
-                  "Keras's BatchNormalization has no virtual batches",
-                  "r_max 1, d_max 0 and no schedule", "-vV",
+                  ("batchnorm: BatchRenormalization with r_max 1, d_max 0 "
+                   "and no schedule"), "-vV",
                   "keras-renorm: refused"):
         assert words in text, words
 
