@@ -57,9 +57,8 @@ PROG = "train.py"
 
 
 def main(argv=None, exiting=False):
-    """train.py's exit code; `exiting`: the process ends after it, so that
-    once a signal has interrupted the run, later ones stay ignored until
-    the exit (the shutdown the first began finishes)."""
+    """train.py's exit code; `exiting`: the process ends after it (signals
+    after the first stay ignored until the exit)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, options, explicit = parse_args(argv)
@@ -69,10 +68,8 @@ def main(argv=None, exiting=False):
                 exiting, lambda signum, seconds: stuck(signum, seconds, argv)):
             return train(config, options, explicit, argv)
     except (KeyboardInterrupt, Interrupted) as interruption:
-        signum = getattr(interruption, "signum", signal.SIGINT)
-        print(interrupted(signum, " before training began; nothing new "
-                                  "was saved"), file=sys.stderr)
-        return 128 + signum
+        return interrupted(interruption, " before training began; nothing "
+                           "new was saved")
     except UsageError as error:
         return fail(PROG, error, 2)
     except (DataError, OSError, RuntimeError) as error:
@@ -82,35 +79,40 @@ def main(argv=None, exiting=False):
 def stuck(signum, seconds, argv):
     """The last line of a run whose main thread did not come back from the
     framework to take a signal (the watchdog ends the process after it)."""
-    os.write(sys.stderr.fileno(), (interrupted(
+    os.write(sys.stderr.fileno(), (interrupted_line(
         signum, ", but the framework did not hand control back within "
         f"{seconds:g} s, so the process ends now; every epoch in the history "
         f"is saved; continue with: {console.resume_command(argv)}")
         + "\n").encode())
 
 
-def interrupted(signum, what):
-    """The line that ends an interrupted run: the signal, then `what`."""
+def interrupted_line(signum, what):
     return (f"{console.newline()}{PROG}: interrupted "
             f"({signal.Signals(signum).name}){what}")
 
 
+def interrupted(interruption, what):
+    """Prints the line that ends an interrupted run (the signal, then
+    `what`); returns the exit code, 128 + the signal."""
+    signum = getattr(interruption, "signum", signal.SIGINT)
+    print(interrupted_line(signum, what), file=sys.stderr)
+    return 128 + signum
+
+
 def silence_stdout():
-    """stdout to /dev/null, Python's and the file descriptor's (which
-    JAX's collectives print to)."""
+    """stdout to /dev/null, the file descriptor's too (JAX's collectives
+    print there)."""
     sys.stdout.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def parse_args(argv):
-    """The run's configuration, the options and the flags given (the help
-    text is this file's docstring)."""
+    """The run's configuration, the options and the flags given."""
     return flags.parse_args(argv, __doc__)
 
 
 def train(config, options, explicit, argv):
-    """The run, with its lock held: one process writes a run at a time (of
-    several processes training it, process 0)."""
+    """The run, with its lock held by its writer (process 0)."""
     paths = runfiles.Paths.of(config["name"], options.history_dir,
                               options.weights_dir)
     if not options.processes.writer:
@@ -128,9 +130,7 @@ def note(message):
 
 @dataclass
 class Run:
-    """What the steps of a run share: its configuration, files, command
-    line and processes (process 0 writes), then its data, the steps of an
-    epoch, the CSV's columns, the compiled model and its loop."""
+    """What the steps of a run share (process 0 of `processes` writes)."""
 
     config: dict
     paths: runfiles.Paths
@@ -175,16 +175,19 @@ def run_training(config, options, explicit, argv, paths):
         # 5. Each epoch: training steps, validation, then a commit to disk.
         run.loop = loops.make(loop, run.model, config, run.arrays, run.steps,
                               run.processes)
-        best, best_weights, interrupted = train_epochs(run, start, best, rows,
-                                                       corrections)
-        if interrupted:
-            return interrupted  # the exit code, 128 + the signal
+        best, best_weights, code = train_epochs(run, start, best, rows,
+                                                corrections)
+        if code:
+            return code  # interrupted: 128 + the signal
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
             test = test_accuracy(run, rows, best, best_weights)
         except (KeyboardInterrupt, Interrupted) as interruption:
-            return interrupted_after_training(interruption, config, argv)
+            return interrupted(
+                interruption, " during the test evaluation, after the last "
+                f"epoch; all {config['epochs']} epochs are saved; finish "
+                f"with: {console.resume_command(argv)}")
     if run.processes.writer:
         finish(paths, test, best, len(run.arrays.x_test))
     return 0
@@ -192,10 +195,9 @@ def run_training(config, options, explicit, argv, paths):
 
 def open_run(config, options, explicit, paths):
     """The run's configuration (the saved one with --resume), the saved JSON
-    record, and whether there is a saved state to resume. Removes what a
-    killed writer of the run left behind. Of several processes, only process
-    0 cleans up and refuses to replace a run (the others would see the files
-    it writes as they start)."""
+    record, and whether there is a state to resume. The writer removes what
+    a killed writer left and refuses to replace a run (the other processes
+    would see the files it writes as they start)."""
     writer = options.processes.writer
     removed = runfiles.remove_temporaries(paths.all()) if writer else []
     if removed:
@@ -219,10 +221,9 @@ def open_run(config, options, explicit, paths):
 
 
 def compile_model(run):
-    """Compiles the run's model (its optimizer and metrics built) and chooses
-    the loop that will run the epochs (`loops`); resolves the run's --input
-    and --steps-per-execution. Returns the environment and this session's
-    record, and the loop's name."""
+    """Compiles the run's model and chooses the loop that runs the epochs,
+    resolving --input and --steps-per-execution; returns the environment,
+    this session's record and the loop's name."""
     config = run.config
     run.model = model = network.build_model(config)
     environment = runtime.describe_environment()
@@ -254,8 +255,8 @@ def compile_model(run):
 
 def begin(run, resuming, saved_config, environment, session):
     """The epoch to start from, the best so far, the finished epochs' rows
-    and corrections rows: from the saved state, or none (the run's files
-    written anew); then the run's description and schedule warnings."""
+    and corrections rows (from the saved state, or a new run's files); then
+    prints the run's description and schedule warnings."""
     run.header = runfiles.columns(run.config)
     # Before any process loads a state (its assignments are collective).
     hosts.check_same_start(run.processes, runfiles.saved_epoch(
@@ -275,10 +276,9 @@ def begin(run, resuming, saved_config, environment, session):
 
 
 def restore(run, saved_config, session):
-    """Loads the last finished epoch's state, makes the CSV and the weights
-    match it (saying what it repaired), and records the new session; returns
-    the epoch to start from, the best so far, the finished epochs' rows and
-    corrections rows. Every process loads the state; process 0 writes."""
+    """`begin` from the saved state, which every process loads; the writer
+    makes the CSV and weights match it (saying what it repaired) and records
+    the new session."""
     model, paths, writer = run.model, run.paths, run.processes.writer
     meta = runfiles.load_state(model, paths.state)
     start, best = meta["epoch"], meta["best"]
@@ -321,8 +321,8 @@ def start_files(run, environment, session):
 
 
 def parallel_record(config, processes):
-    """How a step's batch is split, and which statistics the normalization
-    layers compute (for the JSON)."""
+    """How a step's batch is split, and which statistics the norms compute
+    (for the JSON)."""
     devices, virtual = config["devices"], config["virtual_batch_size"]
     per_device = config["batch_size"] // devices
     of_processes = (f" of the {processes.count} processes"
@@ -344,13 +344,10 @@ def parallel_record(config, processes):
 
 
 def train_epochs(run, start, best, rows, correction_history):
-    """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
-    the finished epochs' rows, which grow); returns the best validation
-    epoch, its weights if it is one of these epochs (else None) and, if a
-    signal interrupted them, the exit code (else None). Each process trains
-    and validates on its share of every batch (Keras assembles the global
-    batch); the metrics are those of the whole batches.
-    `correction_history`: the corrections CSV's rows so far, which grow."""
+    """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`
+    and `correction_history`, the CSVs' rows so far, grow); returns the best
+    validation epoch, its weights if it is one of these epochs (else None)
+    and, if a signal interrupted them, the exit code (else None)."""
     config, model, loop, arrays = run.config, run.model, run.loop, run.arrays
     val = loop.resident(run.processes.share(arrays.x_val),
                         run.processes.share(arrays.y_val))
@@ -390,39 +387,26 @@ def train_epochs(run, start, best, rows, correction_history):
                 commit_epoch(run, rows, best, improved, correction_history)
             table.print_row(row)
     except (KeyboardInterrupt, Interrupted) as interruption:
-        signum = getattr(interruption, "signum", signal.SIGINT)
-        done = len(rows)
-        print(interrupted(signum, f" in epoch {epoch + 1} of "
-                                  f"{config['epochs']}; ")
-              + (f"epochs 1-{done} are saved" if done
+        saved = (f"epochs 1-{len(rows)} are saved" if rows
                  else "no epoch had finished")
-              + f"; continue with: {console.resume_command(run.argv)}",
-              file=sys.stderr)
-        return best, best_weights, 128 + signum
+        return best, best_weights, interrupted(
+            interruption, f" in epoch {epoch + 1} of {config['epochs']}; "
+            f"{saved}; continue with: {console.resume_command(run.argv)}")
     return best, best_weights, None
 
 
 def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
-    """The CSV row of a finished epoch (text, as written); `logs` and
-    `val_logs`: the epoch's metrics, floats."""
-    row = {
-        "epoch": epoch + 1,
-        "seconds": f"{seconds:.3f}",
-        "eval_seconds": f"{eval_seconds:.3f}",
-        "loss": f"{logs['loss']:.6g}",
-        "accuracy": f"{logs['accuracy']:.6g}",
-        "val_loss": f"{val_logs['loss']:.6g}",
-        "val_accuracy": f"{val_logs['accuracy']:.6g}",
-        "lr": f"{lr:.6g}",
-    }
-    for key in ("loss", "accuracy"):  # --train-mode-validation
-        if f"{key}_train_mode" in val_logs:
-            row[f"val_{key}_train_mode"] = (
-                f"{val_logs[f'{key}_train_mode']:.6g}")
-    if renorm is not None:  # the bounds reached after the epoch
-        row["r_max"] = f"{renorm.current_r_max():.6g}"
-        row["d_max"] = f"{renorm.current_d_max():.6g}"
-    return row
+    """The CSV row of a finished epoch, as written; `logs` and `val_logs`:
+    the epoch's metrics (`val_logs` with --train-mode-validation's)."""
+    row = {"epoch": epoch + 1, "seconds": f"{seconds:.3f}",
+           "eval_seconds": f"{eval_seconds:.3f}", "lr": f"{lr:.6g}",
+           "loss": f"{logs['loss']:.6g}",
+           "accuracy": f"{logs['accuracy']:.6g}"}
+    for key in ("loss", "accuracy", "loss_train_mode",
+                "accuracy_train_mode"):
+        if key in val_logs:
+            row[f"val_{key}"] = f"{val_logs[key]:.6g}"
+    return dict(row, **bounds(renorm)) if renorm is not None else row
 
 
 def correction_rows(epoch, layers):
@@ -433,16 +417,19 @@ def correction_rows(epoch, layers):
         means = layer.corrections(reset=True)
         rows.append({"epoch": epoch + 1, "layer": layer.name, **{
             key: f"{means[key]:.6g}" for key in runfiles.CORRECTION_COLUMNS
-            if key in means},
-            "r_max": f"{layer.current_r_max():.6g}",
-            "d_max": f"{layer.current_d_max():.6g}"})
+            if key in means}, **bounds(layer)})
     return rows
 
 
-def commit_epoch(run, rows, best, improved, correction_history=()):
-    """The state first (what --resume trusts: it holds every finished
-    epoch's row and corrections), then the rows and the weights; written by
-    process 0."""
+def bounds(layer):
+    """A renorm layer's r_max and d_max after the epoch, as written."""
+    return {"r_max": f"{layer.current_r_max():.6g}",
+            "d_max": f"{layer.current_d_max():.6g}"}
+
+
+def commit_epoch(run, rows, best, improved, correction_history):
+    """The state first (what --resume trusts: every finished epoch's rows),
+    then the CSVs and the weights."""
     model, paths, write = run.model, run.paths, run.processes.writer
     if write:
         runfiles.save_state(model, paths.state,
@@ -460,11 +447,9 @@ def commit_epoch(run, rows, best, improved, correction_history=()):
 
 
 def test_accuracy(run, rows, best, best_weights):
-    """The accuracy on the whole test set of the last weights and of the
-    best validation epoch's weights (left in the model: `best_weights`, or
-    where that epoch was in an earlier session, its file). Where validation
-    was the whole test set, those are the epochs' own val_accuracy (`rows`:
-    the finished epochs' rows). Each process tests its share."""
+    """The test accuracy of the last weights and of the best validation
+    epoch's (`best_weights`, else its file; left in the model); where
+    validation was the whole test set, the epochs' own val_accuracy."""
     config, arrays, share = run.config, run.arrays, run.processes.share
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
@@ -479,16 +464,6 @@ def test_accuracy(run, rows, best, best_weights):
     else:
         run.model.set_weights(best_weights)
     return {"last": last, "best": run.loop.evaluate(test)[0]["accuracy"]}
-
-
-def interrupted_after_training(interruption, config, argv):
-    signum = getattr(interruption, "signum", signal.SIGINT)
-    print(interrupted(signum, " during the test evaluation, after the last "
-                              f"epoch; all {config['epochs']} epochs are "
-                              "saved; finish with: "
-                              f"{console.resume_command(argv)}"),
-          file=sys.stderr)
-    return 128 + signum
 
 
 def finish(paths, test, best, test_images):

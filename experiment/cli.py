@@ -33,13 +33,20 @@ def fail(prog, message, code):
 
 
 def number(name, kind, low, high=math.inf, *, low_open=False,
-           requirement):
-    """An argparse type named `name` (argparse names it when `kind(text)`
-    fails): `kind(text)` (int or float) in [low, high), or (low, high) with
-    `low_open`, else an ArgumentTypeError "must be REQUIREMENT: TEXT"."""
+           requirement, word=None):
+    """An argparse type named `name`: `kind(text)` in [low, high) ((low,
+    high) with `low_open`), or the string `word`; else "must be REQUIREMENT:
+    TEXT" (argparse names the type where `kind` fails and there is no word)."""
 
     def parse(text):
-        value = kind(text)
+        if text == word:
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            if word is None:
+                raise
+            value = math.nan
         inside = not math.isnan(value) and (
             value > low if low_open else value >= low) and value < high
         if not inside:
@@ -63,27 +70,10 @@ at_least_one = number("at_least_one", float, 1,
                       requirement="a number >= 1")
 
 
-def positive_int_or(word, name):
-    """An argparse type: a positive integer, or the string `word`."""
-
-    def parse(text):
-        if text == word:
-            return text
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(
-                f"must be a positive integer or {word}: {text}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-steps_or_auto = positive_int_or("auto", "steps_or_auto")
-devices_or_all = positive_int_or("all", "devices_or_all")
+steps_or_auto = number("steps_or_auto", int, 1, word="auto",
+                       requirement="a positive integer or auto")
+devices_or_all = number("devices_or_all", int, 1, word="all",
+                        requirement="a positive integer or all")
 
 
 def milestones(text):
@@ -92,13 +82,11 @@ def milestones(text):
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = None
-    if values is None or any(v < 1 for v in values) or list(values) != sorted(
-        set(values)
-    ):
+    if values is None or list(values) != sorted(set(values)) or any(
+            v < 1 for v in values):
         raise argparse.ArgumentTypeError(
-            f"must be increasing positive epochs separated by commas, like "
-            f"60,120,160 (or an empty string for none): {text!r}"
-        )
+            "must be increasing positive epochs separated by commas, like "
+            f"60,120,160 (or an empty string for none): {text!r}")
     return values
 
 
@@ -123,17 +111,14 @@ def wrn_depth(text):
     value = int(text)
     if value < 10 or (value - 4) % 6:
         raise argparse.ArgumentTypeError(
-            f"must be 6N + 4 with N >= 1 (10, 16, 22, 28, 40, ...): {text}"
-        )
+            f"must be 6N + 4 with N >= 1 (10, 16, 22, 28, 40, ...): {text}")
     return value
 
 
 def run_name(text):
     """A run name: a file name of letters, digits and ._-+=."""
     if not text or text.startswith(".") or any(
-        not (c.isalnum() or c in "._-+=") for c in text
-    ):
+            not (c.isalnum() or c in "._-+=") for c in text):
         raise argparse.ArgumentTypeError(
-            f"must be a file name of letters, digits and ._-+=: {text!r}"
-        )
+            f"must be a file name of letters, digits and ._-+=: {text!r}")
     return text

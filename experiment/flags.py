@@ -6,150 +6,112 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from experiment import cli
 from experiment import hosts
 from experiment import protocols
 from experiment import runtime
-from experiment.cli import Parser
 from experiment.cli import UsageError
-from experiment.cli import at_least_one
-from experiment.cli import devices_or_all
-from experiment.cli import fraction
-from experiment.cli import milestones
-from experiment.cli import nonnegative_float
-from experiment.cli import nonnegative_int
-from experiment.cli import positive_float
-from experiment.cli import positive_int
-from experiment.cli import run_name
-from experiment.cli import schedule_fractions
-from experiment.cli import steps_or_auto
-from experiment.cli import wrn_depth
 from experiment.protocols import CONFIG_KEYS
-from experiment.protocols import NORMS
-from experiment.protocols import PRECISIONS
-from experiment.protocols import PROTOCOLS
-from experiment.protocols import SAMPLINGS
-from experiment.protocols import SCHEDULE_STEPS
-from experiment.protocols import VAL_FROM
-from experiment.runtime import AUTO_STEPS_PER_EXECUTION
-from experiment.runtime import INPUTS
 
 PROG = "train.py"
 ON_OFF = argparse.BooleanOptionalAction
+# The flags outside the run's configuration, and their defaults.
+OPTIONS = {"resume": False, "overwrite": False, "data_dir": None,
+           "history_dir": Path("history"), "weights_dir": Path("weights")}
 
 # Each group's flags: ("--flag METAVAR", kind, help), where kind is a tuple
 # of choices, a type, an action, or add_argument's keywords. Defaults not
-# given here are the protocol's (the table in --help). docs/experiment.md
-# says more of each.
+# given are the protocol's (in the epilog). More: docs/experiment.md.
 FLAGS = {
     "run": [
-        ("--norm", dict(required=True, choices=NORMS),
-         ("Keras's BatchNormalization, our BatchRenormalization, or Keras's "
-          "BatchNormalization(renorm=True)")),
-        ("--protocol", tuple(PROTOCOLS), "hyperparameters (default: seed)"),
-        ("--name", run_name,
-         ("run name, for its files (default: NORM-PROTOCOL-bBATCH_SIZE-sSEED, "
-          "with before -sSEED -kK for --classes-per-batch K or -pairs for "
-          "--sampling pairs, then -vV for --virtual-batch-size V)")),
-        ("--seed SEED", nonnegative_int,
-         "seed of all randomness; repeats a CPU run (default: 0)"),
+        ("--norm", dict(required=True, choices=protocols.NORMS),
+         "BatchNormalization, BatchRenormalization (ours), or Keras's renorm"),
+        ("--protocol", tuple(protocols.PROTOCOLS),
+         "hyperparameters, table below (default: seed)"),
+        ("--name", cli.run_name,
+         "run name (default: NORM-PROTOCOL-bBATCH[-kK|-pairs][-vV]-sSEED)"),
+        ("--seed SEED", cli.nonnegative_int,
+         "seed of all randomness (default: 0)"),
         ("--resume", "store_true",
-         ("continue the run after its last finished epoch, with its saved "
-          "configuration (the speed flags may change, --epochs may grow); "
-          "starts it if nothing is saved")),
+         "continue the run after its last saved epoch, or start it"),
         ("--overwrite", "store_true",
          "start the run again, replacing its files"),
     ],
     "data": [
         ("--data-dir DIR", Path,
-         ("CIFAR-10's cifar-10-batches-py folder (default: $CIFAR10_DIR, "
-          "else Keras's downloader)")),
-        ("--train-size N", positive_int,
-         ("train on a stratified subset of N images, drawn with --seed "
-          "(default: all not held out, 45000)")),
-        ("--val-from", VAL_FROM,
-         ("validation images: held out of the training set (train), or a "
-          "subset of the test set, as in 2017 (test) (default: train)")),
-        ("--val-size N", positive_int,
+         "CIFAR-10's cifar-10-batches-py (default: $CIFAR10_DIR, or download)"),
+        ("--train-size N", cli.positive_int,
+         "train on a stratified subset (default: all, 45000)"),
+        ("--val-from", protocols.VAL_FROM,
+         "validation images: held out of training, or test (default: train)"),
+        ("--val-size N", cli.positive_int,
          "validation images (default: 5000 from train, 10000 from test)"),
-        ("--classes-per-batch K", positive_int,
-         ("non-i.i.d. batches of K classes, BATCH_SIZE / K images each "
-          "(K divides --batch-size; excludes --sampling)")),
-        ("--sampling", SAMPLINGS,
-         ("i.i.d. batches, or the paper's pairs of images of a class, V/2 "
-          "distinct classes in a group of V (even --batch-size and V) "
-          "(default: iid)")),
+        ("--classes-per-batch K", cli.positive_int,
+         "K classes a batch, BATCH_SIZE / K images each (not with --sampling)"),
+        ("--sampling", protocols.SAMPLINGS,
+         "iid, or the paper's pairs of images of a class (default: iid)"),
         ("--augment", ON_OFF,
          "4-pixel padding, random 32x32 crop and horizontal flip"),
     ],
     "model": [
-        ("--depth D", wrn_depth, "WRN depth, 6N + 4 (WRN-D-K)"),
-        ("--width K", positive_int, "WRN widening factor"),
-        ("--dropout RATE", fraction, "dropout rate inside each block"),
-        ("--weight-decay LAMBDA", nonnegative_float,
-         ("L2 weight decay of all trainable weights (gradients gain "
-          "lambda * w)")),
+        ("--depth D", cli.wrn_depth, "WRN depth, 6N + 4 (WRN-D-K)"),
+        ("--width K", cli.positive_int, "WRN widening factor"),
+        ("--dropout RATE", cli.fraction, "dropout rate inside each block"),
+        ("--weight-decay LAMBDA", cli.nonnegative_float,
+         "L2 weight decay (each gradient gains lambda * w)"),
     ],
     "optimization": [
-        ("--epochs N", positive_int, "epochs in all"),
-        ("--batch-size N", positive_int, "training batch size"),
+        ("--epochs N", cli.positive_int, "epochs in all"),
+        ("--batch-size N", cli.positive_int, "training batch size"),
         ("--optimizer", ("adam", "sgd"), "the optimizer"),
-        ("--lr", positive_float,
+        ("--lr", cli.positive_float,
          "initial learning rate, not scaled with --batch-size"),
-        ("--lr-milestones E1,E2,...", milestones,
+        ("--lr-milestones E1,E2,...", cli.milestones,
          "epochs after which the learning rate is multiplied by --lr-gamma"),
-        ("--lr-gamma GAMMA", positive_float, "learning rate decay factor"),
-        ("--sgd-momentum M", fraction, "SGD's momentum"),
+        ("--lr-gamma GAMMA", cli.positive_float,
+         "the learning rate's factor at each milestone"),
+        ("--sgd-momentum M", cli.fraction, "SGD's momentum"),
         ("--nesterov", ON_OFF, "SGD's Nesterov momentum"),
     ],
     "normalization": [
-        ("--norm-momentum M", fraction,
+        ("--norm-momentum M", cli.fraction,
          "momentum of the moving statistics"),
-        ("--norm-epsilon EPS", positive_float, "added to the batch variance"),
-        ("--r-max R", at_least_one, "final bound of r (renorm, keras-renorm)"),
-        ("--d-max D", nonnegative_float,
+        ("--norm-epsilon EPS", cli.positive_float,
+         "added to the batch variance"),
+        ("--r-max R", cli.at_least_one,
+         "final bound of r (renorm, keras-renorm)"),
+        ("--d-max D", cli.nonnegative_float,
          "final bound of d (renorm, keras-renorm)"),
-        ("--warmup-steps STEPS", nonnegative_int,
+        ("--warmup-steps STEPS", cli.nonnegative_int,
          "renorm: steps of plain BN (r_max 1, d_max 0)"),
-        ("--r-max-steps STEPS", nonnegative_int,
+        ("--r-max-steps STEPS", cli.nonnegative_int,
          "renorm: step at which r_max is reached"),
-        ("--d-max-steps STEPS", nonnegative_int,
+        ("--d-max-steps STEPS", cli.nonnegative_int,
          "renorm: step at which d_max is reached"),
-        ("--renorm-schedule W,D,R", schedule_fractions,
-         ("renorm: the three step flags as fractions of the run's steps, "
-          "e.g. 0.04,0.19,0.31 (the paper's)")),
+        ("--renorm-schedule W,D,R", cli.schedule_fractions,
+         "renorm: the 3 steps as fractions of the run's, e.g. 0.04,0.19,0.31"),
     ],
     "virtual batches and measurements (--resume keeps them)": [
-        ("--virtual-batch-size V", positive_int,
-         ("normalize groups of V examples with their own statistics (ghost "
-          "batch normalization; batchnorm: BatchRenormalization with r_max "
-          "1, d_max 0 and no schedule; keras-renorm: refused) (default: "
-          "the whole batch)")),
+        ("--virtual-batch-size V", cli.positive_int,
+         "normalize groups of V examples: ghost BN (default: the whole batch)"),
         ("--track-corrections", ON_OFF,
-         ("write renorm's r and d per epoch and layer to "
-          "NAME.corrections.csv (default: on for renorm)")),
+         "renorm's r and d to NAME.corrections.csv (default: on for renorm)"),
         ("--train-mode-validation", ON_OFF,
-         ("validate again with the norms in training mode: columns "
-          "val_*_train_mode (default: on with one device)")),
+         "validate in training mode too (default: on with one device)"),
     ],
     "speed": [
-        ("--precision", PRECISIONS,
+        ("--precision", protocols.PRECISIONS,
          "Keras's dtype policy (default: float32)"),
         ("--jit-compile", ("auto", "on", "off"),
-         ("XLA/JIT compilation (default: auto: on for TensorFlow on a CPU "
-          "without AVX-512, else Keras's choice)")),
-        ("--devices N", devices_or_all,
-         ("data parallel on N local devices, or all, with jax; synchronized "
-          "statistics (default: 1)")),
-        ("--eval-batch-size N", positive_int,
+         "XLA/JIT compilation (default: auto: by backend and CPU)"),
+        ("--devices N", cli.devices_or_all,
+         "data parallel on N devices, or all, with jax (default: 1)"),
+        ("--eval-batch-size N", cli.positive_int,
          "batch size of evaluation (default: 500)"),
-        ("--input", INPUTS,
-         ("where the training batches are made (default: auto: device on a "
-          "GPU or TPU with jax or torch, else host)")),
-        ("--steps-per-execution N", steps_or_auto,
-         ("training steps per call into the backend (default: auto: 1 on a "
-          "CPU and with torch; on an accelerator the epoch with jax and "
-          f"--input device, else min({AUTO_STEPS_PER_EXECUTION}, steps per "
-          "epoch))")),
+        ("--input", runtime.INPUTS,
+         "where training batches are made (default: auto: by backend, device)"),
+        ("--steps-per-execution N", cli.steps_or_auto,
+         "training steps per call into the backend (default: auto)"),
     ],
     "output": [
         ("--history-dir DIR", Path,
@@ -163,7 +125,7 @@ def build_parser(doc):
     """train.py's parser; `doc` (train.py's docstring) gives the description
     and, from its "Files of a run" on, the end of the epilog."""
     description, files = doc.split("\n\nFiles of a run", 1)
-    parser = Parser(
+    parser = cli.Parser(
         prog=PROG,
         description=description,
         epilog="protocols (--protocol; every value can be overridden by its "
@@ -191,28 +153,19 @@ def keywords(kind, metavar):
 
 
 def parse_args(argv, doc):
-    """The run's configuration (a dict of CONFIG_KEYS), the options, and the
-    flags given explicitly."""
+    """The run's configuration, the options, and the flags given."""
     explicit = vars(build_parser(doc).parse_args(argv))
-    protocol = PROTOCOLS[explicit.get("protocol", "seed")]
-    config = dataclasses.asdict(protocol)
-    config.update(norm=explicit["norm"],
-                  protocol=explicit.get("protocol", "seed"),
+    protocol = explicit.get("protocol", "seed")
+    config = dict(dataclasses.asdict(protocols.PROTOCOLS[protocol]),
+                  norm=explicit["norm"], protocol=protocol,
                   **protocols.RUN_DEFAULTS)
-    config.update({k: v for k, v in explicit.items() if k in CONFIG_KEYS})
-    config["lr_milestones"] = list(config["lr_milestones"])
-    if config["renorm_schedule"] is not None:
-        config["renorm_schedule"] = list(config["renorm_schedule"])
+    config.update((k, v) for k, v in explicit.items() if k in CONFIG_KEYS)
+    config = {key: list(value) if isinstance(value, tuple) else value
+              for key, value in config.items()}  # as JSON reads them back
     processes = check_config(config, explicit)
-    resolve_measurements(config, explicit)
-    options = argparse.Namespace(
-        resume=explicit.get("resume", False),
-        overwrite=explicit.get("overwrite", False),
-        data_dir=explicit.get("data_dir"),
-        history_dir=explicit.get("history_dir", Path("history")),
-        weights_dir=explicit.get("weights_dir", Path("weights")),
-        processes=processes,
-    )
+    resolve_measurements(config)
+    options = argparse.Namespace(processes=processes, **{
+        key: explicit.get(key, default) for key, default in OPTIONS.items()})
     if options.resume and options.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     return config, options, explicit
@@ -237,7 +190,7 @@ def check_config(config, explicit):
             "to a batch)")
     check_pairs(config)
     protocols.check_virtual_batch_size(config)
-    steps_flags = [key for key in SCHEDULE_STEPS if key in explicit]
+    steps_flags = [key for key in protocols.SCHEDULE_STEPS if key in explicit]
     if "renorm_schedule" in explicit and steps_flags:
         raise UsageError(
             "--renorm-schedule excludes "
@@ -262,7 +215,7 @@ def check_config(config, explicit):
     return processes
 
 
-def resolve_measurements(config, explicit):
+def resolve_measurements(config):
     """--track-corrections and --train-mode-validation: their defaults, and
     what they need."""
     if config["track_corrections"] is None:
