@@ -7,14 +7,10 @@ renormalization, and keep a per-epoch history that can be plotted and resumed.
   python train.py --norm renorm --train-size 5000 --epochs 2   # a quick look
   python train.py --norm renorm --resume             # after an interruption
   python train.py --norm renorm --batch-size 8 --classes-per-batch 4 \\
-      --renorm-schedule 0.04,0.19,0.31 --epochs 10   # pairs of images of a
-                              # class; the schedule scaled to the run's steps
+      --renorm-schedule 0.04,0.19,0.31 --epochs 10   # non-i.i.d. batches
   python train.py --norm batchnorm --virtual-batch-size 4 --sampling pairs
-                              # the paper's micro-batches: ghost batch
-                              # normalization of groups of 2 pairs
-  KERAS_BACKEND=jax python train.py --norm renorm --devices all
-                              # data parallel on every local device; several
-                              # hosts: docs/experiment.md
+                                                     # the paper's micro-batches
+  KERAS_BACKEND=jax python train.py --norm renorm --devices all  # data parallel
 
 Files of a run NAME (see --name), formats in docs/experiment.md:
   HISTORY_DIR/NAME.csv       one row per epoch, appended as it ends
@@ -63,7 +59,8 @@ def main(argv=None, exiting=False):
     try:
         config, options, explicit = parse_args(argv)
         if not options.processes.writer:  # process 0 prints for the run
-            silence_stdout()
+            sys.stdout.flush()  # and the descriptor (JAX prints there too)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         with interrupts_as_exceptions(
                 exiting, lambda signum, seconds: stuck(signum, seconds, argv)):
             return train(config, options, explicit, argv)
@@ -97,13 +94,6 @@ def interrupted(interruption, what):
     signum = getattr(interruption, "signum", signal.SIGINT)
     print(interrupted_line(signum, what), file=sys.stderr)
     return 128 + signum
-
-
-def silence_stdout():
-    """stdout to /dev/null, the file descriptor's too (JAX's collectives
-    print there)."""
-    sys.stdout.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def parse_args(argv):
@@ -232,9 +222,8 @@ def compile_model(run):
     config["steps_per_execution"] = runtime.resolve_steps_per_execution(
         config["steps_per_execution"], environment, run.steps, config["input"])
     model.compile(
-        optimizer=network.make_optimizer(config),
+        optimizer=network.make_optimizer(config), metrics=["accuracy"],
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
         jit_compile=runtime.jit_compile(config["jit_compile"], environment),
         steps_per_execution=config["steps_per_execution"])
     network.build_training_state(model, run.arrays.x_val[:1],
@@ -243,20 +232,19 @@ def compile_model(run):
     environment["training_loop"] = loops.describe(loop, config)
     if why:
         note(why)
-    session = dict(started=runtime.now(),
-                   command=console.command_line(run.argv),
-                   jit_compile=bool(model.jit_compile),
-                   devices=config["devices"], **environment,
-                   statistics_formulation=network.statistics_formulation(
-                       model),
-                   provenance=runtime.provenance(environment))
+    session = dict(
+        started=runtime.now(), command=console.command_line(run.argv),
+        jit_compile=bool(model.jit_compile), devices=config["devices"],
+        **environment,
+        statistics_formulation=network.statistics_formulation(model),
+        provenance=runtime.provenance(environment))
     return environment, session, loop
 
 
 def begin(run, resuming, saved_config, environment, session):
     """The epoch to start from, the best so far, the finished epochs' rows
-    and corrections rows (from the saved state, or a new run's files); then
-    prints the run's description and schedule warnings."""
+    and corrections rows (saved, or none in a new run's files); prints the
+    run's description and schedule warnings."""
     run.header = runfiles.columns(run.config)
     # Before any process loads a state (its assignments are collective).
     hosts.check_same_start(run.processes, runfiles.saved_epoch(
@@ -281,8 +269,7 @@ def restore(run, saved_config, session):
     the new session."""
     model, paths, writer = run.model, run.paths, run.processes.writer
     meta = runfiles.load_state(model, paths.state)
-    start, best = meta["epoch"], meta["best"]
-    corrections = meta["corrections"]
+    start, best, corrections = meta["epoch"], meta["best"], meta["corrections"]
     if best["epoch"] == start:
         runfiles.save_weights(model, paths.best, write=writer)
     runfiles.save_weights(model, paths.last, write=writer)
@@ -344,10 +331,10 @@ def parallel_record(config, processes):
 
 
 def train_epochs(run, start, best, rows, correction_history):
-    """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`
-    and `correction_history`, the CSVs' rows so far, grow); returns the best
-    validation epoch, its weights if it is one of these epochs (else None)
-    and, if a signal interrupted them, the exit code (else None)."""
+    """Epochs start+1 .. epochs, each saved as it ends (`rows` and
+    `correction_history` grow); returns the best validation epoch, its
+    weights if it is one of these (else None), and the exit code if a signal
+    interrupted them (else None)."""
     config, model, loop, arrays = run.config, run.model, run.loop, run.arrays
     val = loop.resident(run.processes.share(arrays.x_val),
                         run.processes.share(arrays.y_val))
@@ -432,14 +419,12 @@ def commit_epoch(run, rows, best, improved, correction_history):
     then the CSVs and the weights."""
     model, paths, write = run.model, run.paths, run.processes.writer
     if write:
-        runfiles.save_state(model, paths.state,
-                            {"epoch": rows[-1]["epoch"], "best": best,
-                             "rows": rows,
-                             "corrections": list(correction_history)})
+        runfiles.save_state(model, paths.state, {
+            "epoch": rows[-1]["epoch"], "best": best, "rows": rows,
+            "corrections": list(correction_history)})
         runfiles.append_row(paths.csv, run.header, rows[-1])
         if correction_history:
-            runfiles.write_rows(paths.corrections,
-                                runfiles.CORRECTION_COLUMNS,
+            runfiles.write_rows(paths.corrections, runfiles.CORRECTION_COLUMNS,
                                 correction_history)
     if improved:
         runfiles.save_weights(model, paths.best, write=write)
@@ -453,8 +438,8 @@ def test_accuracy(run, rows, best, best_weights):
     config, arrays, share = run.config, run.arrays, run.processes.share
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
-        last = float(rows[-1]["val_accuracy"])
-        return {"last": last, "best": best["val_accuracy"]}
+        return {"last": float(rows[-1]["val_accuracy"]),
+                "best": best["val_accuracy"]}
     test = run.loop.resident(
         preprocessing.normalize(share(arrays.x_test), arrays.mean,
                                 arrays.std), share(arrays.y_test))

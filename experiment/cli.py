@@ -32,8 +32,8 @@ def fail(prog, message, code):
     return code
 
 
-def number(name, kind, low, high=math.inf, *, low_open=False,
-           requirement, word=None):
+def number(name, requirement, kind, low, high=math.inf, *, low_open=False,
+           word=None):
     """An argparse type named `name`: `kind(text)` in [low, high) ((low,
     high) with `low_open`), or the string `word`; else "must be REQUIREMENT:
     TEXT" (argparse names the type where `kind` fails and there is no word)."""
@@ -57,23 +57,17 @@ def number(name, kind, low, high=math.inf, *, low_open=False,
     return parse
 
 
-positive_int = number("positive_int", int, 1,
-                      requirement="a positive integer")
-nonnegative_int = number("nonnegative_int", int, 0,
-                         requirement="an integer >= 0")
-positive_float = number("positive_float", float, 0, low_open=True,
-                        requirement="a positive number")
-nonnegative_float = number("nonnegative_float", float, 0,
-                           requirement="a number >= 0")
-fraction = number("fraction", float, 0, 1, requirement="in [0, 1)")
-at_least_one = number("at_least_one", float, 1,
-                      requirement="a number >= 1")
-
-
-steps_or_auto = number("steps_or_auto", int, 1, word="auto",
-                       requirement="a positive integer or auto")
-devices_or_all = number("devices_or_all", int, 1, word="all",
-                        requirement="a positive integer or all")
+positive_int = number("positive_int", "a positive integer", int, 1)
+nonnegative_int = number("nonnegative_int", "an integer >= 0", int, 0)
+positive_float = number("positive_float", "a positive number", float, 0,
+                        low_open=True)
+nonnegative_float = number("nonnegative_float", "a number >= 0", float, 0)
+fraction = number("fraction", "in [0, 1)", float, 0, 1)
+at_least_one = number("at_least_one", "a number >= 1", float, 1)
+steps_or_auto = number("steps_or_auto", "a positive integer or auto", int, 1,
+                       word="auto")
+devices_or_all = number("devices_or_all", "a positive integer or all", int,
+                        1, word="all")
 
 
 def milestones(text):

@@ -126,13 +126,11 @@ def build_parser(doc):
     and, from its "Files of a run" on, the end of the epilog."""
     description, files = doc.split("\n\nFiles of a run", 1)
     parser = cli.Parser(
-        prog=PROG,
-        description=description,
+        prog=PROG, description=description,
         epilog="protocols (--protocol; every value can be overridden by its "
         f"flag):\n{protocols.protocols_table()}\n\nFiles of a run{files}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # to tell explicit flags apart
-    )
+        argument_default=argparse.SUPPRESS)  # to tell explicit flags apart
     for title, flags in FLAGS.items():
         group = parser.add_argument_group(title)
         for flag, kind, text in flags:
@@ -188,7 +186,12 @@ def check_config(config, explicit):
             f"--classes-per-batch {classes} must divide --batch-size "
             f"{config['batch_size']} (each class gives BATCH_SIZE / K images "
             "to a batch)")
-    check_pairs(config)
+    for key in ("batch_size", "virtual_batch_size"):  # of whole pairs
+        if config["sampling"] == "pairs" and (config[key] or 0) % 2:
+            raise UsageError(
+                f"--sampling pairs needs an even {protocols.flag(key)}, not "
+                f"{config[key]} (every batch and normalization group is "
+                "made of pairs)")
     protocols.check_virtual_batch_size(config)
     steps_flags = [key for key in protocols.SCHEDULE_STEPS if key in explicit]
     if "renorm_schedule" in explicit and steps_flags:
@@ -210,8 +213,7 @@ def check_config(config, explicit):
             "data parallel over all their devices: pass --devices all")
     if config["input"] == "device" and config["devices"] != 1:
         raise UsageError(f"--input device needs one device, not --devices "
-                         f"{config['devices']} (leave --input at auto or "
-                         "host)")
+                         f"{config['devices']} (leave --input at auto or host)")
     return processes
 
 
@@ -230,14 +232,3 @@ def resolve_measurements(config):
         raise UsageError(f"--train-mode-validation needs one device, not "
                          f"--devices {config['devices']}")
 
-
-def check_pairs(config):
-    """--sampling pairs: a batch, and a group, of whole pairs."""
-    if config["sampling"] != "pairs":
-        return
-    for key in ("batch_size", "virtual_batch_size"):
-        if config[key] is not None and config[key] % 2:
-            raise UsageError(
-                f"--sampling pairs needs an even {protocols.flag(key)}, not "
-                f"{config[key]} (every batch and normalization group is "
-                "made of pairs)")

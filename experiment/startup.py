@@ -32,13 +32,11 @@ def quiet_startup():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     sys.stderr.flush()
-    saved = capture = None
     try:
-        saved = os.dup(2)
         capture = tempfile.TemporaryFile()
-    except OSError:  # no stderr, or no temporary file: nothing is hidden
-        if saved is not None:
-            os.close(saved)
+        saved = os.dup(2)
+    except OSError:  # no temporary file, or no stderr: nothing is hidden
+        capture = None
     if capture is None:
         yield
         return
