@@ -76,23 +76,18 @@ def main(argv=None, exiting=False):
 def stuck(signum, seconds, argv):
     """The last line of a run whose main thread did not come back from the
     framework to take a signal (the watchdog ends the process after it)."""
-    os.write(sys.stderr.fileno(), (interrupted_line(
+    os.write(sys.stderr.fileno(), (console.interrupted(
         signum, ", but the framework did not hand control back within "
         f"{seconds:g} s, so the process ends now; every epoch in the history "
         f"is saved; continue with: {console.resume_command(argv)}")
         + "\n").encode())
 
 
-def interrupted_line(signum, what):
-    return (f"{console.newline()}{PROG}: interrupted "
-            f"({signal.Signals(signum).name}){what}")
-
-
 def interrupted(interruption, what):
     """Prints the line that ends an interrupted run (the signal, then
     `what`); returns the exit code, 128 + the signal."""
     signum = getattr(interruption, "signum", signal.SIGINT)
-    print(interrupted_line(signum, what), file=sys.stderr)
+    print(console.interrupted(signum, what), file=sys.stderr)
     return 128 + signum
 
 
@@ -146,8 +141,7 @@ def run_training(config, options, explicit, argv, paths):
     if not resuming:  # a resumed run keeps the steps it started with
         protocols.resolve_schedule(config, run.steps)
 
-    # 3. Model and optimizer (Keras is imported only now: bad input fails fast;
-    # TensorFlow's start-up lines hidden).
+    # 3. Model and optimizer; Keras imported only now: bad input fails fast.
     with quiet_startup():
         import keras  # noqa: F401 (first here, quietly)
 
@@ -186,8 +180,7 @@ def run_training(config, options, explicit, argv, paths):
 def open_run(config, options, explicit, paths):
     """The run's configuration (the saved one with --resume), the saved JSON
     record, and whether there is a state to resume. The writer removes what
-    a killed writer left and refuses to replace a run (the other processes
-    would see the files it writes as they start)."""
+    a killed writer left, and alone refuses to replace a run."""
     writer = options.processes.writer
     removed = runfiles.remove_temporaries(paths.all()) if writer else []
     if removed:
@@ -470,7 +463,6 @@ def finish(paths, test, best, test_images):
 if __name__ == "__main__":
     code = main(exiting=True)
     # An interrupted model.fit leaves TensorFlow's generator iterator in a
-    # reference cycle; freed at the interpreter's shutdown, it logs an error
-    # after the last message. Freed here, it finishes cleanly.
+    # reference cycle, which logs an error if freed at the shutdown.
     gc.collect()
     sys.exit(code)

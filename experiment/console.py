@@ -1,7 +1,9 @@
-"""What train.py prints: the run's description, the per-epoch table, and
-the command lines that repeat or resume it."""
+"""What train.py prints: the run's description, the per-epoch table, the
+line that ends an interrupted run, and the command lines that repeat or
+resume it."""
 
 import shlex
+import signal
 import sys
 
 PROG = "train.py"
@@ -86,9 +88,11 @@ def describe_run(config, model, environment, source, steps):
     )
 
 
-def newline():
-    """Ends a progress bar's line on a terminal."""
-    return "\n" if sys.stdout.isatty() else ""
+def interrupted(signum, what):
+    """The line that ends an interrupted run: the signal, then `what` (on a
+    terminal, after the progress bar's line)."""
+    return ("\n" if sys.stdout.isatty() else "") + (
+        f"{PROG}: interrupted ({signal.Signals(signum).name}){what}")
 
 
 def command_line(argv):

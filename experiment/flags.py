@@ -19,9 +19,9 @@ ON_OFF = argparse.BooleanOptionalAction
 OPTIONS = {"resume": False, "overwrite": False, "data_dir": None,
            "history_dir": Path("history"), "weights_dir": Path("weights")}
 
-# Each group's flags: ("--flag METAVAR", kind, help), where kind is a tuple
-# of choices, a type, an action, or add_argument's keywords. Defaults not
-# given are the protocol's (in the epilog). More: docs/experiment.md.
+# Each group's flags: ("--flag METAVAR", kind, help), kind being choices, a
+# type, an action or add_argument's keywords; defaults not given are the
+# protocol's (in the epilog). More: docs/experiment.md.
 FLAGS = {
     "run": [
         ("--norm", dict(required=True, choices=protocols.NORMS),
@@ -30,12 +30,9 @@ FLAGS = {
          "hyperparameters, table below (default: seed)"),
         ("--name", cli.run_name,
          "run name (default: NORM-PROTOCOL-bBATCH[-kK|-pairs][-vV]-sSEED)"),
-        ("--seed SEED", cli.nonnegative_int,
-         "seed of all randomness (default: 0)"),
-        ("--resume", "store_true",
-         "continue the run after its last saved epoch, or start it"),
-        ("--overwrite", "store_true",
-         "start the run again, replacing its files"),
+        ("--seed SEED", cli.nonnegative_int, "random seed (default: 0)"),
+        ("--resume", "store_true", "continue the run (or start it)"),
+        ("--overwrite", "store_true", "start again, replacing the run's files"),
     ],
     "data": [
         ("--data-dir DIR", Path,
@@ -50,8 +47,7 @@ FLAGS = {
          "K classes a batch, BATCH_SIZE / K images each (not with --sampling)"),
         ("--sampling", protocols.SAMPLINGS,
          "iid, or the paper's pairs of images of a class (default: iid)"),
-        ("--augment", ON_OFF,
-         "4-pixel padding, random 32x32 crop and horizontal flip"),
+        ("--augment", ON_OFF, "pad by 4, random 32x32 crop, horizontal flip"),
     ],
     "model": [
         ("--depth D", cli.wrn_depth, "WRN depth, 6N + 4 (WRN-D-K)"),
@@ -64,30 +60,23 @@ FLAGS = {
         ("--epochs N", cli.positive_int, "epochs in all"),
         ("--batch-size N", cli.positive_int, "training batch size"),
         ("--optimizer", ("adam", "sgd"), "the optimizer"),
-        ("--lr", cli.positive_float,
-         "initial learning rate, not scaled with --batch-size"),
+        ("--lr", cli.positive_float, "initial lr (not scaled with batch size)"),
         ("--lr-milestones E1,E2,...", cli.milestones,
          "epochs after which the learning rate is multiplied by --lr-gamma"),
-        ("--lr-gamma GAMMA", cli.positive_float,
-         "the learning rate's factor at each milestone"),
+        ("--lr-gamma GAMMA", cli.positive_float, "lr factor at each milestone"),
         ("--sgd-momentum M", cli.fraction, "SGD's momentum"),
         ("--nesterov", ON_OFF, "SGD's Nesterov momentum"),
     ],
     "normalization": [
-        ("--norm-momentum M", cli.fraction,
-         "momentum of the moving statistics"),
-        ("--norm-epsilon EPS", cli.positive_float,
-         "added to the batch variance"),
-        ("--r-max R", cli.at_least_one,
-         "final bound of r (renorm, keras-renorm)"),
+        ("--norm-momentum M", cli.fraction, "momentum of the moving averages"),
+        ("--norm-epsilon EPS", cli.positive_float, "added to the variance"),
+        ("--r-max R", cli.at_least_one, "final r bound (renorm, keras-renorm)"),
         ("--d-max D", cli.nonnegative_float,
-         "final bound of d (renorm, keras-renorm)"),
+         "final d bound (renorm, keras-renorm)"),
         ("--warmup-steps STEPS", cli.nonnegative_int,
          "renorm: steps of plain BN (r_max 1, d_max 0)"),
-        ("--r-max-steps STEPS", cli.nonnegative_int,
-         "renorm: step at which r_max is reached"),
-        ("--d-max-steps STEPS", cli.nonnegative_int,
-         "renorm: step at which d_max is reached"),
+        ("--r-max-steps STEPS", cli.nonnegative_int, "when r_max is reached"),
+        ("--d-max-steps STEPS", cli.nonnegative_int, "when d_max is reached"),
         ("--renorm-schedule W,D,R", cli.schedule_fractions,
          "renorm: the 3 steps as fractions of the run's, e.g. 0.04,0.19,0.31"),
     ],
@@ -102,21 +91,18 @@ FLAGS = {
     "speed": [
         ("--precision", protocols.PRECISIONS,
          "Keras's dtype policy (default: float32)"),
-        ("--jit-compile", ("auto", "on", "off"),
-         "XLA/JIT compilation (default: auto: by backend and CPU)"),
+        ("--jit-compile", ("auto", "on", "off"), "XLA/JIT (default: auto)"),
         ("--devices N", cli.devices_or_all,
          "data parallel on N devices, or all, with jax (default: 1)"),
         ("--eval-batch-size N", cli.positive_int,
          "batch size of evaluation (default: 500)"),
-        ("--input", runtime.INPUTS,
-         "where training batches are made (default: auto: by backend, device)"),
+        ("--input", runtime.INPUTS, "where batches are made (default: auto)"),
         ("--steps-per-execution N", cli.steps_or_auto,
          "training steps per call into the backend (default: auto)"),
     ],
     "output": [
-        ("--history-dir DIR", Path,
-         "where the CSV and JSON go (default: history)"),
-        ("--weights-dir DIR", Path, "where the weights go (default: weights)"),
+        ("--history-dir DIR", Path, "CSV and JSON folder (default: history)"),
+        ("--weights-dir DIR", Path, "weights folder (default: weights)"),
     ],
 }
 
@@ -171,8 +157,7 @@ def parse_args(argv, doc):
 
 def check_config(config, explicit):
     """Sets the run's sampling and name; refuses flags that contradict each
-    other, the backend or the launcher's processes; returns the processes
-    (`hosts.from_environment`)."""
+    other, the backend or the launcher's processes, which it returns."""
     classes = config["classes_per_batch"]
     if classes and "sampling" in explicit:
         raise UsageError(
@@ -231,4 +216,3 @@ def resolve_measurements(config):
     if config["train_mode_validation"] and not one_device:
         raise UsageError(f"--train-mode-validation needs one device, not "
                          f"--devices {config['devices']}")
-
