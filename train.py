@@ -293,8 +293,7 @@ def start_files(run, environment, session):
     runfiles.write_json(run.paths.json, dict(
         run.config, **environment, provenance=session["provenance"],
         data=arrays.source,
-        normalization={"mean": arrays.mean.tolist(),
-                       "std": arrays.std.tolist()},
+        normalization=dict(mean=arrays.mean.tolist(), std=arrays.std.tolist()),
         params=run.model.count_params(), steps_per_epoch=run.steps,
         **parallel_record(run.config, run.processes),
         sessions=[dict(session, first_epoch=1)]))

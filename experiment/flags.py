@@ -14,14 +14,15 @@ from experiment.cli import UsageError
 from experiment.protocols import CONFIG_KEYS
 
 PROG = "train.py"
-ON_OFF = argparse.BooleanOptionalAction
+ON_OFF = {"action": argparse.BooleanOptionalAction}
+STORE_TRUE = {"action": "store_true"}
 # The flags outside the run's configuration, and their defaults.
 OPTIONS = {"resume": False, "overwrite": False, "data_dir": None,
            "history_dir": Path("history"), "weights_dir": Path("weights")}
 
 # Each group's flags: ("--flag METAVAR", kind, help), kind being choices, a
-# type, an action or add_argument's keywords; defaults not given are the
-# protocol's (in the epilog). More: docs/experiment.md.
+# type or add_argument's keywords; defaults not given are the protocol's (in
+# the epilog). More: docs/experiment.md.
 FLAGS = {
     "run": [
         ("--norm", dict(required=True, choices=protocols.NORMS),
@@ -31,8 +32,8 @@ FLAGS = {
         ("--name", cli.run_name,
          "run name (default: NORM-PROTOCOL-bBATCH[-kK|-pairs][-vV]-sSEED)"),
         ("--seed SEED", cli.nonnegative_int, "random seed (default: 0)"),
-        ("--resume", "store_true", "continue the run (or start it)"),
-        ("--overwrite", "store_true", "start again, replacing the run's files"),
+        ("--resume", STORE_TRUE, "continue the run (or start it)"),
+        ("--overwrite", STORE_TRUE, "start again, replacing the run's files"),
     ],
     "data": [
         ("--data-dir DIR", Path,
@@ -131,8 +132,6 @@ def keywords(kind, metavar):
         return kind
     if isinstance(kind, tuple):
         return {"choices": kind}
-    if kind in ("store_true", ON_OFF):
-        return {"action": kind}
     return {"type": kind, "metavar": metavar or None}
 
 
@@ -203,16 +202,14 @@ def check_config(config, explicit):
 
 
 def resolve_measurements(config):
-    """--track-corrections and --train-mode-validation: their defaults, and
-    what they need."""
-    if config["track_corrections"] is None:
-        config["track_corrections"] = config["norm"] == "renorm"
-    if config["track_corrections"] and config["norm"] != "renorm":
-        raise UsageError(f"--track-corrections needs --norm renorm (r and d "
-                         f"are renorm's), not --norm {config['norm']}")
-    one_device = config["devices"] == 1
-    if config["train_mode_validation"] is None:
-        config["train_mode_validation"] = one_device
-    if config["train_mode_validation"] and not one_device:
-        raise UsageError(f"--train-mode-validation needs one device, not "
-                         f"--devices {config['devices']}")
+    """--track-corrections and --train-mode-validation: on by default where
+    they can be, refused where they cannot."""
+    for key, possible, need in (
+            ("track_corrections", config["norm"] == "renorm",
+             f"--norm renorm (r and d are renorm's), not {config['norm']}"),
+            ("train_mode_validation", config["devices"] == 1,
+             f"one device, not --devices {config['devices']}")):
+        if config[key] is None:
+            config[key] = possible
+        if config[key] and not possible:
+            raise UsageError(f"{protocols.flag(key)} needs {need}")
