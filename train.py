@@ -18,9 +18,8 @@ Files of a run NAME (see --name), formats in docs/experiment.md:
   HISTORY_DIR/NAME.corrections.csv   renorm's r and d per epoch and layer
   HISTORY_DIR/NAME.lock      while a process writes the run
   WEIGHTS_DIR/NAME.weights.h5, NAME.best.weights.h5   last and best weights
-  WEIGHTS_DIR/NAME.state.npz what --resume continues from
-Each epoch is saved as it ends: Ctrl-C or a kill loses at most the epoch in
-progress, and --resume continues after the last finished one.
+  WEIGHTS_DIR/NAME.state.npz what --resume continues from: Ctrl-C or a kill
+                             loses at most the epoch in progress
 """
 
 import gc
@@ -300,8 +299,7 @@ def start_files(run, environment, session):
 
 
 def parallel_record(config, processes):
-    """How a step's batch is split, and which statistics the norms compute
-    (for the JSON)."""
+    """How a step's batch is split and which statistics the norms compute."""
     devices, virtual = config["devices"], config["virtual_batch_size"]
     per_device = config["batch_size"] // devices
     of_processes = (f" of the {processes.count} processes"
@@ -324,9 +322,8 @@ def parallel_record(config, processes):
 
 def train_epochs(run, start, best, rows, correction_history):
     """Epochs start+1 .. epochs, each saved as it ends (`rows` and
-    `correction_history` grow); returns the best validation epoch, its
-    weights if it is one of these (else None), and the exit code if a signal
-    interrupted them (else None)."""
+    `correction_history` grow); returns the best epoch, its weights if one of
+    these (else None), and the exit code if interrupted (else None)."""
     config, model, loop, arrays = run.config, run.model, run.loop, run.arrays
     val = loop.resident(run.processes.share(arrays.x_val),
                         run.processes.share(arrays.y_val))
@@ -375,8 +372,7 @@ def train_epochs(run, start, best, rows, correction_history):
 
 
 def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
-    """The CSV row of a finished epoch, as written; `logs` and `val_logs`:
-    the epoch's metrics (`val_logs` with --train-mode-validation's)."""
+    """The CSV row of a finished epoch, as written."""
     row = {"epoch": epoch + 1, "seconds": f"{seconds:.3f}",
            "eval_seconds": f"{eval_seconds:.3f}", "lr": f"{lr:.6g}",
            "loss": f"{logs['loss']:.6g}",
@@ -389,8 +385,7 @@ def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
 
 
 def correction_rows(epoch, layers):
-    """The corrections CSV's rows of a finished epoch, one per tracking
-    renorm layer (whose sums restart from zero)."""
+    """The corrections CSV's rows of an epoch, one per tracking layer."""
     rows = []
     for layer in layers:
         means = layer.corrections(reset=True)
@@ -424,9 +419,8 @@ def commit_epoch(run, rows, best, improved, correction_history):
 
 
 def test_accuracy(run, rows, best, best_weights):
-    """The test accuracy of the last weights and of the best validation
-    epoch's (`best_weights`, else its file; left in the model); where
-    validation was the whole test set, the epochs' own val_accuracy."""
+    """The test accuracy of the last and the best epoch's weights (left in
+    the model); where validation was the test set, their val_accuracy."""
     config, arrays, share = run.config, run.arrays, run.processes.share
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
@@ -445,13 +439,11 @@ def test_accuracy(run, rows, best, best_weights):
 
 def finish(paths, test, best, test_images):
     """Records the result in the run's JSON and says where the files are."""
-    record = runfiles.read_json(paths.json)
-    record["result"] = {"test_accuracy": test["last"],
-                        "best_test_accuracy": test["best"],
-                        "test_images": test_images,
-                        "best_val_accuracy": best["val_accuracy"],
-                        "best_epoch": best["epoch"]}
-    runfiles.write_json(paths.json, record)
+    runfiles.write_json(paths.json, dict(
+        runfiles.read_json(paths.json), result={
+            "test_accuracy": test["last"], "best_test_accuracy": test["best"],
+            "test_images": test_images, "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"]}))
     print(f"test accuracy {test['last']:.4f} (last weights), "
           f"{test['best']:.4f} (weights of epoch {best['epoch']}, the best "
           f"val_accuracy {best['val_accuracy']:.4f}), on all {test_images} "

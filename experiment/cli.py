@@ -90,9 +90,8 @@ def schedule_fractions(text):
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if (len(values) != 3
-            or not all(0 <= v < math.inf for v in values)
-            or any(0 < v < values[0] for v in values[1:])):
+    if len(values) != 3 or not all(0 <= v < math.inf for v in values) or any(
+            0 < v < values[0] for v in values[1:]):
         raise argparse.ArgumentTypeError(
             "must be three fractions W,D,R of the run's steps (end of the "
             "warm-up, d_max reached, r_max reached), each >= 0, with D and R "

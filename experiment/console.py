@@ -1,6 +1,5 @@
-"""What train.py prints: the run's description, the per-epoch table, the
-line that ends an interrupted run, and the command lines that repeat or
-resume it."""
+"""What train.py prints: the run's description, the per-epoch table, an
+interruption's last line, and the commands that repeat or resume the run."""
 
 import shlex
 import signal
@@ -10,9 +9,8 @@ PROG = "train.py"
 
 
 class Table:
-    """The per-epoch table on stdout."""
+    """The per-epoch table on stdout (COLUMNS: title, width, format)."""
 
-    # Each column's title, width and number format.
     COLUMNS = {"epoch": ("epoch", 5, ""), "seconds": ("train_s", 8, ".1f"),
                "eval_seconds": ("eval_s", 7, ".1f"),
                "loss": ("loss", 7, ".4f"), "accuracy": ("acc", 6, ".4f"),

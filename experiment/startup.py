@@ -24,9 +24,8 @@ CHATTER = re.compile(
 @contextlib.contextmanager
 def quiet_startup():
     """Runs the block with file descriptor 2 captured, then writes every
-    captured line but CHATTER to stderr; sets TF_CPP_MIN_LOG_LEVEL=1 where
-    unset (later INFO lines hidden, in child processes too). Does nothing
-    where TF_CPP_MIN_LOG_LEVEL is 0."""
+    captured line but CHATTER to stderr, and sets TF_CPP_MIN_LOG_LEVEL=1
+    where unset (for later lines and child processes); not where it is 0."""
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() == "0":
         yield
         return
