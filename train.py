@@ -7,74 +7,19 @@ renormalization, and keep a per-epoch history that can be plotted and resumed.
   python train.py --norm renorm --train-size 5000 --epochs 2   # a quick look
   python train.py --norm renorm --resume             # after an interruption
   python train.py --norm renorm --batch-size 8 --classes-per-batch 4 \\
-      --renorm-schedule 0.04,0.19,0.31 --epochs 10   # pairs of images of a
-                              # class; the schedule scaled to the run's steps
+      --renorm-schedule 0.04,0.19,0.31 --epochs 10   # non-i.i.d. batches
   python train.py --norm batchnorm --virtual-batch-size 4 --sampling pairs
-                              # the paper's micro-batches: batches of 128,
-                              # normalized in groups of 4 (2 pairs of 2
-                              # classes), ghost batch normalization
-  KERAS_BACKEND=jax python train.py --norm renorm --devices all
-                              # data parallel on every local device
-  KERAS_DISTRIBUTION_JOB_ADDRESSES=host0:12345 \\
-  KERAS_DISTRIBUTION_NUM_PROCESSES=2 KERAS_DISTRIBUTION_PROCESS_ID=0 \\
-  KERAS_BACKEND=jax python train.py --norm renorm --devices all
-                              # process 0 of 2 hosts (the same on host 1
-                              # with PROCESS_ID=1); process 0 writes
+                                                     # the paper's micro-batches
+  KERAS_BACKEND=jax python train.py --norm renorm --devices all  # data parallel
 
---lr is used as given for every --batch-size (no automatic scaling);
-sweep.py trains all batch sizes with the same Adam learning rate.
-
-Files of a run NAME (default NORM-PROTOCOL-bBATCH-sSEED, with before -sSEED
--kK for --classes-per-batch K or -pairs for --sampling pairs, then -vV for
---virtual-batch-size V):
-  HISTORY_DIR/NAME.csv                one row per epoch, written as it ends:
-                                      epoch, seconds (training steps only,
-                                      measured after the device finished),
-                                      eval_seconds, loss, accuracy, val_loss,
-                                      val_accuracy, (--train-mode-validation)
-                                      val_loss_train_mode,
-                                      val_accuracy_train_mode, lr (and
-                                      r_max, d_max of the first renorm layer
-                                      after the epoch)
-  HISTORY_DIR/NAME.json               the configuration (keys named as the
-                                      flags; classes_per_batch null for
-                                      i.i.d. batches; sampling iid, pairs
-                                      or kK; virtual_batch_size null for
-                                      the whole batch; the renorm steps as
-                                      used, also with --renorm-schedule),
-                                      --input and --steps-per-execution as
-                                      resolved, steps_per_epoch, which
-                                      statistics the norms compute
-                                      (statistics), backend, device,
-                                      versions; per session, what ran the
-                                      steps (training_loop) and how the
-                                      renorm layers computed their batch
-                                      statistics (statistics_formulation)
-  WEIGHTS_DIR/NAME.weights.h5         the last weights
-  WEIGHTS_DIR/NAME.best.weights.h5    the weights of the best val_accuracy
-  WEIGHTS_DIR/NAME.state.npz          weights, optimizer state, epoch and
-                                      every finished epoch's row: what
-                                      --resume continues from (it rewrites
-                                      the CSV from it, saying what it
-                                      repaired)
-  HISTORY_DIR/NAME.corrections.csv    renorm (--track-corrections): one row
-                                      per epoch and layer: epoch, layer,
-                                      r_dev and d_dev (means of |r - 1| and
-                                      |d| over the epoch's steps, channels
-                                      and groups), r_clipped and d_clipped
-                                      (the fractions clipped), r_max, d_max
-                                      (the layer's bounds after the epoch)
-  HISTORY_DIR/NAME.lock               while a process writes the run: its
-                                      pid and host (a second writer of the
-                                      run is refused)
-At the end of each epoch the state and weights files are replaced atomically
-and the CSV row is appended and flushed, so Ctrl-C or a kill loses at most the
-epoch in progress; --resume continues after the last finished epoch. A Keras
-progress bar shows on a terminal. `loss` includes the L2 penalty of
---weight-decay. Validation uses --val-size images held out of the training
-set (--val-from train, the default; never trained on) or taken from the test
-set (--val-from test, as the 2017 code did); at the end, the last weights and
-the best validation epoch's weights are each tested on the whole test set.
+Files of a run NAME (see --name), formats in docs/experiment.md:
+  HISTORY_DIR/NAME.csv       one row per epoch, appended as it ends
+  HISTORY_DIR/NAME.json      the configuration, sessions and test accuracies
+  HISTORY_DIR/NAME.corrections.csv   renorm's r and d per epoch and layer
+  HISTORY_DIR/NAME.lock      while a process writes the run
+  WEIGHTS_DIR/NAME.weights.h5, NAME.best.weights.h5   last and best weights
+  WEIGHTS_DIR/NAME.state.npz what --resume continues from: Ctrl-C or a kill
+                             loses at most the epoch in progress
 """
 
 import gc
@@ -107,22 +52,20 @@ PROG = "train.py"
 
 
 def main(argv=None, exiting=False):
-    """train.py's exit code; `exiting`: the process ends after it, so that
-    once a signal has interrupted the run, later ones stay ignored until
-    the exit (the shutdown the first began finishes)."""
+    """train.py's exit code; `exiting`: the process ends after it (signals
+    after the first stay ignored until the exit)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         config, options, explicit = parse_args(argv)
         if not options.processes.writer:  # process 0 prints for the run
-            silence_stdout()
+            sys.stdout.flush()  # and the descriptor (JAX prints there too)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         with interrupts_as_exceptions(
                 exiting, lambda signum, seconds: stuck(signum, seconds, argv)):
             return train(config, options, explicit, argv)
     except (KeyboardInterrupt, Interrupted) as interruption:
-        signum = getattr(interruption, "signum", signal.SIGINT)
-        print(interrupted(signum, " before training began; nothing new "
-                                  "was saved"), file=sys.stderr)
-        return 128 + signum
+        return interrupted(interruption, " before training began; nothing "
+                           "new was saved")
     except UsageError as error:
         return fail(PROG, error, 2)
     except (DataError, OSError, RuntimeError) as error:
@@ -132,35 +75,28 @@ def main(argv=None, exiting=False):
 def stuck(signum, seconds, argv):
     """The last line of a run whose main thread did not come back from the
     framework to take a signal (the watchdog ends the process after it)."""
-    os.write(sys.stderr.fileno(), (interrupted(
+    os.write(sys.stderr.fileno(), (console.interrupted(
         signum, ", but the framework did not hand control back within "
         f"{seconds:g} s, so the process ends now; every epoch in the history "
         f"is saved; continue with: {console.resume_command(argv)}")
         + "\n").encode())
 
 
-def interrupted(signum, what):
-    """The line that ends an interrupted run: the signal, then `what`."""
-    return (f"{console.newline()}{PROG}: interrupted "
-            f"({signal.Signals(signum).name}){what}")
-
-
-def silence_stdout():
-    """stdout to /dev/null, Python's and the file descriptor's (which
-    JAX's collectives print to)."""
-    sys.stdout.flush()
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def interrupted(interruption, what):
+    """Prints the line that ends an interrupted run (the signal, then
+    `what`); returns the exit code, 128 + the signal."""
+    signum = getattr(interruption, "signum", signal.SIGINT)
+    print(console.interrupted(signum, what), file=sys.stderr)
+    return 128 + signum
 
 
 def parse_args(argv):
-    """The run's configuration, the options and the flags given (the help
-    text is this file's docstring)."""
+    """The run's configuration, the options and the flags given."""
     return flags.parse_args(argv, __doc__)
 
 
 def train(config, options, explicit, argv):
-    """The run, with its lock held: one process writes a run at a time (of
-    several processes training it, process 0)."""
+    """The run, with its lock held by its writer (process 0)."""
     paths = runfiles.Paths.of(config["name"], options.history_dir,
                               options.weights_dir)
     if not options.processes.writer:
@@ -178,9 +114,7 @@ def note(message):
 
 @dataclass
 class Run:
-    """What the steps of a run share: its configuration, files, command
-    line and processes (process 0 writes), then its data, the steps of an
-    epoch, the CSV's columns, the compiled model and its loop."""
+    """What the steps of a run share (process 0 of `processes` writes)."""
 
     config: dict
     paths: runfiles.Paths
@@ -206,8 +140,7 @@ def run_training(config, options, explicit, argv, paths):
     if not resuming:  # a resumed run keeps the steps it started with
         protocols.resolve_schedule(config, run.steps)
 
-    # 3. Model and optimizer (Keras is imported only now: bad input fails fast;
-    # TensorFlow's start-up lines hidden).
+    # 3. Model and optimizer; Keras imported only now: bad input fails fast.
     with quiet_startup():
         import keras  # noqa: F401 (first here, quietly)
 
@@ -225,16 +158,19 @@ def run_training(config, options, explicit, argv, paths):
         # 5. Each epoch: training steps, validation, then a commit to disk.
         run.loop = loops.make(loop, run.model, config, run.arrays, run.steps,
                               run.processes)
-        best, best_weights, interrupted = train_epochs(run, start, best, rows,
-                                                       corrections)
-        if interrupted:
-            return interrupted  # the exit code, 128 + the signal
+        best, best_weights, code = train_epochs(run, start, best, rows,
+                                                corrections)
+        if code:
+            return code  # interrupted: 128 + the signal
 
         # 6. The end: test accuracy of the last weights, and the files.
         try:
             test = test_accuracy(run, rows, best, best_weights)
         except (KeyboardInterrupt, Interrupted) as interruption:
-            return interrupted_after_training(interruption, config, argv)
+            return interrupted(
+                interruption, " during the test evaluation, after the last "
+                f"epoch; all {config['epochs']} epochs are saved; finish "
+                f"with: {console.resume_command(argv)}")
     if run.processes.writer:
         finish(paths, test, best, len(run.arrays.x_test))
     return 0
@@ -242,10 +178,8 @@ def run_training(config, options, explicit, argv, paths):
 
 def open_run(config, options, explicit, paths):
     """The run's configuration (the saved one with --resume), the saved JSON
-    record, and whether there is a saved state to resume. Removes what a
-    killed writer of the run left behind. Of several processes, only process
-    0 cleans up and refuses to replace a run (the others would see the files
-    it writes as they start)."""
+    record, and whether there is a state to resume. The writer removes what
+    a killed writer left, and alone refuses to replace a run."""
     writer = options.processes.writer
     removed = runfiles.remove_temporaries(paths.all()) if writer else []
     if removed:
@@ -269,10 +203,9 @@ def open_run(config, options, explicit, paths):
 
 
 def compile_model(run):
-    """Compiles the run's model (its optimizer and metrics built) and chooses
-    the loop that will run the epochs (`loops`); resolves the run's --input
-    and --steps-per-execution. Returns the environment and this session's
-    record, and the loop's name."""
+    """Compiles the run's model and chooses the loop that runs the epochs,
+    resolving --input and --steps-per-execution; returns the environment,
+    this session's record and the loop's name."""
     config = run.config
     run.model = model = network.build_model(config)
     environment = runtime.describe_environment()
@@ -281,9 +214,8 @@ def compile_model(run):
     config["steps_per_execution"] = runtime.resolve_steps_per_execution(
         config["steps_per_execution"], environment, run.steps, config["input"])
     model.compile(
-        optimizer=network.make_optimizer(config),
+        optimizer=network.make_optimizer(config), metrics=["accuracy"],
         loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
         jit_compile=runtime.jit_compile(config["jit_compile"], environment),
         steps_per_execution=config["steps_per_execution"])
     network.build_training_state(model, run.arrays.x_val[:1],
@@ -292,20 +224,19 @@ def compile_model(run):
     environment["training_loop"] = loops.describe(loop, config)
     if why:
         note(why)
-    session = dict(started=runtime.now(),
-                   command=console.command_line(run.argv),
-                   jit_compile=bool(model.jit_compile),
-                   devices=config["devices"], **environment,
-                   statistics_formulation=network.statistics_formulation(
-                       model),
-                   provenance=runtime.provenance(environment))
+    session = dict(
+        started=runtime.now(), command=console.command_line(run.argv),
+        jit_compile=bool(model.jit_compile), devices=config["devices"],
+        **environment,
+        statistics_formulation=network.statistics_formulation(model),
+        provenance=runtime.provenance(environment))
     return environment, session, loop
 
 
 def begin(run, resuming, saved_config, environment, session):
     """The epoch to start from, the best so far, the finished epochs' rows
-    and corrections rows: from the saved state, or none (the run's files
-    written anew); then the run's description and schedule warnings."""
+    and corrections rows (saved, or none in a new run's files); prints the
+    run's description and schedule warnings."""
     run.header = runfiles.columns(run.config)
     # Before any process loads a state (its assignments are collective).
     hosts.check_same_start(run.processes, runfiles.saved_epoch(
@@ -325,14 +256,12 @@ def begin(run, resuming, saved_config, environment, session):
 
 
 def restore(run, saved_config, session):
-    """Loads the last finished epoch's state, makes the CSV and the weights
-    match it (saying what it repaired), and records the new session; returns
-    the epoch to start from, the best so far, the finished epochs' rows and
-    corrections rows. Every process loads the state; process 0 writes."""
+    """`begin` from the saved state, which every process loads; the writer
+    makes the CSV and weights match it (saying what it repaired) and records
+    the new session."""
     model, paths, writer = run.model, run.paths, run.processes.writer
     meta = runfiles.load_state(model, paths.state)
-    start, best = meta["epoch"], meta["best"]
-    corrections = meta["corrections"]
+    start, best, corrections = meta["epoch"], meta["best"], meta["corrections"]
     if best["epoch"] == start:
         runfiles.save_weights(model, paths.best, write=writer)
     runfiles.save_weights(model, paths.last, write=writer)
@@ -363,16 +292,14 @@ def start_files(run, environment, session):
     runfiles.write_json(run.paths.json, dict(
         run.config, **environment, provenance=session["provenance"],
         data=arrays.source,
-        normalization={"mean": arrays.mean.tolist(),
-                       "std": arrays.std.tolist()},
+        normalization=dict(mean=arrays.mean.tolist(), std=arrays.std.tolist()),
         params=run.model.count_params(), steps_per_epoch=run.steps,
         **parallel_record(run.config, run.processes),
         sessions=[dict(session, first_epoch=1)]))
 
 
 def parallel_record(config, processes):
-    """How a step's batch is split, and which statistics the normalization
-    layers compute (for the JSON)."""
+    """How a step's batch is split and which statistics the norms compute."""
     devices, virtual = config["devices"], config["virtual_batch_size"]
     per_device = config["batch_size"] // devices
     of_processes = (f" of the {processes.count} processes"
@@ -394,13 +321,9 @@ def parallel_record(config, processes):
 
 
 def train_epochs(run, start, best, rows, correction_history):
-    """Epochs start+1 .. epochs, each committed to disk as it ends (`rows`:
-    the finished epochs' rows, which grow); returns the best validation
-    epoch, its weights if it is one of these epochs (else None) and, if a
-    signal interrupted them, the exit code (else None). Each process trains
-    and validates on its share of every batch (Keras assembles the global
-    batch); the metrics are those of the whole batches.
-    `correction_history`: the corrections CSV's rows so far, which grow."""
+    """Epochs start+1 .. epochs, each saved as it ends (`rows` and
+    `correction_history` grow); returns the best epoch, its weights if one of
+    these (else None), and the exit code if interrupted (else None)."""
     config, model, loop, arrays = run.config, run.model, run.loop, run.arrays
     val = loop.resident(run.processes.share(arrays.x_val),
                         run.processes.share(arrays.y_val))
@@ -440,69 +363,55 @@ def train_epochs(run, start, best, rows, correction_history):
                 commit_epoch(run, rows, best, improved, correction_history)
             table.print_row(row)
     except (KeyboardInterrupt, Interrupted) as interruption:
-        signum = getattr(interruption, "signum", signal.SIGINT)
-        done = len(rows)
-        print(interrupted(signum, f" in epoch {epoch + 1} of "
-                                  f"{config['epochs']}; ")
-              + (f"epochs 1-{done} are saved" if done
+        saved = (f"epochs 1-{len(rows)} are saved" if rows
                  else "no epoch had finished")
-              + f"; continue with: {console.resume_command(run.argv)}",
-              file=sys.stderr)
-        return best, best_weights, 128 + signum
+        return best, best_weights, interrupted(
+            interruption, f" in epoch {epoch + 1} of {config['epochs']}; "
+            f"{saved}; continue with: {console.resume_command(run.argv)}")
     return best, best_weights, None
 
 
 def epoch_row(epoch, seconds, eval_seconds, logs, val_logs, lr, renorm):
-    """The CSV row of a finished epoch (text, as written); `logs` and
-    `val_logs`: the epoch's metrics, floats."""
-    row = {
-        "epoch": epoch + 1,
-        "seconds": f"{seconds:.3f}",
-        "eval_seconds": f"{eval_seconds:.3f}",
-        "loss": f"{logs['loss']:.6g}",
-        "accuracy": f"{logs['accuracy']:.6g}",
-        "val_loss": f"{val_logs['loss']:.6g}",
-        "val_accuracy": f"{val_logs['accuracy']:.6g}",
-        "lr": f"{lr:.6g}",
-    }
-    for key in ("loss", "accuracy"):  # --train-mode-validation
-        if f"{key}_train_mode" in val_logs:
-            row[f"val_{key}_train_mode"] = (
-                f"{val_logs[f'{key}_train_mode']:.6g}")
-    if renorm is not None:  # the bounds reached after the epoch
-        row["r_max"] = f"{renorm.current_r_max():.6g}"
-        row["d_max"] = f"{renorm.current_d_max():.6g}"
-    return row
+    """The CSV row of a finished epoch, as written."""
+    row = {"epoch": epoch + 1, "seconds": f"{seconds:.3f}",
+           "eval_seconds": f"{eval_seconds:.3f}", "lr": f"{lr:.6g}",
+           "loss": f"{logs['loss']:.6g}",
+           "accuracy": f"{logs['accuracy']:.6g}"}
+    for key in ("loss", "accuracy", "loss_train_mode",
+                "accuracy_train_mode"):
+        if key in val_logs:
+            row[f"val_{key}"] = f"{val_logs[key]:.6g}"
+    return dict(row, **bounds(renorm)) if renorm is not None else row
 
 
 def correction_rows(epoch, layers):
-    """The corrections CSV's rows of a finished epoch, one per tracking
-    renorm layer (whose sums restart from zero)."""
+    """The corrections CSV's rows of an epoch, one per tracking layer."""
     rows = []
     for layer in layers:
         means = layer.corrections(reset=True)
         rows.append({"epoch": epoch + 1, "layer": layer.name, **{
             key: f"{means[key]:.6g}" for key in runfiles.CORRECTION_COLUMNS
-            if key in means},
-            "r_max": f"{layer.current_r_max():.6g}",
-            "d_max": f"{layer.current_d_max():.6g}"})
+            if key in means}, **bounds(layer)})
     return rows
 
 
-def commit_epoch(run, rows, best, improved, correction_history=()):
-    """The state first (what --resume trusts: it holds every finished
-    epoch's row and corrections), then the rows and the weights; written by
-    process 0."""
+def bounds(layer):
+    """A renorm layer's r_max and d_max after the epoch, as written."""
+    return {"r_max": f"{layer.current_r_max():.6g}",
+            "d_max": f"{layer.current_d_max():.6g}"}
+
+
+def commit_epoch(run, rows, best, improved, correction_history):
+    """The state first (what --resume trusts: every finished epoch's rows),
+    then the CSVs and the weights."""
     model, paths, write = run.model, run.paths, run.processes.writer
     if write:
-        runfiles.save_state(model, paths.state,
-                            {"epoch": rows[-1]["epoch"], "best": best,
-                             "rows": rows,
-                             "corrections": list(correction_history)})
+        runfiles.save_state(model, paths.state, {
+            "epoch": rows[-1]["epoch"], "best": best, "rows": rows,
+            "corrections": list(correction_history)})
         runfiles.append_row(paths.csv, run.header, rows[-1])
         if correction_history:
-            runfiles.write_rows(paths.corrections,
-                                runfiles.CORRECTION_COLUMNS,
+            runfiles.write_rows(paths.corrections, runfiles.CORRECTION_COLUMNS,
                                 correction_history)
     if improved:
         runfiles.save_weights(model, paths.best, write=write)
@@ -510,16 +419,13 @@ def commit_epoch(run, rows, best, improved, correction_history=()):
 
 
 def test_accuracy(run, rows, best, best_weights):
-    """The accuracy on the whole test set of the last weights and of the
-    best validation epoch's weights (left in the model: `best_weights`, or
-    where that epoch was in an earlier session, its file). Where validation
-    was the whole test set, those are the epochs' own val_accuracy (`rows`:
-    the finished epochs' rows). Each process tests its share."""
+    """The test accuracy of the last and the best epoch's weights (left in
+    the model); where validation was the test set, their val_accuracy."""
     config, arrays, share = run.config, run.arrays, run.processes.share
     if config["val_from"] == "test" and config["val_size"] == len(
             arrays.x_test):
-        last = float(rows[-1]["val_accuracy"])
-        return {"last": last, "best": best["val_accuracy"]}
+        return {"last": float(rows[-1]["val_accuracy"]),
+                "best": best["val_accuracy"]}
     test = run.loop.resident(
         preprocessing.normalize(share(arrays.x_test), arrays.mean,
                                 arrays.std), share(arrays.y_test))
@@ -531,25 +437,13 @@ def test_accuracy(run, rows, best, best_weights):
     return {"last": last, "best": run.loop.evaluate(test)[0]["accuracy"]}
 
 
-def interrupted_after_training(interruption, config, argv):
-    signum = getattr(interruption, "signum", signal.SIGINT)
-    print(interrupted(signum, " during the test evaluation, after the last "
-                              f"epoch; all {config['epochs']} epochs are "
-                              "saved; finish with: "
-                              f"{console.resume_command(argv)}"),
-          file=sys.stderr)
-    return 128 + signum
-
-
 def finish(paths, test, best, test_images):
     """Records the result in the run's JSON and says where the files are."""
-    record = runfiles.read_json(paths.json)
-    record["result"] = {"test_accuracy": test["last"],
-                        "best_test_accuracy": test["best"],
-                        "test_images": test_images,
-                        "best_val_accuracy": best["val_accuracy"],
-                        "best_epoch": best["epoch"]}
-    runfiles.write_json(paths.json, record)
+    runfiles.write_json(paths.json, dict(
+        runfiles.read_json(paths.json), result={
+            "test_accuracy": test["last"], "best_test_accuracy": test["best"],
+            "test_images": test_images, "best_epoch": best["epoch"],
+            "best_val_accuracy": best["val_accuracy"]}))
     print(f"test accuracy {test['last']:.4f} (last weights), "
           f"{test['best']:.4f} (weights of epoch {best['epoch']}, the best "
           f"val_accuracy {best['val_accuracy']:.4f}), on all {test_images} "
@@ -560,7 +454,6 @@ def finish(paths, test, best, test_images):
 if __name__ == "__main__":
     code = main(exiting=True)
     # An interrupted model.fit leaves TensorFlow's generator iterator in a
-    # reference cycle; freed at the interpreter's shutdown, it logs an error
-    # after the last message. Freed here, it finishes cleanly.
+    # reference cycle, which logs an error if freed at the shutdown.
     gc.collect()
     sys.exit(code)

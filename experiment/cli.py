@@ -32,14 +32,21 @@ def fail(prog, message, code):
     return code
 
 
-def number(name, kind, low, high=math.inf, *, low_open=False,
-           requirement):
-    """An argparse type named `name` (argparse names it when `kind(text)`
-    fails): `kind(text)` (int or float) in [low, high), or (low, high) with
-    `low_open`, else an ArgumentTypeError "must be REQUIREMENT: TEXT"."""
+def number(name, requirement, kind, low, high=math.inf, *, low_open=False,
+           word=None):
+    """An argparse type named `name`: `kind(text)` in [low, high) ((low,
+    high) with `low_open`), or the string `word`; else "must be REQUIREMENT:
+    TEXT" (argparse names the type where `kind` fails and there is no word)."""
 
     def parse(text):
-        value = kind(text)
+        if text == word:
+            return text
+        try:
+            value = kind(text)
+        except ValueError:
+            if word is None:
+                raise
+            value = math.nan
         inside = not math.isnan(value) and (
             value > low if low_open else value >= low) and value < high
         if not inside:
@@ -50,40 +57,17 @@ def number(name, kind, low, high=math.inf, *, low_open=False,
     return parse
 
 
-positive_int = number("positive_int", int, 1,
-                      requirement="a positive integer")
-nonnegative_int = number("nonnegative_int", int, 0,
-                         requirement="an integer >= 0")
-positive_float = number("positive_float", float, 0, low_open=True,
-                        requirement="a positive number")
-nonnegative_float = number("nonnegative_float", float, 0,
-                           requirement="a number >= 0")
-fraction = number("fraction", float, 0, 1, requirement="in [0, 1)")
-at_least_one = number("at_least_one", float, 1,
-                      requirement="a number >= 1")
-
-
-def positive_int_or(word, name):
-    """An argparse type: a positive integer, or the string `word`."""
-
-    def parse(text):
-        if text == word:
-            return text
-        try:
-            value = int(text)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(
-                f"must be a positive integer or {word}: {text}")
-        return value
-
-    parse.__name__ = name
-    return parse
-
-
-steps_or_auto = positive_int_or("auto", "steps_or_auto")
-devices_or_all = positive_int_or("all", "devices_or_all")
+positive_int = number("positive_int", "a positive integer", int, 1)
+nonnegative_int = number("nonnegative_int", "an integer >= 0", int, 0)
+positive_float = number("positive_float", "a positive number", float, 0,
+                        low_open=True)
+nonnegative_float = number("nonnegative_float", "a number >= 0", float, 0)
+fraction = number("fraction", "in [0, 1)", float, 0, 1)
+at_least_one = number("at_least_one", "a number >= 1", float, 1)
+steps_or_auto = number("steps_or_auto", "a positive integer or auto", int, 1,
+                       word="auto")
+devices_or_all = number("devices_or_all", "a positive integer or all", int,
+                        1, word="all")
 
 
 def milestones(text):
@@ -92,13 +76,11 @@ def milestones(text):
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         values = None
-    if values is None or any(v < 1 for v in values) or list(values) != sorted(
-        set(values)
-    ):
+    if values is None or list(values) != sorted(set(values)) or any(
+            v < 1 for v in values):
         raise argparse.ArgumentTypeError(
-            f"must be increasing positive epochs separated by commas, like "
-            f"60,120,160 (or an empty string for none): {text!r}"
-        )
+            "must be increasing positive epochs separated by commas, like "
+            f"60,120,160 (or an empty string for none): {text!r}")
     return values
 
 
@@ -108,9 +90,8 @@ def schedule_fractions(text):
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if (len(values) != 3
-            or not all(0 <= v < math.inf for v in values)
-            or any(0 < v < values[0] for v in values[1:])):
+    if len(values) != 3 or not all(0 <= v < math.inf for v in values) or any(
+            0 < v < values[0] for v in values[1:]):
         raise argparse.ArgumentTypeError(
             "must be three fractions W,D,R of the run's steps (end of the "
             "warm-up, d_max reached, r_max reached), each >= 0, with D and R "
@@ -123,17 +104,14 @@ def wrn_depth(text):
     value = int(text)
     if value < 10 or (value - 4) % 6:
         raise argparse.ArgumentTypeError(
-            f"must be 6N + 4 with N >= 1 (10, 16, 22, 28, 40, ...): {text}"
-        )
+            f"must be 6N + 4 with N >= 1 (10, 16, 22, 28, 40, ...): {text}")
     return value
 
 
 def run_name(text):
     """A run name: a file name of letters, digits and ._-+=."""
     if not text or text.startswith(".") or any(
-        not (c.isalnum() or c in "._-+=") for c in text
-    ):
+            not (c.isalnum() or c in "._-+=") for c in text):
         raise argparse.ArgumentTypeError(
-            f"must be a file name of letters, digits and ._-+=: {text!r}"
-        )
+            f"must be a file name of letters, digits and ._-+=: {text!r}")
     return text

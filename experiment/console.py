@@ -1,16 +1,16 @@
-"""What train.py prints: the run's description, the per-epoch table, and
-the command lines that repeat or resume it."""
+"""What train.py prints: the run's description, the per-epoch table, an
+interruption's last line, and the commands that repeat or resume the run."""
 
 import shlex
+import signal
 import sys
 
 PROG = "train.py"
 
 
 class Table:
-    """The per-epoch table on stdout."""
+    """The per-epoch table on stdout (COLUMNS: title, width, format)."""
 
-    # Each column's title, width and number format.
     COLUMNS = {"epoch": ("epoch", 5, ""), "seconds": ("train_s", 8, ".1f"),
                "eval_seconds": ("eval_s", 7, ".1f"),
                "loss": ("loss", 7, ".4f"), "accuracy": ("acc", 6, ".4f"),
@@ -86,9 +86,11 @@ def describe_run(config, model, environment, source, steps):
     )
 
 
-def newline():
-    """Ends a progress bar's line on a terminal."""
-    return "\n" if sys.stdout.isatty() else ""
+def interrupted(signum, what):
+    """The line that ends an interrupted run: the signal, then `what` (on a
+    terminal, after the progress bar's line)."""
+    return ("\n" if sys.stdout.isatty() else "") + (
+        f"{PROG}: interrupted ({signal.Signals(signum).name}){what}")
 
 
 def command_line(argv):

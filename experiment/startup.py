@@ -1,15 +1,8 @@
-"""TensorFlow's start-up lines kept off the terminal.
-
-Importing TensorFlow (Keras on its tensorflow backend, tf.keras, and
-`keras.utils.set_random_seed` on any backend) writes a few lines from C++
-straight to file descriptor 2: absl's banner, oneDNN's notice, the CPU
-feature guard. TensorFlow 2.21 prints the first two whatever
-TF_CPP_MIN_LOG_LEVEL says, so `quiet_startup` takes them out where the
-entry points first import Keras or TensorFlow. JAX, imported by Keras on
-every backend, sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset; a set value
-therefore says nothing of the user's wish, and only 0 (TensorFlow's: show
-everything) turns the filter off.
-"""
+"""TensorFlow's start-up lines kept off the terminal: importing it writes
+absl's banner, oneDNN's notice and the CPU feature guard from C++ straight
+to file descriptor 2, the first two whatever TF_CPP_MIN_LOG_LEVEL says. JAX
+sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset, so only 0 (show everything)
+says the user wants them."""
 
 import contextlib
 import os
@@ -30,24 +23,19 @@ CHATTER = re.compile(
 
 @contextlib.contextmanager
 def quiet_startup():
-    """Runs the block with file descriptor 2 sent to a temporary file, then
-    writes to stderr every captured line but TensorFlow's known start-up
-    lines (errors, warnings and tracebacks of the block are shown, after
-    it), and sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset, as JAX does
-    (TensorFlow's later INFO lines hidden, in child processes too); does
-    nothing where TF_CPP_MIN_LOG_LEVEL is 0: the user asked for them all."""
+    """Runs the block with file descriptor 2 captured, then writes every
+    captured line but CHATTER to stderr, and sets TF_CPP_MIN_LOG_LEVEL=1
+    where unset (for later lines and child processes); not where it is 0."""
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() == "0":
         yield
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     sys.stderr.flush()
-    saved = capture = None
     try:
-        saved = os.dup(2)
         capture = tempfile.TemporaryFile()
-    except OSError:  # no stderr, or no temporary file: nothing is hidden
-        if saved is not None:
-            os.close(saved)
+        saved = os.dup(2)
+    except OSError:  # no temporary file, or no stderr: nothing is hidden
+        capture = None
     if capture is None:
         yield
         return

@@ -588,9 +588,8 @@ def test_help_names_virtual_batches_and_sampling():
     result = run_script("--help")
     text = " ".join(result.stdout.split())
     for words in ("--virtual-batch-size V", "--sampling {iid,pairs}",
-                  "Keras's BatchNormalization has no virtual batches",
-                  "r_max 1, d_max 0 and no schedule", "-vV",
-                  "keras-renorm: refused"):
+                  "groups of V examples: ghost BN", "[-vV]",
+                  "the paper's pairs of images of a class"):
         assert words in text, words
 
 
