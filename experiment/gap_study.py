@@ -12,6 +12,7 @@ from experiment.report import (
     mean_std_text, paired_differences, value_text)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
+MEASURES = ("test", "gap_last", "gap_mean", *CORRECTIONS)  # `measures`' keys
 # Settings that make a cell, besides norm, V and sampling (a variant).
 VARIANT_KEYS = ("norm_momentum", "renorm_schedule", "r_max", "d_max")
 
@@ -172,38 +173,34 @@ def cells(runs):
 
 def cell_table(table):
     """Markdown: a row per cell, its means over seeds."""
-    header = ("norm", "V", "sampling", "variant", "test acc (%)",
-              "gap, last epoch (points)", "gap, mean over epochs",
-              "r_dev", "d_dev", "r clipped", "d clipped")
-    rows = []
-    for (norm, group, sampling, variant), by_seed in table.items():
-        values = list(by_seed.values())
-        rows.append([norm, str(group), sampling, variant or "–",
-                     mean_std_text([v["test"] for v in values]),
-                     interval_text([v["gap_last"] for v in values]),
-                     interval_text([v["gap_mean"] for v in values]),
-                     *[mean_text([v[key] for v in values])
-                       for key in CORRECTIONS]])
-    return markdown_table(header, rows)
+    texts = (mean_std_text, interval_text, interval_text, *[mean_text] * 4)
+    return markdown_table(
+        ("norm", "V", "sampling", "variant", "test acc (%)",
+         "gap, last epoch (points)", "gap, mean over epochs", "r_dev",
+         "d_dev", "r clipped", "d clipped"),
+        [(norm, str(group), sampling, variant or "–",
+          *[text(by_key(by_seed, key).values())
+            for text, key in zip(texts, MEASURES)])
+         for (norm, group, sampling, variant), by_seed in table.items()])
 
 
 def paired_table(table):
     """Markdown: renorm - batchnorm of the same V and sampling, by seed."""
-    rows = []
-    for (norm, group, sampling, variant), by_seed in table.items():
-        base = table.get((BASELINE, group, sampling, ""))
-        if norm != "renorm" or base is None:
-            continue
-        test, gap = (paired_differences(
-            {s: v[key] for s, v in by_seed.items()},
-            {s: v[key] for s, v in base.items()})
-            for key in ("test", "gap_last"))
-        rows.append(["", str(group), sampling, variant or "–",
-                     interval_text(test.values()),
-                     interval_text(gap.values())])
+    rows = [("", str(group), sampling, variant or "–",
+             *[interval_text(paired_differences(
+                 by_key(by_seed, key),
+                 by_key(table[BASELINE, group, sampling, ""], key)).values())
+               for key in ("test", "gap_last")])
+            for (norm, group, sampling, variant), by_seed in table.items()
+            if norm == "renorm" and (BASELINE, group, sampling, "") in table]
     return markdown_table(("renorm - batchnorm", "V", "sampling", "variant",
                            "test acc (points)", "gap, last epoch (points)"),
                           rows)
+
+
+def by_key(by_seed, key):
+    """{seed: measures[key]} of {seed: measures}."""
+    return {seed: found[key] for seed, found in by_seed.items()}
 
 
 def mean_text(values):
