@@ -143,13 +143,12 @@ def parse_args(argv):
     args = build_parser().parse_args(argv[:split])
     args.extra = argv[split + 1:]
     check_study_flags(args)
-    for key, value in {**STUDIES[args.study],
+    folders = {f"{kind}_dir": Path(kind, STUDY_DIRS[args.study])
+               for kind in ("history", "weights", "plots")}
+    for key, value in {**STUDIES[args.study], **folders,
                        **PRESETS[args.study][args.preset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for kind in ("history", "weights", "plots"):
-        if getattr(args, f"{kind}_dir") is None:
-            setattr(args, f"{kind}_dir", Path(kind) / STUDY_DIRS[args.study])
     if args.norm_momentum is not None:
         args.momentum_images = None
     elif args.momentum_images <= max(args.batch_sizes):
@@ -166,19 +165,18 @@ def parse_args(argv):
 
 def check_study_flags(args):
     """Each study's own flags, refused with the other."""
-    if args.study == "microbatch":
-        if args.batch_sizes is not None:
-            raise cli.UsageError(
-                "--batch-sizes is the batch study's; the microbatch study "
-                f"trains every run at batch {MICRO_BATCH} and varies "
-                "--virtual-batch-sizes")
-        wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
-        if wrong:
-            raise cli.UsageError(
-                f"--sampling {wrong[0]} is the batch study's; the microbatch "
-                "study samples iid or pairs")
-    elif args.virtual_batch_sizes is not None:
+    micro = args.study == "microbatch"
+    wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
+    if not micro and args.virtual_batch_sizes is not None:
         raise cli.UsageError("--virtual-batch-sizes needs --study microbatch")
+    if micro and args.batch_sizes is not None:
+        raise cli.UsageError(
+            "--batch-sizes is the batch study's; the microbatch study trains "
+            f"every run at batch {MICRO_BATCH} and varies "
+            "--virtual-batch-sizes")
+    if micro and wrong:
+        raise cli.UsageError(f"--sampling {wrong[0]} is the batch study's; "
+                             "the microbatch study samples iid or pairs")
 
 
 def momentum_for(args, batch_size):
@@ -304,12 +302,11 @@ def train_all(runs, done):
     """Trains the runs not `done`, in order; returns an exit code."""
     try:
         for number, (name, run_argv) in enumerate(runs, start=1):
+            head = f"{PROG}: [{number}/{len(runs)}] {name}: "
             if name in done:
-                print(f"{PROG}: [{number}/{len(runs)}] {name}: finished, "
-                      "skipped")
+                print(head + "finished, skipped")
                 continue
-            print(f"{PROG}: [{number}/{len(runs)}] {name}: "
-                  f"{train_command(run_argv)}", flush=True)
+            print(head + train_command(run_argv), flush=True)
             code = run_script(TRAIN, run_argv)
             if code >= 128:
                 print(f"{PROG}: interrupted in run {name}; rerun the same "

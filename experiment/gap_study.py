@@ -38,9 +38,8 @@ def bound_panel(ax, corrections, x, epochs):
     ax.set_title(f"{x}_max after the epoch", fontsize=10)
     ax.set_xlabel("epoch")
     first, last = int(epochs[0]), int(epochs[-1])
-    ticks = [int(t) for t in MaxNLocator(MAX_EPOCH_TICKS, integer=True,
-                                         min_n_ticks=1).tick_values(first,
-                                                                    last)
+    locator = MaxNLocator(MAX_EPOCH_TICKS, integer=True, min_n_ticks=1)
+    ticks = [int(t) for t in locator.tick_values(first, last)
              if first <= t <= last]
     ax.set_xticks([t - 0.5 for t in ticks], [str(t) for t in ticks])
     ax.set_xlim(first - 1, last)
@@ -103,10 +102,9 @@ def plot_corrections(run):
     for ax in axes[:2, 1]:
         ax.tick_params(labelleft=False)
     warmup = mark_warmup(axes.flat, run, epochs)
-    seed = run.value("seed")
     fig.suptitle(figure_title(
         f"What renorm's corrections did, by layer and epoch: {run.name} "
-        f"(seed {seed}); means over each epoch's training steps"
+        f"(seed {run.value('seed')}); means over each epoch's training steps"
         + ("; dotted: the warm-up ends" if warmup else ""), [], [run]),
         fontsize=11)
     return fig

@@ -106,10 +106,9 @@ def rest_rows(points):
 
 
 def interval_lines(ax, points, interval, styles, words, spread=0.0):
-    """A line per norm, sampling and rest: at each x where `interval(point)`
-    is (mean, below, above), not None, the mean with a bar; `styles` as
-    `styles_of`; the lines `spread` apart (log2 units) so that the bars at
-    one x do not hide each other."""
+    """A line per norm, sampling and rest: the mean and bar of each
+    `interval(point)` (mean, below, above; None: none), `spread` apart
+    (log2 units) so that bars at one x do not hide each other."""
     colors, linestyles, markers = styles
     found = lines(points)
     for number, (line, cells) in enumerate(found.items()):
@@ -184,7 +183,8 @@ def non_iid_bars(ax, points, styles, sizes, where):
                label=line_label(line, sampling_text),
                **bar_style(line[1] is None))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-    ax.set(xlabel="batch size", title="i.i.d. (light) and non-i.i.d. (hatched) batches" + where)
+    ax.set(xlabel="batch size",
+           title="i.i.d. (light) and non-i.i.d. (hatched) batches" + where)
 
 
 def non_iid_drops(ax, points, styles, sizes, where):
@@ -192,7 +192,6 @@ def non_iid_drops(ax, points, styles, sizes, where):
     batch size."""
     colors, linestyles, markers = styles
     found = lines(points)
-    drawn = False
     for (norm, classes, rest), cells in found.items():
         iid = found.get((norm, None, rest), {})
         members = [size for size in cells if size in iid]
@@ -203,10 +202,9 @@ def non_iid_drops(ax, points, styles, sizes, where):
         ax.plot(members, drops, color=colors[norm],
                 linestyle=linestyles[classes], marker=markers[rest],
                 label=line_label((norm, classes, rest), sampling_text))
-        drawn = True
-    ax.axhline(0, color="grey", linewidth=1)
-    if drawn:
+    if ax.lines:
         log2_axis(ax, sizes, "batch size (log scale)")
+    ax.axhline(0, color="grey", linewidth=1)
     ax.set(ylabel="percentage points",
            title="best val accuracy: non-i.i.d. minus i.i.d." + where)
 
