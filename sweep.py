@@ -1,21 +1,10 @@
 #!/usr/bin/env python3
 """Where batch renormalization matters: small and non-i.i.d. minibatches.
-Trains a grid of train.py runs one after another in --history-dir, then
-plot.py draws them into --plots-dir. --study batch (the default) varies the
-batch size and sampling, runs sweep-NORM-bBATCH-SAMPLING; --study microbatch
-keeps batch 128 and normalizes it in groups of V examples, runs
-micro-NORM-vV-SAMPLING (-sSEED for seeds other than 0). Method, presets and
-results: docs/sweep.md.
-
-  python sweep.py                  # the reduced version, for a CPU (defaults)
-  python sweep.py --preset gpu     # the full version, for a GPU
-  python sweep.py --dry-run        # the runs and their train.py commands
-  python sweep.py --batch-sizes 4 32 --norms batchnorm renorm -- --augment
-  python sweep.py --study microbatch --preset gpu
-
-Resumable: a finished run is skipped, any other started or continued
-(train.py --resume); rerun the same command after an interruption. Flags
-after `--` go to every train.py run.
+Trains a grid of train.py runs in --history-dir, one after another and
+resumably (rerun the same command), then plot.py draws them into
+--plots-dir. --study batch: batch sizes and sampling; --study microbatch:
+normalization groups V in batches of 128. Flags after `--` go to every
+train.py run. Method, presets, run names and examples: docs/sweep.md.
 """
 
 import argparse
@@ -58,8 +47,7 @@ PRESETS = {
         "gpu": dict(GPU, epochs=4, lr_milestones=(3,),
                     virtual_batch_sizes=(2, 4, 8, 16, 128), seeds=(0, 1, 2))},
 }
-# Where each study's runs and figures go (history/NAME, weights/NAME,
-# plots/NAME).
+# Each study's folder in history/, weights/ and plots/.
 STUDY_DIRS = {"batch": "sweep", "microbatch": "microbatch"}
 
 
@@ -109,18 +97,15 @@ def build_parser():
                       "groups of --virtual-batch-sizes")
     grid.add_argument("--norms", nargs="+", choices=NORMS,
                       default=list(NORMS), metavar="NORM",
-                      help=f"{joined(NORMS, ', ')} (default: all; the "
-                      "microbatch study trains keras-renorm, which has no "
-                      f"virtual batches, at V = {MICRO_BATCH} only)")
+                      help=f"{joined(NORMS, ', ')} (default: all; "
+                      f"microbatch: keras-renorm at V = {MICRO_BATCH} only)")
     grid.add_argument("--batch-sizes", nargs="+", type=cli.positive_int,
                       metavar="N", help="batch study only; default: "
                       + joined(STUDIES["batch"]["batch_sizes"]))
     grid.add_argument("--sampling", nargs="+", type=sampling, metavar="S",
-                      help="iid; kN: every batch from N classes; pairs: "
-                      "pairs of images of a class (N = batch / 2, or V/2 "
-                      "classes per group); a combination that cannot be "
-                      "made is skipped with a note (default: iid k2; the "
-                      "microbatch study: iid or pairs, default both)")
+                      help="iid, kN (every batch from N classes) or pairs "
+                      "(of images of a class); default: iid k2, microbatch: "
+                      "iid pairs (its only two); impossible ones are skipped")
     grid.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
                       metavar="SEED", help="repeats of each run (default: 0; "
                       "microbatch: the preset's)")
@@ -134,9 +119,8 @@ def build_parser():
         run.add_argument(flag, type=kind, metavar=metavar, help=text)
     momentum = run.add_mutually_exclusive_group()
     momentum.add_argument("--momentum-images", type=cli.positive_int,
-                          metavar="IMAGES", help="norm momentum 1 - BATCH / "
-                          "IMAGES: the same images averaged at every batch "
-                          "size")
+                          metavar="IMAGES",
+                          help="norm momentum 1 - BATCH / IMAGES")
     momentum.add_argument("--norm-momentum", type=cli.fraction,
                           metavar="M", help="one norm momentum for all runs")
     output = parser.add_argument_group("output")
@@ -159,13 +143,12 @@ def parse_args(argv):
     args = build_parser().parse_args(argv[:split])
     args.extra = argv[split + 1:]
     check_study_flags(args)
-    for key, value in {**STUDIES[args.study],
+    folders = {f"{kind}_dir": Path(kind, STUDY_DIRS[args.study])
+               for kind in ("history", "weights", "plots")}
+    for key, value in {**STUDIES[args.study], **folders,
                        **PRESETS[args.study][args.preset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    for kind in ("history", "weights", "plots"):
-        if getattr(args, f"{kind}_dir") is None:
-            setattr(args, f"{kind}_dir", Path(kind) / STUDY_DIRS[args.study])
     if args.norm_momentum is not None:
         args.momentum_images = None
     elif args.momentum_images <= max(args.batch_sizes):
@@ -182,39 +165,18 @@ def parse_args(argv):
 
 def check_study_flags(args):
     """Each study's own flags, refused with the other."""
-    if args.study == "microbatch":
-        if args.batch_sizes is not None:
-            raise cli.UsageError(
-                "--batch-sizes is the batch study's; the microbatch study "
-                f"trains every run at batch {MICRO_BATCH} and varies "
-                "--virtual-batch-sizes")
-        wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
-        if wrong:
-            raise cli.UsageError(
-                f"--sampling {wrong[0]} is the batch study's; the microbatch "
-                "study samples iid or pairs")
-    elif args.virtual_batch_sizes is not None:
+    micro = args.study == "microbatch"
+    wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
+    if not micro and args.virtual_batch_sizes is not None:
         raise cli.UsageError("--virtual-batch-sizes needs --study microbatch")
-
-
-def classes_per_batch(spec, batch_size):
-    """K for a sampling spec at a batch size (None for iid), and why the
-    combination is impossible (None if it is possible)."""
-    if spec == "iid":
-        return None, None
-    if spec == "pairs":
-        if batch_size % 2:
-            return None, f"pairs need an even batch size, not {batch_size}"
-        classes = batch_size // 2
-    else:
-        classes = int(spec[1:])
-    if batch_size % classes:
-        return classes, (f"{classes} classes per batch do not divide batch "
-                         f"size {batch_size}")
-    if classes > NUM_CLASSES:
-        return classes, (f"{classes} classes per batch are more than "
-                         f"CIFAR-10's {NUM_CLASSES}")
-    return classes, None
+    if micro and args.batch_sizes is not None:
+        raise cli.UsageError(
+            "--batch-sizes is the batch study's; the microbatch study trains "
+            f"every run at batch {MICRO_BATCH} and varies "
+            "--virtual-batch-sizes")
+    if micro and wrong:
+        raise cli.UsageError(f"--sampling {wrong[0]} is the batch study's; "
+                             "the microbatch study samples iid or pairs")
 
 
 def momentum_for(args, batch_size):
@@ -225,49 +187,57 @@ def momentum_for(args, batch_size):
 
 def plan(args):
     """The runs as (name, train.py argv), and the notes of the combinations
-    skipped, each once."""
-    if args.study == "microbatch":
-        return micro_plan(args)
+    skipped, each once; the microbatch study's seeds outermost (a study cut
+    short holds whole seeds)."""
+    micro = args.study == "microbatch"
+    grid = ((args.seeds, args.virtual_batch_sizes, args.sampling, args.norms)
+            if micro else (args.batch_sizes, args.sampling, args.norms,
+                           args.seeds))
     runs, skipped = {}, {}
-    for batch_size, spec, norm, seed in itertools.product(
-            args.batch_sizes, args.sampling, args.norms, args.seeds):
-        classes, why = classes_per_batch(spec, batch_size)
-        if why:
-            skipped.setdefault((batch_size, spec),
-                               f"batch {batch_size}, {spec}: {why}")
-            continue
+    for values in itertools.product(*grid):
+        found = (micro_run if micro else batch_run)(args, *values)
+        if isinstance(found, str):
+            skipped.setdefault(found)
+        else:
+            runs.setdefault(*found)
+    return list(runs.items()), list(skipped)
+
+
+def batch_run(args, batch_size, spec, norm, seed):
+    """A run, (name, train.py argv), or the note why there is none."""
+    classes = (None if spec == "iid" else batch_size // 2 if spec == "pairs"
+               else int(spec[1:]))
+    if spec == "pairs" and batch_size % 2:
+        why = f"pairs need an even batch size, not {batch_size}"
+    elif classes and batch_size % classes:
+        why = (f"{classes} classes per batch do not divide batch size "
+               f"{batch_size}")
+    elif classes and classes > NUM_CLASSES:
+        why = (f"{classes} classes per batch are more than CIFAR-10's "
+               f"{NUM_CLASSES}")
+    else:
         name = (f"sweep-{norm}-b{batch_size}-"
                 + ("iid" if classes is None else f"k{classes}")
                 + (f"-s{seed}" if seed else ""))
-        runs.setdefault(name, train_argv(args, name, norm, batch_size, seed,
-                                         classes=classes))
-    return list(runs.items()), list(skipped.values())
+        return name, train_argv(args, name, norm, batch_size, seed,
+                                classes=classes)
+    return f"batch {batch_size}, {spec}: {why}"
 
 
-def micro_plan(args):
-    """`plan` of the microbatch study, the seeds outermost (a study cut
-    short holds whole seeds)."""
-    runs, skipped = [], {}
-    for seed, virtual, spec, norm in itertools.product(*map(dict.fromkeys, (
-            args.seeds, args.virtual_batch_sizes, args.sampling)), args.norms):
-        if virtual > MICRO_BATCH:
-            skipped[virtual] = (f"V {virtual}: more than the batch, "
-                                f"{MICRO_BATCH}")
-        elif spec == "pairs" and virtual % 2:
-            skipped[virtual, spec] = (f"V {virtual}, pairs: a group of pairs "
-                                      "needs an even V")
-        elif norm == "keras-renorm" and virtual != MICRO_BATCH:
-            skipped[virtual, norm] = (
-                f"V {virtual}, keras-renorm: it has no virtual batches "
+def micro_run(args, seed, virtual, spec, norm):
+    """`batch_run` of the microbatch study."""
+    if virtual > MICRO_BATCH:
+        return f"V {virtual}: more than the batch, {MICRO_BATCH}"
+    if spec == "pairs" and virtual % 2:
+        return f"V {virtual}, pairs: a group of pairs needs an even V"
+    if norm == "keras-renorm" and virtual != MICRO_BATCH:
+        return (f"V {virtual}, keras-renorm: it has no virtual batches "
                 f"(trained at V = {MICRO_BATCH} only)")
-        else:
-            name = f"micro-{norm}-v{virtual}-{spec}" + (
-                f"-s{seed}" if seed else "")
-            runs.append((name, train_argv(
-                args, name, norm, MICRO_BATCH, seed, sampling=spec,
-                # keras-renorm's whole batch is recorded as none.
-                virtual=None if norm == "keras-renorm" else virtual)))
-    return runs, list(skipped.values())
+    name = f"micro-{norm}-v{virtual}-{spec}" + (f"-s{seed}" if seed else "")
+    return name, train_argv(
+        args, name, norm, MICRO_BATCH, seed, sampling=spec,
+        # keras-renorm's whole batch is recorded as none.
+        virtual=None if norm == "keras-renorm" else virtual)
 
 
 def train_argv(args, name, norm, batch_size, seed, classes=None,
@@ -332,12 +302,11 @@ def train_all(runs, done):
     """Trains the runs not `done`, in order; returns an exit code."""
     try:
         for number, (name, run_argv) in enumerate(runs, start=1):
+            head = f"{PROG}: [{number}/{len(runs)}] {name}: "
             if name in done:
-                print(f"{PROG}: [{number}/{len(runs)}] {name}: finished, "
-                      "skipped")
+                print(head + "finished, skipped")
                 continue
-            print(f"{PROG}: [{number}/{len(runs)}] {name}: "
-                  f"{train_command(run_argv)}", flush=True)
+            print(head + train_command(run_argv), flush=True)
             code = run_script(TRAIN, run_argv)
             if code >= 128:
                 print(f"{PROG}: interrupted in run {name}; rerun the same "

@@ -12,6 +12,7 @@ from experiment.report import (
     mean_std_text, paired_differences, value_text)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
+MEASURES = ("test", "gap_last", "gap_mean", *CORRECTIONS)  # `measures`' keys
 # Settings that make a cell, besides norm, V and sampling (a variant).
 VARIANT_KEYS = ("norm_momentum", "renorm_schedule", "r_max", "d_max")
 
@@ -37,9 +38,8 @@ def bound_panel(ax, corrections, x, epochs):
     ax.set_title(f"{x}_max after the epoch", fontsize=10)
     ax.set_xlabel("epoch")
     first, last = int(epochs[0]), int(epochs[-1])
-    ticks = [int(t) for t in MaxNLocator(MAX_EPOCH_TICKS, integer=True,
-                                         min_n_ticks=1).tick_values(first,
-                                                                    last)
+    locator = MaxNLocator(MAX_EPOCH_TICKS, integer=True, min_n_ticks=1)
+    ticks = [int(t) for t in locator.tick_values(first, last)
              if first <= t <= last]
     ax.set_xticks([t - 0.5 for t in ticks], [str(t) for t in ticks])
     ax.set_xlim(first - 1, last)
@@ -102,10 +102,9 @@ def plot_corrections(run):
     for ax in axes[:2, 1]:
         ax.tick_params(labelleft=False)
     warmup = mark_warmup(axes.flat, run, epochs)
-    seed = run.value("seed")
     fig.suptitle(figure_title(
         f"What renorm's corrections did, by layer and epoch: {run.name} "
-        f"(seed {seed}); means over each epoch's training steps"
+        f"(seed {run.value('seed')}); means over each epoch's training steps"
         + ("; dotted: the warm-up ends" if warmup else ""), [], [run]),
         fontsize=11)
     return fig
@@ -172,38 +171,34 @@ def cells(runs):
 
 def cell_table(table):
     """Markdown: a row per cell, its means over seeds."""
-    header = ("norm", "V", "sampling", "variant", "test acc (%)",
-              "gap, last epoch (points)", "gap, mean over epochs",
-              "r_dev", "d_dev", "r clipped", "d clipped")
-    rows = []
-    for (norm, group, sampling, variant), by_seed in table.items():
-        values = list(by_seed.values())
-        rows.append([norm, str(group), sampling, variant or "–",
-                     mean_std_text([v["test"] for v in values]),
-                     interval_text([v["gap_last"] for v in values]),
-                     interval_text([v["gap_mean"] for v in values]),
-                     *[mean_text([v[key] for v in values])
-                       for key in CORRECTIONS]])
-    return markdown_table(header, rows)
+    texts = (mean_std_text, interval_text, interval_text, *[mean_text] * 4)
+    return markdown_table(
+        ("norm", "V", "sampling", "variant", "test acc (%)",
+         "gap, last epoch (points)", "gap, mean over epochs", "r_dev",
+         "d_dev", "r clipped", "d clipped"),
+        [(norm, str(group), sampling, variant or "–",
+          *[text(by_key(by_seed, key).values())
+            for text, key in zip(texts, MEASURES)])
+         for (norm, group, sampling, variant), by_seed in table.items()])
 
 
 def paired_table(table):
     """Markdown: renorm - batchnorm of the same V and sampling, by seed."""
-    rows = []
-    for (norm, group, sampling, variant), by_seed in table.items():
-        base = table.get((BASELINE, group, sampling, ""))
-        if norm != "renorm" or base is None:
-            continue
-        test, gap = (paired_differences(
-            {s: v[key] for s, v in by_seed.items()},
-            {s: v[key] for s, v in base.items()})
-            for key in ("test", "gap_last"))
-        rows.append(["", str(group), sampling, variant or "–",
-                     interval_text(test.values()),
-                     interval_text(gap.values())])
+    rows = [("", str(group), sampling, variant or "–",
+             *[interval_text(paired_differences(
+                 by_key(by_seed, key),
+                 by_key(table[BASELINE, group, sampling, ""], key)).values())
+               for key in ("test", "gap_last")])
+            for (norm, group, sampling, variant), by_seed in table.items()
+            if norm == "renorm" and (BASELINE, group, sampling, "") in table]
     return markdown_table(("renorm - batchnorm", "V", "sampling", "variant",
                            "test acc (points)", "gap, last epoch (points)"),
                           rows)
+
+
+def by_key(by_seed, key):
+    """{seed: measures[key]} of {seed: measures}."""
+    return {seed: found[key] for seed, found in by_seed.items()}
 
 
 def mean_text(values):

@@ -22,9 +22,8 @@ LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
 
 def tables(runs, groups):
     found = micro_points(runs)
-    if not any(p.by_seed() for p in found):
-        return ""
-    return "\n" + microbatch_tables(found)
+    return ("\n" + microbatch_tables(found)
+            if any(p.by_seed() for p in found) else "")
 
 
 def figures(runs, groups):
@@ -81,15 +80,15 @@ def group_losses(points):
 
 
 def renorm_gains(points):
-    """{(sampling, rest): {V: {seed: MORE - LESS}}} of the cells with both."""
+    """{(sampling, rest): {V: MORE - LESS by seed, `interval_text`}} of the
+    cells with both."""
     by_line, found = lines(points), {}
     for (norm, sampling, rest), cells in by_line.items():
-        baseline = by_line.get((LESS, sampling, rest), {})
-        for group, point in cells.items():
-            if norm == MORE and group in baseline:
-                found.setdefault((sampling, rest), {})[group] = (
-                    paired_differences(point.by_seed(),
-                                       baseline[group].by_seed()))
+        less = by_line.get((LESS, sampling, rest), {}) if norm == MORE else {}
+        for group in cells.keys() & less.keys():
+            found.setdefault((sampling, rest), {})[group] = interval_text(
+                paired_differences(cells[group].by_seed(),
+                                   less[group].by_seed()).values())
     return found
 
 
@@ -105,8 +104,7 @@ def microbatch_tables(points):
     columns = sorted({g for cells in gains.values() for g in cells},
                      key=sort_key)
     gain_rows = [(micro_sampling_text(sampling), *[v for _, v in rest],
-                  *[interval_text(cells[g].values()) if g in cells else "–"
-                    for g in columns])
+                  *[cells.get(g, "–") for g in columns])
                  for (sampling, rest), cells in gains.items()]
     loss_rows = [(norm, micro_sampling_text(sampling), *[v for _, v in rest],
                   f"{large} → {small}", interval_text(differences.values()))
@@ -142,9 +140,8 @@ def seed_interval(point):
     return mean, half or 0.0, half or 0.0
 
 
-def micro_losses(ax, points, colors):
+def micro_losses(ax, losses, colors):
     """A bar per line of `group_losses`, with its t-interval."""
-    losses = group_losses(points)
     for number, (line, _small, _large, differences) in enumerate(losses):
         mean, half = t_interval(differences.values())
         norm, sampling, _ = line
@@ -178,12 +175,12 @@ def plot_microbatch(points, runs):
     axes[0, 0].set(ylabel="test accuracy, last weights (%)",
                    title="test accuracy against V")
     if losses:
-        micro_losses(axes[0, 1], points, colors)
+        micro_losses(axes[0, 1], losses, colors)
     seeds = sorted({len(p.by_seed()) for p in points})
     fig.suptitle(figure_title(
         "Small normalization groups in batches of one size (solid: i.i.d., "
         f"dashed: pairs); mean and {CONFIDENCE:.0%} t-interval over "
-        + ("–".join(map(str, (seeds[0], seeds[-1]))) if len(seeds) > 1
-           else str(seeds[0])) + " seeds", [], runs))
+        + "–".join(map(str, dict.fromkeys((seeds[0], seeds[-1]))))
+        + " seeds", [], runs))
     legend_below(fig, axes[:1, 0])
     return fig

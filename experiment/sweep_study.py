@@ -2,6 +2,7 @@
 timing.md's tables, by norm, sampling and batch size (docs/sweep.md)."""
 
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import matplotlib.pyplot as plt
@@ -105,10 +106,9 @@ def rest_rows(points):
 
 
 def interval_lines(ax, points, interval, styles, words, spread=0.0):
-    """A line per norm, sampling and rest: at each x where `interval(point)`
-    is (mean, below, above), not None, the mean with a bar; `styles` as
-    `styles_of`; the lines `spread` apart (log2 units) so that the bars at
-    one x do not hide each other."""
+    """A line per norm, sampling and rest: the mean and bar of each
+    `interval(point)` (mean, below, above; None: none), `spread` apart
+    (log2 units) so that bars at one x do not hide each other."""
     colors, linestyles, markers = styles
     found = lines(points)
     for number, (line, cells) in enumerate(found.items()):
@@ -131,37 +131,49 @@ def min_max(values):
                                                          - values.mean())
 
 
-def plot_accuracy_vs_batch_size(points, runs):
-    """A panel per measure (PANELS), a row per `rest_rows`."""
-    panels = [(title, which) for title, which in PANELS
-              if which != "test_accuracy"
-              or all(p.values(which) is not None for p in points)]
+def rest_figure(points, runs, title, panels, width, ylabel, legend,
+                **shared):
+    """A row per `rest_rows` of a panel per `panels`, each drawn by
+    `panel(ax, row's points, styles, batch sizes, ", FIELD VALUE"...)`."""
     rows = rest_rows(points)
-    fig, axes = plt.subplots(
-        len(rows), len(panels), squeeze=False, sharey=True,
-        figsize=(5.5 * len(panels), 1.5 + 3.8 * len(rows)),
-        layout="constrained")
+    fig, axes = plt.subplots(len(rows), len(panels), squeeze=False,
+                             figsize=(width, 1.5 + 3.8 * len(rows)),
+                             layout="constrained", **shared)
     styles = styles_of(points)
-    for number, (rest, members) in enumerate(rows):
-        for ax, (title, which) in zip(axes[number], panels):
-            interval_lines(ax, members,
-                           lambda p, which=which: min_max(p.values(which)),
-                           styles, sampling_text)
-            log2_axis(ax, x_values(points), "batch size (log scale)")
-            ax.set_title(", ".join([title] + [field_text(f, v)
-                                              for f, v in rest]))
-        axes[number, 0].set_ylabel("accuracy (%)")
-    several = any(len(p.runs) > 1 for p in points)
-    fig.suptitle(figure_title(
-        "Accuracy against batch size (solid: i.i.d. batches, dashed: K "
-        "classes per batch)" + ("; bars: min–max over runs" if several
-                                else ""), [], runs))
-    legend_below(fig, axes.flat)
+    for (rest, members), row in zip(rows, axes):
+        where = "".join(", " + field_text(f, v) for f, v in rest)
+        for ax, panel in zip(row, panels):
+            panel(ax, members, styles, x_values(points), where)
+        row[0].set_ylabel(ylabel)
+    fig.suptitle(figure_title(title, [], runs))
+    legend_below(fig, axes[:, :legend].flat)
     return fig
 
 
-def non_iid_bars(ax, points, colors, sizes):
+def measure_panel(title, which, ax, points, styles, sizes, where):
+    """`values(which)` against batch size, min–max bars."""
+    interval_lines(ax, points, lambda p: min_max(p.values(which)), styles,
+                   sampling_text)
+    log2_axis(ax, sizes, "batch size (log scale)")
+    ax.set_title(title + where)
+
+
+def plot_accuracy_vs_batch_size(points, runs):
+    """A panel per measure (PANELS), a row per `rest_rows`."""
+    panels = [partial(measure_panel, title, which) for title, which in PANELS
+              if which != "test_accuracy"
+              or all(p.values(which) is not None for p in points)]
+    several = any(len(p.runs) > 1 for p in points)
+    return rest_figure(
+        points, runs, "Accuracy against batch size (solid: i.i.d. batches, "
+        "dashed: K classes per batch)" + ("; bars: min–max over runs"
+                                          if several else ""),
+        panels, 5.5 * len(panels), "accuracy (%)", len(panels), sharey=True)
+
+
+def non_iid_bars(ax, points, styles, sizes, where):
     """Bars of best val accuracy per batch size, norm and sampling."""
+    colors = styles[0]
     bars = lines(points)
     width = 0.8 / len(bars)
     for number, (line, members) in enumerate(bars.items()):
@@ -171,15 +183,15 @@ def non_iid_bars(ax, points, colors, sizes):
                label=line_label(line, sampling_text),
                **bar_style(line[1] is None))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-    ax.set(xlabel="batch size", ylabel="best validation accuracy (%)")
+    ax.set(xlabel="batch size",
+           title="i.i.d. (light) and non-i.i.d. (hatched) batches" + where)
 
 
-def non_iid_drops(ax, points, styles, sizes):
+def non_iid_drops(ax, points, styles, sizes, where):
     """Best val accuracy with K classes per batch minus i.i.d., against
     batch size."""
     colors, linestyles, markers = styles
     found = lines(points)
-    drawn = False
     for (norm, classes, rest), cells in found.items():
         iid = found.get((norm, None, rest), {})
         members = [size for size in cells if size in iid]
@@ -190,29 +202,18 @@ def non_iid_drops(ax, points, styles, sizes):
         ax.plot(members, drops, color=colors[norm],
                 linestyle=linestyles[classes], marker=markers[rest],
                 label=line_label((norm, classes, rest), sampling_text))
-        drawn = True
-    ax.axhline(0, color="grey", linewidth=1)
-    if drawn:
+    if ax.lines:
         log2_axis(ax, sizes, "batch size (log scale)")
-    ax.set(ylabel="percentage points")
+    ax.axhline(0, color="grey", linewidth=1)
+    ax.set(ylabel="percentage points",
+           title="best val accuracy: non-i.i.d. minus i.i.d." + where)
 
 
 def plot_non_iid(points, runs):
     """`non_iid_bars` and `non_iid_drops`, a row per `rest_rows`."""
-    rows = rest_rows(points)
-    fig, axes = plt.subplots(len(rows), 2, figsize=(13, 1.5 + 3.8 * len(rows)),
-                             squeeze=False, layout="constrained")
-    styles = styles_of(points)
-    for (rest, members), (left, right) in zip(rows, axes):
-        where = "".join(", " + field_text(f, v) for f, v in rest)
-        non_iid_bars(left, members, styles[0], x_values(points))
-        left.set_title("i.i.d. (light) and non-i.i.d. (hatched) batches"
-                       + where)
-        non_iid_drops(right, members, styles, x_values(points))
-        right.set_title("best val accuracy: non-i.i.d. minus i.i.d." + where)
-    fig.suptitle(figure_title("Non-i.i.d. minibatches", [], runs))
-    legend_below(fig, axes[:, 0])
-    return fig
+    return rest_figure(points, runs, "Non-i.i.d. minibatches",
+                       (non_iid_bars, non_iid_drops), 13,
+                       "best validation accuracy (%)", 1)
 
 
 def accuracy_table(points, title, notes, keys):
