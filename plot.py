@@ -1,21 +1,12 @@
 #!/usr/bin/env python3
 """Plot and tabulate the training histories written by train.py.
 
-Each run is a pair `<run>.csv` (one row per epoch) and `<run>.json` (its
-configuration); runs that differ only in their seed (and name, timings,
-provenance) are repeats of one group. Writes, in PLOTS, timing.md (a row
-per group: accuracy, s/epoch, its ratio to batchnorm, the code the runs
-ran; also printed; the studies' tables below) and the figures the runs
-have: curves.png, seconds_per_epoch.png; accuracy_vs_batch_size.png and
-non_iid.png (sweep.py); microbatch.png (sweep.py --study microbatch);
-NAME.corrections.png (train.py --track-corrections).
-
-Titles state every setting that departs from the runs' protocol, and the
-device. Groups of mixed or unknown code are flagged; a partial or malformed
-history is skipped with a warning naming it.
-
-With --readme FILE, the table also replaces what FILE holds between the
-lines `<!-- timing.md begins -->` and `<!-- timing.md ends -->`.
+Groups the runs (seeds are repeats) and writes, in PLOTS, timing.md (also
+printed) and the figures the runs have: curves.png, seconds_per_epoch.png,
+the sweep's, the microbatch study's and NAME.corrections.png. A partial or
+malformed history is skipped with a warning. With --readme FILE, the table
+also goes into FILE between the lines `<!-- timing.md begins -->` and
+`<!-- timing.md ends -->`. What each shows: docs/experiment.md#plotpy.
 """
 
 import sys
@@ -36,7 +27,7 @@ from experiment.report import save_figure
 PROG = "plot.py"
 README_BEGIN = "<!-- timing.md begins -->"
 README_END = "<!-- timing.md ends -->"
-# Each writes its section of timing.md (`tables`) and its `figures`.
+# Each gives its section of timing.md (`tables`) and its `figures`.
 STUDIES = (curves_study, sweep_study, microbatch_study, gap_study)
 
 
@@ -57,10 +48,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def error(message):
-    return fail(PROG, message, 1)
-
-
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -68,8 +55,9 @@ def main(argv=None):
         return fail(PROG, problem, 2)
     runs = load_runs(history_paths(args.runs, args.history_dir))
     if not runs:
-        return error("no usable history " + (
-            "among the named runs" if args.runs else f"in {args.history_dir}"))
+        return fail(PROG, "no usable history " + (
+            "among the named runs" if args.runs else f"in {args.history_dir}"),
+            1)
     groups = group_runs(runs)
     report = "".join(study.tables(runs, groups) for study in STUDIES)
     try:
@@ -80,13 +68,13 @@ def main(argv=None):
                 save_figure(figure, args.plots_dir / name)
         runfiles.write_file(args.plots_dir / "timing.md", report.encode())
     except (OSError, runfiles.WriteError) as problem:
-        return error(f"cannot write to {args.plots_dir}: {problem}")
+        return fail(PROG, f"cannot write to {args.plots_dir}: {problem}", 1)
     if args.readme:
         try:
             runfiles.replace_block(args.readme, README_BEGIN, README_END,
                                    report.split("\n\n", 1)[1])
         except (OSError, ValueError, runfiles.WriteError) as problem:
-            return error(problem)
+            return fail(PROG, problem, 1)
     print(report, end="")
     return 0
 

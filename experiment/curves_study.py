@@ -10,16 +10,10 @@ from matplotlib.ticker import (
     LogLocator, MaxNLocator, StrMethodFormatter)
 
 from experiment.histories import (
-    GAP, IGNORED, field_text, norm_rank, sort_key, test_result, warn)
+    GAP, norm_rank, settings_text, sort_key, test_result, warn)
 from experiment.report import (
     BASELINE, LINESTYLES, MAX_LINES, WARMUP_STYLE, figure_title,
     format_percent, markdown_table, norm_colors, test_images_text)
-
-
-def tables(runs, groups):
-    """timing.md's head and table; on stderr, the provenance problems."""
-    warn_provenance(groups)
-    return timing_report(groups, runs)
 
 
 def figures(runs, groups):
@@ -38,7 +32,7 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
 
 def crowded(groups, facets):
     """Whether a panel per value of `facets` would hold more than MAX_LINES
-    lines, or more other keys than line styles."""
+    lines, or more settings than line styles."""
     panels = {}
     for group in groups:
         key = dict(group.key)
@@ -49,8 +43,8 @@ def crowded(groups, facets):
 
 
 def facet_fields(groups):
-    """The key fields that get a row of panels per value, those of most
-    values first, until no panel is `crowded`."""
+    """The key fields with a row of panels per value (most values first)
+    until no panel is `crowded`."""
     fields, facets = [f for f, _ in groups[0].key], []
     while crowded(groups, facets) and len(facets) < len(fields):
         rest = [f for f in fields if f not in facets]
@@ -70,8 +64,8 @@ def facet_rows(groups, facets):
 
 
 def curve_styles(groups, facets):
-    """Per group label: (colour by norm, line style by the other key
-    fields, marker on short runs, label less the facets)."""
+    """Per group label: (colour by norm, line style by the rest of the key,
+    marker on short runs, label less the facets)."""
     colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
     rest_of = {g.label: tuple((f, v) for f, v in g.key if f not in facets)
                for g in groups}
@@ -83,15 +77,13 @@ def curve_styles(groups, facets):
         styles[group.label] = (
             colors[group.norm],
             LINESTYLES[rests.index(rest) % len(LINESTYLES)],
-            "o" if short else None,
-            ", ".join([group.norm] + [field_text(f, v) for f, v in rest
-                                      if v != IGNORED]))
+            "o" if short else None, settings_text(rest, group.norm))
     return styles
 
 
 def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` against epoch over the group's runs that have it,
-    a min–max band."""
+    """Mean of `column` by epoch over the runs that have it, a min–max
+    band."""
     runs = [run for run in group.runs if column in run.frame]
     if not runs:
         return
@@ -142,8 +134,8 @@ def curve_legend(fig, groups, styles, warmup):
 
 
 def curve_axes(rows, gap=False):
-    """The figure and a list of axes per row, in PANELS' order and the
-    gap's: 2 x 2 (the gap beside) for one row."""
+    """The figure and a list of axes per row, in PANELS' order, the gap
+    last (2 x 2 and the gap beside for one row)."""
     columns = len(PANELS) + gap
     if len(rows) == 1:
         fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
@@ -178,10 +170,8 @@ def format_curve_axes(grid, rows, specs=PANELS):
                 ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
                 ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        facet_label = ", ".join(field_text(f, v) for f, v in facet
-                                if v != IGNORED)
-        panels[0].set_ylabel(f"{facet_label}\nloss" if len(rows) > 1
-                             else "loss")
+        panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
+                             if len(rows) > 1 else "loss")
         panels[2].set_ylabel("accuracy (%)")
         if len(rows) == 1 and len(panels) > len(PANELS):
             panels[-1].set_ylabel("percentage points")
@@ -190,8 +180,8 @@ def format_curve_axes(grid, rows, specs=PANELS):
 
 
 def plot_curves(groups, runs):
-    """Loss, accuracy (and the gap) against epoch, a row of panels per
-    value of the `facet_fields`."""
+    """Loss, accuracy (and the gap) by epoch, a row of panels per value of
+    the `facet_fields`."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
@@ -214,8 +204,8 @@ def plot_curves(groups, runs):
 
 # ---------------------------------------------------------------- seconds
 def plot_seconds(groups, runs):
-    """A bar per group of its median training seconds per epoch, each epoch
-    a dot (the first, which compiles, hollow), the ratio to batchnorm."""
+    """A bar per group: its median training seconds per epoch, an epoch a
+    dot (the first, which compiles, hollow), the ratio to batchnorm."""
     ordered = sorted(groups, key=lambda g: (
         [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
     ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
@@ -266,14 +256,13 @@ def seconds_row(ax, y, group, color, ratio, longest):
 
 # ---------------------------------------------------------------- timing.md
 def median_seconds(group):
-    """Median training seconds per epoch over all epochs of all its runs."""
+    """Median training seconds per epoch over all its runs' epochs."""
     return float(pd.concat([run.frame["seconds"] for run in group.runs])
                  .median())
 
 
 def ratios_to_baseline(groups):
-    """Each group's median s/epoch over that of its batchnorm group, or
-    None."""
+    """Each group's median s/epoch over its batchnorm group's, or None."""
     baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
                 if g.norm == BASELINE}
     return [median_seconds(g) / baseline[g.key_for(BASELINE)]
@@ -291,13 +280,7 @@ def format_epochs(group):
     return text
 
 
-def provenances(group):
-    """The runs' `provenance` records (not those that are none)."""
-    return [record for run in group.runs
-            if isinstance(record := run.config.get("provenance"), dict)]
-
-
-# What a warning says of the groups with each kind of provenance problem.
+# Warnings' words for the groups with each kind of provenance problem.
 PROVENANCE_WARNINGS = {
     "none": "runs with no provenance (older code)",
     "unknown": "runs of an unknown commit (not run from a git checkout)",
@@ -306,33 +289,30 @@ PROVENANCE_WARNINGS = {
 }
 
 
-def provenance_problems(group):
-    """(kind of PROVENANCE_WARNINGS, text) of why a group's runs may not be
-    the same code."""
-    known, total = provenances(group), len(group.runs)
-    problems = []
-    if len(known) < total:
-        problems.append(("none", "no provenance" if not known else
-                         f"{total - len(known)} of {total} runs without "
-                         "provenance"))
-    commits = {r.get("commit") for r in known}
-    if None in commits:
-        problems.append(("unknown", "commit unknown"))
-    if len(commits - {None}) > 1:
-        problems.append(("commits", f"{len(commits - {None})} commits"))
-    if any(r.get("dirty") is not False for r in known):
-        problems.append(("dirty", "dirty tree"))
-    return problems
+def provenance(group):
+    """A group's commits, and (kind of PROVENANCE_WARNINGS, text) of why its
+    runs may not be the same code."""
+    known = [record for run in group.runs
+             if isinstance(record := run.config.get("provenance"), dict)]
+    commits, total = {r.get("commit") for r in known}, len(group.runs)
+    missing = f"{total - len(known)} of {total} runs without provenance"
+    problems = [(kind, text) for kind, text, found in (
+        ("none", missing if known else "no provenance", len(known) < total),
+        ("unknown", "commit unknown", None in commits),
+        ("commits", f"{len(commits - {None})} commits",
+         len(commits - {None}) > 1),
+        ("dirty", "dirty tree",
+         any(r.get("dirty") is not False for r in known))) if found]
+    return sorted({str(c)[:7] for c in commits if c}), problems
 
 
 def provenance_cell(group):
     """timing.md's note beside a group: its commit(s), and its problems."""
-    commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
-                      if r.get("commit")})
-    problems = [text for _, text in provenance_problems(group)]
+    commits, problems = provenance(group)
     text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
     if problems:
-        text = "⚠ " + "; ".join(problems) + (f" ({text})" if text else "")
+        text = ("⚠ " + "; ".join(text for _, text in problems)
+                + (f" ({text})" if text else ""))
     return text
 
 
@@ -340,7 +320,7 @@ def warn_provenance(groups):
     """One warning per kind of problem, naming the groups that have it."""
     flagged = {}
     for group in groups:
-        for kind, text in provenance_problems(group):
+        for kind, text in provenance(group)[1]:
             flagged.setdefault(kind, []).append(f"{group.label} ({text})")
     for kind, labels in flagged.items():
         warn(f"{len(labels)} group(s) of {PROVENANCE_WARNINGS[kind]}; see "
@@ -380,30 +360,45 @@ def validation_source(source, size):
     return f"{'all' if size is None else size} images from {source}"
 
 
-def group_row(group, ratio, best_weights):
-    """The cells of a group's row in timing.md's table."""
-    frames = [r.frame["val_accuracy"] for r in group.runs]
-    tests = [result_text(group, key) for key in ("test_accuracy",
-             "best_test_accuracy")[:1 + best_weights]]
-    return (group.label, len(group.runs), format_epochs(group), *tests,
-            format_percent([f.max() for f in frames]),
-            format_percent([f.iloc[-1] for f in frames]),
-            f"{median_seconds(group):.2f}",
-            "n/a" if ratio is None else f"{ratio:.2f}",
-            provenance_cell(group),
-            *[", ".join(sorted({str(run.config[key]) for run in group.runs}))
-              for key in ("device", "backend")])
+def val_accuracy(group, row):
+    """format_percent of the runs' best (row None) or `row` val_accuracy."""
+    return format_percent([r.frame["val_accuracy"].max() if row is None
+                           else r.frame["val_accuracy"].iloc[row]
+                           for r in group.runs])
 
 
-def timing_report(groups, runs):
-    """timing.md: a row per group, and what each column counts."""
+def config_text(group, key):
+    return ", ".join(sorted({str(run.config[key]) for run in group.runs}))
+
+
+BEST_WEIGHTS = "test acc, best-val weights (%)"
+# timing.md's columns: (header, cell(group, ratio to batchnorm)).
+TIMING_COLUMNS = (
+    ("group", lambda g, _: g.label),
+    ("runs", lambda g, _: len(g.runs)),
+    ("epochs", lambda g, _: format_epochs(g)),
+    ("test acc, last weights (%)",
+     lambda g, _: result_text(g, "test_accuracy")),
+    (BEST_WEIGHTS, lambda g, _: result_text(g, "best_test_accuracy")),
+    ("best val acc (%)", lambda g, _: val_accuracy(g, None)),
+    ("final val acc (%)", lambda g, _: val_accuracy(g, -1)),
+    ("median s/epoch", lambda g, _: f"{median_seconds(g):.2f}"),
+    ("ratio to batchnorm", lambda _, r: "n/a" if r is None else f"{r:.2f}"),
+    ("code", lambda g, _: provenance_cell(g)),
+    ("device", lambda g, _: config_text(g, "device")),
+    ("backend", lambda g, _: config_text(g, "backend")),
+)
+
+
+def tables(runs, groups):
+    """timing.md: a row per group, and what each column counts; the
+    provenance problems warned on stderr."""
+    warn_provenance(groups)
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)
-    header = ("group", "runs", "epochs", "test acc, last weights (%)",
-              *(["test acc, best-val weights (%)"] if best_weights else []),
-              "best val acc (%)", "final val acc (%)", "median s/epoch",
-              "ratio to batchnorm", "code", "device", "backend")
-    rows = [group_row(group, ratio, best_weights)
+    columns = [column for column in TIMING_COLUMNS
+               if best_weights or column[0] != BEST_WEIGHTS]
+    rows = [[cell(group, ratio) for _, cell in columns]
             for group, ratio in zip(groups, ratios_to_baseline(groups))]
     source = ", ".join(f"`{d}`" for d in sorted({str(run.path.parent)
                                                  for run in runs}))
@@ -412,14 +407,13 @@ def timing_report(groups, runs):
                  if best_weights else "")
     return (
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
-        f"group(s).\n\n{markdown_table(header, rows)}\n\n"
+        f"group(s).\n\n{markdown_table([c for c, _ in columns], rows)}\n\n"
         "Test accuracy: mean (± std over runs) of each run's last weights on "
         f"{test_images_text(runs, 'the whole test set')}.{best_note} "
-        "Validation accuracy: mean (± std over runs) of each run's best and final epoch; validation "
-        f"images: {validation_text(groups)}. Median s/epoch: median wall time "
-        "of an epoch's training steps over all epochs of the group's runs "
-        "(evaluation excluded). Ratio: to the batchnorm group with the same "
-        "other settings. Code: the commit the runs ran (⚠: mixed commits, a "
-        "dirty tree, or no provenance recorded).\n")
-
-
+        "Validation accuracy: mean (± std over runs) of each run's best and "
+        f"final epoch; validation images: {validation_text(groups)}. Median "
+        "s/epoch: median wall time of an epoch's training steps over all "
+        "epochs of the group's runs (evaluation excluded). Ratio: to the "
+        "batchnorm group with the same other settings. Code: the commit the "
+        "runs ran (⚠: mixed commits, a dirty tree, or no provenance "
+        "recorded).\n")
