@@ -1,13 +1,12 @@
-"""The groups of runs: curves.png, seconds_per_epoch.png and timing.md's
-table (accuracy, seconds per epoch, the code the runs ran)."""
+"""The groups of runs: curves.png, seconds_per_epoch.png, timing.md's
+table."""
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import (
-    LogLocator, MaxNLocator, StrMethodFormatter)
+from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter
 
 from experiment.histories import (
     GAP, norm_rank, settings_text, sort_key, test_result, warn)
@@ -67,18 +66,14 @@ def curve_styles(groups, facets):
     """Per group label: (colour by norm, line style by the rest of the key,
     marker on short runs, label less the facets)."""
     colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
-    rest_of = {g.label: tuple((f, v) for f, v in g.key if f not in facets)
-               for g in groups}
-    rests = list(dict.fromkeys(rest_of.values()))
+    rests = [tuple((f, v) for f, v in g.key if f not in facets)
+             for g in groups]
+    order = list(dict.fromkeys(rests))
     short = max(len(run.frame) for g in groups for run in g.runs) <= 25
-    styles = {}
-    for group in groups:
-        rest = rest_of[group.label]
-        styles[group.label] = (
-            colors[group.norm],
-            LINESTYLES[rests.index(rest) % len(LINESTYLES)],
-            "o" if short else None, settings_text(rest, group.norm))
-    return styles
+    return {g.label: (colors[g.norm],
+                      LINESTYLES[order.index(rest) % len(LINESTYLES)],
+                      "o" if short else None, settings_text(rest, g.norm))
+            for g, rest in zip(groups, rests)}
 
 
 def plot_group(ax, group, column, style, scale=1.0):
@@ -272,36 +267,28 @@ def ratios_to_baseline(groups):
 def format_epochs(group):
     done = sorted({len(run.frame) for run in group.runs})
     text = str(done[0]) if len(done) == 1 else f"{done[0]}–{done[-1]}"
-    planned = {run.config.get("epochs") for run in group.runs}
-    if len(planned) == 1:
-        planned = planned.pop()
-        if isinstance(planned, int) and done[0] < planned:
-            text += f"/{planned}"
+    planned = {run.config["epochs"] for run in group.runs}
+    if (len(planned) == 1 and isinstance(epochs := planned.pop(), int)
+            and done[0] < epochs):
+        text += f"/{epochs}"
     return text
 
 
-# Warnings' words for the groups with each kind of provenance problem.
-PROVENANCE_WARNINGS = {
-    "none": "runs with no provenance (older code)",
-    "unknown": "runs of an unknown commit (not run from a git checkout)",
-    "commits": "runs from different commits",
-    "dirty": "runs from a dirty tree (uncommitted changes)",
-}
-
-
 def provenance(group):
-    """A group's commits, and (kind of PROVENANCE_WARNINGS, text) of why its
-    runs may not be the same code."""
+    """A group's commits, and each reason its runs may not be the same code:
+    (in a warning's words, in timing.md's)."""
     known = [record for run in group.runs
              if isinstance(record := run.config.get("provenance"), dict)]
     commits, total = {r.get("commit") for r in known}, len(group.runs)
     missing = f"{total - len(known)} of {total} runs without provenance"
     problems = [(kind, text) for kind, text, found in (
-        ("none", missing if known else "no provenance", len(known) < total),
-        ("unknown", "commit unknown", None in commits),
-        ("commits", f"{len(commits - {None})} commits",
+        ("with no provenance (older code)",
+         missing if known else "no provenance", len(known) < total),
+        ("of an unknown commit (not run from a git checkout)",
+         "commit unknown", None in commits),
+        ("from different commits", f"{len(commits - {None})} commits",
          len(commits - {None}) > 1),
-        ("dirty", "dirty tree",
+        ("from a dirty tree (uncommitted changes)", "dirty tree",
          any(r.get("dirty") is not False for r in known))) if found]
     return sorted({str(c)[:7] for c in commits if c}), problems
 
@@ -323,20 +310,17 @@ def warn_provenance(groups):
         for kind, text in provenance(group)[1]:
             flagged.setdefault(kind, []).append(f"{group.label} ({text})")
     for kind, labels in flagged.items():
-        warn(f"{len(labels)} group(s) of {PROVENANCE_WARNINGS[kind]}; see "
+        warn(f"{len(labels)} group(s) of runs {kind}; see "
              f"the code column of timing.md: {' | '.join(labels)}")
 
 
 def result_text(group, key):
     """format_percent of the runs' `result[key]`, "(k of n runs)"."""
-    values = [test_result(run, key) for run in group.runs]
-    known = [v for v in values if v is not None]
-    if not known:
-        return "–"
-    text = format_percent(known)
-    if len(known) < len(values):
-        text += f" ({len(known)} of {len(values)} runs)"
-    return text
+    known = [value for run in group.runs
+             if (value := test_result(run, key)) is not None]
+    if len(known) in (0, len(group.runs)):
+        return format_percent(known) if known else "–"
+    return f"{format_percent(known)} ({len(known)} of {len(group.runs)} runs)"
 
 
 def validation_text(groups):
@@ -349,15 +333,13 @@ def validation_text(groups):
 
 def validation_source(source, size):
     if source == "train":
-        count = "images" if size is None else f"{size} images"
-        return (f"{count} held out of the training set (`val_from` train; "
-                "never trained on)")
-    if source == "test":
-        where = ("the whole test set" if size is None
-                 else f"a subset of {size} test images")
-        return (f"{where} (`val_from` test, as in 2017: validation and test "
-                "accuracies are not independent)")
-    return f"{'all' if size is None else size} images from {source}"
+        return ("images" if size is None else f"{size} images") + (
+            " held out of the training set (`val_from` train; never trained "
+            "on)")
+    return ("the whole test set" if size is None
+            else f"a subset of {size} test images") + (
+        " (`val_from` test, as in 2017: validation and test accuracies are "
+        "not independent)")
 
 
 def val_accuracy(group, row):

@@ -162,9 +162,8 @@ def is_corrections(path):
 
 def history_csv(path):
     """The CSV of a run named by its .csv, .json or .corrections.csv."""
-    if is_corrections(path):
-        return path.with_name(path.stem[:-len(CORRECTIONS_SUFFIX)] + ".csv")
-    return path.with_suffix(".csv")
+    cut = len(CORRECTIONS_SUFFIX) if is_corrections(path) else 0
+    return path.with_name(path.stem[:len(path.stem) - cut] + ".csv")
 
 
 def read_config(path):
@@ -255,28 +254,24 @@ def read_corrections(path):
     return frame.reset_index(drop=True)
 
 
-def load_run(csv_path):
-    """The run of `csv_path`; damaged corrections: a warning, left out."""
-    frame = read_frame(csv_path)
-    config = read_config(csv_path.with_suffix(".json"))
-    corrections = None
-    path = csv_path.with_name(f"{csv_path.stem}{CORRECTIONS_SUFFIX}.csv")
-    if path.is_file():
-        try:
-            corrections = read_corrections(path)
-        except BadHistory as error:
-            warn(f"skipping the corrections {path}: {error}")
-    return Run(csv_path.stem, csv_path, config, frame, corrections)
-
-
 def load_runs(paths):
-    """The usable runs among `paths`; a warning for each other."""
+    """The usable runs among `paths` (their corrections where usable); a
+    warning for each other."""
     runs = []
     for path in paths:
         try:
-            runs.append(load_run(path))
+            frame = read_frame(path)
+            runs.append(Run(path.stem, path,
+                            read_config(path.with_suffix(".json")), frame))
         except BadHistory as error:
             warn(f"skipping {path}: {error}")
+            continue
+        corrections = path.with_name(f"{path.stem}{CORRECTIONS_SUFFIX}.csv")
+        if corrections.is_file():
+            try:
+                runs[-1].corrections = read_corrections(corrections)
+            except BadHistory as error:
+                warn(f"skipping the corrections {corrections}: {error}")
     return runs
 
 
