@@ -1,12 +1,8 @@
 #!/usr/bin/env python3
 """Plot and tabulate the training histories written by train.py.
 
-Groups the runs (seeds are repeats) and writes, in PLOTS, timing.md (also
-printed) and the figures the runs have: curves.png, seconds_per_epoch.png,
-the sweep's, the microbatch study's and NAME.corrections.png. A partial or
-malformed history is skipped with a warning. With --readme FILE, the table
-also goes into FILE between the lines `<!-- timing.md begins -->` and
-`<!-- timing.md ends -->`. What each shows: docs/experiment.md#plotpy.
+Writes, in PLOTS_DIR, timing.md (also printed) and the figures the runs
+have; docs/experiment.md#plotpy says what each shows.
 """
 
 import sys
@@ -33,14 +29,13 @@ STUDIES = (curves_study, sweep_study, microbatch_study, gap_study)
 
 def parse_args(argv):
     parser = script_parser(PROG, __doc__)
-    parser.add_argument(
-        "runs", nargs="*", metavar="RUN",
-        help="runs to include: a name (file stem in --history-dir) or a path "
-             "to its .csv; default: every history in --history-dir")
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="a run's name or .csv (default: every run in "
+                             "--history-dir)")
     parser.add_argument("--history-dir", type=Path, default=Path("history"),
                         help="where the histories are (default: %(default)s)")
     parser.add_argument("--plots-dir", type=Path, default=Path("plots"),
-                        help="where to write the figures and timing.md "
+                        help="where to write figures and timing.md "
                              "(default: %(default)s)")
     parser.add_argument("--readme", type=Path, metavar="FILE",
                         help="also put the table into FILE between the "

@@ -31,14 +31,10 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
 
 def crowded(groups, facets):
     """Whether a panel per value of `facets` would hold more than MAX_LINES
-    lines, or more settings than line styles."""
-    panels = {}
-    for group in groups:
-        key = dict(group.key)
-        panels.setdefault(tuple(key[f] for f in facets), []).append(
-            tuple(v for f, v in group.key if f not in facets))
-    return any(len(lines) > MAX_LINES or len(set(lines)) > len(LINESTYLES)
-               for lines in panels.values())
+    lines or more settings than line styles."""
+    return any(len(members) > MAX_LINES or len({
+        tuple(v for f, v in g.key if f not in facets) for g in members})
+        > len(LINESTYLES) for _, members in facet_rows(groups, facets))
 
 
 def facet_fields(groups):
@@ -107,8 +103,7 @@ def mark_warmups(ax, groups, styles):
 
 def curve_legend(fig, groups, styles, warmup):
     """An entry per line style and colour, and the warm-up's mark."""
-    entries = {style[3]: style for style in
-               (styles[g.label] for g in groups)}
+    entries = {style[3]: style for style in styles.values()}
     handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
                       label=label) for label, (c, ls, m, _) in entries.items()]
     norms = list(dict.fromkeys(g.norm for g in groups))
@@ -150,28 +145,18 @@ def curve_axes(rows, gap=False):
     return fig, [list(row) for row in axes]
 
 
-def format_curve_axes(grid, rows, specs=PANELS):
-    """Titles, log-scaled losses, integer epochs, the gap's zero, each
-    row's facet."""
-    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
-        for ax, (column, title, _) in zip(panels, specs):
-            if len(rows) == 1 or number == 0:
-                ax.set_title(title)
-            if column == GAP:
-                ax.axhline(0, color="grey", linewidth=1, zorder=1)
-            if column.endswith("loss"):
-                ax.set_yscale("log")
-                ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-                ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-                ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
-                             if len(rows) > 1 else "loss")
-        panels[2].set_ylabel("accuracy (%)")
-        if len(rows) == 1 and len(panels) > len(PANELS):
-            panels[-1].set_ylabel("percentage points")
-    for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
-        ax.set_xlabel("epoch")
+def format_axes(ax, column, title, top):
+    """Title (top row), log-scaled losses, integer epochs, the gap's 0."""
+    if top:
+        ax.set_title(title)
+    if column == GAP:
+        ax.axhline(0, color="grey", linewidth=1, zorder=1)
+    if column.endswith("loss"):
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_curves(groups, runs):
@@ -189,7 +174,16 @@ def plot_curves(groups, runs):
             for group in members:
                 plot_group(ax, group, column, styles[group.label], scale)
             warmup = mark_warmups(ax, members, styles) or warmup
-    format_curve_axes(grid, rows, specs)
+    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
+        for ax, (column, title, _) in zip(panels, specs):
+            format_axes(ax, column, title, number == 0)
+        panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
+                             if len(rows) > 1 else "loss")
+        panels[2].set_ylabel("accuracy (%)")
+        if len(rows) == 1 and gap:
+            panels[-1].set_ylabel("percentage points")
+    for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
+        ax.set_xlabel("epoch")
     fig.suptitle(figure_title("Training curves" + (
         " (a row per " + ", ".join(facets) + ")" if len(rows) > 1 else ""),
         groups, runs))
@@ -373,8 +367,8 @@ TIMING_COLUMNS = (
 
 
 def tables(runs, groups):
-    """timing.md: a row per group, and what each column counts; the
-    provenance problems warned on stderr."""
+    """timing.md: a row per group, what each column counts; the
+    provenance problems on stderr."""
     warn_provenance(groups)
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)

@@ -62,8 +62,7 @@ class Run:
         return None
 
     def value(self, field):
-        """The setting `field`, hashable (IGNORED where the norm has no use
-        for it)."""
+        """The setting `field`, hashable; IGNORED where the norm has none."""
         if field in IGNORED_BY.get(self.config["norm"], ()):
             return IGNORED
         value = self.config.get(field)
@@ -255,8 +254,7 @@ def read_corrections(path):
 
 
 def load_runs(paths):
-    """The usable runs among `paths` (their corrections where usable); a
-    warning for each other."""
+    """The usable runs among `paths` (a warning for each other)."""
     runs = []
     for path in paths:
         try:
@@ -289,8 +287,7 @@ def splitting_fields(runs):
 
 
 def group_runs(runs):
-    """Groups of runs equal in every GROUP_FIELDS key, in NORMS' order, then
-    by key."""
+    """Groups of runs equal in every GROUP_FIELDS key, by norm and key."""
     fields = splitting_fields(runs)
     groups = {}
     for run in sorted(runs, key=lambda r: r.name):
@@ -304,8 +301,7 @@ def group_runs(runs):
 
 @dataclass
 class Point:
-    """The runs of one norm, sampling, `rest` ((field, value) of the other
-    splitting fields) and x."""
+    """The runs of one norm, sampling, rest (other splitting fields) and x."""
 
     norm: str
     sampling: object
@@ -320,7 +316,7 @@ class Point:
 
 def points(runs, make, coordinates, order):
     """A `make` (a Point) per norm, `(sampling, x) = coordinates(run)` and
-    rest (splitting fields not in `make.FIELDS`), sorted by `order`."""
+    rest (splitting fields not in make.FIELDS), sorted by `order`."""
     rest_fields = [f for f in splitting_fields(runs) if f not in make.FIELDS]
     found = {}
     for run in sorted(runs, key=lambda r: r.name):

@@ -49,7 +49,7 @@ def log2_axis(ax, sizes, label):
 
 
 def legend_below(fig, axes):
-    """One legend under the figure of every line of `axes`, each once."""
+    """One legend under the figure: every line of `axes`, once."""
     handles = {}
     for ax in axes:
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
@@ -109,8 +109,7 @@ def format_percent(values):
 
 def t_interval(values, confidence=CONFIDENCE):
     """The mean of `values` and the half width of its two-sided Student t
-    interval, t(1 - (1 - confidence) / 2, n - 1) * s / sqrt(n); None for
-    fewer than two values."""
+    interval (None for fewer than two values)."""
     values = np.asarray(list(values), dtype=float)
     if len(values) < 2:
         return (float(values[0]) if len(values) else math.nan), None
@@ -156,8 +155,7 @@ def test_images_text(runs, otherwise):
 # ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
 HELD_OUT = TRAIN_IMAGES // DEFAULT_VAL_SHARE
-# How a title names a protocol key's value where a run departs from it
-# (other keys: the key's words, then the value).
+# A title's words for a protocol key's value (others: "key words {}").
 DEPARTURE_TEXT = {
     "epochs": "{} epochs", "batch_size": "batch {}",
     "classes_per_batch": "{} classes/batch", "sgd_momentum": "SGD momentum {}",
