@@ -191,7 +191,6 @@ def plot_curves(groups, runs):
     return fig
 
 
-# ---------------------------------------------------------------- seconds
 def plot_seconds(groups, runs):
     """A bar per group: its median training seconds per epoch, an epoch a
     dot (the first, which compiles, hollow), the ratio to batchnorm."""
@@ -243,7 +242,6 @@ def seconds_row(ax, y, group, color, ratio, longest):
         "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
 
 
-# ---------------------------------------------------------------- timing.md
 def median_seconds(group):
     """Median training seconds per epoch over all its runs' epochs."""
     return float(pd.concat([run.frame["seconds"] for run in group.runs])

@@ -13,8 +13,6 @@ import pandas as pd
 from experiment import runfiles
 from experiment.protocols import CONFIG_KEYS, NORMS, SCHEDULE_STEPS
 
-PROG = "plot.py"  # the reader whose warnings these are
-
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
 TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
 # val_accuracy - val_accuracy_train_mode, where a run has the latter.
@@ -133,10 +131,9 @@ def test_result(run, key="test_accuracy"):
 
 
 def warn(message):
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"plot.py: warning: {message}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------- reading
 def history_paths(runs, history_dir):
     """The .csv path of each named run, or of every run in `history_dir`."""
     if runs:
@@ -273,7 +270,6 @@ def load_runs(paths):
     return runs
 
 
-# ----------------------------------------------------------------- groups
 def splitting_fields(runs):
     """GROUP_FIELDS that split the runs further than those before them."""
     kept = []

@@ -75,7 +75,6 @@ def rest_markers(points):
     return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))
 
 
-# ---------------------------------------------------------------- tables
 def markdown_table(header, rows):
     widths = [max(len(str(cell)) for cell in column)
               for column in zip(header, *rows)]
@@ -152,7 +151,6 @@ def test_images_text(runs, otherwise):
     return f"all {images.pop()} test images" if len(images) == 1 else otherwise
 
 
-# ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
 HELD_OUT = TRAIN_IMAGES // DEFAULT_VAL_SHARE
 # A title's words for a protocol key's value (others: "key words {}").
