@@ -334,17 +334,6 @@ def validation_source(source, size):
         "not independent)")
 
 
-def val_accuracy(group, row):
-    """format_percent of the runs' best (row None) or `row` val_accuracy."""
-    return format_percent([r.frame["val_accuracy"].max() if row is None
-                           else r.frame["val_accuracy"].iloc[row]
-                           for r in group.runs])
-
-
-def config_text(group, key):
-    return ", ".join(sorted({str(run.config[key]) for run in group.runs}))
-
-
 BEST_WEIGHTS = "test acc, best-val weights (%)"
 # timing.md's columns: (header, cell(group, ratio to batchnorm)).
 TIMING_COLUMNS = (
@@ -354,13 +343,17 @@ TIMING_COLUMNS = (
     ("test acc, last weights (%)",
      lambda g, _: result_text(g, "test_accuracy")),
     (BEST_WEIGHTS, lambda g, _: result_text(g, "best_test_accuracy")),
-    ("best val acc (%)", lambda g, _: val_accuracy(g, None)),
-    ("final val acc (%)", lambda g, _: val_accuracy(g, -1)),
+    ("best val acc (%)", lambda g, _: format_percent(
+        [r.frame["val_accuracy"].max() for r in g.runs])),
+    ("final val acc (%)", lambda g, _: format_percent(
+        [r.frame["val_accuracy"].iloc[-1] for r in g.runs])),
     ("median s/epoch", lambda g, _: f"{median_seconds(g):.2f}"),
     ("ratio to batchnorm", lambda _, r: "n/a" if r is None else f"{r:.2f}"),
     ("code", lambda g, _: provenance_cell(g)),
-    ("device", lambda g, _: config_text(g, "device")),
-    ("backend", lambda g, _: config_text(g, "backend")),
+    ("device", lambda g, _: ", ".join(
+        sorted({str(r.config["device"]) for r in g.runs}))),
+    ("backend", lambda g, _: ", ".join(
+        sorted({str(r.config["backend"]) for r in g.runs}))),
 )
 
 
