@@ -54,8 +54,8 @@ class Run:
         """Where a renorm run's bounds start to relax, in epochs, or None."""
         steps = self.config["warmup_steps"]
         per_epoch = self.config.get("steps_per_epoch")
-        if (self.config["norm"] == "renorm" and sort_key(per_epoch)[0] == 1
-                and sort_key(steps)[0] == 1 and min(per_epoch, steps) > 0):
+        if (self.config["norm"] == "renorm" and is_number(per_epoch)
+                and is_number(steps) and min(per_epoch, steps) > 0):
             return steps / per_epoch
         return None
 
@@ -106,10 +106,14 @@ def field_text(field, value):
     return f"{field}={value}"
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def sort_key(value):
     if value is None:
         return (0, 0, "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return (1, value, "")
     return (2, 0, str(value))
 
@@ -127,7 +131,7 @@ def test_result(run, key="test_accuracy"):
     """A run's `result[key]` (in [0, 1]), None where it has none."""
     result = run.config.get("result")
     value = result.get(key) if isinstance(result, dict) else None
-    return value if isinstance(value, (int, float)) else None
+    return value if is_number(value) else None
 
 
 def warn(message):
@@ -158,8 +162,9 @@ def is_corrections(path):
 
 def history_csv(path):
     """The CSV of a run named by its .csv, .json or .corrections.csv."""
-    cut = len(CORRECTIONS_SUFFIX) if is_corrections(path) else 0
-    return path.with_name(path.stem[:len(path.stem) - cut] + ".csv")
+    if is_corrections(path):
+        return path.with_name(path.stem[:-len(CORRECTIONS_SUFFIX)] + ".csv")
+    return path.with_suffix(".csv")
 
 
 def read_config(path):

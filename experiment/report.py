@@ -13,7 +13,7 @@ from matplotlib.ticker import NullLocator
 
 from experiment import runfiles
 from experiment.histories import (
-    IGNORED, field_text, lines, sort_key, test_result, x_values)
+    IGNORED, field_text, is_number, lines, sort_key, test_result, x_values)
 from experiment.preprocessing import DEFAULT_VAL_SHARE
 from experiment.protocols import (
     NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
@@ -231,7 +231,7 @@ def run_departures(config):
 def values_text(values):
     """A few values, or their range."""
     values = sorted(set(values), key=sort_key)
-    if len(values) > 4 and all(sort_key(v)[0] == 1 for v in values):
+    if len(values) > 4 and all(map(is_number, values)):
         return f"{value_text(values[0])}–{value_text(values[-1])}"
     return ", ".join(map(value_text, values))
 
