@@ -1,25 +1,18 @@
-"""The groups of runs: curves.png, seconds_per_epoch.png and timing.md's
-table (accuracy, seconds per epoch, the code the runs ran)."""
+"""The groups of runs: curves.png, seconds_per_epoch.png, timing.md's
+table."""
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import (
-    LogLocator, MaxNLocator, StrMethodFormatter)
+from matplotlib.ticker import LogLocator, MaxNLocator, StrMethodFormatter
 
 from experiment.histories import (
-    GAP, IGNORED, field_text, norm_rank, sort_key, test_result, warn)
+    GAP, norm_rank, settings_text, sort_key, test_result, warn)
 from experiment.report import (
     BASELINE, LINESTYLES, MAX_LINES, WARMUP_STYLE, figure_title,
     format_percent, markdown_table, norm_colors, test_images_text)
-
-
-def tables(runs, groups):
-    """timing.md's head and table; on stderr, the provenance problems."""
-    warn_provenance(groups)
-    return timing_report(groups, runs)
 
 
 def figures(runs, groups):
@@ -38,19 +31,15 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
 
 def crowded(groups, facets):
     """Whether a panel per value of `facets` would hold more than MAX_LINES
-    lines, or more other keys than line styles."""
-    panels = {}
-    for group in groups:
-        key = dict(group.key)
-        panels.setdefault(tuple(key[f] for f in facets), []).append(
-            tuple(v for f, v in group.key if f not in facets))
-    return any(len(lines) > MAX_LINES or len(set(lines)) > len(LINESTYLES)
-               for lines in panels.values())
+    lines or more settings than line styles."""
+    return any(len(members) > MAX_LINES or len({
+        tuple(v for f, v in g.key if f not in facets) for g in members})
+        > len(LINESTYLES) for _, members in facet_rows(groups, facets))
 
 
 def facet_fields(groups):
-    """The key fields that get a row of panels per value, those of most
-    values first, until no panel is `crowded`."""
+    """The key fields with a row of panels per value (most values first)
+    until no panel is `crowded`."""
     fields, facets = [f for f, _ in groups[0].key], []
     while crowded(groups, facets) and len(facets) < len(fields):
         rest = [f for f in fields if f not in facets]
@@ -70,28 +59,22 @@ def facet_rows(groups, facets):
 
 
 def curve_styles(groups, facets):
-    """Per group label: (colour by norm, line style by the other key
-    fields, marker on short runs, label less the facets)."""
+    """Per group label: (colour by norm, line style by the rest of the key,
+    marker on short runs, label less the facets)."""
     colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
-    rest_of = {g.label: tuple((f, v) for f, v in g.key if f not in facets)
-               for g in groups}
-    rests = list(dict.fromkeys(rest_of.values()))
+    rests = [tuple((f, v) for f, v in g.key if f not in facets)
+             for g in groups]
+    order = list(dict.fromkeys(rests))
     short = max(len(run.frame) for g in groups for run in g.runs) <= 25
-    styles = {}
-    for group in groups:
-        rest = rest_of[group.label]
-        styles[group.label] = (
-            colors[group.norm],
-            LINESTYLES[rests.index(rest) % len(LINESTYLES)],
-            "o" if short else None,
-            ", ".join([group.norm] + [field_text(f, v) for f, v in rest
-                                      if v != IGNORED]))
-    return styles
+    return {g.label: (colors[g.norm],
+                      LINESTYLES[order.index(rest) % len(LINESTYLES)],
+                      "o" if short else None, settings_text(rest, g.norm))
+            for g, rest in zip(groups, rests)}
 
 
 def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` against epoch over the group's runs that have it,
-    a min–max band."""
+    """Mean of `column` by epoch over the runs that have it, a min–max
+    band."""
     runs = [run for run in group.runs if column in run.frame]
     if not runs:
         return
@@ -120,8 +103,7 @@ def mark_warmups(ax, groups, styles):
 
 def curve_legend(fig, groups, styles, warmup):
     """An entry per line style and colour, and the warm-up's mark."""
-    entries = {style[3]: style for style in
-               (styles[g.label] for g in groups)}
+    entries = {style[3]: style for style in styles.values()}
     handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
                       label=label) for label, (c, ls, m, _) in entries.items()]
     norms = list(dict.fromkeys(g.norm for g in groups))
@@ -142,8 +124,8 @@ def curve_legend(fig, groups, styles, warmup):
 
 
 def curve_axes(rows, gap=False):
-    """The figure and a list of axes per row, in PANELS' order and the
-    gap's: 2 x 2 (the gap beside) for one row."""
+    """The figure and a list of axes per row, in PANELS' order, the gap
+    last (2 x 2 and the gap beside for one row)."""
     columns = len(PANELS) + gap
     if len(rows) == 1:
         fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
@@ -163,35 +145,23 @@ def curve_axes(rows, gap=False):
     return fig, [list(row) for row in axes]
 
 
-def format_curve_axes(grid, rows, specs=PANELS):
-    """Titles, log-scaled losses, integer epochs, the gap's zero, each
-    row's facet."""
-    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
-        for ax, (column, title, _) in zip(panels, specs):
-            if len(rows) == 1 or number == 0:
-                ax.set_title(title)
-            if column == GAP:
-                ax.axhline(0, color="grey", linewidth=1, zorder=1)
-            if column.endswith("loss"):
-                ax.set_yscale("log")
-                ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-                ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
-                ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        facet_label = ", ".join(field_text(f, v) for f, v in facet
-                                if v != IGNORED)
-        panels[0].set_ylabel(f"{facet_label}\nloss" if len(rows) > 1
-                             else "loss")
-        panels[2].set_ylabel("accuracy (%)")
-        if len(rows) == 1 and len(panels) > len(PANELS):
-            panels[-1].set_ylabel("percentage points")
-    for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
-        ax.set_xlabel("epoch")
+def format_axes(ax, column, title, top):
+    """Title (top row), log-scaled losses, integer epochs, the gap's 0."""
+    if top:
+        ax.set_title(title)
+    if column == GAP:
+        ax.axhline(0, color="grey", linewidth=1, zorder=1)
+    if column.endswith("loss"):
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_curves(groups, runs):
-    """Loss, accuracy (and the gap) against epoch, a row of panels per
-    value of the `facet_fields`."""
+    """Loss, accuracy (and the gap) by epoch, a row of panels per value of
+    the `facet_fields`."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
@@ -204,7 +174,16 @@ def plot_curves(groups, runs):
             for group in members:
                 plot_group(ax, group, column, styles[group.label], scale)
             warmup = mark_warmups(ax, members, styles) or warmup
-    format_curve_axes(grid, rows, specs)
+    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
+        for ax, (column, title, _) in zip(panels, specs):
+            format_axes(ax, column, title, number == 0)
+        panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
+                             if len(rows) > 1 else "loss")
+        panels[2].set_ylabel("accuracy (%)")
+        if len(rows) == 1 and gap:
+            panels[-1].set_ylabel("percentage points")
+    for ax in grid[-1] if len(rows) > 1 else grid[0][2:]:
+        ax.set_xlabel("epoch")
     fig.suptitle(figure_title("Training curves" + (
         " (a row per " + ", ".join(facets) + ")" if len(rows) > 1 else ""),
         groups, runs))
@@ -212,10 +191,9 @@ def plot_curves(groups, runs):
     return fig
 
 
-# ---------------------------------------------------------------- seconds
 def plot_seconds(groups, runs):
-    """A bar per group of its median training seconds per epoch, each epoch
-    a dot (the first, which compiles, hollow), the ratio to batchnorm."""
+    """A bar per group: its median training seconds per epoch, an epoch a
+    dot (the first, which compiles, hollow), the ratio to batchnorm."""
     ordered = sorted(groups, key=lambda g: (
         [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
     ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
@@ -264,16 +242,14 @@ def seconds_row(ax, y, group, color, ratio, longest):
         "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
 
 
-# ---------------------------------------------------------------- timing.md
 def median_seconds(group):
-    """Median training seconds per epoch over all epochs of all its runs."""
+    """Median training seconds per epoch over all its runs' epochs."""
     return float(pd.concat([run.frame["seconds"] for run in group.runs])
                  .median())
 
 
 def ratios_to_baseline(groups):
-    """Each group's median s/epoch over that of its batchnorm group, or
-    None."""
+    """Each group's median s/epoch over its batchnorm group's, or None."""
     baseline = {g.key_for(BASELINE): median_seconds(g) for g in groups
                 if g.norm == BASELINE}
     return [median_seconds(g) / baseline[g.key_for(BASELINE)]
@@ -283,56 +259,39 @@ def ratios_to_baseline(groups):
 def format_epochs(group):
     done = sorted({len(run.frame) for run in group.runs})
     text = str(done[0]) if len(done) == 1 else f"{done[0]}–{done[-1]}"
-    planned = {run.config.get("epochs") for run in group.runs}
-    if len(planned) == 1:
-        planned = planned.pop()
-        if isinstance(planned, int) and done[0] < planned:
-            text += f"/{planned}"
+    planned = {run.config["epochs"] for run in group.runs}
+    if (len(planned) == 1 and isinstance(epochs := planned.pop(), int)
+            and done[0] < epochs):
+        text += f"/{epochs}"
     return text
 
 
-def provenances(group):
-    """The runs' `provenance` records (not those that are none)."""
-    return [record for run in group.runs
-            if isinstance(record := run.config.get("provenance"), dict)]
-
-
-# What a warning says of the groups with each kind of provenance problem.
-PROVENANCE_WARNINGS = {
-    "none": "runs with no provenance (older code)",
-    "unknown": "runs of an unknown commit (not run from a git checkout)",
-    "commits": "runs from different commits",
-    "dirty": "runs from a dirty tree (uncommitted changes)",
-}
-
-
-def provenance_problems(group):
-    """(kind of PROVENANCE_WARNINGS, text) of why a group's runs may not be
-    the same code."""
-    known, total = provenances(group), len(group.runs)
-    problems = []
-    if len(known) < total:
-        problems.append(("none", "no provenance" if not known else
-                         f"{total - len(known)} of {total} runs without "
-                         "provenance"))
-    commits = {r.get("commit") for r in known}
-    if None in commits:
-        problems.append(("unknown", "commit unknown"))
-    if len(commits - {None}) > 1:
-        problems.append(("commits", f"{len(commits - {None})} commits"))
-    if any(r.get("dirty") is not False for r in known):
-        problems.append(("dirty", "dirty tree"))
-    return problems
+def provenance(group):
+    """A group's commits, and each reason its runs may not be the same code:
+    (in a warning's words, in timing.md's)."""
+    known = [record for run in group.runs
+             if isinstance(record := run.config.get("provenance"), dict)]
+    commits, total = {r.get("commit") for r in known}, len(group.runs)
+    missing = f"{total - len(known)} of {total} runs without provenance"
+    problems = [(kind, text) for kind, text, found in (
+        ("with no provenance (older code)",
+         missing if known else "no provenance", len(known) < total),
+        ("of an unknown commit (not run from a git checkout)",
+         "commit unknown", None in commits),
+        ("from different commits", f"{len(commits - {None})} commits",
+         len(commits - {None}) > 1),
+        ("from a dirty tree (uncommitted changes)", "dirty tree",
+         any(r.get("dirty") is not False for r in known))) if found]
+    return sorted({str(c)[:7] for c in commits if c}), problems
 
 
 def provenance_cell(group):
     """timing.md's note beside a group: its commit(s), and its problems."""
-    commits = sorted({str(r.get("commit"))[:7] for r in provenances(group)
-                      if r.get("commit")})
-    problems = [text for _, text in provenance_problems(group)]
+    commits, problems = provenance(group)
     text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
     if problems:
-        text = "⚠ " + "; ".join(problems) + (f" ({text})" if text else "")
+        text = ("⚠ " + "; ".join(text for _, text in problems)
+                + (f" ({text})" if text else ""))
     return text
 
 
@@ -340,23 +299,20 @@ def warn_provenance(groups):
     """One warning per kind of problem, naming the groups that have it."""
     flagged = {}
     for group in groups:
-        for kind, text in provenance_problems(group):
+        for kind, text in provenance(group)[1]:
             flagged.setdefault(kind, []).append(f"{group.label} ({text})")
     for kind, labels in flagged.items():
-        warn(f"{len(labels)} group(s) of {PROVENANCE_WARNINGS[kind]}; see "
+        warn(f"{len(labels)} group(s) of runs {kind}; see "
              f"the code column of timing.md: {' | '.join(labels)}")
 
 
 def result_text(group, key):
     """format_percent of the runs' `result[key]`, "(k of n runs)"."""
-    values = [test_result(run, key) for run in group.runs]
-    known = [v for v in values if v is not None]
-    if not known:
-        return "–"
-    text = format_percent(known)
-    if len(known) < len(values):
-        text += f" ({len(known)} of {len(values)} runs)"
-    return text
+    known = [value for run in group.runs
+             if (value := test_result(run, key)) is not None]
+    if len(known) in (0, len(group.runs)):
+        return format_percent(known) if known else "–"
+    return f"{format_percent(known)} ({len(known)} of {len(group.runs)} runs)"
 
 
 def validation_text(groups):
@@ -369,41 +325,47 @@ def validation_text(groups):
 
 def validation_source(source, size):
     if source == "train":
-        count = "images" if size is None else f"{size} images"
-        return (f"{count} held out of the training set (`val_from` train; "
-                "never trained on)")
-    if source == "test":
-        where = ("the whole test set" if size is None
-                 else f"a subset of {size} test images")
-        return (f"{where} (`val_from` test, as in 2017: validation and test "
-                "accuracies are not independent)")
-    return f"{'all' if size is None else size} images from {source}"
+        return ("images" if size is None else f"{size} images") + (
+            " held out of the training set (`val_from` train; never trained "
+            "on)")
+    return ("the whole test set" if size is None
+            else f"a subset of {size} test images") + (
+        " (`val_from` test, as in 2017: validation and test accuracies are "
+        "not independent)")
 
 
-def group_row(group, ratio, best_weights):
-    """The cells of a group's row in timing.md's table."""
-    frames = [r.frame["val_accuracy"] for r in group.runs]
-    tests = [result_text(group, key) for key in ("test_accuracy",
-             "best_test_accuracy")[:1 + best_weights]]
-    return (group.label, len(group.runs), format_epochs(group), *tests,
-            format_percent([f.max() for f in frames]),
-            format_percent([f.iloc[-1] for f in frames]),
-            f"{median_seconds(group):.2f}",
-            "n/a" if ratio is None else f"{ratio:.2f}",
-            provenance_cell(group),
-            *[", ".join(sorted({str(run.config[key]) for run in group.runs}))
-              for key in ("device", "backend")])
+BEST_WEIGHTS = "test acc, best-val weights (%)"
+# timing.md's columns: (header, cell(group, ratio to batchnorm)).
+TIMING_COLUMNS = (
+    ("group", lambda g, _: g.label),
+    ("runs", lambda g, _: len(g.runs)),
+    ("epochs", lambda g, _: format_epochs(g)),
+    ("test acc, last weights (%)",
+     lambda g, _: result_text(g, "test_accuracy")),
+    (BEST_WEIGHTS, lambda g, _: result_text(g, "best_test_accuracy")),
+    ("best val acc (%)", lambda g, _: format_percent(
+        [r.frame["val_accuracy"].max() for r in g.runs])),
+    ("final val acc (%)", lambda g, _: format_percent(
+        [r.frame["val_accuracy"].iloc[-1] for r in g.runs])),
+    ("median s/epoch", lambda g, _: f"{median_seconds(g):.2f}"),
+    ("ratio to batchnorm", lambda _, r: "n/a" if r is None else f"{r:.2f}"),
+    ("code", lambda g, _: provenance_cell(g)),
+    ("device", lambda g, _: ", ".join(
+        sorted({str(r.config["device"]) for r in g.runs}))),
+    ("backend", lambda g, _: ", ".join(
+        sorted({str(r.config["backend"]) for r in g.runs}))),
+)
 
 
-def timing_report(groups, runs):
-    """timing.md: a row per group, and what each column counts."""
+def tables(runs, groups):
+    """timing.md: a row per group, what each column counts; the
+    provenance problems on stderr."""
+    warn_provenance(groups)
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)
-    header = ("group", "runs", "epochs", "test acc, last weights (%)",
-              *(["test acc, best-val weights (%)"] if best_weights else []),
-              "best val acc (%)", "final val acc (%)", "median s/epoch",
-              "ratio to batchnorm", "code", "device", "backend")
-    rows = [group_row(group, ratio, best_weights)
+    columns = [column for column in TIMING_COLUMNS
+               if best_weights or column[0] != BEST_WEIGHTS]
+    rows = [[cell(group, ratio) for _, cell in columns]
             for group, ratio in zip(groups, ratios_to_baseline(groups))]
     source = ", ".join(f"`{d}`" for d in sorted({str(run.path.parent)
                                                  for run in runs}))
@@ -412,14 +374,13 @@ def timing_report(groups, runs):
                  if best_weights else "")
     return (
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
-        f"group(s).\n\n{markdown_table(header, rows)}\n\n"
+        f"group(s).\n\n{markdown_table([c for c, _ in columns], rows)}\n\n"
         "Test accuracy: mean (± std over runs) of each run's last weights on "
         f"{test_images_text(runs, 'the whole test set')}.{best_note} "
-        "Validation accuracy: mean (± std over runs) of each run's best and final epoch; validation "
-        f"images: {validation_text(groups)}. Median s/epoch: median wall time "
-        "of an epoch's training steps over all epochs of the group's runs "
-        "(evaluation excluded). Ratio: to the batchnorm group with the same "
-        "other settings. Code: the commit the runs ran (⚠: mixed commits, a "
-        "dirty tree, or no provenance recorded).\n")
-
-
+        "Validation accuracy: mean (± std over runs) of each run's best and "
+        f"final epoch; validation images: {validation_text(groups)}. Median "
+        "s/epoch: median wall time of an epoch's training steps over all "
+        "epochs of the group's runs (evaluation excluded). Ratio: to the "
+        "batchnorm group with the same other settings. Code: the commit the "
+        "runs ran (⚠: mixed commits, a dirty tree, or no provenance "
+        "recorded).\n")

@@ -1,6 +1,5 @@
-"""The histories train.py writes, read for the studies (experiment.*_study):
-each run's CSV, JSON configuration and NAME.corrections.csv; the groups of
-runs that differ only in their seed (and name, timings, provenance)."""
+"""The histories train.py writes (docs/experiment.md), read for the studies:
+runs, and groups of runs that differ only in their seed."""
 
 import csv
 import json
@@ -14,24 +13,17 @@ import pandas as pd
 from experiment import runfiles
 from experiment.protocols import CONFIG_KEYS, NORMS, SCHEDULE_STEPS
 
-PROG = "plot.py"  # the reader whose warnings these are
-
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
-# The validation in training mode (batch statistics), where the CSV has it.
 TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")
-# val_accuracy - val_accuracy_train_mode (a fraction; positive where
-# inference is the better of the two), in the frame of a run that has it.
+# val_accuracy - val_accuracy_train_mode, where a run has the latter.
 GAP = "train_inference_gap"
 CORRECTIONS_SUFFIX = ".corrections"  # NAME.corrections.csv
-CORRECTION_COLUMNS = runfiles.CORRECTION_COLUMNS
-# The environment's keys, which split runs too.
 ENVIRONMENT_KEYS = ("device", "backend")
 # Labels name these first, in this order; the other keys follow.
 LABEL_ORDER = ("protocol", "batch_size", "classes_per_batch",
                "virtual_batch_size", "sampling", "epochs", "lr",
                "train_size", "depth", "width", "augment")
-# Every key that splits runs into groups where they differ, in label order
-# (not the norm, a group's own; nor seeds, repeats; nor names).
+# The keys that split runs into groups, in label order (seeds: repeats).
 GROUP_FIELDS = tuple(key for key in dict.fromkeys(
     LABEL_ORDER + CONFIG_KEYS + ENVIRONMENT_KEYS)
     if key not in ("norm", "seed", "name"))
@@ -43,7 +35,7 @@ IGNORED = "(not used)"  # the value of such a setting
 
 
 class BadHistory(Exception):
-    """A history that cannot be used; the message says why."""
+    """A history that cannot be used (the message says why)."""
 
 
 @dataclass
@@ -51,29 +43,25 @@ class Run:
     name: str
     path: Path
     config: dict
-    frame: pd.DataFrame  # the COLUMNS (and GAP), numeric, one row per epoch
-    # CORRECTION_COLUMNS, a row per epoch and layer (None: no usable file)
-    corrections: pd.DataFrame | None = None
+    frame: pd.DataFrame  # the COLUMNS (and GAP), one row per epoch
+    corrections: pd.DataFrame | None = None  # a row per epoch and layer
 
     @property
-    def has_gap(self):  # whether it was validated in training mode too
+    def has_gap(self):
         return GAP in self.frame
 
     def warmup_epoch(self):
         """Where a renorm run's bounds start to relax, in epochs, or None."""
         steps = self.config["warmup_steps"]
         per_epoch = self.config.get("steps_per_epoch")
-        if (self.config["norm"] == "renorm" and isinstance(per_epoch, int)
-                and isinstance(steps, (int, float))
-                and not isinstance(steps, bool) and per_epoch > 0
-                and steps > 0):
+        if (self.config["norm"] == "renorm" and is_number(per_epoch)
+                and is_number(steps) and min(per_epoch, steps) > 0):
             return steps / per_epoch
         return None
 
     def value(self, field):
-        """The setting `field` in a hashable form (IGNORED where the run's
-        norm does not use it)."""
-        if field in IGNORED_BY.get(self.config.get("norm"), ()):
+        """The setting `field`, hashable; IGNORED where the norm has none."""
+        if field in IGNORED_BY.get(self.config["norm"], ()):
             return IGNORED
         value = self.config.get(field)
         if isinstance(value, (list, tuple, dict)):
@@ -89,8 +77,7 @@ class Group:
 
     @property
     def label(self):
-        return ", ".join([self.norm] + [field_text(f, v) for f, v in self.key
-                                        if v != IGNORED])
+        return settings_text(self.key, self.norm)
 
     def key_for(self, norm):
         """The key less the settings that `norm` does not use."""
@@ -103,6 +90,12 @@ def sampling_text(classes):
     return "i.i.d." if classes is None else f"{classes} classes/batch"
 
 
+def settings_text(pairs, *first):
+    """`first`, then the (field, value) pairs a norm uses, in words."""
+    return ", ".join([*first, *(field_text(f, v) for f, v in pairs
+                                if v != IGNORED)])
+
+
 def field_text(field, value):
     if field == "classes_per_batch":
         return sampling_text(value)
@@ -113,17 +106,20 @@ def field_text(field, value):
     return f"{field}={value}"
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def sort_key(value):
     if value is None:
         return (0, 0, "")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number(value):
         return (1, value, "")
     return (2, 0, str(value))
 
 
 def group_size(config):
-    """V: the examples a run's normalization statistics come from (its
-    virtual batch, else its whole batch)."""
+    """V: the examples of a run's normalization statistics."""
     return config["virtual_batch_size"] or config["batch_size"]
 
 
@@ -135,14 +131,13 @@ def test_result(run, key="test_accuracy"):
     """A run's `result[key]` (in [0, 1]), None where it has none."""
     result = run.config.get("result")
     value = result.get(key) if isinstance(result, dict) else None
-    return value if isinstance(value, (int, float)) else None
+    return value if is_number(value) else None
 
 
 def warn(message):
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"plot.py: warning: {message}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------- reading
 def history_paths(runs, history_dir):
     """The .csv path of each named run, or of every run in `history_dir`."""
     if runs:
@@ -160,9 +155,7 @@ def history_paths(runs, history_dir):
 
 
 def is_corrections(path):
-    """Whether `path` is a run's NAME.corrections.csv: a CSV whose stem ends
-    in .corrections, with no configuration of its own (a run named
-    NAME.corrections would have NAME.corrections.json)."""
+    """Whether `path` is a NAME.corrections.csv (no .json of its own)."""
     return (path.suffix == ".csv" and path.stem.endswith(CORRECTIONS_SUFFIX)
             and not path.with_suffix(".json").is_file())
 
@@ -190,9 +183,13 @@ def read_config(path):
     return config
 
 
-def read_cells(path, required):
-    """A CSV's header, its cells as text (short rows padded), and each
-    row's (line, number of fields)."""
+def read_table(path, required, numeric, finite, optional=()):
+    """The `numeric` columns of a CSV (which must have the `required` ones)
+    and those of `optional` it has, the others of `required` as text. A row
+    with the wrong number of fields, a missing or non-numeric value (but
+    "nan", a diverged run's; "" where optional), a `finite` column not
+    finite, or empty text is fatal, but the last (a run still writing it):
+    dropped with a warning."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
@@ -207,35 +204,20 @@ def read_cells(path, required):
     if len(set(header)) < len(header):
         raise BadHistory("repeated column names")
     width = len(header)
-    cells = pd.DataFrame([row[:width] + [""] * (width - len(row))
-                          for _, row in rows], columns=header, dtype=str)
-    return header, cells, [(line, len(row)) for line, row in rows]
-
-
-def read_table(path, required, numeric, finite, optional=()):
-    """The `numeric` columns of a CSV (which must have the `required` ones)
-    and those of `optional` it has (an empty optional cell is NaN), and the
-    others of `required` as text, in the file's order. A row is bad with
-    the wrong number of fields, a missing or non-numeric value (but "nan",
-    a diverged run's metric), a `finite` column not finite, or empty text:
-    fatal, but for the last row (a run still writing it), dropped with a
-    warning."""
-    header, text, rows = read_cells(path, required)
-    optional = [column for column in optional if column in header]
-    numbers = text[list(numeric) + optional]
+    text = pd.DataFrame([row[:width] + [""] * (width - len(row))
+                         for _, row in rows], columns=header, dtype=str)
+    numbers = text[list(numeric) + [c for c in optional if c in header]]
     frame = numbers.apply(pd.to_numeric, errors="coerce").astype(float)
-    allowed = numbers.apply(lambda col: col.str.strip().str.lower() == "nan")
-    for column in optional:
-        allowed[column] |= numbers[column].str.strip() == ""
+    allowed = numbers.apply(lambda col: col.str.strip().str.lower().isin(
+        ("nan", "") if col.name in optional else ("nan",)))
     words = [c for c in required if c not in numeric]
-    bad = (pd.Series([n != len(header) for _, n in rows], dtype=bool)
+    bad = (pd.Series([len(row) != width for _, row in rows], dtype=bool)
            | (frame.isna() & ~allowed).any(axis=1)
            | ~np.isfinite(frame[list(finite)]).all(axis=1)
-           | (text[words].apply(lambda col: col.str.strip() == "")
-              .any(axis=1) if words else False))
+           | (text[words].map(str.strip) == "").any(axis=1))
     bad_lines = [line for (line, _), is_bad in zip(rows, bad) if is_bad]
     keep = len(rows)
-    if keep > 1 and bad_lines == [rows[-1][0]] and rows[-1][1] <= len(header):
+    if keep > 1 and bad_lines == [rows[-1][0]] and len(rows[-1][1]) <= width:
         warn(f"{path}: dropped incomplete last row (line {bad_lines[0]})")
         keep -= 1
     elif bad_lines:
@@ -250,8 +232,7 @@ def read_table(path, required, numeric, finite, optional=()):
 
 
 def read_frame(path):
-    """A history CSV's COLUMNS, and its TRAIN_MODE_COLUMNS with the GAP
-    where it has them; a resumed run's latest row of each epoch."""
+    """A history CSV (the GAP where it can); an epoch's latest row."""
     frame = read_table(path, COLUMNS, COLUMNS, ("epoch", "seconds"),
                        TRAIN_MODE_COLUMNS)
     if "val_accuracy_train_mode" in frame:
@@ -261,11 +242,11 @@ def read_frame(path):
 
 
 def read_corrections(path):
-    """A NAME.corrections.csv: a row per epoch and layer (the layers in the
-    model's order, that of their first rows), the latest of each."""
-    frame = read_table(path, CORRECTION_COLUMNS,
-                       [c for c in CORRECTION_COLUMNS if c != "layer"],
-                       ("epoch",))[list(CORRECTION_COLUMNS)]
+    """A NAME.corrections.csv: the latest row per epoch and layer, the
+    layers in the order of their first rows."""
+    columns = runfiles.CORRECTION_COLUMNS
+    frame = read_table(path, columns, [c for c in columns if c != "layer"],
+                       ("epoch",))[list(columns)]
     order = {layer: n for n, layer in enumerate(frame["layer"].unique())}
     frame = frame.drop_duplicates(["epoch", "layer"], keep="last")
     frame = frame.sort_values(["epoch", "layer"],
@@ -274,36 +255,28 @@ def read_corrections(path):
     return frame.reset_index(drop=True)
 
 
-def load_run(csv_path):
-    """The run of `csv_path`; a damaged corrections file is named on stderr
-    and left out."""
-    frame = read_frame(csv_path)
-    config = read_config(csv_path.with_suffix(".json"))
-    corrections = None
-    path = csv_path.with_name(f"{csv_path.stem}{CORRECTIONS_SUFFIX}.csv")
-    if path.is_file():
-        try:
-            corrections = read_corrections(path)
-        except BadHistory as error:
-            warn(f"skipping the corrections {path}: {error}")
-    return Run(csv_path.stem, csv_path, config, frame, corrections)
-
-
 def load_runs(paths):
-    """The usable runs among `paths`; each unusable one is named on stderr."""
+    """The usable runs among `paths` (a warning for each other)."""
     runs = []
     for path in paths:
         try:
-            runs.append(load_run(path))
+            frame = read_frame(path)
+            runs.append(Run(path.stem, path,
+                            read_config(path.with_suffix(".json")), frame))
         except BadHistory as error:
             warn(f"skipping {path}: {error}")
+            continue
+        corrections = path.with_name(f"{path.stem}{CORRECTIONS_SUFFIX}.csv")
+        if corrections.is_file():
+            try:
+                runs[-1].corrections = read_corrections(corrections)
+            except BadHistory as error:
+                warn(f"skipping the corrections {corrections}: {error}")
     return runs
 
 
-# ----------------------------------------------------------------- groups
 def splitting_fields(runs):
-    """GROUP_FIELDS that split the runs (whose norm uses them) further than
-    those before them."""
+    """GROUP_FIELDS that split the runs further than those before them."""
     kept = []
     for field in GROUP_FIELDS:
         using = [run for run in runs if run.value(field) != IGNORED]
@@ -315,8 +288,7 @@ def splitting_fields(runs):
 
 
 def group_runs(runs):
-    """Groups of runs equal in every GROUP_FIELDS key, batchnorm first, then
-    by their keys (the splitting fields only)."""
+    """Groups of runs equal in every GROUP_FIELDS key, by norm and key."""
     fields = splitting_fields(runs)
     groups = {}
     for run in sorted(runs, key=lambda r: r.name):
@@ -330,8 +302,7 @@ def group_runs(runs):
 
 @dataclass
 class Point:
-    """The runs of one norm, sampling and x (seeds are repeats); `rest`:
-    ((field, value), ...) of the other splitting fields."""
+    """The runs of one norm, sampling, rest (other splitting fields) and x."""
 
     norm: str
     sampling: object
@@ -345,9 +316,8 @@ class Point:
 
 
 def points(runs, make, coordinates, order):
-    """The runs by norm, sampling, the other splitting fields (those not in
-    `make.FIELDS`) and x, `(sampling, x) = coordinates(run)`: a `make`
-    (a Point) each, sorted by `order`."""
+    """A `make` (a Point) per norm, `(sampling, x) = coordinates(run)` and
+    rest (splitting fields not in make.FIELDS), sorted by `order`."""
     rest_fields = [f for f in splitting_fields(runs) if f not in make.FIELDS]
     found = {}
     for run in sorted(runs, key=lambda r: r.name):

@@ -13,7 +13,7 @@ from matplotlib.ticker import NullLocator
 
 from experiment import runfiles
 from experiment.histories import (
-    IGNORED, field_text, lines, sort_key, x_values)
+    IGNORED, field_text, is_number, lines, sort_key, test_result, x_values)
 from experiment.preprocessing import DEFAULT_VAL_SHARE
 from experiment.protocols import (
     NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
@@ -49,7 +49,7 @@ def log2_axis(ax, sizes, label):
 
 
 def legend_below(fig, axes):
-    """One legend under the figure of every line of `axes`, each once."""
+    """One legend under the figure: every line of `axes`, once."""
     handles = {}
     for ax in axes:
         handles.update(zip(*reversed(ax.get_legend_handles_labels())))
@@ -75,7 +75,6 @@ def rest_markers(points):
     return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))
 
 
-# ---------------------------------------------------------------- tables
 def markdown_table(header, rows):
     widths = [max(len(str(cell)) for cell in column)
               for column in zip(header, *rows)]
@@ -88,8 +87,8 @@ def markdown_table(header, rows):
 
 
 def line_table(points, sampling_words, column, cell):
-    """Markdown: a row per line of the points, a column `column(x)` per x,
-    the cells `cell(point)`."""
+    """Markdown: a row per line of the points, a column `column(x)` per x
+    of cells `cell(point)`."""
     xs = x_values(points)
     header = ("norm", "sampling", *[f for f, _ in points[0].rest],
               *map(column, xs))
@@ -109,14 +108,10 @@ def format_percent(values):
 
 def t_interval(values, confidence=CONFIDENCE):
     """The mean of `values` and the half width of its two-sided Student t
-    interval, t(1 - (1 - confidence) / 2, n - 1) * s / sqrt(n) with s the
-    sample standard deviation; the half width is None for fewer than two
-    values (no spread to estimate)."""
+    interval (None for fewer than two values)."""
     values = np.asarray(list(values), dtype=float)
-    if len(values) == 0:
-        return math.nan, None
     if len(values) < 2:
-        return float(values.mean()), None
+        return (float(values[0]) if len(values) else math.nan), None
     from scipy import stats
 
     quantile = stats.t.ppf(1 - (1 - confidence) / 2, len(values) - 1)
@@ -133,7 +128,7 @@ def paired_differences(first, second):
 def interval_text(values):
     """`mean [low, high] (n)`, signed, or the mean alone for one value."""
     mean, half = t_interval(values)
-    n = len(list(values))
+    n = len(values)
     if half is None:
         return f"{mean:+.2f} (n={n})" if n else "–"
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] (n={n})"
@@ -152,16 +147,13 @@ def mean_std_text(values):
 
 def test_images_text(runs, otherwise):
     """How many test images the runs' test accuracies count."""
-    images = {run.config["result"].get("test_images") for run in runs
-              if isinstance(run.config.get("result"), dict)} - {None}
+    images = {test_result(run, "test_images") for run in runs} - {None}
     return f"all {images.pop()} test images" if len(images) == 1 else otherwise
 
 
-# ------------------------------------------------- what a figure's runs are
 TRAIN_IMAGES, TEST_IMAGES = 50000, 10000
 HELD_OUT = TRAIN_IMAGES // DEFAULT_VAL_SHARE
-# How a title names a protocol key's value where a run departs from it
-# (other keys: the key's words, then the value).
+# A title's words for a protocol key's value (others: "key words {}").
 DEPARTURE_TEXT = {
     "epochs": "{} epochs", "batch_size": "batch {}",
     "classes_per_batch": "{} classes/batch", "sgd_momentum": "SGD momentum {}",
@@ -185,18 +177,10 @@ def value_text(value):
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def same(value, reference):
-    """Equal as a history stores them (JSON lists for tuples)."""
-    def as_list(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    return as_list(value) == as_list(reference)
-
-
 def protocol_departures(config):
     """(key, text) of each protocol key in which a run departs from its
-    protocol; the network as one (WRN-d-k); not the schedule's steps where
-    --renorm-schedule set them."""
+    protocol; the network as one (WRN-d-k); not the steps that
+    --renorm-schedule set."""
     name = config.get("protocol")
     if not isinstance(name, str) or name not in PROTOCOLS:
         return [("protocol", f"protocol {name!r} unknown: not compared")]
@@ -206,14 +190,17 @@ def protocol_departures(config):
     skip = {"depth", "width"} | (set(SCHEDULE_STEPS)
                                  if config["renorm_schedule"] else set())
     for key in PROTOCOL_KEYS:
-        if key not in skip and not same(config[key], getattr(protocol, key)):
+        reference = getattr(protocol, key)  # JSON has lists for tuples
+        if isinstance(reference, tuple):
+            reference = list(reference)
+        if key not in skip and config[key] != reference:
             text = DEPARTURE_TEXT.get(key, key.replace("_", " ") + " {}")
             found.append((key, text.format(value_text(config[key]))))
     return found
 
 
 def run_departures(config):
-    """`protocol_departures`, the data set's, then the run settings'."""
+    """`protocol_departures`, the data's, then the run settings'."""
     found = protocol_departures(config)
     train, val = config["train_size"], config["val_size"]
     data = []
@@ -244,7 +231,7 @@ def run_departures(config):
 def values_text(values):
     """A few values, or their range."""
     values = sorted(set(values), key=sort_key)
-    if len(values) > 4 and all(sort_key(v)[0] == 1 for v in values):
+    if len(values) > 4 and all(map(is_number, values)):
         return f"{value_text(values[0])}–{value_text(values[-1])}"
     return ", ".join(map(value_text, values))
 
@@ -265,7 +252,7 @@ def setting_text(key, runs):
 
 
 def describe_runs(runs):
-    """A title's lines: the protocol(s) and the departures all runs share;
+    """A title's lines: the protocol and the departures all runs share;
     those that differ between runs; the device."""
     found = [dict(run_departures(run.config)) for run in runs]
     keys = list(dict.fromkeys(k for f in found for k in f))
