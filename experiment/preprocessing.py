@@ -1,6 +1,5 @@
-"""What a run makes of CIFAR-10 before training: its subsets, the channel
-statistics and normalization, the augmentation, and `prepare`, the run's
-arrays from its configuration. NumPy only."""
+"""CIFAR-10 made ready for a run (NumPy only): subsets, channel statistics,
+normalization, augmentation, and `prepare`, the run's arrays."""
 
 from dataclasses import dataclass
 
@@ -15,14 +14,9 @@ PAD = 4  # the augmentation's zero padding, in pixels
 
 
 def stratified_subset(labels, size, seed=0):
-    """Indices (sorted) of `size` examples with the classes as balanced as
-    possible: `size // 10` of each class, one more for `size % 10` classes
-    chosen at random; the examples of each class are drawn at random. All of
-    them where `size` is their number.
-
-    Raises:
-        DataError: if a class has too few examples.
-    """
+    """Sorted indices of `size` examples drawn at random, the classes as
+    balanced as possible (the remainder's classes at random); all where
+    `size` is their number. DataError: a class has too few."""
     labels = np.asarray(labels)
     if size == len(labels):
         return np.arange(size)
@@ -42,8 +36,7 @@ def stratified_subset(labels, size, seed=0):
 
 
 def channel_stats(images):
-    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]
-    (exact, from each channel's histogram)."""
+    """Exact per-channel mean and std of uint8 images scaled to [0, 1]."""
     values = np.arange(256) / 255.0
     pixels = images.reshape(-1, images.shape[-1])
     mean, std = [], []
@@ -63,46 +56,49 @@ def normalization(mean, std):
 
 
 def normalize(images, mean, std):
-    """uint8 images -> float32, scaled to [0, 1], then `(x - mean) / std` per
-    channel."""
+    """uint8 images -> float32 `(x / 255 - mean) / std` per channel."""
     scale, offset = normalization(mean, std)
     return images.astype(np.float32) * scale + offset
 
 
-def augment(images, rng, pad=PAD):
-    """The standard CIFAR augmentation of uint8 images `(N, H, W, C)`: zero
-    padding by `pad` pixels, a random HxW crop, and a horizontal flip with
-    probability 1/2, drawn independently per image from `rng`."""
-    return crop(images, *crop_offsets(len(images), rng, pad), pad=pad)
-
-
-def crop_offsets(n, rng, pad=PAD):
-    """What `augment` draws from `rng` for `n` images, in this order: each
-    crop's top and left offsets in the padded image (0..2 * pad) and whether
-    it is flipped; apart from the pixels, so that device_data.py can make the
-    same crops on the device."""
-    top = rng.integers(0, 2 * pad + 1, n)
-    left = rng.integers(0, 2 * pad + 1, n)
+def crop_offsets(n, rng):
+    """The augmentation's draws for `n` images, in this order: the crops'
+    top and left offsets in the padded image (0..2 * PAD), the flips."""
+    top = rng.integers(0, 2 * PAD + 1, n)
+    left = rng.integers(0, 2 * PAD + 1, n)
     flip = rng.random(n) < 0.5
     return top, left, flip
 
 
-def crop(images, top, left, flip, pad=PAD):
-    """The crops of `crop_offsets` from uint8 images `(N, H, W, C)` padded
-    with `pad` zeros on each side, mirrored where `flip`."""
+def crop_index(index, top, left, flip, height, width, xp=np):
+    """The pixels of the crops of images `index`, flipped where `flip`, as
+    indices into the images padded by PAD and reshaped to `(-1, C)`; `xp`:
+    NumPy or `keras.ops` (device_data)."""
+    rows = top[:, None] + xp.arange(height, dtype="int32")
+    cols = xp.arange(width, dtype="int32")
+    cols = left[:, None] + xp.where(flip[:, None] > 0, width - 1 - cols, cols)
+    return (((index * (height + 2 * PAD))[:, None, None] + rows[:, :, None])
+            * (width + 2 * PAD) + cols[:, None, :])
+
+
+def pad(images):
+    """uint8 images `(N, H, W, C)` padded by PAD zeros, as rows `(-1, C)`."""
+    padding = ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0))
+    return np.pad(images, padding).reshape(-1, images.shape[-1])
+
+
+def crop(images, top, left, flip):
+    """The augmentation: the crops of `crop_offsets` from uint8 images
+    `(N, H, W, C)` padded by PAD zeros, mirrored where `flip`."""
     n, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows = top[:, None] + np.arange(height)
-    cols = left[:, None] + np.arange(width)
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    index = crop_index(np.arange(n), top, left, flip, height, width)
+    return pad(images)[index]
 
 
 @dataclass
 class RunData:
-    """The arrays of a run: its training subset (uint8), its validation
-    images (normalized float32), the whole test set (uint8) and the
-    normalization, computed on the images it may train on."""
+    """A run's arrays: training subset and test set uint8, validation
+    normalized, and the normalization of the images it may train on."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -119,12 +115,9 @@ DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays: `val_size` validation
-    images held out of the training set (`val_from` "train": stratified,
-    drawn with the seed) or of the test set ("test": stratified, the same
-    for every run), and a stratified subset of `train_size` of the other
-    training images, drawn with the seed. Fills in the sizes that are None
-    (a tenth of the training set held out; all test images; all the rest).
+    """Loads CIFAR-10 and cuts the run's arrays (`validation_split`, then a
+    stratified `train_size` subset of the rest, drawn with the seed),
+    filling in the sizes that are None (docs/experiment.md).
 
     Raises:
         DataError: the data cannot be read.
@@ -147,8 +140,9 @@ def prepare(config, data_dir):
 
 
 def validation_split(config, data):
-    """The images a run may train on and its validation images (uint8),
-    as `val_from` and `val_size` say (see `prepare`)."""
+    """The images a run may train on and its validation images (uint8):
+    `val_size` held out of the training set (stratified, seeded) or of the
+    test set (stratified, the same for every run), as `val_from` says."""
     train_from = config["val_from"] == "train"
     images, labels = ((data.x_train, data.y_train) if train_from
                       else (data.x_test, data.y_test))
@@ -185,13 +179,8 @@ def check_batches(config, labels):
 
 
 def check_devices(config, arrays):
-    """With data parallel training on N devices, every batch that devices
-    share must divide by N: the training batches (the epoch's last too), the
-    evaluation batches, the validation and test sets.
-
-    Raises:
-        UsageError: naming the size that does not divide.
-    """
+    """With N devices, every batch they share must divide by N (UsageError
+    naming the size that does not)."""
     n = config["devices"]
     if n == 1:
         return
