@@ -18,48 +18,26 @@ NORMS = {
     "schedule)",
 }
 
-# BatchRenormalization's schedule arguments, which the other two ignore,
-# with the layer's defaults (the paper's).
+# BatchRenormalization's schedule, with its defaults (the paper's).
 SCHEDULE_ARGS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
 _LAYER_DEFAULTS = inspect.signature(BatchRenormalization).parameters
 SCHEDULE_DEFAULTS = {name: _LAYER_DEFAULTS[name].default
                      for name in SCHEDULE_ARGS}
 
 
-def make_norm(
-    norm,
-    /,
-    *,
-    momentum=0.99,
-    epsilon=1e-3,
-    r_max=SCHEDULE_DEFAULTS["r_max"],
-    d_max=SCHEDULE_DEFAULTS["d_max"],
-    warmup_steps=SCHEDULE_DEFAULTS["warmup_steps"],
-    r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
-    d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
-    virtual_batch_size=None,
-    **kwargs,
-):
-    """A new normalization layer of the kind `norm`, channels last.
-
-    Args:
-        norm: `"batchnorm"`, `"renorm"` or `"keras-renorm"`.
-        momentum, epsilon: Of the moving statistics (the fraction kept per
-            step; `keras-renorm`'s `renorm_momentum` too), and added to the
-            batch variance.
-        r_max, d_max: Final bounds of `r` and `d`, reached through `renorm`'s
-            schedule, `keras-renorm`'s from the first step.
-        warmup_steps, r_max_steps, d_max_steps: The schedule of `renorm`
-            (see `BatchRenormalization`); the other two ignore them.
-        virtual_batch_size: None (the whole batch) or V: in training, each
-            group of V consecutive examples is normalized with its own
-            statistics. `batchnorm` with V is `BatchRenormalization` with
-            `r_max=1`, `d_max=0` and no schedule (exactly batch
-            normalization of each group; Keras's layer has no virtual
-            batches); `keras-renorm` refuses it.
-        **kwargs: Other arguments of both layers (`gamma_regularizer`,
-            `beta_regularizer`, `name`, `dtype`, ...).
-    """
+def make_norm(norm, /, *, momentum=0.99, epsilon=1e-3,
+              r_max=SCHEDULE_DEFAULTS["r_max"], d_max=SCHEDULE_DEFAULTS["d_max"],
+              warmup_steps=SCHEDULE_DEFAULTS["warmup_steps"],
+              r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
+              d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
+              virtual_batch_size=None, **kwargs):
+    """A new normalization layer of the kind `norm` (a key of `NORMS`),
+    channels last. `momentum` and `epsilon` are those of the moving
+    statistics (and `keras-renorm`'s `renorm_momentum`); `r_max`, `d_max`
+    the final bounds (`keras-renorm`'s from the first step); the schedule
+    is `renorm`'s alone. `virtual_batch_size` V: each group of V examples
+    normalized with its own statistics (not `keras-renorm`). Other
+    `kwargs` go to the layer (`name`, regularizers, `dtype`, ...)."""
     if norm not in NORMS:
         raise ValueError(f"Unknown normalization {norm!r}; expected one of "
                          f"{', '.join(NORMS)}")
@@ -68,8 +46,7 @@ def make_norm(
                          "renorm=True)) has no virtual batches; received "
                          f"virtual_batch_size={virtual_batch_size!r}")
     if norm == "batchnorm" and virtual_batch_size is not None:
-        # Keras's BatchNormalization has no virtual batches; with r and d
-        # clipped to 1 and 0 from the first step, ours is exactly BN.
+        # Keras's has no virtual batches; ours with r = 1, d = 0 is BN.
         r_max, d_max, warmup_steps, r_max_steps, d_max_steps = 1.0, 0.0, 0, 0, 0
         norm = "renorm"
     if norm == "batchnorm":
