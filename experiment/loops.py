@@ -1,11 +1,7 @@
-"""How a run's epochs execute: Keras's loop (`model.fit`, `model.evaluate`;
-every backend) or, on JAX with the training set on the device and several
-steps per execution, `compiled_epoch.CompiledEpochs`. A loop has
-`train_epoch(epoch)` -> (logs, seconds), `resident(x, y)` -> the data as
-`evaluate` takes it, `evaluate(data)` -> (logs, seconds) and
-`evaluate_train_mode(batches)` -> logs (`train_mode`). Logs are dicts of
-floats (`loss`, `accuracy`); seconds are measured after the device
-finished."""
+"""How a run's epochs execute: Keras's loop or `compiled_epoch`. A loop has
+`train_epoch(epoch)` -> (logs, seconds), `resident(x, y)` -> `evaluate`'s
+data, `evaluate(data)` -> (logs, seconds), `evaluate_train_mode(batches)`
+-> logs; logs: floats `loss`, `accuracy`; seconds: the device finished."""
 
 import sys
 import time
@@ -19,9 +15,8 @@ KERAS, COMPILED = "keras", "compiled"
 
 
 def choose(config, environment, jit):
-    """Which loop runs (KERAS or COMPILED) and, where several steps per
-    execution were asked for but Keras's loop runs them, the one-line note
-    that says so. `jit`: the model's resolved jit_compile."""
+    """Which loop runs (KERAS or COMPILED) and the note where Keras's loop
+    runs several steps per execution. `jit`: the model's jit_compile."""
     steps = config["steps_per_execution"]
     if environment["backend"] != "jax" or steps == 1:
         return KERAS, None  # TensorFlow's trainer compiles its N steps
@@ -52,8 +47,8 @@ def make(name, model, config, arrays, steps, processes):
 
 
 class KerasLoop:
-    """`model.fit` for one epoch of the run's batches, `model.evaluate`;
-    each process feeds its share of every batch."""
+    """`model.fit` for an epoch, `model.evaluate`; each process feeds its
+    share of every batch."""
 
     def __init__(self, model, config, arrays, steps, processes):
         self.model, self.steps = model, steps
@@ -89,8 +84,8 @@ class KerasLoop:
 
 
 def epoch_batches(config, arrays, processes):
-    """A function of the epoch that gives its training batches: made on the
-    host (this process's share of each) or on the device (one device)."""
+    """The epoch -> its training batches, on the host (this process's
+    share) or on the device."""
     options = sampling.options(config)
     if config["input"] == "device":
         from experiment import device_data
