@@ -67,26 +67,12 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
         yield normalize(x, mean, std), labels[index]
 
 
-def _greedy_batches(groups, classes_per_batch, rng):
-    """The classes (positions in `groups`, their group counts) that give a
-    group to each batch: the K with the most groups left, those not chosen
-    yet first, then at random, until fewer than K have any."""
-    left = np.array(groups, dtype=np.int64)
-    unused = np.ones(len(left), dtype=np.int64)
-    chosen = []
-    while np.count_nonzero(left) >= classes_per_batch:
-        order = np.lexsort((rng.random(len(left)), -unused, -left))
-        chosen.append(order[:classes_per_batch])
-        left[chosen[-1]] -= 1
-        unused[chosen[-1]] = 0
-    return chosen
-
-
 def class_batches(labels, batch_size, classes_per_batch, rng):
     """One epoch of batches of exactly `classes_per_batch` (K) classes, as
-    index arrays into `labels`, every example in one batch (docs/sweep.md):
-    groups of batch_size / K of a class, taken by `_greedy_batches`; groups
-    left over join random batches of their class; batches shuffled.
+    index arrays into `labels`, every example in one batch (docs/sweep.md).
+    Each batch takes a group of batch_size / K examples from each of the K
+    classes with the most groups left (those not chosen yet first, then at
+    random); leftover groups join random batches of their class.
 
     Raises:
         ValueError: K not a positive integer dividing batch_size, or more
@@ -108,8 +94,13 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
         starts = range(0, len(members), per_group)
         counts.append(len(starts))
         groups.append(iter([members[i:i + per_group] for i in starts]))
+    left = np.array(counts, dtype=np.int64)
+    unused = np.ones(len(left), dtype=np.int64)
     batches, holders = [], [[] for _ in groups]
-    for chosen in _greedy_batches(counts, k, rng):
+    while np.count_nonzero(left) >= k:
+        chosen = np.lexsort((rng.random(len(left)), -unused, -left))[:k]
+        left[chosen] -= 1
+        unused[chosen] = 0
         for position in chosen:
             holders[position].append(len(batches))
         batches.append([next(groups[position]) for position in chosen])
@@ -138,30 +129,12 @@ def _group_pairs(left, pairs_wanted, rng):
     return taken
 
 
-def _pair_plan(pair_counts, batch_size, group_size, rng):
-    """The class of each pair of each batch: batches cut into groups of
-    group_size / 2 pairs, filled by `_group_pairs` until one cannot be."""
-    left = np.array(pair_counts, dtype=np.int64)
-    group = min(group_size, batch_size)
-    sizes = [min(group, batch_size - start) // 2
-             for start in range(0, batch_size, group)]
-    batches = []
-    while left.any():
-        batch = []
-        for wanted in sizes:
-            taken = _group_pairs(left, wanted, rng)
-            batch.extend(taken)
-            if len(taken) < wanted:  # no more full groups this epoch
-                return batches + [batch]
-        batches.append(batch)
-    return batches
-
-
 def pair_batches(labels, batch_size, group_size, rng):
     """One epoch of the paper's non-i.i.d. batches (Ioffe 2017, section 4;
     docs/experiment.md): index arrays into `labels`, pairs of one class at
     positions 2i, 2i + 1, distinct classes within each group of
-    `group_size` examples; the epoch ends at the first unfilled group.
+    `group_size` examples (`_group_pairs`); the epoch ends with the first
+    group that cannot be filled.
 
     Raises:
         ValueError: if batch_size or group_size is not an even number >= 2.
@@ -174,9 +147,21 @@ def pair_batches(labels, batch_size, group_size, rng):
                              f"{value!r}")
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
-    classes, pairs = classes[counts >= 2], counts[counts >= 2] // 2
+    classes, left = classes[counts >= 2], counts[counts >= 2] // 2
     members = [iter(rng.permutation(np.flatnonzero(labels == label))
                     [:2 * count].reshape(-1, 2))
-               for label, count in zip(classes, pairs)]
+               for label, count in zip(classes, left)]
+    group = min(group_size, batch_size)
+    sizes = [min(group, batch_size - start) // 2
+             for start in range(0, batch_size, group)]
+    plans, full = [], True
+    while full and left.any():
+        plans.append([])
+        for wanted in sizes:
+            taken = _group_pairs(left, wanted, rng)
+            plans[-1].extend(taken)
+            full = len(taken) == wanted
+            if not full:  # no more full groups this epoch
+                break
     return [np.concatenate([next(members[position]) for position in plan])
-            for plan in _pair_plan(pairs, batch_size, group_size, rng)]
+            for plan in plans]
