@@ -1,7 +1,6 @@
-"""CIFAR-10's official python layout (`cifar-10-batches-py`), found in
-`--data-dir`, else `$CIFAR10_DIR`, else through Keras's downloader, read and
-checked: a missing, truncated or wrong file raises `DataError`, one line
-naming it."""
+"""CIFAR-10's official python layout from `--data-dir`, `$CIFAR10_DIR` or
+Keras's downloader, checked: a missing, truncated or wrong file raises
+`DataError`, one line naming it."""
 
 import os
 import pickle
@@ -38,7 +37,6 @@ class Cifar10:
 
 
 def load(data_dir=None):
-    """CIFAR-10 from `data_dir`, `$CIFAR10_DIR` or Keras's downloader."""
     if data_dir is None and os.environ.get("CIFAR10_DIR"):
         return load_folder(os.environ["CIFAR10_DIR"], origin="CIFAR10_DIR")
     return download() if data_dir is None else load_folder(data_dir)
@@ -82,9 +80,8 @@ def read_batch(path):
     channel-major 32x32 RGB) and `labels` (N in 0..9), as uint8 images
     `(N, 32, 32, 3)` and int32 labels."""
     data, labels = _unpickle(path)
-    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
-            or data.ndim != 2 or data.shape[1] != 32 * 32 * 3
-            or data.shape[0] == 0):
+    if (getattr(data, "dtype", None) != np.uint8
+            or data.shape[1:] != (32 * 32 * 3,) or not len(data)):
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
         raise DataError(

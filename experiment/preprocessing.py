@@ -39,13 +39,12 @@ def channel_stats(images):
     """Exact per-channel mean and std of uint8 images scaled to [0, 1]."""
     values = np.arange(256) / 255.0
     pixels = images.reshape(-1, images.shape[-1])
-    mean, std = [], []
-    for channel in range(pixels.shape[1]):
-        counts = np.bincount(pixels[:, channel], minlength=256) / len(pixels)
-        mean.append(counts @ values)
-        std.append(np.sqrt(max(counts @ values**2 - mean[-1] ** 2, 0.0)))
-    return (np.asarray(mean, np.float32),
-            np.maximum(np.asarray(std, np.float32), 1e-3))
+    shares = [np.bincount(channel, minlength=256) / len(pixels)
+              for channel in pixels.T]
+    mean = np.array([share @ values for share in shares])
+    square = np.array([share @ values**2 for share in shares])
+    std = np.sqrt(np.maximum(square - mean**2, 0.0)).astype(np.float32)
+    return mean.astype(np.float32), np.maximum(std, 1e-3)
 
 
 def normalization(mean, std):
@@ -64,10 +63,9 @@ def normalize(images, mean, std):
 def crop_offsets(n, rng):
     """The augmentation's draws for `n` images, in this order: the crops'
     top and left offsets in the padded image (0..2 * PAD), the flips."""
-    top = rng.integers(0, 2 * PAD + 1, n)
-    left = rng.integers(0, 2 * PAD + 1, n)
-    flip = rng.random(n) < 0.5
-    return top, left, flip
+    offsets = 2 * PAD + 1
+    return rng.integers(0, offsets, n), rng.integers(0, offsets, n), (
+        rng.random(n) < 0.5)
 
 
 def crop_index(index, top, left, flip, height, width, xp=np):
@@ -91,8 +89,7 @@ def crop(images, top, left, flip):
     """The augmentation: the crops of `crop_offsets` from uint8 images
     `(N, H, W, C)` padded by PAD zeros, mirrored where `flip`."""
     n, height, width, _ = images.shape
-    index = crop_index(np.arange(n), top, left, flip, height, width)
-    return pad(images)[index]
+    return pad(images)[crop_index(np.arange(n), top, left, flip, height, width)]
 
 
 @dataclass
