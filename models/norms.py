@@ -6,17 +6,7 @@ import keras
 
 from batch_renorm import BatchRenormalization
 
-# name -> what it is (for --help and the docs).
-NORMS = {
-    "batchnorm": "keras.layers.BatchNormalization (with virtual batches: "
-    "batch_renorm.BatchRenormalization with r_max 1, d_max 0 and no "
-    "schedule, which is exactly batch normalization of each group)",
-    "renorm": "batch_renorm.BatchRenormalization (this repository), with the "
-    "paper's warm-up and r_max/d_max schedule",
-    "keras-renorm": "keras.layers.BatchNormalization(renorm=True), Keras 3's "
-    "own, clipped at the final r_max/d_max from the first step (it has no "
-    "schedule)",
-}
+NORMS = ("batchnorm", "renorm", "keras-renorm")
 
 # BatchRenormalization's schedule, with its defaults (the paper's).
 SCHEDULE_ARGS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")
@@ -31,13 +21,13 @@ def make_norm(norm, /, *, momentum=0.99, epsilon=1e-3,
               r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
               d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
               virtual_batch_size=None, **kwargs):
-    """A new normalization layer of the kind `norm` (a key of `NORMS`),
-    channels last. `momentum` and `epsilon` are those of the moving
-    statistics (and `keras-renorm`'s `renorm_momentum`); `r_max`, `d_max`
-    the final bounds (`keras-renorm`'s from the first step); the schedule
-    is `renorm`'s alone. `virtual_batch_size` V: each group of V examples
-    normalized with its own statistics (not `keras-renorm`). Other
-    `kwargs` go to the layer (`name`, regularizers, `dtype`, ...)."""
+    """A new normalization layer, channels last, of the kind `norm`:
+    `batchnorm` (keras.layers.BatchNormalization; with a virtual batch size,
+    BatchRenormalization with r_max 1, d_max 0 and no schedule: exactly
+    batch normalization of each group), `renorm` (BatchRenormalization with
+    the paper's schedule) or `keras-renorm` (BatchNormalization(renorm=True),
+    clipped at the final r_max/d_max from the first step; also its
+    `renorm_momentum`). `kwargs` go to the layer (`name`, regularizers)."""
     if norm not in NORMS:
         raise ValueError(f"Unknown normalization {norm!r}; expected one of "
                          f"{', '.join(NORMS)}")
@@ -46,7 +36,6 @@ def make_norm(norm, /, *, momentum=0.99, epsilon=1e-3,
                          "renorm=True)) has no virtual batches; received "
                          f"virtual_batch_size={virtual_batch_size!r}")
     if norm == "batchnorm" and virtual_batch_size is not None:
-        # Keras's has no virtual batches; ours with r = 1, d = 0 is BN.
         r_max, d_max, warmup_steps, r_max_steps, d_max_steps = 1.0, 0.0, 0, 0, 0
         norm = "renorm"
     if norm == "batchnorm":
