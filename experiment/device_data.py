@@ -1,7 +1,6 @@
-"""The training set resident on the device (`--input device`): uint8
-images and labels copied once; each epoch the host draws
-`sampling.batch_plan` and sends it in one copy, and the device gathers,
-crops, flips and normalizes (`keras.ops` only)."""
+"""The training set resident on the device (`--input device`): the host
+sends each epoch's `sampling.batch_plan`; the device gathers, crops, flips
+and normalizes with `keras.ops`."""
 
 import numpy as np
 
@@ -12,10 +11,9 @@ from experiment.preprocessing import pad
 
 
 class DeviceTrainSet:
-    """Training images `(N, H, W, C)` uint8 and labels on the device, with
-    `preprocessing.normalize`'s `mean` and `std`. With `augmented`, the
-    images are kept padded, one row per pixel, so that a batch of crops is
-    one `take` of rows (int32: up to 1.3 million 40x40 images)."""
+    """uint8 images `(N, H, W, C)`, labels and the normalization on the
+    device; with `augmented`, padded, one row per pixel, so that a batch of
+    crops is one `take` (int32: up to 1.3 million 40x40 images)."""
 
     def __init__(self, images, labels, mean, std, augmented=False):
         from keras import ops

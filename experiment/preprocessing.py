@@ -112,14 +112,9 @@ DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays (`validation_split`, then a
-    stratified `train_size` subset of the rest, drawn with the seed),
-    filling in the sizes that are None (docs/experiment.md).
-
-    Raises:
-        DataError: the data cannot be read.
-        UsageError: a size or `classes_per_batch` the data cannot give.
-    """
+    """The run's arrays: `validation_split`, then a stratified, seeded
+    `train_size` subset of the rest; sizes that are None filled in.
+    DataError: unreadable data; UsageError: sizes the data cannot give."""
     data = cifar10.load(data_dir)
     x_pool, y_pool, x_val, y_val = validation_split(config, data)
     config["train_size"] = config["train_size"] or len(x_pool)

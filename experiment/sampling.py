@@ -1,7 +1,6 @@
-"""Batch plans: which training images go into each batch of an epoch, in
-which order and with which crops (i.i.d., K classes per batch, or the
-paper's pairs; the rules are in docs/experiment.md and docs/sweep.md). The
-host (`train_batches`) and the device (`device_data`) follow one plan."""
+"""Batch plans: each batch's images and crops (i.i.d., K classes per batch
+or the paper's pairs: docs/experiment.md, docs/sweep.md), one plan for the
+host (`train_batches`) and the device (`device_data`)."""
 
 import numpy as np
 
@@ -68,16 +67,12 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
 
 
 def class_batches(labels, batch_size, classes_per_batch, rng):
-    """One epoch of batches of exactly `classes_per_batch` (K) classes, as
-    index arrays into `labels`, every example in one batch (docs/sweep.md).
-    Each batch takes a group of batch_size / K examples from each of the K
-    classes with the most groups left (those not chosen yet first, then at
-    random); leftover groups join random batches of their class.
-
-    Raises:
-        ValueError: K not a positive integer dividing batch_size, or more
-            than the classes in `labels`.
-    """
+    """One epoch of batches (index arrays into `labels`) of exactly
+    `classes_per_batch` (K) classes, every example in one (docs/sweep.md):
+    groups of batch_size / K from the K classes with the most groups left,
+    those not chosen yet first, then at random; leftovers join batches of
+    their class. ValueError: K not a positive divisor of batch_size, or
+    more than the classes."""
     k, labels = classes_per_batch, np.asarray(labels)
     classes = np.unique(labels)
     if (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
@@ -130,15 +125,10 @@ def _group_pairs(left, pairs_wanted, rng):
 
 
 def pair_batches(labels, batch_size, group_size, rng):
-    """One epoch of the paper's non-i.i.d. batches (Ioffe 2017, section 4;
-    docs/experiment.md): index arrays into `labels`, pairs of one class at
-    positions 2i, 2i + 1, distinct classes within each group of
-    `group_size` examples (`_group_pairs`); the epoch ends with the first
-    group that cannot be filled.
-
-    Raises:
-        ValueError: if batch_size or group_size is not an even number >= 2.
-    """
+    """One epoch of the paper's non-i.i.d. batches (docs/experiment.md):
+    index arrays into `labels`, pairs of a class at 2i, 2i + 1, distinct
+    classes within each group of `group_size` (`_group_pairs`), until a
+    group cannot be filled. ValueError: a size not even and >= 2."""
     for name, value in (("batch_size", batch_size),
                         ("group_size", group_size)):
         if (isinstance(value, bool) or not isinstance(value, (int, np.integer))

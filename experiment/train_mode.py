@@ -4,19 +4,17 @@ changed; dropout off, so that the gap is the normalization's alone)."""
 
 from contextlib import contextmanager
 
-import numpy as np
-
 from experiment import sampling
 from experiment.signals import raise_if_interrupted
 
-# The validation plan's stream, distinct from every epoch's (epoch_rng).
+# The validation plan's "epoch": distinct from every training epoch's.
 PLAN_STREAM = 2**32 - 1
 
 
 def batches(config, arrays):
     """The validation images `(x, y)` in batches drawn like the training
     batches, one plan a run."""
-    rng = np.random.default_rng([config["seed"], PLAN_STREAM])
+    rng = sampling.epoch_rng(config["seed"], PLAN_STREAM)
     plan = sampling.batch_plan(arrays.y_val, rng=rng, **sampling.options(config))
     return [(arrays.x_val[index], arrays.y_val[index]) for index, _ in plan]
 
@@ -55,8 +53,7 @@ def evaluate(model, batches, sums=None):
         total, correct, penalty = total + batch[0], correct + batch[1], batch[2]
         count += len(y)
     raise_if_interrupted()
-    if not count:
-        return {"loss": float("nan"), "accuracy": float("nan")}
+    count = count or float("nan")
     return {"loss": total / count + penalty, "accuracy": correct / count}
 
 

@@ -1,11 +1,9 @@
 """Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146),
-WRN-d-k for 32x32 images as in the authors' code: a 3x3 convolution with 16
-filters, three groups of (d - 4) / 6 pre-activation basic blocks (16k, 32k,
-64k filters; strides 1, 2, 2), norm-ReLU, global average pooling, dense
-softmax. A block, norm-ReLU -> 3x3 conv -> norm-ReLU -> [dropout] -> 3x3
-conv, is added to its input or, where the shape changes, to a 1x1
-convolution of its pre-activated input. Convolutions: no bias, `he_normal`.
-WRN-16-4 has 2,748,890 trainable parameters."""
+WRN-d-k for 32x32 images as in the authors' code: a 3x3 convolution, three
+groups of (d - 4) / 6 pre-activation blocks (16k, 32k, 64k filters; strides
+1, 2, 2), norm-ReLU, pooling, dense softmax. A block, norm-ReLU -> conv ->
+norm-ReLU -> [dropout] -> conv, is added to its input or to a 1x1
+convolution of its pre-activated input. No biases; `he_normal` kernels."""
 
 import keras
 
@@ -15,21 +13,12 @@ from models.norms import make_norm
 def wide_resnet(depth=16, width=4, *, norm="batchnorm", norm_kwargs=None,
                 dropout=0.0, weight_decay=0.0, num_classes=10,
                 input_shape=(32, 32, 3), name=None, keras_api=keras):
-    """WRN-`depth`-`width` as a functional `keras.Model`, channels last, from
-    images to float32 class probabilities.
-
-    Args:
-        depth, width: `d = 6N + 4` with `N >= 1`; `k >= 1`.
-        norm: a name of `models.make_norm`, or a function that returns a new
-            normalization layer given its keyword arguments (`name`,
-            `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`).
-        norm_kwargs: Arguments for every normalization layer.
-        dropout: Rate between the two convolutions of a block (0: none).
-        weight_decay: `lambda` as in the paper (each gradient gains
-            `lambda * w`), as an L2 loss `lambda / 2 * sum(w ** 2)` on every
-            trainable weight.
-        keras_api: `keras`, or `tf_keras` for the benchmarks' anchors.
-    """
+    """WRN-`depth`-`width` (depth 6N + 4) as a functional `keras.Model`,
+    channels last, images to float32 class probabilities. `norm`: a name of
+    `make_norm` or a function making a layer of the keyword arguments
+    `name`, `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`.
+    `weight_decay` lambda (as in the paper: gradients gain lambda * w): an
+    L2 loss lambda / 2 * sum(w ** 2). `keras_api`: `keras` or `tf_keras`."""
     _check_arguments(depth, width, dropout, weight_decay)
     layers = _Layers(keras_api, norm, norm_kwargs, weight_decay, dropout)
     inputs = keras_api.Input(input_shape, name="images")
