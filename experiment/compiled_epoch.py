@@ -1,8 +1,6 @@
-"""The JAX fast path (docs/experiment.md): up to N steps of the epoch's
-plan per jitted call, `jax.lax.scan` over Keras's stateless `train_step`,
-the training set on the device; one call per evaluation pass. The state
-reaches the model's variables when the epoch ends (an interruption leaves
-nothing half done)."""
+"""The JAX fast path (docs/experiment.md): `jax.lax.scan` over Keras's
+stateless `train_step`, N steps of the epoch's plan per call; the variables
+are written when the epoch ends (an interruption leaves nothing half done)."""
 
 import sys
 import time

@@ -2,6 +2,8 @@
 sends each epoch's `sampling.batch_plan`; the device gathers, crops, flips
 and normalizes with `keras.ops`."""
 
+from itertools import groupby
+
 import numpy as np
 
 from experiment import sampling
@@ -45,15 +47,11 @@ class DeviceTrainSet:
         """The epoch's `sampling.batch_plan` as int32 arrays `(steps, 1 or
         4, B)`, one per run of batches of one size B, cut into at most
         `steps_per_call` steps (None: uncut)."""
-        runs = []
-        for index, offsets in sampling.batch_plan(
-                self.host_labels, batch_size, rng, self.augmented,
-                classes_per_batch, pairs):
-            step = np.stack([index, *(offsets or ())]).astype(np.int32)
-            if runs and runs[-1][-1].shape == step.shape:
-                runs[-1].append(step)
-            else:
-                runs.append([step])
+        steps = [np.stack([index, *(offsets or ())]).astype(np.int32)
+                 for index, offsets in sampling.batch_plan(
+                     self.host_labels, batch_size, rng, self.augmented,
+                     classes_per_batch, pairs)]
+        runs = [list(run) for _, run in groupby(steps, key=np.shape)]
         cut = steps_per_call or max(len(run) for run in runs)
         return [np.stack(run[start:start + cut]) for run in runs
                 for start in range(0, len(run), cut)]

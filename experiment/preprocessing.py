@@ -93,19 +93,14 @@ def crop(images, top, left, flip):
 
 
 @dataclass
-class RunData:
-    """A run's arrays: training subset and test set uint8, validation
-    normalized, and the normalization of the images it may train on."""
+class RunData(cifar10.Cifar10):
+    """A run's arrays: its training subset, the test set, its validation
+    images normalized, the normalization of the images it may train on."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
     mean: np.ndarray
     std: np.ndarray
-    source: str
 
 
 DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
@@ -127,8 +122,8 @@ def prepare(config, data_dir):
     mean, std = channel_stats(x_pool)
     chosen = stratified_subset(y_pool, config["train_size"], config["seed"])
     check_batches(config, y_pool[chosen])
-    return RunData(x_pool[chosen], y_pool[chosen], normalize(x_val, mean, std),
-                   y_val, data.x_test, data.y_test, mean, std, data.source)
+    return RunData(x_pool[chosen], y_pool[chosen], data.x_test, data.y_test,
+                   data.source, normalize(x_val, mean, std), y_val, mean, std)
 
 
 def validation_split(config, data):

@@ -80,11 +80,9 @@ class _Layers:
 
     def block(self, x, filters, strides, layer_name):
         preactivated = self.norm_relu(x, f"{layer_name}_1")
-        if x.shape[-1] == filters and strides == 1:
-            shortcut = x
-        else:
-            shortcut = self.conv(filters, 1, strides,
-                                 f"{layer_name}_shortcut")(preactivated)
+        shortcut = x if x.shape[-1] == filters and strides == 1 else (
+            self.conv(filters, 1, strides, f"{layer_name}_shortcut")(
+                preactivated))
         y = self.conv(filters, 3, strides, f"{layer_name}_1_conv")(
             preactivated)
         y = self.norm_relu(y, f"{layer_name}_2")
