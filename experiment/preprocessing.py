@@ -109,7 +109,8 @@ DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 def prepare(config, data_dir):
     """The run's arrays: `validation_split`, then a stratified, seeded
     `train_size` subset of the rest; sizes that are None filled in.
-    DataError: unreadable data; UsageError: sizes the data cannot give."""
+    DataError: unreadable data; UsageError: sizes or classes per batch the
+    data cannot give."""
     data = cifar10.load(data_dir)
     x_pool, y_pool, x_val, y_val = validation_split(config, data)
     config["train_size"] = config["train_size"] or len(x_pool)
@@ -121,7 +122,17 @@ def prepare(config, data_dir):
                if config["val_from"] == "train" else ""))
     mean, std = channel_stats(x_pool)
     chosen = stratified_subset(y_pool, config["train_size"], config["seed"])
-    check_batches(config, y_pool[chosen])
+    if config["batch_size"] > len(chosen):
+        raise UsageError(
+            f"--batch-size {config['batch_size']} is more than the "
+            f"{len(chosen)} training images (--train-size); a batch "
+            "holds at most all of them")
+    classes = config["classes_per_batch"]
+    present = len(np.unique(y_pool[chosen]))
+    if classes and classes > present:
+        raise UsageError(
+            f"--classes-per-batch {classes} is more than the {present} "
+            f"classes among the {len(chosen)} training images")
     return RunData(x_pool[chosen], y_pool[chosen], data.x_test, data.y_test,
                    data.source, normalize(x_val, mean, std), y_val, mean, std)
 
@@ -148,21 +159,6 @@ def validation_split(config, data):
     pool = (images[rest], labels[rest]) if train_from else (data.x_train,
                                                              data.y_train)
     return *pool, images[chosen], labels[chosen]
-
-
-def check_batches(config, labels):
-    """Whether batches of the run can be drawn from its training labels."""
-    if config["batch_size"] > len(labels):
-        raise UsageError(
-            f"--batch-size {config['batch_size']} is more than the "
-            f"{len(labels)} training images (--train-size); a batch "
-            "holds at most all of them")
-    classes = config["classes_per_batch"]
-    present = len(np.unique(labels))
-    if classes and classes > present:
-        raise UsageError(
-            f"--classes-per-batch {classes} is more than the {present} "
-            f"classes among the {len(labels)} training images")
 
 
 def check_devices(config, arrays):
