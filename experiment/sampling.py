@@ -34,10 +34,8 @@ def batch_plan(labels, batch_size, rng, augmented=False,
     """Everything random in an epoch, drawn from `rng` in this order: each
     batch's indices and, if `augmented`, their `crop_offsets` (else None).
     i.i.d. without `classes_per_batch` (`class_batches`) or `pairs`
-    (`pair_batches`): a permutation cut into batches, the last smaller."""
-    if classes_per_batch is not None and pairs is not None:
-        raise ValueError("classes_per_batch and pairs exclude each other "
-                         "(two samplings)")
+    (`pair_batches`; flags.py refuses both): a permutation cut into batches,
+    the last smaller."""
     if classes_per_batch is not None:
         batches = class_batches(labels, batch_size, classes_per_batch, rng)
     elif pairs is not None:
@@ -54,7 +52,7 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
                   classes_per_batch=None, pairs=None, share=None):
     """One epoch of normalized host batches `(x float32, y int32)` of
     `batch_plan`. `share` (hosts.Processes.share) keeps this process's part
-    of each batch, after the whole plan is drawn."""
+    of each batch, drawn whole: every process draws the same."""
     for index, offsets in batch_plan(labels, batch_size, rng, augmented,
                                      classes_per_batch, pairs):
         if share is not None:
