@@ -82,11 +82,10 @@ def read_batch(path):
     data, labels = _unpickle(path)
     if (getattr(data, "dtype", None) != np.uint8
             or data.shape[1:] != (32 * 32 * 3,) or not len(data)):
-        shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
         raise DataError(
-            f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
-            f"(N, 3072) uint8 array with N > 0")
+            f"{path}: 'data' has shape {getattr(data, 'shape', None)} and type "
+            f"{dtype}; expected an (N, 3072) uint8 array with N > 0")
     try:
         labels = np.asarray(labels)
     except Exception:  # ragged or odd objects

@@ -11,8 +11,7 @@ from experiment.preprocessing import normalize
 
 
 def epoch_rng(seed, epoch):
-    """One epoch's generator: the same for the same (seed, epoch), also
-    after a resume."""
+    """One epoch's generator: the same for (seed, epoch), also on resume."""
     return np.random.default_rng([seed, epoch])
 
 

@@ -62,13 +62,12 @@ def dropout_off(model):
     """Every Dropout layer of `model` at rate 0 inside the block."""
     from keras import layers
 
-    dropouts = [layer for layer in model._flatten_layers()
-                if isinstance(layer, layers.Dropout)]
-    rates = [layer.rate for layer in dropouts]
-    for layer in dropouts:
+    rates = [(layer, layer.rate) for layer in model._flatten_layers()
+             if isinstance(layer, layers.Dropout)]
+    for layer, _ in rates:
         layer.rate = 0.0
     try:
         yield
     finally:
-        for layer, rate in zip(dropouts, rates):
+        for layer, rate in rates:
             layer.rate = rate

@@ -11,17 +11,16 @@ from models.norms import make_norm
 
 
 def wide_resnet(depth=16, width=4, *, norm="batchnorm", norm_kwargs=None,
-                dropout=0.0, weight_decay=0.0, num_classes=10,
-                input_shape=(32, 32, 3), name=None, keras_api=keras):
+                dropout=0.0, weight_decay=0.0, keras_api=keras):
     """WRN-`depth`-`width` (depth 6N + 4) as a functional `keras.Model`,
-    channels last, images to float32 class probabilities. `norm`: a name of
+    32x32 RGB images to float32 probabilities of 10 classes. `norm`: a name of
     `make_norm` or a function making a layer of the keyword arguments
     `name`, `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`.
     `weight_decay` lambda (as in the paper: gradients gain lambda * w): an
     L2 loss lambda / 2 * sum(w ** 2). `keras_api`: `keras` or `tf_keras`."""
     _check_arguments(depth, width, dropout, weight_decay)
     layers = _Layers(keras_api, norm, norm_kwargs, weight_decay, dropout)
-    inputs = keras_api.Input(input_shape, name="images")
+    inputs = keras_api.Input((32, 32, 3), name="images")
     x = layers.conv(16, 3, 1, "stem_conv")(inputs)
     for group, (filters, strides) in enumerate(
             zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1):
@@ -31,11 +30,11 @@ def wide_resnet(depth=16, width=4, *, norm="batchnorm", norm_kwargs=None,
     x = layers.norm_relu(x, "head")
     x = keras_api.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras_api.layers.Dense(
-        num_classes, kernel_regularizer=layers.regularizer,
+        10, kernel_regularizer=layers.regularizer,
         bias_regularizer=layers.regularizer, name="logits")(x)
     outputs = keras_api.layers.Activation(
         "softmax", dtype="float32", name="probabilities")(x)
-    return keras_api.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")
+    return keras_api.Model(inputs, outputs, name=f"wrn-{depth}-{width}")
 
 
 def _check_arguments(depth, width, dropout, weight_decay):
