@@ -76,9 +76,8 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def read_batch(path):
-    """One batch file, a pickled dict of `data` (`(N, 3072)` uint8,
-    channel-major 32x32 RGB) and `labels` (N in 0..9), as uint8 images
-    `(N, 32, 32, 3)` and int32 labels."""
+    """A pickled dict of `data` (`(N, 3072)` uint8, channel-major RGB) and
+    `labels` (N in 0..9) -> uint8 images `(N, 32, 32, 3)`, int32 labels."""
     data, labels = _unpickle(path)
     if (getattr(data, "dtype", None) != np.uint8
             or data.shape[1:] != (32 * 32 * 3,) or not len(data)):
@@ -144,6 +143,7 @@ def download():
     if x_train.shape[1:] == (3, 32, 32):  # channels_first Keras config
         x_train, x_test = (x.transpose(0, 2, 3, 1) for x in (x_train, x_test))
     x_train, x_test = (np.ascontiguousarray(x) for x in (x_train, x_test))
-    y_train, y_test = (y.reshape(-1).astype(np.int32) for y in (y_train, y_test))
+    y_train, y_test = (y.reshape(-1).astype(np.int32)
+                       for y in (y_train, y_test))
     return Cifar10(x_train, y_train, x_test, y_test,
                    source="keras.datasets.cifar10 (~/.keras/datasets)")

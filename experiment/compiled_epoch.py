@@ -42,8 +42,7 @@ class CompiledEpochs:
                      for group in self.variables(training))
 
     def train_epoch(self, epoch):
-        """Trains one epoch: its logs and seconds (plan, steps, device
-        finished)."""
+        """Trains one epoch: its logs and seconds."""
         import jax
         import keras
 
@@ -103,8 +102,7 @@ class CompiledEpochs:
         return train_mode.evaluate(self.model, batches, self.train_mode_sums)
 
     def _evaluation(self, state, x, y):
-        """`model.test_step` over whole batches, then the smaller last one:
-        the last logs."""
+        """`model.test_step` over the batches: the last logs."""
         import jax
 
         size = self.config["eval_batch_size"]

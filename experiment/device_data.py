@@ -32,8 +32,7 @@ class DeviceTrainSet:
 
     def train_batches(self, batch_size, rng, classes_per_batch=None,
                       pairs=None):
-        """One epoch of normalized device batches `(x float32, y int32)`:
-        those of `sampling.train_batches` (augmented if this set is)."""
+        """`sampling.train_batches`'s batches, made on the device."""
         from keras import ops
 
         for plan in self.epoch_plan(batch_size, rng, classes_per_batch,
@@ -62,8 +61,7 @@ class DeviceTrainSet:
         return self.images, self.labels, self.scale, self.offset
 
     def batch(self, plan, tensors=None):
-        """The batch of a plan `(1 or 4, B)`: indices, then (augmented) the
-        crops' offsets and flips; from `tensors` (default `self.tensors()`)."""
+        """A plan `(1 or 4, B)`'s batch, from `tensors` (default: its own)."""
         from keras import ops
 
         images, labels, scale, offset = tensors or self.tensors()

@@ -47,8 +47,7 @@ def make(name, model, config, arrays, steps, processes):
 
 
 class KerasLoop:
-    """`model.fit` for an epoch, `model.evaluate`; each process feeds its
-    share of every batch."""
+    """`model.fit`, `model.evaluate`; each process feeds its share."""
 
     def __init__(self, model, config, arrays, steps, processes):
         self.model, self.steps = model, steps
@@ -84,8 +83,7 @@ class KerasLoop:
 
 
 def epoch_batches(config, arrays, processes):
-    """The epoch -> its training batches, on the host (this process's
-    share) or on the device."""
+    """The epoch -> its training batches (host or device)."""
     options = sampling.options(config)
     if config["input"] == "device":
         from experiment import device_data

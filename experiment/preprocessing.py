@@ -14,9 +14,8 @@ PAD = 4  # the augmentation's zero padding, in pixels
 
 
 def stratified_subset(labels, size, seed=0):
-    """Sorted indices of `size` examples drawn at random, the classes as
-    balanced as possible (the remainder's classes at random); all where
-    `size` is their number. DataError: a class has too few."""
+    """Sorted indices of `size` random examples, the classes as balanced as
+    possible (DataError: a class has too few); all where `size` is all."""
     labels = np.asarray(labels)
     if size == len(labels):
         return np.arange(size)
@@ -86,8 +85,7 @@ def pad(images):
 
 
 def crop(images, top, left, flip):
-    """The augmentation: the crops of `crop_offsets` from uint8 images
-    `(N, H, W, C)` padded by PAD zeros, mirrored where `flip`."""
+    """The augmentation: `crop_index`'s crops of uint8 images `(N, H, W, C)`."""
     n, height, width, _ = images.shape
     return pad(images)[crop_index(np.arange(n), top, left, flip, height, width)]
 
@@ -109,8 +107,7 @@ DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 def prepare(config, data_dir):
     """The run's arrays: `validation_split`, then a stratified, seeded
     `train_size` subset of the rest; sizes that are None filled in.
-    DataError: unreadable data; UsageError: sizes or classes per batch the
-    data cannot give."""
+    UsageError: sizes or classes per batch the data cannot give."""
     data = cifar10.load(data_dir)
     x_pool, y_pool, x_val, y_val = validation_split(config, data)
     config["train_size"] = config["train_size"] or len(x_pool)
@@ -162,8 +159,7 @@ def validation_split(config, data):
 
 
 def check_devices(config, arrays):
-    """With N devices, every batch they share must divide by N (UsageError
-    naming the size that does not)."""
+    """UsageError where a batch that N devices share does not divide by N."""
     n = config["devices"]
     if n == 1:
         return

@@ -12,8 +12,7 @@ PLAN_STREAM = 2**32 - 1
 
 
 def batches(config, arrays):
-    """The validation images `(x, y)` in batches drawn like the training
-    batches, one plan a run."""
+    """The validation images in batches drawn like the training ones."""
     rng = sampling.epoch_rng(config["seed"], PLAN_STREAM)
     plan = sampling.batch_plan(arrays.y_val, rng=rng, **sampling.options(config))
     return [(arrays.x_val[index], arrays.y_val[index]) for index, _ in plan]
@@ -39,8 +38,7 @@ def batch_sums(model, trainable, non_trainable, x, y):
 
 def evaluate(model, batches, sums=None):
     """`loss` (as Keras's val_loss) and `accuracy` over `batches` in
-    training mode, NaN without one; `sums`: `batch_sums` without `model`
-    (default) or compiled."""
+    training mode (NaN without); `sums`: `batch_sums`, maybe compiled."""
     from keras import ops
 
     sums = sums or (lambda *args: batch_sums(model, *args))

@@ -16,7 +16,8 @@ SCHEDULE_DEFAULTS = {name: _LAYER_DEFAULTS[name].default
 
 
 def make_norm(norm, /, *, momentum=0.99, epsilon=1e-3,
-              r_max=SCHEDULE_DEFAULTS["r_max"], d_max=SCHEDULE_DEFAULTS["d_max"],
+              r_max=SCHEDULE_DEFAULTS["r_max"],
+              d_max=SCHEDULE_DEFAULTS["d_max"],
               warmup_steps=SCHEDULE_DEFAULTS["warmup_steps"],
               r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
               d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
