@@ -73,16 +73,9 @@ class CompiledEpochs:
 
     def _train_steps(self, state, plans, data):
         """`len(plans)` steps in one program: the last logs, the state."""
-        import jax
-
-        def step(state, plan):
-            logs, state = self.model.train_step(
-                state, self.train_set.batch(plan, data))
-            return state, logs
-
-        state, logs = jax.lax.scan(step, state, plans,
-                                   unroll=self.unrolled or 1)
-        return {key: value[-1] for key, value in logs.items()}, state
+        return _scan(lambda state, plan: self.model.train_step(
+            state, self.train_set.batch(plan, data)), state, plans,
+            self.unrolled or 1)
 
     def resident(self, x, y):
         from keras import ops
@@ -103,21 +96,23 @@ class CompiledEpochs:
 
     def _evaluation(self, state, x, y):
         """`model.test_step` over the batches: the last logs."""
-        import jax
-
         size = self.config["eval_batch_size"]
         whole = x.shape[0] // size
-
-        def step(state, batch):
-            logs, state = self.model.test_step(state, batch)
-            return state, logs
-
         if whole:
             batches = (x[:whole * size].reshape((whole, size) + x.shape[1:]),
                        y[:whole * size].reshape((whole, size)))
-            state, logs = jax.lax.scan(step, state, batches)
-            logs = {key: value[-1] for key, value in logs.items()}
+            logs, state = _scan(self.model.test_step, state, batches)
         if x.shape[0] > whole * size:
             logs, state = self.model.test_step(
                 state, (x[whole * size:], y[whole * size:]))
         return logs
+
+
+def _scan(step, state, batches, unroll=1):
+    """`step(state, batch)` -> (logs, state) over `batches` in one program
+    (`jax.lax.scan`): the last logs and the state."""
+    import jax
+
+    state, logs = jax.lax.scan(lambda state, batch: step(state, batch)[::-1],
+                               state, batches, unroll=unroll)
+    return {key: value[-1] for key, value in logs.items()}, state

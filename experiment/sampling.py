@@ -68,17 +68,14 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
     `classes_per_batch` (K) classes, every example in one (docs/sweep.md):
     groups of batch_size / K from the K classes with the most groups left,
     those not chosen yet first, then at random; leftovers join batches of
-    their class. ValueError: K not a positive divisor of batch_size, or
-    more than the classes."""
+    their class. ValueError: K not a divisor of batch_size in 1..classes."""
     k, labels = classes_per_batch, np.asarray(labels)
     classes = np.unique(labels)
-    if (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
-            or batch_size % k):
-        raise ValueError(f"classes_per_batch must be a positive integer that "
-                         f"divides batch_size {batch_size}, not {k!r}")
-    if k > len(classes):
-        raise ValueError(f"classes_per_batch {k} is more than the "
-                         f"{len(classes)} classes in the training data")
+    if (isinstance(k, bool) or not isinstance(k, (int, np.integer))
+            or not 1 <= k <= len(classes) or batch_size % k):
+        raise ValueError(f"classes_per_batch must divide batch_size "
+                         f"{batch_size} and be an integer from 1 to the "
+                         f"{len(classes)} classes of the data, not {k!r}")
     per_group = batch_size // k
     counts, groups = [], []
     for label in classes:

@@ -140,9 +140,9 @@ def test_number_of_batches_does_not_depend_on_the_rng():
 
 @pytest.mark.parametrize("batch_size, classes, words", [
     (32, 3, ["3", "divide", "32"]),
-    (32, 16, ["16", "more than the 10 classes"]),
-    (8, 0, ["positive integer"]),
-    (8, 2.0, ["positive integer"]),
+    (32, 16, ["16", "the 10 classes"]),
+    (8, 0, ["integer from 1", "not 0"]),
+    (8, 2.0, ["integer from 1", "not 2.0"]),
 ])
 def test_bad_classes_per_batch(batch_size, classes, words):
     labels = labels_with(10 * [20])
