@@ -127,8 +127,7 @@ def pair_batches(labels, batch_size, group_size, rng):
                         ("group_size", group_size)):
         if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                 or value < 2 or value % 2):
-            raise ValueError(f"pairs need an even {name} >= 2, not "
-                             f"{value!r}")
+            raise ValueError(f"pairs need an even {name} >= 2, not {value!r}")
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     classes, left = classes[counts >= 2], counts[counts >= 2] // 2

@@ -39,17 +39,15 @@ def make_norm(norm, /, *, momentum=0.99, epsilon=1e-3,
     if norm == "batchnorm" and virtual_batch_size is not None:
         r_max, d_max, warmup_steps, r_max_steps, d_max_steps = 1.0, 0.0, 0, 0, 0
         norm = "renorm"
+    kwargs.update(momentum=momentum, epsilon=epsilon)
     if norm == "batchnorm":
-        return keras.layers.BatchNormalization(
-            momentum=momentum, epsilon=epsilon, **kwargs)
+        return keras.layers.BatchNormalization(**kwargs)
     if norm == "renorm":
         return BatchRenormalization(
-            momentum=momentum, epsilon=epsilon, r_max=r_max, d_max=d_max,
-            warmup_steps=warmup_steps, r_max_steps=r_max_steps,
-            d_max_steps=d_max_steps, virtual_batch_size=virtual_batch_size,
-            **kwargs)
+            r_max=r_max, d_max=d_max, warmup_steps=warmup_steps,
+            r_max_steps=r_max_steps, d_max_steps=d_max_steps,
+            virtual_batch_size=virtual_batch_size, **kwargs)
     return keras.layers.BatchNormalization(
-        momentum=momentum, epsilon=epsilon, renorm=True,
-        renorm_clipping={"rmin": 1.0 / r_max, "rmax": float(r_max),
-                         "dmax": float(d_max)},
-        renorm_momentum=momentum, **kwargs)
+        renorm=True, renorm_momentum=momentum, renorm_clipping={
+            "rmin": 1.0 / r_max, "rmax": float(r_max), "dmax": float(d_max)},
+        **kwargs)
