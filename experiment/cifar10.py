@@ -1,5 +1,4 @@
-"""CIFAR-10's official python layout from `--data-dir`, `$CIFAR10_DIR` or
-Keras's downloader, checked: a missing, truncated or wrong file raises
+"""CIFAR-10, read and checked: a missing, truncated or wrong file raises
 `DataError`, one line naming it."""
 
 import os
@@ -37,14 +36,14 @@ class Cifar10:
 
 
 def load(data_dir=None):
+    """The official python layout in `data_dir`, else `$CIFAR10_DIR` (or
+    their `cifar-10-batches-py`), else `download`."""
+    origin = "--data-dir"
     if data_dir is None and os.environ.get("CIFAR10_DIR"):
-        return load_folder(os.environ["CIFAR10_DIR"], origin="CIFAR10_DIR")
-    return download() if data_dir is None else load_folder(data_dir)
-
-
-def load_folder(folder, origin="--data-dir"):
-    """The official python layout in `folder` or its `cifar-10-batches-py`."""
-    folder = Path(folder).expanduser()
+        data_dir, origin = os.environ["CIFAR10_DIR"], "CIFAR10_DIR"
+    if data_dir is None:
+        return download()
+    folder = Path(data_dir).expanduser()
     if not folder.is_dir():
         raise DataError(
             f"CIFAR-10 folder {str(folder)!r} (from {origin}) does not exist "
