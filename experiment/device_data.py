@@ -1,6 +1,5 @@
-"""The training set resident on the device (`--input device`): the host
-sends each epoch's `sampling.batch_plan`; the device gathers, crops, flips
-and normalizes with `keras.ops`."""
+"""The training set resident on the device (`--input device`,
+docs/experiment.md): the host draws the plan, the device makes the batches."""
 
 from itertools import groupby
 

@@ -1,9 +1,7 @@
-"""Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146),
-WRN-d-k for 32x32 images as in the authors' code: a 3x3 convolution, three
-groups of (d - 4) / 6 pre-activation blocks (16k, 32k, 64k filters; strides
-1, 2, 2), norm-ReLU, pooling, dense softmax. A block, norm-ReLU -> conv ->
-norm-ReLU -> [dropout] -> conv, is added to its input or to a 1x1
-convolution of its pre-activated input. No biases; `he_normal` kernels."""
+"""Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146):
+WRN-d-k for CIFAR-10 as in the authors' code (docs/experiment.md). A block:
+norm-ReLU -> conv -> norm-ReLU -> [dropout] -> conv, plus its input or a
+1x1 convolution of its pre-activated input."""
 
 import keras
 
