@@ -58,8 +58,7 @@ def load(data_dir=None):
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR-10 batch holds (dicts, lists, strings,
-    numbers, NumPy arrays): a wrong file cannot run code."""
+    """Unpickles only what a CIFAR-10 batch holds: a file cannot run code."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
     ALLOWED |= {(f"numpy.{core}.{module}", name)

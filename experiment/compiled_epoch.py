@@ -12,8 +12,7 @@ from experiment.signals import raise_if_interrupted
 
 
 class CompiledEpochs:
-    """A `loops` loop of compiled epochs: `model` compiled, its optimizer
-    and metrics built; `steps`: an epoch's."""
+    """A `loops` loop; `model` compiled, its optimizer and metrics built."""
 
     def __init__(self, model, config, arrays, steps):
         import jax

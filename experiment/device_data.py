@@ -12,9 +12,8 @@ from experiment.preprocessing import pad
 
 
 class DeviceTrainSet:
-    """uint8 images `(N, H, W, C)`, labels and the normalization on the
-    device; with `augmented`, padded, one row per pixel, so that a batch of
-    crops is one `take` (int32: up to 1.3 million 40x40 images)."""
+    """uint8 images `(N, H, W, C)`, labels and normalization on the device;
+    `augmented`: padded, a row per pixel (int32: up to 1.3 M 40x40 images)."""
 
     def __init__(self, images, labels, mean, std, augmented=False):
         from keras import ops
@@ -42,9 +41,8 @@ class DeviceTrainSet:
 
     def epoch_plan(self, batch_size, rng, classes_per_batch=None, pairs=None,
                    steps_per_call=None):
-        """The epoch's `sampling.batch_plan` as int32 arrays `(steps, 1 or
-        4, B)`, one per run of batches of one size B, cut into at most
-        `steps_per_call` steps (None: uncut)."""
+        """The epoch's `sampling.batch_plan`: int32 `(steps, 1 or 4, B)`,
+        one per run of batches of a size B, of at most `steps_per_call`."""
         steps = [np.stack([index, *(offsets or ())]).astype(np.int32)
                  for index, offsets in sampling.batch_plan(
                      self.host_labels, batch_size, rng, self.augmented,
@@ -55,8 +53,7 @@ class DeviceTrainSet:
                 for start in range(0, len(run), cut)]
 
     def tensors(self):
-        """The device arrays, for a compiled function to take as arguments
-        (closed over, they would be compiled in as constants)."""
+        """The device arrays, as arguments (closed over: constants)."""
         return self.images, self.labels, self.scale, self.offset
 
     def batch(self, plan, tensors=None):

@@ -1,7 +1,6 @@
 """How a run's epochs execute: Keras's loop or `compiled_epoch`. A loop has
-`train_epoch(epoch)` -> (logs, seconds), `resident(x, y)` -> `evaluate`'s
-data, `evaluate(data)` -> (logs, seconds), `evaluate_train_mode(batches)`
--> logs; logs: floats `loss`, `accuracy`; seconds: the device finished."""
+`train_epoch(epoch)` and `evaluate(resident(x, y))` -> (logs of floats,
+seconds with the device finished), `evaluate_train_mode(batches)` -> logs."""
 
 import sys
 import time
@@ -15,8 +14,7 @@ KERAS, COMPILED = "keras", "compiled"
 
 
 def choose(config, environment, jit):
-    """Which loop runs (KERAS or COMPILED) and the note where Keras's loop
-    runs several steps per execution. `jit`: the model's jit_compile."""
+    """Which loop runs (KERAS or COMPILED), and a note where Keras's runs N."""
     steps = config["steps_per_execution"]
     if environment["backend"] != "jax" or steps == 1:
         return KERAS, None  # TensorFlow's trainer compiles its N steps

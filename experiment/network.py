@@ -43,7 +43,6 @@ def make_optimizer(config):
 
 
 def statistics_formulation(model):
-    """How the model's renorm layers compute their statistics ("two-read"
-    or "one-read"; None without), for the run's record."""
+    """How renorm layers compute statistics ("two-read", "one-read", None)."""
     return next((layer.statistics_formulation for layer in model.layers
                  if hasattr(layer, "statistics_formulation")), None)

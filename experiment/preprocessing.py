@@ -60,17 +60,15 @@ def normalize(images, mean, std):
 
 
 def crop_offsets(n, rng):
-    """The augmentation's draws for `n` images, in this order: the crops'
-    top and left offsets in the padded image (0..2 * PAD), the flips."""
+    """The augmentation's draws for `n` images: top, left offsets, flips."""
     offsets = 2 * PAD + 1
     return rng.integers(0, offsets, n), rng.integers(0, offsets, n), (
         rng.random(n) < 0.5)
 
 
 def crop_index(index, top, left, flip, height, width, xp=np):
-    """The pixels of the crops of images `index`, flipped where `flip`, as
-    indices into the images padded by PAD and reshaped to `(-1, C)`; `xp`:
-    NumPy or `keras.ops` (device_data)."""
+    """The crops' pixels (images `index`) as indices into the `pad`ded
+    images' rows; `xp`: NumPy or `keras.ops` (device_data)."""
     rows = top[:, None] + xp.arange(height, dtype="int32")
     cols = xp.arange(width, dtype="int32")
     cols = left[:, None] + xp.where(flip[:, None] > 0, width - 1 - cols, cols)
@@ -92,8 +90,7 @@ def crop(images, top, left, flip):
 
 @dataclass
 class RunData(cifar10.Cifar10):
-    """A run's arrays: its training subset, the test set, its validation
-    images normalized, the normalization of the images it may train on."""
+    """A run's arrays: training subset, test set, validation normalized."""
 
     x_val: np.ndarray
     y_val: np.ndarray
@@ -105,9 +102,8 @@ DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
-    """The run's arrays: `validation_split`, then a stratified, seeded
-    `train_size` subset of the rest; sizes that are None filled in.
-    UsageError: sizes or classes per batch the data cannot give."""
+    """The run's arrays: `validation_split`, a stratified, seeded subset of
+    the rest; None sizes filled in. UsageError: sizes the data cannot give."""
     data = cifar10.load(data_dir)
     x_pool, y_pool, x_val, y_val = validation_split(config, data)
     config["train_size"] = config["train_size"] or len(x_pool)
@@ -135,9 +131,8 @@ def prepare(config, data_dir):
 
 
 def validation_split(config, data):
-    """The images a run may train on and its validation images (uint8):
-    `val_size` held out of the training set (stratified, seeded) or of the
-    test set (stratified, the same for every run), as `val_from` says."""
+    """The images a run may train on and `val_size` validation images, held
+    out of the training set (seeded) or of the test set, stratified."""
     train_from = config["val_from"] == "train"
     images, labels = ((data.x_train, data.y_train) if train_from
                       else (data.x_test, data.y_test))

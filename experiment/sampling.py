@@ -1,6 +1,5 @@
-"""Batch plans: each batch's images and crops (i.i.d., K classes per batch
-or the paper's pairs: docs/experiment.md, docs/sweep.md), one plan for the
-host (`train_batches`) and the device (`device_data`)."""
+"""Batch plans (i.i.d., K classes per batch, pairs: docs/experiment.md,
+docs/sweep.md), one for the host (`train_batches`) and `device_data`."""
 
 import numpy as np
 
@@ -31,10 +30,9 @@ def steps_per_epoch(labels, batch_size, classes_per_batch=None, pairs=None):
 def batch_plan(labels, batch_size, rng, augmented=False,
                classes_per_batch=None, pairs=None):
     """Everything random in an epoch, drawn from `rng` in this order: each
-    batch's indices and, if `augmented`, their `crop_offsets` (else None).
-    i.i.d. without `classes_per_batch` (`class_batches`) or `pairs`
-    (`pair_batches`; flags.py refuses both): a permutation cut into batches,
-    the last smaller."""
+    batch's indices and, if `augmented`, their `crop_offsets` (else None);
+    `class_batches`, `pair_batches` (flags.py refuses both) or, i.i.d., a
+    permutation cut into batches, the last smaller."""
     if classes_per_batch is not None:
         batches = class_batches(labels, batch_size, classes_per_batch, rng)
     elif pairs is not None:
@@ -49,9 +47,8 @@ def batch_plan(labels, batch_size, rng, augmented=False,
 
 def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
                   classes_per_batch=None, pairs=None, share=None):
-    """One epoch of normalized host batches `(x float32, y int32)` of
-    `batch_plan`. `share` (hosts.Processes.share) keeps this process's part
-    of each batch, drawn whole: every process draws the same."""
+    """One epoch of normalized host batches `(x float32, y int32)`; `share`
+    (hosts.Processes.share): this process's part of each, drawn whole."""
     for index, offsets in batch_plan(labels, batch_size, rng, augmented,
                                      classes_per_batch, pairs):
         if share is not None:
@@ -64,11 +61,10 @@ def train_batches(images, labels, batch_size, mean, std, rng, augmented=False,
 
 
 def class_batches(labels, batch_size, classes_per_batch, rng):
-    """One epoch of batches (index arrays into `labels`) of exactly
-    `classes_per_batch` (K) classes, every example in one (docs/sweep.md):
-    groups of batch_size / K from the K classes with the most groups left,
-    those not chosen yet first, then at random; leftovers join batches of
-    their class. ValueError: K not a divisor of batch_size in 1..classes."""
+    """One epoch's batches (index arrays into `labels`) of exactly K classes
+    (docs/sweep.md): groups of batch_size / K from the K classes with the
+    most groups left, those not chosen yet first, then at random; leftovers
+    join batches of their class. ValueError: K not a divisor in 1..classes."""
     k, labels = classes_per_batch, np.asarray(labels)
     classes = np.unique(labels)
     if (isinstance(k, bool) or not isinstance(k, (int, np.integer))
@@ -104,9 +100,8 @@ def class_batches(labels, batch_size, classes_per_batch, rng):
 
 
 def _group_pairs(left, pairs_wanted, rng):
-    """The classes (positions in `left`, pairs left per class, decremented)
-    of one group's pairs: rounds of a pair of every class that has any, most
-    left first, ties at random. A round short of classes ends the group."""
+    """A group's classes (positions in `left`, decremented): rounds of a pair
+    per class with any, most left first, ties at random; a short round ends."""
     taken = []
     while len(taken) < pairs_wanted:
         order = np.lexsort((rng.random(len(left)), -left))
@@ -119,9 +114,8 @@ def _group_pairs(left, pairs_wanted, rng):
 
 
 def pair_batches(labels, batch_size, group_size, rng):
-    """One epoch of the paper's non-i.i.d. batches (docs/experiment.md):
-    index arrays into `labels`, pairs of a class at 2i, 2i + 1, distinct
-    classes within each group of `group_size` (`_group_pairs`), until a
+    """The paper's pairs (docs/experiment.md): index arrays into `labels`, a
+    class at 2i, 2i + 1, distinct ones per group of `group_size`, until a
     group cannot be filled. ValueError: a size not even and >= 2."""
     for name, value in (("batch_size", batch_size),
                         ("group_size", group_size)):

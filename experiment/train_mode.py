@@ -1,6 +1,5 @@
-"""The train/inference gap: the validation images evaluated with the
-normalization layers in training mode by a stateless call (no state
-changed; dropout off, so that the gap is the normalization's alone)."""
+"""The train/inference gap: validation in training mode by a stateless call
+(no state changed; dropout off: the gap is the normalization's alone)."""
 
 from contextlib import contextmanager
 
@@ -19,8 +18,7 @@ def batches(config, arrays):
 
 
 def batch_sums(model, trainable, non_trainable, x, y):
-    """Summed cross-entropy, correct predictions and the weights' penalty
-    of one batch in training mode (new non-trainable values dropped)."""
+    """One batch's summed cross-entropy, correct predictions and penalty."""
     from keras import losses
     from keras import ops
 

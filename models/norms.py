@@ -22,13 +22,11 @@ def make_norm(norm, /, *, momentum=0.99, epsilon=1e-3,
               r_max_steps=SCHEDULE_DEFAULTS["r_max_steps"],
               d_max_steps=SCHEDULE_DEFAULTS["d_max_steps"],
               virtual_batch_size=None, **kwargs):
-    """A new normalization layer, channels last, of the kind `norm`:
-    `batchnorm` (keras.layers.BatchNormalization; with a virtual batch size,
-    BatchRenormalization with r_max 1, d_max 0 and no schedule: exactly
-    batch normalization of each group), `renorm` (BatchRenormalization with
-    the paper's schedule) or `keras-renorm` (BatchNormalization(renorm=True),
-    clipped at the final r_max/d_max from the first step; also its
-    `renorm_momentum`). `kwargs` go to the layer (`name`, regularizers)."""
+    """A new normalization layer (channels last) of the kind `norm`:
+    `batchnorm` with a virtual batch size is BatchRenormalization with r_max
+    1, d_max 0 and no schedule (exactly BN of each group); `keras-renorm` is
+    clipped at the final r_max/d_max from the first step (docs/experiment.md).
+    `kwargs` go to the layer."""
     if norm not in NORMS:
         raise ValueError(f"Unknown normalization {norm!r}; expected one of "
                          f"{', '.join(NORMS)}")

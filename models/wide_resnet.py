@@ -1,7 +1,5 @@
 """Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146):
-WRN-d-k for CIFAR-10 as in the authors' code (docs/experiment.md). A block:
-norm-ReLU -> conv -> norm-ReLU -> [dropout] -> conv, plus its input or a
-1x1 convolution of its pre-activated input."""
+WRN-d-k for CIFAR-10 as in the authors' code (docs/experiment.md)."""
 
 import keras
 
@@ -10,12 +8,11 @@ from models.norms import make_norm
 
 def wide_resnet(depth=16, width=4, *, norm="batchnorm", norm_kwargs=None,
                 dropout=0.0, weight_decay=0.0, keras_api=keras):
-    """WRN-`depth`-`width` (depth 6N + 4) as a functional `keras.Model`,
-    32x32 RGB images to float32 probabilities of 10 classes. `norm`: a name of
-    `make_norm` or a function making a layer of the keyword arguments
-    `name`, `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`.
-    `weight_decay` lambda (as in the paper: gradients gain lambda * w): an
-    L2 loss lambda / 2 * sum(w ** 2). `keras_api`: `keras` or `tf_keras`."""
+    """WRN-`depth`-`width` (depth 6N + 4), a functional `keras.Model` from
+    32x32 RGB images to float32 probabilities of 10 classes. `norm`: a
+    `make_norm` name or a function making a layer from keyword arguments;
+    `weight_decay` lambda: an L2 loss lambda / 2 * sum(w ** 2) (gradients
+    gain lambda * w, as in the paper); `keras_api`: `keras` or `tf_keras`."""
     _check_arguments(depth, width, dropout, weight_decay)
     layers = _Layers(keras_api, norm, norm_kwargs, weight_decay, dropout)
     inputs = keras_api.Input((32, 32, 3), name="images")
@@ -50,8 +47,7 @@ def _check_arguments(depth, width, dropout, weight_decay):
 
 
 class _Layers:
-    """The network's layers, of one Keras API, weight decay, normalization
-    and dropout rate."""
+    """The network's layers: one Keras API, weight decay, norm, dropout."""
 
     def __init__(self, keras_api, norm, norm_kwargs, weight_decay, dropout):
         self.api = keras_api
