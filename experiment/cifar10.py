@@ -1,9 +1,5 @@
-"""CIFAR-10: finding, reading and checking the official python layout
-(`cifar-10-batches-py`: `data_batch_1` ... `data_batch_5`, `test_batch`,
-each a pickled dict of `data`, `(N, 3072)` uint8 channel-major 32x32 RGB
-images, and `labels`, N integers in 0..9) in `--data-dir`, else
-`$CIFAR10_DIR`, else through Keras's downloader. A missing, truncated or
-wrong file raises `DataError`, one line naming it."""
+"""CIFAR-10, read and checked: a missing, truncated or wrong file raises
+`DataError`, one line naming it."""
 
 import os
 import pickle
@@ -40,21 +36,14 @@ class Cifar10:
 
 
 def load(data_dir=None):
-    """Loads CIFAR-10 from `data_dir`, `$CIFAR10_DIR` or Keras's downloader.
-
-    Raises:
-        DataError: with a one-line message naming the folder or file at fault,
-            or saying how to provide the data when there is none.
-    """
+    """The official python layout in `data_dir`, else `$CIFAR10_DIR` (or
+    their `cifar-10-batches-py`), else `download`."""
+    origin = "--data-dir"
     if data_dir is None and os.environ.get("CIFAR10_DIR"):
-        return load_folder(os.environ["CIFAR10_DIR"], origin="CIFAR10_DIR")
-    return download() if data_dir is None else load_folder(data_dir)
-
-
-def load_folder(folder, origin="--data-dir"):
-    """Loads and checks the official python layout in `folder` (or in its
-    `cifar-10-batches-py`)."""
-    folder = Path(folder).expanduser()
+        data_dir, origin = os.environ["CIFAR10_DIR"], "CIFAR10_DIR"
+    if data_dir is None:
+        return download()
+    folder = Path(data_dir).expanduser()
     if not folder.is_dir():
         raise DataError(
             f"CIFAR-10 folder {str(folder)!r} (from {origin}) does not exist "
@@ -69,8 +58,7 @@ def load_folder(folder, origin="--data-dir"):
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR-10 batch holds (dicts, lists, strings,
-    numbers and NumPy arrays), so that a wrong file cannot run code."""
+    """Unpickles only what a CIFAR-10 batch holds: a file cannot run code."""
 
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
     ALLOWED |= {(f"numpy.{core}.{module}", name)
@@ -86,17 +74,15 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def read_batch(path):
-    """Reads one batch file: uint8 images `(N, 32, 32, 3)`, int32 labels."""
-    path = Path(path)
+    """A pickled dict of `data` (`(N, 3072)` uint8, channel-major RGB) and
+    `labels` (N in 0..9) -> uint8 images `(N, 32, 32, 3)`, int32 labels."""
     data, labels = _unpickle(path)
-    if (not isinstance(data, np.ndarray) or data.dtype != np.uint8
-            or data.ndim != 2 or data.shape[1] != 32 * 32 * 3
-            or data.shape[0] == 0):
-        shape = getattr(data, "shape", None)
+    if (getattr(data, "dtype", None) != np.uint8
+            or data.shape[1:] != (32 * 32 * 3,) or not len(data)):
         dtype = getattr(data, "dtype", type(data).__name__)
         raise DataError(
-            f"{path}: 'data' has shape {shape} and type {dtype}; expected an "
-            f"(N, 3072) uint8 array with N > 0")
+            f"{path}: 'data' has shape {getattr(data, 'shape', None)} and type "
+            f"{dtype}; expected an (N, 3072) uint8 array with N > 0")
     try:
         labels = np.asarray(labels)
     except Exception:  # ragged or odd objects
@@ -114,7 +100,6 @@ def read_batch(path):
 
 
 def _unpickle(path):
-    """A batch file's `data` and `labels`, unchecked."""
     if not path.is_file():
         raise DataError(
             f"missing file {path} (a CIFAR-10 folder holds "
@@ -141,7 +126,7 @@ def _unpickle(path):
 
 
 def download():
-    """CIFAR-10 through `keras.datasets.cifar10` (downloads once, then cached)."""
+    """CIFAR-10 through `keras.datasets.cifar10` (downloaded once, cached)."""
     try:
         with quiet_startup():  # TensorFlow's start-up lines hidden
             import keras
@@ -154,10 +139,9 @@ def download():
             f"set, and Keras could not download it ({reason[:200]}); "
             f"{HOW_TO_GET_IT}") from None
     if x_train.shape[1:] == (3, 32, 32):  # channels_first Keras config
-        x_train = x_train.transpose(0, 2, 3, 1)
-        x_test = x_test.transpose(0, 2, 3, 1)
-    return Cifar10(np.ascontiguousarray(x_train),
-                   y_train.reshape(-1).astype(np.int32),
-                   np.ascontiguousarray(x_test),
-                   y_test.reshape(-1).astype(np.int32),
+        x_train, x_test = (x.transpose(0, 2, 3, 1) for x in (x_train, x_test))
+    x_train, x_test = (np.ascontiguousarray(x) for x in (x_train, x_test))
+    y_train, y_test = (y.reshape(-1).astype(np.int32)
+                       for y in (y_train, y_test))
+    return Cifar10(x_train, y_train, x_test, y_test,
                    source="keras.datasets.cifar10 (~/.keras/datasets)")

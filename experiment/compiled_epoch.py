@@ -1,12 +1,6 @@
-"""The JAX fast path of train.py: an epoch's training steps, and each
-evaluation pass, as a few compiled programs instead of a Python call per
-step. The training set is on the device (`device_data`); one jitted call
-runs up to N steps of the epoch's batch plan with `jax.lax.scan` over
-Keras's own stateless `model.train_step` (the same batches, loss, optimizer,
-metrics and variables). The state is written to the model's variables once
-the epoch ends, so an interrupted epoch leaves nothing half done. On a CPU
-the N steps are unrolled: XLA:CPU runs a convolution's weight gradient
-inside a loop much slower (docs/speed.md)."""
+"""The JAX fast path (docs/experiment.md): `jax.lax.scan` over Keras's
+stateless `train_step`, N steps of the epoch's plan per call; the variables
+are written when the epoch ends (an interruption leaves nothing half done)."""
 
 import sys
 import time
@@ -18,9 +12,7 @@ from experiment.signals import raise_if_interrupted
 
 
 class CompiledEpochs:
-    """train.py's loop (see `loops`) with compiled epochs: the model,
-    compiled with its optimizer and metrics built; `config`: the run's;
-    `arrays`: its data; `steps`: the steps of an epoch."""
+    """A `loops` loop; `model` compiled, its optimizer and metrics built."""
 
     def __init__(self, model, config, arrays, steps):
         import jax
@@ -30,6 +22,7 @@ class CompiledEpochs:
             arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
             augmented=config["augment"])
         self.progress = sys.stdout.isatty()
+        # XLA:CPU runs a convolution's weight gradient in a loop much slower.
         self.unrolled = jax.devices()[0].platform == "cpu"
         self.train_steps = jax.jit(self._train_steps, donate_argnums=0)
         self.evaluation = jax.jit(self._evaluation)
@@ -48,8 +41,7 @@ class CompiledEpochs:
                      for group in self.variables(training))
 
     def train_epoch(self, epoch):
-        """Trains one epoch: its logs (Keras's metrics) and seconds (the plan
-        drawn, the steps run, the device finished)."""
+        """Trains one epoch: its logs and seconds."""
         import jax
         import keras
 
@@ -79,28 +71,18 @@ class CompiledEpochs:
         return logs, seconds
 
     def _train_steps(self, state, plans, data):
-        """`len(plans)` training steps in one program: the last step's logs
-        (Keras's metrics accumulate over the epoch) and the new state."""
-        import jax
-
-        def step(state, plan):
-            logs, state = self.model.train_step(
-                state, self.train_set.batch(plan, data))
-            return state, logs
-
-        state, logs = jax.lax.scan(step, state, plans,
-                                   unroll=self.unrolled or 1)
-        return {key: value[-1] for key, value in logs.items()}, state
+        """`len(plans)` steps in one program: the last logs, the state."""
+        return _scan(lambda state, plan: self.model.train_step(
+            state, self.train_set.batch(plan, data)), state, plans,
+            self.unrolled or 1)
 
     def resident(self, x, y):
-        """Normalized images and their labels, on the device once."""
         from keras import ops
 
         return ops.convert_to_tensor(x), ops.convert_to_tensor(y, "int32")
 
     def evaluate(self, data):
-        """Keras's metrics over `data` (from `resident`) in inference mode,
-        in batches of `eval_batch_size`: logs and seconds."""
+        """Keras's metrics over `data` (`resident`): logs and seconds."""
         start = time.perf_counter()
         self.model.reset_metrics()
         logs = self.evaluation(self.state(training=False), *data)
@@ -109,27 +91,27 @@ class CompiledEpochs:
         return logs, time.perf_counter() - start
 
     def evaluate_train_mode(self, batches):
-        """`train_mode.evaluate`, a compiled call per batch."""
         return train_mode.evaluate(self.model, batches, self.train_mode_sums)
 
     def _evaluation(self, state, x, y):
-        """`model.test_step` over whole batches, then the smaller last one:
-        the logs after the last (one program per data size)."""
-        import jax
-
+        """`model.test_step` over the batches: the last logs."""
         size = self.config["eval_batch_size"]
         whole = x.shape[0] // size
-
-        def step(state, batch):
-            logs, state = self.model.test_step(state, batch)
-            return state, logs
-
         if whole:
             batches = (x[:whole * size].reshape((whole, size) + x.shape[1:]),
                        y[:whole * size].reshape((whole, size)))
-            state, logs = jax.lax.scan(step, state, batches)
-            logs = {key: value[-1] for key, value in logs.items()}
+            logs, state = _scan(self.model.test_step, state, batches)
         if x.shape[0] > whole * size:
             logs, state = self.model.test_step(
                 state, (x[whole * size:], y[whole * size:]))
         return logs
+
+
+def _scan(step, state, batches, unroll=1):
+    """`step(state, batch)` -> (logs, state) over `batches` in one program
+    (`jax.lax.scan`): the last logs and the state."""
+    import jax
+
+    state, logs = jax.lax.scan(lambda state, batch: step(state, batch)[::-1],
+                               state, batches, unroll=unroll)
+    return {key: value[-1] for key, value in logs.items()}, state

@@ -1,47 +1,36 @@
-"""The training set resident on the device: train.py's `--input device`. The
-uint8 images and labels go to the device once; each epoch the host draws
-`sampling.batch_plan` (as `--input host` does) and sends those integers in
-one copy; the device gathers, crops, flips and normalizes. `keras.ops`
-only."""
+"""The training set resident on the device (`--input device`,
+docs/experiment.md): the host draws the plan, the device makes the batches."""
+
+from itertools import groupby
 
 import numpy as np
 
 from experiment import sampling
-from experiment.preprocessing import PAD
+from experiment.preprocessing import crop_index
 from experiment.preprocessing import normalization
+from experiment.preprocessing import pad
 
 
 class DeviceTrainSet:
-    """Training images `(N, H, W, C)` uint8 and labels on the device, with
-    the normalization of `preprocessing.normalize` (`mean`, `std` per
-    channel). With `augmented`, the images are kept padded by `PAD` zero
-    pixels on each side, one row per pixel, so that a batch of crops is one
-    `take` of rows (int32 indices: up to 1.3 million 40x40 images)."""
+    """uint8 images `(N, H, W, C)`, labels and normalization on the device;
+    `augmented`: padded, a row per pixel (int32: up to 1.3 M 40x40 images)."""
 
     def __init__(self, images, labels, mean, std, augmented=False):
         from keras import ops
 
         self.augmented = augmented
-        self.pad = PAD if augmented else 0
-        _, self.height, self.width, channels = images.shape
-        if augmented:
-            p = self.pad
-            images = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
-            images = images.reshape(-1, channels)
-        self.images = ops.convert_to_tensor(images)
+        _, self.height, self.width, _ = images.shape
+        self.images = ops.convert_to_tensor(pad(images) if augmented
+                                            else images)
         self.host_labels = np.asarray(labels, np.int32)  # to draw batches
         self.labels = ops.convert_to_tensor(self.host_labels)
         scale, offset = normalization(mean, std)
         self.scale = ops.convert_to_tensor(scale)
         self.offset = ops.convert_to_tensor(offset)
-        self.rows = ops.arange(self.height, dtype="int32")
-        self.cols = ops.arange(self.width, dtype="int32")
 
     def train_batches(self, batch_size, rng, classes_per_batch=None,
                       pairs=None):
-        """One epoch of normalized batches `(x float32, y int32)` on the
-        device: those of `sampling.train_batches` with the same arguments
-        (augmented if this set is)."""
+        """`sampling.train_batches`'s batches, made on the device."""
         from keras import ops
 
         for plan in self.epoch_plan(batch_size, rng, classes_per_batch,
@@ -52,44 +41,29 @@ class DeviceTrainSet:
 
     def epoch_plan(self, batch_size, rng, classes_per_batch=None, pairs=None,
                    steps_per_call=None):
-        """The epoch's `sampling.batch_plan` as host int32 arrays
-        `(steps, 1 or 4, B)`: one per run of consecutive batches of one size
-        B, cut into at most `steps_per_call` steps (None: uncut), each what
-        one compiled call of several steps takes."""
-        runs = []
-        for index, offsets in sampling.batch_plan(
-                self.host_labels, batch_size, rng, self.augmented,
-                classes_per_batch, pairs):
-            step = np.stack([index, *(offsets or ())]).astype(np.int32)
-            if runs and runs[-1][-1].shape == step.shape:
-                runs[-1].append(step)
-            else:
-                runs.append([step])
+        """The epoch's `sampling.batch_plan`: int32 `(steps, 1 or 4, B)`,
+        one per run of batches of a size B, of at most `steps_per_call`."""
+        steps = [np.stack([index, *(offsets or ())]).astype(np.int32)
+                 for index, offsets in sampling.batch_plan(
+                     self.host_labels, batch_size, rng, self.augmented,
+                     classes_per_batch, pairs)]
+        runs = [list(run) for _, run in groupby(steps, key=np.shape)]
         cut = steps_per_call or max(len(run) for run in runs)
         return [np.stack(run[start:start + cut]) for run in runs
                 for start in range(0, len(run), cut)]
 
     def tensors(self):
-        """The device arrays, for a compiled function to take as arguments
-        (closed over, they would be compiled in as constants)."""
+        """The device arrays, as arguments (closed over: constants)."""
         return self.images, self.labels, self.scale, self.offset
 
     def batch(self, plan, tensors=None):
-        """The batch of a plan `(1 or 4, B)` int32 on the device: indices,
-        then (augmented) the crops' top and left offsets and flips; from
-        `tensors` (default: `self.tensors()`)."""
+        """A plan `(1 or 4, B)`'s batch, from `tensors` (default: its own)."""
         from keras import ops
 
         images, labels, scale, offset = tensors or self.tensors()
         index = plan[0]
         if self.augmented:
-            top, left, flip = plan[1], plan[2], plan[3]
-            rows = top[:, None] + self.rows  # (B, H) in the padded image
-            cols = left[:, None] + self.cols
-            mirrored = left[:, None] + (self.width - 1) - self.cols
-            cols = ops.where(flip[:, None] > 0, mirrored, cols)  # (B, W)
-            width = self.width + 2 * self.pad
-            index = ((index * (self.height + 2 * self.pad))[:, None, None]
-                     + rows[:, :, None]) * width + cols[:, None, :]
+            index = crop_index(index, plan[1], plan[2], plan[3],
+                               self.height, self.width, ops)
         x = ops.cast(ops.take(images, index, axis=0), "float32")
         return x * scale + offset, ops.take(labels, plan[0], axis=0)

@@ -1,11 +1,6 @@
-"""How a run's epochs execute: Keras's loop (`model.fit`, `model.evaluate`;
-every backend) or, on JAX with the training set on the device and several
-steps per execution, `compiled_epoch.CompiledEpochs`. A loop has
-`train_epoch(epoch)` -> (logs, seconds), `resident(x, y)` -> the data as
-`evaluate` takes it, `evaluate(data)` -> (logs, seconds) and
-`evaluate_train_mode(batches)` -> logs (`train_mode`). Logs are dicts of
-floats (`loss`, `accuracy`); seconds are measured after the device
-finished."""
+"""How a run's epochs execute: Keras's loop or `compiled_epoch`. A loop has
+`train_epoch(epoch)` and `evaluate(resident(x, y))` -> (logs of floats,
+seconds with the device finished), `evaluate_train_mode(batches)` -> logs."""
 
 import sys
 import time
@@ -19,9 +14,7 @@ KERAS, COMPILED = "keras", "compiled"
 
 
 def choose(config, environment, jit):
-    """Which loop runs (KERAS or COMPILED) and, where several steps per
-    execution were asked for but Keras's loop runs them, the one-line note
-    that says so. `jit`: the model's resolved jit_compile."""
+    """Which loop runs (KERAS or COMPILED), and a note where Keras's runs N."""
     steps = config["steps_per_execution"]
     if environment["backend"] != "jax" or steps == 1:
         return KERAS, None  # TensorFlow's trainer compiles its N steps
@@ -52,8 +45,7 @@ def make(name, model, config, arrays, steps, processes):
 
 
 class KerasLoop:
-    """`model.fit` for one epoch of the run's batches, `model.evaluate`;
-    each process feeds its share of every batch."""
+    """`model.fit`, `model.evaluate`; each process feeds its share."""
 
     def __init__(self, model, config, arrays, steps, processes):
         self.model, self.steps = model, steps
@@ -89,8 +81,7 @@ class KerasLoop:
 
 
 def epoch_batches(config, arrays, processes):
-    """A function of the epoch that gives its training batches: made on the
-    host (this process's share of each) or on the device (one device)."""
+    """The epoch -> its training batches (host or device)."""
     options = sampling.options(config)
     if config["input"] == "device":
         from experiment import device_data

@@ -1,5 +1,4 @@
-"""A run's network and optimizer, from its configuration (Keras is
-imported where it is used: after the flags are checked)."""
+"""A run's network and optimizer, from its configuration."""
 
 
 def build_model(config):
@@ -18,23 +17,15 @@ def build_model(config):
                                config.get("track_corrections")))
     if config["virtual_batch_size"] is not None:  # keras-renorm refuses it
         norm_kwargs.update(virtual_batch_size=config["virtual_batch_size"])
-    return wide_resnet(
-        config["depth"],
-        config["width"],
-        norm=config["norm"],
-        norm_kwargs=norm_kwargs,
-        dropout=config["dropout"],
-        weight_decay=config["weight_decay"],
-    )
+    return wide_resnet(config["depth"], config["width"], norm=config["norm"],
+                       norm_kwargs=norm_kwargs, dropout=config["dropout"],
+                       weight_decay=config["weight_decay"])
 
 
 def build_training_state(model, x, y):
-    """Creates the optimizer's and the metrics' variables before the first
-    training step. Keras's TensorFlow trainer otherwise creates them while
-    it traces that step, and then traces it a second time (tf.function
-    retraces a function that created variables). The same variables, only
-    created earlier; the other backends build them before the first step
-    anyway."""
+    """Creates the optimizer's and metrics' variables before the first
+    step: Keras's TensorFlow trainer would create them while tracing it,
+    then trace it again (tf.function retraces on new variables)."""
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     if hasattr(model, "_symbolic_build"):  # Keras 3's own pre-build
@@ -46,16 +37,12 @@ def make_optimizer(config):
 
     if config["optimizer"] == "adam":
         return keras.optimizers.Adam(learning_rate=config["lr"])
-    return keras.optimizers.SGD(
-        learning_rate=config["lr"],
-        momentum=config["sgd_momentum"],
-        nesterov=config["nesterov"],
-    )
+    return keras.optimizers.SGD(learning_rate=config["lr"],
+                                momentum=config["sgd_momentum"],
+                                nesterov=config["nesterov"])
 
 
 def statistics_formulation(model):
-    """How the model's BatchRenormalization layers compute their batch
-    statistics on this device ("two-read" or "one-read"; None without
-    such layers), for the run's record."""
+    """How renorm layers compute statistics ("two-read", "one-read", None)."""
     return next((layer.statistics_formulation for layer in model.layers
                  if hasattr(layer, "statistics_formulation")), None)

@@ -1,6 +1,5 @@
-"""What a run makes of CIFAR-10 before training: its subsets, the channel
-statistics and normalization, the augmentation, and `prepare`, the run's
-arrays from its configuration. NumPy only."""
+"""CIFAR-10 made ready for a run (NumPy only): subsets, channel statistics,
+normalization, augmentation, and `prepare`, the run's arrays."""
 
 from dataclasses import dataclass
 
@@ -15,14 +14,8 @@ PAD = 4  # the augmentation's zero padding, in pixels
 
 
 def stratified_subset(labels, size, seed=0):
-    """Indices (sorted) of `size` examples with the classes as balanced as
-    possible: `size // 10` of each class, one more for `size % 10` classes
-    chosen at random; the examples of each class are drawn at random. All of
-    them where `size` is their number.
-
-    Raises:
-        DataError: if a class has too few examples.
-    """
+    """Sorted indices of `size` random examples, the classes as balanced as
+    possible (DataError: a class has too few); all where `size` is all."""
     labels = np.asarray(labels)
     if size == len(labels):
         return np.arange(size)
@@ -42,17 +35,15 @@ def stratified_subset(labels, size, seed=0):
 
 
 def channel_stats(images):
-    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]
-    (exact, from each channel's histogram)."""
+    """Exact per-channel mean and std of uint8 images scaled to [0, 1]."""
     values = np.arange(256) / 255.0
     pixels = images.reshape(-1, images.shape[-1])
-    mean, std = [], []
-    for channel in range(pixels.shape[1]):
-        counts = np.bincount(pixels[:, channel], minlength=256) / len(pixels)
-        mean.append(counts @ values)
-        std.append(np.sqrt(max(counts @ values**2 - mean[-1] ** 2, 0.0)))
-    return (np.asarray(mean, np.float32),
-            np.maximum(np.asarray(std, np.float32), 1e-3))
+    shares = [np.bincount(channel, minlength=256) / len(pixels)
+              for channel in pixels.T]
+    mean = np.array([share @ values for share in shares])
+    square = np.array([share @ values**2 for share in shares])
+    std = np.sqrt(np.maximum(square - mean**2, 0.0)).astype(np.float32)
+    return mean.astype(np.float32), np.maximum(std, 1e-3)
 
 
 def normalization(mean, std):
@@ -63,73 +54,56 @@ def normalization(mean, std):
 
 
 def normalize(images, mean, std):
-    """uint8 images -> float32, scaled to [0, 1], then `(x - mean) / std` per
-    channel."""
+    """uint8 images -> float32 `(x / 255 - mean) / std` per channel."""
     scale, offset = normalization(mean, std)
     return images.astype(np.float32) * scale + offset
 
 
-def augment(images, rng, pad=PAD):
-    """The standard CIFAR augmentation of uint8 images `(N, H, W, C)`: zero
-    padding by `pad` pixels, a random HxW crop, and a horizontal flip with
-    probability 1/2, drawn independently per image from `rng`."""
-    return crop(images, *crop_offsets(len(images), rng, pad), pad=pad)
+def crop_offsets(n, rng):
+    """The augmentation's draws for `n` images: top, left offsets, flips."""
+    offsets = 2 * PAD + 1
+    return rng.integers(0, offsets, n), rng.integers(0, offsets, n), (
+        rng.random(n) < 0.5)
 
 
-def crop_offsets(n, rng, pad=PAD):
-    """What `augment` draws from `rng` for `n` images, in this order: each
-    crop's top and left offsets in the padded image (0..2 * pad) and whether
-    it is flipped; apart from the pixels, so that device_data.py can make the
-    same crops on the device."""
-    top = rng.integers(0, 2 * pad + 1, n)
-    left = rng.integers(0, 2 * pad + 1, n)
-    flip = rng.random(n) < 0.5
-    return top, left, flip
+def crop_index(index, top, left, flip, height, width, xp=np):
+    """The crops' pixels (images `index`) as indices into the `pad`ded
+    images' rows; `xp`: NumPy or `keras.ops` (device_data)."""
+    rows = top[:, None] + xp.arange(height, dtype="int32")
+    cols = xp.arange(width, dtype="int32")
+    cols = left[:, None] + xp.where(flip[:, None] > 0, width - 1 - cols, cols)
+    return (((index * (height + 2 * PAD))[:, None, None] + rows[:, :, None])
+            * (width + 2 * PAD) + cols[:, None, :])
 
 
-def crop(images, top, left, flip, pad=PAD):
-    """The crops of `crop_offsets` from uint8 images `(N, H, W, C)` padded
-    with `pad` zeros on each side, mirrored where `flip`."""
+def pad(images):
+    """uint8 images `(N, H, W, C)` padded by PAD zeros, as rows `(-1, C)`."""
+    padding = ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0))
+    return np.pad(images, padding).reshape(-1, images.shape[-1])
+
+
+def crop(images, top, left, flip):
+    """The augmentation: `crop_index`'s crops of uint8 images `(N, H, W, C)`."""
     n, height, width, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows = top[:, None] + np.arange(height)
-    cols = left[:, None] + np.arange(width)
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return pad(images)[crop_index(np.arange(n), top, left, flip, height, width)]
 
 
 @dataclass
-class RunData:
-    """The arrays of a run: its training subset (uint8), its validation
-    images (normalized float32), the whole test set (uint8) and the
-    normalization, computed on the images it may train on."""
+class RunData(cifar10.Cifar10):
+    """A run's arrays: training subset, test set, validation normalized."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
     mean: np.ndarray
     std: np.ndarray
-    source: str
 
 
 DEFAULT_VAL_SHARE = 10  # --val-from train holds out 1 in 10 by default
 
 
 def prepare(config, data_dir):
-    """Loads CIFAR-10 and cuts the run's arrays: `val_size` validation
-    images held out of the training set (`val_from` "train": stratified,
-    drawn with the seed) or of the test set ("test": stratified, the same
-    for every run), and a stratified subset of `train_size` of the other
-    training images, drawn with the seed. Fills in the sizes that are None
-    (a tenth of the training set held out; all test images; all the rest).
-
-    Raises:
-        DataError: the data cannot be read.
-        UsageError: a size or `classes_per_batch` the data cannot give.
-    """
+    """The run's arrays: `validation_split`, a stratified, seeded subset of
+    the rest; None sizes filled in. UsageError: sizes the data cannot give."""
     data = cifar10.load(data_dir)
     x_pool, y_pool, x_val, y_val = validation_split(config, data)
     config["train_size"] = config["train_size"] or len(x_pool)
@@ -141,14 +115,24 @@ def prepare(config, data_dir):
                if config["val_from"] == "train" else ""))
     mean, std = channel_stats(x_pool)
     chosen = stratified_subset(y_pool, config["train_size"], config["seed"])
-    check_batches(config, y_pool[chosen])
-    return RunData(x_pool[chosen], y_pool[chosen], normalize(x_val, mean, std),
-                   y_val, data.x_test, data.y_test, mean, std, data.source)
+    if config["batch_size"] > len(chosen):
+        raise UsageError(
+            f"--batch-size {config['batch_size']} is more than the "
+            f"{len(chosen)} training images (--train-size); a batch "
+            "holds at most all of them")
+    classes = config["classes_per_batch"]
+    present = len(np.unique(y_pool[chosen]))
+    if classes and classes > present:
+        raise UsageError(
+            f"--classes-per-batch {classes} is more than the {present} "
+            f"classes among the {len(chosen)} training images")
+    return RunData(x_pool[chosen], y_pool[chosen], data.x_test, data.y_test,
+                   data.source, normalize(x_val, mean, std), y_val, mean, std)
 
 
 def validation_split(config, data):
-    """The images a run may train on and its validation images (uint8),
-    as `val_from` and `val_size` say (see `prepare`)."""
+    """The images a run may train on and `val_size` validation images, held
+    out of the training set (seeded) or of the test set, stratified."""
     train_from = config["val_from"] == "train"
     images, labels = ((data.x_train, data.y_train) if train_from
                       else (data.x_test, data.y_test))
@@ -169,29 +153,8 @@ def validation_split(config, data):
     return *pool, images[chosen], labels[chosen]
 
 
-def check_batches(config, labels):
-    """Whether batches of the run can be drawn from its training labels."""
-    if config["batch_size"] > len(labels):
-        raise UsageError(
-            f"--batch-size {config['batch_size']} is more than the "
-            f"{len(labels)} training images (--train-size); a batch "
-            "holds at most all of them")
-    classes = config["classes_per_batch"]
-    present = len(np.unique(labels))
-    if classes and classes > present:
-        raise UsageError(
-            f"--classes-per-batch {classes} is more than the {present} "
-            f"classes among the {len(labels)} training images")
-
-
 def check_devices(config, arrays):
-    """With data parallel training on N devices, every batch that devices
-    share must divide by N: the training batches (the epoch's last too), the
-    evaluation batches, the validation and test sets.
-
-    Raises:
-        UsageError: naming the size that does not divide.
-    """
+    """UsageError where a batch that N devices share does not divide by N."""
     n = config["devices"]
     if n == 1:
         return

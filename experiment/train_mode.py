@@ -1,33 +1,24 @@
-"""The train/inference gap: the held-out images evaluated once more with the
-normalization layers in training mode (batch statistics and, for renorm,
-r and d), as in a training step but changing no state (Keras's stateless
-call; dropout off, so that the gap is the normalization's alone)."""
+"""The train/inference gap: validation in training mode by a stateless call
+(no state changed; dropout off: the gap is the normalization's alone)."""
 
 from contextlib import contextmanager
-
-import numpy as np
 
 from experiment import sampling
 from experiment.signals import raise_if_interrupted
 
-# The seed sequence's second word for the validation batches' plan: one
-# plan a run, distinct from every epoch's (sampling.epoch_rng).
+# The validation plan's "epoch": distinct from every training epoch's.
 PLAN_STREAM = 2**32 - 1
 
 
 def batches(config, arrays):
-    """The validation images `(x, y)` in batches drawn like the training
-    batches (the run's sampling; virtual batches are the layers' own groups),
-    the same plan every epoch."""
-    rng = np.random.default_rng([config["seed"], PLAN_STREAM])
+    """The validation images in batches drawn like the training ones."""
+    rng = sampling.epoch_rng(config["seed"], PLAN_STREAM)
     plan = sampling.batch_plan(arrays.y_val, rng=rng, **sampling.options(config))
     return [(arrays.x_val[index], arrays.y_val[index]) for index, _ in plan]
 
 
 def batch_sums(model, trainable, non_trainable, x, y):
-    """Summed cross-entropy, correct predictions and the weights' penalty
-    (Keras's regularization losses) of one batch in training mode; no state
-    changes (the new non-trainable values are dropped)."""
+    """One batch's summed cross-entropy, correct predictions and penalty."""
     from keras import losses
     from keras import ops
 
@@ -44,10 +35,8 @@ def batch_sums(model, trainable, non_trainable, x, y):
 
 
 def evaluate(model, batches, sums=None):
-    """`loss` (mean cross-entropy plus the penalty, as Keras's val_loss)
-    and `accuracy` over `batches` in training mode; `sums`: `batch_sums`
-    or a compiled version of it taking the same arguments after `model`.
-    NaN without a batch."""
+    """`loss` (as Keras's val_loss) and `accuracy` over `batches` in
+    training mode (NaN without); `sums`: `batch_sums`, maybe compiled."""
     from keras import ops
 
     sums = sums or (lambda *args: batch_sums(model, *args))
@@ -60,24 +49,21 @@ def evaluate(model, batches, sums=None):
         total, correct, penalty = total + batch[0], correct + batch[1], batch[2]
         count += len(y)
     raise_if_interrupted()
-    if not count:
-        return {"loss": float("nan"), "accuracy": float("nan")}
+    count = count or float("nan")
     return {"loss": total / count + penalty, "accuracy": correct / count}
 
 
 @contextmanager
 def dropout_off(model):
-    """Every Dropout layer of `model` at rate 0 inside the block (read when
-    a call is traced)."""
+    """Every Dropout layer of `model` at rate 0 inside the block."""
     from keras import layers
 
-    dropouts = [layer for layer in model._flatten_layers()
-                if isinstance(layer, layers.Dropout)]
-    rates = [layer.rate for layer in dropouts]
-    for layer in dropouts:
+    rates = [(layer, layer.rate) for layer in model._flatten_layers()
+             if isinstance(layer, layers.Dropout)]
+    for layer, _ in rates:
         layer.rate = 0.0
     try:
         yield
     finally:
-        for layer, rate in zip(dropouts, rates):
+        for layer, rate in rates:
             layer.rate = rate

@@ -1,9 +1,5 @@
-"""The experiment's networks, one file per network (as in wide-resnet.pytorch).
-
-- `wide_resnet(depth, width, norm=...)`: WRN-d-k (Zagoruyko & Komodakis 2016).
-- `make_norm(name, **kwargs)`: one normalization layer of the kind named
-  `"batchnorm"`, `"renorm"` or `"keras-renorm"` (see `NORMS`).
-"""
+"""The experiment's networks, one file per network (as in wide-resnet.pytorch):
+`wide_resnet` (WRN-d-k) and `make_norm`, a normalization layer by name."""
 
 from models.norms import NORMS
 from models.norms import make_norm

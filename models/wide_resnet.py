@@ -1,98 +1,43 @@
-"""Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146).
-
-WRN-d-k for 32x32 images, as in the authors' code: a 3x3 convolution with 16
-filters, then three groups of N = (d - 4) / 6 pre-activation basic blocks with
-16k, 32k and 64k filters (strides 1, 2, 2), then norm-ReLU, global average
-pooling and a dense softmax layer. A block is
-
-    norm-ReLU -> 3x3 conv (stride s) -> norm-ReLU -> [dropout] -> 3x3 conv
-
-added to an identity shortcut, or, where the shape changes, to a 1x1
-convolution (stride s) of the block's pre-activated input, which the first
-norm-ReLU then serves too. Convolutions have no bias and `he_normal`
-kernels. Channels last.
-
-WRN-16-4 has 2,748,890 trainable parameters (2.75 M; 7,232 more for the
-moving statistics of batch normalization).
-"""
+"""Wide Residual Networks (Zagoruyko & Komodakis 2016, arXiv:1605.07146):
+WRN-d-k for CIFAR-10 as in the authors' code (docs/experiment.md)."""
 
 import keras
 
 from models.norms import make_norm
 
 
-def wide_resnet(
-    depth=16,
-    width=4,
-    *,
-    norm="batchnorm",
-    norm_kwargs=None,
-    dropout=0.0,
-    weight_decay=0.0,
-    num_classes=10,
-    input_shape=(32, 32, 3),
-    name=None,
-    keras_api=keras,
-):
-    """Builds WRN-`depth`-`width` as a functional `keras.Model`.
-
-    Args:
-        depth: Total depth `d = 6N + 4`, with `N >= 1` blocks per group.
-        width: Widening factor `k >= 1`: the groups have 16k, 32k, 64k filters.
-        norm: `"batchnorm"`, `"renorm"` or `"keras-renorm"` (see
-            `models.make_norm`), or a function that returns a new
-            normalization layer given the layer arguments (`name`,
-            `gamma_regularizer`, `beta_regularizer` and `norm_kwargs`).
-        norm_kwargs: Arguments for every normalization layer (`momentum`,
-            `epsilon`, `r_max`, `d_max`, `warmup_steps`, ...).
-        dropout: Rate between the two convolutions of a block (0: none).
-        weight_decay: `lambda` as in the paper and Torch's SGD (each gradient
-            gains `lambda * w`) on every trainable weight, as an L2 loss
-            `lambda / 2 * sum(w ** 2)`. 0 for none.
-        num_classes, input_shape: Classes; one image's shape, channels last.
-        name: Model name; default `"wrn-{depth}-{width}"`.
-        keras_api: `keras`, or `tf_keras` for the benchmarks' anchors (with
-            `norm` a function that makes tf_keras layers).
-
-    Returns:
-        A `keras.Model` from images to class probabilities (float32 softmax,
-        also under a mixed precision policy).
-    """
+def wide_resnet(depth=16, width=4, *, norm="batchnorm", norm_kwargs=None,
+                dropout=0.0, weight_decay=0.0, keras_api=keras):
+    """WRN-`depth`-`width` (depth 6N + 4), a functional `keras.Model` from
+    32x32 RGB images to float32 probabilities of 10 classes. `norm`: a
+    `make_norm` name or a function making a layer from keyword arguments;
+    `weight_decay` lambda: an L2 loss lambda / 2 * sum(w ** 2) (gradients
+    gain lambda * w, as in the paper); `keras_api`: `keras` or `tf_keras`."""
     _check_arguments(depth, width, dropout, weight_decay)
     layers = _Layers(keras_api, norm, norm_kwargs, weight_decay, dropout)
-    inputs = keras_api.Input(input_shape, name="images")
+    inputs = keras_api.Input((32, 32, 3), name="images")
     x = layers.conv(16, 3, 1, "stem_conv")(inputs)
     for group, (filters, strides) in enumerate(
-        zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1
-    ):
+            zip((16 * width, 32 * width, 64 * width), (1, 2, 2)), start=1):
         for index in range(1, (depth - 4) // 6 + 1):
             x = layers.block(x, filters, strides if index == 1 else 1,
                              f"group{group}_block{index}")
     x = layers.norm_relu(x, "head")
     x = keras_api.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras_api.layers.Dense(
-        num_classes,
-        kernel_regularizer=layers.regularizer,
-        bias_regularizer=layers.regularizer,
-        name="logits",
-    )(x)
+        10, kernel_regularizer=layers.regularizer,
+        bias_regularizer=layers.regularizer, name="logits")(x)
     outputs = keras_api.layers.Activation(
-        "softmax", dtype="float32", name="probabilities"
-    )(x)
-    return keras_api.Model(inputs, outputs, name=name or f"wrn-{depth}-{width}")
+        "softmax", dtype="float32", name="probabilities")(x)
+    return keras_api.Model(inputs, outputs, name=f"wrn-{depth}-{width}")
 
 
 def _check_arguments(depth, width, dropout, weight_decay):
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, int)
-        or depth < 10
-        or (depth - 4) % 6
-    ):
+    if (isinstance(depth, bool) or not isinstance(depth, int) or depth < 10
+            or (depth - 4) % 6):
         raise ValueError(
             f"depth must be 6N + 4 with N >= 1 (10, 16, 22, 28, 40, ...); "
-            f"received depth={depth!r}"
-        )
+            f"received depth={depth!r}")
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be an integer >= 1; received {width!r}")
     if not 0 <= dropout < 1:
@@ -102,8 +47,7 @@ def _check_arguments(depth, width, dropout, weight_decay):
 
 
 class _Layers:
-    """The network's layers, made with one Keras API, one weight decay, one
-    kind of normalization and one dropout rate."""
+    """The network's layers: one Keras API, weight decay, norm, dropout."""
 
     def __init__(self, keras_api, norm, norm_kwargs, weight_decay, dropout):
         self.api = keras_api
@@ -116,32 +60,22 @@ class _Layers:
 
     def conv(self, filters, size, strides, layer_name):
         return self.api.layers.Conv2D(
-            filters,
-            size,
-            strides=strides,
-            padding="same",
-            use_bias=False,
-            kernel_initializer="he_normal",
-            kernel_regularizer=self.regularizer,
-            name=layer_name,
-        )
+            filters, size, strides=strides, padding="same", use_bias=False,
+            kernel_initializer="he_normal", kernel_regularizer=self.regularizer,
+            name=layer_name)
 
     def norm_relu(self, x, layer_name):
         x = self.make_norm(
             gamma_regularizer=self.regularizer,
-            beta_regularizer=self.regularizer,
-            name=f"{layer_name}_norm",
-            **self.norm_kwargs,
-        )(x)
+            beta_regularizer=self.regularizer, name=f"{layer_name}_norm",
+            **self.norm_kwargs)(x)
         return self.api.layers.Activation("relu", name=f"{layer_name}_relu")(x)
 
     def block(self, x, filters, strides, layer_name):
         preactivated = self.norm_relu(x, f"{layer_name}_1")
-        if x.shape[-1] == filters and strides == 1:
-            shortcut = x
-        else:
-            shortcut = self.conv(filters, 1, strides,
-                                 f"{layer_name}_shortcut")(preactivated)
+        shortcut = x if x.shape[-1] == filters and strides == 1 else (
+            self.conv(filters, 1, strides, f"{layer_name}_shortcut")(
+                preactivated))
         y = self.conv(filters, 3, strides, f"{layer_name}_1_conv")(
             preactivated)
         y = self.norm_relu(y, f"{layer_name}_2")
