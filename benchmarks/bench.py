@@ -15,7 +15,9 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,14 +69,12 @@ def build_parser():
     add("--level", nargs="+", choices=LEVELS, default=["layer", "model"],
         metavar="LEVEL", help=f"{', '.join(LEVELS)} (default: layer model)")
     add("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
-        help=f"{', '.join(VARIANTS)} (default: those this backend has, but "
-        "renorm-tracked)")
+        help=f"{', '.join(VARIANTS)} (default: this backend's but the last)")
     add("--batch-size", type=cli.positive_int, default=128)
     add("--batch-sizes", type=cli.positive_int, nargs="+", metavar="B",
-        default=[16, 64, 256], help="matrix level (default: 16 64 256)")
+        default=[16, 64, 256], help="matrix level's (default: 16 64 256)")
     add("--setups", nargs="+", choices=LAYER_SETUPS, metavar="SETUP",
-        default=list(LAYER_SETUPS),
-        help=f"matrix level: {', '.join(LAYER_SETUPS)} (default: all)")
+        default=list(LAYER_SETUPS), help="matrix level's (default: all)")
     add("--channels", type=cli.positive_int, nargs="+", default=[64, 128, 256],
         help="C of (B, 32, 32, C); matrix: the first (default: 64 128 256)")
     add("--depth", type=cli.positive_int, default=16, help="WRN's (16)")
@@ -82,16 +82,14 @@ def build_parser():
     add("--steps", type=cli.positive_int, help="steps per timed repeat "
         "(default 50; on a CPU 3 for a layer, 2 for a WRN)")
     add("--repeats", type=cli.positive_int, default=5, help="(default 5)")
-    add("--warmup", type=cli.positive_int, default=2,
-        help="untimed steps first (default 2)")
+    add("--warmup", type=cli.positive_int, default=2, help="untimed steps (2)")
     add("--steps-per-execution", type=cli.steps_or_auto, default="auto",
         metavar="N", help="input level: as train.py's (default auto)")
     add("--dtype-policy", default="float32",
         choices=("float32", "mixed_float16", "mixed_bfloat16"))
-    add("--jit-compile", choices=("auto", "on", "off"), default="auto",
-        help="as train.py's (default auto)")
-    add("--data-dir", type=Path, help="CIFAR-10 for the input and loop "
-        "levels (default: CIFAR10_DIR, ../shared/data, else random images)")
+    add("--jit-compile", choices=("auto", "on", "off"), default="auto")
+    add("--data-dir", type=Path, help="input and loop levels' CIFAR-10, as "
+        "train.py's (else random images)")
     add("--cpus", type=cli.nonnegative_int, nargs="+", metavar="CPU",
         help="run on these CPUs only, the framework's threads too")
     add("--processes", type=cli.positive_int, default=1, metavar="N",
@@ -493,18 +491,14 @@ BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
 
 
 def training_images(run):
-    """CIFAR-10's training images and labels, else random ones; the source."""
+    """CIFAR-10's training images and labels where train.py would find them,
+    else random ones; the source."""
     import numpy as np
 
     from experiment import cifar10
 
-    data_dir = run.data_dir
-    beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
-    if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
-            beside / "data_batch_1").is_file():
-        data_dir = beside
     try:
-        data = cifar10.load(data_dir)
+        data = cifar10.load(run.data_dir)
         return data.x_train, data.y_train, data.source
     except cifar10.DataError:
         images = run.rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
@@ -646,57 +640,43 @@ def measure(args, argv):
     keras.config.set_dtype_policy(args.dtype_policy)
     print(f"{PROG}: backend {environment['backend']}, "
           f"{environment['device']}, jit_compile={run.jit}", flush=True)
-    rows = []
     try:
-        for level in LEVELS:
-            if level in args.level:
-                rows += BENCHES[level](run, level)
+        rows = [row for level in LEVELS if level in args.level
+                for row in BENCHES[level](run, level)]
     finally:
         keras.config.set_dtype_policy(policy)
     return describe(run, argv), rows
 
 
-class WorkerFailed(Exception):
-    """A process of --processes ended with a non-zero code (it said why)."""
-
-
 def measure_in_processes(args, argv):
     """This command in --processes fresh processes, rounds pooled."""
-    import subprocess
-    import tempfile
-
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.processes):
             output = Path(folder) / f"{index}.json"
             print(f"{PROG}: process {index + 1} of {args.processes}",
                   flush=True)
-            code = subprocess.call([sys.executable, str(Path(__file__)),
-                                    *argv, "--worker-output", str(output)])
-            if code != 0:
-                raise WorkerFailed(code)
+            subprocess.check_call([sys.executable, __file__, *argv,
+                                   "--worker-output", str(output)])
             runs.append(json.loads(output.read_text()))
     record = dict(runs[0]["record"], processes=args.processes,
                   command=" ".join([COMMAND, *argv]))
     return record, pooled_rows([run["rows"] for run in runs])
 
 
-def pin(cpus):
-    """Pins this process to `cpus` (before a framework sizes its thread
-    pools); returns the CPUs it had."""
-    allowed = os.sched_getaffinity(0)
+def pin(cpus, allowed):
+    """Pins this process to `cpus`, before a framework sizes its threads."""
     outside = sorted(set(cpus) - allowed)
     if outside:
         raise cli.UsageError(f"--cpus {' '.join(map(str, outside))}: not "
                              f"among this process's CPUs "
                              f"({' '.join(map(str, sorted(allowed)))})")
     os.sched_setaffinity(0, set(cpus))
-    return allowed
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    pinned_from = None
+    allowed = os.sched_getaffinity(0)
     try:
         args = build_parser().parse_args(argv)
         if args.summary:
@@ -708,9 +688,10 @@ def main(argv=None):
                                  "matrix, model, jit and devices levels; run "
                                  "the input and loop levels in one process")
         if args.cpus:
-            pinned_from = pin(args.cpus)
-        record, rows = (measure_in_processes if args.processes > 1
-                        and not args.worker_output else measure)(args, argv)
+            pin(args.cpus, allowed)
+        pooled = args.processes > 1 and not args.worker_output
+        record, rows = (measure_in_processes if pooled else measure)(args,
+                                                                     argv)
         if args.worker_output:
             args.worker_output.write_text(json.dumps(
                 {"record": record, "rows": rows}))
@@ -723,18 +704,17 @@ def main(argv=None):
         return 0
     except cli.UsageError as error:
         return cli.fail(PROG, error, 2)
-    except WorkerFailed as failed:
+    except subprocess.CalledProcessError as failed:
         return cli.fail(PROG, f"a measuring process ended with code "
-                        f"{failed.args[0]}; nothing written",
-                        130 if failed.args[0] == 130 else 1)
+                        f"{failed.returncode}; nothing written",
+                        130 if failed.returncode == 130 else 1)
     except runfiles.WriteError as error:
         return cli.fail(PROG, error, 1)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
     finally:
-        if pinned_from:  # a caller of main() keeps its own CPUs
-            os.sched_setaffinity(0, pinned_from)
+        os.sched_setaffinity(0, allowed)  # a caller of main() keeps its CPUs
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class Step:
     epochs: int = 0
     status: str = "not started"
     estimate: object = None  # seconds, as reckoned before it started
+    cost: object = None  # a run's Cost that the estimate took
     wall: object = None  # seconds it ran in this job
 
 
@@ -232,14 +233,13 @@ class Job:
         self.folders, self.device = folders, device
         self.budget, self.output_dir = budget, output_dir
         self.started = time.monotonic()
+        self.deadline = self.started + (budget or math.inf)
         self.costs, self.plot_seconds = {}, PLOT_GUESS  # runs' by norm
         self.steps, self.notes = [], []  # notes: what was skipped, stopped
         self.trained = 0  # runs started in this job (the first: the probe)
 
     def left(self):
-        """Seconds of the budget left (inf without one)."""
-        return (math.inf if self.budget is None
-                else self.budget - time.monotonic() + self.started)
+        return self.deadline - time.monotonic()
 
     def run(self, steps):
         """Every step that fits, in order; the job's exit code."""
@@ -271,43 +271,38 @@ class Job:
         self.copy_out()
         return code
 
-    def cost_of(self, norm):
-        """`norm`'s Cost, else the last measured one's x UNMEASURED; a note."""
-        if norm in self.costs or not self.costs:
-            return self.costs.get(norm), ""
-        last = list(self.costs.values())[-1]
-        return (Cost(*(UNMEASURED * seconds for seconds in last)),
-                f", x{UNMEASURED:g} for a norm not measured yet")
-
     def estimate(self, step):
-        """Seconds that `step` should take and how (None: nothing measured)."""
+        """Sets step.estimate, the seconds `step` should take (and a run's
+        Cost: its norm's, else the last measured one's x UNMEASURED); how it
+        was reckoned, or None where nothing was measured yet."""
         if not self.costs:
             return None
         if not step.norm:
             start = max(cost.start for cost in self.costs.values())
-            return BENCH_VARIANTS * start, (
-                f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s")
-        cost, note = self.cost_of(step.norm)
+            step.estimate = BENCH_VARIANTS * start
+            return f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s"
+        cost, note = self.costs.get(step.norm), ""
+        if cost is None:
+            last = list(self.costs.values())[-1]
+            cost = Cost(*(UNMEASURED * seconds for seconds in last))
+            note = f", x{UNMEASURED:g} for a norm not measured yet"
         later = max(step.epochs - rows_done(step, self.folders) - 1, 0)
-        plot = self.plot_seconds
-        return cost.start + later * cost.epoch + cost.end + plot, (
-            f"start-up {cost.start:.1f} s + {later} epochs x "
-            f"{cost.epoch:.2f} s + end {cost.end:.1f} s{note}, + plot "
-            f"{plot:.1f} s")
+        step.cost, plot = cost, self.plot_seconds
+        step.estimate = cost.start + later * cost.epoch + cost.end + plot
+        return (f"start-up {cost.start:.1f} s + {later} epochs x "
+                f"{cost.epoch:.2f} s + end {cost.end:.1f} s{note}, + plot "
+                f"{plot:.1f} s")
 
     def starts(self, step):
         """Whether `step` starts: the first run (the measurement) does, any
         step whose estimate fits the time left does; else a line names it."""
-        left, reckoned = self.left(), self.estimate(step)
-        if reckoned is not None:
-            step.estimate = reckoned[0]
-        fits = reckoned[0] <= left if reckoned else left > 0
-        if fits or (step.norm and not self.trained):
+        left, how = self.left(), self.estimate(step)
+        if (step.estimate <= left if how else left > 0) or (
+                step.norm and not self.trained):
             return True
-        why = ("nothing measured yet, and the budget is spent"
-               if reckoned is None else
-               f"needs about {reckoned[0]:.0f} s ({reckoned[1]}), "
-               f"{max(left, 0):.0f} s of the budget left")
+        why = (f"needs about {step.estimate:.0f} s ({how}), "
+               f"{max(left, 0):.0f} s of the budget left" if how
+               else "nothing measured yet, and the budget is spent")
         step.status = "skipped"
         self.notes.append(f"skipped {step.name}: {why}")
         print(f"{PROG}: {self.notes[-1]}", flush=True)
@@ -337,7 +332,6 @@ class Job:
         """Runs train.py for `step`, noting its Cost where an epoch ended;
         its exit code and why it was stopped (None: it was not)."""
         probe, before = not self.trained, rows_done(step, self.folders)
-        guess = self.cost_of(step.norm)[0]
         seen, started = [], time.monotonic()
 
         def look(now):  # notes (rows new in this job, now) if the CSV grew
@@ -353,14 +347,13 @@ class Job:
                 return None
             new = seen[-1][0] if seen else 0
             to_go, left = step.epochs - before - new, self.left()
-            if self.budget is None or to_go <= 0 or (
-                    probe and new < PROBE_EPOCHS):
+            if to_go <= 0 or (probe and new < PROBE_EPOCHS):
                 return None
             if left <= 0:
                 return (f"the budget is spent, {before + new} of "
                         f"{step.epochs} epochs done; {CONTINUES}")
             pace = (measured(seen, started, time.monotonic(), False)
-                    if len(seen) > 1 else guess)
+                    if len(seen) > 1 else step.cost)
             needed = pace and to_go * pace.epoch + pace.end + self.plot_seconds
             if not needed or needed <= left:
                 return None
