@@ -49,8 +49,8 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
-           "images_per_s", "ratio", "repeats", "steps")
-EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
+           "images_per_s", "ratio", "repeats", "steps", "wait_share", "epoch_s",
+           "steps_per_execution", "norm_ratio", "backend", "device")  # .csv's
 # The matrix level's setups: (after a trainable scale, so that the input
 # gradient is computed; norm layers in a row; a ReLU after each).
 LAYER_SETUPS = {"input": (False, 1, False), "input-relu": (False, 1, True),
@@ -532,58 +532,47 @@ def describe(run, argv):
 
 def write_results(results_dir, record, rows):
     """BACKEND-DEVICE[-xla].json and .csv, `rows` replacing their levels'."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{record['backend']}-{record['device_type']}"
-    if record["backend"] == "tensorflow" and record["jit_compile"] is True:
-        stem += "-xla"  # TensorFlow with and without XLA side by side
-    json_path = results_dir / f"{stem}.json"
-    record = dict(record, rows=rows)
-    if json_path.is_file():
-        old = json.loads(json_path.read_text())
+    # TensorFlow with and without XLA side by side
+    xla = record["backend"] == "tensorflow" and record["jit_compile"] is True
+    path = results_dir / (f"{record['backend']}-{record['device_type']}"
+                          + "-xla" * xla + ".json")
+    if path.is_file():
+        old = json.loads(path.read_text())
         levels = {row["level"] for row in rows}
-        record["rows"] = [r for r in old["rows"] if r["level"] not in levels]
-        record["rows"] += rows
-        record["earlier"] = {k: old[k] for k in ("date", "command")}
-    runfiles.write_file(json_path,
-                        (json.dumps(record, indent=1) + "\n").encode())
-    rows = [dict(row, backend=record["backend"], device=record["device"])
-            for row in record["rows"]]
-    runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
-        [*COLUMNS, *EXTRA_COLUMNS, "backend", "device"], rows).encode())
-    return json_path
-
-
-def ratio_text(row):
-    """A row's ratio, with the input and loop levels' own figures."""
-    text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
-    if row["level"] == "input" and "resident" not in row["variant"]:
-        text += (f" (waiting {100 * row['wait_share']:.1f}%; "
-                 f"{row['epoch_s']:.1f} s per epoch)")
-    if row["level"] == "loop" and row["variant"].startswith("renorm"):
-        text += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
-    return text
+        rows = [r for r in old["rows"] if r["level"] not in levels] + rows
+        record = dict(record, earlier={k: old[k] for k in ("date", "command")})
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runfiles.write_file(path, (json.dumps(dict(record, rows=rows), indent=1)
+                               + "\n").encode())
+    runfiles.write_file(path.with_suffix(".csv"), runfiles.csv_text(COLUMNS, [
+        dict(row, backend=record["backend"], device=record["device"])
+        for row in rows]).encode())
+    return path
 
 
 def table(rows):
-    def line(cells):
-        return "| " + " | ".join(cells) + " |\n"
-
-    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
-              "images/s", "ratio")
-    return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line([
-        row["level"], row["shape"], row["variant"],
-        f"{row['ms_per_step']:.1f}", f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-        f"{row['images_per_s']:.1f}", ratio_text(row)]) for row in rows)
+    """Markdown, the input and loop levels' own figures after the ratio."""
+    lines = [("| level | shape | variant | ms/step (median) | min-max | "
+              "images/s | ratio |"), "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        if row["level"] == "input" and "resident" not in row["variant"]:
+            ratio += (f" (waiting {100 * row['wait_share']:.1f}%; "
+                      f"{row['epoch_s']:.1f} s per epoch)")
+        if row["level"] == "loop" and row["variant"].startswith("renorm"):
+            ratio += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
+        lines.append(f"| {row['level']} | {row['shape']} | {row['variant']} "
+                     f"| {row['ms_per_step']:.1f} | {row['ms_min']:.1f}-"
+                     f"{row['ms_max']:.1f} | {row['images_per_s']:.1f} | "
+                     f"{ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 SUMMARY_NOTE = (
     "Ratio: the median over the repeats of the time per step over the "
-    "baseline's in the same repeat; baseline: `batchnorm` (layer, matrix, "
-    "model), `batchnorm, resident` (input), the same norm with "
-    "`jit_compile=off` (jit) or on 1 device (devices), `batchnorm, "
-    "per-step` (loop). Waiting, s per epoch and renorm / batchnorm: "
-    "docs/speed.md. Written by `benchmarks/bench.py` from "
-    "`benchmarks/results/*.json`.\n")
+    "baseline's in the same repeat; each level's baseline, waiting, s per "
+    "epoch and renorm / batchnorm: docs/speed.md. Written by "
+    "`benchmarks/bench.py` from `benchmarks/results/*.json`.\n")
 
 
 def write_summary(args):
