@@ -10,7 +10,6 @@ Levels, variants, method and results files: docs/speed.md.
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import json
 import os
@@ -105,9 +104,8 @@ def build_parser():
 
 def timed(run, level, shape, steppers, baseline, steps, batch_size=None,
           warmup=None):
-    """Warms up each of `steppers` (name -> function(n) that runs n steps
-    and waits for the device), then times --repeats rounds of them in turn:
-    their rows, and name -> seconds per step, one per round."""
+    """Warms up `steppers` (name -> function(n): n steps, device waited for),
+    times --repeats rounds of them in turn: rows, name -> s/step per round."""
     def seconds(step, n):
         started = time.perf_counter()
         step(n)
@@ -155,8 +153,7 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
 
 
 def pooled_rows(runs):
-    """Several processes' row lists as one run's: each round keeps its own
-    baseline."""
+    """Several processes' rows as one run's, each round with its baseline."""
     groups = {}  # (level, shape) -> (its first row, variant -> seconds)
     for row in itertools.chain(*runs):
         _, times = groups.setdefault((row["level"], row["shape"]), (row, {}))
@@ -167,14 +164,12 @@ def pooled_rows(runs):
                                   row["steps"], row["baseline"])]
 
 
-def available_variants(requested):
-    """This backend's variants: those `requested`, else all but ON_REQUEST."""
-    import keras
-
+def available_variants(requested, backend):
+    """`backend`'s variants: those `requested`, else all but ON_REQUEST."""
     import batch_renorm
 
     lacking = set() if batch_renorm.has_fast_path() else {"renorm-portable"}
-    if keras.backend.backend() != "tensorflow" or tf_keras() is None:
+    if backend != "tensorflow" or tf_keras() is None:
         lacking |= {"tf.keras-batchnorm", "tf.keras-renorm"}
     names = [v for v in VARIANTS if v not in lacking]
     if not requested:
@@ -279,9 +274,8 @@ def wrn_batch(run, tensors=True):
 
 
 def bench_layers(run, level):
-    """layer: per --channels, after a scale; matrix: the first --channels
-    per --batch-sizes and --setups, each renorm variant per schedule
-    (`renorm@ramp`, ...)."""
+    """layer: per --channels, after a scale; matrix: per --batch-sizes and
+    --setups, each renorm variant per schedule (`renorm@ramp`, ...)."""
     import keras
 
     if level == "layer":
@@ -323,9 +317,6 @@ def bench_wrn(run, level):
     else:
         import keras
 
-        if run.environment["backend"] != "jax":
-            raise cli.UsageError("--level devices needs the jax backend "
-                                 "(Keras's distribution API)")
         devices = keras.distribution.list_devices()
         count, many = len(devices), f"{len(devices)} devices"
         if count < 2:
@@ -362,15 +353,13 @@ def bench_wrn(run, level):
 def fitter(model, make_batches, epoch, steps_per_fit=None):
     """A stepper of model.fit on `make_batches()`, a new epoch's generator
     (`epoch` counts them), `steps_per_fit` steps a fit (default: all)."""
-    import keras
-
     def run(n):
         per_fit = steps_per_fit or n
         for _ in range(-(-n // per_fit)):
             epoch[0] += 1
             model.fit(make_batches(), steps_per_epoch=per_fit, epochs=1,
                       verbose=0, shuffle=False)
-            keras.ops.convert_to_numpy(model.optimizer.iterations)
+            int(model.optimizer.iterations)  # waits for the device
     return run
 
 
@@ -380,10 +369,8 @@ def bench_input(run, level):
     import keras
 
     from experiment import device_data, sampling
-    from experiment.preprocessing import channel_stats
 
-    images, labels, source = training_images(run)
-    mean, std = channel_stats(images)
+    images, labels, mean, std, source = training_images(run)
     per_execution = runtime.resolve_steps_per_execution(
         run.steps_per_execution, run.environment, run.wrn_steps)
     print(f"input level: steps_per_execution={per_execution}, data: "
@@ -431,24 +418,19 @@ def bench_loop(run, level):
     import keras
 
     from experiment import compiled_epoch, device_data, sampling
-    from experiment.preprocessing import channel_stats
 
-    if run.environment["backend"] != "jax":
-        raise cli.UsageError("--level loop compares train.py's JAX loops; "
-                             "run it with --backend jax")
     steps = run.wrn_steps
-    images, labels, source = training_images(run)
-    arrays = SimpleNamespace(x_train=images[:steps * run.batch_size],
-                             y_train=labels[:steps * run.batch_size])
-    arrays.mean, arrays.std = channel_stats(arrays.x_train)
+    images, labels, mean, std, source = training_images(
+        run, steps * run.batch_size)
+    arrays = SimpleNamespace(x_train=images, y_train=labels, mean=mean,
+                             std=std)
     config = {"batch_size": run.batch_size, "seed": 0, "augment": True,
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
               "eval_batch_size": run.batch_size}
     print(f"loop level: epochs of {steps} steps, data: {source}", flush=True)
-    on_device = device_data.DeviceTrainSet(
-        arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
-        augmented=True)
+    on_device = device_data.DeviceTrainSet(images, labels, mean, std,
+                                           augmented=True)
     epoch = [0]
 
     def per_step(model):
@@ -490,20 +472,23 @@ BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
            "loop": bench_loop}
 
 
-def training_images(run):
-    """CIFAR-10's training images and labels where train.py would find them,
-    else random ones; the source."""
+def training_images(run, count=None):
+    """CIFAR-10's first `count` training images and labels where train.py
+    finds them, else random ones; their channel mean and std, the source."""
     import numpy as np
 
     from experiment import cifar10
+    from experiment.preprocessing import channel_stats
 
     try:
         data = cifar10.load(run.data_dir)
-        return data.x_train, data.y_train, data.source
+        images, labels, source = data.x_train, data.y_train, data.source
     except cifar10.DataError:
         images = run.rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
         labels = run.rng.integers(0, 10, 50000).astype(np.int32)
-        return images, labels, "random uint8 images (CIFAR-10 not found)"
+        source = "random uint8 images (CIFAR-10 not found)"
+    images, labels = images[:count], labels[:count]
+    return images, labels, *channel_stats(images), source
 
 
 def describe(run, argv):
@@ -525,9 +510,8 @@ def describe(run, argv):
             environment["versions"]["tf_keras"] = tf_keras().__version__
     return dict(environment, threads=threads, jit_compile=run.jit,
                 batch_size=run.batch_size, dtype_policy=run.dtype_policy,
-                date=datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds"),
-                processes=1, command=" ".join([COMMAND, *argv]))
+                date=runtime.now(), processes=1,
+                command=" ".join([COMMAND, *argv]))
 
 
 def write_results(results_dir, record, rows):
@@ -614,13 +598,17 @@ def measure(args, argv):
         raise cli.UsageError(f"--backend {args.backend}: Keras is already "
                              f"running on {keras.backend.backend()}")
     environment = runtime.describe_environment()
+    for level in ("devices", "loop"):
+        if level in args.level and environment["backend"] != "jax":
+            raise cli.UsageError(f"--level {level} needs the jax backend "
+                                 "(run it with --backend jax)")
     cpu = environment["device_type"] == "cpu"
     # The flags, with the variants this backend has and the steps of a
     # repeat resolved (`layer_steps` for a layer, `wrn_steps` for a WRN).
     run = SimpleNamespace(**dict(
         vars(args), environment=environment,
         jit=runtime.jit_compile(args.jit_compile, environment),
-        variants=available_variants(args.variants),
+        variants=available_variants(args.variants, environment["backend"]),
         rng=np.random.default_rng(0),
         layer_steps=args.steps or (3 if cpu else 50),
         wrn_steps=args.steps or (2 if cpu else 50),
@@ -653,16 +641,6 @@ def measure_in_processes(args, argv):
     return record, pooled_rows([run["rows"] for run in runs])
 
 
-def pin(cpus, allowed):
-    """Pins this process to `cpus`, before a framework sizes its threads."""
-    outside = sorted(set(cpus) - allowed)
-    if outside:
-        raise cli.UsageError(f"--cpus {' '.join(map(str, outside))}: not "
-                             f"among this process's CPUs "
-                             f"({' '.join(map(str, sorted(allowed)))})")
-    os.sched_setaffinity(0, set(cpus))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     allowed = os.sched_getaffinity(0)
@@ -676,8 +654,13 @@ def main(argv=None):
             raise cli.UsageError("--processes pools the rounds of the layer, "
                                  "matrix, model, jit and devices levels; run "
                                  "the input and loop levels in one process")
-        if args.cpus:
-            pin(args.cpus, allowed)
+        if args.cpus:  # before a framework sizes its thread pools
+            outside = sorted(set(args.cpus) - allowed)
+            if outside:
+                raise cli.UsageError(f"--cpus {' '.join(map(str, outside))}: "
+                                     "not among this process's CPUs ("
+                                     f"{' '.join(map(str, sorted(allowed)))})")
+            os.sched_setaffinity(0, set(args.cpus))
         pooled = args.processes > 1 and not args.worker_output
         record, rows = (measure_in_processes if pooled else measure)(args,
                                                                      argv)

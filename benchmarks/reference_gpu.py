@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The 2017 reproduction on a GPU in one command: the `seed` protocol with
 batchnorm and renorm on JAX, bench.py's model level and plot.py, within a
-time budget, each finished step copied out as it ends; --tiny: the same job
-in small, on any device. docs/gpu.md: what the machine needs, the steps,
-each flag and its default, the budget, the files that come back."""
+time budget, each finished step copied out; --tiny: the same job in small,
+on any device. The machine, steps, flags, budget and files: docs/gpu.md."""
 
 import csv
 import io
@@ -44,8 +43,6 @@ BENCH_VARIANTS = 4  # bench.py --level model: each about a run's start-up
 PLOT_GUESS = 10.0  # seconds of plot.py before it has run once
 POLL = 0.25  # seconds between two looks at a run's CSV
 STOP_WAIT = 120  # seconds a stopped step has to exit before it is killed
-SUMMARY_NAME = "reference_gpu.md"  # summary.md inside reports.tar
-LOSSES = ("loss", "val_loss")
 CONTINUES = "the same command continues it"
 RERUN = "rerun the same command to continue (finished runs are kept)"
 
@@ -77,8 +74,7 @@ def build_parser():
 
 
 def gpu_name(tiny):
-    """JAX's device's name and None, or None and why Keras cannot run here
-    on a JAX GPU (`tiny`: on any device)."""
+    """(JAX's GPU, None), or (None, why this job cannot run here)."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         return None, (f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']}; "
                       "this job runs on jax (unset it or set it to jax)")
@@ -190,12 +186,12 @@ def not_finite(step, folders):
     """A line naming the run's first loss or val_loss not finite, or None."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
-        for column in LOSSES:
+        for column in ("loss", "val_loss"):
             try:
-                value = float(row.get(column) or "nan")
+                finite = math.isfinite(float(row.get(column) or "nan"))
             except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
+                finite = False
+            if not finite:
                 return (f"{step.name}: {column} is {row.get(column)!r} in "
                         f"epoch {row['epoch']} ({path}); a run whose numbers "
                         "are not finite is no result")
@@ -294,8 +290,8 @@ class Job:
                 f"{plot:.1f} s")
 
     def starts(self, step):
-        """Whether `step` starts: the first run (the measurement) does, any
-        step whose estimate fits the time left does; else a line names it."""
+        """Whether `step` starts (the probe does, one that fits does); else a
+        note says why."""
         left, how = self.left(), self.estimate(step)
         if (step.estimate <= left if how else left > 0) or (
                 step.norm and not self.trained):
@@ -329,8 +325,7 @@ class Job:
         return ("plot.py", self.plot()) if step.norm else (step.script, 0)
 
     def train(self, step):
-        """Runs train.py for `step`, noting its Cost where an epoch ended;
-        its exit code and why it was stopped (None: it was not)."""
+        """Runs train.py for `step`, noting its Cost; (code, why stopped)."""
         probe, before = not self.trained, rows_done(step, self.folders)
         seen, started = [], time.monotonic()
 
@@ -378,8 +373,7 @@ class Job:
         return code
 
     def copy_out(self, step=None):
-        """Into the output folder: the finished (or kept) run `step`, then
-        summary.md and reports.tar (docs/gpu.md)."""
+        """Copies out the finished (or kept) run `step`, summary, reports."""
         if self.output_dir is None:
             return
         out, folders = self.output_dir, self.folders
@@ -398,8 +392,7 @@ class Job:
             if p.is_file() and not p.name.startswith(".")), table)
 
     def write_tar(self, path, files, summary=None):
-        """Writes atomically a tar of the `files` that exist and of the
-        bytes `summary`, each at its path in the repository."""
+        """A tar of the `files` that exist and `summary`, at their paths."""
 
         def archived(file):
             folder = IN_REPOSITORY[self.folders.index(file.parent)]
@@ -411,8 +404,8 @@ class Job:
                 if file.exists():
                     tar.add(file, arcname=archived(file))
             if summary is not None:
-                info = tarfile.TarInfo(
-                    archived(self.folders.plots / SUMMARY_NAME))
+                info = tarfile.TarInfo(  # summary.md
+                    archived(self.folders.plots / "reference_gpu.md"))
                 info.size, info.mtime = len(summary), time.time()
                 tar.addfile(info, io.BytesIO(summary))
         runfiles.write_file(path, buffer.getvalue())
@@ -432,9 +425,7 @@ class Job:
         budget = ("no budget" if self.budget is None
                   else f"a budget of {self.budget:g} s")
         elapsed = time.monotonic() - self.started
-        lines += ["", (f"Job: {elapsed:.0f} s, {budget}. Train s/epoch: the "
-                       "mean of train.py's `seconds` (training only), each "
-                       "session's first epoch (compilation) left out.")]
+        lines += ["", f"Job: {elapsed:.0f} s, {budget}. Columns: docs/gpu.md."]
         if self.notes:
             lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
@@ -468,8 +459,7 @@ def main(argv=None):
         return cli.fail(PROG, f"interrupted; {RERUN}", 130)
     print(job.table(), end="", flush=True)
     out = args.output_dir
-    files = sorted(p.name for p in out.iterdir() if p.is_file()
-                   and not p.name.startswith(".")) if out else []
+    files = out and sorted(p.name for p in out.glob("[!.]*") if p.is_file())
     print(f"{PROG}: done" + (f"; in {out}: {', '.join(files)}" if out else ""))
     return code
 
