@@ -210,7 +210,7 @@ def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
     """A function(n): n SGD steps of `model` on (x, y) in `scope`."""
     model.compile(optimizer=api.optimizers.SGD(learning_rate=1e-3),
                   loss=loss, jit_compile=jit)
-    if api is tf_keras():
+    if api.__name__ == "tf_keras":
         # tf.keras's train_on_batch builds a tf.data pipeline at each call;
         # fit's own path is its train_function on an iterator.
         import tensorflow as tf
@@ -306,13 +306,14 @@ def bench_wrn(run, level):
     """model: every variant; jit: each norm with jit_compile off and on;
     devices (JAX): each norm on one device and data parallel on all, renorm
     also with per-device statistics."""
-    # baseline -> name -> (variant, jit_compile, distribution, options)
+    # baseline -> name -> (variant, jit_compile, scope, options)
+    plain = contextlib.nullcontext
     if level == "model":
-        settings = {"batchnorm": {v: (v, run.jit, None, {})
+        settings = {"batchnorm": {v: (v, run.jit, plain, {})
                                   for v in run.variants}}
     elif level == "jit":
         settings = {f"{n}, jit_compile=off": {
-            f"{n}, jit_compile={s}": (n, s == "on", None, {})
+            f"{n}, jit_compile={s}": (n, s == "on", plain, {})
             for s in ("off", "on")} for n in NORMS}
     else:
         import keras
@@ -326,9 +327,9 @@ def bench_wrn(run, level):
         if run.batch_size % count:
             raise cli.UsageError(f"--batch-size {run.batch_size} does not "
                                  f"split over {many}")
-        parallel = keras.distribution.DataParallel(devices=devices)
+        parallel = keras.distribution.DataParallel(devices=devices).scope
         settings = {f"{n}, 1 device": {
-            f"{n}, 1 device": (n, True, None, {}),
+            f"{n}, 1 device": (n, True, plain, {}),
             f"{n}, {many}": (n, True, parallel, {})} for n in NORMS}
         settings["renorm, 1 device"][f"renorm, {many}, per-device statistics"] \
             = ("renorm", True, parallel,
@@ -339,9 +340,7 @@ def bench_wrn(run, level):
     rows = []
     for baseline, group in settings.items():
         steppers = {}
-        for name, (variant, jit, distribution, options) in group.items():
-            scope = distribution.scope if distribution else \
-                contextlib.nullcontext
+        for name, (variant, jit, scope, options) in group.items():
             with scope():
                 model, api = wrn(run, variant, **options)
                 steppers[name] = stepper(model, api, jit, x, y, scope=scope)
