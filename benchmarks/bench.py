@@ -490,29 +490,6 @@ def training_images(run, count=None):
     return images, labels, *channel_stats(images), source
 
 
-def describe(run, argv):
-    """The run's record: its environment, threads, settings, command."""
-    environment = run.environment
-    threads = {"cpu_count": os.cpu_count(),
-               "cpus": sorted(os.sched_getaffinity(0))}
-    if environment["backend"] == "torch":
-        import torch
-
-        threads["torch_threads"] = torch.get_num_threads()
-    elif environment["backend"] == "tensorflow":
-        import tensorflow as tf
-
-        pools = tf.config.threading
-        threads["tf_intra_op"] = pools.get_intra_op_parallelism_threads()
-        threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
-        if tf_keras() is not None:
-            environment["versions"]["tf_keras"] = tf_keras().__version__
-    return dict(environment, threads=threads, jit_compile=run.jit,
-                batch_size=run.batch_size, dtype_policy=run.dtype_policy,
-                date=runtime.now(), processes=1,
-                command=" ".join([COMMAND, *argv]))
-
-
 def write_results(results_dir, record, rows):
     """BACKEND-DEVICE[-xla].json and .csv, `rows` replacing their levels'."""
     # TensorFlow with and without XLA side by side
@@ -585,7 +562,8 @@ def write_summary(args):
 
 
 def measure(args, argv):
-    """Runs the levels in this process: (record, rows)."""
+    """Runs the levels in this process: (record, rows); the record holds
+    the environment, threads, settings and command."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
@@ -621,7 +599,24 @@ def measure(args, argv):
                 for row in BENCHES[level](run, level)]
     finally:
         keras.config.set_dtype_policy(policy)
-    return describe(run, argv), rows
+    threads = {"cpu_count": os.cpu_count(),
+               "cpus": sorted(os.sched_getaffinity(0))}
+    if environment["backend"] == "torch":
+        import torch
+
+        threads["torch_threads"] = torch.get_num_threads()
+    elif environment["backend"] == "tensorflow":
+        import tensorflow as tf
+
+        pools = tf.config.threading
+        threads["tf_intra_op"] = pools.get_intra_op_parallelism_threads()
+        threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
+        if tf_keras() is not None:
+            environment["versions"]["tf_keras"] = tf_keras().__version__
+    return dict(environment, threads=threads, jit_compile=run.jit,
+                batch_size=run.batch_size, dtype_policy=run.dtype_policy,
+                date=runtime.now(), processes=1,
+                command=" ".join([COMMAND, *argv])), rows
 
 
 def measure_in_processes(args, argv):
