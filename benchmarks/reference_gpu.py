@@ -388,8 +388,7 @@ class Job:
         runfiles.write_file(out / "summary.md", table)
         self.write_tar(out / "reports.tar", sorted(
             p for folder in (folders.plots, folders.results)
-            if folder.is_dir() for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".")), table)
+            for p in folder.glob("[!.]*") if p.is_file()), table)
 
     def write_tar(self, path, files, summary=None):
         """A tar of the `files` that exist and `summary`, at their paths."""
