@@ -10,12 +10,13 @@ Levels, variants, method and results files: docs/speed.md.
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,8 +48,8 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 README_BEGIN = "<!-- bench.md begins -->"
 README_END = "<!-- bench.md ends -->"
 COLUMNS = ("level", "shape", "variant", "ms_per_step", "ms_min", "ms_max",
-           "images_per_s", "ratio", "repeats", "steps")
-EXTRA_COLUMNS = ("wait_share", "epoch_s", "steps_per_execution", "norm_ratio")
+           "images_per_s", "ratio", "repeats", "steps", "wait_share", "epoch_s",
+           "steps_per_execution", "norm_ratio", "backend", "device")  # .csv's
 # The matrix level's setups: (after a trainable scale, so that the input
 # gradient is computed; norm layers in a row; a ReLU after each).
 LAYER_SETUPS = {"input": (False, 1, False), "input-relu": (False, 1, True),
@@ -67,14 +68,12 @@ def build_parser():
     add("--level", nargs="+", choices=LEVELS, default=["layer", "model"],
         metavar="LEVEL", help=f"{', '.join(LEVELS)} (default: layer model)")
     add("--variants", nargs="+", choices=VARIANTS, metavar="VARIANT",
-        help=f"{', '.join(VARIANTS)} (default: those this backend has, but "
-        "renorm-tracked)")
+        help=f"{', '.join(VARIANTS)} (default: this backend's but the last)")
     add("--batch-size", type=cli.positive_int, default=128)
     add("--batch-sizes", type=cli.positive_int, nargs="+", metavar="B",
-        default=[16, 64, 256], help="matrix level (default: 16 64 256)")
+        default=[16, 64, 256], help="matrix level's (default: 16 64 256)")
     add("--setups", nargs="+", choices=LAYER_SETUPS, metavar="SETUP",
-        default=list(LAYER_SETUPS),
-        help=f"matrix level: {', '.join(LAYER_SETUPS)} (default: all)")
+        default=list(LAYER_SETUPS), help="matrix level's (default: all)")
     add("--channels", type=cli.positive_int, nargs="+", default=[64, 128, 256],
         help="C of (B, 32, 32, C); matrix: the first (default: 64 128 256)")
     add("--depth", type=cli.positive_int, default=16, help="WRN's (16)")
@@ -82,16 +81,14 @@ def build_parser():
     add("--steps", type=cli.positive_int, help="steps per timed repeat "
         "(default 50; on a CPU 3 for a layer, 2 for a WRN)")
     add("--repeats", type=cli.positive_int, default=5, help="(default 5)")
-    add("--warmup", type=cli.positive_int, default=2,
-        help="untimed steps first (default 2)")
+    add("--warmup", type=cli.positive_int, default=2, help="untimed steps (2)")
     add("--steps-per-execution", type=cli.steps_or_auto, default="auto",
         metavar="N", help="input level: as train.py's (default auto)")
     add("--dtype-policy", default="float32",
         choices=("float32", "mixed_float16", "mixed_bfloat16"))
-    add("--jit-compile", choices=("auto", "on", "off"), default="auto",
-        help="as train.py's (default auto)")
-    add("--data-dir", type=Path, help="CIFAR-10 for the input and loop "
-        "levels (default: CIFAR10_DIR, ../shared/data, else random images)")
+    add("--jit-compile", choices=("auto", "on", "off"), default="auto")
+    add("--data-dir", type=Path, help="input and loop levels' CIFAR-10, as "
+        "train.py's (else random images)")
     add("--cpus", type=cli.nonnegative_int, nargs="+", metavar="CPU",
         help="run on these CPUs only, the framework's threads too")
     add("--processes", type=cli.positive_int, default=1, metavar="N",
@@ -107,9 +104,8 @@ def build_parser():
 
 def timed(run, level, shape, steppers, baseline, steps, batch_size=None,
           warmup=None):
-    """Warms up each of `steppers` (name -> function(n) that runs n steps
-    and waits for the device), then times --repeats rounds of them in turn:
-    their rows, and name -> seconds per step, one per round."""
+    """Warms up `steppers` (name -> function(n): n steps, device waited for),
+    times --repeats rounds of them in turn: rows, name -> s/step per round."""
     def seconds(step, n):
         started = time.perf_counter()
         step(n)
@@ -157,8 +153,7 @@ def rows_of(level, shape, times, batch_size, steps, baseline):
 
 
 def pooled_rows(runs):
-    """Several processes' row lists as one run's: each round keeps its own
-    baseline."""
+    """Several processes' rows as one run's, each round with its baseline."""
     groups = {}  # (level, shape) -> (its first row, variant -> seconds)
     for row in itertools.chain(*runs):
         _, times = groups.setdefault((row["level"], row["shape"]), (row, {}))
@@ -169,14 +164,12 @@ def pooled_rows(runs):
                                   row["steps"], row["baseline"])]
 
 
-def available_variants(requested):
-    """This backend's variants: those `requested`, else all but ON_REQUEST."""
-    import keras
-
+def available_variants(requested, backend):
+    """`backend`'s variants: those `requested`, else all but ON_REQUEST."""
     import batch_renorm
 
     lacking = set() if batch_renorm.has_fast_path() else {"renorm-portable"}
-    if keras.backend.backend() != "tensorflow" or tf_keras() is None:
+    if backend != "tensorflow" or tf_keras() is None:
         lacking |= {"tf.keras-batchnorm", "tf.keras-renorm"}
     names = [v for v in VARIANTS if v not in lacking]
     if not requested:
@@ -217,7 +210,7 @@ def stepper(model, api, jit, x, y, loss="sparse_categorical_crossentropy",
     """A function(n): n SGD steps of `model` on (x, y) in `scope`."""
     model.compile(optimizer=api.optimizers.SGD(learning_rate=1e-3),
                   loss=loss, jit_compile=jit)
-    if api is tf_keras():
+    if api.__name__ == "tf_keras":
         # tf.keras's train_on_batch builds a tf.data pipeline at each call;
         # fit's own path is its train_function on an iterator.
         import tensorflow as tf
@@ -281,9 +274,8 @@ def wrn_batch(run, tensors=True):
 
 
 def bench_layers(run, level):
-    """layer: per --channels, after a scale; matrix: the first --channels
-    per --batch-sizes and --setups, each renorm variant per schedule
-    (`renorm@ramp`, ...)."""
+    """layer: per --channels, after a scale; matrix: per --batch-sizes and
+    --setups, each renorm variant per schedule (`renorm@ramp`, ...)."""
     import keras
 
     if level == "layer":
@@ -314,20 +306,18 @@ def bench_wrn(run, level):
     """model: every variant; jit: each norm with jit_compile off and on;
     devices (JAX): each norm on one device and data parallel on all, renorm
     also with per-device statistics."""
-    # baseline -> name -> (variant, jit_compile, distribution, options)
+    # baseline -> name -> (variant, jit_compile, scope, options)
+    plain = contextlib.nullcontext
     if level == "model":
-        settings = {"batchnorm": {v: (v, run.jit, None, {})
+        settings = {"batchnorm": {v: (v, run.jit, plain, {})
                                   for v in run.variants}}
     elif level == "jit":
         settings = {f"{n}, jit_compile=off": {
-            f"{n}, jit_compile={s}": (n, s == "on", None, {})
+            f"{n}, jit_compile={s}": (n, s == "on", plain, {})
             for s in ("off", "on")} for n in NORMS}
     else:
         import keras
 
-        if run.environment["backend"] != "jax":
-            raise cli.UsageError("--level devices needs the jax backend "
-                                 "(Keras's distribution API)")
         devices = keras.distribution.list_devices()
         count, many = len(devices), f"{len(devices)} devices"
         if count < 2:
@@ -337,9 +327,9 @@ def bench_wrn(run, level):
         if run.batch_size % count:
             raise cli.UsageError(f"--batch-size {run.batch_size} does not "
                                  f"split over {many}")
-        parallel = keras.distribution.DataParallel(devices=devices)
+        parallel = keras.distribution.DataParallel(devices=devices).scope
         settings = {f"{n}, 1 device": {
-            f"{n}, 1 device": (n, True, None, {}),
+            f"{n}, 1 device": (n, True, plain, {}),
             f"{n}, {many}": (n, True, parallel, {})} for n in NORMS}
         settings["renorm, 1 device"][f"renorm, {many}, per-device statistics"] \
             = ("renorm", True, parallel,
@@ -350,9 +340,7 @@ def bench_wrn(run, level):
     rows = []
     for baseline, group in settings.items():
         steppers = {}
-        for name, (variant, jit, distribution, options) in group.items():
-            scope = distribution.scope if distribution else \
-                contextlib.nullcontext
+        for name, (variant, jit, scope, options) in group.items():
             with scope():
                 model, api = wrn(run, variant, **options)
                 steppers[name] = stepper(model, api, jit, x, y, scope=scope)
@@ -364,15 +352,13 @@ def bench_wrn(run, level):
 def fitter(model, make_batches, epoch, steps_per_fit=None):
     """A stepper of model.fit on `make_batches()`, a new epoch's generator
     (`epoch` counts them), `steps_per_fit` steps a fit (default: all)."""
-    import keras
-
     def run(n):
         per_fit = steps_per_fit or n
         for _ in range(-(-n // per_fit)):
             epoch[0] += 1
             model.fit(make_batches(), steps_per_epoch=per_fit, epochs=1,
                       verbose=0, shuffle=False)
-            keras.ops.convert_to_numpy(model.optimizer.iterations)
+            int(model.optimizer.iterations)  # waits for the device
     return run
 
 
@@ -382,10 +368,8 @@ def bench_input(run, level):
     import keras
 
     from experiment import device_data, sampling
-    from experiment.preprocessing import channel_stats
 
-    images, labels, source = training_images(run)
-    mean, std = channel_stats(images)
+    images, labels, mean, std, source = training_images(run)
     per_execution = runtime.resolve_steps_per_execution(
         run.steps_per_execution, run.environment, run.wrn_steps)
     print(f"input level: steps_per_execution={per_execution}, data: "
@@ -433,24 +417,19 @@ def bench_loop(run, level):
     import keras
 
     from experiment import compiled_epoch, device_data, sampling
-    from experiment.preprocessing import channel_stats
 
-    if run.environment["backend"] != "jax":
-        raise cli.UsageError("--level loop compares train.py's JAX loops; "
-                             "run it with --backend jax")
     steps = run.wrn_steps
-    images, labels, source = training_images(run)
-    arrays = SimpleNamespace(x_train=images[:steps * run.batch_size],
-                             y_train=labels[:steps * run.batch_size])
-    arrays.mean, arrays.std = channel_stats(arrays.x_train)
+    images, labels, mean, std, source = training_images(
+        run, steps * run.batch_size)
+    arrays = SimpleNamespace(x_train=images, y_train=labels, mean=mean,
+                             std=std)
     config = {"batch_size": run.batch_size, "seed": 0, "augment": True,
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
               "eval_batch_size": run.batch_size}
     print(f"loop level: epochs of {steps} steps, data: {source}", flush=True)
-    on_device = device_data.DeviceTrainSet(
-        arrays.x_train, arrays.y_train, arrays.mean, arrays.std,
-        augmented=True)
+    on_device = device_data.DeviceTrainSet(images, labels, mean, std,
+                                           augmented=True)
     epoch = [0]
 
     def per_step(model):
@@ -492,104 +471,68 @@ BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
            "loop": bench_loop}
 
 
-def training_images(run):
-    """CIFAR-10's training images and labels, else random ones; the source."""
+def training_images(run, count=None):
+    """CIFAR-10's first `count` training images and labels where train.py
+    finds them, else random ones; their channel mean and std, the source."""
     import numpy as np
 
     from experiment import cifar10
+    from experiment.preprocessing import channel_stats
 
-    data_dir = run.data_dir
-    beside = ROOT.parent / "shared" / "data" / "cifar-10-batches-py"
-    if data_dir is None and not os.environ.get("CIFAR10_DIR") and (
-            beside / "data_batch_1").is_file():
-        data_dir = beside
     try:
-        data = cifar10.load(data_dir)
-        return data.x_train, data.y_train, data.source
+        data = cifar10.load(run.data_dir)
+        images, labels, source = data.x_train, data.y_train, data.source
     except cifar10.DataError:
         images = run.rng.integers(0, 256, (50000, 32, 32, 3), dtype=np.uint8)
         labels = run.rng.integers(0, 10, 50000).astype(np.int32)
-        return images, labels, "random uint8 images (CIFAR-10 not found)"
-
-
-def describe(run, argv):
-    """The run's record: its environment, threads, settings, command."""
-    environment = run.environment
-    threads = {"cpu_count": os.cpu_count(),
-               "cpus": sorted(os.sched_getaffinity(0))}
-    if environment["backend"] == "torch":
-        import torch
-
-        threads["torch_threads"] = torch.get_num_threads()
-    elif environment["backend"] == "tensorflow":
-        import tensorflow as tf
-
-        pools = tf.config.threading
-        threads["tf_intra_op"] = pools.get_intra_op_parallelism_threads()
-        threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
-        if tf_keras() is not None:
-            environment["versions"]["tf_keras"] = tf_keras().__version__
-    return dict(environment, threads=threads, jit_compile=run.jit,
-                batch_size=run.batch_size, dtype_policy=run.dtype_policy,
-                date=datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds"),
-                processes=1, command=" ".join([COMMAND, *argv]))
+        source = "random uint8 images (CIFAR-10 not found)"
+    images, labels = images[:count], labels[:count]
+    return images, labels, *channel_stats(images), source
 
 
 def write_results(results_dir, record, rows):
     """BACKEND-DEVICE[-xla].json and .csv, `rows` replacing their levels'."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{record['backend']}-{record['device_type']}"
-    if record["backend"] == "tensorflow" and record["jit_compile"] is True:
-        stem += "-xla"  # TensorFlow with and without XLA side by side
-    json_path = results_dir / f"{stem}.json"
-    record = dict(record, rows=rows)
-    if json_path.is_file():
-        old = json.loads(json_path.read_text())
+    # TensorFlow with and without XLA side by side
+    xla = record["backend"] == "tensorflow" and record["jit_compile"] is True
+    path = results_dir / (f"{record['backend']}-{record['device_type']}"
+                          + "-xla" * xla + ".json")
+    if path.is_file():
+        old = json.loads(path.read_text())
         levels = {row["level"] for row in rows}
-        record["rows"] = [r for r in old["rows"] if r["level"] not in levels]
-        record["rows"] += rows
-        record["earlier"] = {k: old[k] for k in ("date", "command")}
-    runfiles.write_file(json_path,
-                        (json.dumps(record, indent=1) + "\n").encode())
-    rows = [dict(row, backend=record["backend"], device=record["device"])
-            for row in record["rows"]]
-    runfiles.write_file(results_dir / f"{stem}.csv", runfiles.csv_text(
-        [*COLUMNS, *EXTRA_COLUMNS, "backend", "device"], rows).encode())
-    return json_path
-
-
-def ratio_text(row):
-    """A row's ratio, with the input and loop levels' own figures."""
-    text = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
-    if row["level"] == "input" and "resident" not in row["variant"]:
-        text += (f" (waiting {100 * row['wait_share']:.1f}%; "
-                 f"{row['epoch_s']:.1f} s per epoch)")
-    if row["level"] == "loop" and row["variant"].startswith("renorm"):
-        text += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
-    return text
+        rows = [r for r in old["rows"] if r["level"] not in levels] + rows
+        record = dict(record, earlier={k: old[k] for k in ("date", "command")})
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runfiles.write_file(path, (json.dumps(dict(record, rows=rows), indent=1)
+                               + "\n").encode())
+    runfiles.write_file(path.with_suffix(".csv"), runfiles.csv_text(COLUMNS, [
+        dict(row, backend=record["backend"], device=record["device"])
+        for row in rows]).encode())
+    return path
 
 
 def table(rows):
-    def line(cells):
-        return "| " + " | ".join(cells) + " |\n"
-
-    header = ("level", "shape", "variant", "ms/step (median)", "min-max",
-              "images/s", "ratio")
-    return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line([
-        row["level"], row["shape"], row["variant"],
-        f"{row['ms_per_step']:.1f}", f"{row['ms_min']:.1f}-{row['ms_max']:.1f}",
-        f"{row['images_per_s']:.1f}", ratio_text(row)]) for row in rows)
+    """Markdown, the input and loop levels' own figures after the ratio."""
+    lines = [("| level | shape | variant | ms/step (median) | min-max | "
+              "images/s | ratio |"), "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        if row["level"] == "input" and "resident" not in row["variant"]:
+            ratio += (f" (waiting {100 * row['wait_share']:.1f}%; "
+                      f"{row['epoch_s']:.1f} s per epoch)")
+        if row["level"] == "loop" and row["variant"].startswith("renorm"):
+            ratio += f" (renorm / batchnorm {row['norm_ratio']:.3f})"
+        lines.append(f"| {row['level']} | {row['shape']} | {row['variant']} "
+                     f"| {row['ms_per_step']:.1f} | {row['ms_min']:.1f}-"
+                     f"{row['ms_max']:.1f} | {row['images_per_s']:.1f} | "
+                     f"{ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 SUMMARY_NOTE = (
     "Ratio: the median over the repeats of the time per step over the "
-    "baseline's in the same repeat; baseline: `batchnorm` (layer, matrix, "
-    "model), `batchnorm, resident` (input), the same norm with "
-    "`jit_compile=off` (jit) or on 1 device (devices), `batchnorm, "
-    "per-step` (loop). Waiting, s per epoch and renorm / batchnorm: "
-    "docs/speed.md. Written by `benchmarks/bench.py` from "
-    "`benchmarks/results/*.json`.\n")
+    "baseline's in the same repeat; each level's baseline, waiting, s per "
+    "epoch and renorm / batchnorm: docs/speed.md. Written by "
+    "`benchmarks/bench.py` from `benchmarks/results/*.json`.\n")
 
 
 def write_summary(args):
@@ -619,7 +562,8 @@ def write_summary(args):
 
 
 def measure(args, argv):
-    """Runs the levels in this process: (record, rows)."""
+    """Runs the levels in this process: (record, rows); the record holds
+    the environment, threads, settings and command."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
@@ -631,13 +575,17 @@ def measure(args, argv):
         raise cli.UsageError(f"--backend {args.backend}: Keras is already "
                              f"running on {keras.backend.backend()}")
     environment = runtime.describe_environment()
+    for level in ("devices", "loop"):
+        if level in args.level and environment["backend"] != "jax":
+            raise cli.UsageError(f"--level {level} needs the jax backend "
+                                 "(run it with --backend jax)")
     cpu = environment["device_type"] == "cpu"
     # The flags, with the variants this backend has and the steps of a
     # repeat resolved (`layer_steps` for a layer, `wrn_steps` for a WRN).
     run = SimpleNamespace(**dict(
         vars(args), environment=environment,
         jit=runtime.jit_compile(args.jit_compile, environment),
-        variants=available_variants(args.variants),
+        variants=available_variants(args.variants, environment["backend"]),
         rng=np.random.default_rng(0),
         layer_steps=args.steps or (3 if cpu else 50),
         wrn_steps=args.steps or (2 if cpu else 50),
@@ -646,57 +594,50 @@ def measure(args, argv):
     keras.config.set_dtype_policy(args.dtype_policy)
     print(f"{PROG}: backend {environment['backend']}, "
           f"{environment['device']}, jit_compile={run.jit}", flush=True)
-    rows = []
     try:
-        for level in LEVELS:
-            if level in args.level:
-                rows += BENCHES[level](run, level)
+        rows = [row for level in LEVELS if level in args.level
+                for row in BENCHES[level](run, level)]
     finally:
         keras.config.set_dtype_policy(policy)
-    return describe(run, argv), rows
+    threads = {"cpu_count": os.cpu_count(),
+               "cpus": sorted(os.sched_getaffinity(0))}
+    if environment["backend"] == "torch":
+        import torch
 
+        threads["torch_threads"] = torch.get_num_threads()
+    elif environment["backend"] == "tensorflow":
+        import tensorflow as tf
 
-class WorkerFailed(Exception):
-    """A process of --processes ended with a non-zero code (it said why)."""
+        pools = tf.config.threading
+        threads["tf_intra_op"] = pools.get_intra_op_parallelism_threads()
+        threads["tf_inter_op"] = pools.get_inter_op_parallelism_threads()
+        if tf_keras() is not None:
+            environment["versions"]["tf_keras"] = tf_keras().__version__
+    return dict(environment, threads=threads, jit_compile=run.jit,
+                batch_size=run.batch_size, dtype_policy=run.dtype_policy,
+                date=runtime.now(), processes=1,
+                command=" ".join([COMMAND, *argv])), rows
 
 
 def measure_in_processes(args, argv):
     """This command in --processes fresh processes, rounds pooled."""
-    import subprocess
-    import tempfile
-
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         for index in range(args.processes):
             output = Path(folder) / f"{index}.json"
             print(f"{PROG}: process {index + 1} of {args.processes}",
                   flush=True)
-            code = subprocess.call([sys.executable, str(Path(__file__)),
-                                    *argv, "--worker-output", str(output)])
-            if code != 0:
-                raise WorkerFailed(code)
+            subprocess.check_call([sys.executable, __file__, *argv,
+                                   "--worker-output", str(output)])
             runs.append(json.loads(output.read_text()))
     record = dict(runs[0]["record"], processes=args.processes,
                   command=" ".join([COMMAND, *argv]))
     return record, pooled_rows([run["rows"] for run in runs])
 
 
-def pin(cpus):
-    """Pins this process to `cpus` (before a framework sizes its thread
-    pools); returns the CPUs it had."""
-    allowed = os.sched_getaffinity(0)
-    outside = sorted(set(cpus) - allowed)
-    if outside:
-        raise cli.UsageError(f"--cpus {' '.join(map(str, outside))}: not "
-                             f"among this process's CPUs "
-                             f"({' '.join(map(str, sorted(allowed)))})")
-    os.sched_setaffinity(0, set(cpus))
-    return allowed
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    pinned_from = None
+    allowed = os.sched_getaffinity(0)
     try:
         args = build_parser().parse_args(argv)
         if args.summary:
@@ -707,10 +648,16 @@ def main(argv=None):
             raise cli.UsageError("--processes pools the rounds of the layer, "
                                  "matrix, model, jit and devices levels; run "
                                  "the input and loop levels in one process")
-        if args.cpus:
-            pinned_from = pin(args.cpus)
-        record, rows = (measure_in_processes if args.processes > 1
-                        and not args.worker_output else measure)(args, argv)
+        if args.cpus:  # before a framework sizes its thread pools
+            outside = sorted(set(args.cpus) - allowed)
+            if outside:
+                raise cli.UsageError(f"--cpus {' '.join(map(str, outside))}: "
+                                     "not among this process's CPUs ("
+                                     f"{' '.join(map(str, sorted(allowed)))})")
+            os.sched_setaffinity(0, set(args.cpus))
+        pooled = args.processes > 1 and not args.worker_output
+        record, rows = (measure_in_processes if pooled else measure)(args,
+                                                                     argv)
         if args.worker_output:
             args.worker_output.write_text(json.dumps(
                 {"record": record, "rows": rows}))
@@ -723,18 +670,17 @@ def main(argv=None):
         return 0
     except cli.UsageError as error:
         return cli.fail(PROG, error, 2)
-    except WorkerFailed as failed:
+    except subprocess.CalledProcessError as failed:
         return cli.fail(PROG, f"a measuring process ended with code "
-                        f"{failed.args[0]}; nothing written",
-                        130 if failed.args[0] == 130 else 1)
+                        f"{failed.returncode}; nothing written",
+                        130 if failed.returncode == 130 else 1)
     except runfiles.WriteError as error:
         return cli.fail(PROG, error, 1)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
     finally:
-        if pinned_from:  # a caller of main() keeps its own CPUs
-            os.sched_setaffinity(0, pinned_from)
+        os.sched_setaffinity(0, allowed)  # a caller of main() keeps its CPUs
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """The 2017 reproduction on a GPU in one command: the `seed` protocol with
 batchnorm and renorm on JAX, bench.py's model level and plot.py, within a
-time budget, each finished step copied out as it ends; --tiny: the same job
-in small, on any device. docs/gpu.md: what the machine needs, the steps,
-each flag and its default, the budget, the files that come back."""
+time budget, each finished step copied out; --tiny: the same job in small,
+on any device. The machine, steps, flags, budget and files: docs/gpu.md."""
 
 import csv
 import io
@@ -44,8 +43,6 @@ BENCH_VARIANTS = 4  # bench.py --level model: each about a run's start-up
 PLOT_GUESS = 10.0  # seconds of plot.py before it has run once
 POLL = 0.25  # seconds between two looks at a run's CSV
 STOP_WAIT = 120  # seconds a stopped step has to exit before it is killed
-SUMMARY_NAME = "reference_gpu.md"  # summary.md inside reports.tar
-LOSSES = ("loss", "val_loss")
 CONTINUES = "the same command continues it"
 RERUN = "rerun the same command to continue (finished runs are kept)"
 
@@ -77,8 +74,7 @@ def build_parser():
 
 
 def gpu_name(tiny):
-    """JAX's device's name and None, or None and why Keras cannot run here
-    on a JAX GPU (`tiny`: on any device)."""
+    """(JAX's GPU, None), or (None, why this job cannot run here)."""
     if os.environ.get("KERAS_BACKEND", "jax") != "jax":
         return None, (f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']}; "
                       "this job runs on jax (unset it or set it to jax)")
@@ -110,6 +106,7 @@ class Step:
     epochs: int = 0
     status: str = "not started"
     estimate: object = None  # seconds, as reckoned before it started
+    cost: object = None  # a run's Cost that the estimate took
     wall: object = None  # seconds it ran in this job
 
 
@@ -189,12 +186,12 @@ def not_finite(step, folders):
     """A line naming the run's first loss or val_loss not finite, or None."""
     path = folders.history / f"{step.name}.csv"
     for row in runfiles.read_rows(path):
-        for column in LOSSES:
+        for column in ("loss", "val_loss"):
             try:
-                value = float(row.get(column) or "nan")
+                finite = math.isfinite(float(row.get(column) or "nan"))
             except ValueError:
-                value = math.nan
-            if not math.isfinite(value):
+                finite = False
+            if not finite:
                 return (f"{step.name}: {column} is {row.get(column)!r} in "
                         f"epoch {row['epoch']} ({path}); a run whose numbers "
                         "are not finite is no result")
@@ -232,14 +229,13 @@ class Job:
         self.folders, self.device = folders, device
         self.budget, self.output_dir = budget, output_dir
         self.started = time.monotonic()
+        self.deadline = self.started + (budget or math.inf)
         self.costs, self.plot_seconds = {}, PLOT_GUESS  # runs' by norm
         self.steps, self.notes = [], []  # notes: what was skipped, stopped
         self.trained = 0  # runs started in this job (the first: the probe)
 
     def left(self):
-        """Seconds of the budget left (inf without one)."""
-        return (math.inf if self.budget is None
-                else self.budget - time.monotonic() + self.started)
+        return self.deadline - time.monotonic()
 
     def run(self, steps):
         """Every step that fits, in order; the job's exit code."""
@@ -271,43 +267,38 @@ class Job:
         self.copy_out()
         return code
 
-    def cost_of(self, norm):
-        """`norm`'s Cost, else the last measured one's x UNMEASURED; a note."""
-        if norm in self.costs or not self.costs:
-            return self.costs.get(norm), ""
-        last = list(self.costs.values())[-1]
-        return (Cost(*(UNMEASURED * seconds for seconds in last)),
-                f", x{UNMEASURED:g} for a norm not measured yet")
-
     def estimate(self, step):
-        """Seconds that `step` should take and how (None: nothing measured)."""
+        """Sets step.estimate, the seconds `step` should take (and a run's
+        Cost: its norm's, else the last measured one's x UNMEASURED); how it
+        was reckoned, or None where nothing was measured yet."""
         if not self.costs:
             return None
         if not step.norm:
             start = max(cost.start for cost in self.costs.values())
-            return BENCH_VARIANTS * start, (
-                f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s")
-        cost, note = self.cost_of(step.norm)
+            step.estimate = BENCH_VARIANTS * start
+            return f"{BENCH_VARIANTS} variants x a run's start-up {start:.1f} s"
+        cost, note = self.costs.get(step.norm), ""
+        if cost is None:
+            last = list(self.costs.values())[-1]
+            cost = Cost(*(UNMEASURED * seconds for seconds in last))
+            note = f", x{UNMEASURED:g} for a norm not measured yet"
         later = max(step.epochs - rows_done(step, self.folders) - 1, 0)
-        plot = self.plot_seconds
-        return cost.start + later * cost.epoch + cost.end + plot, (
-            f"start-up {cost.start:.1f} s + {later} epochs x "
-            f"{cost.epoch:.2f} s + end {cost.end:.1f} s{note}, + plot "
-            f"{plot:.1f} s")
+        step.cost, plot = cost, self.plot_seconds
+        step.estimate = cost.start + later * cost.epoch + cost.end + plot
+        return (f"start-up {cost.start:.1f} s + {later} epochs x "
+                f"{cost.epoch:.2f} s + end {cost.end:.1f} s{note}, + plot "
+                f"{plot:.1f} s")
 
     def starts(self, step):
-        """Whether `step` starts: the first run (the measurement) does, any
-        step whose estimate fits the time left does; else a line names it."""
-        left, reckoned = self.left(), self.estimate(step)
-        if reckoned is not None:
-            step.estimate = reckoned[0]
-        fits = reckoned[0] <= left if reckoned else left > 0
-        if fits or (step.norm and not self.trained):
+        """Whether `step` starts (the probe does, one that fits does); else a
+        note says why."""
+        left, how = self.left(), self.estimate(step)
+        if (step.estimate <= left if how else left > 0) or (
+                step.norm and not self.trained):
             return True
-        why = ("nothing measured yet, and the budget is spent"
-               if reckoned is None else
-               f"needs about {reckoned[0]:.0f} s ({reckoned[1]}), "
-               f"{max(left, 0):.0f} s of the budget left")
+        why = (f"needs about {step.estimate:.0f} s ({how}), "
+               f"{max(left, 0):.0f} s of the budget left" if how
+               else "nothing measured yet, and the budget is spent")
         step.status = "skipped"
         self.notes.append(f"skipped {step.name}: {why}")
         print(f"{PROG}: {self.notes[-1]}", flush=True)
@@ -334,10 +325,8 @@ class Job:
         return ("plot.py", self.plot()) if step.norm else (step.script, 0)
 
     def train(self, step):
-        """Runs train.py for `step`, noting its Cost where an epoch ended;
-        its exit code and why it was stopped (None: it was not)."""
+        """Runs train.py for `step`, noting its Cost; (code, why stopped)."""
         probe, before = not self.trained, rows_done(step, self.folders)
-        guess = self.cost_of(step.norm)[0]
         seen, started = [], time.monotonic()
 
         def look(now):  # notes (rows new in this job, now) if the CSV grew
@@ -353,14 +342,13 @@ class Job:
                 return None
             new = seen[-1][0] if seen else 0
             to_go, left = step.epochs - before - new, self.left()
-            if self.budget is None or to_go <= 0 or (
-                    probe and new < PROBE_EPOCHS):
+            if to_go <= 0 or (probe and new < PROBE_EPOCHS):
                 return None
             if left <= 0:
                 return (f"the budget is spent, {before + new} of "
                         f"{step.epochs} epochs done; {CONTINUES}")
             pace = (measured(seen, started, time.monotonic(), False)
-                    if len(seen) > 1 else guess)
+                    if len(seen) > 1 else step.cost)
             needed = pace and to_go * pace.epoch + pace.end + self.plot_seconds
             if not needed or needed <= left:
                 return None
@@ -385,8 +373,7 @@ class Job:
         return code
 
     def copy_out(self, step=None):
-        """Into the output folder: the finished (or kept) run `step`, then
-        summary.md and reports.tar (docs/gpu.md)."""
+        """Copies out the finished (or kept) run `step`, summary, reports."""
         if self.output_dir is None:
             return
         out, folders = self.output_dir, self.folders
@@ -401,12 +388,10 @@ class Job:
         runfiles.write_file(out / "summary.md", table)
         self.write_tar(out / "reports.tar", sorted(
             p for folder in (folders.plots, folders.results)
-            if folder.is_dir() for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".")), table)
+            for p in folder.glob("[!.]*") if p.is_file()), table)
 
     def write_tar(self, path, files, summary=None):
-        """Writes atomically a tar of the `files` that exist and of the
-        bytes `summary`, each at its path in the repository."""
+        """A tar of the `files` that exist and `summary`, at their paths."""
 
         def archived(file):
             folder = IN_REPOSITORY[self.folders.index(file.parent)]
@@ -418,8 +403,8 @@ class Job:
                 if file.exists():
                     tar.add(file, arcname=archived(file))
             if summary is not None:
-                info = tarfile.TarInfo(
-                    archived(self.folders.plots / SUMMARY_NAME))
+                info = tarfile.TarInfo(  # summary.md
+                    archived(self.folders.plots / "reference_gpu.md"))
                 info.size, info.mtime = len(summary), time.time()
                 tar.addfile(info, io.BytesIO(summary))
         runfiles.write_file(path, buffer.getvalue())
@@ -439,9 +424,7 @@ class Job:
         budget = ("no budget" if self.budget is None
                   else f"a budget of {self.budget:g} s")
         elapsed = time.monotonic() - self.started
-        lines += ["", (f"Job: {elapsed:.0f} s, {budget}. Train s/epoch: the "
-                       "mean of train.py's `seconds` (training only), each "
-                       "session's first epoch (compilation) left out.")]
+        lines += ["", f"Job: {elapsed:.0f} s, {budget}. Columns: docs/gpu.md."]
         if self.notes:
             lines += [""] + [f"- {note}" for note in self.notes]
         return "\n".join(lines) + "\n"
@@ -475,8 +458,7 @@ def main(argv=None):
         return cli.fail(PROG, f"interrupted; {RERUN}", 130)
     print(job.table(), end="", flush=True)
     out = args.output_dir
-    files = sorted(p.name for p in out.iterdir() if p.is_file()
-                   and not p.name.startswith(".")) if out else []
+    files = out and sorted(p.name for p in out.glob("[!.]*") if p.is_file())
     print(f"{PROG}: done" + (f"; in {out}: {', '.join(files)}" if out else ""))
     return code
 
