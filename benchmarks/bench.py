@@ -257,7 +257,7 @@ def layer_model(variant, shape, setup, **schedule):
 
 def wrn(run, variant, **options):
     """A WRN with `variant` (and layer arguments `options`), and its API."""
-    from models import wide_resnet
+    from models.wide_resnet import wide_resnet
 
     make, api = norm_factory(variant)
     return wide_resnet(run.depth, run.width, norm=make, norm_kwargs=options,

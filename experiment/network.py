@@ -3,7 +3,7 @@
 
 def build_model(config):
     """The run's Wide ResNet, its normalization layers set as it says."""
-    from models import wide_resnet
+    from models.wide_resnet import wide_resnet
 
     norm_kwargs = dict(momentum=config["norm_momentum"],
                        epsilon=config["norm_epsilon"])

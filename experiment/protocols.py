@@ -6,8 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from experiment.cli import UsageError
-
-NORMS = ("batchnorm", "renorm", "keras-renorm")
+from models import NORMS  # noqa: F401 (the norms, re-exported)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,6 @@
 """The experiment's networks, one file per network (as in wide-resnet.pytorch):
-`wide_resnet` (WRN-d-k) and `make_norm`, a normalization layer by name."""
+`models.wide_resnet.wide_resnet` (WRN-d-k) and `models.norms.make_norm`, a
+normalization layer by name. The norms' names live here, where reading them
+starts no framework (plot.py reads them)."""
 
-from models.norms import NORMS
-from models.norms import make_norm
-from models.wide_resnet import wide_resnet
-
-__all__ = ["NORMS", "make_norm", "wide_resnet"]
+NORMS = ("batchnorm", "renorm", "keras-renorm")

@@ -5,8 +5,8 @@ import inspect
 import keras
 
 from batch_renorm import BatchRenormalization
+from models import NORMS
 
-NORMS = ("batchnorm", "renorm", "keras-renorm")
 
 # BatchRenormalization's schedule, with its defaults (the paper's).
 SCHEDULE_ARGS = ("r_max", "d_max", "warmup_steps", "r_max_steps", "d_max_steps")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import models
 from batch_renorm import BatchRenormalization
 from experiment import cli
 from experiment import protocols
 from experiment import runfiles
 from models.norms import SCHEDULE_ARGS
+from models.norms import make_norm
 
 pytestmark = pytest.mark.backend_independent
 
@@ -27,7 +27,7 @@ def test_protocols_use_the_layers_schedule():
     """The seed protocol states the paper's schedule; it is also the
     layer's default (and so make_norm's); wrn shares it."""
     layer = inspect.signature(BatchRenormalization).parameters
-    factory = inspect.signature(models.make_norm).parameters
+    factory = inspect.signature(make_norm).parameters
     for protocol in protocols.PROTOCOLS.values():
         for name in SCHEDULE_ARGS:
             assert getattr(protocol, name) == layer[name].default, name
@@ -42,10 +42,6 @@ def test_wrn_differs_from_seed_only_where_it_says():
                          "lr_gamma", "sgd_momentum", "nesterov",
                          "weight_decay", "augment", "norm_momentum",
                          "norm_epsilon"}
-
-
-def test_norm_names_are_the_factorys():
-    assert protocols.NORMS == tuple(models.NORMS)
 
 
 def imported_modules(path):

@@ -6,8 +6,8 @@ import pytest
 
 from batch_renorm import BatchRenormalization
 from models import NORMS
-from models import make_norm
-from models import wide_resnet
+from models.norms import make_norm
+from models.wide_resnet import wide_resnet
 
 # WRN-16-4: 2,742,704 convolution weights + 2,570 dense + 2 * 1,808 gamma and
 # beta of the 13 normalization layers.
