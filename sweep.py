@@ -1,10 +1,8 @@
 #!/usr/bin/env python3
 """Where batch renormalization matters: small and non-i.i.d. minibatches.
-Trains a grid of train.py runs in --history-dir, one after another and
-resumably (rerun the same command), then plot.py draws them into
---plots-dir. --study batch: batch sizes and sampling; --study microbatch:
-normalization groups V in batches of 128. Flags after `--` go to every
-train.py run. Method, presets, run names and examples: docs/sweep.md.
+Trains a grid of train.py runs one after another, resumably (rerun the same
+command), then plot.py draws them; flags after `--` go to every run.
+Studies, presets and their defaults, run names, examples: docs/sweep.md.
 """
 
 import argparse
@@ -25,7 +23,6 @@ from experiment.protocols import NORMS
 PROG = "sweep.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported
 PLOT = TRAIN.with_name("plot.py")
-PAPER_SCHEDULE = (0.04, 0.19, 0.31)  # 5k, 25k, 40k of the paper's 130k steps
 MICRO_BATCH = 128  # the microbatch study's batch: V = 128 is all of it
 # Each study's defaults, then its presets' (why so: docs/sweep.md); where
 # a preset has no train_size or val_size, train.py's defaults.
@@ -36,7 +33,7 @@ STUDIES = {
 }
 CPU = dict(depth=10, width=1, val_size=1000, renorm_schedule=(0.25, 0.5, 0.75))
 GPU = dict(depth=16, width=4, momentum_images=12800,
-           renorm_schedule=PAPER_SCHEDULE)
+           renorm_schedule=(0.04, 0.19, 0.31))  # the paper's 5k, 25k, 40k
 PRESETS = {
     "batch": {"cpu": dict(CPU, train_size=1280, epochs=3, momentum_images=320),
               "gpu": dict(GPU, epochs=30)},
@@ -58,11 +55,14 @@ def sampling(text):
         f"must be iid, pairs or kN (N classes per batch, like k2): {text!r}")
 
 
-def joined(values, separator=" "):
-    return separator.join(map(str, values))
-
-
-# Each run's flags, train.py's (defaults: the preset's): type, metavar, help.
+# The grid's lists (nargs="+"), then each run's train.py flags: type,
+# metavar, help. Defaults: the study's, then the preset's.
+GRID_FLAGS = {
+    "--batch-sizes": (cli.positive_int, "N", "batch study only"),
+    "--sampling": (sampling, "S", "iid, kN (N classes a batch) or pairs"),
+    "--seeds": (cli.nonnegative_int, "SEED", "repeats of each run"),
+    "--virtual-batch-sizes": (cli.positive_int, "V", "microbatch study only"),
+}
 RUN_FLAGS = {
     "--depth": (cli.wrn_depth, "D", None),
     "--width": (cli.positive_int, "K", None),
@@ -76,8 +76,6 @@ RUN_FLAGS = {
                           "warm-up end, d_max, r_max: fractions of the steps"),
     "--data-dir": (Path, "DIR", "CIFAR-10 folder (default: $CIFAR10_DIR)"),
 }
-
-
 # train.py flags that the sweep sets itself and `--` may not override.
 OWN_FLAGS = (*RUN_FLAGS, "--norm", "--name", "--batch-size", "--seed",
              "--classes-per-batch", "--virtual-batch-size", "--sampling",
@@ -87,62 +85,52 @@ OWN_FLAGS = (*RUN_FLAGS, "--norm", "--name", "--batch-size", "--seed",
 
 def build_parser():
     parser = cli.script_parser(PROG, __doc__)
-    grid = parser.add_argument_group("what to sweep")
-    grid.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
-                      help="the defaults of the flags below (default: cpu; "
-                      "docs/sweep.md lists them)")
+    grid = parser.add_argument_group(
+        "what to sweep (defaults: the study's and preset's, docs/sweep.md)")
+    grid.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
     grid.add_argument("--study", choices=tuple(STUDIES), default="batch",
-                      help="batch (default): batches of --batch-sizes; "
-                      f"microbatch: batches of {MICRO_BATCH} normalized in "
-                      "groups of --virtual-batch-sizes")
-    grid.add_argument("--norms", nargs="+", choices=NORMS,
-                      default=list(NORMS), metavar="NORM",
-                      help=f"{joined(NORMS, ', ')} (default: all; "
-                      f"microbatch: keras-renorm at V = {MICRO_BATCH} only)")
-    grid.add_argument("--batch-sizes", nargs="+", type=cli.positive_int,
-                      metavar="N", help="batch study only; default: "
-                      + joined(STUDIES["batch"]["batch_sizes"]))
-    grid.add_argument("--sampling", nargs="+", type=sampling, metavar="S",
-                      help="iid, kN (every batch from N classes) or pairs "
-                      "(of images of a class); default: iid k2, microbatch: "
-                      "iid pairs (its only two); impossible ones are skipped")
-    grid.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
-                      metavar="SEED", help="repeats of each run (default: 0; "
-                      "microbatch: the preset's)")
-    grid.add_argument("--virtual-batch-sizes", nargs="+", metavar="V",
-                      type=cli.positive_int,
-                      help="microbatch study only: the normalization groups "
-                      f"(train.py --virtual-batch-size), each <= {MICRO_BATCH}")
-    run = parser.add_argument_group(
-        "each run (train.py flags; defaults: the preset's)")
+                      help=f"batch: batches of --batch-sizes; microbatch: "
+                      f"batches of {MICRO_BATCH} normalized in groups of V")
+    grid.add_argument("--norms", nargs="+", choices=NORMS, metavar="NORM",
+                      default=list(NORMS), help=", ".join(NORMS))
+    for flag, (kind, metavar, text) in GRID_FLAGS.items():
+        grid.add_argument(flag, nargs="+", type=kind, metavar=metavar,
+                          help=text)
+    run = parser.add_argument_group("each run (train.py flags)")
     for flag, (kind, metavar, text) in RUN_FLAGS.items():
         run.add_argument(flag, type=kind, metavar=metavar, help=text)
     momentum = run.add_mutually_exclusive_group()
     momentum.add_argument("--momentum-images", type=cli.positive_int,
-                          metavar="IMAGES",
-                          help="norm momentum 1 - BATCH / IMAGES")
-    momentum.add_argument("--norm-momentum", type=cli.fraction,
-                          metavar="M", help="one norm momentum for all runs")
-    output = parser.add_argument_group("output")
+                          metavar="IMAGES", help="momentum 1 - BATCH / IMAGES")
+    momentum.add_argument("--norm-momentum", type=cli.fraction, metavar="M",
+                          help="one momentum for all runs")
+    output = parser.add_argument_group(
+        "output (default: history/, weights/, plots/ sweep or microbatch)")
     for kind in ("history", "weights", "plots"):
-        output.add_argument(
-            f"--{kind}-dir", type=Path, metavar="DIR",
-            help=f"default: {kind}/{STUDY_DIRS['batch']} (microbatch study: "
-            f"{kind}/{STUDY_DIRS['microbatch']})")
+        output.add_argument(f"--{kind}-dir", type=Path, metavar="DIR")
     output.add_argument("--dry-run", action="store_true",
-                        help="list the runs and their train.py commands; "
-                        "train nothing")
+                        help="list the runs' train.py commands; train nothing")
     return parser
 
 
 def parse_args(argv):
-    """The options, the study's and preset's defaults filled in, and the
-    train.py flags given after `--` (`extra`)."""
-    argv = list(argv)
+    """The options with the study's and preset's defaults filled in, and
+    `extra`: the train.py flags after `--`."""
     split = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:split])
     args.extra = argv[split + 1:]
-    check_study_flags(args)
+    micro = args.study == "microbatch"
+    wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
+    if not micro and args.virtual_batch_sizes is not None:
+        raise cli.UsageError("--virtual-batch-sizes needs --study microbatch")
+    if micro and args.batch_sizes is not None:
+        raise cli.UsageError(
+            "--batch-sizes is the batch study's; the microbatch study trains "
+            f"every run at batch {MICRO_BATCH} and varies "
+            "--virtual-batch-sizes")
+    if micro and wrong:
+        raise cli.UsageError(f"--sampling {wrong[0]} is the batch study's; "
+                             "the microbatch study samples iid or pairs")
     folders = {f"{kind}_dir": Path(kind, STUDY_DIRS[args.study])
                for kind in ("history", "weights", "plots")}
     for key, value in {**STUDIES[args.study], **folders,
@@ -163,22 +151,6 @@ def parse_args(argv):
     return args
 
 
-def check_study_flags(args):
-    """Each study's own flags, refused with the other."""
-    micro = args.study == "microbatch"
-    wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
-    if not micro and args.virtual_batch_sizes is not None:
-        raise cli.UsageError("--virtual-batch-sizes needs --study microbatch")
-    if micro and args.batch_sizes is not None:
-        raise cli.UsageError(
-            "--batch-sizes is the batch study's; the microbatch study trains "
-            f"every run at batch {MICRO_BATCH} and varies "
-            "--virtual-batch-sizes")
-    if micro and wrong:
-        raise cli.UsageError(f"--sampling {wrong[0]} is the batch study's; "
-                             "the microbatch study samples iid or pairs")
-
-
 def momentum_for(args, batch_size):
     if args.norm_momentum is not None:
         return args.norm_momentum
@@ -186,9 +158,8 @@ def momentum_for(args, batch_size):
 
 
 def plan(args):
-    """The runs as (name, train.py argv), and the notes of the combinations
-    skipped, each once; the microbatch study's seeds outermost (a study cut
-    short holds whole seeds)."""
+    """The runs as (name, train.py argv) and the notes of the combinations
+    skipped; the microbatch study's seeds outermost (to cut it short)."""
     micro = args.study == "microbatch"
     grid = ((args.seeds, args.virtual_batch_sizes, args.sampling, args.norms)
             if micro else (args.batch_sizes, args.sampling, args.norms,
@@ -243,7 +214,7 @@ def micro_run(args, seed, virtual, spec, norm):
 def train_argv(args, name, norm, batch_size, seed, classes=None,
                virtual=None, sampling=None):
     """A run's train.py flags: the sweep's own, then those after `--`."""
-    lr_milestones = joined(args.lr_milestones, ",") or None
+    lr_milestones = ",".join(map(str, args.lr_milestones)) or None
     flags = {
         "--norm": norm, "--name": name, "--batch-size": batch_size,
         "--classes-per-batch": classes, "--virtual-batch-size": virtual,
@@ -265,27 +236,23 @@ def train_command(argv):
 
 
 def run_script(script, argv):
-    """Runs `python SCRIPT ARGV` in a process of its own; returns its exit
-    code. Its output goes through ours unless on a terminal; a Ctrl-C
-    reaches it from the terminal, a SIGTERM is passed on."""
+    """Runs `python SCRIPT ARGV`; returns its exit code. Its output goes
+    through ours unless on a terminal; a SIGTERM is passed on to it, a
+    Ctrl-C reaches it from the terminal and is left to it."""
     piped = not sys.stdout.isatty()
     pipe = subprocess.PIPE if piped else None
     process = subprocess.Popen([sys.executable, str(script), *argv],
                                stdout=pipe, stderr=pipe, text=True)
-    handlers = {signal.SIGINT: lambda signum, frame: None,
-                signal.SIGTERM: lambda signum, frame: process.send_signal(
-                    signum)}
-    previous = ({s: signal.signal(s, h) for s, h in handlers.items()}
-                if threading.current_thread() is threading.main_thread()
-                else {})
+    previous = {signum: signal.signal(signum, handler) for signum, handler in (
+        (signal.SIGINT, lambda *_: None),
+        (signal.SIGTERM, lambda signum, _: process.send_signal(signum)))}
     try:
-        forwards = [threading.Thread(target=forward, args=pair)
-                    for pair in ((process.stdout, sys.stdout),
-                                 (process.stderr, sys.stderr)) if piped]
-        for thread in forwards:
-            thread.start()
-        for thread in forwards:
-            thread.join()
+        if piped:
+            errors = threading.Thread(target=forward,
+                                      args=(process.stderr, sys.stderr))
+            errors.start()
+            forward(process.stdout, sys.stdout)
+            errors.join()
         return process.wait()
     finally:
         for signum, handler in previous.items():
@@ -300,28 +267,22 @@ def forward(source, target):
 
 def train_all(runs, done):
     """Trains the runs not `done`, in order; returns an exit code."""
-    try:
-        for number, (name, run_argv) in enumerate(runs, start=1):
-            head = f"{PROG}: [{number}/{len(runs)}] {name}: "
-            if name in done:
-                print(head + "finished, skipped")
-                continue
-            print(head + train_command(run_argv), flush=True)
-            code = run_script(TRAIN, run_argv)
-            if code >= 128:
-                print(f"{PROG}: interrupted in run {name}; rerun the same "
-                      "command to continue", file=sys.stderr)
-                return code
-            if code:
-                return cli.fail(
-                    PROG, f"run {name} failed (train.py exit {code}, see "
-                    "above); rerun the same command to continue once fixed "
-                    "(runs of other settings need another --history-dir)",
-                    code)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
+    for number, (name, run_argv) in enumerate(runs, start=1):
+        head = f"{PROG}: [{number}/{len(runs)}] {name}: "
+        if name in done:
+            print(head + "finished, skipped")
+            continue
+        print(head + train_command(run_argv), flush=True)
+        code = run_script(TRAIN, run_argv)
+        if code >= 128:
+            print(f"{PROG}: interrupted in run {name}; rerun the same "
+                  "command to continue", file=sys.stderr)
+            return code
+        if code:
+            return cli.fail(
+                PROG, f"run {name} failed (train.py exit {code}, see above); "
+                "rerun the same command to continue once fixed (runs of "
+                "other settings need another --history-dir)", code)
     return 0
 
 
@@ -347,7 +308,12 @@ def main(argv=None):
             state = "finished" if name in done else "to train"
             print(f"{name} ({state}): {train_command(run_argv)}")
         return 0
-    code = train_all(runs, done)
+    try:
+        code = train_all(runs, done)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
     if code:
         return code
     print(f"{PROG}: all {len(runs)} runs finished; plotting every history "
