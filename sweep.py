@@ -1,10 +1,8 @@
 #!/usr/bin/env python3
 """Where batch renormalization matters: small and non-i.i.d. minibatches.
-Trains a grid of train.py runs in --history-dir, one after another and
-resumably (rerun the same command), then plot.py draws them into
---plots-dir. --study batch: batch sizes and sampling; --study microbatch:
-normalization groups V in batches of 128. Flags after `--` go to every
-train.py run. Method, presets, run names and examples: docs/sweep.md.
+Trains a grid of train.py runs, resumably (rerun the same command), then
+plot.py draws them; flags after `--` go to every run. Studies, presets and
+their defaults, run names, examples: docs/sweep.md.
 """
 
 import argparse
@@ -25,10 +23,8 @@ from experiment.protocols import NORMS
 PROG = "sweep.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported
 PLOT = TRAIN.with_name("plot.py")
-PAPER_SCHEDULE = (0.04, 0.19, 0.31)  # 5k, 25k, 40k of the paper's 130k steps
 MICRO_BATCH = 128  # the microbatch study's batch: V = 128 is all of it
-# Each study's defaults, then its presets' (why so: docs/sweep.md); where
-# a preset has no train_size or val_size, train.py's defaults.
+# Each study's defaults, then its presets' (docs/sweep.md; else train.py's).
 STUDIES = {
     "batch": dict(batch_sizes=(4, 8, 32, 128), sampling=("iid", "k2"),
                   seeds=(0,), lr_milestones=()),
@@ -36,7 +32,7 @@ STUDIES = {
 }
 CPU = dict(depth=10, width=1, val_size=1000, renorm_schedule=(0.25, 0.5, 0.75))
 GPU = dict(depth=16, width=4, momentum_images=12800,
-           renorm_schedule=PAPER_SCHEDULE)
+           renorm_schedule=(0.04, 0.19, 0.31))  # the paper's 5k, 25k, 40k
 PRESETS = {
     "batch": {"cpu": dict(CPU, train_size=1280, epochs=3, momentum_images=320),
               "gpu": dict(GPU, epochs=30)},
@@ -47,8 +43,6 @@ PRESETS = {
         "gpu": dict(GPU, epochs=4, lr_milestones=(3,),
                     virtual_batch_sizes=(2, 4, 8, 16, 128), seeds=(0, 1, 2))},
 }
-# Each study's folder in history/, weights/ and plots/.
-STUDY_DIRS = {"batch": "sweep", "microbatch": "microbatch"}
 
 
 def sampling(text):
@@ -58,11 +52,13 @@ def sampling(text):
         f"must be iid, pairs or kN (N classes per batch, like k2): {text!r}")
 
 
-def joined(values, separator=" "):
-    return separator.join(map(str, values))
-
-
-# Each run's flags, train.py's (defaults: the preset's): type, metavar, help.
+# The grid's lists (nargs="+"), then each run's train.py flags: type, ...
+GRID_FLAGS = {
+    "--batch-sizes": (cli.positive_int, "N", "batch study only"),
+    "--sampling": (sampling, "S", "iid, kN (N classes a batch) or pairs"),
+    "--seeds": (cli.nonnegative_int, "SEED", "repeats of each run"),
+    "--virtual-batch-sizes": (cli.positive_int, "V", "microbatch study only"),
+}
 RUN_FLAGS = {
     "--depth": (cli.wrn_depth, "D", None),
     "--width": (cli.positive_int, "K", None),
@@ -70,14 +66,11 @@ RUN_FLAGS = {
     "--val-size": (cli.positive_int, "N", "held-out validation images"),
     "--epochs": (cli.positive_int, "N", None),
     "--lr": (cli.positive_float, "LR", "at every batch size"),
-    "--lr-milestones": (cli.milestones, "E1,...",
-                        "epochs after which the lr is divided by 10"),
+    "--lr-milestones": (cli.milestones, "E1,...", "the lr / 10 after each"),
     "--renorm-schedule": (cli.schedule_fractions, "W,D,R",
                           "warm-up end, d_max, r_max: fractions of the steps"),
     "--data-dir": (Path, "DIR", "CIFAR-10 folder (default: $CIFAR10_DIR)"),
 }
-
-
 # train.py flags that the sweep sets itself and `--` may not override.
 OWN_FLAGS = (*RUN_FLAGS, "--norm", "--name", "--batch-size", "--seed",
              "--classes-per-batch", "--virtual-batch-size", "--sampling",
@@ -87,84 +80,38 @@ OWN_FLAGS = (*RUN_FLAGS, "--norm", "--name", "--batch-size", "--seed",
 
 def build_parser():
     parser = cli.script_parser(PROG, __doc__)
-    grid = parser.add_argument_group("what to sweep")
-    grid.add_argument("--preset", choices=("cpu", "gpu"), default="cpu",
-                      help="the defaults of the flags below (default: cpu; "
-                      "docs/sweep.md lists them)")
+    grid = parser.add_argument_group(
+        "what to sweep (defaults: the study's and preset's, docs/sweep.md)")
+    run = parser.add_argument_group("each run (train.py flags)")
+    grid.add_argument("--preset", choices=("cpu", "gpu"), default="cpu")
     grid.add_argument("--study", choices=tuple(STUDIES), default="batch",
-                      help="batch (default): batches of --batch-sizes; "
-                      f"microbatch: batches of {MICRO_BATCH} normalized in "
-                      "groups of --virtual-batch-sizes")
-    grid.add_argument("--norms", nargs="+", choices=NORMS,
-                      default=list(NORMS), metavar="NORM",
-                      help=f"{joined(NORMS, ', ')} (default: all; "
-                      f"microbatch: keras-renorm at V = {MICRO_BATCH} only)")
-    grid.add_argument("--batch-sizes", nargs="+", type=cli.positive_int,
-                      metavar="N", help="batch study only; default: "
-                      + joined(STUDIES["batch"]["batch_sizes"]))
-    grid.add_argument("--sampling", nargs="+", type=sampling, metavar="S",
-                      help="iid, kN (every batch from N classes) or pairs "
-                      "(of images of a class); default: iid k2, microbatch: "
-                      "iid pairs (its only two); impossible ones are skipped")
-    grid.add_argument("--seeds", nargs="+", type=cli.nonnegative_int,
-                      metavar="SEED", help="repeats of each run (default: 0; "
-                      "microbatch: the preset's)")
-    grid.add_argument("--virtual-batch-sizes", nargs="+", metavar="V",
-                      type=cli.positive_int,
-                      help="microbatch study only: the normalization groups "
-                      f"(train.py --virtual-batch-size), each <= {MICRO_BATCH}")
-    run = parser.add_argument_group(
-        "each run (train.py flags; defaults: the preset's)")
-    for flag, (kind, metavar, text) in RUN_FLAGS.items():
-        run.add_argument(flag, type=kind, metavar=metavar, help=text)
+                      help=f"batch: batches of --batch-sizes; microbatch: "
+                      f"batches of {MICRO_BATCH} normalized in groups of V")
+    grid.add_argument("--norms", nargs="+", choices=NORMS, metavar="NORM",
+                      default=list(NORMS), help=", ".join(NORMS))
+    for group, flags, nargs in (grid, GRID_FLAGS, "+"), (run, RUN_FLAGS, None):
+        for flag, (kind, metavar, text) in flags.items():
+            group.add_argument(flag, nargs=nargs, type=kind, metavar=metavar,
+                               help=text)
     momentum = run.add_mutually_exclusive_group()
     momentum.add_argument("--momentum-images", type=cli.positive_int,
-                          metavar="IMAGES",
-                          help="norm momentum 1 - BATCH / IMAGES")
-    momentum.add_argument("--norm-momentum", type=cli.fraction,
-                          metavar="M", help="one norm momentum for all runs")
-    output = parser.add_argument_group("output")
+                          metavar="IMAGES", help="momentum 1 - BATCH / IMAGES")
+    momentum.add_argument("--norm-momentum", type=cli.fraction, metavar="M",
+                          help="one momentum for all runs")
+    output = parser.add_argument_group(
+        "output (default: {history,weights,plots}/{sweep,microbatch})")
     for kind in ("history", "weights", "plots"):
-        output.add_argument(
-            f"--{kind}-dir", type=Path, metavar="DIR",
-            help=f"default: {kind}/{STUDY_DIRS['batch']} (microbatch study: "
-            f"{kind}/{STUDY_DIRS['microbatch']})")
+        output.add_argument(f"--{kind}-dir", type=Path, metavar="DIR")
     output.add_argument("--dry-run", action="store_true",
-                        help="list the runs and their train.py commands; "
-                        "train nothing")
+                        help="list the runs' train.py commands; train nothing")
     return parser
 
 
 def parse_args(argv):
-    """The options, the study's and preset's defaults filled in, and the
-    train.py flags given after `--` (`extra`)."""
-    argv = list(argv)
+    """The options, defaults filled in, and `extra`: the flags after `--`."""
     split = argv.index("--") if "--" in argv else len(argv)
     args = build_parser().parse_args(argv[:split])
     args.extra = argv[split + 1:]
-    check_study_flags(args)
-    folders = {f"{kind}_dir": Path(kind, STUDY_DIRS[args.study])
-               for kind in ("history", "weights", "plots")}
-    for key, value in {**STUDIES[args.study], **folders,
-                       **PRESETS[args.study][args.preset]}.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.norm_momentum is not None:
-        args.momentum_images = None
-    elif args.momentum_images <= max(args.batch_sizes):
-        raise cli.UsageError(
-            f"--momentum-images {args.momentum_images} must be more than the "
-            f"largest batch size, {max(args.batch_sizes)}")
-    for flag in (text.split("=", 1)[0] for text in args.extra):
-        if flag in OWN_FLAGS:
-            raise cli.UsageError(
-                f"{flag} after -- is set by {PROG} itself; use {PROG}'s own "
-                f"flag (see {PROG} --help)")
-    return args
-
-
-def check_study_flags(args):
-    """Each study's own flags, refused with the other."""
     micro = args.study == "microbatch"
     wrong = [s for s in args.sampling or () if s not in ("iid", "pairs")]
     if not micro and args.virtual_batch_sizes is not None:
@@ -177,51 +124,54 @@ def check_study_flags(args):
     if micro and wrong:
         raise cli.UsageError(f"--sampling {wrong[0]} is the batch study's; "
                              "the microbatch study samples iid or pairs")
-
-
-def momentum_for(args, batch_size):
-    if args.norm_momentum is not None:
-        return args.norm_momentum
-    return round(1 - batch_size / args.momentum_images, 10)
+    folders = {f"{kind}_dir": Path(kind, "microbatch" if micro else "sweep")
+               for kind in ("history", "weights", "plots")}
+    for key, value in {**STUDIES[args.study], **folders,
+                       **PRESETS[args.study][args.preset]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if (args.norm_momentum is None
+            and args.momentum_images <= max(args.batch_sizes)):
+        raise cli.UsageError(
+            f"--momentum-images {args.momentum_images} must be more than the "
+            f"largest batch size, {max(args.batch_sizes)}")
+    for flag in (text.split("=", 1)[0] for text in args.extra):
+        if flag in OWN_FLAGS:
+            raise cli.UsageError(
+                f"{flag} after -- is set by {PROG} itself; use {PROG}'s own "
+                f"flag (see {PROG} --help)")
+    return args
 
 
 def plan(args):
-    """The runs as (name, train.py argv), and the notes of the combinations
-    skipped, each once; the microbatch study's seeds outermost (a study cut
-    short holds whole seeds)."""
+    """The runs as (name, train.py argv) and the notes of the combinations
+    skipped; the microbatch study's seeds outermost (to cut it short)."""
     micro = args.study == "microbatch"
     grid = ((args.seeds, args.virtual_batch_sizes, args.sampling, args.norms)
             if micro else (args.batch_sizes, args.sampling, args.norms,
                            args.seeds))
-    runs, skipped = {}, {}
-    for values in itertools.product(*grid):
-        found = (micro_run if micro else batch_run)(args, *values)
-        if isinstance(found, str):
-            skipped.setdefault(found)
-        else:
-            runs.setdefault(*found)
-    return list(runs.items()), list(skipped)
+    make = micro_run if micro else batch_run
+    found = [make(args, *values) for values in itertools.product(*grid)]
+    return (list(dict(f for f in found if not isinstance(f, str)).items()),
+            list(dict.fromkeys(f for f in found if isinstance(f, str))))
 
 
 def batch_run(args, batch_size, spec, norm, seed):
     """A run, (name, train.py argv), or the note why there is none."""
     classes = (None if spec == "iid" else batch_size // 2 if spec == "pairs"
                else int(spec[1:]))
+    note = f"batch {batch_size}, {spec}: "
     if spec == "pairs" and batch_size % 2:
-        why = f"pairs need an even batch size, not {batch_size}"
-    elif classes and batch_size % classes:
-        why = (f"{classes} classes per batch do not divide batch size "
-               f"{batch_size}")
-    elif classes and classes > NUM_CLASSES:
-        why = (f"{classes} classes per batch are more than CIFAR-10's "
-               f"{NUM_CLASSES}")
-    else:
-        name = (f"sweep-{norm}-b{batch_size}-"
-                + ("iid" if classes is None else f"k{classes}")
-                + (f"-s{seed}" if seed else ""))
-        return name, train_argv(args, name, norm, batch_size, seed,
-                                classes=classes)
-    return f"batch {batch_size}, {spec}: {why}"
+        return note + f"pairs need an even batch size, not {batch_size}"
+    if classes and batch_size % classes:
+        return note + (f"{classes} classes per batch do not divide batch "
+                       f"size {batch_size}")
+    if classes and classes > NUM_CLASSES:
+        return note + (f"{classes} classes per batch are more than "
+                       f"CIFAR-10's {NUM_CLASSES}")
+    return run(args, f"sweep-{norm}-b{batch_size}-" + (
+        f"k{classes}" if classes else "iid"), norm, batch_size, seed,
+        classes=classes)
 
 
 def micro_run(args, seed, virtual, spec, norm):
@@ -233,17 +183,19 @@ def micro_run(args, seed, virtual, spec, norm):
     if norm == "keras-renorm" and virtual != MICRO_BATCH:
         return (f"V {virtual}, keras-renorm: it has no virtual batches "
                 f"(trained at V = {MICRO_BATCH} only)")
-    name = f"micro-{norm}-v{virtual}-{spec}" + (f"-s{seed}" if seed else "")
-    return name, train_argv(
-        args, name, norm, MICRO_BATCH, seed, sampling=spec,
-        # keras-renorm's whole batch is recorded as none.
-        virtual=None if norm == "keras-renorm" else virtual)
+    return run(args, f"micro-{norm}-v{virtual}-{spec}", norm, MICRO_BATCH,
+               seed, sampling=spec,  # keras-renorm's whole batch: none
+               virtual=None if norm == "keras-renorm" else virtual)
 
 
-def train_argv(args, name, norm, batch_size, seed, classes=None,
-               virtual=None, sampling=None):
-    """A run's train.py flags: the sweep's own, then those after `--`."""
-    lr_milestones = joined(args.lr_milestones, ",") or None
+def run(args, name, norm, batch_size, seed, classes=None, virtual=None,
+        sampling=None):
+    """A run: its name (NAME-sSEED for seeds other than 0) and its train.py
+    flags, the sweep's own, then those after `--`."""
+    name += f"-s{seed}" if seed else ""
+    momentum = (round(1 - batch_size / args.momentum_images, 10)
+                if args.norm_momentum is None else args.norm_momentum)
+    lr_milestones = ",".join(map(str, args.lr_milestones)) or None
     flags = {
         "--norm": norm, "--name": name, "--batch-size": batch_size,
         "--classes-per-batch": classes, "--virtual-batch-size": virtual,
@@ -252,12 +204,12 @@ def train_argv(args, name, norm, batch_size, seed, classes=None,
         "--train-size": args.train_size, "--val-size": args.val_size,
         "--lr": args.lr and f"{args.lr:g}", "--lr-milestones": lr_milestones,
         "--lr-gamma": lr_milestones and "0.1",
-        "--norm-momentum": f"{momentum_for(args, batch_size):.10g}",
+        "--norm-momentum": f"{momentum:.10g}",
         "--renorm-schedule": ",".join(f"{f:g}" for f in args.renorm_schedule),
         "--data-dir": args.data_dir, "--history-dir": args.history_dir,
         "--weights-dir": args.weights_dir}
-    return [text for flag, value in flags.items() if value is not None
-            for text in (flag, str(value))] + ["--resume", *args.extra]
+    return name, [text for flag, value in flags.items() if value is not None
+                  for text in (flag, str(value))] + ["--resume", *args.extra]
 
 
 def train_command(argv):
@@ -265,63 +217,46 @@ def train_command(argv):
 
 
 def run_script(script, argv):
-    """Runs `python SCRIPT ARGV` in a process of its own; returns its exit
-    code. Its output goes through ours unless on a terminal; a Ctrl-C
-    reaches it from the terminal, a SIGTERM is passed on."""
-    piped = not sys.stdout.isatty()
-    pipe = subprocess.PIPE if piped else None
+    """Runs `python SCRIPT ARGV`, its output through ours unless on a
+    terminal; passes a SIGTERM on (a Ctrl-C reaches it from the terminal)."""
+    pipe = None if sys.stdout.isatty() else subprocess.PIPE
     process = subprocess.Popen([sys.executable, str(script), *argv],
                                stdout=pipe, stderr=pipe, text=True)
-    handlers = {signal.SIGINT: lambda signum, frame: None,
-                signal.SIGTERM: lambda signum, frame: process.send_signal(
-                    signum)}
-    previous = ({s: signal.signal(s, h) for s, h in handlers.items()}
-                if threading.current_thread() is threading.main_thread()
-                else {})
+    previous = {signum: signal.signal(signum, handler) for signum, handler in (
+        (signal.SIGINT, lambda *_: None),
+        (signal.SIGTERM, lambda signum, _: process.send_signal(signum)))}
     try:
-        forwards = [threading.Thread(target=forward, args=pair)
-                    for pair in ((process.stdout, sys.stdout),
-                                 (process.stderr, sys.stderr)) if piped]
-        for thread in forwards:
-            thread.start()
-        for thread in forwards:
-            thread.join()
+        if process.stdout:  # stderr is unbuffered, stdout flushed line by line
+            errors = threading.Thread(target=sys.stderr.writelines,
+                                      args=(process.stderr,))
+            errors.start()
+            for line in process.stdout:
+                print(line, end="", flush=True)
+            errors.join()
         return process.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def forward(source, target):
-    for line in source:
-        target.write(line)
-        target.flush()
-
-
 def train_all(runs, done):
     """Trains the runs not `done`, in order; returns an exit code."""
-    try:
-        for number, (name, run_argv) in enumerate(runs, start=1):
-            head = f"{PROG}: [{number}/{len(runs)}] {name}: "
-            if name in done:
-                print(head + "finished, skipped")
-                continue
-            print(head + train_command(run_argv), flush=True)
-            code = run_script(TRAIN, run_argv)
-            if code >= 128:
-                print(f"{PROG}: interrupted in run {name}; rerun the same "
-                      "command to continue", file=sys.stderr)
-                return code
-            if code:
-                return cli.fail(
-                    PROG, f"run {name} failed (train.py exit {code}, see "
-                    "above); rerun the same command to continue once fixed "
-                    "(runs of other settings need another --history-dir)",
-                    code)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
+    for number, (name, run_argv) in enumerate(runs, start=1):
+        head = f"{PROG}: [{number}/{len(runs)}] {name}: "
+        if name in done:
+            print(head + "finished, skipped")
+            continue
+        print(head + train_command(run_argv), flush=True)
+        code = run_script(TRAIN, run_argv)
+        if code >= 128:
+            print(f"{PROG}: interrupted in run {name}; rerun the same "
+                  "command to continue", file=sys.stderr)
+            return code
+        if code:
+            return cli.fail(
+                PROG, f"run {name} failed (train.py exit {code}, see above); "
+                "rerun the same command to continue once fixed (runs of "
+                "other settings need another --history-dir)", code)
     return 0
 
 
@@ -344,10 +279,15 @@ def main(argv=None):
           f"{len(runs) - len(done)} to train) in {args.history_dir}")
     if args.dry_run:
         for name, run_argv in runs:
-            state = "finished" if name in done else "to train"
-            print(f"{name} ({state}): {train_command(run_argv)}")
+            print(f"{name} ({'finished' if name in done else 'to train'}): "
+                  + train_command(run_argv))
         return 0
-    code = train_all(runs, done)
+    try:
+        code = train_all(runs, done)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
     if code:
         return code
     print(f"{PROG}: all {len(runs)} runs finished; plotting every history "

@@ -3,6 +3,10 @@ WRN-10-1, 1 epoch), resuming one, their plans and their bad input."""
 
 import csv
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -34,6 +38,13 @@ def sweep_args(data_dir, out, *extra):
 def names():
     return [f"sweep-{norm}-b{batch}-{sampling}" for batch in BATCH_SIZES
             for sampling in ("iid", "k2") for norm in NORMS]
+
+
+def momenta(args):
+    """Each batch size's --norm-momentum in the runs planned for `args`."""
+    runs, _ = sweep.plan(args)
+    return {int(argv[argv.index("--batch-size") + 1]):
+            float(argv[argv.index("--norm-momentum") + 1]) for _, argv in runs}
 
 
 def table_rows(text):
@@ -159,16 +170,16 @@ def test_presets_and_momentum():
     args = sweep.parse_args(["--preset", "gpu"])
     assert (args.depth, args.width, args.train_size, args.val_size) == (
         16, 4, None, None)
-    assert sweep.momentum_for(args, 128) == pytest.approx(0.99)
+    assert momenta(args)[128] == pytest.approx(0.99)
     assert args.renorm_schedule == (0.04, 0.19, 0.31)
     args = sweep.parse_args([])
     assert (args.depth, args.width, args.train_size, args.epochs) == (
         10, 1, 1280, 3)
-    assert sweep.momentum_for(args, 128) == pytest.approx(0.6)
+    assert momenta(args)[128] == pytest.approx(0.6)
     assert args.renorm_schedule == SCHEDULE
     args = sweep.parse_args(["--norm-momentum", "0.9", "--width", "3"])
     assert (args.depth, args.width) == (CPU["depth"], 3)
-    assert sweep.momentum_for(args, 4) == sweep.momentum_for(args, 128) == 0.9
+    assert set(momenta(args).values()) == {0.9}
     runs, _ = sweep.plan(sweep.parse_args(["--", "--augment"]))
     assert len(runs) == 24
     assert all(argv[-1] == "--augment" for _, argv in runs)
@@ -208,6 +219,68 @@ def test_failed_run_stops_the_sweep(tmp_path, capsys):
     assert "nowhere" in err
     assert "sweep.py: error: run sweep-renorm-b8-iid failed" in err
     assert not (tmp_path / "p").exists()
+
+
+# A stand-in for train.py: says it is ready, waits for a signal (10 s at
+# most) and exits 128 + the signal, as train.py does.
+WAITER = """
+import pathlib, signal, sys, time
+for signum in signal.SIGINT, signal.SIGTERM:
+    signal.signal(signum, lambda signum, _: sys.exit(128 + signum))
+pathlib.Path(sys.argv[1]).write_text("ready")
+time.sleep(10)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_run_and_the_sweep(signum, tmp_path, monkeypatch,
+                                              capsys):
+    """A SIGTERM to the sweep is passed on to the running train.py; a Ctrl-C
+    reaches it from the terminal (sent to it here) while the sweep waits for
+    its exit code; a Ctrl-C between runs exits 130."""
+    script, ready = tmp_path / "waiter.py", tmp_path / "ready"
+    script.write_text(WAITER)
+    monkeypatch.setattr(sweep, "TRAIN", script)
+    popen, children = sweep.subprocess.Popen, []
+
+    def start(argv, **kwargs):
+        children.append(popen(argv, **kwargs))
+        return children[-1]
+
+    def send():
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signum)  # the sweep
+        if signum == signal.SIGINT:  # and, from the terminal, the run
+            children[0].send_signal(signum)
+
+    def ignored(signum, frame):  # a SIGTERM not passed on lands here
+        pass
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", start)
+    before = signal.signal(signal.SIGTERM, ignored)
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        code = sweep.train_all([("a", [str(ready)]), ("b", [])], done=[])
+    except KeyboardInterrupt:
+        code = "a KeyboardInterrupt in the sweep during a run"
+    finally:
+        sender.join()
+        restored = signal.signal(signal.SIGTERM, before)
+    assert code == 128 + signum
+    assert len(children) == 1  # run b never started
+    assert restored is ignored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "interrupted in run a; rerun" in capsys.readouterr().err
+
+    def ctrl_c(script, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_script", ctrl_c)
+    assert sweep.main(["--history-dir", str(tmp_path / "h"),
+                       "--batch-sizes", "8", "--norms", "renorm"]) == 130
+    assert "interrupted; rerun" in capsys.readouterr().err
 
 
 # ------------------------------------------------------ the microbatch study
@@ -268,7 +341,7 @@ def test_microbatch_plan_presets_and_skips(tmp_path, capsys):
     assert (gpu.depth, gpu.width, gpu.train_size) == (16, 4, None)
     assert gpu.virtual_batch_sizes == (2, 4, 8, 16, 128)
     assert len(gpu.seeds) >= 3
-    assert sweep.momentum_for(gpu, 128) == pytest.approx(0.99)
+    assert momenta(gpu) == {128: pytest.approx(0.99)}
     runs, skipped = sweep.plan(args)
     # Per seed: 2 V x 2 samplings x 2 norms, and keras-renorm at V = 128.
     assert len(runs) == len(preset["seeds"]) * 10
