@@ -14,7 +14,7 @@ from experiment.histories import (
 from experiment.report import (
     BASELINE, CONFIDENCE, bar_style, figure_title, interval_text,
     legend_below, line_label, line_table, log2_axis, markdown_table,
-    mean_std_text, paired_differences, t_interval)
+    mean_std_text, paired_differences, paired_text, t_interval)
 from experiment.sweep_study import interval_lines, styles_of
 
 LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
@@ -86,9 +86,8 @@ def renorm_gains(points):
     for (norm, sampling, rest), cells in by_line.items():
         less = by_line.get((LESS, sampling, rest), {}) if norm == MORE else {}
         for group in cells.keys() & less.keys():
-            found.setdefault((sampling, rest), {})[group] = interval_text(
-                paired_differences(cells[group].by_seed(),
-                                   less[group].by_seed()).values())
+            found.setdefault((sampling, rest), {})[group] = paired_text(
+                cells[group].by_seed(), less[group].by_seed())
     return found
 
 

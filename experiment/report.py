@@ -125,6 +125,11 @@ def paired_differences(first, second):
             if seed in second}
 
 
+def paired_text(first, second):
+    """`interval_text` of `paired_differences`."""
+    return interval_text(paired_differences(first, second).values())
+
+
 def interval_text(values):
     """`mean [low, high] (n)`, signed, or the mean alone for one value."""
     mean, half = t_interval(values)
