@@ -369,8 +369,8 @@ def test_no_best_val_column_without_it(two_norms, tmp_path, capsys):
     assert header_of(out)[3:5] == ["test acc, last weights (%)",
                                    "best val acc (%)"]
     assert table(out)["renorm"]["test acc, last weights (%)"] == "–"
-    assert ("validation images: the whole test set (`val_from` test, as in "
-            "2017") in out
+    assert ("Validation: each run's best and final epoch, on the whole "
+            "test set (as in 2017") in out
 
 
 def test_provenance_is_flagged_not_grouped(tmp_path, capsys):
