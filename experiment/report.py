@@ -86,6 +86,11 @@ def markdown_table(header, rows):
     return "\n".join([line(header), rule] + [line(row) for row in rows])
 
 
+def section(title, notes, table):
+    """A bold title, its notes in brackets, the table (Markdown)."""
+    return f"\n**{title}** ({notes}):\n\n{table}\n"
+
+
 def line_table(points, sampling_words, column, cell):
     """Markdown: a row per line of the points, a column `column(x)` per x
     of cells `cell(point)`."""
