@@ -165,7 +165,7 @@ def plot_curves(groups, runs):
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
-    gap = any(run.has_gap for run in runs)
+    gap = any(GAP in run.frame for run in runs)
     specs = PANELS + ((GAP_PANEL,) if gap else ())
     fig, grid = curve_axes(rows, gap)
     warmup = False

@@ -131,7 +131,7 @@ def tables(runs, groups):
 def in_study(run):
     """Whether a run has finished, validated in training mode each epoch."""
     epochs = run.config["epochs"]
-    return bool(run.config["train_mode_validation"] and run.has_gap
+    return bool(run.config["train_mode_validation"] and GAP in run.frame
                 and run.frame[GAP].notna().all()
                 and isinstance(epochs, int) and len(run.frame) >= epochs)
 

@@ -38,10 +38,6 @@ class MicroPoint(histories.Point):
 
     FIELDS: ClassVar = ("virtual_batch_size", "sampling", "classes_per_batch")
 
-    @property
-    def group(self):
-        return self.x
-
     def by_seed(self):
         """Test accuracy of the last weights (%) by seed, of the runs that
         have one; the mean where a seed repeats."""
@@ -63,7 +59,7 @@ def micro_points(runs):
         runs, MicroPoint,
         lambda run: (run.value("sampling"), group_size(run.config)),
         lambda p: (norm_rank(p.norm), p.sampling != "iid", str(p.sampling),
-                   [sort_key(v) for _, v in p.rest], sort_key(p.group)))
+                   [sort_key(v) for _, v in p.rest], sort_key(p.x)))
 
 
 def group_losses(points):

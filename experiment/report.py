@@ -70,11 +70,6 @@ def bar_style(iid):
             "edgecolor": "white"}
 
 
-def rest_markers(points):
-    """A marker per value of the points' other splitting fields."""
-    return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))
-
-
 def markdown_table(header, rows):
     widths = [max(len(str(cell)) for cell in column)
               for column in zip(header, *rows)]
@@ -226,15 +221,15 @@ def run_departures(config):
             + " test images (as in 2017)"))
     at = 1 if found and found[0][0] == "network" else 0
     found[at:at] = data
-    if config["precision"] != "float32":
-        found.append(("precision", f"precision {config['precision']}"))
-    if config["virtual_batch_size"] is not None:
-        found.append(("virtual_batch_size",
-                      f"virtual batch {config['virtual_batch_size']}"))
-    if config["sampling"] == "pairs":
-        found.append(("sampling", "pairs of a class (sampling pairs)"))
-    if config["devices"] != 1:
-        found.append(("devices", f"{config['devices']} devices"))
+    for key, departs, text in (
+            ("precision", lambda v: v != "float32", "precision {}"),
+            ("virtual_batch_size", lambda v: v is not None,
+             "virtual batch {}"),
+            ("sampling", lambda v: v == "pairs",
+             "pairs of a class (sampling {})"),
+            ("devices", lambda v: v != 1, "{} devices")):
+        if departs(config[key]):
+            found.append((key, text.format(config[key])))
     return found
 
 

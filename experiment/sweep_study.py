@@ -15,7 +15,7 @@ from experiment.histories import (
 from experiment.report import (
     LINESTYLES, MAX_LINES, bar_style, figure_title, format_percent,
     legend_below, line_label, line_table, log2_axis, norm_colors,
-    rest_markers, section, test_images_text)
+    section, test_images_text)
 
 # Each panel of accuracy_vs_batch_size.png: its title, what `values` gives.
 PANELS = (("test accuracy (last weights)", "test_accuracy"),
@@ -88,12 +88,12 @@ def sweep_points(runs):
 
 def styles_of(points):
     """Colour per norm, line style per sampling (solid: i.i.d.), marker per
-    rest."""
+    value of the other splitting fields."""
     non_iid = sorted({p.sampling for p in points} - {None}, key=sort_key)
     return (norm_colors(list(dict.fromkeys(p.norm for p in points))),
             {None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
                            for i, c in enumerate(non_iid)}},
-            rest_markers(points))
+            dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*")))
 
 
 def rest_rows(points):

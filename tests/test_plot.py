@@ -784,11 +784,11 @@ def test_microbatch_study_groups_by_virtual_batch_and_sampling(tmp_path):
     assert "renorm, virtual batch 128, sampling pairs" in labels
     assert "keras-renorm, whole batch, i.i.d." in labels
     points = microbatch_study.micro_points(runs)
-    assert [(p.norm, p.sampling, p.group) for p in points][:3] == [
+    assert [(p.norm, p.sampling, p.x) for p in points][:3] == [
         ("batchnorm", "iid", 4), ("batchnorm", "iid", 128),
         ("batchnorm", "pairs", 4)]
     # A run without its result yet (unfinished) is left out of its cell.
-    cell = next(p for p in points if (p.norm, p.sampling, p.group)
+    cell = next(p for p in points if (p.norm, p.sampling, p.x)
                 == ("renorm", "pairs", 4))
     del cell.runs[0].config["result"]
     assert sorted(cell.by_seed()) == [1, 2, 3]
