@@ -20,11 +20,6 @@ from experiment.sweep_study import interval_lines, styles_of
 LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
 
 
-def tables(runs, groups):
-    found = micro_points(runs)
-    return microbatch_tables(found) if any(p.by_seed() for p in found) else ""
-
-
 def figures(runs, groups):
     found = micro_points(runs)
     if any(p.by_seed() for p in found):
@@ -90,9 +85,12 @@ def micro_sampling_text(sampling):
     return {"iid": "i.i.d.", "pairs": "pairs"}.get(sampling, sampling)
 
 
-def microbatch_tables(points):
+def tables(runs, groups):
     """Markdown: test accuracy per line and V, `renorm_gains` and
-    `group_losses` with their t-intervals."""
+    `group_losses` with their t-intervals; "" without results by seed."""
+    points = micro_points(runs)
+    if not any(p.by_seed() for p in points):
+        return ""
     rest_fields = [f for f, _ in points[0].rest]
     gains, losses = renorm_gains(points), group_losses(points)
     columns = sorted({g for cells in gains.values() for g in cells},
