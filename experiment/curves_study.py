@@ -165,7 +165,7 @@ def plot_curves(groups, runs):
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
-    gap = any(run.has_gap for run in runs)
+    gap = any(GAP in run.frame for run in runs)
     specs = PANELS + ((GAP_PANEL,) if gap else ())
     fig, grid = curve_axes(rows, gap)
     warmup = False
@@ -315,23 +315,17 @@ def result_text(group, key):
     return f"{format_percent(known)} ({len(known)} of {len(group.runs)} runs)"
 
 
-def validation_text(groups):
-    """Where the groups' validation images come from, in words."""
+def validation_text(runs):
+    """Where the runs' validation images come from, in words."""
     pairs = sorted({(str(run.value("val_from")), run.value("val_size"))
-                    for group in groups for run in group.runs},
-                   key=lambda pair: (pair[0], sort_key(pair[1])))
-    return "; ".join(validation_source(*pair) for pair in pairs)
-
-
-def validation_source(source, size):
-    if source == "train":
-        return ("images" if size is None else f"{size} images") + (
-            " held out of the training set (`val_from` train; never trained "
-            "on)")
-    return ("the whole test set" if size is None
-            else f"a subset of {size} test images") + (
-        " (`val_from` test, as in 2017: validation and test accuracies are "
-        "not independent)")
+                    for run in runs}, key=lambda p: (p[0], sort_key(p[1])))
+    return "; ".join(
+        ("images" if size is None else f"{size} images")
+        + " held out of the training set (never trained on)"
+        if source == "train" else ("the whole test set" if size is None
+                                   else f"{size} test images")
+        + " (as in 2017: not independent of the test accuracy)"
+        for source, size in pairs)
 
 
 BEST_WEIGHTS = "test acc, best-val weights (%)"
@@ -369,18 +363,14 @@ def tables(runs, groups):
             for group, ratio in zip(groups, ratios_to_baseline(groups))]
     source = ", ".join(f"`{d}`" for d in sorted({str(run.path.parent)
                                                  for run in runs}))
-    best_note = (" Best-val weights: the weights of the epoch with the best "
-                 "validation accuracy, on the same test images."
-                 if best_weights else "")
+    best = " (and of its best validation epoch's)" if best_weights else ""
     return (
         f"# Timing\n\n{len(runs)} run(s) from {source}, in {len(groups)} "
         f"group(s).\n\n{markdown_table([c for c, _ in columns], rows)}\n\n"
-        "Test accuracy: mean (± std over runs) of each run's last weights on "
-        f"{test_images_text(runs, 'the whole test set')}.{best_note} "
-        "Validation accuracy: mean (± std over runs) of each run's best and "
-        f"final epoch; validation images: {validation_text(groups)}. Median "
-        "s/epoch: median wall time of an epoch's training steps over all "
-        "epochs of the group's runs (evaluation excluded). Ratio: to the "
-        "batchnorm group with the same other settings. Code: the commit the "
-        "runs ran (⚠: mixed commits, a dirty tree, or no provenance "
-        "recorded).\n")
+        f"Accuracies: mean ± std over runs. Test: each run's last weights"
+        f"{best} on {test_images_text(runs, 'the whole test set')}. "
+        "Validation: each run's best and final epoch, on "
+        f"{validation_text(runs)}. Median s/epoch: of an epoch's training "
+        "steps (evaluation excluded), over the group's epochs; ratio: to the "
+        "batchnorm group of the same other settings. Code: the runs' commit "
+        "(⚠: mixed commits, a dirty tree, or no provenance).\n")

@@ -9,10 +9,9 @@ from matplotlib.ticker import MaxNLocator
 from experiment.histories import GAP, group_size, test_result
 from experiment.report import (
     BASELINE, WARMUP_STYLE, figure_title, interval_text, markdown_table,
-    mean_std_text, paired_differences, value_text)
+    mean_std_text, paired_text, value_text)
 
 CORRECTIONS = ("r_dev", "d_dev", "r_clipped", "d_clipped")
-MEASURES = ("test", "gap_last", "gap_mean", *CORRECTIONS)  # `measures`' keys
 # Settings that make a cell, besides norm, V and sampling (a variant).
 VARIANT_KEYS = ("norm_momentum", "renorm_schedule", "r_max", "d_max")
 
@@ -23,8 +22,11 @@ def figures(runs, groups):
             yield f"{run.name}.corrections.png", plot_corrections(run)
 
 
-# What each figure column's deviation (first row) is the mean of.
-DEVIATIONS = (("r", "mean |r − 1|"), ("d", "mean |d|"))
+# Each heatmap's title and colour bar's top (None: its largest value), in
+# CORRECTIONS' order: rows dev, clipped; columns r, d.
+HEATMAPS = (("mean |r − 1|", None), ("mean |d|", None),
+            ("fraction where r is clipped", 1.0),
+            ("fraction where d is clipped", 1.0))
 MAX_EPOCH_TICKS = 10
 
 
@@ -92,13 +94,12 @@ def plot_corrections(run):
         height_ratios=(height, height, 1.4), layout="constrained")
     for row in range(2):  # the layers; the bounds have scales of their own
         axes[row, 1].sharey(axes[row, 0])
-    for number, (x, deviation) in enumerate(DEVIATIONS):
-        heatmap(fig, axes[0, number], corrections, f"{x}_dev",
-                f"{x}_dev: {deviation}", None, epochs, layers)
-        heatmap(fig, axes[1, number], corrections, f"{x}_clipped",
-                f"{x}_clipped: fraction where {x} is clipped", 1.0, epochs,
-                layers)
-        bound_panel(axes[2, number], corrections, x, epochs)
+    for ax, column, (title, top) in zip(axes[:2].flat, CORRECTIONS,
+                                        HEATMAPS):
+        heatmap(fig, ax, corrections, column, f"{column}: {title}", top,
+                epochs, layers)
+    for ax, x in zip(axes[2], "rd"):
+        bound_panel(ax, corrections, x, epochs)
     for ax in axes[:2, 1]:
         ax.tick_params(labelleft=False)
     warmup = mark_warmup(axes.flat, run, epochs)
@@ -130,7 +131,7 @@ def tables(runs, groups):
 def in_study(run):
     """Whether a run has finished, validated in training mode each epoch."""
     epochs = run.config["epochs"]
-    return bool(run.config["train_mode_validation"] and run.has_gap
+    return bool(run.config["train_mode_validation"] and GAP in run.frame
                 and run.frame[GAP].notna().all()
                 and isinstance(epochs, int) and len(run.frame) >= epochs)
 
@@ -156,7 +157,8 @@ def measures(run):
 
 
 def cells(runs):
-    """{cell: {seed: measures}}, cells in a stable order."""
+    """{cell: {measure: {seed: value}}} (`measures`), cells in a stable
+    order."""
     varying = [key for key in VARIANT_KEYS
                if len({value_text(r.config[key]) for r in runs
                        if r.config["norm"] == "renorm"}) > 1]
@@ -164,8 +166,9 @@ def cells(runs):
     for run in sorted(runs, key=lambda r: (r.config["norm"],
                                            cell_of(r.config, varying))):
         own = varying if run.config["norm"] == "renorm" else []
-        table.setdefault(cell_of(run.config, own), {})[
-            run.config["seed"]] = measures(run)
+        cell = table.setdefault(cell_of(run.config, own), {})
+        for key, value in measures(run).items():
+            cell.setdefault(key, {})[run.config["seed"]] = value
     return table
 
 
@@ -177,28 +180,22 @@ def cell_table(table):
          "gap, last epoch (points)", "gap, mean over epochs", "r_dev",
          "d_dev", "r clipped", "d clipped"),
         [(norm, str(group), sampling, variant or "–",
-          *[text(by_key(by_seed, key).values())
-            for text, key in zip(texts, MEASURES)])
-         for (norm, group, sampling, variant), by_seed in table.items()])
+          *[text(by_seed.values())
+            for text, by_seed in zip(texts, measured.values())])
+         for (norm, group, sampling, variant), measured in table.items()])
 
 
 def paired_table(table):
     """Markdown: renorm - batchnorm of the same V and sampling, by seed."""
     rows = [("", str(group), sampling, variant or "–",
-             *[interval_text(paired_differences(
-                 by_key(by_seed, key),
-                 by_key(table[BASELINE, group, sampling, ""], key)).values())
+             *[paired_text(measured[key],
+                           table[BASELINE, group, sampling, ""][key])
                for key in ("test", "gap_last")])
-            for (norm, group, sampling, variant), by_seed in table.items()
+            for (norm, group, sampling, variant), measured in table.items()
             if norm == "renorm" and (BASELINE, group, sampling, "") in table]
     return markdown_table(("renorm - batchnorm", "V", "sampling", "variant",
                            "test acc (points)", "gap, last epoch (points)"),
                           rows)
-
-
-def by_key(by_seed, key):
-    """{seed: measures[key]} of {seed: measures}."""
-    return {seed: found[key] for seed, found in by_seed.items()}
 
 
 def mean_text(values):

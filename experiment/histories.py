@@ -46,10 +46,6 @@ class Run:
     frame: pd.DataFrame  # the COLUMNS (and GAP), one row per epoch
     corrections: pd.DataFrame | None = None  # a row per epoch and layer
 
-    @property
-    def has_gap(self):
-        return GAP in self.frame
-
     def warmup_epoch(self):
         """Where a renorm run's bounds start to relax, in epochs, or None."""
         steps = self.config["warmup_steps"]
@@ -184,12 +180,10 @@ def read_config(path):
 
 
 def read_table(path, required, numeric, finite, optional=()):
-    """The `numeric` columns of a CSV (which must have the `required` ones)
-    and those of `optional` it has, the others of `required` as text. A row
-    with the wrong number of fields, a missing or non-numeric value (but
-    "nan", a diverged run's; "" where optional), a `finite` column not
-    finite, or empty text is fatal, but the last (a run still writing it):
-    dropped with a warning."""
+    """The `numeric` and present `optional` columns of a CSV, the rest of
+    `required` as text. A bad row (field count, a non-numeric value but
+    "nan", or "" where optional; a `finite` column not finite; empty text)
+    is fatal, but the last (a run still writing it): dropped, warned."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:

@@ -14,16 +14,10 @@ from experiment.histories import (
 from experiment.report import (
     BASELINE, CONFIDENCE, bar_style, figure_title, interval_text,
     legend_below, line_label, line_table, log2_axis, markdown_table,
-    mean_std_text, paired_differences, t_interval)
+    mean_std_text, paired_differences, paired_text, section, t_interval)
 from experiment.sweep_study import interval_lines, styles_of
 
 LESS, MORE = BASELINE, "renorm"  # the paired difference is MORE - LESS
-
-
-def tables(runs, groups):
-    found = micro_points(runs)
-    return ("\n" + microbatch_tables(found)
-            if any(p.by_seed() for p in found) else "")
 
 
 def figures(runs, groups):
@@ -38,10 +32,6 @@ class MicroPoint(histories.Point):
     kK (classes_per_batch K); seeds pair the cells."""
 
     FIELDS: ClassVar = ("virtual_batch_size", "sampling", "classes_per_batch")
-
-    @property
-    def group(self):
-        return self.x
 
     def by_seed(self):
         """Test accuracy of the last weights (%) by seed, of the runs that
@@ -64,7 +54,7 @@ def micro_points(runs):
         runs, MicroPoint,
         lambda run: (run.value("sampling"), group_size(run.config)),
         lambda p: (norm_rank(p.norm), p.sampling != "iid", str(p.sampling),
-                   [sort_key(v) for _, v in p.rest], sort_key(p.group)))
+                   [sort_key(v) for _, v in p.rest], sort_key(p.x)))
 
 
 def group_losses(points):
@@ -86,9 +76,8 @@ def renorm_gains(points):
     for (norm, sampling, rest), cells in by_line.items():
         less = by_line.get((LESS, sampling, rest), {}) if norm == MORE else {}
         for group in cells.keys() & less.keys():
-            found.setdefault((sampling, rest), {})[group] = interval_text(
-                paired_differences(cells[group].by_seed(),
-                                   less[group].by_seed()).values())
+            found.setdefault((sampling, rest), {})[group] = paired_text(
+                cells[group].by_seed(), less[group].by_seed())
     return found
 
 
@@ -96,9 +85,12 @@ def micro_sampling_text(sampling):
     return {"iid": "i.i.d.", "pairs": "pairs"}.get(sampling, sampling)
 
 
-def microbatch_tables(points):
+def tables(runs, groups):
     """Markdown: test accuracy per line and V, `renorm_gains` and
-    `group_losses` with their t-intervals."""
+    `group_losses` with their t-intervals; "" without results by seed."""
+    points = micro_points(runs)
+    if not any(p.by_seed() for p in points):
+        return ""
     rest_fields = [f for f, _ in points[0].rest]
     gains, losses = renorm_gains(points), group_losses(points)
     columns = sorted({g for cells in gains.values() for g in cells},
@@ -110,26 +102,25 @@ def microbatch_tables(points):
                   f"{large} → {small}", interval_text(differences.values()))
                  for (norm, sampling, rest), small, large, differences
                  in losses]
-    return (
-        "**Test accuracy by normalization group V and sampling** (%, the "
-        "last weights; mean ± std (number of seeds); V: the virtual batch, "
-        "or the whole batch where none was set; pairs: every batch made of "
-        "pairs of images of a class, V/2 distinct classes per group, "
-        "`--sampling pairs`):\n\n" + line_table(
-            points, micro_sampling_text, "V={}".format,
-            lambda p: mean_std_text(p.by_seed().values())) + "\n"
-        + (f"\n**{MORE} - {LESS}, paired by seed** (percentage points of "
-           "test accuracy: the mean difference of the runs of one seed, "
-           f"[its {CONFIDENCE:.0%} t-interval] (number of pairs); an "
-           "interval that excludes 0 is a difference these seeds "
-           "resolve):\n\n" + markdown_table(
-               ("sampling", *rest_fields, *[f"V={g}" for g in columns]),
-               gain_rows) + "\n" if gains else "")
-        + ("\n**Accuracy lost as the groups shrink** (test accuracy at the "
-           "largest V minus at the smallest, paired by seed, percentage "
-           f"points, [{CONFIDENCE:.0%} t-interval] (pairs)):\n\n"
-           + markdown_table(("norm", "sampling", *rest_fields, "V", "lost"),
-                            loss_rows) + "\n" if losses else ""))
+    interval = f"mean [{CONFIDENCE:.0%} t-interval] (pairs)"
+    return section(
+        "Test accuracy by normalization group V and sampling",
+        "%, the last weights; mean ± std (seeds); V: the virtual batch, else "
+        "the whole batch; pairs: batches of same-class pairs, V/2 classes "
+        "per group",
+        line_table(points, micro_sampling_text, "V={}".format,
+                   lambda p: mean_std_text(p.by_seed().values()))) + (
+        section(f"{MORE} - {LESS}, paired by seed",
+                f"percentage points of test accuracy, {interval}; an "
+                "interval excluding 0: a difference these seeds resolve",
+                markdown_table(("sampling", *rest_fields,
+                                *[f"V={g}" for g in columns]), gain_rows))
+        if gains else "") + (
+        section("Accuracy lost as the groups shrink",
+                "test accuracy at the largest V minus the smallest, paired "
+                f"by seed, percentage points, {interval}",
+                markdown_table(("norm", "sampling", *rest_fields, "V",
+                                "lost"), loss_rows)) if losses else "")
 
 
 def seed_interval(point):

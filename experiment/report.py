@@ -70,11 +70,6 @@ def bar_style(iid):
             "edgecolor": "white"}
 
 
-def rest_markers(points):
-    """A marker per value of the points' other splitting fields."""
-    return dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*"))
-
-
 def markdown_table(header, rows):
     widths = [max(len(str(cell)) for cell in column)
               for column in zip(header, *rows)]
@@ -84,6 +79,11 @@ def markdown_table(header, rows):
                                  for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+def section(title, notes, table):
+    """A bold title, its notes in brackets, the table (Markdown)."""
+    return f"\n**{title}** ({notes}):\n\n{table}\n"
 
 
 def line_table(points, sampling_words, column, cell):
@@ -123,6 +123,11 @@ def paired_differences(first, second):
     """{seed: first - second} over the seeds both by-seed dicts have."""
     return {seed: first[seed] - second[seed] for seed in first
             if seed in second}
+
+
+def paired_text(first, second):
+    """`interval_text` of `paired_differences`."""
+    return interval_text(paired_differences(first, second).values())
 
 
 def interval_text(values):
@@ -216,15 +221,15 @@ def run_departures(config):
             + " test images (as in 2017)"))
     at = 1 if found and found[0][0] == "network" else 0
     found[at:at] = data
-    if config["precision"] != "float32":
-        found.append(("precision", f"precision {config['precision']}"))
-    if config["virtual_batch_size"] is not None:
-        found.append(("virtual_batch_size",
-                      f"virtual batch {config['virtual_batch_size']}"))
-    if config["sampling"] == "pairs":
-        found.append(("sampling", "pairs of a class (sampling pairs)"))
-    if config["devices"] != 1:
-        found.append(("devices", f"{config['devices']} devices"))
+    for key, departs, text in (
+            ("precision", lambda v: v != "float32", "precision {}"),
+            ("virtual_batch_size", lambda v: v is not None,
+             "virtual batch {}"),
+            ("sampling", lambda v: v == "pairs",
+             "pairs of a class (sampling {})"),
+            ("devices", lambda v: v != 1, "{} devices")):
+        if departs(config[key]):
+            found.append((key, text.format(config[key])))
     return found
 
 

@@ -15,7 +15,7 @@ from experiment.histories import (
 from experiment.report import (
     LINESTYLES, MAX_LINES, bar_style, figure_title, format_percent,
     legend_below, line_label, line_table, log2_axis, norm_colors,
-    rest_markers, test_images_text)
+    section, test_images_text)
 
 # Each panel of accuracy_vs_batch_size.png: its title, what `values` gives.
 PANELS = (("test accuracy (last weights)", "test_accuracy"),
@@ -36,10 +36,10 @@ def tables(runs, groups):
         weights = " / ".join(("the last", "the best-val")[:len(keys)])
         counted = test_images_text([r for p in found for r in p.runs],
                                    "the test set")
-        text = "\n" + accuracy_table(
+        text = accuracy_table(
             found, "Test accuracy by batch size and sampling",
             f"%, {weights} weights on {counted}; {several}", keys)
-    return text + "\n" + accuracy_table(
+    return text + accuracy_table(
         found, "Validation accuracy by batch size and sampling",
         f"best / final, %; {several}; i.i.d.: random batches, K "
         "classes/batch: every training batch from K classes, "
@@ -88,12 +88,12 @@ def sweep_points(runs):
 
 def styles_of(points):
     """Colour per norm, line style per sampling (solid: i.i.d.), marker per
-    rest."""
+    value of the other splitting fields."""
     non_iid = sorted({p.sampling for p in points} - {None}, key=sort_key)
     return (norm_colors(list(dict.fromkeys(p.norm for p in points))),
             {None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
                            for i, c in enumerate(non_iid)}},
-            rest_markers(points))
+            dict(zip(dict.fromkeys(p.rest for p in points), "osD^v<>px*")))
 
 
 def rest_rows(points):
@@ -219,7 +219,7 @@ def plot_non_iid(points, runs):
 def accuracy_table(points, title, notes, keys):
     """Markdown: `values(key)` (%) per line and batch size, for each of
     `keys`, joined by " / "."""
-    return f"**{title}** ({notes}):\n\n" + line_table(
+    return section(title, notes, line_table(
         points, sampling_text, "batch {}".format,
         lambda p: " / ".join(format_percent(p.values(key) / 100)
-                             for key in keys)) + "\n"
+                             for key in keys)))

@@ -369,8 +369,8 @@ def test_no_best_val_column_without_it(two_norms, tmp_path, capsys):
     assert header_of(out)[3:5] == ["test acc, last weights (%)",
                                    "best val acc (%)"]
     assert table(out)["renorm"]["test acc, last weights (%)"] == "–"
-    assert ("validation images: the whole test set (`val_from` test, as in "
-            "2017") in out
+    assert ("Validation: each run's best and final epoch, on the whole "
+            "test set (as in 2017") in out
 
 
 def test_provenance_is_flagged_not_grouped(tmp_path, capsys):
@@ -784,11 +784,11 @@ def test_microbatch_study_groups_by_virtual_batch_and_sampling(tmp_path):
     assert "renorm, virtual batch 128, sampling pairs" in labels
     assert "keras-renorm, whole batch, i.i.d." in labels
     points = microbatch_study.micro_points(runs)
-    assert [(p.norm, p.sampling, p.group) for p in points][:3] == [
+    assert [(p.norm, p.sampling, p.x) for p in points][:3] == [
         ("batchnorm", "iid", 4), ("batchnorm", "iid", 128),
         ("batchnorm", "pairs", 4)]
     # A run without its result yet (unfinished) is left out of its cell.
-    cell = next(p for p in points if (p.norm, p.sampling, p.group)
+    cell = next(p for p in points if (p.norm, p.sampling, p.x)
                 == ("renorm", "pairs", 4))
     del cell.runs[0].config["result"]
     assert sorted(cell.by_seed()) == [1, 2, 3]

@@ -149,7 +149,7 @@ def test_old_histories_only_are_as_before(tmp_path, capsys):
         "curves.png", "seconds_per_epoch.png", "timing.md"]
     assert "Training and inference outputs" not in out
     runs = histories.load_runs(histories.history_paths([], history))
-    assert not any(run.has_gap for run in runs)
+    assert not any(histories.GAP in run.frame for run in runs)
     assert all(run.corrections is None for run in runs)
     fig = curves_study.plot_curves(histories.group_runs(runs), runs)
     assert len(fig.axes) == 4
