@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from experiment import runfiles
-from experiment.protocols import CONFIG_KEYS, NORMS, SCHEDULE_STEPS
+from experiment.protocols import CONFIG_KEYS, SCHEDULE_STEPS
+from models import NORMS
 
 COLUMNS = ("epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy")
 TRAIN_MODE_COLUMNS = ("val_loss_train_mode", "val_accuracy_train_mode")

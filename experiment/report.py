@@ -15,8 +15,8 @@ from experiment import runfiles
 from experiment.histories import (
     IGNORED, field_text, is_number, lines, sort_key, test_result, x_values)
 from experiment.preprocessing import DEFAULT_VAL_SHARE
-from experiment.protocols import (
-    NORMS, PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS)
+from experiment.protocols import PROTOCOL_KEYS, PROTOCOLS, SCHEDULE_STEPS
+from models import NORMS
 
 BASELINE = "batchnorm"
 CONFIDENCE = 0.95
