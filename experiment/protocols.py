@@ -94,17 +94,12 @@ def flag(key):
 
 def default_name(config):
     """NORM-PROTOCOL-bBATCH[-kK|-pairs][-vV]-sSEED."""
-    classes = config["classes_per_batch"]
-    virtual = config["virtual_batch_size"]
+    classes, virtual = config["classes_per_batch"], config["virtual_batch_size"]
     return (f"{config['norm']}-{config['protocol']}-b{config['batch_size']}"
             + (f"-k{classes}" if classes else "")
             + ("-pairs" if config["sampling"] == "pairs" else "")
             + (f"-v{virtual}" if virtual is not None else "")
             + f"-s{config['seed']}")
-
-
-def sampling_of(classes_per_batch, sampling="iid"):
-    return sampling if classes_per_batch is None else f"k{classes_per_batch}"
 
 
 def pairs_group(config):
@@ -114,27 +109,21 @@ def pairs_group(config):
 
 
 def check_virtual_batch_size(config):
-    """--virtual-batch-size fits --norm, --batch-size and --devices."""
-    virtual = config["virtual_batch_size"]
+    """--virtual-batch-size fits --norm, --batch-size and --devices (all:
+    checked once counted)."""
+    virtual, batch = config["virtual_batch_size"], config["batch_size"]
     if virtual is None:
         return
-    if config["norm"] == "keras-renorm":
-        raise UsageError(
-            f"--virtual-batch-size {virtual} needs --norm batchnorm or "
-            "renorm: keras-renorm (Keras's BatchNormalization(renorm=True)) "
-            "has no virtual batches")
-    if virtual > config["batch_size"]:
-        raise UsageError(
-            f"--virtual-batch-size {virtual} is more than --batch-size "
-            f"{config['batch_size']} (a group is at most the whole batch)")
-    devices = config["devices"]
-    if isinstance(devices, int) and devices > 1 and (
-            config["batch_size"] // devices) % virtual:
-        raise UsageError(
-            f"--virtual-batch-size {virtual} must divide the per-device "
-            f"batch {config['batch_size'] // devices} (--batch-size "
-            f"{config['batch_size']} / --devices {devices}), so that no "
-            "group straddles two devices")
+    devices = 1 if config["devices"] == "all" else config["devices"]
+    for wrong, why in (
+            (config["norm"] == "keras-renorm", ("needs --norm batchnorm or "
+             "renorm (keras-renorm has no virtual batches)")),
+            (virtual > batch, f"is more than --batch-size {batch}"),
+            (devices > 1 and batch // devices % virtual,
+             (f"must divide the per-device batch {batch // devices} "
+              f"(--batch-size {batch} / --devices {devices})"))):
+        if wrong:
+            raise UsageError(f"--virtual-batch-size {virtual} {why}")
 
 
 def lr_at(config, epoch):
@@ -196,7 +185,8 @@ def schedule_warnings(config, steps_per_epoch):
 
     from batch_renorm import renorm_bounds, renorm_ramp  # imports Keras
     total = config["epochs"] * steps_per_epoch
-    warmup, steps = config["warmup_steps"], ("r_max_steps", "d_max_steps")
+    warmup = config["warmup_steps"]
+    ends = (config["r_max_steps"], config["d_max_steps"])
     fix = ("; fit it to the run with --renorm-schedule 0.04,0.19,0.31 (the "
            "paper's fractions of its steps)")
     warnings = []
@@ -205,11 +195,9 @@ def schedule_warnings(config, steps_per_epoch):
             f"the run's {total} steps end before the renorm warm-up "
             f"({warmup} steps): r_max stays 1 and d_max 0, "
             f"plain batch normalization throughout{fix}")
-    elif min(renorm_ramp(total, warmup, config[key], clip=clip)
-             for key in steps) < 0.5:
-        r_end, d_end = renorm_bounds(
-            total, config["r_max"], config["d_max"], warmup,
-            *(config[key] for key in steps), clip=clip)
+    elif min(renorm_ramp(total, warmup, end, clip=clip) for end in ends) < .5:
+        r_end, d_end = renorm_bounds(total, config["r_max"], config["d_max"],
+                                     warmup, *ends, clip=clip)
         warnings.append(
             f"the run's {total} steps end early in the renorm schedule: by "
             f"its end r_max reaches only {r_end:.2f} of {config['r_max']:g} "
@@ -217,11 +205,10 @@ def schedule_warnings(config, steps_per_epoch):
     settle = 3 / (1 - config["norm_momentum"])
     if 0 < total and warmup < min(settle, total):
         warnings.append(
-            f"the renorm warm-up ({warmup} steps) is shorter "
-            f"than 3 time constants of the moving averages ({settle:.0f} "
-            f"steps at --norm-momentum {config['norm_momentum']:g}): r and d "
-            "would correct towards statistics that have not settled; "
-            "lengthen the warm-up or lower --norm-momentum")
+            f"the renorm warm-up ({warmup} steps) is shorter than 3 time "
+            f"constants of the moving averages ({settle:.0f} steps at "
+            f"--norm-momentum {config['norm_momentum']:g}), which would not "
+            "have settled; lengthen it or lower --norm-momentum")
     return warnings
 
 

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,41 +69,34 @@ def remove_temporaries(paths):
 def write_file(path, data):
     """Replaces `path` with `data` (written beside it, flushed, renamed);
     WriteError, `path` untouched, where that fails or the disk is full."""
-    if shutil.disk_usage(path.parent).free < len(data):
-        raise WriteError(no_room(path, len(data)))
     temporary = path.with_name(
         f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
     try:
-        with as_write_error(path, len(data)):
-            write_synced(temporary, data, "wb")
-            os.replace(temporary, path)
+        write_synced(path, data, temporary)
     finally:
         temporary.unlink(missing_ok=True)
 
 
-def write_synced(path, data, mode):
-    with open(path, mode) as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-@contextmanager
-def as_write_error(path, size):
-    """An OSError in the block as a one-line WriteError naming `path`."""
+def write_synced(path, data, temporary=None):
+    """`data` flushed to `temporary`, renamed to `path` (else appended to
+    `path`); an OSError or too little room: a one-line WriteError."""
     try:
-        yield
+        if shutil.disk_usage(path.parent).free < len(data):
+            raise OSError(errno.ENOSPC, "no room")
+        with open(temporary or path, "wb" if temporary else "ab") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if temporary:
+            os.replace(temporary, path)
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(no_room(path, size)) from None
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"cannot write {path}: "
+                             f"{error.strerror or error}") from None
+        free = shutil.disk_usage(path.parent).free
         raise WriteError(
-            f"cannot write {path}: {error.strerror or error}") from None
-
-
-def no_room(path, size):
-    free = shutil.disk_usage(path.parent).free
-    return (f"cannot write {path}: not enough free space ({size / 1e6:.2f} "
-            f"MB needed, {free / 1e6:.2f} MB free in {path.parent})")
+            f"cannot write {path}: not enough free space ({len(data) / 1e6:.2f}"
+            f" MB needed, {free / 1e6:.2f} MB free in {path.parent})") from None
 
 
 def write_json(path, data):
@@ -112,12 +104,11 @@ def write_json(path, data):
 
 
 def columns(config):
-    names = ["epoch", "seconds", "eval_seconds", "loss", "accuracy",
+    train_mode = ["val_loss_train_mode", "val_accuracy_train_mode"]
+    return (["epoch", "seconds", "eval_seconds", "loss", "accuracy",
              "val_loss", "val_accuracy"]
-    if config.get("train_mode_validation"):
-        names += ["val_loss_train_mode", "val_accuracy_train_mode"]
-    names.append("lr")
-    return names + (["r_max", "d_max"] if config["norm"] == "renorm" else [])
+            + (train_mode if config.get("train_mode_validation") else [])
+            + ["lr"] + (["r_max", "d_max"] if config["norm"] == "renorm" else []))
 
 
 CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
@@ -139,9 +130,7 @@ def write_rows(path, header, rows):
 
 def append_row(path, header, row):
     """Appends a row, flushed (the state, written first, has it too)."""
-    data = csv_text(header, [row], with_header=False).encode()
-    with as_write_error(path, len(data)):
-        write_synced(path, data, "ab")
+    write_synced(path, csv_text(header, [row], with_header=False).encode())
 
 
 def read_csv(path):
@@ -266,9 +255,8 @@ def load_state(model, path):
 
 
 def save_weights(model, path, write=True):
-    """`model.save_weights`'s file, made in memory (by every process: saving
-    joins collectives) and written by `write_file` (a full disk is then a
-    WriteError, not h5py's tracebacks) unless `write` is False."""
+    """`model.save_weights`'s file, made in memory by every process (saving
+    joins collectives), written by `write_file` (a full disk: a WriteError)."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -294,5 +282,4 @@ def replace_block(path, begin, end, body):
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:
         raise ValueError(f"{path} has no {begin} ... {end} block to fill")
-    updated = text[:start + len(begin)] + "\n" + body + text[stop:]
-    write_file(path, updated.encode())
+    write_file(path, f"{text[:start + len(begin)]}\n{body}{text[stop:]}".encode())

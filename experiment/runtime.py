@@ -32,17 +32,16 @@ def describe_environment():
     import batch_renorm
 
     backend = keras.backend.backend()
-    versions = {"python": platform.python_version(), "keras": keras.__version__,
-                "numpy": np.__version__, "batch_renorm": batch_renorm.__version__}
     framework = importlib.import_module(backend)  # tensorflow, jax, torch
-    versions[backend] = framework.__version__
+    versions = {"python": platform.python_version(), "keras": keras.__version__,
+                "numpy": np.__version__, "batch_renorm": batch_renorm.__version__,
+                backend: framework.__version__}
     device_type, device = "cpu", None
     if backend == "tensorflow":
-        gpus = framework.config.list_physical_devices("GPU")
-        if gpus:
+        if gpus := framework.config.list_physical_devices("GPU"):
+            device_type, device = "gpu", gpus[0].name
             details = framework.config.experimental.get_device_details(gpus[0])
-            device_type = "gpu"
-            device = details.get("device_name", gpus[0].name)
+            device = details.get("device_name", device)
     elif backend == "jax":
         import jaxlib
 
@@ -88,9 +87,6 @@ def jit_compile(choice, environment):
 def resolve_input(choice, environment, devices=1):
     """--input: `auto` is `device` on one accelerator but with TensorFlow,
     else `host` (docs/experiment.md, "Input pipeline")."""
-    if choice == "device" and devices > 1:  # --devices all, resolved
-        raise UsageError(f"--input device needs one device, not --devices "
-                         f"{devices} (leave --input at auto or host)")
     if choice != "auto":
         return choice
     return "host" if (environment["device_type"] == "cpu" or devices > 1 or
@@ -111,15 +107,12 @@ def configured_backend():
 
 
 def resolve_devices(choice, processes=1):
-    """--devices as a number (`all`: every device of every process)."""
+    """--devices as a number (`all`: every device of every process); the
+    flags have checked the backend and the processes' --devices all."""
+    if choice == 1:
+        return 1
     import keras
 
-    backend = keras.backend.backend()
-    if choice == 1 and processes == 1:
-        return 1
-    if backend != "jax":
-        raise UsageError(f"--devices {choice} needs the jax backend (Keras's "
-                         f"distribution API); the backend is {backend}")
     available = len(keras.distribution.list_devices())
     if choice == "all":
         return available
@@ -162,9 +155,7 @@ def keras_settings(config):
     with quiet_startup():  # it imports TensorFlow to seed it, on any backend
         keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
-    if config["devices"] > 1:
-        # Keras would shard only a tf.data.Dataset; each process feeds its
-        # own share.
+    if config["devices"] > 1:  # each process feeds its own share
         keras.distribution.set_distribution(keras.distribution.DataParallel(
             devices=keras.distribution.list_devices()[:config["devices"]],
             auto_shard_dataset=False))
