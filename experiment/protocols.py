@@ -1,6 +1,5 @@
-"""The experiment's configuration: the training protocols (every
-hyperparameter in one place), the other settings of a run, and the rules
-that derive or check them. A run's configuration is a dict of CONFIG_KEYS."""
+"""A run's configuration, a dict of CONFIG_KEYS: the protocols (every
+hyperparameter in one place), the other settings, the rules over them."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -12,9 +11,8 @@ NORMS = ("batchnorm", "renorm", "keras-renorm")
 
 @dataclass(frozen=True)
 class Protocol:
-    """Every hyperparameter of a protocol (each flag overrides its own). The
-    defaults are `seed`: the 2017 reference run (titu1994/BatchRenormalization,
-    Keras 1) with the paper's renorm schedule, the layer's default."""
+    """Every hyperparameter, each overridden by its flag. The defaults: `seed`,
+    the 2017 run (titu1994/BatchRenormalization), the paper's renorm steps."""
 
     epochs: int = 100
     batch_size: int = 128
@@ -74,8 +72,7 @@ RUN_DEFAULTS = {
     "virtual_batch_size": None,  # V: statistics of groups of V examples
     "sampling": "iid",  # or "pairs"; "kK" from classes_per_batch K
     "track_corrections": None,  # NAME.corrections.csv; None: on for renorm
-    # The val_*_train_mode columns (batch statistics); None: on with 1 device
-    "train_mode_validation": None,
+    "train_mode_validation": None,  # val_*_train_mode; None: on, 1 device
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
@@ -227,5 +224,4 @@ def protocols_table():
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-        for row in rows
-    )
+        for row in rows)

@@ -66,28 +66,20 @@ def remove_temporaries(paths):
     return removed
 
 
-def write_file(path, data):
-    """Replaces `path` with `data` (written beside it, flushed, renamed);
-    WriteError, `path` untouched, where that fails or the disk is full."""
-    temporary = path.with_name(
+def write_file(path, data, append=False):
+    """Replaces `path` with `data` (written beside it, flushed, renamed), or
+    appends it, flushed; a one-line WriteError where that fails or the disk
+    is full (a replaced `path` is then untouched)."""
+    temporary = path if append else path.with_name(
         f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-    try:
-        write_synced(path, data, temporary)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_synced(path, data, temporary=None):
-    """`data` flushed to `temporary`, renamed to `path` (else appended to
-    `path`); an OSError or too little room: a one-line WriteError."""
     try:
         if shutil.disk_usage(path.parent).free < len(data):
             raise OSError(errno.ENOSPC, "no room")
-        with open(temporary or path, "wb" if temporary else "ab") as file:
+        with open(temporary, "ab" if append else "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        if temporary:
+        if not append:
             os.replace(temporary, path)
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -97,6 +89,9 @@ def write_synced(path, data, temporary=None):
         raise WriteError(
             f"cannot write {path}: not enough free space ({len(data) / 1e6:.2f}"
             f" MB needed, {free / 1e6:.2f} MB free in {path.parent})") from None
+    finally:
+        if not append:
+            temporary.unlink(missing_ok=True)
 
 
 def write_json(path, data):
@@ -105,10 +100,11 @@ def write_json(path, data):
 
 def columns(config):
     train_mode = ["val_loss_train_mode", "val_accuracy_train_mode"]
+    bounds = ["r_max", "d_max"]
     return (["epoch", "seconds", "eval_seconds", "loss", "accuracy",
              "val_loss", "val_accuracy"]
             + (train_mode if config.get("train_mode_validation") else [])
-            + ["lr"] + (["r_max", "d_max"] if config["norm"] == "renorm" else []))
+            + ["lr"] + (bounds if config["norm"] == "renorm" else []))
 
 
 CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
@@ -130,7 +126,8 @@ def write_rows(path, header, rows):
 
 def append_row(path, header, row):
     """Appends a row, flushed (the state, written first, has it too)."""
-    write_synced(path, csv_text(header, [row], with_header=False).encode())
+    data = csv_text(header, [row], with_header=False).encode()
+    write_file(path, data, append=True)
 
 
 def read_csv(path):
@@ -139,20 +136,14 @@ def read_csv(path):
     with open(path, newline="") as file:
         reader = csv.reader(file)
         rows = [(reader.line_num, row) for row in reader if row]
-    if not rows:
-        return [], []
-    return rows[0][1], rows[1:]
-
-
-def read_dicts(path):
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+    return (rows[0][1], rows[1:]) if rows else ([], [])
 
 
 def read_rows(path):
     """A history CSV's rows that name their epoch ([] if it is missing)."""
     try:
-        return [row for row in read_dicts(path) if row.get("epoch")]
+        with open(path, newline="") as file:
+            return [row for row in csv.DictReader(file) if row.get("epoch")]
     except FileNotFoundError:
         return []
 
@@ -162,7 +153,8 @@ def resumed_rows(path, header, meta):
     a note of what the CSV held where it differed (else None)."""
     note = None
     try:
-        found = read_dicts(path)
+        with open(path, newline="") as file:
+            found = list(csv.DictReader(file))
     except FileNotFoundError:
         note = f"repaired {path} from the saved state: it was missing"
     except (UnicodeDecodeError, csv.Error) as error:
@@ -213,12 +205,11 @@ def state_variables(model):
 
 def save_state(model, path, meta):
     """Model variables, optimizer variables and `meta`, in one .npz."""
-    arrays = {"meta": np.array(json.dumps(meta))}
-    for prefix, variables in state_variables(model):
-        for i, variable in enumerate(variables):
-            arrays[f"{prefix}/{i:04d}"] = np.asarray(variable.numpy())
+    arrays = {f"{prefix}/{i:04d}": np.asarray(variable.numpy())
+              for prefix, variables in state_variables(model)
+              for i, variable in enumerate(variables)}
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     write_file(path, buffer.getvalue())
 
 
@@ -282,4 +273,5 @@ def replace_block(path, begin, end, body):
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:
         raise ValueError(f"{path} has no {begin} ... {end} block to fill")
-    write_file(path, f"{text[:start + len(begin)]}\n{body}{text[stop:]}".encode())
+    start += len(begin)
+    write_file(path, f"{text[:start]}\n{body}{text[stop:]}".encode())

@@ -51,8 +51,7 @@ def raise_if_interrupted():
 
 @contextmanager
 def interrupts_deferred():
-    """SIGINT and SIGTERM wait until the block is done; then the first
-    raises `Interrupted` (if none came before)."""
+    """SIGINT/SIGTERM wait for the block, then raise `Interrupted` (once)."""
     pending = []
 
     def defer(signum, frame):
@@ -72,22 +71,20 @@ def interrupts_deferred():
 
 @contextmanager
 def _watchdog(on_stuck):
-    """A thread told of each signal by Python's wakeup fd, whatever the main
-    thread does."""
+    """Told of each signal by the wakeup fd, even with the main thread stuck."""
     if on_stuck is None:
         yield
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
-    seconds = STUCK_SECONDS
     global _taken  # a new event: an earlier block's thread keeps its own
     _taken = taken = threading.Event()
 
     def watch():
         try:
             while byte := os.read(read_fd, 1):  # b"" once the block ended
-                if not taken.wait(seconds):
-                    on_stuck(byte[0], seconds)
+                if not taken.wait(STUCK_SECONDS):
+                    on_stuck(byte[0], STUCK_SECONDS)
                     os._exit(128 + byte[0])
         finally:
             os.close(read_fd)
@@ -101,7 +98,6 @@ def _watchdog(on_stuck):
         os.close(write_fd)
 
 
-def _signals():
-    if threading.current_thread() is not threading.main_thread():
-        return ()
-    return (signal.SIGINT, signal.SIGTERM)
+def _signals():  # handlers can be set on the main thread only
+    main = threading.current_thread() is threading.main_thread()
+    return (signal.SIGINT, signal.SIGTERM) if main else ()
