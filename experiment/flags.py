@@ -163,7 +163,8 @@ def check_config(config, explicit):
             f"--classes-per-batch {classes} is a sampling of its own "
             f"(recorded as sampling k{classes}); it excludes --sampling "
             f"{explicit['sampling']}")
-    config["sampling"] = protocols.sampling_of(classes, config["sampling"])
+    if classes:
+        config["sampling"] = f"k{classes}"
     config["name"] = explicit.get("name") or protocols.default_name(config)
     if classes and config["batch_size"] % classes:
         raise UsageError(

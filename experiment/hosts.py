@@ -1,6 +1,5 @@
-"""Several processes (hosts) training one run with Keras's distribution API
-on JAX, each feeding its share of every batch; process 0 alone writes and
-prints (docs/experiment.md, "Several hosts")."""
+"""Several processes (hosts) training one run on JAX, each feeding its share
+of every batch; process 0 alone writes (docs/experiment.md, "Several hosts")."""
 
 import os
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ class Processes:
 
     def share(self, items):
         """This process's contiguous share of `items`."""
-        if self.count == 1:
-            return items
         size, left = divmod(len(items), self.count)
         if left:
             raise ValueError(f"{len(items)} items do not split into "
@@ -33,8 +30,7 @@ class Processes:
 
 
 def from_environment():
-    """The processes as the launcher's variables describe them (one where
-    COUNT is unset); UsageError naming a wrong one."""
+    """The processes the launcher's variables describe (one without COUNT)."""
     text = os.environ.get(COUNT, "").strip()
     if text and (not text.isdigit() or int(text) < 1):
         raise UsageError(f"{COUNT} must be a positive integer: "
@@ -45,8 +41,7 @@ def from_environment():
     index = os.environ.get(INDEX)
     if index is None or not index.strip().isdigit() or int(index) >= count:
         raise UsageError(f"{INDEX} must be this process's index, 0 to "
-                         f"{count - 1}, with {COUNT}={count}; it is "
-                         f"{index!r}")
+                         f"{count - 1}, with {COUNT}={count}: {index!r}")
     if not os.environ.get(ADDRESSES, "").strip():
         raise UsageError(f"{ADDRESSES} must name process 0's host:port "
                          f"with {COUNT}={count}")

@@ -1,6 +1,5 @@
-"""The experiment's configuration: the training protocols (every
-hyperparameter in one place), the other settings of a run, and the rules
-that derive or check them. A run's configuration is a dict of CONFIG_KEYS."""
+"""A run's configuration, a dict of CONFIG_KEYS: the protocols (every
+hyperparameter in one place), the other settings, the rules over them."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -11,9 +10,8 @@ from models import NORMS  # noqa: F401 (the norms, re-exported)
 
 @dataclass(frozen=True)
 class Protocol:
-    """Every hyperparameter of a protocol (each flag overrides its own). The
-    defaults are `seed`: the 2017 reference run (titu1994/BatchRenormalization,
-    Keras 1) with the paper's renorm schedule, the layer's default."""
+    """Every hyperparameter, each overridden by its flag. The defaults: `seed`,
+    the 2017 run (titu1994/BatchRenormalization), the paper's renorm steps."""
 
     epochs: int = 100
     batch_size: int = 128
@@ -73,8 +71,7 @@ RUN_DEFAULTS = {
     "virtual_batch_size": None,  # V: statistics of groups of V examples
     "sampling": "iid",  # or "pairs"; "kK" from classes_per_batch K
     "track_corrections": None,  # NAME.corrections.csv; None: on for renorm
-    # The val_*_train_mode columns (batch statistics); None: on with 1 device
-    "train_mode_validation": None,
+    "train_mode_validation": None,  # val_*_train_mode; None: on, 1 device
 }
 RUN_KEYS = ("norm", "protocol", "name", *RUN_DEFAULTS)
 CONFIG_KEYS = RUN_KEYS + PROTOCOL_KEYS
@@ -93,17 +90,12 @@ def flag(key):
 
 def default_name(config):
     """NORM-PROTOCOL-bBATCH[-kK|-pairs][-vV]-sSEED."""
-    classes = config["classes_per_batch"]
-    virtual = config["virtual_batch_size"]
+    classes, virtual = config["classes_per_batch"], config["virtual_batch_size"]
     return (f"{config['norm']}-{config['protocol']}-b{config['batch_size']}"
             + (f"-k{classes}" if classes else "")
             + ("-pairs" if config["sampling"] == "pairs" else "")
             + (f"-v{virtual}" if virtual is not None else "")
             + f"-s{config['seed']}")
-
-
-def sampling_of(classes_per_batch, sampling="iid"):
-    return sampling if classes_per_batch is None else f"k{classes_per_batch}"
 
 
 def pairs_group(config):
@@ -113,27 +105,21 @@ def pairs_group(config):
 
 
 def check_virtual_batch_size(config):
-    """--virtual-batch-size fits --norm, --batch-size and --devices."""
-    virtual = config["virtual_batch_size"]
+    """--virtual-batch-size fits --norm, --batch-size and --devices (all:
+    checked once counted)."""
+    virtual, batch = config["virtual_batch_size"], config["batch_size"]
     if virtual is None:
         return
-    if config["norm"] == "keras-renorm":
-        raise UsageError(
-            f"--virtual-batch-size {virtual} needs --norm batchnorm or "
-            "renorm: keras-renorm (Keras's BatchNormalization(renorm=True)) "
-            "has no virtual batches")
-    if virtual > config["batch_size"]:
-        raise UsageError(
-            f"--virtual-batch-size {virtual} is more than --batch-size "
-            f"{config['batch_size']} (a group is at most the whole batch)")
-    devices = config["devices"]
-    if isinstance(devices, int) and devices > 1 and (
-            config["batch_size"] // devices) % virtual:
-        raise UsageError(
-            f"--virtual-batch-size {virtual} must divide the per-device "
-            f"batch {config['batch_size'] // devices} (--batch-size "
-            f"{config['batch_size']} / --devices {devices}), so that no "
-            "group straddles two devices")
+    devices = 1 if config["devices"] == "all" else config["devices"]
+    for wrong, why in (
+            (config["norm"] == "keras-renorm", ("needs --norm batchnorm or "
+             "renorm (keras-renorm has no virtual batches)")),
+            (virtual > batch, f"is more than --batch-size {batch}"),
+            (devices > 1 and batch // devices % virtual,
+             (f"must divide the per-device batch {batch // devices} "
+              f"(--batch-size {batch} / --devices {devices})"))):
+        if wrong:
+            raise UsageError(f"--virtual-batch-size {virtual} {why}")
 
 
 def lr_at(config, epoch):
@@ -195,7 +181,8 @@ def schedule_warnings(config, steps_per_epoch):
 
     from batch_renorm import renorm_bounds, renorm_ramp  # imports Keras
     total = config["epochs"] * steps_per_epoch
-    warmup, steps = config["warmup_steps"], ("r_max_steps", "d_max_steps")
+    warmup = config["warmup_steps"]
+    ends = (config["r_max_steps"], config["d_max_steps"])
     fix = ("; fit it to the run with --renorm-schedule 0.04,0.19,0.31 (the "
            "paper's fractions of its steps)")
     warnings = []
@@ -204,11 +191,9 @@ def schedule_warnings(config, steps_per_epoch):
             f"the run's {total} steps end before the renorm warm-up "
             f"({warmup} steps): r_max stays 1 and d_max 0, "
             f"plain batch normalization throughout{fix}")
-    elif min(renorm_ramp(total, warmup, config[key], clip=clip)
-             for key in steps) < 0.5:
-        r_end, d_end = renorm_bounds(
-            total, config["r_max"], config["d_max"], warmup,
-            *(config[key] for key in steps), clip=clip)
+    elif min(renorm_ramp(total, warmup, end, clip=clip) for end in ends) < .5:
+        r_end, d_end = renorm_bounds(total, config["r_max"], config["d_max"],
+                                     warmup, *ends, clip=clip)
         warnings.append(
             f"the run's {total} steps end early in the renorm schedule: by "
             f"its end r_max reaches only {r_end:.2f} of {config['r_max']:g} "
@@ -216,11 +201,10 @@ def schedule_warnings(config, steps_per_epoch):
     settle = 3 / (1 - config["norm_momentum"])
     if 0 < total and warmup < min(settle, total):
         warnings.append(
-            f"the renorm warm-up ({warmup} steps) is shorter "
-            f"than 3 time constants of the moving averages ({settle:.0f} "
-            f"steps at --norm-momentum {config['norm_momentum']:g}): r and d "
-            "would correct towards statistics that have not settled; "
-            "lengthen the warm-up or lower --norm-momentum")
+            f"the renorm warm-up ({warmup} steps) is shorter than 3 time "
+            f"constants of the moving averages ({settle:.0f} steps at "
+            f"--norm-momentum {config['norm_momentum']:g}), which would not "
+            "have settled; lengthen it or lower --norm-momentum")
     return warnings
 
 
@@ -239,5 +223,4 @@ def protocols_table():
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-        for row in rows
-    )
+        for row in rows)

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,44 +66,32 @@ def remove_temporaries(paths):
     return removed
 
 
-def write_file(path, data):
-    """Replaces `path` with `data` (written beside it, flushed, renamed);
-    WriteError, `path` untouched, where that fails or the disk is full."""
-    if shutil.disk_usage(path.parent).free < len(data):
-        raise WriteError(no_room(path, len(data)))
-    temporary = path.with_name(
+def write_file(path, data, append=False):
+    """Replaces `path` with `data` (written beside it, flushed, renamed), or
+    appends it, flushed; a one-line WriteError where that fails or the disk
+    is full (a replaced `path` is then untouched)."""
+    temporary = path if append else path.with_name(
         f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
     try:
-        with as_write_error(path, len(data)):
-            write_synced(temporary, data, "wb")
+        if shutil.disk_usage(path.parent).free < len(data):
+            raise OSError(errno.ENOSPC, "no room")
+        with open(temporary, "ab" if append else "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        if not append:
             os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def write_synced(path, data, mode):
-    with open(path, mode) as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-@contextmanager
-def as_write_error(path, size):
-    """An OSError in the block as a one-line WriteError naming `path`."""
-    try:
-        yield
     except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise WriteError(no_room(path, size)) from None
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise WriteError(f"cannot write {path}: "
+                             f"{error.strerror or error}") from None
+        free = shutil.disk_usage(path.parent).free
         raise WriteError(
-            f"cannot write {path}: {error.strerror or error}") from None
-
-
-def no_room(path, size):
-    free = shutil.disk_usage(path.parent).free
-    return (f"cannot write {path}: not enough free space ({size / 1e6:.2f} "
-            f"MB needed, {free / 1e6:.2f} MB free in {path.parent})")
+            f"cannot write {path}: not enough free space ({len(data) / 1e6:.2f}"
+            f" MB needed, {free / 1e6:.2f} MB free in {path.parent})") from None
+    finally:
+        if not append:
+            temporary.unlink(missing_ok=True)
 
 
 def write_json(path, data):
@@ -112,12 +99,12 @@ def write_json(path, data):
 
 
 def columns(config):
-    names = ["epoch", "seconds", "eval_seconds", "loss", "accuracy",
+    train_mode = ["val_loss_train_mode", "val_accuracy_train_mode"]
+    bounds = ["r_max", "d_max"]
+    return (["epoch", "seconds", "eval_seconds", "loss", "accuracy",
              "val_loss", "val_accuracy"]
-    if config.get("train_mode_validation"):
-        names += ["val_loss_train_mode", "val_accuracy_train_mode"]
-    names.append("lr")
-    return names + (["r_max", "d_max"] if config["norm"] == "renorm" else [])
+            + (train_mode if config.get("train_mode_validation") else [])
+            + ["lr"] + (bounds if config["norm"] == "renorm" else []))
 
 
 CORRECTION_COLUMNS = ("epoch", "layer", "r_dev", "d_dev", "r_clipped",
@@ -140,8 +127,7 @@ def write_rows(path, header, rows):
 def append_row(path, header, row):
     """Appends a row, flushed (the state, written first, has it too)."""
     data = csv_text(header, [row], with_header=False).encode()
-    with as_write_error(path, len(data)):
-        write_synced(path, data, "ab")
+    write_file(path, data, append=True)
 
 
 def read_csv(path):
@@ -150,20 +136,14 @@ def read_csv(path):
     with open(path, newline="") as file:
         reader = csv.reader(file)
         rows = [(reader.line_num, row) for row in reader if row]
-    if not rows:
-        return [], []
-    return rows[0][1], rows[1:]
-
-
-def read_dicts(path):
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+    return (rows[0][1], rows[1:]) if rows else ([], [])
 
 
 def read_rows(path):
     """A history CSV's rows that name their epoch ([] if it is missing)."""
     try:
-        return [row for row in read_dicts(path) if row.get("epoch")]
+        with open(path, newline="") as file:
+            return [row for row in csv.DictReader(file) if row.get("epoch")]
     except FileNotFoundError:
         return []
 
@@ -173,7 +153,8 @@ def resumed_rows(path, header, meta):
     a note of what the CSV held where it differed (else None)."""
     note = None
     try:
-        found = read_dicts(path)
+        with open(path, newline="") as file:
+            found = list(csv.DictReader(file))
     except FileNotFoundError:
         note = f"repaired {path} from the saved state: it was missing"
     except (UnicodeDecodeError, csv.Error) as error:
@@ -224,12 +205,11 @@ def state_variables(model):
 
 def save_state(model, path, meta):
     """Model variables, optimizer variables and `meta`, in one .npz."""
-    arrays = {"meta": np.array(json.dumps(meta))}
-    for prefix, variables in state_variables(model):
-        for i, variable in enumerate(variables):
-            arrays[f"{prefix}/{i:04d}"] = np.asarray(variable.numpy())
+    arrays = {f"{prefix}/{i:04d}": np.asarray(variable.numpy())
+              for prefix, variables in state_variables(model)
+              for i, variable in enumerate(variables)}
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
     write_file(path, buffer.getvalue())
 
 
@@ -266,9 +246,8 @@ def load_state(model, path):
 
 
 def save_weights(model, path, write=True):
-    """`model.save_weights`'s file, made in memory (by every process: saving
-    joins collectives) and written by `write_file` (a full disk is then a
-    WriteError, not h5py's tracebacks) unless `write` is False."""
+    """`model.save_weights`'s file, made in memory by every process (saving
+    joins collectives), written by `write_file` (a full disk: a WriteError)."""
     from keras.src.saving import saving_lib
 
     buffer = io.BytesIO()
@@ -294,5 +273,5 @@ def replace_block(path, begin, end, body):
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:
         raise ValueError(f"{path} has no {begin} ... {end} block to fill")
-    updated = text[:start + len(begin)] + "\n" + body + text[stop:]
-    write_file(path, updated.encode())
+    start += len(begin)
+    write_file(path, f"{text[:start]}\n{body}{text[stop:]}".encode())

@@ -67,10 +67,9 @@ def take_over(path, name, say):
 
 def holder_alive(holder):
     """Whether the holder's process runs (on another host: assumed to)."""
-    if holder.get("host") != socket.gethostname():
-        return True
     try:
-        os.kill(int(holder["pid"]), 0)
+        if holder.get("host") == socket.gethostname():
+            os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process

@@ -32,45 +32,40 @@ def describe_environment():
     import batch_renorm
 
     backend = keras.backend.backend()
-    versions = {"python": platform.python_version(), "keras": keras.__version__,
-                "numpy": np.__version__, "batch_renorm": batch_renorm.__version__}
     framework = importlib.import_module(backend)  # tensorflow, jax, torch
-    versions[backend] = framework.__version__
+    versions = {"python": platform.python_version(), "keras": keras.__version__,
+                "numpy": np.__version__,
+                "batch_renorm": batch_renorm.__version__,
+                backend: framework.__version__}
     device_type, device = "cpu", None
     if backend == "tensorflow":
-        gpus = framework.config.list_physical_devices("GPU")
-        if gpus:
+        if gpus := framework.config.list_physical_devices("GPU"):
             details = framework.config.experimental.get_device_details(gpus[0])
-            device_type = "gpu"
             device = details.get("device_name", gpus[0].name)
+            device_type = "gpu"
     elif backend == "jax":
-        import jaxlib
-
-        versions["jaxlib"] = jaxlib.__version__
+        versions["jaxlib"] = importlib.import_module("jaxlib").__version__
         first = framework.devices()[0]
         if first.platform != "cpu":
             device_type, device = first.platform, first.device_kind
     elif backend == "torch" and framework.cuda.is_available():
         device_type, device = "gpu", framework.cuda.get_device_name(0)
-    if device is None:
-        cores = (len(os.sched_getaffinity(0))
-                 if hasattr(os, "sched_getaffinity") else os.cpu_count())
-        device = f"CPU: {cpu_name()}, {cores} cores"
-    else:
-        device = f"{device_type.upper()}: {device}"
+    cores = (len(os.sched_getaffinity(0))
+             if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    device = (f"CPU: {cpu_name()}, {cores} cores" if device is None
+              else f"{device_type.upper()}: {device}")
     return {"backend": backend, "device": device, "device_type": device_type,
             "versions": versions}
 
 
 def cpu_name():
     try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def jit_compile(choice, environment):
@@ -88,9 +83,6 @@ def jit_compile(choice, environment):
 def resolve_input(choice, environment, devices=1):
     """--input: `auto` is `device` on one accelerator but with TensorFlow,
     else `host` (docs/experiment.md, "Input pipeline")."""
-    if choice == "device" and devices > 1:  # --devices all, resolved
-        raise UsageError(f"--input device needs one device, not --devices "
-                         f"{devices} (leave --input at auto or host)")
     if choice != "auto":
         return choice
     return "host" if (environment["device_type"] == "cpu" or devices > 1 or
@@ -101,8 +93,7 @@ def configured_backend():
     """The backend Keras will run on, found without importing Keras."""
     if os.environ.get("KERAS_BACKEND"):
         return os.environ["KERAS_BACKEND"]
-    home = Path(os.environ.get("KERAS_HOME",
-                               Path.home() / ".keras")).expanduser()
+    home = Path(os.environ.get("KERAS_HOME", "~/.keras")).expanduser()
     try:
         return json.loads((home / "keras.json").read_text()).get(
             "backend", "tensorflow")
@@ -111,15 +102,12 @@ def configured_backend():
 
 
 def resolve_devices(choice, processes=1):
-    """--devices as a number (`all`: every device of every process)."""
+    """--devices as a number (`all`: every device of every process); the
+    flags have checked the backend and the processes' --devices all."""
+    if choice == 1:
+        return 1
     import keras
 
-    backend = keras.backend.backend()
-    if choice == 1 and processes == 1:
-        return 1
-    if backend != "jax":
-        raise UsageError(f"--devices {choice} needs the jax backend (Keras's "
-                         f"distribution API); the backend is {backend}")
     available = len(keras.distribution.list_devices())
     if choice == "all":
         return available
@@ -134,9 +122,8 @@ def resolve_devices(choice, processes=1):
 
 
 def resolve_steps_per_execution(choice, environment, steps, input="host"):
-    """--steps-per-execution: `auto` is 1 on a CPU and with torch; on an
-    accelerator the epoch's `steps` with jax and --input device, else at
-    most AUTO_STEPS_PER_EXECUTION (docs/experiment.md, "Input pipeline")."""
+    """--steps-per-execution: `auto` is 1 on a CPU and with torch, else the
+    epoch's `steps` (jax, --input device) or up to AUTO_STEPS_PER_EXECUTION."""
     if choice == "auto":
         if environment["device_type"] == "cpu" or (
                 environment["backend"] == "torch"):
@@ -154,7 +141,7 @@ def resolve_steps_per_execution(choice, environment, steps, input="host"):
 @contextmanager
 def keras_settings(config):
     """A fresh Keras session with the run's seed, policy and distribution
-    (the last two restored afterwards)."""
+    (restored afterwards: the policy; the distribution: none)."""
     import keras
 
     policy = keras.config.dtype_policy()
@@ -162,18 +149,15 @@ def keras_settings(config):
     with quiet_startup():  # it imports TensorFlow to seed it, on any backend
         keras.utils.set_random_seed(config["seed"])
     keras.config.set_dtype_policy(config["precision"])
-    if config["devices"] > 1:
-        # Keras would shard only a tf.data.Dataset; each process feeds its
-        # own share.
-        keras.distribution.set_distribution(keras.distribution.DataParallel(
-            devices=keras.distribution.list_devices()[:config["devices"]],
-            auto_shard_dataset=False))
+    keras.distribution.set_distribution(keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices()[:config["devices"]],
+        auto_shard_dataset=False,  # each process feeds its own share
+    ) if config["devices"] > 1 else None)
     try:
         yield
     finally:
         keras.config.set_dtype_policy(policy)
-        if config["devices"] > 1:
-            keras.distribution.set_distribution(None)
+        keras.distribution.set_distribution(None)
 
 
 def epoch_clock():

@@ -7,14 +7,10 @@ import signal
 import threading
 from contextlib import contextmanager
 
-# How long a signal waits for the main thread before the watchdog ends the
-# process (later signals are ignored: nothing else would).
+# How long the watchdog waits for the main thread to take a signal.
 STUCK_SECONDS = 30.0
-
-# The signals that arrived inside interrupts_as_exceptions.
-_arrived = []
-# Set by the Python-level handlers: the main thread took a signal.
-_taken = threading.Event()
+_arrived = []  # the signals that arrived inside interrupts_as_exceptions
+_taken = threading.Event()  # set once the main thread took a signal
 
 
 class Interrupted(BaseException):
@@ -26,9 +22,8 @@ class Interrupted(BaseException):
 @contextmanager
 def interrupts_as_exceptions(exiting=False, on_stuck=None):
     """The first SIGINT or SIGTERM raises `Interrupted`, later ones are
-    ignored (still after the block with `exiting`). Where the main thread
-    has not taken one STUCK_SECONDS later, `on_stuck(signum, seconds)` is
-    called and the process ends with 128 + signum."""
+    ignored (after the block too with `exiting`); one the main thread has not
+    taken in STUCK_SECONDS calls `on_stuck(signum, seconds)`, then exits."""
 
     def handler(signum, frame):
         _taken.set()
@@ -49,16 +44,14 @@ def interrupts_as_exceptions(exiting=False, on_stuck=None):
 
 
 def raise_if_interrupted():
-    """Raises `Interrupted` again for a signal that arrived, for the loop to
-    call between steps (the code it interrupted may have swallowed it)."""
+    """Raises again a signal's `Interrupted` that some code swallowed."""
     if _arrived:
         raise Interrupted(_arrived[0])
 
 
 @contextmanager
 def interrupts_deferred():
-    """SIGINT and SIGTERM wait until the block is done; then the first
-    raises `Interrupted` (if none came before)."""
+    """SIGINT/SIGTERM wait for the block, then raise `Interrupted` (once)."""
     pending = []
 
     def defer(signum, frame):
@@ -78,23 +71,20 @@ def interrupts_deferred():
 
 @contextmanager
 def _watchdog(on_stuck):
-    """A thread told of each signal by Python's wakeup fd (written whatever
-    the main thread does)."""
+    """Told of each signal by the wakeup fd, even with the main thread stuck."""
     if on_stuck is None:
         yield
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)  # set_wakeup_fd requires it
-    seconds = STUCK_SECONDS
-    # A new event for each watchdog: an earlier block's thread keeps its own.
-    global _taken
+    global _taken  # a new event: an earlier block's thread keeps its own
     _taken = taken = threading.Event()
 
     def watch():
         try:
             while byte := os.read(read_fd, 1):  # b"" once the block ended
-                if not taken.wait(seconds):
-                    on_stuck(byte[0], seconds)
+                if not taken.wait(STUCK_SECONDS):
+                    on_stuck(byte[0], STUCK_SECONDS)
                     os._exit(128 + byte[0])
         finally:
             os.close(read_fd)
@@ -108,7 +98,6 @@ def _watchdog(on_stuck):
         os.close(write_fd)
 
 
-def _signals():
-    if threading.current_thread() is not threading.main_thread():
-        return ()
-    return (signal.SIGINT, signal.SIGTERM)
+def _signals():  # handlers can be set on the main thread only
+    main = threading.current_thread() is threading.main_thread()
+    return (signal.SIGINT, signal.SIGTERM) if main else ()
