@@ -12,6 +12,7 @@ from experiment import protocols
 from experiment import runtime
 from experiment.cli import UsageError
 from experiment.protocols import CONFIG_KEYS
+from models import NORMS
 
 PROG = "train.py"
 ON_OFF = {"action": argparse.BooleanOptionalAction}
@@ -25,7 +26,7 @@ OPTIONS = {"resume": False, "overwrite": False, "data_dir": None,
 # the epilog). More: docs/experiment.md.
 FLAGS = {
     "run": [
-        ("--norm", dict(required=True, choices=protocols.NORMS),
+        ("--norm", dict(required=True, choices=NORMS),
          "BatchNormalization, BatchRenormalization (ours), or Keras's renorm"),
         ("--protocol", tuple(protocols.PROTOCOLS),
          "hyperparameters, table below (default: seed)"),

@@ -5,7 +5,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from experiment.cli import UsageError
-from models import NORMS  # noqa: F401 (the norms, re-exported)
 
 
 @dataclass(frozen=True)
