@@ -18,7 +18,7 @@ from pathlib import Path
 from experiment import cli
 from experiment.cifar10 import NUM_CLASSES
 from experiment import runfiles
-from experiment.protocols import NORMS
+from models import NORMS
 
 PROG = "sweep.py"
 TRAIN = Path(__file__).resolve().parent / "train.py"  # run, not imported

@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from experiment import cli, protocols, runfiles  # noqa: E402 (after the path)
+import models  # noqa: E402
 
 PROG = "reference_gpu.py"
 # The 2017 comparison: Keras's BatchNormalization against this layer.
-NORMS = tuple(norm for norm in protocols.NORMS if norm != "keras-renorm")
+NORMS = tuple(norm for norm in models.NORMS if norm != "keras-renorm")
 # --tiny: a minute or two on a CPU; 4 steps per execution: a compiled epoch.
 TINY_EPOCHS = 3
 TINY_FLAGS = ["--depth", "10", "--width", "1", "--train-size", "256",
