@@ -1,5 +1,4 @@
-"""The groups of runs: curves.png, seconds_per_epoch.png, timing.md's
-table."""
+"""The groups of runs: curves.png, seconds_per_epoch.png, timing.md."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,16 +29,14 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
 
 
 def crowded(groups, facets):
-    """Whether a panel per value of `facets` would hold more than MAX_LINES
-    lines or more settings than line styles."""
+    """Whether a facet's panel would hold > MAX_LINES lines or styles."""
     return any(len(members) > MAX_LINES or len({
         tuple(v for f, v in g.key if f not in facets) for g in members})
         > len(LINESTYLES) for _, members in facet_rows(groups, facets))
 
 
 def facet_fields(groups):
-    """The key fields with a row of panels per value (most values first)
-    until no panel is `crowded`."""
+    """Key fields, a row per value (most values first) until none crowded."""
     fields, facets = [f for f, _ in groups[0].key], []
     while crowded(groups, facets) and len(facets) < len(fields):
         rest = [f for f in fields if f not in facets]
@@ -59,8 +56,7 @@ def facet_rows(groups, facets):
 
 
 def curve_styles(groups, facets):
-    """Per group label: (colour by norm, line style by the rest of the key,
-    marker on short runs, label less the facets)."""
+    """{label: (norm's colour, rest's line style, marker, label)}."""
     colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
     rests = [tuple((f, v) for f, v in g.key if f not in facets)
              for g in groups]
@@ -73,8 +69,7 @@ def curve_styles(groups, facets):
 
 
 def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` by epoch over the runs that have it, a min–max
-    band."""
+    """Mean of `column` by epoch over the runs with it, a min–max band."""
     runs = [run for run in group.runs if column in run.frame]
     if not runs:
         return
@@ -160,8 +155,7 @@ def format_axes(ax, column, title, top):
 
 
 def plot_curves(groups, runs):
-    """Loss, accuracy (and the gap) by epoch, a row of panels per value of
-    the `facet_fields`."""
+    """Loss, accuracy (and gap) by epoch, a row per `facet_fields` value."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
@@ -192,8 +186,7 @@ def plot_curves(groups, runs):
 
 
 def plot_seconds(groups, runs):
-    """A bar per group: its median training seconds per epoch, an epoch a
-    dot (the first, which compiles, hollow), the ratio to batchnorm."""
+    """A bar per group: median s/epoch, epochs as dots, ratio to batchnorm."""
     ordered = sorted(groups, key=lambda g: (
         [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
     ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
@@ -267,32 +260,27 @@ def format_epochs(group):
 
 
 def provenance(group):
-    """A group's commits, and each reason its runs may not be the same code:
-    (in a warning's words, in timing.md's)."""
+    """timing.md's cell (commits, ⚠ problems) and each reason its runs may
+    not be the same code: [(in a warning's words, in timing.md's)]."""
     known = [record for run in group.runs
              if isinstance(record := run.config.get("provenance"), dict)]
     commits, total = {r.get("commit") for r in known}, len(group.runs)
-    missing = f"{total - len(known)} of {total} runs without provenance"
     problems = [(kind, text) for kind, text, found in (
-        ("with no provenance (older code)",
-         missing if known else "no provenance", len(known) < total),
+        ("with no provenance (older code)", f"{total - len(known)} of {total}"
+         " runs without provenance" if known else "no provenance",
+         len(known) < total),
         ("of an unknown commit (not run from a git checkout)",
          "commit unknown", None in commits),
         ("from different commits", f"{len(commits - {None})} commits",
          len(commits - {None}) > 1),
         ("from a dirty tree (uncommitted changes)", "dirty tree",
          any(r.get("dirty") is not False for r in known))) if found]
-    return sorted({str(c)[:7] for c in commits if c}), problems
-
-
-def provenance_cell(group):
-    """timing.md's note beside a group: its commit(s), and its problems."""
-    commits, problems = provenance(group)
-    text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
+    names = sorted({str(c)[:7] for c in commits if c})
+    cell = ", ".join(names[:3] + (["..."] if len(names) > 3 else []))
     if problems:
-        text = ("⚠ " + "; ".join(text for _, text in problems)
-                + (f" ({text})" if text else ""))
-    return text
+        cell = ("⚠ " + "; ".join(text for _, text in problems)
+                + (f" ({cell})" if cell else ""))
+    return cell, problems
 
 
 def warn_provenance(groups):
@@ -343,7 +331,8 @@ TIMING_COLUMNS = (
         [r.frame["val_accuracy"].iloc[-1] for r in g.runs])),
     ("median s/epoch", lambda g, _: f"{median_seconds(g):.2f}"),
     ("ratio to batchnorm", lambda _, r: "n/a" if r is None else f"{r:.2f}"),
-    ("code", lambda g, _: provenance_cell(g)),
+    ("code", lambda g, _: provenance(g)[0]),
+
     ("device", lambda g, _: ", ".join(
         sorted({str(r.config["device"]) for r in g.runs}))),
     ("backend", lambda g, _: ", ".join(
@@ -352,8 +341,8 @@ TIMING_COLUMNS = (
 
 
 def tables(runs, groups):
-    """timing.md: a row per group, what each column counts; the
-    provenance problems on stderr."""
+    """timing.md: a row per group; the provenance problems on stderr."""
+
     warn_provenance(groups)
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)
