@@ -163,14 +163,13 @@ def plot_curves(groups, runs):
     specs = PANELS + ((GAP_PANEL,) if gap else ())
     fig, grid = curve_axes(rows, gap)
     warmup = False
-    for panels, (_, members) in zip(grid, rows):
-        for ax, (column, _, scale) in zip(panels, specs):
+    for number, (panels, (facet, members)) in enumerate(zip(grid, rows)):
+        for ax, (column, title, scale) in zip(panels, specs):
             for group in members:
                 plot_group(ax, group, column, styles[group.label], scale)
             warmup = mark_warmups(ax, members, styles) or warmup
-    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
-        for ax, (column, title, _) in zip(panels, specs):
             format_axes(ax, column, title, number == 0)
+
         panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
                              if len(rows) > 1 else "loss")
         panels[2].set_ylabel("accuracy (%)")
@@ -195,8 +194,19 @@ def plot_seconds(groups, runs):
                            layout="constrained")
     longest = max(run.frame["seconds"].max() for run in runs)
     for y, group in enumerate(ordered):
-        seconds_row(ax, y, group, colors[group.norm], ratios[group.label],
-                    longest)
+        color, median = colors[group.norm], median_seconds(group)
+        ax.barh(y, median, height=0.7, color=color, alpha=0.55)
+        later = [s for r in group.runs for s in r.frame["seconds"].iloc[1:]]
+        firsts = [run.frame["seconds"].iloc[0] for run in group.runs]
+        # A fixed jitter: the same figure from the same histories.
+        jitter = np.random.default_rng(y).uniform(-0.2, 0.2, len(later))
+        ax.scatter(later, y + jitter, s=10, color=color, zorder=3)
+        ax.scatter(firsts, [y] * len(firsts), s=30, facecolors="none",
+                   edgecolors=color, zorder=3)
+        ratio = ratios[group.label]
+        text = f"{median:.2f} s" + ("" if ratio is None else f"  ×{ratio:.2f}")
+        ax.text(max([median, *later, *firsts]) + longest * 0.015, y, text,
+                va="center", fontsize=9)
         if y and ordered[y - 1].key != group.key:  # a new setting
             ax.axhline(y - 0.5, color="0.8", linewidth=0.8)
     ax.set_yticks(range(len(ordered)), [g.label for g in ordered],
@@ -218,21 +228,6 @@ def plot_seconds(groups, runs):
                               "batchnorm)", [], runs))
     return fig
 
-
-def seconds_row(ax, y, group, color, ratio, longest):
-    """A group's bar (the median), its epochs as dots, and its numbers."""
-    median = median_seconds(group)
-    ax.barh(y, median, height=0.7, color=color, alpha=0.55)
-    later = [s for run in group.runs for s in run.frame["seconds"].iloc[1:]]
-    firsts = [run.frame["seconds"].iloc[0] for run in group.runs]
-    # A fixed jitter: the same figure from the same histories.
-    jitter = np.random.default_rng(y).uniform(-0.2, 0.2, len(later))
-    ax.scatter(later, y + jitter, s=10, color=color, zorder=3)
-    ax.scatter(firsts, [y] * len(firsts), s=30, facecolors="none",
-               edgecolors=color, zorder=3)
-    right = max([median, *later, *firsts])
-    ax.text(right + longest * 0.015, y, f"{median:.2f} s" + (
-        "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
 
 
 def median_seconds(group):
