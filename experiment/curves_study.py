@@ -101,12 +101,11 @@ def curve_legend(fig, groups, styles, warmup):
     entries = {style[3]: style for style in styles.values()}
     handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
                       label=label) for label, (c, ls, m, _) in entries.items()]
-    norms = list(dict.fromkeys(g.norm for g in groups))
-    per_norm = len(handles) // len(norms)
+    norms = len({g.norm for g in groups})
     # A column per norm where each has as many entries (the legend fills
     # columns first), the warm-up's mark in a column of its own.
-    columns = (len(norms) if per_norm * len(norms) == len(handles)
-               and per_norm <= 4 else 3)
+    columns = (norms if len(handles) % norms == 0
+               and len(handles) <= 4 * norms else 3)
     if warmup:
         rows = -(-len(handles) // columns)
         handles.append(Line2D([], [], color="grey", linestyle=WARMUP_STYLE,
@@ -119,9 +118,7 @@ def curve_legend(fig, groups, styles, warmup):
 
 
 def curve_axes(rows, gap=False):
-    """The figure and a list of axes per row, in PANELS' order, the gap
-    last (2 x 2 and the gap beside for one row)."""
-    columns = len(PANELS) + gap
+    """The figure and the axes per row, the gap last (one row: 2 x 2)."""
     if len(rows) == 1:
         fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
                                  sharex=True, sharey="row",
@@ -133,11 +130,10 @@ def curve_axes(rows, gap=False):
             panels.append(fig.add_subplot(axes[0, 0].get_gridspec()[:, 2],
                                           sharex=axes[0, 0]))
         return fig, [panels]
-    fig, axes = plt.subplots(len(rows), columns,
-                             figsize=(17 + 4 * gap, 1.8 + 2.6 * len(rows)),
-                             sharex=True, sharey="col", squeeze=False,
-                             layout="constrained")
-    return fig, [list(row) for row in axes]
+    return plt.subplots(len(rows), len(PANELS) + gap,
+                        figsize=(17 + 4 * gap, 1.8 + 2.6 * len(rows)),
+                        sharex=True, sharey="col", squeeze=False,
+                        layout="constrained")
 
 
 def format_axes(ax, column, title, top):
@@ -215,13 +211,13 @@ def plot_seconds(groups, runs):
     ax.set_xlim(0, longest * 1.25)
     ax.set_xlabel("training seconds per epoch (evaluation excluded)")
     ax.grid(axis="y", visible=False)
+    dot = dict(color="grey", marker="o", linestyle="")
     handles = [Patch(color=colors[n], alpha=0.55, label=f"{n}: median")
                for n in colors] + [
-        Line2D([], [], color="grey", marker="o", linestyle="", markersize=4,
-               label="an epoch"),
-        Line2D([], [], color="grey", marker="o", linestyle="",
-               markerfacecolor="none", markersize=6,
-               label="first epoch (compiles)")]
+        Line2D([], [], markersize=4, label="an epoch", **dot),
+        Line2D([], [], markerfacecolor="none", markersize=6,
+               label="first epoch (compiles)", **dot)]
+
     fig.legend(handles=handles, loc="outside lower center",
                ncol=len(handles), frameon=False)
     fig.suptitle(figure_title("Training seconds per epoch (× = ratio to "

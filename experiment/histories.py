@@ -107,11 +107,10 @@ def is_number(value):
 
 
 def sort_key(value):
-    if value is None:
-        return (0, 0, "")
-    if is_number(value):
-        return (1, value, "")
-    return (2, 0, str(value))
+    """None, then numbers, then the rest as text."""
+    return ((0, 0, "") if value is None else (1, value, "")
+            if is_number(value) else (2, 0, str(value)))
+
 
 
 def group_size(config):
