@@ -64,7 +64,6 @@ def main(argv=None):
                                    report.split("\n\n", 1)[1])
     except (OSError, ValueError, runfiles.WriteError) as problem:
         return fail(PROG, problem, 1)
-
     print(report, end="")
     return 0
 

@@ -165,7 +165,6 @@ def plot_curves(groups, runs):
                 plot_group(ax, group, column, styles[group.label], scale)
             warmup = mark_warmups(ax, members, styles) or warmup
             format_axes(ax, column, title, number == 0)
-
         panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
                              if len(rows) > 1 else "loss")
         panels[2].set_ylabel("accuracy (%)")
@@ -217,7 +216,6 @@ def plot_seconds(groups, runs):
         Line2D([], [], markersize=4, label="an epoch", **dot),
         Line2D([], [], markerfacecolor="none", markersize=6,
                label="first epoch (compiles)", **dot)]
-
     fig.legend(handles=handles, loc="outside lower center",
                ncol=len(handles), frameon=False)
     fig.suptitle(figure_title("Training seconds per epoch (× = ratio to "
@@ -323,7 +321,6 @@ TIMING_COLUMNS = (
     ("median s/epoch", lambda g, _: f"{median_seconds(g):.2f}"),
     ("ratio to batchnorm", lambda _, r: "n/a" if r is None else f"{r:.2f}"),
     ("code", lambda g, _: provenance(g)[0]),
-
     ("device", lambda g, _: ", ".join(
         sorted({str(r.config["device"]) for r in g.runs}))),
     ("backend", lambda g, _: ", ".join(
@@ -333,7 +330,6 @@ TIMING_COLUMNS = (
 
 def tables(runs, groups):
     """timing.md: a row per group; the provenance problems on stderr."""
-
     warn_provenance(groups)
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)

@@ -60,9 +60,8 @@ class Run:
         if field in IGNORED_BY.get(self.config["norm"], ()):
             return IGNORED
         value = self.config.get(field)
-        if isinstance(value, (list, tuple, dict)):
-            return json.dumps(value, sort_keys=True)
-        return value
+        return (json.dumps(value, sort_keys=True)
+                if isinstance(value, (list, tuple, dict)) else value)
 
 
 @dataclass
@@ -110,7 +109,6 @@ def sort_key(value):
     """None, then numbers, then the rest as text."""
     return ((0, 0, "") if value is None else (1, value, "")
             if is_number(value) else (2, 0, str(value)))
-
 
 
 def group_size(config):

@@ -142,7 +142,6 @@ def micro_losses(ax, losses, colors):
 
 def plot_microbatch(points, runs):
     """Test accuracy against V (mean, t-interval), `micro_losses` beside."""
-
     losses = group_losses(points)
     fig, axes = plt.subplots(1, 2 if losses else 1, squeeze=False,
                              figsize=(13 if losses else 7, 5.5),

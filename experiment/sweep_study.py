@@ -95,8 +95,8 @@ def rest_rows(points):
     """[(rest, points)]: one row, or one per rest if over MAX_LINES lines."""
     if len({p.line for p in points}) <= MAX_LINES:
         return [((), points)]
-    rests = list(dict.fromkeys(p.rest for p in points))
-    return [(rest, [p for p in points if p.rest == rest]) for rest in rests]
+    return [(rest, [p for p in points if p.rest == rest])
+            for rest in dict.fromkeys(p.rest for p in points)]
 
 
 def interval_lines(ax, points, interval, styles, words, spread=0.0):
@@ -209,7 +209,6 @@ def plot_non_iid(points, runs):
 
 def accuracy_table(points, title, notes, keys):
     """Markdown: the `values(key)` (%) per line and batch size, " / "."""
-
     return section(title, notes, line_table(
         points, sampling_text, "batch {}".format,
         lambda p: " / ".join(format_percent(p.values(key) / 100)
