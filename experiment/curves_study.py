@@ -1,5 +1,4 @@
-"""The groups of runs: curves.png, seconds_per_epoch.png, timing.md's
-table."""
+"""The groups of runs: curves.png, seconds_per_epoch.png, timing.md."""
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,16 +29,14 @@ GAP_PANEL = (GAP, ("train/inference gap (points):\nval accuracy − val "
 
 
 def crowded(groups, facets):
-    """Whether a panel per value of `facets` would hold more than MAX_LINES
-    lines or more settings than line styles."""
+    """Whether a facet's panel would hold > MAX_LINES lines or styles."""
     return any(len(members) > MAX_LINES or len({
         tuple(v for f, v in g.key if f not in facets) for g in members})
         > len(LINESTYLES) for _, members in facet_rows(groups, facets))
 
 
 def facet_fields(groups):
-    """The key fields with a row of panels per value (most values first)
-    until no panel is `crowded`."""
+    """Key fields, a row per value (most values first) until none crowded."""
     fields, facets = [f for f, _ in groups[0].key], []
     while crowded(groups, facets) and len(facets) < len(fields):
         rest = [f for f in fields if f not in facets]
@@ -59,8 +56,7 @@ def facet_rows(groups, facets):
 
 
 def curve_styles(groups, facets):
-    """Per group label: (colour by norm, line style by the rest of the key,
-    marker on short runs, label less the facets)."""
+    """{label: (norm's colour, rest's line style, marker, label)}."""
     colors = norm_colors(sorted({g.norm for g in groups}, key=norm_rank))
     rests = [tuple((f, v) for f, v in g.key if f not in facets)
              for g in groups]
@@ -73,8 +69,7 @@ def curve_styles(groups, facets):
 
 
 def plot_group(ax, group, column, style, scale=1.0):
-    """Mean of `column` by epoch over the runs that have it, a min–max
-    band."""
+    """Mean of `column` by epoch over the runs with it, a min–max band."""
     runs = [run for run in group.runs if column in run.frame]
     if not runs:
         return
@@ -106,12 +101,11 @@ def curve_legend(fig, groups, styles, warmup):
     entries = {style[3]: style for style in styles.values()}
     handles = [Line2D([], [], color=c, linestyle=ls, marker=m, markersize=4,
                       label=label) for label, (c, ls, m, _) in entries.items()]
-    norms = list(dict.fromkeys(g.norm for g in groups))
-    per_norm = len(handles) // len(norms)
+    norms = len({g.norm for g in groups})
     # A column per norm where each has as many entries (the legend fills
     # columns first), the warm-up's mark in a column of its own.
-    columns = (len(norms) if per_norm * len(norms) == len(handles)
-               and per_norm <= 4 else 3)
+    columns = (norms if len(handles) % norms == 0
+               and len(handles) <= 4 * norms else 3)
     if warmup:
         rows = -(-len(handles) // columns)
         handles.append(Line2D([], [], color="grey", linestyle=WARMUP_STYLE,
@@ -124,9 +118,7 @@ def curve_legend(fig, groups, styles, warmup):
 
 
 def curve_axes(rows, gap=False):
-    """The figure and a list of axes per row, in PANELS' order, the gap
-    last (2 x 2 and the gap beside for one row)."""
-    columns = len(PANELS) + gap
+    """The figure and the axes per row, the gap last (one row: 2 x 2)."""
     if len(rows) == 1:
         fig, axes = plt.subplots(2, 2 + gap, figsize=(11 + 5 * gap, 8),
                                  sharex=True, sharey="row",
@@ -138,11 +130,10 @@ def curve_axes(rows, gap=False):
             panels.append(fig.add_subplot(axes[0, 0].get_gridspec()[:, 2],
                                           sharex=axes[0, 0]))
         return fig, [panels]
-    fig, axes = plt.subplots(len(rows), columns,
-                             figsize=(17 + 4 * gap, 1.8 + 2.6 * len(rows)),
-                             sharex=True, sharey="col", squeeze=False,
-                             layout="constrained")
-    return fig, [list(row) for row in axes]
+    return plt.subplots(len(rows), len(PANELS) + gap,
+                        figsize=(17 + 4 * gap, 1.8 + 2.6 * len(rows)),
+                        sharex=True, sharey="col", squeeze=False,
+                        layout="constrained")
 
 
 def format_axes(ax, column, title, top):
@@ -160,8 +151,7 @@ def format_axes(ax, column, title, top):
 
 
 def plot_curves(groups, runs):
-    """Loss, accuracy (and the gap) by epoch, a row of panels per value of
-    the `facet_fields`."""
+    """Loss, accuracy (and gap) by epoch, a row per `facet_fields` value."""
     facets = facet_fields(groups)
     rows = facet_rows(groups, facets)
     styles = curve_styles(groups, facets)
@@ -169,13 +159,11 @@ def plot_curves(groups, runs):
     specs = PANELS + ((GAP_PANEL,) if gap else ())
     fig, grid = curve_axes(rows, gap)
     warmup = False
-    for panels, (_, members) in zip(grid, rows):
-        for ax, (column, _, scale) in zip(panels, specs):
+    for number, (panels, (facet, members)) in enumerate(zip(grid, rows)):
+        for ax, (column, title, scale) in zip(panels, specs):
             for group in members:
                 plot_group(ax, group, column, styles[group.label], scale)
             warmup = mark_warmups(ax, members, styles) or warmup
-    for number, (panels, (facet, _)) in enumerate(zip(grid, rows)):
-        for ax, (column, title, _) in zip(panels, specs):
             format_axes(ax, column, title, number == 0)
         panels[0].set_ylabel(f"{settings_text(facet)}\nloss"
                              if len(rows) > 1 else "loss")
@@ -192,8 +180,7 @@ def plot_curves(groups, runs):
 
 
 def plot_seconds(groups, runs):
-    """A bar per group: its median training seconds per epoch, an epoch a
-    dot (the first, which compiles, hollow), the ratio to batchnorm."""
+    """A bar per group: median s/epoch, epochs as dots, ratio to batchnorm."""
     ordered = sorted(groups, key=lambda g: (
         [sort_key(v) for _, v in g.key], norm_rank(g.norm)))
     ratios = dict(zip([g.label for g in groups], ratios_to_baseline(groups)))
@@ -202,8 +189,19 @@ def plot_seconds(groups, runs):
                            layout="constrained")
     longest = max(run.frame["seconds"].max() for run in runs)
     for y, group in enumerate(ordered):
-        seconds_row(ax, y, group, colors[group.norm], ratios[group.label],
-                    longest)
+        color, median = colors[group.norm], median_seconds(group)
+        ax.barh(y, median, height=0.7, color=color, alpha=0.55)
+        later = [s for r in group.runs for s in r.frame["seconds"].iloc[1:]]
+        firsts = [run.frame["seconds"].iloc[0] for run in group.runs]
+        # A fixed jitter: the same figure from the same histories.
+        jitter = np.random.default_rng(y).uniform(-0.2, 0.2, len(later))
+        ax.scatter(later, y + jitter, s=10, color=color, zorder=3)
+        ax.scatter(firsts, [y] * len(firsts), s=30, facecolors="none",
+                   edgecolors=color, zorder=3)
+        ratio = ratios[group.label]
+        text = f"{median:.2f} s" + ("" if ratio is None else f"  ×{ratio:.2f}")
+        ax.text(max([median, *later, *firsts]) + longest * 0.015, y, text,
+                va="center", fontsize=9)
         if y and ordered[y - 1].key != group.key:  # a new setting
             ax.axhline(y - 0.5, color="0.8", linewidth=0.8)
     ax.set_yticks(range(len(ordered)), [g.label for g in ordered],
@@ -212,34 +210,18 @@ def plot_seconds(groups, runs):
     ax.set_xlim(0, longest * 1.25)
     ax.set_xlabel("training seconds per epoch (evaluation excluded)")
     ax.grid(axis="y", visible=False)
+    dot = dict(color="grey", marker="o", linestyle="")
     handles = [Patch(color=colors[n], alpha=0.55, label=f"{n}: median")
                for n in colors] + [
-        Line2D([], [], color="grey", marker="o", linestyle="", markersize=4,
-               label="an epoch"),
-        Line2D([], [], color="grey", marker="o", linestyle="",
-               markerfacecolor="none", markersize=6,
-               label="first epoch (compiles)")]
+        Line2D([], [], markersize=4, label="an epoch", **dot),
+        Line2D([], [], markerfacecolor="none", markersize=6,
+               label="first epoch (compiles)", **dot)]
     fig.legend(handles=handles, loc="outside lower center",
                ncol=len(handles), frameon=False)
     fig.suptitle(figure_title("Training seconds per epoch (× = ratio to "
                               "batchnorm)", [], runs))
     return fig
 
-
-def seconds_row(ax, y, group, color, ratio, longest):
-    """A group's bar (the median), its epochs as dots, and its numbers."""
-    median = median_seconds(group)
-    ax.barh(y, median, height=0.7, color=color, alpha=0.55)
-    later = [s for run in group.runs for s in run.frame["seconds"].iloc[1:]]
-    firsts = [run.frame["seconds"].iloc[0] for run in group.runs]
-    # A fixed jitter: the same figure from the same histories.
-    jitter = np.random.default_rng(y).uniform(-0.2, 0.2, len(later))
-    ax.scatter(later, y + jitter, s=10, color=color, zorder=3)
-    ax.scatter(firsts, [y] * len(firsts), s=30, facecolors="none",
-               edgecolors=color, zorder=3)
-    right = max([median, *later, *firsts])
-    ax.text(right + longest * 0.015, y, f"{median:.2f} s" + (
-        "" if ratio is None else f"  ×{ratio:.2f}"), va="center", fontsize=9)
 
 
 def median_seconds(group):
@@ -267,32 +249,27 @@ def format_epochs(group):
 
 
 def provenance(group):
-    """A group's commits, and each reason its runs may not be the same code:
-    (in a warning's words, in timing.md's)."""
+    """timing.md's cell (commits, ⚠ problems) and each reason its runs may
+    not be the same code: [(in a warning's words, in timing.md's)]."""
     known = [record for run in group.runs
              if isinstance(record := run.config.get("provenance"), dict)]
     commits, total = {r.get("commit") for r in known}, len(group.runs)
-    missing = f"{total - len(known)} of {total} runs without provenance"
     problems = [(kind, text) for kind, text, found in (
-        ("with no provenance (older code)",
-         missing if known else "no provenance", len(known) < total),
+        ("with no provenance (older code)", f"{total - len(known)} of {total}"
+         " runs without provenance" if known else "no provenance",
+         len(known) < total),
         ("of an unknown commit (not run from a git checkout)",
          "commit unknown", None in commits),
         ("from different commits", f"{len(commits - {None})} commits",
          len(commits - {None}) > 1),
         ("from a dirty tree (uncommitted changes)", "dirty tree",
          any(r.get("dirty") is not False for r in known))) if found]
-    return sorted({str(c)[:7] for c in commits if c}), problems
-
-
-def provenance_cell(group):
-    """timing.md's note beside a group: its commit(s), and its problems."""
-    commits, problems = provenance(group)
-    text = ", ".join(commits[:3] + (["..."] if len(commits) > 3 else []))
+    names = sorted({str(c)[:7] for c in commits if c})
+    cell = ", ".join(names[:3] + (["..."] if len(names) > 3 else []))
     if problems:
-        text = ("⚠ " + "; ".join(text for _, text in problems)
-                + (f" ({text})" if text else ""))
-    return text
+        cell = ("⚠ " + "; ".join(text for _, text in problems)
+                + (f" ({cell})" if cell else ""))
+    return cell, problems
 
 
 def warn_provenance(groups):
@@ -343,7 +320,7 @@ TIMING_COLUMNS = (
         [r.frame["val_accuracy"].iloc[-1] for r in g.runs])),
     ("median s/epoch", lambda g, _: f"{median_seconds(g):.2f}"),
     ("ratio to batchnorm", lambda _, r: "n/a" if r is None else f"{r:.2f}"),
-    ("code", lambda g, _: provenance_cell(g)),
+    ("code", lambda g, _: provenance(g)[0]),
     ("device", lambda g, _: ", ".join(
         sorted({str(r.config["device"]) for r in g.runs}))),
     ("backend", lambda g, _: ", ".join(
@@ -352,8 +329,7 @@ TIMING_COLUMNS = (
 
 
 def tables(runs, groups):
-    """timing.md: a row per group, what each column counts; the
-    provenance problems on stderr."""
+    """timing.md: a row per group; the provenance problems on stderr."""
     warn_provenance(groups)
     best_weights = any(test_result(run, "best_test_accuracy") is not None
                        for run in runs)

@@ -1,5 +1,4 @@
-"""The histories train.py writes (docs/experiment.md), read for the studies:
-runs, and groups of runs that differ only in their seed."""
+"""train.py's histories (docs/experiment.md) as runs and groups of seeds."""
 
 import csv
 import json
@@ -61,9 +60,8 @@ class Run:
         if field in IGNORED_BY.get(self.config["norm"], ()):
             return IGNORED
         value = self.config.get(field)
-        if isinstance(value, (list, tuple, dict)):
-            return json.dumps(value, sort_keys=True)
-        return value
+        return (json.dumps(value, sort_keys=True)
+                if isinstance(value, (list, tuple, dict)) else value)
 
 
 @dataclass
@@ -108,11 +106,9 @@ def is_number(value):
 
 
 def sort_key(value):
-    if value is None:
-        return (0, 0, "")
-    if is_number(value):
-        return (1, value, "")
-    return (2, 0, str(value))
+    """None, then numbers, then the rest as text."""
+    return ((0, 0, "") if value is None else (1, value, "")
+            if is_number(value) else (2, 0, str(value)))
 
 
 def group_size(config):
@@ -137,18 +133,13 @@ def warn(message):
 
 def history_paths(runs, history_dir):
     """The .csv path of each named run, or of every run in `history_dir`."""
-    if runs:
-        paths = [history_csv(Path(run)) if Path(run).suffix in (".csv",
-                                                                ".json")
-                 else history_dir / f"{run}.csv" for run in runs]
-    elif history_dir.is_dir():
-        stems = {p.stem for p in history_dir.iterdir()
-                 if p.suffix in (".csv", ".json") and p.is_file()
-                 and not is_corrections(p)}
-        paths = [history_dir / f"{stem}.csv" for stem in sorted(stems)]
-    else:
-        paths = []
-    return list(dict.fromkeys(paths))
+    if not runs:
+        runs = sorted((p for p in history_dir.glob("*") if p.is_file()
+                       and p.suffix in (".csv", ".json")
+                       and not is_corrections(p)), key=lambda p: p.stem)
+    return list(dict.fromkeys(
+        history_csv(Path(run)) if Path(run).suffix in (".csv", ".json")
+        else history_dir / f"{run}.csv" for run in runs))
 
 
 def is_corrections(path):
@@ -181,10 +172,9 @@ def read_config(path):
 
 
 def read_table(path, required, numeric, finite, optional=()):
-    """The `numeric` and present `optional` columns of a CSV, the rest of
-    `required` as text. A bad row (field count, a non-numeric value but
-    "nan", or "" where optional; a `finite` column not finite; empty text)
-    is fatal, but the last (a run still writing it): dropped, warned."""
+    """A CSV's `numeric` and present `optional` columns, the rest of
+    `required` as text; a bad row (fields, a non-number, a non-finite
+    `finite`, empty text) is fatal but the last (still written): warned."""
     if not path.is_file():
         raise BadHistory("no CSV file")
     try:
@@ -237,8 +227,7 @@ def read_frame(path):
 
 
 def read_corrections(path):
-    """A NAME.corrections.csv: the latest row per epoch and layer, the
-    layers in the order of their first rows."""
+    """A NAME.corrections.csv: the latest row per epoch and layer."""
     columns = runfiles.CORRECTION_COLUMNS
     frame = read_table(path, columns, [c for c in columns if c != "layer"],
                        ("epoch",))[list(columns)]
@@ -311,8 +300,7 @@ class Point:
 
 
 def points(runs, make, coordinates, order):
-    """A `make` (a Point) per norm, `(sampling, x) = coordinates(run)` and
-    rest (splitting fields not in make.FIELDS), sorted by `order`."""
+    """A `make` (Point) per norm, coordinates(run) (sampling, x) and rest."""
     rest_fields = [f for f in splitting_fields(runs) if f not in make.FIELDS]
     found = {}
     for run in sorted(runs, key=lambda r: r.name):

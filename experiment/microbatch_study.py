@@ -1,6 +1,4 @@
-"""The microbatch study (sweep.py --study microbatch): microbatch.png and
-timing.md's tables by norm, sampling and normalization group V
-(docs/sweep.md)."""
+"""The microbatch study (docs/sweep.md): microbatch.png, tables by V."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -28,14 +26,12 @@ def figures(runs, groups):
 
 @dataclass
 class MicroPoint(histories.Point):
-    """x: the normalization group V (`group_size`); sampling: iid, pairs or
-    kK (classes_per_batch K); seeds pair the cells."""
+    """x: the normalization group V; sampling: iid, pairs or kK."""
 
     FIELDS: ClassVar = ("virtual_batch_size", "sampling", "classes_per_batch")
 
     def by_seed(self):
-        """Test accuracy of the last weights (%) by seed, of the runs that
-        have one; the mean where a seed repeats."""
+        """Last weights' test accuracy (%) by seed (mean where repeated)."""
         found = {}
         for run in self.runs:
             value = test_result(run)
@@ -45,8 +41,7 @@ class MicroPoint(histories.Point):
 
 
 def micro_points(runs):
-    """The MicroPoints, i.i.d. first; none unless some run has virtual
-    batches or pairs sampling."""
+    """The MicroPoints, i.i.d. first; none without virtual batches or pairs."""
     if not any(run.value("virtual_batch_size") is not None
                or run.value("sampling") == "pairs" for run in runs):
         return []
@@ -58,8 +53,7 @@ def micro_points(runs):
 
 
 def group_losses(points):
-    """Per line with several groups: (line, smallest, largest, {seed:
-    accuracy at the largest - at the smallest})."""
+    """[(line, smallest V, largest, {seed: at largest - at smallest})]."""
     found = []
     for line, cells in lines(points).items():
         if len(cells) > 1:
@@ -70,8 +64,7 @@ def group_losses(points):
 
 
 def renorm_gains(points):
-    """{(sampling, rest): {V: MORE - LESS by seed, `interval_text`}} of the
-    cells with both."""
+    """{(sampling, rest): {V: `paired_text` of MORE - LESS}} where both."""
     by_line, found = lines(points), {}
     for (norm, sampling, rest), cells in by_line.items():
         less = by_line.get((LESS, sampling, rest), {}) if norm == MORE else {}
@@ -86,8 +79,7 @@ def micro_sampling_text(sampling):
 
 
 def tables(runs, groups):
-    """Markdown: test accuracy per line and V, `renorm_gains` and
-    `group_losses` with their t-intervals; "" without results by seed."""
+    """Test accuracy by V, `renorm_gains`, `group_losses`; or "" if none."""
     points = micro_points(runs)
     if not any(p.by_seed() for p in points):
         return ""
@@ -149,8 +141,7 @@ def micro_losses(ax, losses, colors):
 
 
 def plot_microbatch(points, runs):
-    """Test accuracy against V, a line per norm and sampling (the mean over
-    seeds, its t-interval); `micro_losses` beside it where there are."""
+    """Test accuracy against V (mean, t-interval), `micro_losses` beside."""
     losses = group_losses(points)
     fig, axes = plt.subplots(1, 2 if losses else 1, squeeze=False,
                              figsize=(13 if losses else 7, 5.5),

@@ -1,5 +1,4 @@
-"""The batch study (sweep.py): accuracy_vs_batch_size.png, non_iid.png and
-timing.md's tables, by norm, sampling and batch size (docs/sweep.md)."""
+"""The batch study (docs/sweep.md): accuracy_vs_batch_size.png, non_iid.png."""
 
 from dataclasses import dataclass
 from functools import partial
@@ -24,8 +23,7 @@ PANELS = (("test accuracy (last weights)", "test_accuracy"),
 
 
 def tables(runs, groups):
-    """Test accuracy where every run has it, then best / final validation
-    accuracy, by norm, sampling and batch size."""
+    """Test (where every run has it), best / final val accuracy tables."""
     found = sweep_points(runs)
     if not found:
         return ""
@@ -62,8 +60,7 @@ class Point(histories.Point):
     FIELDS: ClassVar = ("batch_size", "classes_per_batch")
 
     def values(self, which):
-        """Each run's best or final validation accuracy, or its
-        `result[which]` (None unless every run has it), in percent."""
+        """% by run: best/final val accuracy, or `result[which]` (or None)."""
         if which in ("best", "final"):
             return np.array([
                 c.max() if which == "best" else c.iloc[-1]
@@ -74,8 +71,7 @@ class Point(histories.Point):
 
 
 def sweep_points(runs):
-    """The Points, i.i.d. first; none unless the runs span several batch
-    sizes or include non-i.i.d. ones."""
+    """The Points, i.i.d. first; none unless batch sizes or sampling vary."""
     if (len({run.value("batch_size") for run in runs}) == 1
             and all(run.value("classes_per_batch") is None for run in runs)):
         return []
@@ -87,8 +83,7 @@ def sweep_points(runs):
 
 
 def styles_of(points):
-    """Colour per norm, line style per sampling (solid: i.i.d.), marker per
-    value of the other splitting fields."""
+    """Colour per norm, line style per sampling (-: i.i.d.), marker per rest."""
     non_iid = sorted({p.sampling for p in points} - {None}, key=sort_key)
     return (norm_colors(list(dict.fromkeys(p.norm for p in points))),
             {None: "-", **{c: LINESTYLES[1 + i % (len(LINESTYLES) - 1)]
@@ -97,18 +92,16 @@ def styles_of(points):
 
 
 def rest_rows(points):
-    """[(rest, points)]: one row, or one per rest where a panel would hold
-    more than MAX_LINES lines."""
+    """[(rest, points)]: one row, or one per rest if over MAX_LINES lines."""
     if len({p.line for p in points}) <= MAX_LINES:
         return [((), points)]
-    rests = list(dict.fromkeys(p.rest for p in points))
-    return [(rest, [p for p in points if p.rest == rest]) for rest in rests]
+    return [(rest, [p for p in points if p.rest == rest])
+            for rest in dict.fromkeys(p.rest for p in points)]
 
 
 def interval_lines(ax, points, interval, styles, words, spread=0.0):
-    """A line per norm, sampling and rest: the mean and bar of each
-    `interval(point)` (mean, below, above; None: none), `spread` apart
-    (log2 units) so that bars at one x do not hide each other."""
+    """A line per norm, sampling and rest of `interval(point)` (mean, below,
+    above; or None), `spread` (log2) apart so that bars do not overlap."""
     colors, linestyles, markers = styles
     found = lines(points)
     for number, (line, cells) in enumerate(found.items()):
@@ -133,8 +126,7 @@ def min_max(values):
 
 def rest_figure(points, runs, title, panels, width, ylabel, legend,
                 **shared):
-    """A row per `rest_rows` of a panel per `panels`, each drawn by
-    `panel(ax, row's points, styles, batch sizes, ", FIELD VALUE"...)`."""
+    """A row per `rest_rows`, `panel(ax, points, styles, sizes, where)`s."""
     rows = rest_rows(points)
     fig, axes = plt.subplots(len(rows), len(panels), squeeze=False,
                              figsize=(width, 1.5 + 3.8 * len(rows)),
@@ -188,8 +180,7 @@ def non_iid_bars(ax, points, styles, sizes, where):
 
 
 def non_iid_drops(ax, points, styles, sizes, where):
-    """Best val accuracy with K classes per batch minus i.i.d., against
-    batch size."""
+    """Best val accuracy with K classes per batch minus i.i.d."""
     colors, linestyles, markers = styles
     found = lines(points)
     for (norm, classes, rest), cells in found.items():
@@ -217,8 +208,7 @@ def plot_non_iid(points, runs):
 
 
 def accuracy_table(points, title, notes, keys):
-    """Markdown: `values(key)` (%) per line and batch size, for each of
-    `keys`, joined by " / "."""
+    """Markdown: the `values(key)` (%) per line and batch size, " / "."""
     return section(title, notes, line_table(
         points, sampling_text, "batch {}".format,
         lambda p: " / ".join(format_percent(p.values(key) / 100)
