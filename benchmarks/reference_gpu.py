@@ -305,27 +305,9 @@ class Job:
         return False
 
     def run_step(self, step):
-        """A run then plot.py, or the bench: the program that failed and its
-        exit code, or a code 0 (a stop for the budget is no failure)."""
-        if step.norm:
-            code, why = self.train(step)
-        else:
-            code, step.wall, why = run_watched(step, lambda: (
-                "the budget is spent" if self.left() <= 0 else None))
-        if why:
-            step.status = "stopped" + (
-                f" after epoch {rows_done(step, self.folders)}"
-                if step.norm else "")
-            self.notes.append(f"stopped {step.name}: {why}")
-        elif code:
-            step.status = f"failed (exit {code})"
-            return step.script, code
-        else:
-            step.status = "finished"
-        return ("plot.py", self.plot()) if step.norm else (step.script, 0)
-
-    def train(self, step):
-        """Runs train.py for `step`, noting its Cost; (code, why stopped)."""
+        """A run (its Cost noted) then plot.py, or the bench: the program
+        that failed and its exit code, or a code 0 (a stop for the budget is
+        no failure; when a run stops: docs/gpu.md)."""
         probe, before = not self.trained, rows_done(step, self.folders)
         seen, started = [], time.monotonic()
 
@@ -336,8 +318,9 @@ class Job:
             seen.append((new, now))
             return True
 
-        def overrun():
-            """Why the run should stop, or None (the rules: docs/gpu.md)."""
+        def overrun():  # why the step should stop, or None
+            if not step.norm:
+                return "the budget is spent" if self.left() <= 0 else None
             if not look(time.monotonic()) and self.left() > 0:
                 return None
             new = seen[-1][0] if seen else 0
@@ -357,13 +340,24 @@ class Job:
                     f"budget left; {CONTINUES}")
 
         code, step.wall, why = run_watched(step, overrun)
-        look(started + step.wall)
-        self.trained += 1
-        cost = measured(seen, started, started + step.wall,
-                        why is None and code == 0)
-        if cost is not None and (why or not code):
-            self.costs[step.norm] = cost
-        return code, why
+        if step.norm:
+            look(started + step.wall)
+            self.trained += 1
+            cost = measured(seen, started, started + step.wall,
+                            why is None and code == 0)
+            if cost is not None and (why or not code):
+                self.costs[step.norm] = cost
+        if why:
+            step.status = "stopped" + (
+                f" after epoch {rows_done(step, self.folders)}"
+                if step.norm else "")
+            self.notes.append(f"stopped {step.name}: {why}")
+        elif code:
+            step.status = f"failed (exit {code})"
+            return step.script, code
+        else:
+            step.status = "finished"
+        return ("plot.py", self.plot()) if step.norm else (step.script, 0)
 
     def plot(self):
         plot = Step("plot.py", ["--history-dir", str(self.folders.history),
