@@ -1,11 +1,7 @@
 #!/usr/bin/env python3
 """Speed of BatchRenormalization against BatchNormalization, side by side.
 
-  python benchmarks/bench.py                       # layer + model level, this backend
-  python benchmarks/bench.py --backend jax --level input jit
-  python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
-
-Levels, variants, method and results files: docs/speed.md.
+Commands, levels, variants, method and results files: docs/speed.md.
 """
 
 import argparse
@@ -133,8 +129,7 @@ def median_ratio(values, baseline):
 
 
 def rows_of(level, shape, times, batch_size, steps, baseline):
-    """A row per variant of `times`: its median, spread and ratio to
-    `baseline` round by round (the machine's drift cancels out)."""
+    """A row per variant of `times`: median, spread, ratio by round."""
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -256,7 +251,6 @@ def layer_model(variant, shape, setup, **schedule):
 
 
 def wrn(run, variant, **options):
-    """A WRN with `variant` (and layer arguments `options`), and its API."""
     from models.wide_resnet import wide_resnet
 
     make, api = norm_factory(variant)
@@ -299,9 +293,7 @@ def bench_layers(run, level):
 
 
 def bench_wrn(run, level):
-    """model: every variant; jit: each norm with jit_compile off and on;
-    devices (JAX): each norm on one device and data parallel on all, renorm
-    also with per-device statistics."""
+    """The model, jit and devices levels (docs/speed.md)."""
     import keras
 
     # baseline -> name -> (variant, jit_compile, scope, options)
@@ -361,8 +353,7 @@ def fitter(model, make_batches, epoch, steps_per_fit=None):
 
 
 def bench_input(run, level):
-    """train.py's loop (model.fit on an epoch's generator) fed by its `host`
-    and `device` pipelines and by `resident` batches, for each norm."""
+    """train.py's fit fed by each pipeline, for each norm (docs/speed.md)."""
     import keras
 
     from experiment import sampling
@@ -402,9 +393,7 @@ def bench_input(run, level):
 
 
 def bench_loop(run, level):
-    """train.py's two JAX loops, Keras's (`per-step`) and the compiled
-    epoch (`compiled`), for each norm; a repeat: an epoch of --steps
-    augmented batches kept on the device."""
+    """train.py's two JAX loops for each norm (docs/speed.md)."""
     import keras
 
     from experiment import compiled_epoch
@@ -457,10 +446,9 @@ BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
 
 
 def training_data(run, count=None):
-    """CIFAR-10's first `count` training images where train.py finds them,
-    else random ones: x_train, y_train, their channel mean and std, source,
-    an epoch counter and train.py's pipelines, each a function () -> a new
-    epoch's augmented batches: `host` and `device` (kept on the device)."""
+    """CIFAR-10's first `count` training images as train.py finds them
+    (else random ones), their mean, std, source, an epoch counter and
+    pipelines: `host`, `device`, each () -> a new epoch's batches."""
     import numpy as np
 
     from experiment import cifar10, device_data, sampling
@@ -560,8 +548,7 @@ def write_summary(args):
 
 
 def measure(args, argv):
-    """Runs the levels in this process: (record, rows); the record holds
-    the environment, threads, settings and command."""
+    """Runs the levels in this process: (record, rows)."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np

@@ -144,8 +144,8 @@ def rows_done(step, folders):
 
 
 def measured(seen, started, ended, finished):
-    """The Cost of a run from `seen`: (rows new in this job, time) each time
-    its CSV grew (an unfinished run's end: an epoch)."""
+    """A run's Cost from `seen`: (rows new in this job, time) at each CSV
+    growth (an unfinished run's end: an epoch)."""
     if not seen:
         return None
     (first_rows, first), (last_rows, last) = seen[0], seen[-1]
@@ -268,9 +268,8 @@ class Job:
         return code
 
     def estimate(self, step):
-        """Sets step.estimate, the seconds `step` should take (and a run's
-        Cost: its norm's, else the last measured one's x UNMEASURED); how it
-        was reckoned, or None where nothing was measured yet."""
+        """Sets step.estimate in s (a run's also step.cost; docs/gpu.md); how
+        it was reckoned, or None where nothing was measured yet."""
         if not self.costs:
             return None
         if not step.norm:
@@ -290,8 +289,7 @@ class Job:
                 f"{plot:.1f} s")
 
     def starts(self, step):
-        """Whether `step` starts (the probe does, one that fits does); else a
-        note says why."""
+        """Whether `step` starts (the probe, or one that fits); else a note."""
         left, how = self.left(), self.estimate(step)
         if (step.estimate <= left if how else left > 0) or (
                 step.norm and not self.trained):
