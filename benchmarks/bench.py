@@ -662,8 +662,7 @@ def main(argv=None):
     except runfiles.WriteError as error:
         return cli.fail(PROG, error, 1)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return cli.fail(PROG, "interrupted; nothing written", 130)
     finally:
         os.sched_setaffinity(0, allowed)  # a caller of main() keeps its CPUs
 
