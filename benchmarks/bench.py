@@ -1,11 +1,7 @@
 #!/usr/bin/env python3
 """Speed of BatchRenormalization against BatchNormalization, side by side.
 
-  python benchmarks/bench.py                       # layer + model level, this backend
-  python benchmarks/bench.py --backend jax --level input jit
-  python benchmarks/bench.py --summary --readme docs/speed.md   # tables only
-
-Levels, variants, method and results files: docs/speed.md.
+Commands, levels, variants, method and results files: docs/speed.md.
 """
 
 import argparse
@@ -133,8 +129,7 @@ def median_ratio(values, baseline):
 
 
 def rows_of(level, shape, times, batch_size, steps, baseline):
-    """A row per variant of `times`: its median, spread and ratio to
-    `baseline` round by round (the machine's drift cancels out)."""
+    """A row per variant of `times`: median, spread, ratio by round."""
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
@@ -256,7 +251,6 @@ def layer_model(variant, shape, setup, **schedule):
 
 
 def wrn(run, variant, **options):
-    """A WRN with `variant` (and layer arguments `options`), and its API."""
     from models.wide_resnet import wide_resnet
 
     make, api = norm_factory(variant)
@@ -264,13 +258,9 @@ def wrn(run, variant, **options):
                        keras_api=api), api
 
 
-def wrn_batch(run, tensors=True):
-    import keras
-
+def wrn_batch(run):
     x = run.rng.standard_normal((run.batch_size, 32, 32, 3), dtype="float32")
-    y = run.rng.integers(0, 10, run.batch_size).astype("int32")
-    return tuple(map(keras.ops.convert_to_tensor, (x, y))) if tensors \
-        else (x, y)
+    return x, run.rng.integers(0, 10, run.batch_size).astype("int32")
 
 
 def bench_layers(run, level):
@@ -303,9 +293,9 @@ def bench_layers(run, level):
 
 
 def bench_wrn(run, level):
-    """model: every variant; jit: each norm with jit_compile off and on;
-    devices (JAX): each norm on one device and data parallel on all, renorm
-    also with per-device statistics."""
+    """The model, jit and devices levels (docs/speed.md)."""
+    import keras
+
     # baseline -> name -> (variant, jit_compile, scope, options)
     plain = contextlib.nullcontext
     if level == "model":
@@ -316,8 +306,6 @@ def bench_wrn(run, level):
             f"{n}, jit_compile={s}": (n, s == "on", plain, {})
             for s in ("off", "on")} for n in NORMS}
     else:
-        import keras
-
         devices = keras.distribution.list_devices()
         count, many = len(devices), f"{len(devices)} devices"
         if count < 2:
@@ -336,7 +324,9 @@ def bench_wrn(run, level):
                dict(virtual_batch_size=run.batch_size // count))
     # devices: NumPy batches for all, as each step moves (and under
     # DataParallel splits) its batch: the same work for every setting.
-    x, y = wrn_batch(run, tensors=level != "devices")
+    x, y = wrn_batch(run)
+    if level != "devices":
+        x, y = map(keras.ops.convert_to_tensor, (x, y))
     rows = []
     for baseline, group in settings.items():
         steppers = {}
@@ -363,33 +353,24 @@ def fitter(model, make_batches, epoch, steps_per_fit=None):
 
 
 def bench_input(run, level):
-    """train.py's loop (model.fit on an epoch's generator) fed by its `host`
-    and `device` pipelines and by `resident` batches, for each norm."""
+    """train.py's fit fed by each pipeline, for each norm (docs/speed.md)."""
     import keras
 
-    from experiment import device_data, sampling
+    from experiment import sampling
 
-    images, labels, mean, std, source = training_images(run)
+    data = training_data(run)
     per_execution = runtime.resolve_steps_per_execution(
         run.steps_per_execution, run.environment, run.wrn_steps)
     print(f"input level: steps_per_execution={per_execution}, data: "
-          f"{source}", flush=True)
-    on_device = device_data.DeviceTrainSet(images, labels, mean, std,
-                                           augmented=True)
+          f"{data.source}", flush=True)
     two = slice(0, 2 * run.batch_size)
     resident = [tuple(map(keras.ops.convert_to_tensor, batch))
-                for batch in sampling.train_batches(images[two], labels[two],
-                                                    run.batch_size, mean, std,
-                                                    run.rng)]
-    epoch = [0]
+                for batch in sampling.train_batches(
+                    data.x_train[two], data.y_train[two], run.batch_size,
+                    data.mean, data.std, run.rng)]
     pipelines = {  # each a new epoch's generator, as fit takes
         "resident": lambda: (batch for batch in itertools.cycle(resident)),
-        "host": lambda: sampling.train_batches(
-            images, labels, run.batch_size, mean, std,
-            sampling.epoch_rng(0, epoch[0]), augmented=True),
-        "device": lambda: on_device.train_batches(
-            run.batch_size, sampling.epoch_rng(0, epoch[0])),
-    }
+        **data.pipelines}
     steppers = {}
     for norm in NORMS:
         model, _ = wrn(run, norm)
@@ -397,10 +378,11 @@ def bench_input(run, level):
                       loss="sparse_categorical_crossentropy",
                       jit_compile=run.jit, steps_per_execution=per_execution)
         for pipeline, make in pipelines.items():
-            steppers[f"{norm}, {pipeline}"] = fitter(model, make, epoch)
+            steppers[f"{norm}, {pipeline}"] = fitter(model, make,
+                                                     data.epoch)
     rows, times = timed(run, level, run.wrn_shape, steppers,
                         "batchnorm, resident", run.wrn_steps)
-    steps_per_epoch = -(-len(images) // run.batch_size)
+    steps_per_epoch = -(-len(data.x_train) // run.batch_size)
     for row in rows:  # waiting: against the same norm's resident steps
         resident_times = times[row["variant"].split(", ")[0] + ", resident"]
         row["wait_share"] = round(
@@ -411,39 +393,31 @@ def bench_input(run, level):
 
 
 def bench_loop(run, level):
-    """train.py's two JAX loops, Keras's (`per-step`) and the compiled
-    epoch (`compiled`), for each norm; a repeat: an epoch of --steps
-    augmented batches kept on the device."""
+    """train.py's two JAX loops for each norm (docs/speed.md)."""
     import keras
 
-    from experiment import compiled_epoch, device_data, sampling
+    from experiment import compiled_epoch
 
     steps = run.wrn_steps
-    images, labels, mean, std, source = training_images(
-        run, steps * run.batch_size)
-    arrays = SimpleNamespace(x_train=images, y_train=labels, mean=mean,
-                             std=std)
+    data = training_data(run, steps * run.batch_size)
     config = {"batch_size": run.batch_size, "seed": 0, "augment": True,
               "classes_per_batch": None, "sampling": "iid",
               "virtual_batch_size": None, "steps_per_execution": steps,
               "eval_batch_size": run.batch_size}
-    print(f"loop level: epochs of {steps} steps, data: {source}", flush=True)
-    on_device = device_data.DeviceTrainSet(images, labels, mean, std,
-                                           augmented=True)
-    epoch = [0]
+    print(f"loop level: epochs of {steps} steps, data: {data.source}",
+          flush=True)
 
     def per_step(model):
-        return fitter(model, lambda: on_device.train_batches(
-            run.batch_size, sampling.epoch_rng(0, epoch[0])), epoch, steps)
+        return fitter(model, data.pipelines["device"], data.epoch, steps)
 
     def compiled(model):
-        epochs = compiled_epoch.CompiledEpochs(model, config, arrays, steps)
+        epochs = compiled_epoch.CompiledEpochs(model, config, data, steps)
         epochs.progress = False
 
         def step(n):
             for _ in range(-(-n // steps)):
-                epoch[0] += 1
-                epochs.train_epoch(epoch[0])
+                data.epoch[0] += 1
+                epochs.train_epoch(data.epoch[0])
         return step
 
     steppers = {}
@@ -471,12 +445,13 @@ BENCHES = {"layer": bench_layers, "matrix": bench_layers, "model": bench_wrn,
            "loop": bench_loop}
 
 
-def training_images(run, count=None):
-    """CIFAR-10's first `count` training images and labels where train.py
-    finds them, else random ones; their channel mean and std, the source."""
+def training_data(run, count=None):
+    """CIFAR-10's first `count` training images as train.py finds them
+    (else random ones), their mean, std, source, an epoch counter and
+    pipelines: `host`, `device`, each () -> a new epoch's batches."""
     import numpy as np
 
-    from experiment import cifar10
+    from experiment import cifar10, device_data, sampling
     from experiment.preprocessing import channel_stats
 
     try:
@@ -487,7 +462,18 @@ def training_images(run, count=None):
         labels = run.rng.integers(0, 10, 50000).astype(np.int32)
         source = "random uint8 images (CIFAR-10 not found)"
     images, labels = images[:count], labels[:count]
-    return images, labels, *channel_stats(images), source
+    mean, std = channel_stats(images)
+    on_device = device_data.DeviceTrainSet(images, labels, mean, std,
+                                           augmented=True)
+    epoch = [0]
+    pipelines = {
+        "host": lambda: sampling.train_batches(
+            images, labels, run.batch_size, mean, std,
+            sampling.epoch_rng(0, epoch[0]), augmented=True),
+        "device": lambda: on_device.train_batches(
+            run.batch_size, sampling.epoch_rng(0, epoch[0]))}
+    return SimpleNamespace(x_train=images, y_train=labels, mean=mean, std=std,
+                           source=source, epoch=epoch, pipelines=pipelines)
 
 
 def write_results(results_dir, record, rows):
@@ -562,8 +548,7 @@ def write_summary(args):
 
 
 def measure(args, argv):
-    """Runs the levels in this process: (record, rows); the record holds
-    the environment, threads, settings and command."""
+    """Runs the levels in this process: (record, rows)."""
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
     import numpy as np
@@ -677,8 +662,7 @@ def main(argv=None):
     except runfiles.WriteError as error:
         return cli.fail(PROG, error, 1)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+        return cli.fail(PROG, "interrupted; nothing written", 130)
     finally:
         os.sched_setaffinity(0, allowed)  # a caller of main() keeps its CPUs
 

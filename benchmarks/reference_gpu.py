@@ -145,8 +145,8 @@ def rows_done(step, folders):
 
 
 def measured(seen, started, ended, finished):
-    """The Cost of a run from `seen`: (rows new in this job, time) each time
-    its CSV grew (an unfinished run's end: an epoch)."""
+    """A run's Cost from `seen`: (rows new in this job, time) at each CSV
+    growth (an unfinished run's end: an epoch)."""
     if not seen:
         return None
     (first_rows, first), (last_rows, last) = seen[0], seen[-1]
@@ -269,9 +269,8 @@ class Job:
         return code
 
     def estimate(self, step):
-        """Sets step.estimate, the seconds `step` should take (and a run's
-        Cost: its norm's, else the last measured one's x UNMEASURED); how it
-        was reckoned, or None where nothing was measured yet."""
+        """Sets step.estimate in s (a run's also step.cost; docs/gpu.md); how
+        it was reckoned, or None where nothing was measured yet."""
         if not self.costs:
             return None
         if not step.norm:
@@ -291,8 +290,7 @@ class Job:
                 f"{plot:.1f} s")
 
     def starts(self, step):
-        """Whether `step` starts (the probe does, one that fits does); else a
-        note says why."""
+        """Whether `step` starts (the probe, or one that fits); else a note."""
         left, how = self.left(), self.estimate(step)
         if (step.estimate <= left if how else left > 0) or (
                 step.norm and not self.trained):
@@ -306,27 +304,9 @@ class Job:
         return False
 
     def run_step(self, step):
-        """A run then plot.py, or the bench: the program that failed and its
-        exit code, or a code 0 (a stop for the budget is no failure)."""
-        if step.norm:
-            code, why = self.train(step)
-        else:
-            code, step.wall, why = run_watched(step, lambda: (
-                "the budget is spent" if self.left() <= 0 else None))
-        if why:
-            step.status = "stopped" + (
-                f" after epoch {rows_done(step, self.folders)}"
-                if step.norm else "")
-            self.notes.append(f"stopped {step.name}: {why}")
-        elif code:
-            step.status = f"failed (exit {code})"
-            return step.script, code
-        else:
-            step.status = "finished"
-        return ("plot.py", self.plot()) if step.norm else (step.script, 0)
-
-    def train(self, step):
-        """Runs train.py for `step`, noting its Cost; (code, why stopped)."""
+        """A run (its Cost noted) then plot.py, or the bench: the program
+        that failed and its exit code, or a code 0 (a stop for the budget is
+        no failure; when a run stops: docs/gpu.md)."""
         probe, before = not self.trained, rows_done(step, self.folders)
         seen, started = [], time.monotonic()
 
@@ -337,8 +317,9 @@ class Job:
             seen.append((new, now))
             return True
 
-        def overrun():
-            """Why the run should stop, or None (the rules: docs/gpu.md)."""
+        def overrun():  # why the step should stop, or None
+            if not step.norm:
+                return "the budget is spent" if self.left() <= 0 else None
             if not look(time.monotonic()) and self.left() > 0:
                 return None
             new = seen[-1][0] if seen else 0
@@ -358,13 +339,24 @@ class Job:
                     f"budget left; {CONTINUES}")
 
         code, step.wall, why = run_watched(step, overrun)
-        look(started + step.wall)
-        self.trained += 1
-        cost = measured(seen, started, started + step.wall,
-                        why is None and code == 0)
-        if cost is not None and (why or not code):
-            self.costs[step.norm] = cost
-        return code, why
+        if step.norm:
+            look(started + step.wall)
+            self.trained += 1
+            cost = measured(seen, started, started + step.wall,
+                            why is None and code == 0)
+            if cost is not None and (why or not code):
+                self.costs[step.norm] = cost
+        if why:
+            step.status = "stopped" + (
+                f" after epoch {rows_done(step, self.folders)}"
+                if step.norm else "")
+            self.notes.append(f"stopped {step.name}: {why}")
+        elif code:
+            step.status = f"failed (exit {code})"
+            return step.script, code
+        else:
+            step.status = "finished"
+        return ("plot.py", self.plot()) if step.norm else (step.script, 0)
 
     def plot(self):
         plot = Step("plot.py", ["--history-dir", str(self.folders.history),
