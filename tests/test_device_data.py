@@ -126,7 +126,7 @@ def test_flags_and_their_resolution():
     assert resolve(5, environment("jax", "cpu"), 391) == 5
     assert resolve(1, environment("torch", "gpu"), 391) == 1
     with pytest.raises(cli.UsageError, match="--steps-per-execution 3 "
-                       "needs the tensorflow or jax backend"):
+                       "needs tensorflow or jax"):
         resolve(3, environment("torch", "cpu"), 391)
 
 
